@@ -1,0 +1,23 @@
+//! API settings from the environment.
+
+use std::net::SocketAddr;
+
+use souk_shared::config::{CommonConfig, ConfigError, Env};
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub common: CommonConfig,
+    pub http_addr: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+}
+
+impl ApiConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(env)?,
+            http_addr: env.or("HTTP_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+            body_limit: env.or("HTTP_BODY_LIMIT_BYTES", 1 << 20)?,
+        })
+    }
+}

@@ -1,0 +1,132 @@
+//! Request extractors that answer in problem+json.
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Request},
+    http::{header, request::Parts},
+};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    error::{ApiError, FieldError},
+    middleware::RequestId,
+};
+
+/// Checks a parsed body; returns every field at fault.
+pub trait Validate {
+    fn validate(&self) -> Vec<FieldError>;
+}
+
+/// A JSON body, parsed and validated. Type errors name the JSON path of the
+/// field (via `serde_path_to_error`), so `{"items":[{"qty":"x"}]}` answers
+/// `items[0].qty`, not a byte offset.
+pub struct ValidJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Validate> FromRequest<S> for ValidJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|mime| {
+                let mime = mime.trim();
+                mime == "application/json" || mime.ends_with("+json")
+            });
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| match e.status() {
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+                _ => ApiError::MalformedJson(e.body_text()),
+            })?;
+        let value = parse::<T>(&bytes)?;
+        let errors = value.validate();
+        if errors.is_empty() {
+            Ok(Self(value))
+        } else {
+            Err(ApiError::Validation(errors))
+        }
+    }
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() {
+            // serde's message without its " at line 1 column 9" suffix
+            let message = inner.to_string();
+            let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+            // A missing field is reported at its parent; name the field itself.
+            let missing = message
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next());
+            let field = match (path.as_str(), missing) {
+                (".", Some(name)) => name.to_string(),
+                (_, Some(name)) => format!("{path}.{name}"),
+                (".", None) => "body".to_string(),
+                (_, None) => path,
+            };
+            ApiError::Validation(vec![FieldError::new(field, message)])
+        } else {
+            ApiError::MalformedJson(inner.to_string())
+        }
+    })
+}
+
+/// The request's correlation id (see [`crate::middleware::request_id`]).
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(RequestId::generate))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Line {
+        qty: u32,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Body {
+        items: Vec<Line>,
+    }
+
+    #[test]
+    fn type_errors_name_the_path() {
+        let Err(ApiError::Validation(errors)) = parse::<Body>(br#"{"items":[{"qty":1},{"qty":"x"}]}"#) else {
+            panic!("expected a validation error");
+        };
+        assert_eq!(errors[0].field, "items[1].qty");
+        assert!(!errors[0].message.contains("line"), "{}", errors[0].message);
+    }
+
+    #[test]
+    fn syntax_errors_are_malformed_json() {
+        assert!(matches!(parse::<Body>(b"{\"items\":"), Err(ApiError::MalformedJson(_))));
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let Err(ApiError::Validation(errors)) = parse::<Body>(b"{}") else { panic!() };
+        assert_eq!(errors[0].field, "items");
+        let Err(ApiError::Validation(errors)) = parse::<Body>(br#"{"items":[{}]}"#) else { panic!() };
+        assert_eq!(errors[0].field, "items[0].qty");
+    }
+}

@@ -1,0 +1,42 @@
+//! The Souk HTTP API.
+
+use souk_api::{broker::BrokerProbe, config::ApiConfig, router, state::AppState};
+use souk_shared::{
+    config::{ConfigError, Env, exit_on_error},
+    db, telemetry,
+};
+use tracing::info;
+
+#[tokio::main]
+async fn main() {
+    let config = exit_on_error(ApiConfig::from_env(&Env::load()));
+    telemetry::init_tracing(config.common.log_format);
+    let pool = exit_on_error(
+        db::pool(&config.common.database_url, config.common.database_max_connections).map_err(|e| {
+            ConfigError {
+                var: "DATABASE_URL".into(),
+                reason: e.to_string(),
+            }
+        }),
+    );
+    let state = AppState {
+        pool,
+        broker: BrokerProbe::new(
+            config.common.amqp_url.clone(),
+            format!("{}.api#{}", config.common.amqp_prefix, std::process::id()),
+        ),
+        metrics: telemetry::metrics_handle(),
+    };
+    let app = router(state, config.body_limit);
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("error: cannot listen on HTTP_ADDR={}: {e}", config.http_addr);
+            std::process::exit(2)
+        });
+    info!(addr = %config.http_addr, "API listening; docs at /docs");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(souk_shared::signal::terminated())
+        .await
+        .expect("server error");
+}

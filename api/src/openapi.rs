@@ -1,0 +1,61 @@
+//! The router, with the OpenAPI document generated from the handlers.
+
+use axum::{Json, Router, extract::DefaultBodyLimit, middleware, response::IntoResponse, routing::get};
+use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use utoipa_scalar::{Scalar, Servable};
+
+use crate::{
+    error::{ApiError, Problem},
+    middleware::{http_metrics, request_id},
+    routes::{health, support},
+    state::AppState,
+};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Souk API",
+        description = "Multi-vendor marketplace backend. Errors are RFC 9457 problem+json.",
+    ),
+    components(schemas(Problem))
+)]
+struct ApiDoc;
+
+/// The `/api/v1` routes and their OpenAPI paths.
+fn v1() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(support::create))
+}
+
+/// The OpenAPI document, as served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    build().1
+}
+
+fn build() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::live))
+        .routes(routes!(health::ready))
+        .nest("/api/v1", v1())
+        .split_for_parts()
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    let (api, doc) = build();
+    let doc_json = doc.clone();
+    api.route("/openapi.json", get(move || async move { Json(doc_json) }))
+        .merge(Scalar::with_url("/docs", doc))
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn(http_metrics))
+        .layer(TraceLayer::new_for_http())
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
+        }))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+

@@ -1,0 +1,12 @@
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+
+use crate::broker::BrokerProbe;
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub broker: BrokerProbe,
+    pub metrics: PrometheusHandle,
+}

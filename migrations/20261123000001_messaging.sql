@@ -1,0 +1,55 @@
+-- Transactional outbox: written in the same transaction as the change it
+-- announces; the outbox relay publishes rows and stamps published_at only
+-- after the broker confirms them.
+CREATE TABLE outbox (
+    id             uuid PRIMARY KEY,
+    routing_key    text        NOT NULL,
+    envelope       jsonb       NOT NULL,
+    correlation_id text        NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    published_at   timestamptz
+);
+
+-- The relay only ever scans unpublished rows, oldest first.
+CREATE INDEX outbox_unpublished ON outbox (created_at, id) WHERE published_at IS NULL;
+
+-- Wake relays as soon as a transaction with outbox rows commits (NOTIFY is
+-- delivered at commit). One notification per statement, not per row.
+CREATE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('outbox', '');
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();
+
+-- Exactly-once effects: a consumer inserts (consumer, message_id) in the same
+-- transaction as its effect; a redelivered message finds the row and is skipped.
+CREATE TABLE processed_messages (
+    consumer     text        NOT NULL,
+    message_id   uuid        NOT NULL,
+    attempt      integer     NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, message_id)
+);
+
+-- One row per email the mailer sent, keyed by the message that asked for it.
+CREATE TABLE email_log (
+    message_id uuid PRIMARY KEY,
+    recipient  text        NOT NULL,
+    template   text        NOT NULL,
+    subject    text        NOT NULL,
+    sent_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- Support requests from the storefront's contact form.
+CREATE TABLE support_requests (
+    id             uuid PRIMARY KEY,
+    email          text        NOT NULL,
+    name           text        NOT NULL,
+    subject        text        NOT NULL,
+    message        text        NOT NULL,
+    correlation_id text        NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,12 @@
+//! Code every Souk binary shares: configuration, telemetry, database access,
+//! the message envelope and contracts, the outbox and the AMQP topology.
+
+pub mod amqp;
+pub mod config;
+pub mod contracts;
+pub mod db;
+pub mod envelope;
+pub mod outbox;
+pub mod signal;
+pub mod telemetry;
+pub mod topology;

@@ -1,0 +1,9 @@
+//! Souk's workers: one consumer runtime ([`runtime`]) that every worker
+//! binary in `src/bin` runs its handler on, plus the outbox relay.
+
+pub mod mailer;
+pub mod ops;
+pub mod process;
+pub mod relay;
+pub mod runtime;
+pub mod settings;

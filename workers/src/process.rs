@@ -1,0 +1,64 @@
+//! Start-up shared by every worker binary: configuration (exiting with one
+//! line naming a bad variable), logging, metrics, the database pool, the ops
+//! endpoints and the shutdown signal.
+
+use souk_shared::{
+    config::{ConfigError, Env, exit_on_error},
+    db, telemetry,
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{
+    ops::{self, Readiness},
+    runtime::{self, Handler},
+    settings::WorkerConfig,
+};
+
+pub struct Process {
+    pub env: Env,
+    pub config: WorkerConfig,
+    pub pool: PgPool,
+    pub readiness: Readiness,
+    pub shutdown: CancellationToken,
+}
+
+impl Process {
+    /// Reads the configuration and starts the ops endpoints for worker `name`.
+    pub async fn start(name: &str) -> Self {
+        let env = Env::load();
+        let config = exit_on_error(WorkerConfig::from_env(&env));
+        telemetry::init_tracing(config.common.log_format);
+        let pool = exit_on_error(
+            db::pool(&config.common.database_url, config.common.database_max_connections)
+                .map_err(|e| ConfigError {
+                    var: "DATABASE_URL".into(),
+                    reason: e.to_string(),
+                }),
+        );
+        let readiness = Readiness::default();
+        readiness.set_broker(false);
+        let shutdown = ops::shutdown_on_signal();
+        let ops_addr = ops::serve(config.ops_addr, pool.clone(), readiness.clone(), shutdown.clone())
+            .await
+            .unwrap_or_else(|e| {
+                eprintln!("error: cannot serve OPS_ADDR={}: {e}", config.ops_addr);
+                std::process::exit(2)
+            });
+        info!(worker = name, %ops_addr, "started; /metrics and /health/* are up");
+        Self {
+            env,
+            config,
+            pool,
+            readiness,
+            shutdown,
+        }
+    }
+
+    /// Runs a consumer group's handler until SIGTERM/SIGINT.
+    pub async fn consume<H: Handler>(self, handler: H) {
+        let settings = exit_on_error(self.config.consumer(&self.env, H::GROUP));
+        runtime::run(handler, self.pool, settings, self.readiness, self.shutdown).await;
+    }
+}

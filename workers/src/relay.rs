@@ -1,0 +1,144 @@
+//! The outbox relay: publishes committed outbox rows to the events exchange.
+//!
+//! Each batch is claimed with `FOR UPDATE SKIP LOCKED` (several relays split
+//! the backlog), published with every confirm in flight at once, and marked
+//! published in the same transaction only for the rows the broker acked. A
+//! relay that dies mid-batch rolls back; the rows are published again by the
+//! next claim, and consumers drop the duplicates by message id.
+
+use std::time::{Duration, Instant};
+
+use lapin::{Channel, Confirmation, types::FieldTable};
+use souk_shared::{amqp, outbox, topology};
+use sqlx::{PgPool, postgres::PgListener};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::ops::Readiness;
+
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub amqp_url: String,
+    pub names: topology::Names,
+    pub batch_size: i64,
+    /// Fallback poll when no NOTIFY arrives (e.g. the listener reconnected).
+    pub poll_interval: Duration,
+    /// Published rows older than this are deleted.
+    pub retention_hours: i64,
+    pub connection_name: String,
+}
+
+/// Runs until `shutdown`, reconnecting to the broker with backoff.
+pub async fn run(pool: PgPool, settings: RelaySettings, readiness: Readiness, shutdown: CancellationToken) {
+    let mut wait = Duration::from_millis(250);
+    while !shutdown.is_cancelled() {
+        match session(&pool, &settings, &readiness, &shutdown).await {
+            Ok(()) => break,
+            Err(e) => {
+                readiness.set_broker(false);
+                warn!(error = %format!("{e:#}"), ?wait, "outbox relay lost a connection; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+    info!("outbox relay stopped");
+}
+
+async fn session(
+    pool: &PgPool,
+    settings: &RelaySettings,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    // Listen before the first drain so no commit between the two is missed.
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(outbox::NOTIFY_CHANNEL).await?;
+
+    let conn = amqp::connect(&settings.amqp_url, &settings.connection_name).await?;
+    let channel = amqp::confirm_channel(&conn).await?;
+    topology::declare_exchange(&channel, &settings.names).await?;
+    readiness.set_broker(true);
+    info!("outbox relay connected");
+
+    let exchange = settings.names.events_exchange();
+    let mut last_purge = Instant::now() - Duration::from_secs(3600);
+    loop {
+        while publish_batch(pool, &channel, &exchange, settings.batch_size).await?
+            == settings.batch_size as usize
+        {}
+        if last_purge.elapsed() >= Duration::from_secs(3600) {
+            last_purge = Instant::now();
+            let purged = outbox::purge_published(pool, settings.retention_hours).await?;
+            debug!(purged, "purged published outbox rows");
+        }
+        if let Ok(n) = outbox::backlog(pool).await {
+            metrics::gauge!("souk_outbox_backlog").set(n as f64);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = conn.close(200, "shutting down".into()).await;
+                return Ok(());
+            }
+            note = listener.recv() => { note?; }
+            _ = tokio::time::sleep(settings.poll_interval) => {}
+        }
+        if !conn.status().connected() {
+            anyhow::bail!("broker connection closed");
+        }
+    }
+}
+
+/// Claims, publishes and marks one batch; returns how many rows it claimed.
+pub async fn publish_batch(
+    pool: &PgPool,
+    channel: &Channel,
+    exchange: &str,
+    batch_size: i64,
+) -> anyhow::Result<usize> {
+    let started = Instant::now();
+    let mut tx = pool.begin().await?;
+    let rows = outbox::claim_batch(&mut tx, batch_size).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    // Publish everything first, then await the confirms together: one round
+    // trip per batch instead of one per message.
+    let mut pending = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let props = amqp::properties(
+            &row.id.to_string(),
+            &row.routing_key,
+            &row.correlation_id,
+            FieldTable::default(),
+        );
+        let confirm =
+            amqp::publish(channel, exchange, &row.routing_key, row.body.as_bytes(), props).await?;
+        pending.push((row, confirm));
+    }
+    let mut confirmed = Vec::with_capacity(rows.len());
+    for (row, confirm) in pending {
+        match confirm.await? {
+            Confirmation::Ack(returned) => {
+                if returned.is_some() {
+                    // No queue is bound for this type yet: nothing to deliver to.
+                    warn!(id = %row.id, routing_key = %row.routing_key, "no queue takes this message type");
+                    metrics::counter!("souk_outbox_unroutable_total").increment(1);
+                }
+                confirmed.push(row.id);
+            }
+            Confirmation::Nack(_) => {
+                warn!(id = %row.id, "broker nacked; will publish again");
+            }
+            Confirmation::NotRequested => unreachable!("the relay channel is in confirm mode"),
+        }
+    }
+    outbox::mark_published(&mut tx, &confirmed).await?;
+    tx.commit().await?;
+    metrics::counter!("souk_outbox_published_total").increment(confirmed.len() as u64);
+    metrics::histogram!("souk_outbox_batch_seconds").record(started.elapsed().as_secs_f64());
+    Ok(rows.len())
+}

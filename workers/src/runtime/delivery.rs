@@ -1,0 +1,224 @@
+//! Processing of one delivery: dedupe, handle, commit, ack; or retry / park.
+
+use std::time::Instant;
+
+use lapin::{
+    Channel,
+    message::Delivery,
+    options::{BasicAckOptions, BasicNackOptions},
+    types::FieldTable,
+};
+use souk_shared::{amqp, envelope::Envelope, topology::Names};
+use sqlx::PgPool;
+use tracing::{Instrument, info_span, warn};
+
+use super::{Failure, Handler};
+
+/// What [`apply_once`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The effect was committed together with the processed-message record.
+    Now,
+    /// The message had been processed before; nothing was done.
+    Before,
+}
+
+async fn already_processed(pool: &PgPool, group: &str, envelope: &Envelope) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM processed_messages WHERE consumer = $1 AND message_id = $2)",
+    )
+    .bind(group)
+    .bind(envelope.id)
+    .fetch_one(pool)
+    .await
+}
+
+/// Applies `envelope` through `handler` at most once per consumer group.
+///
+/// The processed-message row is inserted first in the handler's transaction:
+/// a concurrent duplicate blocks on its primary key until the first commits,
+/// then finds the row and backs off.
+pub async fn apply_once<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    envelope: &Envelope,
+) -> Result<Applied, Failure> {
+    // Cheap early exit so a redelivery does not repeat `prepare`'s outside call.
+    if already_processed(pool, H::GROUP, envelope).await? {
+        return Ok(Applied::Before);
+    }
+    let prepared = handler.prepare(envelope).await?;
+
+    let mut tx = pool.begin().await?;
+    let fresh = sqlx::query(
+        "INSERT INTO processed_messages (consumer, message_id, attempt)
+         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(H::GROUP)
+    .bind(envelope.id)
+    .bind(envelope.attempt as i32)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !fresh {
+        return Ok(Applied::Before);
+    }
+    handler.apply(&mut tx, envelope, prepared).await?;
+    tx.commit().await?;
+    Ok(Applied::Now)
+}
+
+/// Where a failed message goes next.
+enum Next {
+    Retry { queue: String, delay_ms: u64 },
+    Park { queue: String },
+}
+
+fn next_hop(names: &Names, group: &str, delays: &[u64], failure: &Failure, attempt: u32) -> Next {
+    let park = Next::Park {
+        queue: names.parking_queue(group),
+    };
+    match (failure, delays.get(attempt as usize)) {
+        (Failure::Permanent(_), _) | (_, None) => park,
+        (Failure::Transient(_), Some(&delay_ms)) => Next::Retry {
+            queue: names.retry_queue(group, delay_ms),
+            delay_ms,
+        },
+    }
+}
+
+/// Everything a delivery task needs, shared by the tasks of one session.
+pub(super) struct Context<H> {
+    pub handler: std::sync::Arc<H>,
+    pub pool: PgPool,
+    pub names: Names,
+    pub retry_delays_ms: Vec<u64>,
+    /// Confirm-mode channel for retries and parking.
+    pub publisher: Channel,
+}
+
+/// Handles one delivery end to end. Never panics on broker errors: a failed
+/// ack leaves the message unacked and the broker redelivers it, which the
+/// processed-messages record makes harmless.
+pub(super) async fn process<H: Handler>(ctx: &Context<H>, delivery: Delivery) {
+    let started = Instant::now();
+    let group = H::GROUP;
+    let envelope = match Envelope::from_bytes(&delivery.data) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            // Nothing to retry about bytes that do not parse: park them as-is.
+            let error = format!("undecodable envelope: {e}");
+            warn!(group, %error, "parking message");
+            let headers = amqp::string_header(FieldTable::default(), amqp::ERROR_HEADER, &error);
+            let props = delivery.properties.clone().with_headers(headers);
+            let parked = ctx.names.parking_queue(group);
+            let sent = amqp::send_to_queue(&ctx.publisher, &parked, &delivery.data, props).await;
+            settle(&delivery, sent.is_ok()).await;
+            metrics::counter!("souk_messages_total", "group" => group, "outcome" => "parked")
+                .increment(1);
+            return;
+        }
+    };
+
+    let span = info_span!(
+        "message",
+        group,
+        id = %envelope.id,
+        r#type = %envelope.kind,
+        attempt = envelope.attempt,
+        correlation_id = %envelope.correlation_id,
+    );
+    let outcome = async {
+        match apply_once(&ctx.pool, ctx.handler.as_ref(), &envelope).await {
+            Ok(Applied::Now) => {
+                tracing::debug!("applied");
+                settle(&delivery, true).await;
+                "applied"
+            }
+            Ok(Applied::Before) => {
+                tracing::info!("duplicate delivery skipped");
+                settle(&delivery, true).await;
+                "duplicate"
+            }
+            Err(failure) => route_failure(ctx, &delivery, envelope.clone(), failure).await,
+        }
+    }
+    .instrument(span)
+    .await;
+
+    metrics::counter!("souk_messages_total", "group" => group, "outcome" => outcome).increment(1);
+    metrics::histogram!("souk_message_duration_seconds", "group" => group)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Republishes a failed message to its next hop, then acks the original.
+/// If the republish is not confirmed the original is requeued instead, so
+/// the message is never dropped.
+async fn route_failure<H: Handler>(
+    ctx: &Context<H>,
+    delivery: &Delivery,
+    mut envelope: Envelope,
+    failure: Failure,
+) -> &'static str {
+    let error = format!("{:#}", failure.error());
+    let hop = next_hop(&ctx.names, H::GROUP, &ctx.retry_delays_ms, &failure, envelope.attempt);
+    envelope.attempt += 1;
+    let headers = amqp::string_header(FieldTable::default(), amqp::ERROR_HEADER, &error);
+    let (queue, outcome) = match &hop {
+        Next::Retry { queue, delay_ms } => {
+            warn!(%error, delay_ms, next_attempt = envelope.attempt, "handler failed; will retry");
+            (queue, "retried")
+        }
+        Next::Park { queue } => {
+            warn!(%error, attempts = envelope.attempt, "handler failed; parking message");
+            (queue, "parked")
+        }
+    };
+    let headers = amqp::string_header(headers, amqp::ORIGIN_HEADER, &ctx.names.queue(H::GROUP));
+    let sent = amqp::send_envelope(&ctx.publisher, queue, &envelope, headers).await;
+    if let Err(e) = &sent {
+        warn!(error = %e, "could not republish failed message; requeueing it");
+    }
+    settle(delivery, sent.is_ok()).await;
+    outcome
+}
+
+/// Acks the delivery, or nacks it back onto its queue.
+async fn settle(delivery: &Delivery, ack: bool) {
+    let result = if ack {
+        delivery.ack(BasicAckOptions::default()).await
+    } else {
+        delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+    };
+    if let Err(e) = result {
+        // The channel is gone; the broker will redeliver and dedupe absorbs it.
+        warn!(error = %e, "could not settle delivery; it will be redelivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_failures_walk_the_delays_then_park() {
+        let names = Names::new("t");
+        let delays = [100, 1000];
+        let transient = || Failure::transient(anyhow::anyhow!("down"));
+        let queue_of = |hop: Next| match hop {
+            Next::Retry { queue, .. } => format!("retry:{queue}"),
+            Next::Park { queue } => format!("park:{queue}"),
+        };
+        assert_eq!(queue_of(next_hop(&names, "g", &delays, &transient(), 0)), "retry:t.g.retry.100ms");
+        assert_eq!(queue_of(next_hop(&names, "g", &delays, &transient(), 1)), "retry:t.g.retry.1000ms");
+        assert_eq!(queue_of(next_hop(&names, "g", &delays, &transient(), 2)), "park:t.g.parked");
+        let permanent = Failure::permanent(anyhow::anyhow!("bad"));
+        assert_eq!(queue_of(next_hop(&names, "g", &delays, &permanent, 0)), "park:t.g.parked");
+    }
+}

@@ -1,0 +1,81 @@
+//! The consumer runtime every worker binary uses.
+//!
+//! - [`supervisor`] keeps a broker connection alive: connect, declare the
+//!   topology, consume; on any connection error reconnect with backoff (lapin
+//!   does not reconnect by itself).
+//! - [`delivery`] processes one message: skip if already processed, run the
+//!   handler, record (consumer, message id) in the handler's transaction,
+//!   ack only after commit; on failure republish to the next retry queue, or
+//!   to the parking queue once attempts are used up.
+
+mod delivery;
+pub mod parked;
+mod supervisor;
+
+use std::future::Future;
+
+use souk_shared::envelope::Envelope;
+use sqlx::PgConnection;
+
+pub use delivery::{Applied, apply_once};
+pub use supervisor::{ConsumerSettings, run};
+
+/// Why a handler did not apply a message.
+#[derive(Debug)]
+pub enum Failure {
+    /// Worth retrying later: a dependency was down or busy.
+    Transient(anyhow::Error),
+    /// Retrying cannot help (bad payload, unknown template, rejected address):
+    /// the message goes straight to the parking queue.
+    Permanent(anyhow::Error),
+}
+
+impl Failure {
+    pub fn transient(e: impl Into<anyhow::Error>) -> Self {
+        Self::Transient(e.into())
+    }
+    pub fn permanent(e: impl Into<anyhow::Error>) -> Self {
+        Self::Permanent(e.into())
+    }
+    fn error(&self) -> &anyhow::Error {
+        match self {
+            Self::Transient(e) | Self::Permanent(e) => e,
+        }
+    }
+}
+
+/// Database errors are transient: the transaction rolled back and the
+/// message will be tried again.
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Transient(e.into())
+    }
+}
+
+/// A consumer group's message handler.
+///
+/// Work is split in two so that no database transaction is ever held across
+/// a network call: [`prepare`](Handler::prepare) runs outside any
+/// transaction (SMTP, Stripe), then [`apply`](Handler::apply) writes the
+/// effect inside the transaction that also records the message as processed.
+/// Handlers with no outside call make `prepare` a no-op.
+pub trait Handler: Send + Sync + 'static {
+    type Prepared: Send;
+
+    /// The consumer group: names the queue and the processed-messages key.
+    const GROUP: &'static str;
+    /// Topic patterns the group's queue is bound with.
+    const BINDINGS: &'static [&'static str];
+
+    fn prepare(
+        &self,
+        msg: &Envelope,
+    ) -> impl Future<Output = Result<Self::Prepared, Failure>> + Send;
+
+    fn apply(
+        &self,
+        tx: &mut PgConnection,
+        msg: &Envelope,
+        prepared: Self::Prepared,
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
+}

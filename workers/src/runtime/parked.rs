@@ -1,0 +1,120 @@
+//! Listing and replaying parked messages (used by `souk-admin`).
+//!
+//! Listing takes messages with `basic.get` without acking and then closes the
+//! channel, which returns them all to the queue untouched. Replay sends a
+//! message back to its group's main queue with its attempts reset, and acks
+//! the parked copy only after the broker confirmed the new one.
+
+use lapin::{
+    Connection,
+    message::BasicGetMessage,
+    options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use serde::Serialize;
+use souk_shared::{amqp, envelope::Envelope, topology::Names};
+
+/// A parked message as an operator sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParkedMessage {
+    pub message_id: Option<String>,
+    pub kind: Option<String>,
+    pub attempts: Option<u32>,
+    pub correlation_id: Option<String>,
+    pub error: Option<String>,
+    pub body: String,
+}
+
+impl ParkedMessage {
+    fn from_get(msg: &BasicGetMessage) -> Self {
+        let delivery = &msg.delivery;
+        let envelope = Envelope::from_bytes(&delivery.data).ok();
+        let props = &delivery.properties;
+        Self {
+            message_id: props.message_id().as_ref().map(|s| s.to_string()),
+            kind: props.kind().as_ref().map(|s| s.to_string()),
+            attempts: envelope.as_ref().map(|e| e.attempt),
+            correlation_id: envelope.map(|e| e.correlation_id),
+            error: amqp::header_str(props, amqp::ERROR_HEADER),
+            body: String::from_utf8_lossy(&delivery.data).into_owned(),
+        }
+    }
+}
+
+async fn depth(channel: &lapin::Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    Ok(channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?
+        .message_count())
+}
+
+/// Up to `limit` parked messages of `group`, oldest first; the queue is left as it was.
+pub async fn list(
+    conn: &Connection,
+    names: &Names,
+    group: &str,
+    limit: usize,
+) -> Result<Vec<ParkedMessage>, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    let queue = names.parking_queue(group);
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?
+        {
+            Some(msg) => out.push(ParkedMessage::from_get(&msg)),
+            None => break,
+        }
+    }
+    // Closing without acking puts every message back.
+    channel.close(200, "listed".into()).await?;
+    Ok(out)
+}
+
+/// Sends parked messages of `group` back to its main queue: the one with
+/// `message_id`, or all of them when `None`. Returns how many were replayed.
+pub async fn replay(
+    conn: &Connection,
+    names: &Names,
+    group: &str,
+    message_id: Option<&str>,
+) -> Result<usize, lapin::Error> {
+    let channel = amqp::confirm_channel(conn).await?;
+    let queue = names.parking_queue(group);
+    let main = names.queue(group);
+    // Look at each message at most once, even those we put back.
+    let mut remaining = depth(&channel, &queue).await?;
+    let mut replayed = 0;
+    while remaining > 0 {
+        remaining -= 1;
+        let Some(msg) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        let delivery = &msg.delivery;
+        let id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
+        if message_id.is_some_and(|wanted| id.as_deref() != Some(wanted)) {
+            continue; // stays unacked: returns to the queue when the channel closes
+        }
+        let body = match Envelope::from_bytes(&delivery.data) {
+            Ok(mut envelope) => {
+                envelope.attempt = 0;
+                envelope.to_bytes()
+            }
+            Err(_) => delivery.data.clone(),
+        };
+        let props = delivery.properties.clone().with_headers(FieldTable::default());
+        amqp::send_to_queue(&channel, &main, &body, props).await?;
+        delivery.ack(BasicAckOptions::default()).await?;
+        replayed += 1;
+    }
+    channel.close(200, "replayed".into()).await?;
+    Ok(replayed)
+}

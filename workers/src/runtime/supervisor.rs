@@ -1,0 +1,183 @@
+//! Keeps one consumer alive across broker restarts and dropped connections.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use lapin::{
+    Channel, Connection,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use souk_shared::{
+    amqp,
+    topology::{self, Group, Names},
+};
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Handler, delivery};
+use crate::ops::Readiness;
+
+/// How a consumer connects and how much it takes on at once.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub amqp_url: String,
+    pub names: Names,
+    /// Messages the broker may send ahead of acks (basic.qos).
+    pub prefetch: u16,
+    /// Messages handled at the same time; each holds at most one pool connection.
+    pub concurrency: usize,
+    /// Delay before attempt N+1; after the last, the message is parked.
+    pub retry_delays_ms: Vec<u64>,
+    /// Shown in `rabbitmqctl list_connections`.
+    pub connection_name: String,
+}
+
+/// Backoff between reconnects: doubles from 250 ms up to 15 s.
+struct Backoff(Duration);
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(15);
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        now
+    }
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
+
+/// Runs `handler` until `shutdown` is cancelled, reconnecting as needed.
+///
+/// On shutdown it stops taking messages, lets the ones in flight finish and
+/// be acked, then closes the connection.
+pub async fn run<H: Handler>(
+    handler: H,
+    pool: PgPool,
+    settings: ConsumerSettings,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let handler = Arc::new(handler);
+    let mut backoff = Backoff(Backoff::FIRST);
+    while !shutdown.is_cancelled() {
+        let result = session(&handler, &pool, &settings, &readiness, &mut backoff, &shutdown).await;
+        readiness.set_broker(false);
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                let wait = backoff.next();
+                warn!(group = H::GROUP, error = %e, ?wait, "consumer lost its broker; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    info!(group = H::GROUP, "consumer stopped");
+}
+
+/// One connection's lifetime. `Ok` means a clean shutdown; `Err` a lost broker.
+async fn session<H: Handler>(
+    handler: &Arc<H>,
+    pool: &PgPool,
+    settings: &ConsumerSettings,
+    readiness: &Readiness,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> Result<(), lapin::Error> {
+    let conn = amqp::connect(&settings.amqp_url, &settings.connection_name).await?;
+    let publisher = amqp::confirm_channel(&conn).await?;
+    let group = Group {
+        name: H::GROUP,
+        bindings: H::BINDINGS,
+        retry_delays_ms: settings.retry_delays_ms.clone(),
+    };
+    topology::declare_group(&publisher, &settings.names, &group).await?;
+
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
+    let queue = settings.names.queue(H::GROUP);
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            settings.connection_name.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    info!(group = H::GROUP, %queue, "consuming");
+    readiness.set_broker(true);
+    backoff.reset();
+
+    let depth = spawn_depth_gauge(publisher.clone(), queue.clone());
+    let ctx = Arc::new(delivery::Context {
+        handler: handler.clone(),
+        pool: pool.clone(),
+        names: settings.names.clone(),
+        retry_delays_ms: settings.retry_delays_ms.clone(),
+        publisher,
+    });
+    let slots = Arc::new(Semaphore::new(settings.concurrency));
+
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let permit = slots.clone().acquire_owned().await.expect("never closed");
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        delivery::process(&ctx, delivery).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => break Err(e),
+                None => break Err(lapin::Error::from(std::io::Error::other("consumer was cancelled by the broker"))),
+            }
+        }
+    };
+    depth.abort();
+    if result.is_ok() {
+        drain(&channel, &conn, &slots, settings).await;
+    }
+    result
+}
+
+/// Graceful stop: cancel the consumer so nothing new arrives, wait for the
+/// in-flight messages to be acked, then close. Unacked prefetched messages
+/// return to the queue when the channel closes.
+async fn drain(channel: &Channel, conn: &Connection, slots: &Semaphore, settings: &ConsumerSettings) {
+    let _ = channel
+        .basic_cancel(settings.connection_name.as_str().into(), BasicCancelOptions::default())
+        .await;
+    let _ = slots.acquire_many(settings.concurrency as u32).await;
+    let _ = conn.close(200, "shutting down".into()).await;
+}
+
+/// Exports the queue's depth every few seconds, for autoscalers.
+fn spawn_depth_gauge(channel: Channel, queue: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match channel
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await
+            {
+                Ok(q) => metrics::gauge!("souk_queue_depth", "queue" => queue.clone())
+                    .set(q.message_count() as f64),
+                Err(_) => return,
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+}
