@@ -1,0 +1,264 @@
+//! A test consumer group and a harness around one test's database and broker prefix.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use lapin::{BasicProperties, Connection, types::FieldTable};
+use serde::{Deserialize, Serialize};
+use souk_shared::{
+    amqp,
+    envelope::{Contract, Envelope},
+    outbox,
+    topology::{self, Group, Names},
+};
+use souk_testkit::{TestDb, amqp_url, broker, unique_prefix};
+use souk_workers::{
+    ops::Readiness,
+    relay::{self, RelaySettings},
+    runtime::{self, ConsumerSettings, Failure, Handler},
+};
+use sqlx::PgConnection;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The test contract: `fail_attempts` makes the handler fail that many
+/// deliveries; `sleep_ms` keeps it busy inside its transaction.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Recorded {
+    pub key: String,
+    #[serde(default)]
+    pub fail_attempts: u32,
+    #[serde(default)]
+    pub sleep_ms: u64,
+}
+
+impl Contract for Recorded {
+    const TYPE: &'static str = "test.recorded";
+    const VERSION: u16 = 1;
+}
+
+impl Recorded {
+    pub fn key(key: &str) -> Self {
+        Self {
+            key: key.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Writes one `effects` row per applied message. The table has no unique
+/// key, so a message applied twice shows up as two rows.
+pub struct Recorder;
+
+impl Handler for Recorder {
+    type Prepared = ();
+    const GROUP: &'static str = "recorder";
+    const BINDINGS: &'static [&'static str] = &["test.*"];
+
+    async fn prepare(&self, _: &Envelope) -> Result<(), Failure> {
+        Ok(())
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, _: ()) -> Result<(), Failure> {
+        let r: Recorded = msg.payload().map_err(Failure::permanent)?;
+        if r.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(r.sleep_ms)).await;
+        }
+        if msg.attempt < r.fail_attempts {
+            return Err(Failure::transient(anyhow::anyhow!(
+                "planned failure on attempt {}",
+                msg.attempt
+            )));
+        }
+        let broken: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM broken WHERE key = $1)")
+            .bind(&r.key)
+            .fetch_one(&mut *tx)
+            .await?;
+        if broken {
+            return Err(Failure::transient(anyhow::anyhow!("key {} is broken", r.key)));
+        }
+        sqlx::query("INSERT INTO effects (message_id, key, attempt) VALUES ($1, $2, $3)")
+            .bind(msg.id)
+            .bind(&r.key)
+            .bind(msg.attempt as i32)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+}
+
+pub const DELAYS: &[u64] = &[100, 200];
+
+pub struct Harness {
+    pub db: TestDb,
+    pub prefix: String,
+    pub names: Names,
+    /// The test's own broker connection (not the consumer's).
+    pub amqp: Connection,
+    pub shutdown: CancellationToken,
+}
+
+impl Harness {
+    pub async fn new() -> Self {
+        let db = TestDb::new().await;
+        sqlx::query(
+            "CREATE TABLE effects (message_id uuid NOT NULL, key text NOT NULL, attempt int NOT NULL,
+                                   applied_at timestamptz NOT NULL DEFAULT clock_timestamp())",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        sqlx::query("CREATE TABLE changes (key text PRIMARY KEY)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE broken (key text PRIMARY KEY)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let prefix = unique_prefix();
+        let amqp = amqp::connect(&amqp_url(), &format!("{prefix}-test")).await.unwrap();
+        let names = Names::new(&prefix);
+        // Declare up front so messages published before a consumer starts are kept.
+        let channel = amqp.create_channel().await.unwrap();
+        topology::declare_group(&channel, &names, &Self::group()).await.unwrap();
+        Self {
+            db,
+            prefix,
+            names,
+            amqp,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub fn group() -> Group {
+        Group {
+            name: Recorder::GROUP,
+            bindings: Recorder::BINDINGS,
+            retry_delays_ms: DELAYS.to_vec(),
+        }
+    }
+
+    pub fn consumer_settings(&self, url: &str, concurrency: usize) -> ConsumerSettings {
+        ConsumerSettings {
+            amqp_url: url.into(),
+            names: self.names.clone(),
+            prefetch: 16,
+            concurrency,
+            retry_delays_ms: DELAYS.to_vec(),
+            connection_name: format!("{}.recorder@test", self.prefix),
+        }
+    }
+
+    /// Runs the recorder consumer until the harness shuts down.
+    pub fn spawn_consumer(&self, concurrency: usize) -> (JoinHandle<()>, Readiness) {
+        self.spawn_handler(Recorder, self.consumer_settings(&amqp_url(), concurrency))
+    }
+
+    pub fn spawn_handler<H: Handler>(&self, handler: H, settings: ConsumerSettings) -> (JoinHandle<()>, Readiness) {
+        let readiness = Readiness::default();
+        let task = tokio::spawn(runtime::run(
+            handler,
+            self.db.pool.clone(),
+            settings,
+            readiness.clone(),
+            self.shutdown.clone(),
+        ));
+        (task, readiness)
+    }
+
+    pub fn relay_settings(&self, url: &str, batch_size: i64) -> RelaySettings {
+        RelaySettings {
+            amqp_url: url.into(),
+            names: self.names.clone(),
+            batch_size,
+            poll_interval: Duration::from_secs(2),
+            retention_hours: 24,
+            connection_name: format!("{}.relay@test", self.prefix),
+        }
+    }
+
+    pub fn spawn_relay(&self, url: &str, batch_size: i64) -> JoinHandle<()> {
+        tokio::spawn(relay::run(
+            self.db.pool.clone(),
+            self.relay_settings(url, batch_size),
+            Readiness::default(),
+            self.shutdown.clone(),
+        ))
+    }
+
+    /// Writes a domain row (`changes`) and its outbox message in one
+    /// transaction, then commits it or rolls it back.
+    pub async fn change(&self, payload: &Recorded, commit: bool) -> Envelope {
+        let envelope = Envelope::new(payload, "test-correlation");
+        let mut tx = self.db.pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO changes (key) VALUES ($1)")
+            .bind(&payload.key)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        outbox::enqueue(&mut tx, &envelope).await.unwrap();
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        envelope
+    }
+
+    pub async fn commit(&self, payload: &Recorded) -> Envelope {
+        self.change(payload, true).await
+    }
+
+    /// Publishes straight to the events exchange, bypassing the outbox.
+    pub async fn publish(&self, envelope: &Envelope) {
+        let channel = amqp::confirm_channel(&self.amqp).await.unwrap();
+        let props = amqp::properties(
+            &envelope.id.to_string(),
+            &envelope.kind,
+            &envelope.correlation_id,
+            FieldTable::default(),
+        );
+        let confirm = amqp::publish(&channel, &self.names.events_exchange(), &envelope.kind, &envelope.to_bytes(), props)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+        channel.close(200, "done".into()).await.unwrap();
+    }
+
+    /// Publishes raw bytes to the group's queue.
+    pub async fn publish_raw(&self, body: &[u8]) {
+        let channel = amqp::confirm_channel(&self.amqp).await.unwrap();
+        amqp::send_to_queue(&channel, &self.names.queue(Recorder::GROUP), body, BasicProperties::default())
+            .await
+            .unwrap();
+    }
+
+    pub async fn effects_for(&self, key: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM effects WHERE key = $1")
+            .bind(key)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn effects(&self) -> i64 {
+        souk_testkit::count(&self.db.pool, "SELECT count(*) FROM effects").await
+    }
+
+    pub async fn ready(&self, queue: &str) -> u32 {
+        broker::ready_count(&self.amqp, queue).await
+    }
+
+    /// Stops every task the harness started and removes the test's queues.
+    pub async fn finish(self, tasks: Vec<JoinHandle<()>>) {
+        self.shutdown.cancel();
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        broker::delete_group(&self.amqp, &self.names, Recorder::GROUP, DELAYS).await;
+        let _ = self.amqp.close(200, "done".into()).await;
+    }
+}
