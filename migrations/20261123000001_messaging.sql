@@ -53,3 +53,13 @@ CREATE TABLE support_requests (
     correlation_id text        NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now()
 );
+
+-- Leases for handlers with an outside effect (SMTP, Stripe): a consumer
+-- claims a message before the outside call so a concurrent duplicate backs
+-- off instead of repeating it. A crashed holder's claim simply expires.
+CREATE TABLE message_claims (
+    consumer      text        NOT NULL,
+    message_id    uuid        NOT NULL,
+    claimed_until timestamptz NOT NULL,
+    PRIMARY KEY (consumer, message_id)
+);

@@ -1,6 +1,7 @@
 //! The mailer: renders `notify.email` messages and sends them over SMTP.
 //!
-//! The send happens in `prepare`, outside any database transaction; the
+//! The send happens in `prepare`, outside any database transaction, under a
+//! lease so two copies of one message handled at once send one mail; the
 //! `email_log` row is written in the transaction that records the message
 //! as processed, so each message id is logged once. SMTP itself is
 //! at-least-once: if the process dies after the server accepted the mail but
@@ -107,6 +108,10 @@ impl Handler for Mailer {
     type Prepared = Sent;
     const GROUP: &'static str = "mailer";
     const BINDINGS: &'static [&'static str] = &["notify.email"];
+    /// Longer than an SMTP exchange (each step bounded by `SMTP_TIMEOUT_MS`),
+    /// shorter than the retry schedule, so the copy of a mailer that died
+    /// mid-send is taken over by a later attempt rather than parked.
+    const PREPARE_LEASE: Option<Duration> = Some(Duration::from_secs(30));
 
     async fn prepare(&self, msg: &Envelope) -> Result<Sent, Failure> {
         let req: EmailRequested = msg.payload().map_err(Failure::permanent)?;

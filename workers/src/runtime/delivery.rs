@@ -1,6 +1,6 @@
 //! Processing of one delivery: dedupe, handle, commit, ack; or retry / park.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lapin::{
     Channel,
@@ -9,7 +9,7 @@ use lapin::{
     types::FieldTable,
 };
 use souk_shared::{amqp, envelope::Envelope, topology::Names};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tracing::{Instrument, info_span, warn};
 
 use super::{Failure, Handler};
@@ -33,17 +33,67 @@ async fn already_processed(pool: &PgPool, group: &str, envelope: &Envelope) -> s
     .await
 }
 
+/// Takes the lease on a message, unless another consumer holds a live one.
+async fn claim(pool: &PgPool, group: &str, envelope: &Envelope, lease: Duration) -> sqlx::Result<bool> {
+    let claimed: Option<i32> = sqlx::query_scalar(
+        "INSERT INTO message_claims (consumer, message_id, claimed_until)
+         VALUES ($1, $2, now() + make_interval(secs => $3))
+         ON CONFLICT (consumer, message_id) DO UPDATE SET claimed_until = EXCLUDED.claimed_until
+         WHERE message_claims.claimed_until < now()
+         RETURNING 1",
+    )
+    .bind(group)
+    .bind(envelope.id)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    Ok(claimed.is_some())
+}
+
+async fn release(conn: &mut PgConnection, group: &str, envelope: &Envelope) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM message_claims WHERE consumer = $1 AND message_id = $2")
+        .bind(group)
+        .bind(envelope.id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Applies `envelope` through `handler` at most once per consumer group.
 ///
 /// The processed-message row is inserted first in the handler's transaction:
 /// a concurrent duplicate blocks on its primary key until the first commits,
-/// then finds the row and backs off.
+/// then finds the row and backs off. Handlers with a [`Handler::PREPARE_LEASE`]
+/// also claim the message before `prepare`, so a duplicate handled at the same
+/// time never repeats the outside call.
 pub async fn apply_once<H: Handler>(
     pool: &PgPool,
     handler: &H,
     envelope: &Envelope,
 ) -> Result<Applied, Failure> {
-    // Cheap early exit so a redelivery does not repeat `prepare`'s outside call.
+    if let Some(lease) = H::PREPARE_LEASE {
+        if !claim(pool, H::GROUP, envelope, lease).await? {
+            return Err(Failure::transient(anyhow::anyhow!(
+                "another consumer is handling this message"
+            )));
+        }
+    }
+    let outcome = prepare_and_apply(pool, handler, envelope).await;
+    if H::PREPARE_LEASE.is_some() && !matches!(outcome, Ok(Applied::Now)) {
+        // Let a retry take it at once. (On success the claim went with the commit.)
+        let mut conn = pool.acquire().await?;
+        release(&mut conn, H::GROUP, envelope).await?;
+    }
+    outcome
+}
+
+async fn prepare_and_apply<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    envelope: &Envelope,
+) -> Result<Applied, Failure> {
+    // Checked after the claim: a holder that just finished has committed its
+    // processed row before its claim disappeared.
     if already_processed(pool, H::GROUP, envelope).await? {
         return Ok(Applied::Before);
     }
@@ -65,6 +115,9 @@ pub async fn apply_once<H: Handler>(
         return Ok(Applied::Before);
     }
     handler.apply(&mut tx, envelope, prepared).await?;
+    if H::PREPARE_LEASE.is_some() {
+        release(&mut tx, H::GROUP, envelope).await?;
+    }
     tx.commit().await?;
     Ok(Applied::Now)
 }

@@ -14,6 +14,7 @@ mod supervisor;
 
 use std::future::Future;
 
+
 use souk_shared::envelope::Envelope;
 use sqlx::PgConnection;
 
@@ -66,6 +67,11 @@ pub trait Handler: Send + Sync + 'static {
     const GROUP: &'static str;
     /// Topic patterns the group's queue is bound with.
     const BINDINGS: &'static [&'static str];
+    /// For handlers whose `prepare` has an outside effect: how long a
+    /// consumer may hold a message before a duplicate may take it over. While
+    /// held, a concurrent duplicate is retried later instead of repeating the
+    /// outside call. Make it longer than `prepare` can take.
+    const PREPARE_LEASE: Option<std::time::Duration> = None;
 
     fn prepare(
         &self,
