@@ -70,9 +70,12 @@ impl Proxy {
         }
     }
 
-    /// An AMQP URL through this proxy.
+    /// The tests' AMQP URL ([`crate::amqp_url`]) routed through this proxy.
     pub fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr)
+        let url = crate::amqp_url();
+        let (scheme_auth, rest) = url.split_once('@').expect("AMQP URL with credentials");
+        let vhost = rest.split_once('/').map(|(_, v)| v).unwrap_or("%2f");
+        format!("{scheme_auth}@{}/{vhost}", self.addr)
     }
 }
 

@@ -78,6 +78,10 @@ async fn an_email_message_delivered_twice_sends_exactly_one_rendered_mail() {
         h.ready(&h.names.queue("mailer")).await == 0
     })
     .await;
+    wait_until("the send to be logged", WAIT, || async {
+        souk_testkit::count(&h.db.pool, "SELECT count(*) FROM email_log").await == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mails = mails_to(&to).await;
     assert_eq!(mails.len(), 1, "one mail, not two");
@@ -113,6 +117,11 @@ async fn an_unreachable_smtp_server_is_retried_until_it_answers() {
     smtp.set_up(true);
 
     wait_until("the mail after the SMTP server came back", WAIT, || async { !mails_to(&to).await.is_empty() }).await;
+    // The mail is sent before the processed record commits.
+    wait_until("the processed record", WAIT, || async {
+        souk_testkit::count(&h.db.pool, "SELECT count(*) FROM processed_messages").await == 1
+    })
+    .await;
     let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM processed_messages WHERE message_id = $1")
         .bind(msg.id)
         .fetch_one(&h.db.pool)

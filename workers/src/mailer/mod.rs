@@ -118,6 +118,7 @@ impl Handler for Mailer {
         let (message, subject) = self.compose(msg, &req)?;
         match self.transport.send(message).await {
             Ok(_) => {
+                tracing::info!(template = %req.template, "email sent");
                 metrics::counter!("souk_emails_sent_total", "template" => req.template.clone())
                     .increment(1);
                 Ok(Sent {
