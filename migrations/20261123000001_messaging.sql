@@ -13,16 +13,10 @@ CREATE TABLE outbox (
 -- The relay only ever scans unpublished rows, oldest first.
 CREATE INDEX outbox_unpublished ON outbox (created_at, id) WHERE published_at IS NULL;
 
--- Wake relays as soon as a transaction with outbox rows commits (NOTIFY is
--- delivered at commit). One notification per statement, not per row.
-CREATE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('outbox', '');
-    RETURN NULL;
-END $$;
-
-CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
-    FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();
+-- Relays are woken by a NOTIFY sent after commit, outside the producing
+-- transaction (shared/src/outbox.rs, Waker): a NOTIFY inside it would hold
+-- PostgreSQL's global notify lock through every commit's WAL flush and
+-- serialize all producers (measured: 2,700 vs 7,900 inserts/s).
 
 -- Exactly-once effects: a consumer inserts (consumer, message_id) in the same
 -- transaction as its effect; a redelivered message finds the row and is skipped.

@@ -62,7 +62,11 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         if inner.is_data() {
             // serde's message without its " at line 1 column 9" suffix
             let message = inner.to_string();
-            let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+            let message = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_string();
             // A missing field is reported at its parent; name the field itself.
             let missing = message
                 .strip_prefix("missing field `")
@@ -110,7 +114,9 @@ mod tests {
 
     #[test]
     fn type_errors_name_the_path() {
-        let Err(ApiError::Validation(errors)) = parse::<Body>(br#"{"items":[{"qty":1},{"qty":"x"}]}"#) else {
+        let Err(ApiError::Validation(errors)) =
+            parse::<Body>(br#"{"items":[{"qty":1},{"qty":"x"}]}"#)
+        else {
             panic!("expected a validation error");
         };
         assert_eq!(errors[0].field, "items[1].qty");
@@ -119,14 +125,21 @@ mod tests {
 
     #[test]
     fn syntax_errors_are_malformed_json() {
-        assert!(matches!(parse::<Body>(b"{\"items\":"), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(
+            parse::<Body>(b"{\"items\":"),
+            Err(ApiError::MalformedJson(_))
+        ));
     }
 
     #[test]
     fn missing_fields_are_named() {
-        let Err(ApiError::Validation(errors)) = parse::<Body>(b"{}") else { panic!() };
+        let Err(ApiError::Validation(errors)) = parse::<Body>(b"{}") else {
+            panic!()
+        };
         assert_eq!(errors[0].field, "items");
-        let Err(ApiError::Validation(errors)) = parse::<Body>(br#"{"items":[{}]}"#) else { panic!() };
+        let Err(ApiError::Validation(errors)) = parse::<Body>(br#"{"items":[{}]}"#) else {
+            panic!()
+        };
         assert_eq!(errors[0].field, "items[0].qty");
     }
 }

@@ -2,8 +2,8 @@
 
 use souk_api::{broker::BrokerProbe, config::ApiConfig, router, state::AppState};
 use souk_shared::{
-    config::{ConfigError, Env, exit_on_error},
-    db, telemetry,
+    config::{Env, exit_on_error},
+    telemetry,
 };
 use tracing::info;
 
@@ -11,15 +11,9 @@ use tracing::info;
 async fn main() {
     let config = exit_on_error(ApiConfig::from_env(&Env::load()));
     telemetry::init_tracing(config.common.log_format);
-    let pool = exit_on_error(
-        db::pool(&config.common.database_url, config.common.database_max_connections).map_err(|e| {
-            ConfigError {
-                var: "DATABASE_URL".into(),
-                reason: e.to_string(),
-            }
-        }),
-    );
+    let pool = exit_on_error(config.common.pool());
     let state = AppState {
+        outbox: souk_shared::outbox::Waker::spawn(pool.clone()),
         pool,
         broker: BrokerProbe::new(
             config.common.amqp_url.clone(),
@@ -31,7 +25,10 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .unwrap_or_else(|e| {
-            eprintln!("error: cannot listen on HTTP_ADDR={}: {e}", config.http_addr);
+            eprintln!(
+                "error: cannot listen on HTTP_ADDR={}: {e}",
+                config.http_addr
+            );
             std::process::exit(2)
         });
     info!(addr = %config.http_addr, "API listening; docs at /docs");

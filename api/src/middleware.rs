@@ -86,6 +86,9 @@ mod tests {
         assert_ne!(replaced.0, "bad id with spaces");
         assert!(uuid::Uuid::parse_str(&replaced.0).is_ok());
         let long = "a".repeat(129);
-        assert_ne!(RequestId::accept(Some(&HeaderValue::from_str(&long).unwrap())).0, long);
+        assert_ne!(
+            RequestId::accept(Some(&HeaderValue::from_str(&long).unwrap())).0,
+            long
+        );
     }
 }

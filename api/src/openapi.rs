@@ -1,6 +1,8 @@
 //! The router, with the OpenAPI document generated from the handlers.
 
-use axum::{Json, Router, extract::DefaultBodyLimit, middleware, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router, extract::DefaultBodyLimit, middleware, response::IntoResponse, routing::get,
+};
 use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -58,4 +60,3 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
-

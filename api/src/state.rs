@@ -1,4 +1,5 @@
 use metrics_exporter_prometheus::PrometheusHandle;
+use souk_shared::outbox::Waker;
 use sqlx::PgPool;
 
 use crate::broker::BrokerProbe;
@@ -9,4 +10,6 @@ pub struct AppState {
     pub pool: PgPool,
     pub broker: BrokerProbe,
     pub metrics: PrometheusHandle,
+    /// Call `outbox.wake()` after committing outbox rows.
+    pub outbox: Waker,
 }

@@ -38,14 +38,19 @@ fn env(name: &str, default: &str) -> String {
 type Commits = Arc<Mutex<HashMap<Uuid, DateTime<Utc>>>>;
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let admin = env("BENCH_ADMIN_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
+    let admin = env(
+        "BENCH_ADMIN_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
     let amqp_url = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
     let db_url = fresh_database(&admin, "souk_bench").await?;
     let pool = db::pool(&db_url, 32)?;
     db::migrate(&pool).await?;
-    sqlx::query("CREATE TABLE bench_effects (message_id uuid NOT NULL, applied_at timestamptz NOT NULL)")
-        .execute(&pool)
-        .await?;
+    sqlx::query(
+        "CREATE TABLE bench_effects (message_id uuid NOT NULL, applied_at timestamptz NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
 
     // A clean topology for the bench prefix.
     let conn = amqp::connect(&amqp_url, "souk-bench").await?;
@@ -54,9 +59,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let group = Group {
         name: GROUP,
         bindings: &["bench.*"],
-        retry_delays_ms: RETRY_DELAYS.split(',').map(|d| d.parse().unwrap()).collect(),
+        retry_delays_ms: RETRY_DELAYS
+            .split(',')
+            .map(|d| d.parse().unwrap())
+            .collect(),
     };
-    let _ = channel.queue_purge(names.queue(GROUP).as_str().into(), Default::default()).await;
+    let _ = channel
+        .queue_purge(names.queue(GROUP).as_str().into(), Default::default())
+        .await;
     let channel = conn.create_channel().await?;
     topology::declare_group(&channel, &names, &group).await?;
 
@@ -66,8 +76,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     ];
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    println!("# backbone benchmark ({cores} cores, {} producers)", opts.producers);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "# backbone benchmark ({cores} cores, {} producers)",
+        opts.producers
+    );
 
     // Throughput: producers commit as fast as they can.
     let commits: Commits = Arc::default();
@@ -95,16 +110,24 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     produce(&pool, &paced, n, opts.producers, Some(opts.rate)).await?;
     wait_for_effects(&pool, n).await?;
     let (p50, p99) = latencies(&pool, &paced).await?;
-    println!("latency at {} msg/s for {} s: commit-to-effect p50 {:.1} ms, p99 {:.1} ms", opts.rate, opts.seconds, p50, p99);
+    println!(
+        "latency at {} msg/s for {} s: commit-to-effect p50 {:.1} ms, p99 {:.1} ms",
+        opts.rate, opts.seconds, p50, p99
+    );
 
-    for (name, pid) in [("outbox-relay", children[0].id()), ("bench-sink", children[1].id())] {
+    for (name, pid) in [
+        ("outbox-relay", children[0].id()),
+        ("bench-sink", children[1].id()),
+    ] {
         if let Some(kib) = pid.and_then(peak_rss_kib) {
             println!("peak RSS {name}: {:.1} MiB", kib as f64 / 1024.0);
         }
     }
     for child in &mut children {
         if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
         }
         let _ = child.wait().await;
     }
@@ -113,13 +136,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
 async fn fresh_database(admin: &str, name: &str) -> anyhow::Result<String> {
     let mut conn = PgConnection::connect(admin).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-        .execute(&mut conn)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
         .await?;
-    let (server, _) = admin.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("admin URL has no database"))?;
+    let (server, _) = admin
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("admin URL has no database"))?;
     Ok(format!("{server}/{name}"))
 }
 
@@ -146,11 +173,18 @@ fn spawn(bin: &str, args: &[&str], db_url: &str, amqp_url: &str) -> anyhow::Resu
 
 /// Commits `n` messages, one per transaction, from `producers` tasks;
 /// paced to `rate` per second when given.
-async fn produce(pool: &PgPool, commits: &Commits, n: u64, producers: u64, rate: Option<u64>) -> anyhow::Result<()> {
+async fn produce(
+    pool: &PgPool,
+    commits: &Commits,
+    n: u64,
+    producers: u64,
+    rate: Option<u64>,
+) -> anyhow::Result<()> {
     let start = Instant::now();
+    let waker = outbox::Waker::spawn(pool.clone());
     let mut tasks = Vec::new();
     for p in 0..producers {
-        let (pool, commits) = (pool.clone(), commits.clone());
+        let (pool, commits, waker) = (pool.clone(), commits.clone(), waker.clone());
         tasks.push(tokio::spawn(async move {
             let mut seq = p;
             while seq < n {
@@ -163,6 +197,7 @@ async fn produce(pool: &PgPool, commits: &Commits, n: u64, producers: u64, rate:
                 outbox::enqueue(&mut tx, &envelope).await?;
                 tx.commit().await?;
                 commits.lock().await.insert(envelope.id, Utc::now());
+                waker.wake();
                 seq += producers;
             }
             anyhow::Ok(())
@@ -177,22 +212,41 @@ async fn produce(pool: &PgPool, commits: &Commits, n: u64, producers: u64, rate:
 async fn wait_for_effects(pool: &PgPool, n: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_effects").fetch_one(pool).await?;
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_effects")
+            .fetch_one(pool)
+            .await?;
         if done as u64 >= n {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "only {done} of {n} effects after 300 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {done} of {n} effects after 300 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 async fn effects(pool: &PgPool) -> anyhow::Result<Vec<(Uuid, DateTime<Utc>)>> {
-    Ok(sqlx::query_as("SELECT message_id, applied_at FROM bench_effects").fetch_all(pool).await?)
+    Ok(
+        sqlx::query_as("SELECT message_id, applied_at FROM bench_effects")
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 async fn span(pool: &PgPool, commits: &Commits) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
-    let first = *commits.lock().await.values().min().expect("messages were sent");
-    let last = effects(pool).await?.into_iter().map(|(_, t)| t).max().expect("effects exist");
+    let first = *commits
+        .lock()
+        .await
+        .values()
+        .min()
+        .expect("messages were sent");
+    let last = effects(pool)
+        .await?
+        .into_iter()
+        .map(|(_, t)| t)
+        .max()
+        .expect("effects exist");
     Ok((first, last))
 }
 
@@ -202,7 +256,11 @@ async fn latencies(pool: &PgPool, commits: &Commits) -> anyhow::Result<(f64, f64
     let mut ms: Vec<f64> = effects(pool)
         .await?
         .into_iter()
-        .filter_map(|(id, applied)| commits.get(&id).map(|c| (applied - *c).num_microseconds().unwrap_or(0) as f64 / 1000.0))
+        .filter_map(|(id, applied)| {
+            commits
+                .get(&id)
+                .map(|c| (applied - *c).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+        })
         .collect();
     ms.sort_by(f64::total_cmp);
     let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];

@@ -39,7 +39,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Some("sink") => sink::run().await,
         _ => {
-            eprintln!("usage: souk-bench backbone [--messages N] [--producers P] [--rate R] [--seconds S]");
+            eprintln!(
+                "usage: souk-bench backbone [--messages N] [--producers P] [--rate R] [--seconds S]"
+            );
             std::process::exit(2)
         }
     }

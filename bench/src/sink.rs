@@ -33,10 +33,12 @@ impl Handler for Sink {
     }
 
     async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, _: ()) -> Result<(), Failure> {
-        sqlx::query("INSERT INTO bench_effects (message_id, applied_at) VALUES ($1, clock_timestamp())")
-            .bind(msg.id)
-            .execute(tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO bench_effects (message_id, applied_at) VALUES ($1, clock_timestamp())",
+        )
+        .bind(msg.id)
+        .execute(tx)
+        .await?;
         Ok(())
     }
 }

@@ -3,9 +3,8 @@
 use std::time::Duration;
 
 use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm,
     options::{BasicPublishOptions, ConfirmSelectOptions},
-    PublisherConfirm,
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
@@ -43,7 +42,12 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error>
 
 /// AMQP properties for an envelope: persistent JSON, ids copied into the
 /// standard properties so tools show them without parsing the body.
-pub fn properties(id: &str, kind: &str, correlation_id: &str, headers: FieldTable) -> BasicProperties {
+pub fn properties(
+    id: &str,
+    kind: &str,
+    correlation_id: &str,
+    headers: FieldTable,
+) -> BasicProperties {
     BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(PERSISTENT)

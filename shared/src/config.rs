@@ -108,7 +108,10 @@ impl Url {
             Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => {
                 Ok(Self(raw.to_string()))
             }
-            _ => Err(format!("expected a URL starting with {}://", schemes.join(":// or "))),
+            _ => Err(format!(
+                "expected a URL starting with {}://",
+                schemes.join(":// or ")
+            )),
         }
     }
 }
@@ -142,7 +145,8 @@ impl FromStr for Prefix {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if !s.is_empty()
             && s.len() <= 64
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
         {
             Ok(Self(s.to_string()))
         } else {
@@ -173,6 +177,19 @@ impl CommonConfig {
     }
 }
 
+impl CommonConfig {
+    /// The process's database pool (connecting lazily, so a process can start
+    /// and report not-ready while PostgreSQL comes up).
+    pub fn pool(&self) -> Result<sqlx::PgPool, ConfigError> {
+        crate::db::pool(&self.database_url, self.database_max_connections).map_err(|e| {
+            ConfigError {
+                var: "DATABASE_URL".into(),
+                reason: e.to_string(),
+            }
+        })
+    }
+}
+
 /// Prints a configuration error as one line and exits non-zero.
 ///
 /// Used by every `main` so the failure looks the same everywhere.
@@ -191,7 +208,11 @@ mod tests {
     fn urls_are_checked_by_scheme() {
         assert!("postgres://localhost/souk".parse::<PgUrl>().is_ok());
         assert!("localhost/souk".parse::<PgUrl>().is_err());
-        assert!("amqp://guest:guest@127.0.0.1:5672/%2f".parse::<AmqpUrl>().is_ok());
+        assert!(
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+                .parse::<AmqpUrl>()
+                .is_ok()
+        );
         assert!("http://x".parse::<AmqpUrl>().is_err());
     }
 
@@ -206,7 +227,10 @@ mod tests {
     fn the_error_names_the_variable() {
         let err = parse::<u16>("HTTP_PORT", "eighty").unwrap_err();
         let line = err.to_string();
-        assert!(line.starts_with("invalid configuration: HTTP_PORT:"), "{line}");
+        assert!(
+            line.starts_with("invalid configuration: HTTP_PORT:"),
+            "{line}"
+        );
         assert!(line.contains("\"eighty\""), "{line}");
     }
 }

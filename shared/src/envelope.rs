@@ -99,7 +99,10 @@ mod tests {
         let env = Envelope::new(&mail, "req-1");
         let back = Envelope::from_bytes(&env.to_bytes()).unwrap();
         assert_eq!(back, env);
-        assert_eq!(back.payload::<EmailRequested>().unwrap().to, "a@example.com");
+        assert_eq!(
+            back.payload::<EmailRequested>().unwrap().to,
+            "a@example.com"
+        );
 
         let mut wrong = back.clone();
         wrong.version = 99;

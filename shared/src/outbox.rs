@@ -1,16 +1,55 @@
 //! The transactional outbox.
 //!
 //! A change and the message announcing it are written in one transaction
-//! ([`enqueue`]); the outbox relay publishes committed rows and marks them
-//! published only after the broker confirms ([`claim_batch`], [`mark_published`]).
+//! ([`enqueue`]); after the commit the producer calls [`Waker::wake`] so a
+//! relay picks the row up within milliseconds. The relay publishes committed
+//! rows and marks them published only after the broker confirms
+//! ([`claim_batch`], [`mark_published`]).
+
+use std::sync::Arc;
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::envelope::Envelope;
 
-/// The NOTIFY channel the outbox trigger signals on after each insert.
+/// The NOTIFY channel relays listen on.
 pub const NOTIFY_CHANNEL: &str = "outbox";
+
+/// Wakes the outbox relays after commits, coalescing any number of wake-ups
+/// into at most one `NOTIFY` in flight at a time. The `NOTIFY` runs in its
+/// own statement, never in the producer's transaction: PostgreSQL serializes
+/// the commits of transactions that notify. A lost wake-up only delays
+/// delivery until the relay's fallback poll; it never loses a message.
+#[derive(Clone)]
+pub struct Waker(Arc<Notify>);
+
+impl Waker {
+    /// Starts the background task that sends the notifications.
+    pub fn spawn(pool: PgPool) -> Self {
+        let pending = Arc::new(Notify::new());
+        let waiting = pending.clone();
+        tokio::spawn(async move {
+            loop {
+                waiting.notified().await;
+                if let Err(e) = sqlx::query("SELECT pg_notify('outbox', '')")
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::debug!(error = %e, "could not wake the outbox relays; they will poll");
+                }
+            }
+        });
+        Self(pending)
+    }
+
+    /// Call after committing a transaction that enqueued messages.
+    pub fn wake(&self) {
+        // Stores at most one permit: wake-ups during a NOTIFY collapse into one more.
+        self.0.notify_one();
+    }
+}
 
 /// Writes `envelope` to the outbox inside the caller's transaction.
 pub async fn enqueue(conn: &mut PgConnection, envelope: &Envelope) -> Result<(), sqlx::Error> {

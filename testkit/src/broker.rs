@@ -48,7 +48,9 @@ pub async fn close_connections_named(needle: &str) -> usize {
     let listing = String::from_utf8_lossy(&out.stdout);
     let mut closed = 0;
     for line in listing.lines().filter(|l| l.contains(needle)) {
-        let Some(pid) = line.split_whitespace().next() else { continue };
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
         let status = tokio::process::Command::new("rabbitmqctl")
             .args(["-q", "close_connection", pid, "closed by test"])
             .status()

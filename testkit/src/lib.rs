@@ -17,7 +17,8 @@ pub fn pg_admin_url() -> String {
 }
 
 pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 fn short_id() -> String {
@@ -40,7 +41,9 @@ impl TestDb {
     pub async fn new() -> Self {
         let name = format!("souk_test_{}", short_id());
         let admin = pg_admin_url();
-        let mut conn = PgConnection::connect(&admin).await.expect("PostgreSQL is reachable");
+        let mut conn = PgConnection::connect(&admin)
+            .await
+            .expect("PostgreSQL is reachable");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await
@@ -76,7 +79,10 @@ where
 
 /// `SELECT count(*)` of a query, for assertions.
 pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.expect("count query runs")
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .expect("count query runs")
 }
 
 /// A free TCP port on localhost (nothing listens on it once this returns).

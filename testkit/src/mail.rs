@@ -47,11 +47,17 @@ pub async fn mails_to(recipient: &str) -> Vec<Mail> {
         .await
         .expect("maildev's /email is a JSON list");
     all.into_iter()
-        .filter(|m| m.to.iter().any(|a| a.address.eq_ignore_ascii_case(recipient)))
+        .filter(|m| {
+            m.to.iter()
+                .any(|a| a.address.eq_ignore_ascii_case(recipient))
+        })
         .collect()
 }
 
 /// A recipient address no other test uses.
 pub fn unique_address() -> String {
-    format!("t{}@example.com", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "t{}@example.com",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }

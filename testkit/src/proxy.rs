@@ -48,7 +48,9 @@ impl Proxy {
                     continue;
                 }
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(target).await else { return };
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     let (mut c, mut s) = (client, server);
                     tokio::select! {
                         _ = cut.cancelled() => {}
@@ -83,5 +85,37 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.cancel();
         self.set_up(false);
+    }
+}
+
+/// A server that accepts connections and never says a word: a client talking
+/// to it hangs until its own timeout, like one stuck behind a dead server.
+pub struct Tarpit {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Tarpit {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let st = stop.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = st.cancelled() => return,
+                    accepted = listener.accept() => if let Ok((socket, _)) = accepted { held.push(socket) },
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for Tarpit {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

@@ -50,7 +50,10 @@ pub async fn serve(
     let app = Router::new()
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready))
-        .route("/metrics", get(|State(s): State<OpsState>| async move { s.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(s): State<OpsState>| async move { s.metrics.render() }),
+        )
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;

@@ -3,8 +3,8 @@
 //! endpoints and the shutdown signal.
 
 use souk_shared::{
-    config::{ConfigError, Env, exit_on_error},
-    db, telemetry,
+    config::{Env, exit_on_error},
+    telemetry,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -30,22 +30,21 @@ impl Process {
         let env = Env::load();
         let config = exit_on_error(WorkerConfig::from_env(&env));
         telemetry::init_tracing(config.common.log_format);
-        let pool = exit_on_error(
-            db::pool(&config.common.database_url, config.common.database_max_connections)
-                .map_err(|e| ConfigError {
-                    var: "DATABASE_URL".into(),
-                    reason: e.to_string(),
-                }),
-        );
+        let pool = exit_on_error(config.common.pool());
         let readiness = Readiness::default();
         readiness.set_broker(false);
         let shutdown = ops::shutdown_on_signal();
-        let ops_addr = ops::serve(config.ops_addr, pool.clone(), readiness.clone(), shutdown.clone())
-            .await
-            .unwrap_or_else(|e| {
-                eprintln!("error: cannot serve OPS_ADDR={}: {e}", config.ops_addr);
-                std::process::exit(2)
-            });
+        let ops_addr = ops::serve(
+            config.ops_addr,
+            pool.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("error: cannot serve OPS_ADDR={}: {e}", config.ops_addr);
+            std::process::exit(2)
+        });
         info!(worker = name, %ops_addr, "started; /metrics and /health/* are up");
         Self {
             env,

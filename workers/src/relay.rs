@@ -29,7 +29,12 @@ pub struct RelaySettings {
 }
 
 /// Runs until `shutdown`, reconnecting to the broker with backoff.
-pub async fn run(pool: PgPool, settings: RelaySettings, readiness: Readiness, shutdown: CancellationToken) {
+pub async fn run(
+    pool: PgPool,
+    settings: RelaySettings,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
     let mut wait = Duration::from_millis(250);
     while !shutdown.is_cancelled() {
         match session(&pool, &settings, &readiness, &shutdown).await {
@@ -115,8 +120,14 @@ pub async fn publish_batch(
             &row.correlation_id,
             FieldTable::default(),
         );
-        let confirm =
-            amqp::publish(channel, exchange, &row.routing_key, row.body.as_bytes(), props).await?;
+        let confirm = amqp::publish(
+            channel,
+            exchange,
+            &row.routing_key,
+            row.body.as_bytes(),
+            props,
+        )
+        .await?;
         pending.push((row, confirm));
     }
     let mut confirmed = Vec::with_capacity(rows.len());

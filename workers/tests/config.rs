@@ -10,27 +10,56 @@ fn run(bin: &str, vars: &[(&str, &str)]) -> (Option<i32>, String) {
         .envs(vars.iter().copied())
         .output()
         .expect("binary runs");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
-const DB: (&str, &str) = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
+const DB: (&str, &str) = (
+    "DATABASE_URL",
+    "postgres://postgres@127.0.0.1:5432/postgres",
+);
 const AMQP: (&str, &str) = ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
 
 #[test]
 fn each_worker_names_the_bad_variable_and_exits_non_zero() {
     let cases: &[(&str, &[(&str, &str)], &str)] = &[
         (env!("CARGO_BIN_EXE_mailer"), &[AMQP], "DATABASE_URL"),
-        (env!("CARGO_BIN_EXE_mailer"), &[DB, ("AMQP_URL", "http://localhost")], "AMQP_URL"),
-        (env!("CARGO_BIN_EXE_mailer"), &[DB, AMQP, ("SMTP_PORT", "smtp")], "SMTP_PORT"),
-        (env!("CARGO_BIN_EXE_outbox-relay"), &[DB, AMQP, ("RELAY_BATCH_SIZE", "lots")], "RELAY_BATCH_SIZE"),
-        (env!("CARGO_BIN_EXE_outbox-relay"), &[DB, AMQP, ("LOG_FORMAT", "xml")], "LOG_FORMAT"),
-        (env!("CARGO_BIN_EXE_souk-admin"), &[DB, AMQP, ("AMQP_PREFIX", "a.b")], "AMQP_PREFIX"),
+        (
+            env!("CARGO_BIN_EXE_mailer"),
+            &[DB, ("AMQP_URL", "http://localhost")],
+            "AMQP_URL",
+        ),
+        (
+            env!("CARGO_BIN_EXE_mailer"),
+            &[DB, AMQP, ("SMTP_PORT", "smtp")],
+            "SMTP_PORT",
+        ),
+        (
+            env!("CARGO_BIN_EXE_outbox-relay"),
+            &[DB, AMQP, ("RELAY_BATCH_SIZE", "lots")],
+            "RELAY_BATCH_SIZE",
+        ),
+        (
+            env!("CARGO_BIN_EXE_outbox-relay"),
+            &[DB, AMQP, ("LOG_FORMAT", "xml")],
+            "LOG_FORMAT",
+        ),
+        (
+            env!("CARGO_BIN_EXE_souk-admin"),
+            &[DB, AMQP, ("AMQP_PREFIX", "a.b")],
+            "AMQP_PREFIX",
+        ),
     ];
     for (bin, vars, named) in cases {
         let (code, stderr) = run(bin, vars);
         assert_eq!(code, Some(2), "{bin} with bad {named}: {stderr}");
         let line = stderr.trim();
         assert!(!line.contains('\n'), "one line: {line}");
-        assert!(line.starts_with(&format!("error: invalid configuration: {named}:")), "{line}");
+        assert!(
+            line.starts_with(&format!("error: invalid configuration: {named}:")),
+            "{line}"
+        );
     }
 }

@@ -27,6 +27,7 @@ fn config(port: u16) -> MailerConfig {
         smtp_password: None,
         from: "Souk <no-reply@souk.test>".parse().unwrap(),
         timeout: Duration::from_secs(5),
+        lease: Duration::from_secs(30),
     }
 }
 
@@ -47,7 +48,9 @@ async fn declare_mailer_group(h: &Harness, delays: &[u64]) {
         bindings: Mailer::BINDINGS,
         retry_delays_ms: delays.to_vec(),
     };
-    souk_shared::topology::declare_group(&channel, &h.names, &group).await.unwrap();
+    souk_shared::topology::declare_group(&channel, &h.names, &group)
+        .await
+        .unwrap();
 }
 
 fn settings(h: &Harness, delays: &[u64]) -> souk_workers::runtime::ConsumerSettings {
@@ -73,7 +76,10 @@ async fn an_email_message_delivered_twice_sends_exactly_one_rendered_mail() {
     h.publish(&msg).await;
     let (task, _) = h.spawn_handler(Mailer::new(&config(smtp_port())), settings(&h, &delays));
 
-    wait_until("the mail in the sink", WAIT, || async { !mails_to(&to).await.is_empty() }).await;
+    wait_until("the mail in the sink", WAIT, || async {
+        !mails_to(&to).await.is_empty()
+    })
+    .await;
     wait_until("both deliveries handled", WAIT, || async {
         h.ready(&h.names.queue("mailer")).await == 0
     })
@@ -89,14 +95,23 @@ async fn an_email_message_delivered_twice_sends_exactly_one_rendered_mail() {
     assert_eq!(mail.subject, "We received your request: Late parcel");
     assert!(mail.text.contains("Hello Ann"), "{}", mail.text);
     assert!(mail.text.contains("r-42"));
-    assert!(mail.html.contains("<strong>Late parcel</strong>"), "{}", mail.html);
-    assert_eq!(mail.message_id(), Some(format!("<{}@souk>", msg.id).as_str()));
-    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM email_log WHERE message_id = $1 AND recipient = $2")
-        .bind(msg.id)
-        .bind(&to)
-        .fetch_one(&h.db.pool)
-        .await
-        .unwrap();
+    assert!(
+        mail.html.contains("<strong>Late parcel</strong>"),
+        "{}",
+        mail.html
+    );
+    assert_eq!(
+        mail.message_id(),
+        Some(format!("<{}@souk>", msg.id).as_str())
+    );
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM email_log WHERE message_id = $1 AND recipient = $2",
+    )
+    .bind(msg.id)
+    .bind(&to)
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
     assert_eq!(logged, 1);
     finish(h, vec![task], &delays).await;
 }
@@ -107,7 +122,10 @@ async fn an_unreachable_smtp_server_is_retried_until_it_answers() {
     let delays = [200, 400, 800, 1600, 3200];
     declare_mailer_group(&h, &delays).await;
     let smtp = Proxy::start(format!("127.0.0.1:{}", smtp_port()).parse().unwrap(), false).await;
-    let (task, _) = h.spawn_handler(Mailer::new(&config(smtp.addr.port())), settings(&h, &delays));
+    let (task, _) = h.spawn_handler(
+        Mailer::new(&config(smtp.addr.port())),
+        settings(&h, &delays),
+    );
 
     let to = unique_address();
     let msg = Envelope::new(&support_mail(&to), "corr-2");
@@ -116,18 +134,25 @@ async fn an_unreachable_smtp_server_is_retried_until_it_answers() {
     assert!(mails_to(&to).await.is_empty());
     smtp.set_up(true);
 
-    wait_until("the mail after the SMTP server came back", WAIT, || async { !mails_to(&to).await.is_empty() }).await;
+    wait_until("the mail after the SMTP server came back", WAIT, || async {
+        !mails_to(&to).await.is_empty()
+    })
+    .await;
     // The mail is sent before the processed record commits.
     wait_until("the processed record", WAIT, || async {
         souk_testkit::count(&h.db.pool, "SELECT count(*) FROM processed_messages").await == 1
     })
     .await;
-    let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM processed_messages WHERE message_id = $1")
-        .bind(msg.id)
-        .fetch_one(&h.db.pool)
-        .await
-        .unwrap();
-    assert!(attempt >= 1, "sent on a retry, not the first attempt (attempt {attempt})");
+    let attempt: i32 =
+        sqlx::query_scalar("SELECT attempt FROM processed_messages WHERE message_id = $1")
+            .bind(msg.id)
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert!(
+        attempt >= 1,
+        "sent on a retry, not the first attempt (attempt {attempt})"
+    );
     assert_eq!(mails_to(&to).await.len(), 1);
     assert_eq!(h.ready(&h.names.parking_queue("mailer")).await, 0);
     finish(h, vec![task], &delays).await;
@@ -146,10 +171,25 @@ async fn a_mail_that_can_never_be_sent_is_parked_at_once_with_the_reason() {
     h.publish(&msg).await;
 
     let parked_queue = h.names.parking_queue("mailer");
-    wait_until("the message to be parked", WAIT, || async { h.ready(&parked_queue).await == 1 }).await;
+    wait_until("the message to be parked", WAIT, || async {
+        h.ready(&parked_queue).await == 1
+    })
+    .await;
     let listed = parked::list(&h.amqp, &h.names, "mailer", 10).await.unwrap();
-    assert_eq!(listed[0].attempts, Some(1), "permanent failures are not retried");
-    assert!(listed[0].error.as_deref().unwrap_or("").contains("no_such_template"), "{:?}", listed[0]);
+    assert_eq!(
+        listed[0].attempts,
+        Some(1),
+        "permanent failures are not retried"
+    );
+    assert!(
+        listed[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no_such_template"),
+        "{:?}",
+        listed[0]
+    );
     assert!(mails_to(&to).await.is_empty());
     finish(h, vec![task], &delays).await;
 }

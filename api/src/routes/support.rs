@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::{
     error::{ApiError, FieldError},
-    extract::{Validate, ValidJson},
+    extract::{ValidJson, Validate},
     middleware::RequestId,
     state::AppState,
 };
@@ -63,7 +63,10 @@ fn length(errors: &mut Vec<FieldError>, field: &str, value: &str, max: usize) {
     if n == 0 {
         errors.push(FieldError::new(field, "must not be empty"));
     } else if n > max {
-        errors.push(FieldError::new(field, format!("must be at most {max} characters")));
+        errors.push(FieldError::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
 }
 
@@ -125,6 +128,7 @@ pub async fn create(
     };
     outbox::enqueue(&mut tx, &Envelope::new(&mail, request_id.0)).await?;
     tx.commit().await?;
+    state.outbox.wake();
 
     Ok((
         StatusCode::CREATED,
@@ -148,7 +152,9 @@ mod tests {
         for ok in ["a@b.co", "first.last+tag@shop.example.com"] {
             assert!(valid_email(ok), "{ok}");
         }
-        for bad in ["", "a", "a@b", "@b.co", "a@.co", "a@b.", "a b@c.co", "a@b@c.co"] {
+        for bad in [
+            "", "a", "a@b", "@b.co", "a@.co", "a@b.", "a b@c.co", "a@b@c.co",
+        ] {
             assert!(!valid_email(bad), "{bad}");
         }
     }

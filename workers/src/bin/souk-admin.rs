@@ -47,7 +47,11 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
             let conn = amqp::connect(&config.amqp_url, "souk-admin").await?;
             let messages = parked::list(&conn, &names, group, limit).await?;
             println!("{}", serde_json::to_string_pretty(&messages)?);
-            eprintln!("{} parked message(s) in {}", messages.len(), names.parking_queue(group));
+            eprintln!(
+                "{} parked message(s) in {}",
+                messages.len(),
+                names.parking_queue(group)
+            );
         }
         ["parked", "replay", group, which] => {
             let id = match *which {

@@ -37,6 +37,11 @@ pub struct MailerConfig {
     pub smtp_password: Option<String>,
     pub from: Mailbox,
     pub timeout: Duration,
+    /// How long one mailer holds a message before another may take it over:
+    /// longer than an SMTP exchange (each step bounded by `timeout`), shorter
+    /// than the retry schedule, so the copy of a mailer that died mid-send is
+    /// taken over by a later attempt rather than parked.
+    pub lease: Duration,
 }
 
 impl MailerConfig {
@@ -46,8 +51,12 @@ impl MailerConfig {
             smtp_port: env.or("SMTP_PORT", 1025)?,
             smtp_username: env.or("SMTP_USERNAME", String::new()).map(non_empty)?,
             smtp_password: env.or("SMTP_PASSWORD", String::new()).map(non_empty)?,
-            from: env.or("MAIL_FROM", "Souk <no-reply@souk.local>".parse().expect("valid"))?,
+            from: env.or(
+                "MAIL_FROM",
+                "Souk <no-reply@souk.local>".parse().expect("valid"),
+            )?,
             timeout: env.millis("SMTP_TIMEOUT_MS", 10_000)?,
+            lease: env.millis("MAILER_LEASE_MS", 30_000)?,
         })
     }
 }
@@ -60,6 +69,7 @@ pub struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
     templates: Templates,
+    lease: Duration,
 }
 
 /// What `prepare` hands to `apply`: the mail that was sent.
@@ -71,9 +81,10 @@ pub struct Sent {
 
 impl Mailer {
     pub fn new(config: &MailerConfig) -> Self {
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.smtp_host)
-            .port(config.smtp_port)
-            .timeout(Some(config.timeout));
+        let mut builder =
+            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.smtp_host)
+                .port(config.smtp_port)
+                .timeout(Some(config.timeout));
         if let (Some(user), Some(pass)) = (&config.smtp_username, &config.smtp_password) {
             builder = builder.credentials(Credentials::new(user.clone(), pass.clone()));
         }
@@ -81,6 +92,7 @@ impl Mailer {
             transport: builder.build(),
             from: config.from.clone(),
             templates: Templates::default(),
+            lease: config.lease,
         }
     }
 
@@ -98,7 +110,10 @@ impl Mailer {
             .to(to)
             .subject(&rendered.subject)
             .message_id(Some(format!("<{}@souk>", msg.id)))
-            .multipart(MultiPart::alternative_plain_html(rendered.text, rendered.html))
+            .multipart(MultiPart::alternative_plain_html(
+                rendered.text,
+                rendered.html,
+            ))
             .map_err(Failure::permanent)?;
         Ok((message, rendered.subject))
     }
@@ -108,10 +123,10 @@ impl Handler for Mailer {
     type Prepared = Sent;
     const GROUP: &'static str = "mailer";
     const BINDINGS: &'static [&'static str] = &["notify.email"];
-    /// Longer than an SMTP exchange (each step bounded by `SMTP_TIMEOUT_MS`),
-    /// shorter than the retry schedule, so the copy of a mailer that died
-    /// mid-send is taken over by a later attempt rather than parked.
-    const PREPARE_LEASE: Option<Duration> = Some(Duration::from_secs(30));
+
+    fn prepare_lease(&self) -> Option<Duration> {
+        Some(self.lease)
+    }
 
     async fn prepare(&self, msg: &Envelope) -> Result<Sent, Failure> {
         let req: EmailRequested = msg.payload().map_err(Failure::permanent)?;
@@ -134,7 +149,12 @@ impl Handler for Mailer {
         }
     }
 
-    async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, sent: Sent) -> Result<(), Failure> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        msg: &Envelope,
+        sent: Sent,
+    ) -> Result<(), Failure> {
         sqlx::query(
             "INSERT INTO email_log (message_id, recipient, template, subject) VALUES ($1, $2, $3, $4)",
         )

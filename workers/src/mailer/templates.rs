@@ -94,9 +94,15 @@ mod tests {
     #[test]
     fn unknown_templates_and_missing_fields_fail() {
         let t = Templates::default();
-        assert!(matches!(t.render("nope", &serde_json::json!({})), Err(RenderError::Unknown(_))));
         assert!(matches!(
-            t.render("support_request_received", &serde_json::json!({"name": "x"})),
+            t.render("nope", &serde_json::json!({})),
+            Err(RenderError::Unknown(_))
+        ));
+        assert!(matches!(
+            t.render(
+                "support_request_received",
+                &serde_json::json!({"name": "x"})
+            ),
             Err(RenderError::Failed { .. })
         ));
     }

@@ -8,7 +8,7 @@ use lapin::{
     options::{BasicAckOptions, BasicNackOptions},
     types::FieldTable,
 };
-use souk_shared::{amqp, envelope::Envelope, topology::Names};
+use souk_shared::{amqp, envelope::Envelope, outbox, topology::Names};
 use sqlx::{PgConnection, PgPool};
 use tracing::{Instrument, info_span, warn};
 
@@ -34,7 +34,12 @@ async fn already_processed(pool: &PgPool, group: &str, envelope: &Envelope) -> s
 }
 
 /// Takes the lease on a message, unless another consumer holds a live one.
-async fn claim(pool: &PgPool, group: &str, envelope: &Envelope, lease: Duration) -> sqlx::Result<bool> {
+async fn claim(
+    pool: &PgPool,
+    group: &str,
+    envelope: &Envelope,
+    lease: Duration,
+) -> sqlx::Result<bool> {
     let claimed: Option<i32> = sqlx::query_scalar(
         "INSERT INTO message_claims (consumer, message_id, claimed_until)
          VALUES ($1, $2, now() + make_interval(secs => $3))
@@ -63,7 +68,7 @@ async fn release(conn: &mut PgConnection, group: &str, envelope: &Envelope) -> s
 ///
 /// The processed-message row is inserted first in the handler's transaction:
 /// a concurrent duplicate blocks on its primary key until the first commits,
-/// then finds the row and backs off. Handlers with a [`Handler::PREPARE_LEASE`]
+/// then finds the row and backs off. Handlers with a [`Handler::prepare_lease`]
 /// also claim the message before `prepare`, so a duplicate handled at the same
 /// time never repeats the outside call.
 pub async fn apply_once<H: Handler>(
@@ -71,15 +76,16 @@ pub async fn apply_once<H: Handler>(
     handler: &H,
     envelope: &Envelope,
 ) -> Result<Applied, Failure> {
-    if let Some(lease) = H::PREPARE_LEASE {
+    let lease = handler.prepare_lease();
+    if let Some(lease) = lease {
         if !claim(pool, H::GROUP, envelope, lease).await? {
             return Err(Failure::transient(anyhow::anyhow!(
                 "another consumer is handling this message"
             )));
         }
     }
-    let outcome = prepare_and_apply(pool, handler, envelope).await;
-    if H::PREPARE_LEASE.is_some() && !matches!(outcome, Ok(Applied::Now)) {
+    let outcome = prepare_and_apply(pool, handler, envelope, lease.is_some()).await;
+    if lease.is_some() && !matches!(outcome, Ok(Applied::Now)) {
         // Let a retry take it at once. (On success the claim went with the commit.)
         let mut conn = pool.acquire().await?;
         release(&mut conn, H::GROUP, envelope).await?;
@@ -91,10 +97,12 @@ async fn prepare_and_apply<H: Handler>(
     pool: &PgPool,
     handler: &H,
     envelope: &Envelope,
+    claimed: bool,
 ) -> Result<Applied, Failure> {
-    // Checked after the claim: a holder that just finished has committed its
+    // Only worth a round trip when `prepare` makes an outside call. Checked
+    // after the claim: a holder that just finished has committed its
     // processed row before its claim disappeared.
-    if already_processed(pool, H::GROUP, envelope).await? {
+    if claimed && already_processed(pool, H::GROUP, envelope).await? {
         return Ok(Applied::Before);
     }
     let prepared = handler.prepare(envelope).await?;
@@ -115,7 +123,7 @@ async fn prepare_and_apply<H: Handler>(
         return Ok(Applied::Before);
     }
     handler.apply(&mut tx, envelope, prepared).await?;
-    if H::PREPARE_LEASE.is_some() {
+    if claimed {
         release(&mut tx, H::GROUP, envelope).await?;
     }
     tx.commit().await?;
@@ -149,6 +157,7 @@ pub(super) struct Context<H> {
     pub retry_delays_ms: Vec<u64>,
     /// Confirm-mode channel for retries and parking.
     pub publisher: Channel,
+    pub outbox: outbox::Waker,
 }
 
 /// Handles one delivery end to end. Never panics on broker errors: a failed
@@ -186,6 +195,8 @@ pub(super) async fn process<H: Handler>(ctx: &Context<H>, delivery: Delivery) {
         match apply_once(&ctx.pool, ctx.handler.as_ref(), &envelope).await {
             Ok(Applied::Now) => {
                 tracing::debug!("applied");
+                // The handler may have enqueued follow-up messages.
+                ctx.outbox.wake();
                 settle(&delivery, true).await;
                 "applied"
             }
@@ -215,7 +226,13 @@ async fn route_failure<H: Handler>(
     failure: Failure,
 ) -> &'static str {
     let error = format!("{:#}", failure.error());
-    let hop = next_hop(&ctx.names, H::GROUP, &ctx.retry_delays_ms, &failure, envelope.attempt);
+    let hop = next_hop(
+        &ctx.names,
+        H::GROUP,
+        &ctx.retry_delays_ms,
+        &failure,
+        envelope.attempt,
+    );
     envelope.attempt += 1;
     let headers = amqp::string_header(FieldTable::default(), amqp::ERROR_HEADER, &error);
     let (queue, outcome) = match &hop {
@@ -268,10 +285,22 @@ mod tests {
             Next::Retry { queue, .. } => format!("retry:{queue}"),
             Next::Park { queue } => format!("park:{queue}"),
         };
-        assert_eq!(queue_of(next_hop(&names, "g", &delays, &transient(), 0)), "retry:t.g.retry.100ms");
-        assert_eq!(queue_of(next_hop(&names, "g", &delays, &transient(), 1)), "retry:t.g.retry.1000ms");
-        assert_eq!(queue_of(next_hop(&names, "g", &delays, &transient(), 2)), "park:t.g.parked");
+        assert_eq!(
+            queue_of(next_hop(&names, "g", &delays, &transient(), 0)),
+            "retry:t.g.retry.100ms"
+        );
+        assert_eq!(
+            queue_of(next_hop(&names, "g", &delays, &transient(), 1)),
+            "retry:t.g.retry.1000ms"
+        );
+        assert_eq!(
+            queue_of(next_hop(&names, "g", &delays, &transient(), 2)),
+            "park:t.g.parked"
+        );
         let permanent = Failure::permanent(anyhow::anyhow!("bad"));
-        assert_eq!(queue_of(next_hop(&names, "g", &delays, &permanent, 0)), "park:t.g.parked");
+        assert_eq!(
+            queue_of(next_hop(&names, "g", &delays, &permanent, 0)),
+            "park:t.g.parked"
+        );
     }
 }

@@ -14,7 +14,6 @@ mod supervisor;
 
 use std::future::Future;
 
-
 use souk_shared::envelope::Envelope;
 use sqlx::PgConnection;
 
@@ -71,7 +70,9 @@ pub trait Handler: Send + Sync + 'static {
     /// consumer may hold a message before a duplicate may take it over. While
     /// held, a concurrent duplicate is retried later instead of repeating the
     /// outside call. Make it longer than `prepare` can take.
-    const PREPARE_LEASE: Option<std::time::Duration> = None;
+    fn prepare_lease(&self) -> Option<std::time::Duration> {
+        None
+    }
 
     fn prepare(
         &self,

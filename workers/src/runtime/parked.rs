@@ -99,7 +99,11 @@ pub async fn replay(
             break;
         };
         let delivery = &msg.delivery;
-        let id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string());
         if message_id.is_some_and(|wanted| id.as_deref() != Some(wanted)) {
             continue; // stays unacked: returns to the queue when the channel closes
         }
@@ -110,7 +114,10 @@ pub async fn replay(
             }
             Err(_) => delivery.data.clone(),
         };
-        let props = delivery.properties.clone().with_headers(FieldTable::default());
+        let props = delivery
+            .properties
+            .clone()
+            .with_headers(FieldTable::default());
         amqp::send_to_queue(&channel, &main, &body, props).await?;
         delivery.ack(BasicAckOptions::default()).await?;
         replayed += 1;

@@ -62,9 +62,19 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let handler = Arc::new(handler);
+    let outbox = souk_shared::outbox::Waker::spawn(pool.clone());
     let mut backoff = Backoff(Backoff::FIRST);
     while !shutdown.is_cancelled() {
-        let result = session(&handler, &pool, &settings, &readiness, &mut backoff, &shutdown).await;
+        let result = session(
+            &handler,
+            &pool,
+            &outbox,
+            &settings,
+            &readiness,
+            &mut backoff,
+            &shutdown,
+        )
+        .await;
         readiness.set_broker(false);
         match result {
             Ok(()) => break,
@@ -85,6 +95,7 @@ pub async fn run<H: Handler>(
 async fn session<H: Handler>(
     handler: &Arc<H>,
     pool: &PgPool,
+    outbox: &souk_shared::outbox::Waker,
     settings: &ConsumerSettings,
     readiness: &Readiness,
     backoff: &mut Backoff,
@@ -123,6 +134,7 @@ async fn session<H: Handler>(
         names: settings.names.clone(),
         retry_delays_ms: settings.retry_delays_ms.clone(),
         publisher,
+        outbox: outbox.clone(),
     });
     let slots = Arc::new(Semaphore::new(settings.concurrency));
 
@@ -153,9 +165,17 @@ async fn session<H: Handler>(
 /// Graceful stop: cancel the consumer so nothing new arrives, wait for the
 /// in-flight messages to be acked, then close. Unacked prefetched messages
 /// return to the queue when the channel closes.
-async fn drain(channel: &Channel, conn: &Connection, slots: &Semaphore, settings: &ConsumerSettings) {
+async fn drain(
+    channel: &Channel,
+    conn: &Connection,
+    slots: &Semaphore,
+    settings: &ConsumerSettings,
+) {
     let _ = channel
-        .basic_cancel(settings.connection_name.as_str().into(), BasicCancelOptions::default())
+        .basic_cancel(
+            settings.connection_name.as_str().into(),
+            BasicCancelOptions::default(),
+        )
         .await;
     let _ = slots.acquire_many(settings.concurrency as u32).await;
     let _ = conn.close(200, "shutting down".into()).await;

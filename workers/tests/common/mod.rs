@@ -70,12 +70,16 @@ impl Handler for Recorder {
                 msg.attempt
             )));
         }
-        let broken: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM broken WHERE key = $1)")
-            .bind(&r.key)
-            .fetch_one(&mut *tx)
-            .await?;
+        let broken: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM broken WHERE key = $1)")
+                .bind(&r.key)
+                .fetch_one(&mut *tx)
+                .await?;
         if broken {
-            return Err(Failure::transient(anyhow::anyhow!("key {} is broken", r.key)));
+            return Err(Failure::transient(anyhow::anyhow!(
+                "key {} is broken",
+                r.key
+            )));
         }
         sqlx::query("INSERT INTO effects (message_id, key, attempt) VALUES ($1, $2, $3)")
             .bind(msg.id)
@@ -96,6 +100,8 @@ pub struct Harness {
     /// The test's own broker connection (not the consumer's).
     pub amqp: Connection,
     pub shutdown: CancellationToken,
+    /// Wakes the relays after [`Harness::change`] commits, as the API does.
+    pub waker: outbox::Waker,
 }
 
 impl Harness {
@@ -117,12 +123,17 @@ impl Harness {
             .await
             .unwrap();
         let prefix = unique_prefix();
-        let amqp = amqp::connect(&amqp_url(), &format!("{prefix}-test")).await.unwrap();
+        let amqp = amqp::connect(&amqp_url(), &format!("{prefix}-test"))
+            .await
+            .unwrap();
         let names = Names::new(&prefix);
         // Declare up front so messages published before a consumer starts are kept.
         let channel = amqp.create_channel().await.unwrap();
-        topology::declare_group(&channel, &names, &Self::group()).await.unwrap();
+        topology::declare_group(&channel, &names, &Self::group())
+            .await
+            .unwrap();
         Self {
+            waker: outbox::Waker::spawn(db.pool.clone()),
             db,
             prefix,
             names,
@@ -155,7 +166,11 @@ impl Harness {
         self.spawn_handler(Recorder, self.consumer_settings(&amqp_url(), concurrency))
     }
 
-    pub fn spawn_handler<H: Handler>(&self, handler: H, settings: ConsumerSettings) -> (JoinHandle<()>, Readiness) {
+    pub fn spawn_handler<H: Handler>(
+        &self,
+        handler: H,
+        settings: ConsumerSettings,
+    ) -> (JoinHandle<()>, Readiness) {
         let readiness = Readiness::default();
         let task = tokio::spawn(runtime::run(
             handler,
@@ -200,6 +215,7 @@ impl Harness {
         outbox::enqueue(&mut tx, &envelope).await.unwrap();
         if commit {
             tx.commit().await.unwrap();
+            self.waker.wake();
         } else {
             tx.rollback().await.unwrap();
         }
@@ -219,11 +235,17 @@ impl Harness {
             &envelope.correlation_id,
             FieldTable::default(),
         );
-        let confirm = amqp::publish(&channel, &self.names.events_exchange(), &envelope.kind, &envelope.to_bytes(), props)
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let confirm = amqp::publish(
+            &channel,
+            &self.names.events_exchange(),
+            &envelope.kind,
+            &envelope.to_bytes(),
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
         assert!(confirm.is_ack());
         channel.close(200, "done".into()).await.unwrap();
     }
@@ -231,9 +253,14 @@ impl Harness {
     /// Publishes raw bytes to the group's queue.
     pub async fn publish_raw(&self, body: &[u8]) {
         let channel = amqp::confirm_channel(&self.amqp).await.unwrap();
-        amqp::send_to_queue(&channel, &self.names.queue(Recorder::GROUP), body, BasicProperties::default())
-            .await
-            .unwrap();
+        amqp::send_to_queue(
+            &channel,
+            &self.names.queue(Recorder::GROUP),
+            body,
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
     }
 
     pub async fn effects_for(&self, key: &str) -> i64 {

@@ -1,0 +1,20 @@
+# Multi-stage build: one image holds every Souk binary; each compose service
+# runs a different one.
+FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends mold && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p souk-api -p souk-workers --bins \
+ && mkdir -p /out \
+ && cp target/release/souk-api target/release/outbox-relay target/release/mailer target/release/souk-admin /out/
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 souk
+COPY --from=build /out/ /usr/local/bin/
+USER souk
+ENV LOG_FORMAT=json RUST_LOG=info
+EXPOSE 8080 9100
+CMD ["souk-api"]
