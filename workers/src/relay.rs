@@ -70,18 +70,22 @@ async fn session(
     info!("outbox relay connected");
 
     let exchange = settings.names.events_exchange();
-    let mut last_purge = Instant::now() - Duration::from_secs(3600);
+    // Due at once, then hourly (purge) and every 5 s (backlog gauge).
+    let (mut next_purge, mut next_gauge) = (Instant::now(), Instant::now());
     loop {
         while publish_batch(pool, &channel, &exchange, settings.batch_size).await?
             == settings.batch_size as usize
         {}
-        if last_purge.elapsed() >= Duration::from_secs(3600) {
-            last_purge = Instant::now();
+        if Instant::now() >= next_purge {
+            next_purge = Instant::now() + Duration::from_secs(3600);
             let purged = outbox::purge_published(pool, settings.retention_hours).await?;
             debug!(purged, "purged published outbox rows");
         }
-        if let Ok(n) = outbox::backlog(pool).await {
-            metrics::gauge!("souk_outbox_backlog").set(n as f64);
+        if Instant::now() >= next_gauge {
+            next_gauge = Instant::now() + Duration::from_secs(5);
+            if let Ok(n) = outbox::backlog(pool).await {
+                metrics::gauge!("souk_outbox_backlog").set(n as f64);
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => {

@@ -195,8 +195,9 @@ pub(super) async fn process<H: Handler>(ctx: &Context<H>, delivery: Delivery) {
         match apply_once(&ctx.pool, ctx.handler.as_ref(), &envelope).await {
             Ok(Applied::Now) => {
                 tracing::debug!("applied");
-                // The handler may have enqueued follow-up messages.
-                ctx.outbox.wake();
+                if !H::EMITS.is_empty() {
+                    ctx.outbox.wake();
+                }
                 settle(&delivery, true).await;
                 "applied"
             }

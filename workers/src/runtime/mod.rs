@@ -66,6 +66,9 @@ pub trait Handler: Send + Sync + 'static {
     const GROUP: &'static str;
     /// Topic patterns the group's queue is bound with.
     const BINDINGS: &'static [&'static str];
+    /// Message types `apply` may write to the outbox. When not empty, the
+    /// runtime wakes the relays after each commit.
+    const EMITS: &'static [&'static str] = &[];
     /// For handlers whose `prepare` has an outside effect: how long a
     /// consumer may hold a message before a duplicate may take it over. While
     /// held, a concurrent duplicate is retried later instead of repeating the
