@@ -153,7 +153,7 @@ async fn fresh_database(admin: &str, name: &str) -> anyhow::Result<String> {
 /// Starts a sibling binary (from the same target directory) as its own process.
 fn spawn(bin: &str, args: &[&str], db_url: &str, amqp_url: &str) -> anyhow::Result<Child> {
     let path = std::env::current_exe()?.with_file_name(bin);
-    Ok(tokio::process::Command::new(&path)
+    tokio::process::Command::new(&path)
         .args(args)
         .env("DATABASE_URL", db_url)
         .env("AMQP_URL", amqp_url)
@@ -168,7 +168,7 @@ fn spawn(bin: &str, args: &[&str], db_url: &str, amqp_url: &str) -> anyhow::Resu
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {}: {e} (build it first)", path.display()))?)
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e} (build it first)", path.display()))
 }
 
 /// Commits `n` messages, one per transaction, from `producers` tasks;

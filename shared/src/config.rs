@@ -58,10 +58,9 @@ impl Env {
     }
 
     /// A comma-separated list, e.g. `RETRY_DELAYS_MS=1000,5000,30000`.
-    pub fn list<T: FromStr>(&self, var: &str, default: &[T]) -> Result<Vec<T>, ConfigError>
+    pub fn list<T: FromStr + Clone>(&self, var: &str, default: &[T]) -> Result<Vec<T>, ConfigError>
     where
         T::Err: Display,
-        T: Clone,
     {
         match self.raw(var) {
             None => Ok(default.to_vec()),

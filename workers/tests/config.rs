@@ -24,7 +24,8 @@ const AMQP: (&str, &str) = ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 
 #[test]
 fn each_worker_names_the_bad_variable_and_exits_non_zero() {
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (env!("CARGO_BIN_EXE_mailer"), &[AMQP], "DATABASE_URL"),
         (
             env!("CARGO_BIN_EXE_mailer"),

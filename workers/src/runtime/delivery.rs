@@ -77,12 +77,12 @@ pub async fn apply_once<H: Handler>(
     envelope: &Envelope,
 ) -> Result<Applied, Failure> {
     let lease = handler.prepare_lease();
-    if let Some(lease) = lease {
-        if !claim(pool, H::GROUP, envelope, lease).await? {
-            return Err(Failure::transient(anyhow::anyhow!(
-                "another consumer is handling this message"
-            )));
-        }
+    if let Some(lease) = lease
+        && !claim(pool, H::GROUP, envelope, lease).await?
+    {
+        return Err(Failure::transient(anyhow::anyhow!(
+            "another consumer is handling this message"
+        )));
     }
     let outcome = prepare_and_apply(pool, handler, envelope, lease.is_some()).await;
     if lease.is_some() && !matches!(outcome, Ok(Applied::Now)) {
