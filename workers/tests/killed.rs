@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::{collections::HashSet, process::Stdio, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
-use common::{Harness, Recorded};
+use common::{Harness, Recorded, spawn};
 use futures_util::StreamExt;
 use lapin::{
     options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
@@ -18,31 +18,15 @@ use souk_shared::{
     topology::{self, Group},
 };
 use souk_testkit::{
-    amqp_url, count,
+    count,
     mail::{mails_to, smtp_port, unique_address},
     proxy::Tarpit,
     wait_until,
 };
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const WAIT: Duration = Duration::from_secs(30);
 const DELAYS: &[u64] = &[300, 600, 1200, 2400, 4800];
-
-fn spawn(bin: &str, h: &Harness, extra: &[(&str, String)]) -> Child {
-    Command::new(bin)
-        .current_dir(std::env::temp_dir())
-        .env_clear()
-        .env("DATABASE_URL", &h.db.url)
-        .env("AMQP_URL", amqp_url())
-        .env("AMQP_PREFIX", &h.prefix)
-        .env("OPS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the binary starts")
-}
 
 async fn kill9(child: &mut Child) {
     child.start_kill().expect("SIGKILL");

@@ -18,7 +18,10 @@ use souk_workers::{
     runtime::{self, ConsumerSettings, Failure, Handler},
 };
 use sqlx::PgConnection;
-use tokio::task::JoinHandle;
+use tokio::{
+    process::{Child, Command},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 
 /// The test contract: `fail_attempts` makes the handler fail that many
@@ -288,4 +291,22 @@ impl Harness {
         broker::delete_group(&self.amqp, &self.names, Recorder::GROUP, DELAYS).await;
         let _ = self.amqp.close(200, "done".into()).await;
     }
+}
+
+/// Starts a real worker binary against the harness's database and prefix,
+/// with nothing from the environment but what is given here.
+pub fn spawn(bin: &str, h: &Harness, extra: &[(&str, String)]) -> Child {
+    Command::new(bin)
+        .current_dir(std::env::temp_dir())
+        .env_clear()
+        .env("DATABASE_URL", &h.db.url)
+        .env("AMQP_URL", amqp_url())
+        .env("AMQP_PREFIX", &h.prefix)
+        .env("OPS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the binary starts")
 }
