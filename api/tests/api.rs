@@ -299,6 +299,7 @@ async fn writes_succeed_while_the_broker_is_down_and_every_mail_goes_out_once_it
             names: names.clone(),
             prefetch: 8,
             concurrency: 4,
+            batch: 8,
             retry_delays_ms: delays.clone(),
             connection_name: format!("{prefix}.mailer@test"),
         },

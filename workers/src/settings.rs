@@ -49,11 +49,19 @@ impl WorkerConfig {
                 ),
             });
         }
+        let batch: usize = env.or("CONSUMER_BATCH", 32)?;
+        if batch == 0 || batch > prefetch as usize {
+            return Err(ConfigError {
+                var: "CONSUMER_BATCH".into(),
+                reason: format!("must be between 1 and CONSUMER_PREFETCH ({prefetch})"),
+            });
+        }
         Ok(ConsumerSettings {
             amqp_url: self.common.amqp_url.clone(),
             names: self.names(),
             prefetch,
             concurrency,
+            batch,
             retry_delays_ms: env.list("RETRY_DELAYS_MS", &[1_000, 10_000, 60_000])?,
             connection_name: connection_name(&self.common.amqp_prefix, group),
         })

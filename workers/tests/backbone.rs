@@ -423,3 +423,54 @@ async fn shutdown_lets_the_message_in_flight_finish_and_be_acked() {
     );
     h.finish(vec![]).await;
 }
+
+#[tokio::test]
+async fn a_burst_with_duplicates_and_a_bad_message_applies_each_good_one_once() {
+    let h = Harness::new().await;
+    sqlx::query("INSERT INTO broken (key) VALUES ('bad')")
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+    // Everything is queued before the consumer starts, so it arrives in batches.
+    let mut sent = Vec::new();
+    for i in 0..60 {
+        let e = Envelope::new(&Recorded::key(&format!("b{i}")), "c");
+        h.publish(&e).await;
+        sent.push(e);
+    }
+    for e in sent.iter().step_by(7) {
+        h.publish(e).await; // a second copy of every seventh
+    }
+    h.publish(&Envelope::new(&Recorded::key("bad"), "c")).await;
+    let (consumer, _) = h.spawn_consumer(2);
+
+    wait_until("all good messages", WAIT, || async {
+        h.effects().await == 60
+    })
+    .await;
+    let parked_queue = h.names.parking_queue("recorder");
+    wait_until("the bad one to be parked", WAIT, || async {
+        h.ready(&parked_queue).await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let per_key: Vec<(String, i64)> =
+        sqlx::query_as("SELECT key, count(*) FROM effects GROUP BY key HAVING count(*) > 1")
+            .fetch_all(&h.db.pool)
+            .await
+            .unwrap();
+    assert!(per_key.is_empty(), "applied twice: {per_key:?}");
+    assert_eq!(h.effects().await, 60);
+    assert_eq!(h.effects_for("bad").await, 0);
+    // Messages of one batch share their transaction's start time.
+    let transactions = count(
+        &h.db.pool,
+        "SELECT count(DISTINCT processed_at) FROM processed_messages",
+    )
+    .await;
+    assert!(
+        transactions < 30,
+        "the burst was applied in batches ({transactions} transactions for 60 messages)"
+    );
+    h.finish(vec![consumer]).await;
+}

@@ -130,6 +130,103 @@ async fn prepare_and_apply<H: Handler>(
     Ok(Applied::Now)
 }
 
+/// Applies several messages in one transaction: one commit instead of one
+/// per message. Any failure rolls the whole batch back and the caller falls
+/// back to one message at a time, so a bad message only costs its batch a
+/// second try. Only for handlers without a lease.
+async fn apply_batch<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    envelopes: &[&Envelope],
+) -> Result<Vec<Applied>, Failure> {
+    let mut prepared = Vec::with_capacity(envelopes.len());
+    for envelope in envelopes {
+        prepared.push(handler.prepare(envelope).await?);
+    }
+    let mut tx = pool.begin().await?;
+    let mut applied = Vec::with_capacity(envelopes.len());
+    for (envelope, prepared) in envelopes.iter().zip(prepared) {
+        let fresh = sqlx::query(
+            "INSERT INTO processed_messages (consumer, message_id, attempt)
+             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(H::GROUP)
+        .bind(envelope.id)
+        .bind(envelope.attempt as i32)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if fresh {
+            handler.apply(&mut tx, envelope, prepared).await?;
+            applied.push(Applied::Now);
+        } else {
+            applied.push(Applied::Before);
+        }
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Handles deliveries that arrived together: in one transaction when they
+/// all apply, otherwise each on its own through [`process`].
+pub(super) async fn process_batch<H: Handler>(ctx: &Context<H>, deliveries: Vec<Delivery>) {
+    if deliveries.len() == 1 {
+        for delivery in deliveries {
+            process(ctx, delivery).await;
+        }
+        return;
+    }
+    let started = Instant::now();
+    let mut decoded: Vec<(Envelope, Delivery)> = Vec::with_capacity(deliveries.len());
+    let mut single = Vec::new();
+    for delivery in deliveries {
+        match Envelope::from_bytes(&delivery.data) {
+            // A retried message failed before and may again: it goes alone
+            // rather than costing a whole batch a rollback.
+            Ok(envelope) if envelope.attempt == 0 => decoded.push((envelope, delivery)),
+            _ => single.push(delivery),
+        }
+    }
+    // Same order in every batch, so two batches holding the same ids never
+    // wait on each other's processed-message rows in opposite orders.
+    decoded.sort_by_key(|(envelope, _)| envelope.id);
+    let envelopes: Vec<&Envelope> = decoded.iter().map(|(e, _)| e).collect();
+    match apply_batch(&ctx.pool, ctx.handler.as_ref(), &envelopes).await {
+        Ok(applied) => {
+            if applied.contains(&Applied::Now) && !H::EMITS.is_empty() {
+                ctx.outbox.wake();
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            for ((_, delivery), outcome) in decoded.iter().zip(applied) {
+                settle(delivery, true).await;
+                let outcome = match outcome {
+                    Applied::Now => "applied",
+                    Applied::Before => "duplicate",
+                };
+                metrics::counter!("souk_messages_total", "group" => H::GROUP, "outcome" => outcome)
+                    .increment(1);
+                metrics::histogram!("souk_message_duration_seconds", "group" => H::GROUP)
+                    .record(seconds);
+            }
+            metrics::histogram!("souk_batch_size", "group" => H::GROUP)
+                .record(decoded.len() as f64);
+        }
+        Err(failure) => {
+            tracing::debug!(
+                group = H::GROUP,
+                error = %failure.error(),
+                size = decoded.len(),
+                "batch failed; handling its messages one by one"
+            );
+            single.extend(decoded.into_iter().map(|(_, delivery)| delivery));
+        }
+    }
+    for delivery in single {
+        process(ctx, delivery).await;
+    }
+}
+
 /// Where a failed message goes next.
 enum Next {
     Retry { queue: String, delay_ms: u64 },

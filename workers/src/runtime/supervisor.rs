@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{
     Channel, Connection,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
@@ -27,8 +27,10 @@ pub struct ConsumerSettings {
     pub names: Names,
     /// Messages the broker may send ahead of acks (basic.qos).
     pub prefetch: u16,
-    /// Messages handled at the same time; each holds at most one pool connection.
+    /// Transactions run at the same time; each holds at most one pool connection.
     pub concurrency: usize,
+    /// Most messages applied in one transaction when several are waiting.
+    pub batch: usize,
     /// Delay before attempt N+1; after the last, the message is parked.
     pub retry_delays_ms: Vec<u64>,
     /// Shown in `rabbitmqctl list_connections`.
@@ -138,21 +140,43 @@ async fn session<H: Handler>(
     });
     let slots = Arc::new(Semaphore::new(settings.concurrency));
 
+    // Handlers with an outside call take messages one at a time (each under
+    // its own lease); the others take whatever is waiting, up to the batch size.
+    let max_batch = if handler.prepare_lease().is_some() {
+        1
+    } else {
+        settings.batch.max(1)
+    };
     let result = loop {
-        tokio::select! {
+        let first = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    let permit = slots.clone().acquire_owned().await.expect("never closed");
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        delivery::process(&ctx, delivery).await;
-                        drop(permit);
-                    });
-                }
+                Some(Ok(delivery)) => delivery,
                 Some(Err(e)) => break Err(e),
                 None => break Err(lapin::Error::from(std::io::Error::other("consumer was cancelled by the broker"))),
             }
+        };
+        // While every slot is busy, more messages arrive and the next batch grows.
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let mut batch = vec![first];
+        let mut lost = None;
+        while batch.len() < max_batch {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(delivery))) => batch.push(delivery),
+                Some(Some(Err(e))) => {
+                    lost = Some(e);
+                    break;
+                }
+                _ => break, // nothing more waiting
+            }
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            delivery::process_batch(&ctx, batch).await;
+            drop(permit);
+        });
+        if let Some(e) = lost {
+            break Err(e);
         }
     };
     depth.abort();

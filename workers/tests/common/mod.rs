@@ -159,6 +159,7 @@ impl Harness {
             names: self.names.clone(),
             prefetch: 16,
             concurrency,
+            batch: 8,
             retry_delays_ms: DELAYS.to_vec(),
             connection_name: format!("{}.recorder@test", self.prefix),
         }
