@@ -3,14 +3,10 @@
 
 mod common;
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use common::{Harness, Recorded, Recorder};
-use futures_util::StreamExt;
-use lapin::{
-    options::{BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
+use lapin::options::BasicGetOptions;
 use souk_shared::{amqp, envelope::Envelope};
 use souk_testkit::{amqp_url, broker, count, proxy::Proxy, wait_until};
 use souk_workers::runtime::{Applied, apply_once, parked};
@@ -314,42 +310,7 @@ async fn an_undecodable_message_is_parked_at_once() {
 #[tokio::test]
 async fn two_relays_publish_every_row_exactly_once() {
     let h = Harness::new().await;
-    // A tap queue sees every publish, duplicates included (no dedupe here).
-    let tap = h.amqp.create_channel().await.unwrap();
-    let tap_queue = format!("{}.tap", h.prefix);
-    tap.queue_declare(
-        tap_queue.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    tap.queue_bind(
-        tap_queue.as_str().into(),
-        h.names.events_exchange().into(),
-        "test.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut seen = tap
-        .basic_consume(
-            tap_queue.as_str().into(),
-            "tap".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-
+    let mut tap = h.tap().await;
     const N: usize = 400;
     let mut tx = h.db.pool.begin().await.unwrap();
     for i in 0..N {
@@ -362,20 +323,7 @@ async fn two_relays_publish_every_row_exactly_once() {
         h.spawn_relay(&amqp_url(), 25),
     ];
 
-    let mut ids: HashMap<String, usize> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while ids.len() < N && tokio::time::Instant::now() < deadline {
-        if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), seen.next()).await {
-            let id = d.properties.message_id().as_ref().unwrap().to_string();
-            *ids.entry(id).or_default() += 1;
-        }
-    }
-    // Anything published twice would arrive shortly after.
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(700), seen.next()).await
-    {
-        let id = d.properties.message_id().as_ref().unwrap().to_string();
-        *ids.entry(id).or_default() += 1;
-    }
+    let ids = common::tapped(&mut tap, N).await;
     assert_eq!(ids.len(), N, "every row was published");
     assert!(ids.values().all(|&n| n == 1), "no row was published twice");
     assert_eq!(

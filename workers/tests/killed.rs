@@ -6,11 +6,6 @@ mod common;
 use std::{collections::HashSet, time::Duration};
 
 use common::{Harness, Recorded, spawn};
-use futures_util::StreamExt;
-use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
 use souk_shared::{
     contracts::EmailRequested,
     envelope::Envelope,
@@ -114,29 +109,7 @@ async fn a_mailer_killed_while_sending_loses_nothing_and_the_mail_goes_out_once(
 #[tokio::test]
 async fn a_relay_killed_mid_backlog_loses_nothing() {
     let h = Harness::new().await;
-    let tap = h.amqp.create_channel().await.unwrap();
-    let tap_queue = format!("{}.tap", h.prefix);
-    tap.queue_declare(
-        tap_queue.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    tap.queue_bind(
-        tap_queue.as_str().into(),
-        h.names.events_exchange().into(),
-        "test.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-
+    let mut tap = h.tap().await;
     const N: usize = 3000;
     let mut ids = HashSet::new();
     let mut tx = h.db.pool.begin().await.unwrap();
@@ -173,27 +146,7 @@ async fn a_relay_killed_mid_backlog_loses_nothing() {
     })
     .await;
 
-    let mut seen = tap
-        .basic_consume(
-            tap_queue.as_str().into(),
-            "tap".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut got = HashSet::new();
-    while got.len() < N {
-        match tokio::time::timeout(Duration::from_secs(5), seen.next()).await {
-            Ok(Some(Ok(d))) => {
-                got.insert(d.properties.message_id().as_ref().unwrap().to_string());
-            }
-            _ => break,
-        }
-    }
+    let got: HashSet<String> = common::tapped(&mut tap, N).await.into_keys().collect();
     assert_eq!(got, ids, "every row reached the broker");
     kill9(&mut second).await;
     h.finish(vec![]).await;

@@ -33,6 +33,26 @@ async fn already_processed(pool: &PgPool, group: &str, envelope: &Envelope) -> s
     .await
 }
 
+/// Records the message as processed by `group`; false if it already was.
+/// A concurrent transaction recording the same message blocks here until it
+/// ends, so exactly one of them gets `true`.
+async fn record_processed(
+    conn: &mut PgConnection,
+    group: &str,
+    envelope: &Envelope,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO processed_messages (consumer, message_id, attempt)
+         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(group)
+    .bind(envelope.id)
+    .bind(envelope.attempt as i32)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Takes the lease on a message, unless another consumer holds a live one.
 async fn claim(
     pool: &PgPool,
@@ -108,18 +128,7 @@ async fn prepare_and_apply<H: Handler>(
     let prepared = handler.prepare(envelope).await?;
 
     let mut tx = pool.begin().await?;
-    let fresh = sqlx::query(
-        "INSERT INTO processed_messages (consumer, message_id, attempt)
-         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-    )
-    .bind(H::GROUP)
-    .bind(envelope.id)
-    .bind(envelope.attempt as i32)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !fresh {
+    if !record_processed(&mut tx, H::GROUP, envelope).await? {
         return Ok(Applied::Before);
     }
     handler.apply(&mut tx, envelope, prepared).await?;
@@ -146,18 +155,7 @@ async fn apply_batch<H: Handler>(
     let mut tx = pool.begin().await?;
     let mut applied = Vec::with_capacity(envelopes.len());
     for (envelope, prepared) in envelopes.iter().zip(prepared) {
-        let fresh = sqlx::query(
-            "INSERT INTO processed_messages (consumer, message_id, attempt)
-             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        )
-        .bind(H::GROUP)
-        .bind(envelope.id)
-        .bind(envelope.attempt as i32)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if fresh {
+        if record_processed(&mut tx, H::GROUP, envelope).await? {
             handler.apply(&mut tx, envelope, prepared).await?;
             applied.push(Applied::Now);
         } else {

@@ -283,6 +283,46 @@ impl Harness {
         broker::ready_count(&self.amqp, queue).await
     }
 
+    /// A queue that sees every `test.*` publish on the events exchange,
+    /// duplicates included (nothing de-duplicates there), already consuming.
+    pub async fn tap(&self) -> lapin::Consumer {
+        use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+        let channel = self.amqp.create_channel().await.unwrap();
+        let queue = format!("{}.tap", self.prefix);
+        let exclusive = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), exclusive, FieldTable::default())
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                self.names.events_exchange().into(),
+                "test.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let no_ack = BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        };
+        channel
+            .basic_consume(
+                queue.as_str().into(),
+                "tap".into(),
+                no_ack,
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+    }
+
     /// Stops every task the harness started and removes the test's queues.
     pub async fn finish(self, tasks: Vec<JoinHandle<()>>) {
         self.shutdown.cancel();
@@ -310,4 +350,35 @@ pub fn spawn(bin: &str, h: &Harness, extra: &[(&str, String)]) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("the binary starts")
+}
+
+/// Counts message ids from a [`Harness::tap`] until `n` distinct ids came
+/// and then nothing more for 700 ms (so late duplicates are counted too).
+pub async fn tapped(
+    tap: &mut lapin::Consumer,
+    n: usize,
+) -> std::collections::HashMap<String, usize> {
+    use futures_util::StreamExt;
+    let mut ids = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let idle = if ids.len() < n {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(700)
+        };
+        match tokio::time::timeout(idle, tap.next()).await {
+            Ok(Some(Ok(d))) => {
+                let id = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .expect("message id")
+                    .to_string();
+                *ids.entry(id).or_default() += 1;
+            }
+            _ if ids.len() >= n || tokio::time::Instant::now() > deadline => return ids,
+            _ => {}
+        }
+    }
 }
