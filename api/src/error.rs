@@ -54,8 +54,6 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("not found")]
     NotFound,
-    #[error("unavailable")]
-    Unavailable(&'static str),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -67,11 +65,6 @@ impl From<sqlx::Error> for ApiError {
 }
 
 impl ApiError {
-    /// A single invalid field.
-    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Validation(vec![FieldError::new(field, message)])
-    }
-
     fn problem(&self) -> (StatusCode, Problem) {
         let (status, slug, title, detail, errors) = match self {
             Self::MalformedJson(detail) => (
@@ -109,13 +102,6 @@ impl ApiError {
                 vec![],
             ),
             Self::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found", None, vec![]),
-            Self::Unavailable(detail) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "Service unavailable",
-                Some((*detail).into()),
-                vec![],
-            ),
             Self::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

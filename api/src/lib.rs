@@ -1,13 +1,13 @@
 //! Souk's HTTP API: parse, authorize, write rows and outbox messages in one
 //! transaction, answer. Everything slow or external happens in the workers.
 
+pub mod app;
 pub mod broker;
 pub mod config;
 pub mod error;
 pub mod extract;
 pub mod middleware;
-pub mod openapi;
 pub mod routes;
 pub mod state;
 
-pub use openapi::router;
+pub use app::router;

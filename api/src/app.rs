@@ -1,4 +1,5 @@
-//! The router, with the OpenAPI document generated from the handlers.
+//! The HTTP application: routes, middleware, and the OpenAPI document
+//! generated from the handlers.
 
 use axum::{
     Json, Router, extract::DefaultBodyLimit, middleware, response::IntoResponse, routing::get,
@@ -30,7 +31,8 @@ fn v1() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(support::create))
 }
 
-/// The OpenAPI document, as served at `/openapi.json`.
+/// The OpenAPI document, as served at `/openapi.json` (and committed as
+/// `docs/openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
     build().1
 }
