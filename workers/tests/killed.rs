@@ -124,7 +124,7 @@ async fn a_relay_killed_mid_backlog_loses_nothing() {
         spawn(
             env!("CARGO_BIN_EXE_outbox-relay"),
             h,
-            &[("RELAY_BATCH_SIZE", "20".into())],
+            &[("RELAY_BATCH_SIZE", "10".into())],
         )
     };
     let published = "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL";
