@@ -45,7 +45,7 @@ ensure_postgres() {
     log "starting PostgreSQL"
     local v
     v=$(ls /etc/postgresql | sort -V | tail -n1)
-    as_root pg_ctlcluster --skip-systemctl-redirect "$v" main start
+    as_root pg_ctlcluster --skip-systemctl-redirect "$v" main start </dev/null >/dev/null 2>&1
     wait_port 5432 PostgreSQL
   fi
 }
@@ -57,7 +57,9 @@ ensure_rabbitmq() {
   fi
   if ! port_open 5672; then
     log "starting RabbitMQ"
-    as_root rabbitmq-server -detached
+    # Detached from our descriptors so a CI runner reading our output is
+    # not held open by the broker after this script ends.
+    as_root rabbitmq-server -detached </dev/null >/dev/null 2>&1
     wait_port 5672 RabbitMQ 120
     as_root rabbitmqctl -q await_startup >/dev/null 2>&1 || true
   fi
@@ -73,7 +75,7 @@ ensure_maildev() {
   if ! port_open 1025; then
     log "starting maildev"
     mkdir -p "${SOUK_RUN_DIR:-/tmp/souk}"
-    nohup maildev --smtp 1025 --web 1080 --ip 127.0.0.1 \
+    nohup maildev --smtp 1025 --web 1080 --ip 127.0.0.1 </dev/null \
       >"${SOUK_RUN_DIR:-/tmp/souk}/maildev.log" 2>&1 &
     wait_port 1025 maildev
     wait_port 1080 maildev
