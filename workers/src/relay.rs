@@ -16,6 +16,9 @@ use tracing::{debug, info, warn};
 
 use crate::ops::Readiness;
 
+/// How long the broker may take to confirm one batch.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     pub amqp_url: String,
@@ -114,10 +117,30 @@ pub async fn publish_batch(
     if rows.is_empty() {
         return Ok(0);
     }
-    // Publish everything first, then await the confirms together: one round
-    // trip per batch instead of one per message.
+    // The claim's row locks are held while publishing: that is what lets
+    // several relays run without publishing a row twice. The broker is given
+    // a bounded time, so a hung broker never leaves the transaction open.
+    let confirmed = tokio::time::timeout(PUBLISH_TIMEOUT, publish_rows(channel, exchange, &rows))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("broker did not confirm a batch within {PUBLISH_TIMEOUT:?}")
+        })??;
+    outbox::mark_published(&mut tx, &confirmed).await?;
+    tx.commit().await?;
+    metrics::counter!("souk_outbox_published_total").increment(confirmed.len() as u64);
+    metrics::histogram!("souk_outbox_batch_seconds").record(started.elapsed().as_secs_f64());
+    Ok(rows.len())
+}
+
+/// Publishes every row, then awaits the confirms together (one round trip per
+/// batch instead of one per message); returns the ids the broker acked.
+async fn publish_rows(
+    channel: &Channel,
+    exchange: &str,
+    rows: &[outbox::Pending],
+) -> anyhow::Result<Vec<uuid::Uuid>> {
     let mut pending = Vec::with_capacity(rows.len());
-    for row in &rows {
+    for row in rows {
         let props = amqp::properties(
             &row.id.to_string(),
             &row.routing_key,
@@ -151,9 +174,5 @@ pub async fn publish_batch(
             Confirmation::NotRequested => unreachable!("the relay channel is in confirm mode"),
         }
     }
-    outbox::mark_published(&mut tx, &confirmed).await?;
-    tx.commit().await?;
-    metrics::counter!("souk_outbox_published_total").increment(confirmed.len() as u64);
-    metrics::histogram!("souk_outbox_batch_seconds").record(started.elapsed().as_secs_f64());
-    Ok(rows.len())
+    Ok(confirmed)
 }
