@@ -302,6 +302,7 @@ async fn writes_succeed_while_the_broker_is_down_and_every_mail_goes_out_once_it
             batch: 8,
             retry_delays_ms: delays.clone(),
             connection_name: format!("{prefix}.mailer@test"),
+            processed_retention: Duration::from_secs(3600),
         },
         Readiness::default(),
         shutdown.clone(),

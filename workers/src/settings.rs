@@ -64,6 +64,9 @@ impl WorkerConfig {
             batch,
             retry_delays_ms: env.list("RETRY_DELAYS_MS", &[1_000, 10_000, 60_000])?,
             connection_name: connection_name(&self.common.amqp_prefix, group),
+            processed_retention: std::time::Duration::from_secs(
+                3600 * env.or::<u64>("PROCESSED_RETENTION_HOURS", 168)?,
+            ),
         })
     }
 }

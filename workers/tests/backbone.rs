@@ -422,3 +422,43 @@ async fn a_burst_with_duplicates_and_a_bad_message_applies_each_good_one_once() 
     );
     h.finish(vec![consumer]).await;
 }
+
+#[tokio::test]
+async fn old_processed_records_are_forgotten_and_recent_ones_kept() {
+    use souk_workers::runtime::retention;
+    let h = Harness::new().await;
+    for (id, age_hours, consumer) in [
+        (uuid::Uuid::now_v7(), 200, "recorder"),
+        (uuid::Uuid::now_v7(), 1, "recorder"),
+        (uuid::Uuid::now_v7(), 200, "someone-else"),
+    ] {
+        sqlx::query(
+            "INSERT INTO processed_messages (consumer, message_id, attempt, processed_at)
+             VALUES ($1, $2, 0, now() - make_interval(hours => $3))",
+        )
+        .bind(consumer)
+        .bind(id)
+        .bind(age_hours)
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+    }
+    let purged = retention::purge(&h.db.pool, "recorder", Duration::from_secs(168 * 3600))
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    let left: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT consumer, processed_at > now() - interval '2 hours' FROM processed_messages ORDER BY consumer",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        left,
+        [
+            ("recorder".to_string(), true),
+            ("someone-else".to_string(), false)
+        ]
+    );
+    h.finish(vec![]).await;
+}

@@ -10,6 +10,7 @@
 
 mod delivery;
 pub mod parked;
+pub mod retention;
 mod supervisor;
 
 use std::future::Future;

@@ -35,6 +35,8 @@ pub struct ConsumerSettings {
     pub retry_delays_ms: Vec<u64>,
     /// Shown in `rabbitmqctl list_connections`.
     pub connection_name: String,
+    /// How long processed-message records are kept (see [`super::retention`]).
+    pub processed_retention: Duration,
 }
 
 /// Backoff between reconnects: doubles from 250 ms up to 15 s.
@@ -65,6 +67,8 @@ pub async fn run<H: Handler>(
 ) {
     let handler = Arc::new(handler);
     let outbox = souk_shared::outbox::Waker::spawn(pool.clone());
+    let housekeeping =
+        super::retention::spawn_hourly(pool.clone(), H::GROUP, settings.processed_retention);
     let mut backoff = Backoff(Backoff::FIRST);
     while !shutdown.is_cancelled() {
         let result = session(
@@ -90,6 +94,7 @@ pub async fn run<H: Handler>(
             }
         }
     }
+    housekeeping.abort();
     info!(group = H::GROUP, "consumer stopped");
 }
 

@@ -162,6 +162,7 @@ impl Harness {
             batch: 8,
             retry_delays_ms: DELAYS.to_vec(),
             connection_name: format!("{}.recorder@test", self.prefix),
+            processed_retention: Duration::from_secs(3600),
         }
     }
 
