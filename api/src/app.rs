@@ -12,7 +12,7 @@ use utoipa_scalar::{Scalar, Servable};
 use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
-    routes::{health, support},
+    routes::{auth, health, me, support},
     state::AppState,
 };
 
@@ -22,13 +22,37 @@ use crate::{
         title = "Souk API",
         description = "Multi-vendor marketplace backend. Errors are RFC 9457 problem+json.",
     ),
-    components(schemas(Problem))
+    components(schemas(Problem)),
+    modifiers(&BearerAuth)
 )]
 struct ApiDoc;
 
+/// Declares the `bearer` security scheme that protected routes name.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .bearer_format("JWT")
+            .build();
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
 /// The `/api/v1` routes and their OpenAPI paths.
 fn v1() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(support::create))
+    OpenApiRouter::new()
+        .routes(routes!(support::create))
+        .routes(routes!(auth::register))
+        .routes(routes!(auth::verify_email))
+        .routes(routes!(auth::sign_in))
+        .routes(routes!(auth::refresh))
+        .routes(routes!(auth::sign_out))
+        .routes(routes!(me::me))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` (and committed as

@@ -4,12 +4,15 @@ use std::net::SocketAddr;
 
 use souk_shared::config::{CommonConfig, ConfigError, Env};
 
+use crate::auth::AuthConfig;
+
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub common: CommonConfig,
     pub http_addr: SocketAddr,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
+    pub auth: AuthConfig,
 }
 
 impl ApiConfig {
@@ -18,6 +21,7 @@ impl ApiConfig {
             common: CommonConfig::from_env(env)?,
             http_addr: env.or("HTTP_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             body_limit: env.or("HTTP_BODY_LIMIT_BYTES", 1 << 20)?,
+            auth: AuthConfig::from_env(env)?,
         })
     }
 }

@@ -54,12 +54,36 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("not found")]
     NotFound,
+    /// No valid credentials; the detail never says which part was wrong.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// The request clashes with existing data, e.g. an email already taken.
+    #[error("conflict")]
+    Conflict(FieldError),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
 
+/// Unique constraints whose violation is the client's doing, and the field
+/// each one is about.
+const UNIQUE_FIELDS: &[(&str, &str, &str)] = &[
+    (
+        "users_email_key",
+        "email",
+        "an account with this email already exists",
+    ),
+    ("shops_slug_key", "shop.slug", "this shop address is taken"),
+];
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if let Some(db) = e.as_database_error()
+            && let Some(constraint) = db.constraint()
+            && let Some((_, field, message)) =
+                UNIQUE_FIELDS.iter().find(|(c, _, _)| *c == constraint)
+        {
+            return Self::Conflict(FieldError::new(*field, *message));
+        }
         Self::Internal(e.into())
     }
 }
@@ -102,6 +126,20 @@ impl ApiError {
                 vec![],
             ),
             Self::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found", None, vec![]),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                Some("missing, invalid or expired credentials".into()),
+                vec![],
+            ),
+            Self::Conflict(error) => (
+                StatusCode::CONFLICT,
+                "conflict",
+                "Conflict",
+                Some(format!("{}: {}", error.field, error.message)),
+                vec![error.clone()],
+            ),
             Self::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -127,7 +165,13 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %format!("{e:#}"), "request failed");
         }
         let (status, problem) = self.problem();
-        problem_response(status, &problem)
+        let mut response = problem_response(status, &problem);
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 

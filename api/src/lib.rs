@@ -2,6 +2,7 @@
 //! transaction, answer. Everything slow or external happens in the workers.
 
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod error;

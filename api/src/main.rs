@@ -12,15 +12,15 @@ async fn main() {
     let config = exit_on_error(ApiConfig::from_env(&Env::load()));
     telemetry::init_tracing(config.common.log_format);
     let pool = exit_on_error(config.common.pool());
-    let state = AppState {
-        outbox: souk_shared::outbox::Waker::spawn(pool.clone()),
+    let state = AppState::new(
         pool,
-        broker: BrokerProbe::new(
+        BrokerProbe::new(
             config.common.amqp_url.clone(),
             format!("{}.api#{}", config.common.amqp_prefix, std::process::id()),
         ),
-        metrics: telemetry::metrics_handle(),
-    };
+        telemetry::metrics_handle(),
+        config.auth.clone(),
+    );
     let app = router(state, config.body_limit);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

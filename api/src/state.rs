@@ -2,7 +2,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use souk_shared::outbox::Waker;
 use sqlx::PgPool;
 
-use crate::broker::BrokerProbe;
+use std::sync::Arc;
+
+use crate::{
+    auth::{AuthConfig, Jwt},
+    broker::BrokerProbe,
+};
 
 /// Shared by every handler; cheap to clone.
 #[derive(Clone)]
@@ -12,4 +17,24 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Call `outbox.wake()` after committing outbox rows.
     pub outbox: Waker,
+    pub auth: Arc<AuthConfig>,
+    pub jwt: Arc<Jwt>,
+}
+
+impl AppState {
+    pub fn new(
+        pool: PgPool,
+        broker: BrokerProbe,
+        metrics: PrometheusHandle,
+        auth: AuthConfig,
+    ) -> Self {
+        Self {
+            outbox: Waker::spawn(pool.clone()),
+            jwt: Arc::new(Jwt::new(&auth)),
+            auth: Arc::new(auth),
+            pool,
+            broker,
+            metrics,
+        }
+    }
 }

@@ -1,91 +1,29 @@
 //! The HTTP API against real PostgreSQL and RabbitMQ, and end to end through
 //! the relay and the mailer to the SMTP sink.
 
-use std::{net::SocketAddr, time::Duration};
+mod common;
 
-use reqwest::{Client, StatusCode};
+use std::time::Duration;
+
+use common::{App, Pipeline, WAIT, problem, spawn_app};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
-use souk_api::{broker::BrokerProbe, router, state::AppState};
-use souk_shared::{telemetry, topology::Names};
 use souk_testkit::{
-    TestDb, amqp_url, broker, count,
-    mail::{mails_to, smtp_port, unique_address},
+    amqp_url, count,
+    mail::{mails_to, unique_address},
     proxy::Proxy,
-    unique_prefix, wait_until,
+    wait_until,
 };
-use souk_workers::{
-    mailer::{Mailer, MailerConfig},
-    ops::Readiness,
-    relay::{self, RelaySettings},
-    runtime::{self, ConsumerSettings},
-};
-use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-struct App {
-    base: String,
-    db: TestDb,
-    http: Client,
-}
-
-/// Starts the API on a free port against a fresh database.
-async fn spawn_app(amqp: &str) -> App {
-    let db = TestDb::new().await;
-    let state = AppState {
-        pool: db.pool.clone(),
-        broker: BrokerProbe::new(amqp, "souk-api-test"),
-        metrics: telemetry::metrics_handle(),
-        outbox: souk_shared::outbox::Waker::spawn(db.pool.clone()),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, router(state, 64 * 1024))
-            .await
-            .unwrap()
-    });
-    App {
-        base: format!("http://{addr}"),
-        db,
-        http: Client::new(),
-    }
-}
-
-impl App {
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap()
-    }
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap()
-    }
-    async fn written(&self) -> (i64, i64) {
-        (
-            count(&self.db.pool, "SELECT count(*) FROM support_requests").await,
-            count(&self.db.pool, "SELECT count(*) FROM outbox").await,
-        )
-    }
+async fn written(app: &App) -> (i64, i64) {
+    (
+        count(&app.db.pool, "SELECT count(*) FROM support_requests").await,
+        count(&app.db.pool, "SELECT count(*) FROM outbox").await,
+    )
 }
 
 fn request(email: &str) -> Value {
     json!({"email": email, "name": "Ann", "subject": "Late parcel", "message": "Where is my order?"})
-}
-
-async fn problem(resp: reqwest::Response, status: StatusCode) -> Value {
-    assert_eq!(resp.status(), status);
-    assert_eq!(resp.headers()["content-type"], "application/problem+json");
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["status"], status.as_u16());
-    body
 }
 
 #[tokio::test]
@@ -187,7 +125,7 @@ async fn invalid_input_is_a_problem_naming_the_field_and_writes_nothing() {
     assert_eq!(body["type"], "/problems/not-found");
 
     assert_eq!(
-        app.written().await,
+        written(&app).await,
         (0, 0),
         "nothing half-written stays behind"
     );
@@ -263,50 +201,8 @@ async fn openapi_docs_and_metrics_are_served() {
 #[tokio::test]
 async fn writes_succeed_while_the_broker_is_down_and_every_mail_goes_out_once_it_is_back() {
     let app = spawn_app(&amqp_url()).await;
-    let prefix = unique_prefix();
-    let names = Names::new(&prefix);
-    let shutdown = CancellationToken::new();
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap(), false).await;
-
-    let relay = tokio::spawn(relay::run(
-        app.db.pool.clone(),
-        RelaySettings {
-            amqp_url: proxy.amqp_url(),
-            names: names.clone(),
-            batch_size: 100,
-            poll_interval: Duration::from_secs(2),
-            retention_hours: 24,
-            connection_name: format!("{prefix}.relay@test"),
-        },
-        Readiness::default(),
-        shutdown.clone(),
-    ));
-    let mailer_config = MailerConfig {
-        smtp_host: "127.0.0.1".into(),
-        smtp_port: smtp_port(),
-        smtp_username: None,
-        smtp_password: None,
-        from: "Souk <no-reply@souk.test>".parse().unwrap(),
-        timeout: Duration::from_secs(5),
-        lease: Duration::from_secs(30),
-    };
-    let delays = vec![200, 1000];
-    let mailer = tokio::spawn(runtime::run(
-        Mailer::new(&mailer_config),
-        app.db.pool.clone(),
-        ConsumerSettings {
-            amqp_url: amqp_url(),
-            names: names.clone(),
-            prefetch: 8,
-            concurrency: 4,
-            batch: 8,
-            retry_delays_ms: delays.clone(),
-            connection_name: format!("{prefix}.mailer@test"),
-            processed_retention: Duration::from_secs(3600),
-        },
-        Readiness::default(),
-        shutdown.clone(),
-    ));
+    let pipeline = Pipeline::start(&app, &proxy.amqp_url());
 
     let customers: Vec<String> = (0..6).map(|_| unique_address()).collect();
     for c in &customers {
@@ -336,34 +232,41 @@ async fn writes_succeed_while_the_broker_is_down_and_every_mail_goes_out_once_it
     }
     assert_eq!(count(&app.db.pool, waiting).await, 0);
 
-    shutdown.cancel();
-    let _ = tokio::time::timeout(WAIT, relay).await;
-    let _ = tokio::time::timeout(WAIT, mailer).await;
-    let conn = souk_shared::amqp::connect(&amqp_url(), "cleanup")
-        .await
-        .unwrap();
-    broker::delete_group(&conn, &names, "mailer", &delays).await;
+    pipeline.stop().await;
 }
 
 #[test]
 fn the_api_refuses_to_start_with_a_bad_setting_and_names_it() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_souk-api"))
-        .current_dir(std::env::temp_dir())
-        .env_clear()
-        .env(
-            "DATABASE_URL",
-            "postgres://postgres@127.0.0.1:5432/postgres",
-        )
-        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
-        .env("HTTP_ADDR", "everywhere")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr
-            .trim()
-            .starts_with("error: invalid configuration: HTTP_ADDR:"),
-        "{stderr}"
-    );
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[
+                ("HTTP_ADDR", "everywhere"),
+                ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+            ],
+            "HTTP_ADDR",
+        ),
+        (&[], "JWT_SECRET"),
+        (&[("JWT_SECRET", "too-short")], "JWT_SECRET"),
+    ];
+    for (vars, named) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_souk-api"))
+            .current_dir(std::env::temp_dir())
+            .env_clear()
+            .env(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            )
+            .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr
+                .trim()
+                .starts_with(&format!("error: invalid configuration: {named}:")),
+            "{stderr}"
+        );
+    }
 }

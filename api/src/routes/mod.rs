@@ -1,2 +1,4 @@
+pub mod auth;
 pub mod health;
+pub mod me;
 pub mod support;

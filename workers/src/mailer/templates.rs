@@ -5,7 +5,7 @@
 use minijinja::{Environment, UndefinedBehavior};
 
 /// Templates known to the mailer, by name.
-const NAMES: &[&str] = &["support_request_received"];
+const NAMES: &[&str] = &["support_request_received", "verify_email"];
 
 macro_rules! embed {
     ($env:ident, $($file:literal),* $(,)?) => {
@@ -46,6 +46,9 @@ impl Default for Templates {
             "support_request_received.subject.txt",
             "support_request_received.txt",
             "support_request_received.html",
+            "verify_email.subject.txt",
+            "verify_email.txt",
+            "verify_email.html",
         );
         Self { env }
     }

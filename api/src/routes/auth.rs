@@ -1,0 +1,496 @@
+//! Registration, email verification, sign-in, refresh and sign-out.
+
+use axum::{Json, extract::State, http::StatusCode};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use souk_shared::{contracts::EmailRequested, envelope::Envelope, outbox};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    auth::{Role, password, secret},
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidJson, Validate},
+    middleware::RequestId,
+    routes::support::valid_email,
+    state::AppState,
+};
+
+const MIN_PASSWORD: usize = 10;
+const MAX_PASSWORD: usize = 128;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewShop {
+    pub name: String,
+    /// Lowercase letters, digits and single dashes, e.g. `green-grocer`.
+    pub slug: String,
+    #[serde(default)]
+    pub description: String,
+    pub contact_email: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountKind {
+    Customer,
+    Seller,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    pub email: String,
+    /// 10 to 128 characters.
+    pub password: String,
+    pub name: String,
+    /// `customer` (default) or `seller`; a seller registers with a shop.
+    #[serde(default = "customer")]
+    pub kind: AccountKind,
+    pub shop: Option<NewShop>,
+}
+
+fn customer() -> AccountKind {
+    AccountKind::Customer
+}
+
+fn valid_slug(s: &str) -> bool {
+    (3..=60).contains(&s.len())
+        && s.split('-').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        })
+}
+
+impl Validate for Registration {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !valid_email(self.email.trim()) {
+            errors.push(FieldError::new("email", "must be an email address"));
+        }
+        let n = self.password.chars().count();
+        if !(MIN_PASSWORD..=MAX_PASSWORD).contains(&n) {
+            errors.push(FieldError::new(
+                "password",
+                format!("must be {MIN_PASSWORD} to {MAX_PASSWORD} characters"),
+            ));
+        }
+        if self.name.trim().is_empty() || self.name.chars().count() > 100 {
+            errors.push(FieldError::new("name", "must be 1 to 100 characters"));
+        }
+        match (&self.kind, &self.shop) {
+            (AccountKind::Seller, None) => {
+                errors.push(FieldError::new("shop", "a seller registers with a shop"))
+            }
+            (AccountKind::Customer, Some(_)) => {
+                errors.push(FieldError::new("shop", "only sellers have a shop"))
+            }
+            (AccountKind::Seller, Some(shop)) => {
+                if shop.name.trim().is_empty() || shop.name.chars().count() > 100 {
+                    errors.push(FieldError::new("shop.name", "must be 1 to 100 characters"));
+                }
+                if !valid_slug(&shop.slug) {
+                    errors.push(FieldError::new(
+                        "shop.slug",
+                        "use 3 to 60 lowercase letters, digits and single dashes",
+                    ));
+                }
+                if shop.description.chars().count() > 2000 {
+                    errors.push(FieldError::new(
+                        "shop.description",
+                        "must be at most 2000 characters",
+                    ));
+                }
+                if !valid_email(shop.contact_email.trim()) {
+                    errors.push(FieldError::new(
+                        "shop.contact_email",
+                        "must be an email address",
+                    ));
+                }
+            }
+            (AccountKind::Customer, None) => {}
+        }
+        errors
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Account {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    pub role: Role,
+    pub email_verified: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Mails a fresh verification link; the caller commits.
+async fn send_verification(
+    tx: &mut PgConnection,
+    state: &AppState,
+    user: Uuid,
+    email: &str,
+    name: &str,
+    correlation_id: &str,
+) -> Result<(), ApiError> {
+    let token = secret::generate();
+    sqlx::query(
+        "INSERT INTO user_tokens (token_hash, user_id, purpose, expires_at)
+         VALUES ($1, $2, 'verify_email', now() + make_interval(hours => $3::int))",
+    )
+    .bind(secret::digest(&token))
+    .bind(user)
+    .bind(state.auth.verify_email_ttl_hours)
+    .execute(&mut *tx)
+    .await?;
+    let mail = EmailRequested {
+        to: email.to_string(),
+        template: "verify_email".into(),
+        data: serde_json::json!({
+            "name": name,
+            "link": format!("{}/verify-email?token={token}", state.auth.storefront_url),
+            "hours": state.auth.verify_email_ttl_hours,
+        }),
+    };
+    outbox::enqueue(tx, &Envelope::new(&mail, correlation_id)).await?;
+    Ok(())
+}
+
+/// Create an account; a verification link is mailed to `email`.
+///
+/// Until the email is verified the account can sign in but cannot check out,
+/// publish products or withdraw.
+#[utoipa::path(
+    post, path = "/auth/register", tag = "auth", request_body = Registration,
+    responses(
+        (status = 201, description = "created", body = Account),
+        (status = 409, description = "email or shop slug taken", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is invalid", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn register(
+    State(state): State<AppState>,
+    request_id: RequestId,
+    ValidJson(body): ValidJson<Registration>,
+) -> Result<(StatusCode, Json<Account>), ApiError> {
+    let password_hash = password::hash(body.password.clone()).await?;
+    let id = Uuid::now_v7();
+    let email = body.email.trim().to_string();
+    let name = body.name.trim().to_string();
+    let role = match body.kind {
+        AccountKind::Customer => Role::Customer,
+        AccountKind::Seller => Role::Seller,
+    };
+    let mut tx = state.pool.begin().await?;
+    let created_at: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO users (id, email, password_hash, name, role) VALUES ($1, $2, $3, $4, $5)
+         RETURNING created_at",
+    )
+    .bind(id)
+    .bind(&email)
+    .bind(&password_hash)
+    .bind(&name)
+    .bind(role.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    if let Some(shop) = &body.shop {
+        sqlx::query(
+            "INSERT INTO shops (id, owner_id, name, slug, description, contact_email)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(id)
+        .bind(shop.name.trim())
+        .bind(&shop.slug)
+        .bind(&shop.description)
+        .bind(shop.contact_email.trim())
+        .execute(&mut *tx)
+        .await?;
+    }
+    send_verification(&mut tx, &state, id, &email, &name, &request_id.0).await?;
+    tx.commit().await?;
+    state.outbox.wake();
+    Ok((
+        StatusCode::CREATED,
+        Json(Account {
+            id,
+            email,
+            name,
+            role,
+            email_verified: false,
+            created_at,
+        }),
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyEmail {
+    /// The token from the mailed link.
+    pub token: String,
+}
+
+impl Validate for VerifyEmail {
+    fn validate(&self) -> Vec<FieldError> {
+        if self.token.is_empty() || self.token.len() > 100 {
+            vec![FieldError::new("token", "must be the token from the link")]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// Confirm an email address with the token from the mailed link (single use).
+#[utoipa::path(
+    post, path = "/auth/verify-email", tag = "auth", request_body = VerifyEmail,
+    responses(
+        (status = 204, description = "verified"),
+        (status = 422, description = "unknown, used or expired token", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn verify_email(
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<VerifyEmail>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let user: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE user_tokens SET used_at = now()
+          WHERE token_hash = $1 AND purpose = 'verify_email' AND used_at IS NULL AND expires_at > now()
+          RETURNING user_id",
+    )
+    .bind(secret::digest(&body.token))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let user = user.ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::new(
+            "token",
+            "is unknown, used or expired",
+        )])
+    })?;
+    sqlx::query("UPDATE users SET email_verified_at = coalesce(email_verified_at, now()), updated_at = now() WHERE id = $1")
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    pub email: String,
+    pub password: String,
+}
+
+impl Validate for SignIn {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.email.trim().is_empty() {
+            errors.push(FieldError::new("email", "must not be empty"));
+        }
+        if self.password.is_empty() || self.password.chars().count() > MAX_PASSWORD {
+            errors.push(FieldError::new(
+                "password",
+                format!("must be 1 to {MAX_PASSWORD} characters"),
+            ));
+        }
+        errors
+    }
+}
+
+/// A short-lived access token and a single-use refresh token.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+    /// Exchange at `/auth/refresh` for a new pair; each is accepted once.
+    pub refresh_token: String,
+}
+
+/// Starts (`family = None`) or continues a refresh-token family; the caller commits.
+async fn open_session(
+    tx: &mut PgConnection,
+    state: &AppState,
+    user: Uuid,
+    role: Role,
+    family: Option<Uuid>,
+) -> Result<Session, ApiError> {
+    let refresh = secret::generate();
+    sqlx::query(
+        "INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(family.unwrap_or_else(Uuid::now_v7))
+    .bind(user)
+    .bind(secret::digest(&refresh))
+    .bind(Utc::now() + Duration::days(state.auth.refresh_ttl_days))
+    .execute(&mut *tx)
+    .await?;
+    Ok(Session {
+        access_token: state.jwt.issue(user, role),
+        token_type: "Bearer".into(),
+        expires_in: state.jwt.ttl_secs(),
+        refresh_token: refresh,
+    })
+}
+
+/// Sign in with email and password.
+#[utoipa::path(
+    post, path = "/auth/sign-in", tag = "auth", request_body = SignIn,
+    responses(
+        (status = 200, description = "signed in", body = Session),
+        (status = 401, description = "wrong email or password, or account suspended", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn sign_in(
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<SignIn>,
+) -> Result<Json<Session>, ApiError> {
+    let found: Option<(Uuid, Option<String>, String, bool)> = sqlx::query_as(
+        "SELECT id, password_hash, role, suspended_at IS NULL FROM users WHERE lower(email) = lower($1)",
+    )
+    .bind(body.email.trim())
+    .fetch_optional(&state.pool)
+    .await?;
+    let stored = found.as_ref().and_then(|(_, hash, _, _)| hash.clone());
+    // Always hash, so an unknown email takes as long as a wrong password.
+    let matches = password::verify(body.password, stored).await?;
+    let Some((id, _, role, active)) = found else {
+        return Err(ApiError::Unauthorized);
+    };
+    if !matches || !active {
+        return Err(ApiError::Unauthorized);
+    }
+    let role = Role::parse(&role).ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
+    let mut tx = state.pool.begin().await?;
+    let session = open_session(&mut tx, &state, id, role, None).await?;
+    tx.commit().await?;
+    Ok(Json(session))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+impl Validate for RefreshRequest {
+    fn validate(&self) -> Vec<FieldError> {
+        if self.refresh_token.is_empty() || self.refresh_token.len() > 100 {
+            vec![FieldError::new("refresh_token", "must be a refresh token")]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// Exchange a refresh token for a new pair. A refresh token that was already
+/// exchanged revokes its whole family: someone else has a copy.
+#[utoipa::path(
+    post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "a new pair", body = Session),
+        (status = 401, description = "unknown, expired, reused or revoked token", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn refresh(
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<RefreshRequest>,
+) -> Result<Json<Session>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    // Locked so two refreshes with the same token cannot both rotate it.
+    let found: Option<PresentedToken> = sqlx::query_as(
+        "SELECT t.id, t.family_id, t.user_id, t.rotated_at IS NOT NULL AS rotated,
+                t.revoked_at IS NOT NULL AS revoked, t.expires_at <= now() AS expired,
+                u.role, u.suspended_at IS NULL AS active
+           FROM refresh_tokens t JOIN users u ON u.id = t.user_id
+          WHERE t.token_hash = $1
+          FOR UPDATE OF t",
+    )
+    .bind(secret::digest(&body.refresh_token))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(PresentedToken {
+        id,
+        family_id: family,
+        user_id: user,
+        rotated,
+        revoked,
+        expired,
+        role,
+        active,
+    }) = found
+    else {
+        return Err(ApiError::Unauthorized);
+    };
+    if rotated && !revoked {
+        tracing::warn!(%user, %family, "refresh token reused; revoking its family");
+        revoke_family(&mut tx, family).await?;
+        tx.commit().await?;
+        return Err(ApiError::Unauthorized);
+    }
+    if revoked || expired || !active {
+        return Err(ApiError::Unauthorized);
+    }
+    sqlx::query("UPDATE refresh_tokens SET rotated_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    let role = Role::parse(&role).ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
+    let session = open_session(&mut tx, &state, user, role, Some(family)).await?;
+    tx.commit().await?;
+    Ok(Json(session))
+}
+
+/// A presented refresh token and the state of its account.
+#[derive(sqlx::FromRow)]
+struct PresentedToken {
+    id: Uuid,
+    family_id: Uuid,
+    user_id: Uuid,
+    rotated: bool,
+    revoked: bool,
+    expired: bool,
+    role: String,
+    active: bool,
+}
+
+async fn revoke_family(tx: &mut PgConnection, family: Uuid) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(family)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Sign out: the refresh token's family stops working. Answers 204 for any
+/// token, known or not.
+#[utoipa::path(
+    post, path = "/auth/sign-out", tag = "auth", request_body = RefreshRequest,
+    responses((status = 204, description = "signed out"))
+)]
+pub async fn sign_out(
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<RefreshRequest>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let family: Option<Uuid> =
+        sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1")
+            .bind(secret::digest(&body.refresh_token))
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(family) = family {
+        revoke_family(&mut tx, family).await?;
+    }
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,325 @@
+//! Registration, email verification through the real mailer and SMTP sink,
+//! sign-in, refresh-token rotation and reuse, and token checks.
+
+mod common;
+
+use common::{App, Pipeline, WAIT, fields, problem, spawn_app};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use souk_testkit::{
+    amqp_url, count,
+    mail::{mails_to, unique_address},
+    wait_until,
+};
+
+const PASSWORD: &str = "correct horse battery";
+
+fn customer(email: &str) -> Value {
+    json!({"email": email, "password": PASSWORD, "name": "Ann"})
+}
+
+async fn sign_in(app: &App, email: &str, password: &str) -> reqwest::Response {
+    app.post(
+        "/api/v1/auth/sign-in",
+        &json!({"email": email, "password": password}),
+    )
+    .await
+}
+
+async fn session(app: &App, email: &str) -> Value {
+    let resp = sign_in(app, email, PASSWORD).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.unwrap()
+}
+
+async fn verify(app: &App, token: &str) -> reqwest::Response {
+    app.post("/api/v1/auth/verify-email", &json!({"token": token}))
+        .await
+}
+
+async fn refresh(app: &App, token: &Value) -> reqwest::Response {
+    app.post("/api/v1/auth/refresh", &json!({"refresh_token": token}))
+        .await
+}
+
+async fn registered(app: &App) -> String {
+    let email = unique_address();
+    assert_eq!(
+        app.post("/api/v1/auth/register", &customer(&email))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    email
+}
+
+#[tokio::test]
+async fn a_customer_registers_verifies_through_the_mailed_link_and_signs_in() {
+    let app = spawn_app(&amqp_url()).await;
+    let pipeline = Pipeline::start(&app, &amqp_url());
+    let email = unique_address();
+
+    let resp = app.post("/api/v1/auth/register", &customer(&email)).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let account: Value = resp.json().await.unwrap();
+    assert_eq!(account["role"], "customer");
+    assert_eq!(account["email_verified"], false);
+    let hash: String = sqlx::query_scalar("SELECT password_hash FROM users")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{hash}"
+    );
+
+    // Unverified accounts may sign in.
+    let s = session(&app, &email).await;
+    let me: Value = app
+        .get_with_token("/api/v1/me", s["access_token"].as_str().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["email_verified"], false);
+
+    wait_until("the verification mail", WAIT, || async {
+        !mails_to(&email).await.is_empty()
+    })
+    .await;
+    let mail = &mails_to(&email).await[0];
+    assert_eq!(mail.subject, "Confirm your email address");
+    let link = mail
+        .text
+        .split_whitespace()
+        .find(|w| w.starts_with("http://shop.test/verify-email?token="))
+        .expect("the mail holds the link");
+    let token = link.split("token=").nth(1).unwrap();
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT token_hash FROM user_tokens")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_ne!(
+        stored,
+        token.as_bytes(),
+        "only a digest of the token is stored"
+    );
+
+    assert_eq!(verify(&app, token).await.status(), StatusCode::NO_CONTENT);
+    let me: Value = app
+        .get_with_token("/api/v1/me", s["access_token"].as_str().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["email_verified"], true);
+    let again = problem(verify(&app, token).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&again), ["token"], "the link works once");
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_seller_registers_with_a_shop_and_clashes_name_their_field_and_write_nothing() {
+    let app = spawn_app(&amqp_url()).await;
+    let seller = |email: &str, slug: &str| {
+        json!({"email": email, "password": PASSWORD, "name": "Sam", "kind": "seller",
+               "shop": {"name": "Green Grocer", "slug": slug, "contact_email": "shop@example.com"}})
+    };
+    let first = unique_address();
+    let resp = app
+        .post("/api/v1/auth/register", &seller(&first, "green-grocer"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(resp.json::<Value>().await.unwrap()["role"], "seller");
+    let before = (
+        count(&app.db.pool, "SELECT count(*) FROM users").await,
+        count(&app.db.pool, "SELECT count(*) FROM outbox").await,
+    );
+
+    let taken = problem(
+        app.post("/api/v1/auth/register", &customer(&first.to_uppercase()))
+            .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(
+        fields(&taken),
+        ["email"],
+        "emails are unique regardless of case"
+    );
+    let slug = problem(
+        app.post(
+            "/api/v1/auth/register",
+            &seller(&unique_address(), "green-grocer"),
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&slug), ["shop.slug"]);
+
+    let mut bad = seller("not-an-email", "Bad Slug");
+    bad["password"] = json!("short");
+    let invalid = problem(
+        app.post("/api/v1/auth/register", &bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&invalid), ["email", "password", "shop.slug"]);
+    let no_shop =
+        json!({"email": unique_address(), "password": PASSWORD, "name": "S", "kind": "seller"});
+    let invalid = problem(
+        app.post("/api/v1/auth/register", &no_shop).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&invalid), ["shop"]);
+
+    let after = (
+        count(&app.db.pool, "SELECT count(*) FROM users").await,
+        count(&app.db.pool, "SELECT count(*) FROM outbox").await,
+    );
+    assert_eq!(before, after, "nothing half-written");
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM shops").await, 1);
+}
+
+#[tokio::test]
+async fn wrong_credentials_get_the_same_answer_whether_or_not_the_account_exists() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let wrong_password = problem(
+        sign_in(&app, &email, "not the password").await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    let unknown = problem(
+        sign_in(&app, &unique_address(), PASSWORD).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(wrong_password, unknown);
+    let resp = app.get("/api/v1/me").await;
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    problem(resp, StatusCode::UNAUTHORIZED).await;
+}
+
+#[tokio::test]
+async fn a_refresh_token_works_once_and_its_reuse_revokes_the_family() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let first = session(&app, &email).await;
+
+    let resp = refresh(&app, &first["refresh_token"]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let second: Value = resp.json().await.unwrap();
+    assert_ne!(second["refresh_token"], first["refresh_token"]);
+    let me = app
+        .get_with_token("/api/v1/me", second["access_token"].as_str().unwrap())
+        .await;
+    assert_eq!(me.status(), StatusCode::OK);
+
+    // The first token again: someone has a copy. Both it and its successor die.
+    problem(
+        refresh(&app, &first["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    problem(
+        refresh(&app, &second["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+
+    // Another sign-in is its own family, unaffected; signing out ends it.
+    let other = session(&app, &email).await;
+    let resp = app
+        .post(
+            "/api/v1/auth/sign-out",
+            &json!({"refresh_token": other["refresh_token"]}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    problem(
+        refresh(&app, &other["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn tampered_expired_unsigned_and_foreign_tokens_are_refused() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let good = session(&app, &email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        app.get_with_token("/api/v1/me", &good).await.status(),
+        StatusCode::OK
+    );
+    let sub: String = sqlx::query_scalar("SELECT id::text FROM users")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+
+    let now = chrono::Utc::now().timestamp();
+    let claims = |aud: &str, iss: &str, exp: i64| json!({"sub": sub, "role": "admin", "iss": iss, "aud": aud, "iat": now, "exp": exp});
+    let secret = EncodingKey::from_secret(common::auth_config().secret.as_bytes());
+    let sign = |claims: &Value| {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &secret).unwrap()
+    };
+    let b64 = |v: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    };
+
+    let mut tampered = good.clone();
+    tampered.insert(good.len() - 3, 'A');
+    let unsigned = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&claims("souk-api", "souk", now + 600))
+    );
+    let other_key = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims("souk-api", "souk", now + 600),
+        &EncodingKey::from_secret(b"another-secret-another-secret-another"),
+    )
+    .unwrap();
+    let cases = [
+        ("tampered", tampered),
+        ("alg none", unsigned),
+        ("wrong key", other_key),
+        (
+            "wrong audience",
+            sign(&claims("someone-else", "souk", now + 600)),
+        ),
+        ("wrong issuer", sign(&claims("souk-api", "evil", now + 600))),
+        ("expired", sign(&claims("souk-api", "souk", now - 60))),
+    ];
+    for (what, token) in cases {
+        let resp = app.get_with_token("/api/v1/me", &token).await;
+        assert_eq!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED,
+            "{what} token accepted"
+        );
+    }
+
+    // A suspended account's still-valid token stops working at once.
+    sqlx::query("UPDATE users SET suspended_at = now()")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        app.get_with_token("/api/v1/me", &good).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    problem(
+        sign_in(&app, &email, PASSWORD).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+}

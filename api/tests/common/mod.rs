@@ -1,0 +1,180 @@
+//! The API on a free port against a fresh database, and the pipeline behind
+//! it (relay and mailer) for tests that follow a request to the mail it sends.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use reqwest::{Client, StatusCode};
+use serde_json::Value;
+use souk_api::{auth::AuthConfig, broker::BrokerProbe, router, state::AppState};
+use souk_shared::{telemetry, topology::Names};
+use souk_testkit::{TestDb, amqp_url, broker, mail::smtp_port, unique_prefix};
+use souk_workers::{
+    mailer::{Mailer, MailerConfig},
+    ops::Readiness,
+    relay::{self, RelaySettings},
+    runtime::{self, ConsumerSettings},
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct App {
+    pub base: String,
+    pub db: TestDb,
+    pub http: Client,
+}
+
+pub fn auth_config() -> AuthConfig {
+    AuthConfig {
+        secret: "test-secret-test-secret-test-secret!".into(),
+        issuer: "souk".into(),
+        audience: "souk-api".into(),
+        access_ttl_secs: 900,
+        refresh_ttl_days: 30,
+        verify_email_ttl_hours: 48,
+        storefront_url: "http://shop.test".into(),
+    }
+}
+
+pub async fn spawn_app(amqp: &str) -> App {
+    let db = TestDb::new().await;
+    let state = AppState::new(
+        db.pool.clone(),
+        BrokerProbe::new(amqp, "souk-api-test"),
+        telemetry::metrics_handle(),
+        auth_config(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, router(state, 64 * 1024))
+            .await
+            .unwrap()
+    });
+    App {
+        base: format!("http://{addr}"),
+        db,
+        http: Client::new(),
+    }
+}
+
+impl App {
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+    pub async fn get_with_token(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// Asserts a problem+json answer with `status` and returns its body.
+pub async fn problem(resp: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(resp.status(), status);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16());
+    body
+}
+
+/// The fields named by a validation or conflict problem.
+pub fn fields(problem: &Value) -> Vec<String> {
+    problem["errors"]
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .map(|e| e["field"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A relay and a mailer on the app's database, under their own prefix.
+pub struct Pipeline {
+    names: Names,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+const DELAYS: &[u64] = &[200, 1000];
+
+impl Pipeline {
+    /// `broker_url` is where the relay publishes (a proxy, to cut it off).
+    pub fn start(app: &App, broker_url: &str) -> Self {
+        let prefix = unique_prefix();
+        let names = Names::new(&prefix);
+        let shutdown = CancellationToken::new();
+        let relay = tokio::spawn(relay::run(
+            app.db.pool.clone(),
+            RelaySettings {
+                amqp_url: broker_url.into(),
+                names: names.clone(),
+                batch_size: 100,
+                poll_interval: Duration::from_secs(2),
+                retention_hours: 24,
+                connection_name: format!("{prefix}.relay@test"),
+            },
+            Readiness::default(),
+            shutdown.clone(),
+        ));
+        let mailer = tokio::spawn(runtime::run(
+            Mailer::new(&MailerConfig {
+                smtp_host: "127.0.0.1".into(),
+                smtp_port: smtp_port(),
+                smtp_username: None,
+                smtp_password: None,
+                from: "Souk <no-reply@souk.test>".parse().unwrap(),
+                timeout: Duration::from_secs(5),
+                lease: Duration::from_secs(30),
+            }),
+            app.db.pool.clone(),
+            ConsumerSettings {
+                amqp_url: amqp_url(),
+                names: names.clone(),
+                prefetch: 8,
+                concurrency: 4,
+                batch: 8,
+                retry_delays_ms: DELAYS.to_vec(),
+                connection_name: format!("{prefix}.mailer@test"),
+                processed_retention: Duration::from_secs(3600),
+            },
+            Readiness::default(),
+            shutdown.clone(),
+        ));
+        Self {
+            names,
+            shutdown,
+            tasks: vec![relay, mailer],
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+        let conn = souk_shared::amqp::connect(&amqp_url(), "cleanup")
+            .await
+            .unwrap();
+        broker::delete_group(&conn, &self.names, "mailer", DELAYS).await;
+    }
+}
