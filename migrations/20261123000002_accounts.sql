@@ -24,12 +24,12 @@ CREATE TABLE shops (
 );
 CREATE UNIQUE INDEX shops_slug_key ON shops (slug);
 
--- Single-use tokens mailed to users (email verification now, password reset
--- later). Only a SHA-256 of the token is stored.
+-- Single-use tokens mailed to users (email verification, password reset).
+-- Only a SHA-256 of the token is stored.
 CREATE TABLE user_tokens (
     token_hash bytea       PRIMARY KEY,
     user_id    uuid        NOT NULL REFERENCES users (id),
-    purpose    text        NOT NULL CHECK (purpose IN ('verify_email')),
+    purpose    text        NOT NULL CHECK (purpose IN ('verify_email', 'reset_password')),
     expires_at timestamptz NOT NULL,
     used_at    timestamptz,
     created_at timestamptz NOT NULL DEFAULT now()

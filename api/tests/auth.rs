@@ -323,3 +323,156 @@ async fn tampered_expired_unsigned_and_foreign_tokens_are_refused() {
     )
     .await;
 }
+
+/// The token in the link of the newest mail to `to` whose subject is `subject`.
+async fn mailed_token(to: &str, subject: &str) -> String {
+    wait_until("the mail", WAIT, || async {
+        mails_to(to).await.iter().any(|m| m.subject == subject)
+    })
+    .await;
+    let mails = mails_to(to).await;
+    let mail = mails.iter().rev().find(|m| m.subject == subject).unwrap();
+    let link = mail
+        .text
+        .split_whitespace()
+        .find(|w| w.contains("?token="))
+        .expect("a link");
+    link.split("token=").nth(1).unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_forgotten_password_is_reset_by_the_mailed_link_once_and_ends_every_session() {
+    let app = spawn_app(&amqp_url()).await;
+    let pipeline = Pipeline::start(&app, &amqp_url());
+    let email = registered(&app).await;
+    let before = session(&app, &email).await;
+
+    let api = &app;
+    let forgot = |email: String| async move {
+        api.post("/api/v1/auth/forgot-password", &json!({"email": email}))
+            .await
+    };
+    // Same answer for an account that does not exist, and no mail for it.
+    let stranger = unique_address();
+    let resp = forgot(stranger.clone()).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let known = forgot(email.to_uppercase()).await;
+    assert_eq!(known.status(), StatusCode::ACCEPTED);
+    assert_eq!(resp.text().await.unwrap(), known.text().await.unwrap());
+
+    let token = mailed_token(&email, "Reset your Souk password").await;
+    assert!(mails_to(&stranger).await.is_empty());
+    let reset = |token: String, password: &'static str| async move {
+        api.post(
+            "/api/v1/auth/reset-password",
+            &json!({"token": token, "new_password": password}),
+        )
+        .await
+    };
+    let weak = problem(
+        reset(token.clone(), "short").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&weak), ["new_password"]);
+    assert_eq!(
+        reset(token.clone(), "a brand new password").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let reused = problem(
+        reset(token, "yet another password").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&reused), ["token"], "the link works once");
+
+    problem(
+        sign_in(&app, &email, PASSWORD).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(
+        sign_in(&app, &email, "a brand new password").await.status(),
+        StatusCode::OK
+    );
+    problem(
+        refresh(&app, &before["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn changing_the_password_needs_the_current_one_and_ends_the_other_sessions() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let here = session(&app, &email).await;
+    let elsewhere = session(&app, &email).await;
+    let token = here["access_token"].as_str().unwrap();
+    let change = |current: &'static str, new: &'static str| {
+        app.http
+            .post(format!("{}/api/v1/me/password", app.base))
+            .bearer_auth(token)
+            .json(&json!({"current_password": current, "new_password": new}))
+            .send()
+    };
+
+    let wrong = problem(
+        change("not my password", "a brand new password")
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&wrong), ["current_password"]);
+    let resp = change(PASSWORD, "a brand new password").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let fresh: Value = resp.json().await.unwrap();
+
+    problem(
+        refresh(&app, &elsewhere["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    problem(
+        refresh(&app, &here["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(
+        refresh(&app, &fresh["refresh_token"]).await.status(),
+        StatusCode::OK,
+        "the new session goes on"
+    );
+    assert_eq!(
+        sign_in(&app, &email, "a brand new password").await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn signing_out_everywhere_ends_every_session() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let one = session(&app, &email).await;
+    let two = session(&app, &email).await;
+    let resp = app
+        .http
+        .post(format!("{}/api/v1/auth/sign-out-everywhere", app.base))
+        .bearer_auth(one["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    problem(
+        refresh(&app, &one["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    problem(
+        refresh(&app, &two["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+}

@@ -10,6 +10,7 @@ pub struct AuthConfig {
     pub access_ttl_secs: i64,
     pub refresh_ttl_days: i64,
     pub verify_email_ttl_hours: i64,
+    pub reset_password_ttl_minutes: i64,
     /// Where the storefront serves its pages; links in mails point there.
     pub storefront_url: String,
 }
@@ -30,6 +31,7 @@ impl AuthConfig {
             access_ttl_secs: env.or("ACCESS_TOKEN_TTL_SECS", 900)?,
             refresh_ttl_days: env.or("REFRESH_TOKEN_TTL_DAYS", 30)?,
             verify_email_ttl_hours: env.or("VERIFY_EMAIL_TTL_HOURS", 48)?,
+            reset_password_ttl_minutes: env.or("RESET_PASSWORD_TTL_MINUTES", 60)?,
             storefront_url: env
                 .or("STOREFRONT_URL", "http://localhost:3000".to_string())?
                 .trim_end_matches('/')

@@ -2,6 +2,7 @@
 //! [`Caller`] extractor every protected handler takes.
 
 pub mod config;
+pub mod links;
 pub mod password;
 pub mod secret;
 

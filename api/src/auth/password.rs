@@ -7,11 +7,22 @@ use argon2::{
     password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash},
 };
 
-pub async fn hash(password: String) -> anyhow::Result<String> {
+/// A PHC-format Argon2id hash. Only [`hash`] makes one, so a plain password
+/// can never be stored where a hash belongs.
+#[derive(Debug, Clone)]
+pub struct Hashed(String);
+
+impl Hashed {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+pub async fn hash(password: String) -> anyhow::Result<Hashed> {
     tokio::task::spawn_blocking(move || {
         Argon2::default()
             .hash_password(password.as_bytes())
-            .map(|h| h.to_string())
+            .map(|h| Hashed(h.to_string()))
             .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
     })
     .await?
@@ -45,7 +56,11 @@ static DUMMY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 mod tests {
     #[tokio::test]
     async fn hashes_verify_and_use_argon2id_at_owasp_cost() {
-        let h = super::hash("correct horse battery".into()).await.unwrap();
+        let h = super::hash("correct horse battery".into())
+            .await
+            .unwrap()
+            .as_str()
+            .to_string();
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
         assert!(
             super::verify("correct horse battery".into(), Some(h.clone()))

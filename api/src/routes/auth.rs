@@ -3,13 +3,16 @@
 use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
-use souk_shared::{contracts::EmailRequested, envelope::Envelope, outbox};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    auth::{Role, password, secret},
+    auth::{
+        Caller, Role,
+        links::{self, Purpose},
+        password, secret,
+    },
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
     middleware::RequestId,
@@ -71,13 +74,7 @@ impl Validate for Registration {
         if !valid_email(self.email.trim()) {
             errors.push(FieldError::new("email", "must be an email address"));
         }
-        let n = self.password.chars().count();
-        if !(MIN_PASSWORD..=MAX_PASSWORD).contains(&n) {
-            errors.push(FieldError::new(
-                "password",
-                format!("must be {MIN_PASSWORD} to {MAX_PASSWORD} characters"),
-            ));
-        }
+        check_new_password(&mut errors, "password", &self.password);
         if self.name.trim().is_empty() || self.name.chars().count() > 100 {
             errors.push(FieldError::new("name", "must be 1 to 100 characters"));
         }
@@ -127,38 +124,6 @@ pub struct Account {
     pub created_at: DateTime<Utc>,
 }
 
-/// Mails a fresh verification link; the caller commits.
-async fn send_verification(
-    tx: &mut PgConnection,
-    state: &AppState,
-    user: Uuid,
-    email: &str,
-    name: &str,
-    correlation_id: &str,
-) -> Result<(), ApiError> {
-    let token = secret::generate();
-    sqlx::query(
-        "INSERT INTO user_tokens (token_hash, user_id, purpose, expires_at)
-         VALUES ($1, $2, 'verify_email', now() + make_interval(hours => $3::int))",
-    )
-    .bind(secret::digest(&token))
-    .bind(user)
-    .bind(state.auth.verify_email_ttl_hours)
-    .execute(&mut *tx)
-    .await?;
-    let mail = EmailRequested {
-        to: email.to_string(),
-        template: "verify_email".into(),
-        data: serde_json::json!({
-            "name": name,
-            "link": format!("{}/verify-email?token={token}", state.auth.storefront_url),
-            "hours": state.auth.verify_email_ttl_hours,
-        }),
-    };
-    outbox::enqueue(tx, &Envelope::new(&mail, correlation_id)).await?;
-    Ok(())
-}
-
 /// Create an account; a verification link is mailed to `email`.
 ///
 /// Until the email is verified the account can sign in but cannot check out,
@@ -191,7 +156,7 @@ pub async fn register(
     )
     .bind(id)
     .bind(&email)
-    .bind(&password_hash)
+    .bind(password_hash.as_str())
     .bind(&name)
     .bind(role.as_str())
     .fetch_one(&mut *tx)
@@ -210,7 +175,15 @@ pub async fn register(
         .execute(&mut *tx)
         .await?;
     }
-    send_verification(&mut tx, &state, id, &email, &name, &request_id.0).await?;
+    links::send(
+        &mut tx,
+        &state,
+        Purpose::VerifyEmail,
+        id,
+        (&email, &name),
+        &request_id.0,
+    )
+    .await?;
     tx.commit().await?;
     state.outbox.wake();
     Ok((
@@ -256,14 +229,7 @@ pub async fn verify_email(
     ValidJson(body): ValidJson<VerifyEmail>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.pool.begin().await?;
-    let user: Option<Uuid> = sqlx::query_scalar(
-        "UPDATE user_tokens SET used_at = now()
-          WHERE token_hash = $1 AND purpose = 'verify_email' AND used_at IS NULL AND expires_at > now()
-          RETURNING user_id",
-    )
-    .bind(secret::digest(&body.token))
-    .fetch_optional(&mut *tx)
-    .await?;
+    let user = links::consume(&mut tx, Purpose::VerifyEmail, &body.token).await?;
     let user = user.ok_or_else(|| {
         ApiError::Validation(vec![FieldError::new(
             "token",
@@ -491,6 +457,211 @@ pub async fn sign_out(
     if let Some(family) = family {
         revoke_family(&mut tx, family).await?;
     }
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The password rule, for every field that sets one.
+fn check_new_password(errors: &mut Vec<FieldError>, field: &str, password: &str) {
+    let n = password.chars().count();
+    if !(MIN_PASSWORD..=MAX_PASSWORD).contains(&n) {
+        errors.push(FieldError::new(
+            field,
+            format!("must be {MIN_PASSWORD} to {MAX_PASSWORD} characters"),
+        ));
+    }
+}
+
+/// Revokes every refresh-token family of `user`: all sessions end.
+async fn end_all_sessions(tx: &mut PgConnection, user: Uuid) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(user)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Stores a new password hash (computed before the transaction: hashing
+/// takes tens of milliseconds) and ends every session.
+async fn set_password(
+    tx: &mut PgConnection,
+    user: Uuid,
+    hash: password::Hashed,
+) -> Result<(), ApiError> {
+    sqlx::query("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1")
+        .bind(user)
+        .bind(hash.as_str())
+        .execute(&mut *tx)
+        .await?;
+    end_all_sessions(tx, user).await
+}
+
+/// Sign out everywhere: every refresh token of the caller stops working.
+#[utoipa::path(
+    post, path = "/auth/sign-out-everywhere", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 204, description = "every session ended"),
+        (status = 401, description = "not signed in", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn sign_out_everywhere(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    end_all_sessions(&mut tx, caller.id).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    pub current_password: String,
+    pub new_password: String,
+}
+
+impl Validate for PasswordChange {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.current_password.is_empty() || self.current_password.chars().count() > MAX_PASSWORD
+        {
+            errors.push(FieldError::new("current_password", "must not be empty"));
+        }
+        check_new_password(&mut errors, "new_password", &self.new_password);
+        errors
+    }
+}
+
+/// Change the caller's password. Every other session ends; the answer is a
+/// new session for this one.
+#[utoipa::path(
+    post, path = "/me/password", tag = "account", security(("bearer" = [])), request_body = PasswordChange,
+    responses(
+        (status = 200, description = "changed; a new session", body = Session),
+        (status = 401, description = "not signed in", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "wrong current password or weak new one", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn change_password(
+    State(state): State<AppState>,
+    caller: Caller,
+    ValidJson(body): ValidJson<PasswordChange>,
+) -> Result<Json<Session>, ApiError> {
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
+            .bind(caller.id)
+            .fetch_one(&state.pool)
+            .await?;
+    if !password::verify(body.current_password, stored).await? {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "current_password",
+            "is not your password",
+        )]));
+    }
+    let hash = password::hash(body.new_password).await?;
+    let mut tx = state.pool.begin().await?;
+    set_password(&mut tx, caller.id, hash).await?;
+    let session = open_session(&mut tx, &state, caller.id, caller.role, None).await?;
+    tx.commit().await?;
+    Ok(Json(session))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForgotPassword {
+    pub email: String,
+}
+
+impl Validate for ForgotPassword {
+    fn validate(&self) -> Vec<FieldError> {
+        if valid_email(self.email.trim()) {
+            vec![]
+        } else {
+            vec![FieldError::new("email", "must be an email address")]
+        }
+    }
+}
+
+/// Mail a password-reset link. Answers the same whether or not an account
+/// has this email, so it cannot be used to find out who has one.
+#[utoipa::path(
+    post, path = "/auth/forgot-password", tag = "auth", request_body = ForgotPassword,
+    responses((status = 202, description = "if the account exists, a link is on its way"))
+)]
+pub async fn forgot_password(
+    State(state): State<AppState>,
+    request_id: RequestId,
+    ValidJson(body): ValidJson<ForgotPassword>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let found: Option<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT id, email, name FROM users WHERE lower(email) = lower($1) AND suspended_at IS NULL",
+    )
+    .bind(body.email.trim())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((user, email, name)) = found {
+        links::send(
+            &mut tx,
+            &state,
+            Purpose::ResetPassword,
+            user,
+            (&email, &name),
+            &request_id.0,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    state.outbox.wake();
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetPassword {
+    /// The token from the mailed link.
+    pub token: String,
+    pub new_password: String,
+}
+
+impl Validate for ResetPassword {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.token.is_empty() || self.token.len() > 100 {
+            errors.push(FieldError::new("token", "must be the token from the link"));
+        }
+        check_new_password(&mut errors, "new_password", &self.new_password);
+        errors
+    }
+}
+
+/// Set a new password with the token from a reset mail (single use); every
+/// session of the account ends.
+#[utoipa::path(
+    post, path = "/auth/reset-password", tag = "auth", request_body = ResetPassword,
+    responses(
+        (status = 204, description = "password changed"),
+        (status = 422, description = "unknown, used or expired token, or weak password", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn reset_password(
+    State(state): State<AppState>,
+    ValidJson(body): ValidJson<ResetPassword>,
+) -> Result<StatusCode, ApiError> {
+    let hash = password::hash(body.new_password).await?;
+    let mut tx = state.pool.begin().await?;
+    let user = links::consume(&mut tx, Purpose::ResetPassword, &body.token)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Validation(vec![FieldError::new(
+                "token",
+                "is unknown, used or expired",
+            )])
+        })?;
+    set_password(&mut tx, user, hash).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

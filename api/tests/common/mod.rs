@@ -34,6 +34,7 @@ pub fn auth_config() -> AuthConfig {
         access_ttl_secs: 900,
         refresh_ttl_days: 30,
         verify_email_ttl_hours: 48,
+        reset_password_ttl_minutes: 60,
         storefront_url: "http://shop.test".into(),
     }
 }

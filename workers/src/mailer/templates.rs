@@ -5,7 +5,7 @@
 use minijinja::{Environment, UndefinedBehavior};
 
 /// Templates known to the mailer, by name.
-const NAMES: &[&str] = &["support_request_received", "verify_email"];
+const NAMES: &[&str] = &["support_request_received", "verify_email", "reset_password"];
 
 macro_rules! embed {
     ($env:ident, $($file:literal),* $(,)?) => {
@@ -49,6 +49,9 @@ impl Default for Templates {
             "verify_email.subject.txt",
             "verify_email.txt",
             "verify_email.html",
+            "reset_password.subject.txt",
+            "reset_password.txt",
+            "reset_password.html",
         );
         Self { env }
     }

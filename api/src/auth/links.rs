@@ -1,0 +1,98 @@
+//! Single-use links mailed to users: email verification and password reset.
+//! The token travels only in the mail; the database keeps its SHA-256.
+
+use chrono::Duration;
+use souk_shared::{contracts::EmailRequested, envelope::Envelope, outbox};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::secret;
+use crate::{error::ApiError, state::AppState};
+
+#[derive(Debug, Clone, Copy)]
+pub enum Purpose {
+    VerifyEmail,
+    ResetPassword,
+}
+
+impl Purpose {
+    fn name(self) -> &'static str {
+        match self {
+            Self::VerifyEmail => "verify_email",
+            Self::ResetPassword => "reset_password",
+        }
+    }
+    /// The storefront page the link opens.
+    fn page(self) -> &'static str {
+        match self {
+            Self::VerifyEmail => "verify-email",
+            Self::ResetPassword => "reset-password",
+        }
+    }
+    fn lifetime(self, state: &AppState) -> Duration {
+        match self {
+            Self::VerifyEmail => Duration::hours(state.auth.verify_email_ttl_hours),
+            Self::ResetPassword => Duration::minutes(state.auth.reset_password_ttl_minutes),
+        }
+    }
+}
+
+fn human(d: Duration) -> String {
+    if d.num_minutes() % 60 == 0 {
+        format!("{} hours", d.num_hours())
+    } else {
+        format!("{} minutes", d.num_minutes())
+    }
+}
+
+/// Stores a new token and enqueues the mail with its link, in the caller's
+/// transaction.
+pub async fn send(
+    tx: &mut PgConnection,
+    state: &AppState,
+    purpose: Purpose,
+    user: Uuid,
+    (email, name): (&str, &str),
+    correlation_id: &str,
+) -> Result<(), ApiError> {
+    let token = secret::generate();
+    let lifetime = purpose.lifetime(state);
+    sqlx::query(
+        "INSERT INTO user_tokens (token_hash, user_id, purpose, expires_at)
+         VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+    )
+    .bind(secret::digest(&token))
+    .bind(user)
+    .bind(purpose.name())
+    .bind(lifetime.num_seconds() as f64)
+    .execute(&mut *tx)
+    .await?;
+    let mail = EmailRequested {
+        to: email.to_string(),
+        template: purpose.name().into(),
+        data: serde_json::json!({
+            "name": name,
+            "link": format!("{}/{}?token={token}", state.auth.storefront_url, purpose.page()),
+            "expires": human(lifetime),
+        }),
+    };
+    outbox::enqueue(tx, &Envelope::new(&mail, correlation_id)).await?;
+    Ok(())
+}
+
+/// Uses up a token; the user it was for, if it was valid, unused and unexpired.
+pub async fn consume(
+    tx: &mut PgConnection,
+    purpose: Purpose,
+    token: &str,
+) -> Result<Option<Uuid>, ApiError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE user_tokens SET used_at = now()
+          WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now()
+          RETURNING user_id",
+    )
+    .bind(secret::digest(token))
+    .bind(purpose.name())
+    .fetch_optional(tx)
+    .await?)
+}
