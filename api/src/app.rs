@@ -12,7 +12,7 @@ use utoipa_scalar::{Scalar, Servable};
 use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
-    routes::{auth, health, me, support},
+    routes::{addresses, auth, health, me, support},
     state::AppState,
 };
 
@@ -57,6 +57,13 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(auth::reset_password))
         .routes(routes!(auth::change_password))
         .routes(routes!(me::me))
+        .routes(routes!(addresses::list, addresses::create))
+        .routes(routes!(
+            addresses::get,
+            addresses::update,
+            addresses::delete
+        ))
+        .routes(routes!(addresses::set_default))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` (and committed as

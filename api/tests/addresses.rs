@@ -1,0 +1,176 @@
+//! The address book: one default, and no access to another account's addresses.
+
+mod common;
+
+use common::{App, fields, problem, spawn_app};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use souk_testkit::{amqp_url, count, mail::unique_address};
+
+/// Registers and signs in a new customer; returns the access token.
+async fn customer(app: &App) -> String {
+    let email = unique_address();
+    let password = "correct horse battery";
+    let body = json!({"email": email, "password": password, "name": "Ann"});
+    assert_eq!(
+        app.post("/api/v1/auth/register", &body).await.status(),
+        StatusCode::CREATED
+    );
+    let s: Value = app
+        .post(
+            "/api/v1/auth/sign-in",
+            &json!({"email": email, "password": password}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    s["access_token"].as_str().unwrap().to_string()
+}
+
+async fn call(
+    app: &App,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut req = app
+        .http
+        .request(method, format!("{}/api/v1{path}", app.base))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    req.send().await.unwrap()
+}
+
+fn address(city: &str) -> Value {
+    json!({"full_name": "Ann Example", "line1": "1 Main St", "city": city, "postal_code": "10115", "country": "DE"})
+}
+
+#[tokio::test]
+async fn the_first_address_is_the_default_and_there_is_only_ever_one() {
+    let app = spawn_app(&amqp_url()).await;
+    let ann = customer(&app).await;
+    let first: Value = call(
+        &app,
+        &ann,
+        Method::POST,
+        "/me/addresses",
+        Some(address("Berlin")),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(first["default"], true);
+    let second: Value = call(
+        &app,
+        &ann,
+        Method::POST,
+        "/me/addresses",
+        Some(address("Hamburg")),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(second["default"], false);
+
+    let path = format!("/me/addresses/{}/default", second["id"].as_str().unwrap());
+    let resp = call(&app, &ann, Method::POST, &path, None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let book: Vec<Value> = call(&app, &ann, Method::GET, "/me/addresses", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(book.len(), 2);
+    assert_eq!(book[0]["city"], "Hamburg", "the default comes first");
+    assert_eq!(book.iter().filter(|a| a["default"] == true).count(), 1);
+
+    // Deleting the default hands it to the remaining address.
+    let path = format!("/me/addresses/{}", second["id"].as_str().unwrap());
+    assert_eq!(
+        call(&app, &ann, Method::DELETE, &path, None).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let book: Vec<Value> = call(&app, &ann, Method::GET, "/me/addresses", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(book.len(), 1);
+    assert_eq!(book[0]["default"], true);
+}
+
+#[tokio::test]
+async fn another_customers_address_is_not_found_and_left_untouched() {
+    let app = spawn_app(&amqp_url()).await;
+    let ann = customer(&app).await;
+    let bob = customer(&app).await;
+    let anns: Value = call(
+        &app,
+        &ann,
+        Method::POST,
+        "/me/addresses",
+        Some(address("Berlin")),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let path = format!("/me/addresses/{}", anns["id"].as_str().unwrap());
+
+    for (method, path, body) in [
+        (Method::GET, path.clone(), None),
+        (Method::PUT, path.clone(), Some(address("Stolen"))),
+        (Method::DELETE, path.clone(), None),
+        (Method::POST, format!("{path}/default"), None),
+    ] {
+        let resp = call(&app, &bob, method.clone(), &path, body).await;
+        let body = problem(resp, StatusCode::NOT_FOUND).await;
+        assert!(
+            !body.to_string().contains("Berlin"),
+            "{method} leaked: {body}"
+        );
+    }
+    let bobs: Vec<Value> = call(&app, &bob, Method::GET, "/me/addresses", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(bobs.is_empty());
+    let still: Value = call(&app, &ann, Method::GET, &path, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(still["city"], "Berlin");
+    assert_eq!(still["default"], true);
+
+    problem(
+        app.get("/api/v1/me/addresses").await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_address_names_its_fields_and_writes_nothing() {
+    let app = spawn_app(&amqp_url()).await;
+    let ann = customer(&app).await;
+    let mut bad = address("");
+    bad["country"] = json!("Germany");
+    let body = problem(
+        call(&app, &ann, Method::POST, "/me/addresses", Some(bad)).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&body), ["city", "country"]);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM addresses").await,
+        0
+    );
+}
