@@ -7,6 +7,7 @@ CREATE TABLE users (
     role              text        NOT NULL CHECK (role IN ('customer', 'seller', 'admin')),
     email_verified_at timestamptz,
     suspended_at      timestamptz,
+    suspended_reason  text,
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now()
 );
@@ -50,3 +51,15 @@ CREATE TABLE refresh_tokens (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX refresh_tokens_family ON refresh_tokens (family_id);
+
+-- Every admin action: who, what, on what, when and why. Append-only.
+CREATE TABLE audit_log (
+    id          uuid PRIMARY KEY,
+    actor_id    uuid        NOT NULL REFERENCES users (id),
+    action      text        NOT NULL,
+    target_type text        NOT NULL,
+    target_id   uuid        NOT NULL,
+    reason      text        NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX audit_log_target ON audit_log (target_type, target_id, at);

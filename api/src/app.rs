@@ -12,7 +12,7 @@ use utoipa_scalar::{Scalar, Servable};
 use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
-    routes::{addresses, auth, health, me, support},
+    routes::{addresses, admin, auth, health, me, support},
     state::AppState,
 };
 
@@ -64,6 +64,8 @@ fn v1() -> OpenApiRouter<AppState> {
             addresses::delete
         ))
         .routes(routes!(addresses::set_default))
+        .routes(routes!(admin::suspend))
+        .routes(routes!(admin::unsuspend))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` (and committed as

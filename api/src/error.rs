@@ -57,6 +57,9 @@ pub enum ApiError {
     /// No valid credentials; the detail never says which part was wrong.
     #[error("unauthorized")]
     Unauthorized,
+    /// Signed in, but not allowed to do this.
+    #[error("forbidden")]
+    Forbidden,
     /// The request clashes with existing data, e.g. an email already taken.
     #[error("conflict")]
     Conflict(FieldError),
@@ -131,6 +134,13 @@ impl ApiError {
                 "unauthorized",
                 "Unauthorized",
                 Some("missing, invalid or expired credentials".into()),
+                vec![],
+            ),
+            Self::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "Forbidden",
+                Some("your account may not do this".into()),
                 vec![],
             ),
             Self::Conflict(error) => (

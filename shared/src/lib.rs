@@ -7,6 +7,7 @@ pub mod contracts;
 pub mod db;
 pub mod envelope;
 pub mod outbox;
+pub mod password;
 pub mod signal;
 pub mod telemetry;
 pub mod topology;

@@ -3,8 +3,9 @@
 
 pub mod config;
 pub mod links;
-pub mod password;
 pub mod secret;
+
+pub use souk_shared::password;
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use chrono::Utc;
@@ -134,18 +135,40 @@ impl FromRequestParts<AppState> for Caller {
             .jwt
             .verify(token.trim())
             .ok_or(ApiError::Unauthorized)?;
-        // Checked on every request so a suspension takes effect at once.
-        let active: Option<bool> =
-            sqlx::query_scalar("SELECT suspended_at IS NULL FROM users WHERE id = $1")
+        // Read on every request, so a suspension or a role change takes
+        // effect at once rather than when the token expires.
+        let account: Option<(String, bool)> =
+            sqlx::query_as("SELECT role, suspended_at IS NULL FROM users WHERE id = $1")
                 .bind(claims.sub)
                 .fetch_optional(&state.pool)
                 .await?;
-        match active {
-            Some(true) => Ok(Self {
+        match account {
+            Some((role, true)) => Ok(Self {
                 id: claims.sub,
-                role: claims.role,
+                role: Role::parse(&role).ok_or(ApiError::Unauthorized)?,
             }),
             _ => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+/// A caller who is an admin. Admin handlers take this instead of [`Caller`],
+/// so none can forget the check; anyone else gets 403.
+#[derive(Debug, Clone)]
+pub struct Admin(pub Caller);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if caller.role == Role::Admin {
+            Ok(Self(caller))
+        } else {
+            Err(ApiError::Forbidden)
         }
     }
 }

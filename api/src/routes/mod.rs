@@ -1,4 +1,5 @@
 pub mod addresses;
+pub mod admin;
 pub mod auth;
 pub mod health;
 pub mod me;

@@ -1,7 +1,9 @@
-//! Operator commands: apply migrations, list and replay parked messages.
+//! Operator commands: apply migrations, create an admin account, list and
+//! replay parked messages.
 //!
 //! ```text
 //! souk-admin migrate
+//! souk-admin create-admin <email> <name>     (password from SOUK_ADMIN_PASSWORD, else stdin)
 //! souk-admin parked list <group> [--limit N]
 //! souk-admin parked replay <group> [<message-id> | --all]
 //! ```
@@ -9,13 +11,14 @@
 use souk_shared::{
     amqp,
     config::{CommonConfig, Env, exit_on_error},
-    db,
+    db, password,
     topology::Names,
 };
 use souk_workers::runtime::parked;
 
 const USAGE: &str = "usage:
   souk-admin migrate
+  souk-admin create-admin <email> <name>   (password from SOUK_ADMIN_PASSWORD, else stdin)
   souk-admin parked list <group> [--limit N]
   souk-admin parked replay <group> (<message-id> | --all)";
 
@@ -37,6 +40,43 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
             let pool = db::pool(&config.database_url, 2)?;
             db::migrate(&pool).await?;
             println!("migrations applied");
+        }
+        ["create-admin", email, name] => {
+            let password = match std::env::var("SOUK_ADMIN_PASSWORD") {
+                Ok(p) => p,
+                Err(_) => {
+                    eprintln!("password for {email}:");
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            anyhow::ensure!(
+                (10..=128).contains(&password.chars().count()),
+                "the password must be 10 to 128 characters"
+            );
+            let pool = db::pool(&config.database_url, 2)?;
+            let hash = password::hash(password).await?;
+            let id = uuid::Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO users (id, email, password_hash, name, role, email_verified_at)
+                 VALUES ($1, $2, $3, $4, 'admin', now())",
+            )
+            .bind(id)
+            .bind(email.trim())
+            .bind(hash.as_str())
+            .bind(name.trim())
+            .execute(&pool)
+            .await
+            .map_err(
+                |e| match e.as_database_error().and_then(|d| d.constraint()) {
+                    Some("users_email_key") => {
+                        anyhow::anyhow!("an account with the email {email} already exists")
+                    }
+                    _ => e.into(),
+                },
+            )?;
+            println!("admin {email} created ({id})");
         }
         ["parked", "list", group, rest @ ..] => {
             let limit = match rest {

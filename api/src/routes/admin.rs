@@ -1,0 +1,144 @@
+//! Admin actions on accounts. Each is written to the audit log in the same
+//! transaction as the change, with who, what, when and why.
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+};
+use serde::Deserialize;
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    auth::Admin,
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidJson, Validate},
+    state::AppState,
+};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reason {
+    /// Why; kept in the audit log (and shown to the account for a suspension).
+    pub reason: String,
+}
+
+impl Validate for Reason {
+    fn validate(&self) -> Vec<FieldError> {
+        let n = self.reason.trim().chars().count();
+        if n == 0 || n > 500 {
+            vec![FieldError::new("reason", "must be 1 to 500 characters")]
+        } else {
+            vec![]
+        }
+    }
+}
+
+async fn audit(
+    tx: &mut PgConnection,
+    admin: &Admin,
+    action: &str,
+    (target_type, target_id): (&str, Uuid),
+    reason: &str,
+) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO audit_log (id, actor_id, action, target_type, target_id, reason)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(admin.0.id)
+    .bind(action)
+    .bind(target_type)
+    .bind(target_id)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Suspend an account: its access tokens stop working at once and all its
+/// sessions end.
+#[utoipa::path(
+    post, path = "/admin/users/{id}/suspend", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = Reason,
+    responses(
+        (status = 204, description = "suspended"),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such account", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no reason given, or an admin's own account", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn suspend(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<Uuid>,
+    ValidJson(body): ValidJson<Reason>,
+) -> Result<StatusCode, ApiError> {
+    if id == admin.0.id {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "id",
+            "admins cannot suspend themselves",
+        )]));
+    }
+    let reason = body.reason.trim();
+    let mut tx = state.pool.begin().await?;
+    let found = sqlx::query(
+        "UPDATE users SET suspended_at = coalesce(suspended_at, now()), suspended_reason = $2, updated_at = now()
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    if found.rows_affected() == 0 {
+        return Err(ApiError::NotFound);
+    }
+    sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    audit(&mut tx, &admin, "user.suspend", ("user", id), reason).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Lift a suspension.
+#[utoipa::path(
+    post, path = "/admin/users/{id}/unsuspend", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = Reason,
+    responses(
+        (status = 204, description = "active again"),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such account", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn unsuspend(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<Uuid>,
+    ValidJson(body): ValidJson<Reason>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let found = sqlx::query(
+        "UPDATE users SET suspended_at = NULL, suspended_reason = NULL, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    if found.rows_affected() == 0 {
+        return Err(ApiError::NotFound);
+    }
+    audit(
+        &mut tx,
+        &admin,
+        "user.unsuspend",
+        ("user", id),
+        body.reason.trim(),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
