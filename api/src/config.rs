@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use souk_shared::config::{CommonConfig, ConfigError, Env};
 
-use crate::auth::AuthConfig;
+use crate::{auth::AuthConfig, ratelimit::Limits};
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -13,6 +13,9 @@ pub struct ApiConfig {
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
     pub auth: AuthConfig,
+    /// Rate-limit counters live here, shared by every API replica.
+    pub redis_url: String,
+    pub limits: Limits,
 }
 
 impl ApiConfig {
@@ -22,6 +25,8 @@ impl ApiConfig {
             http_addr: env.or("HTTP_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             body_limit: env.or("HTTP_BODY_LIMIT_BYTES", 1 << 20)?,
             auth: AuthConfig::from_env(env)?,
+            redis_url: env.or("REDIS_URL", "redis://127.0.0.1:6379".to_string())?,
+            limits: Limits::from_env(env)?,
         })
     }
 }

@@ -57,6 +57,9 @@ pub enum ApiError {
     /// No valid credentials; the detail never says which part was wrong.
     #[error("unauthorized")]
     Unauthorized,
+    /// Too many attempts; try again after `retry_after` seconds.
+    #[error("too many requests")]
+    TooManyRequests { retry_after: u64 },
     /// Signed in, but not allowed to do this.
     #[error("forbidden")]
     Forbidden,
@@ -136,6 +139,13 @@ impl ApiError {
                 Some("missing, invalid or expired credentials".into()),
                 vec![],
             ),
+            Self::TooManyRequests { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-requests",
+                "Too many requests",
+                Some(format!("try again in {retry_after} seconds")),
+                vec![],
+            ),
             Self::Forbidden => (
                 StatusCode::FORBIDDEN,
                 "forbidden",
@@ -176,6 +186,11 @@ impl IntoResponse for ApiError {
         }
         let (status, problem) = self.problem();
         let mut response = problem_response(status, &problem);
+        if let Self::TooManyRequests { retry_after } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

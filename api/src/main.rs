@@ -1,6 +1,10 @@
 //! The Souk HTTP API.
 
-use souk_api::{broker::BrokerProbe, config::ApiConfig, router, state::AppState};
+use std::net::SocketAddr;
+
+use souk_api::{
+    broker::BrokerProbe, config::ApiConfig, ratelimit::RateLimiter, router, state::AppState,
+};
 use souk_shared::{
     config::{Env, exit_on_error},
     telemetry,
@@ -20,6 +24,11 @@ async fn main() {
         ),
         telemetry::metrics_handle(),
         config.auth.clone(),
+        exit_on_error(RateLimiter::new(
+            &config.redis_url,
+            &config.common.amqp_prefix,
+            config.limits.clone(),
+        )),
     );
     let app = router(state, config.body_limit);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -32,8 +41,12 @@ async fn main() {
             std::process::exit(2)
         });
     info!(addr = %config.http_addr, "API listening; docs at /docs");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(souk_shared::signal::terminated())
-        .await
-        .expect("server error");
+    // Peer addresses feed the per-IP limits.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(souk_shared::signal::terminated())
+    .await
+    .expect("server error");
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::{
     auth::{AuthConfig, Jwt},
     broker::BrokerProbe,
+    ratelimit::RateLimiter,
 };
 
 /// Shared by every handler; cheap to clone.
@@ -19,6 +20,7 @@ pub struct AppState {
     pub outbox: Waker,
     pub auth: Arc<AuthConfig>,
     pub jwt: Arc<Jwt>,
+    pub limiter: RateLimiter,
 }
 
 impl AppState {
@@ -27,8 +29,10 @@ impl AppState {
         broker: BrokerProbe,
         metrics: PrometheusHandle,
         auth: AuthConfig,
+        limiter: RateLimiter,
     ) -> Self {
         Self {
+            limiter,
             outbox: Waker::spawn(pool.clone()),
             jwt: Arc::new(Jwt::new(&auth)),
             auth: Arc::new(auth),

@@ -65,6 +65,17 @@ ensure_rabbitmq() {
   fi
 }
 
+# Redis holds the API's rate-limit counters (shared by every API replica).
+ensure_redis() {
+  command -v redis-server >/dev/null || { log "installing Redis"; apt_install redis-server; }
+  if ! port_open 6379; then
+    log "starting Redis"
+    as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+      </dev/null >/dev/null 2>&1
+    wait_port 6379 Redis
+  fi
+}
+
 # maildev: the SMTP sink (port 1025) with a web UI and REST API (port 1080).
 ensure_maildev() {
   if ! command -v maildev >/dev/null; then
@@ -85,6 +96,7 @@ ensure_maildev() {
 ensure_services() {
   ensure_postgres
   ensure_rabbitmq
+  ensure_redis
   ensure_maildev
 }
 

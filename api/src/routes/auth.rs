@@ -16,6 +16,7 @@ use crate::{
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
     middleware::RequestId,
+    ratelimit::ClientIp,
     routes::support::valid_email,
     state::AppState,
 };
@@ -133,14 +134,21 @@ pub struct Account {
     responses(
         (status = 201, description = "created", body = Account),
         (status = 409, description = "email or shop slug taken", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many registrations from this address; see Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "a field is invalid", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn register(
     State(state): State<AppState>,
     request_id: RequestId,
+    ip: ClientIp,
     ValidJson(body): ValidJson<Registration>,
 ) -> Result<(StatusCode, Json<Account>), ApiError> {
+    let limits = &state.limiter.limits;
+    state
+        .limiter
+        .hit("register-ip", &ip.0, limits.register_per_ip)
+        .await?;
     let password_hash = password::hash(body.password.clone()).await?;
     let id = Uuid::now_v7();
     let email = body.email.trim().to_string();
@@ -313,32 +321,88 @@ async fn open_session(
     responses(
         (status = 200, description = "signed in", body = Session),
         (status = 401, description = "wrong email or password, or account suspended", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many attempts; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn sign_in(
     State(state): State<AppState>,
+    ip: ClientIp,
     ValidJson(body): ValidJson<SignIn>,
 ) -> Result<Json<Session>, ApiError> {
+    let email = body.email.trim();
+    state
+        .limiter
+        .hit("sign-in-ip", &ip.0, state.limiter.limits.sign_in_per_ip)
+        .await?;
+    state.limiter.check_lock(email).await?;
     let found: Option<(Uuid, Option<String>, String, bool)> = sqlx::query_as(
         "SELECT id, password_hash, role, suspended_at IS NULL FROM users WHERE lower(email) = lower($1)",
     )
-    .bind(body.email.trim())
+    .bind(email)
     .fetch_optional(&state.pool)
     .await?;
     let stored = found.as_ref().and_then(|(_, hash, _, _)| hash.clone());
     // Always hash, so an unknown email takes as long as a wrong password.
     let matches = password::verify(body.password, stored).await?;
-    let Some((id, _, role, active)) = found else {
-        return Err(ApiError::Unauthorized);
+    let (id, role) = match found {
+        Some((id, _, role, true)) if matches => (id, role),
+        _ => {
+            state.limiter.record_failure(email).await;
+            return Err(ApiError::Unauthorized);
+        }
     };
-    if !matches || !active {
-        return Err(ApiError::Unauthorized);
-    }
+    state.limiter.clear_failures(email).await;
     let role = Role::parse(&role).ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
     let mut tx = state.pool.begin().await?;
     let session = open_session(&mut tx, &state, id, role, None).await?;
     tx.commit().await?;
     Ok(Json(session))
+}
+
+/// Mail a new verification link to the caller (rate limited).
+#[utoipa::path(
+    post, path = "/auth/resend-verification", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 202, description = "a new link is on its way"),
+        (status = 409, description = "the email is already verified", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many requests; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn resend_verification(
+    State(state): State<AppState>,
+    caller: Caller,
+    request_id: RequestId,
+) -> Result<StatusCode, ApiError> {
+    let (email, name, verified): (String, String, bool) = sqlx::query_as(
+        "SELECT email, name, email_verified_at IS NOT NULL FROM users WHERE id = $1",
+    )
+    .bind(caller.id)
+    .fetch_one(&state.pool)
+    .await?;
+    if verified {
+        return Err(ApiError::Conflict(FieldError::new(
+            "email",
+            "is already verified",
+        )));
+    }
+    let limit = state.limiter.limits.resend_per_account;
+    state
+        .limiter
+        .hit("resend", &caller.id.to_string(), limit)
+        .await?;
+    let mut tx = state.pool.begin().await?;
+    links::send(
+        &mut tx,
+        &state,
+        Purpose::VerifyEmail,
+        caller.id,
+        (&email, &name),
+        &request_id.0,
+    )
+    .await?;
+    tx.commit().await?;
+    state.outbox.wake();
+    Ok(StatusCode::ACCEPTED)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -589,13 +653,26 @@ impl Validate for ForgotPassword {
 /// has this email, so it cannot be used to find out who has one.
 #[utoipa::path(
     post, path = "/auth/forgot-password", tag = "auth", request_body = ForgotPassword,
-    responses((status = 202, description = "if the account exists, a link is on its way"))
+    responses(
+        (status = 202, description = "if the account exists, a link is on its way"),
+        (status = 429, description = "too many requests; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
 )]
 pub async fn forgot_password(
     State(state): State<AppState>,
     request_id: RequestId,
+    ip: ClientIp,
     ValidJson(body): ValidJson<ForgotPassword>,
 ) -> Result<StatusCode, ApiError> {
+    let limits = &state.limiter.limits;
+    state
+        .limiter
+        .hit("forgot-ip", &ip.0, limits.forgot_per_ip)
+        .await?;
+    state
+        .limiter
+        .hit("forgot-email", body.email.trim(), limits.forgot_per_email)
+        .await?;
     let mut tx = state.pool.begin().await?;
     let found: Option<(Uuid, String, String)> = sqlx::query_as(
         "SELECT id, email, name FROM users WHERE lower(email) = lower($1) AND suspended_at IS NULL",

@@ -6,7 +6,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
-use souk_api::{auth::AuthConfig, broker::BrokerProbe, router, state::AppState};
+use souk_api::{
+    auth::AuthConfig,
+    broker::BrokerProbe,
+    ratelimit::{Limit, Limits, RateLimiter},
+    router,
+    state::AppState,
+};
 use souk_shared::{telemetry, topology::Names};
 use souk_testkit::{TestDb, amqp_url, broker, mail::smtp_port, unique_prefix};
 use souk_workers::{
@@ -39,13 +45,39 @@ pub fn auth_config() -> AuthConfig {
     }
 }
 
+/// Limits loose enough for any test but the ones about limits.
+pub fn loose_limits() -> Limits {
+    let limit = Limit {
+        max: 1000,
+        window: Duration::from_secs(60),
+    };
+    Limits {
+        register_per_ip: limit,
+        sign_in_per_ip: limit,
+        forgot_per_ip: limit,
+        forgot_per_email: limit,
+        resend_per_account: limit,
+        failures_before_lock: 1000,
+    }
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 pub async fn spawn_app(amqp: &str) -> App {
+    spawn_app_with(amqp, &redis_url(), loose_limits()).await
+}
+
+/// The API with `limits`, counted in Redis at `redis` under a prefix of its own.
+pub async fn spawn_app_with(amqp: &str, redis: &str, limits: Limits) -> App {
     let db = TestDb::new().await;
     let state = AppState::new(
         db.pool.clone(),
         BrokerProbe::new(amqp, "souk-api-test"),
         telemetry::metrics_handle(),
         auth_config(),
+        RateLimiter::new(redis, &unique_prefix(), limits).unwrap(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();

@@ -1,0 +1,180 @@
+//! Abuse limits, counted in Redis so every API replica shares them.
+//!
+//! Fixed windows: each hit increments `{prefix}:rl:{scope}:{key}`, which
+//! expires with its window; past the limit the answer is 429 with
+//! `Retry-After`. Failed sign-ins also arm a growing lock per account. If
+//! Redis is unreachable the limits are skipped (and logged): an outage of
+//! the limiter must not take sign-in down with it.
+
+use std::{net::SocketAddr, time::Duration};
+
+use axum::{
+    extract::{ConnectInfo, FromRequestParts},
+    http::request::Parts,
+};
+use redis::{AsyncCommands, aio::ConnectionManager, aio::ConnectionManagerConfig};
+use souk_shared::config::{ConfigError, Env};
+
+use crate::error::ApiError;
+
+/// At most `max` hits per `window`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    pub max: u32,
+    pub window: Duration,
+}
+
+/// The limits the auth endpoints apply.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub register_per_ip: Limit,
+    pub sign_in_per_ip: Limit,
+    pub forgot_per_ip: Limit,
+    pub forgot_per_email: Limit,
+    pub resend_per_account: Limit,
+    /// Failed sign-ins of one account before each further one locks it for a
+    /// doubling time (1 s, 2 s, 4 s … up to 5 minutes).
+    pub failures_before_lock: u32,
+}
+
+impl Limits {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let per = |var: &str, default: u32, window: u64| -> Result<Limit, ConfigError> {
+            Ok(Limit {
+                max: env.or(var, default)?,
+                window: Duration::from_secs(window),
+            })
+        };
+        Ok(Self {
+            register_per_ip: per("LIMIT_REGISTER_PER_IP_HOUR", 20, 3600)?,
+            sign_in_per_ip: per("LIMIT_SIGN_IN_PER_IP_MINUTE", 30, 60)?,
+            forgot_per_ip: per("LIMIT_FORGOT_PER_IP_HOUR", 20, 3600)?,
+            forgot_per_email: per("LIMIT_FORGOT_PER_EMAIL_HOUR", 3, 3600)?,
+            resend_per_account: per("LIMIT_RESEND_PER_ACCOUNT_HOUR", 3, 3600)?,
+            failures_before_lock: env.or("SIGN_IN_FAILURES_BEFORE_LOCK", 3)?,
+        })
+    }
+}
+
+const MAX_LOCK: Duration = Duration::from_secs(300);
+/// How long failed sign-ins are remembered.
+const FAILURE_MEMORY: Duration = Duration::from_secs(900);
+
+#[derive(Clone)]
+pub struct RateLimiter {
+    redis: ConnectionManager,
+    prefix: String,
+    pub limits: Limits,
+}
+
+impl RateLimiter {
+    /// Connects lazily, so the API starts even while Redis is down.
+    pub fn new(url: &str, prefix: &str, limits: Limits) -> Result<Self, ConfigError> {
+        let bad = |e: redis::RedisError| ConfigError {
+            var: "REDIS_URL".into(),
+            reason: e.to_string(),
+        };
+        let client = redis::Client::open(url).map_err(bad)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1);
+        Ok(Self {
+            redis: ConnectionManager::new_lazy_with_config(client, config).map_err(bad)?,
+            prefix: prefix.to_string(),
+            limits,
+        })
+    }
+
+    fn key(&self, kind: &str, scope: &str, id: &str) -> String {
+        format!("{}:{kind}:{scope}:{}", self.prefix, id.to_lowercase())
+    }
+
+    /// Counts one hit; 429 once `limit` is passed within the window.
+    pub async fn hit(&self, scope: &str, id: &str, limit: Limit) -> Result<(), ApiError> {
+        let key = self.key("rl", scope, id);
+        let mut redis = self.redis.clone();
+        let counted: redis::RedisResult<(u32, bool, i64)> = redis::pipe()
+            .atomic()
+            .incr(&key, 1)
+            .expire(&key, limit.window.as_secs() as i64)
+            .arg("NX")
+            .ttl(&key)
+            .query_async(&mut redis)
+            .await;
+        match counted {
+            Ok((count, _, ttl)) if count > limit.max => Err(ApiError::TooManyRequests {
+                retry_after: ttl.max(1) as u64,
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, scope, "rate limiter unavailable; request allowed");
+                Ok(())
+            }
+        }
+    }
+
+    /// 429 while the account is locked after failed sign-ins.
+    pub async fn check_lock(&self, email: &str) -> Result<(), ApiError> {
+        let mut redis = self.redis.clone();
+        let ttl: redis::RedisResult<i64> = redis.pttl(self.key("lock", "sign-in", email)).await;
+        match ttl {
+            Ok(ms) if ms > 0 => Err(ApiError::TooManyRequests {
+                retry_after: (ms as u64).div_ceil(1000),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Remembers a failed sign-in; past the threshold, locks the account for
+    /// a time that doubles with each further failure.
+    pub async fn record_failure(&self, email: &str) {
+        let (fails, lock) = (
+            self.key("fail", "sign-in", email),
+            self.key("lock", "sign-in", email),
+        );
+        let mut redis = self.redis.clone();
+        let count: redis::RedisResult<(u32, bool)> = redis::pipe()
+            .atomic()
+            .incr(&fails, 1)
+            .expire(&fails, FAILURE_MEMORY.as_secs() as i64)
+            .query_async(&mut redis)
+            .await;
+        let Ok((count, _)) = count else { return };
+        if count >= self.limits.failures_before_lock {
+            let doubling = count - self.limits.failures_before_lock;
+            let wait = Duration::from_secs(1u64 << doubling.min(16)).min(MAX_LOCK);
+            let _: redis::RedisResult<()> = redis.pset_ex(&lock, 1, wait.as_millis() as u64).await;
+        }
+    }
+
+    /// Forgets failed sign-ins after a successful one.
+    pub async fn clear_failures(&self, email: &str) {
+        let mut redis = self.redis.clone();
+        let _: redis::RedisResult<()> = redis
+            .del(&[
+                self.key("fail", "sign-in", email),
+                self.key("lock", "sign-in", email),
+            ])
+            .await;
+    }
+}
+
+/// The client's address, for per-IP limits: the TCP peer. (Behind a proxy,
+/// the proxy's address; trusting a forwarded header is for configuration to
+/// decide, and not done here.)
+pub struct ClientIp(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_string())
+                .unwrap_or_else(|| "unknown".into()),
+        ))
+    }
+}

@@ -1,0 +1,188 @@
+//! Abuse limits: 429 with Retry-After, counted in Redis; a growing lock
+//! after failed sign-ins; and sign-in still works when Redis is down.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{App, loose_limits, problem, redis_url, spawn_app_with};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use souk_api::ratelimit::{Limit, Limits};
+use souk_testkit::{amqp_url, count, free_port, mail::unique_address};
+
+const PASSWORD: &str = "correct horse battery";
+
+fn limit(max: u32) -> Limit {
+    Limit {
+        max,
+        window: Duration::from_secs(3600),
+    }
+}
+
+async fn register(app: &App, email: &str) -> reqwest::Response {
+    app.post(
+        "/api/v1/auth/register",
+        &json!({"email": email, "password": PASSWORD, "name": "A"}),
+    )
+    .await
+}
+
+async fn sign_in(app: &App, email: &str, password: &str) -> reqwest::Response {
+    app.post(
+        "/api/v1/auth/sign-in",
+        &json!({"email": email, "password": password}),
+    )
+    .await
+}
+
+fn retry_after(resp: &reqwest::Response) -> u64 {
+    resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn failed_sign_ins_lock_the_account_for_a_growing_time() {
+    let app = spawn_app_with(
+        &amqp_url(),
+        &redis_url(),
+        Limits {
+            failures_before_lock: 3,
+            ..loose_limits()
+        },
+    )
+    .await;
+    let email = unique_address();
+    register(&app, &email).await;
+
+    for _ in 0..3 {
+        problem(
+            sign_in(&app, &email, "wrong password").await,
+            StatusCode::UNAUTHORIZED,
+        )
+        .await;
+    }
+    // Locked for 1 s, even with the right password.
+    let locked = sign_in(&app, &email, PASSWORD).await;
+    assert_eq!(retry_after(&locked), 1);
+    problem(locked, StatusCode::TOO_MANY_REQUESTS).await;
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    problem(
+        sign_in(&app, &email, "wrong again").await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    let locked = sign_in(&app, &email, PASSWORD).await;
+    assert_eq!(retry_after(&locked), 2, "the lock doubles");
+    problem(locked, StatusCode::TOO_MANY_REQUESTS).await;
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        sign_in(&app, &email, PASSWORD).await.status(),
+        StatusCode::OK
+    );
+    // Success forgets the failures.
+    problem(
+        sign_in(&app, &email, "wrong").await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(
+        sign_in(&app, &email, PASSWORD).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn registrations_and_reset_requests_are_limited_and_the_refused_ones_write_nothing() {
+    let limits = Limits {
+        register_per_ip: limit(2),
+        forgot_per_email: limit(1),
+        ..loose_limits()
+    };
+    let app = spawn_app_with(&amqp_url(), &redis_url(), limits).await;
+    let first = unique_address();
+    assert_eq!(register(&app, &first).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        register(&app, &unique_address()).await.status(),
+        StatusCode::CREATED
+    );
+    let refused = register(&app, &unique_address()).await;
+    assert!(retry_after(&refused) > 0);
+    problem(refused, StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 2);
+
+    let body = json!({"email": first});
+    let forgot = || app.post("/api/v1/auth/forgot-password", &body);
+    assert_eq!(forgot().await.status(), StatusCode::ACCEPTED);
+    problem(forgot().await, StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM user_tokens WHERE purpose = 'reset_password'"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_verification_link_can_be_resent_a_limited_number_of_times() {
+    let app = spawn_app_with(
+        &amqp_url(),
+        &redis_url(),
+        Limits {
+            resend_per_account: limit(1),
+            ..loose_limits()
+        },
+    )
+    .await;
+    let email = unique_address();
+    register(&app, &email).await;
+    let session: Value = sign_in(&app, &email, PASSWORD).await.json().await.unwrap();
+    let token = session["access_token"].as_str().unwrap();
+    let resend = || {
+        app.http
+            .post(format!("{}/api/v1/auth/resend-verification", app.base))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(resend().await.unwrap().status(), StatusCode::ACCEPTED);
+    problem(resend().await.unwrap(), StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM user_tokens WHERE purpose = 'verify_email'"
+        )
+        .await,
+        2
+    );
+
+    sqlx::query("UPDATE users SET email_verified_at = now()")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let done = problem(resend().await.unwrap(), StatusCode::CONFLICT).await;
+    assert_eq!(done["errors"][0]["field"], "email");
+}
+
+#[tokio::test]
+async fn with_redis_down_the_limits_step_aside_rather_than_lock_everyone_out() {
+    let nowhere = format!("redis://127.0.0.1:{}", free_port());
+    let strict = Limits {
+        register_per_ip: limit(0),
+        sign_in_per_ip: limit(0),
+        ..loose_limits()
+    };
+    let app = spawn_app_with(&amqp_url(), &nowhere, strict).await;
+    let email = unique_address();
+    assert_eq!(register(&app, &email).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        sign_in(&app, &email, PASSWORD).await.status(),
+        StatusCode::OK
+    );
+}
