@@ -12,7 +12,7 @@ use utoipa_scalar::{Scalar, Servable};
 use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
-    routes::{addresses, admin, auth, health, me, support},
+    routes::{addresses, admin, auth, health, me, shops, support},
     state::AppState,
 };
 
@@ -57,7 +57,8 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(auth::forgot_password))
         .routes(routes!(auth::reset_password))
         .routes(routes!(auth::change_password))
-        .routes(routes!(me::me))
+        .routes(routes!(me::me, me::update))
+        .routes(routes!(shops::get, shops::update))
         .routes(routes!(addresses::list, addresses::create))
         .routes(routes!(
             addresses::get,

@@ -4,7 +4,8 @@ use axum::{Json, extract::State};
 
 use crate::{
     auth::{Caller, Role},
-    error::{ApiError, Problem},
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidJson, Validate},
     routes::auth::Account,
     state::AppState,
 };
@@ -34,4 +35,44 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Ac
         email_verified,
         created_at,
     }))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileUpdate {
+    pub name: Option<String>,
+}
+
+impl Validate for ProfileUpdate {
+    fn validate(&self) -> Vec<FieldError> {
+        match &self.name {
+            Some(name) if name.trim().is_empty() || name.chars().count() > 100 => {
+                vec![FieldError::new("name", "must be 1 to 100 characters")]
+            }
+            _ => vec![],
+        }
+    }
+}
+
+/// Update the caller's profile; absent fields stay as they are.
+#[utoipa::path(
+    patch, path = "/me", tag = "account", security(("bearer" = [])), request_body = ProfileUpdate,
+    responses(
+        (status = 200, description = "the updated account", body = Account),
+        (status = 422, description = "a field is invalid", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    ValidJson(body): ValidJson<ProfileUpdate>,
+) -> Result<Json<Account>, ApiError> {
+    if let Some(name) = &body.name {
+        sqlx::query("UPDATE users SET name = $2, updated_at = now() WHERE id = $1")
+            .bind(caller.id)
+            .bind(name.trim())
+            .execute(&state.pool)
+            .await?;
+    }
+    me(State(state), caller).await
 }

@@ -3,4 +3,5 @@ pub mod admin;
 pub mod auth;
 pub mod health;
 pub mod me;
+pub mod shops;
 pub mod support;

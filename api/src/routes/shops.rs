@@ -1,0 +1,131 @@
+//! Shops: a public page per shop, changed only by the seller who owns it.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    auth::Caller,
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidJson, Validate},
+    routes::support::valid_email,
+    state::AppState,
+};
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Shop {
+    pub id: Uuid,
+    pub name: String,
+    pub slug: String,
+    pub description: String,
+    pub contact_email: String,
+    pub created_at: DateTime<Utc>,
+}
+
+async fn by_slug(state: &AppState, slug: &str) -> Result<(Shop, Uuid), ApiError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        shop: Shop,
+        owner_id: Uuid,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT s.id, s.name, s.slug, s.description, s.contact_email, s.created_at, s.owner_id
+           FROM shops s JOIN users u ON u.id = s.owner_id
+          WHERE s.slug = $1 AND u.suspended_at IS NULL",
+    )
+    .bind(slug)
+    .fetch_optional(&state.pool)
+    .await?;
+    row.map(|r| (r.shop, r.owner_id)).ok_or(ApiError::NotFound)
+}
+
+/// A shop's public page. Shops of suspended sellers are not shown.
+#[utoipa::path(
+    get, path = "/shops/{slug}", tag = "shops", params(("slug" = String, Path)),
+    responses(
+        (status = 200, description = "the shop", body = Shop),
+        (status = 404, description = "no such shop", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    Path(slug): Path<String>,
+) -> Result<Json<Shop>, ApiError> {
+    Ok(Json(by_slug(&state, &slug).await?.0))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShopUpdate {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub contact_email: Option<String>,
+}
+
+impl Validate for ShopUpdate {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if let Some(name) = &self.name
+            && (name.trim().is_empty() || name.chars().count() > 100)
+        {
+            errors.push(FieldError::new("name", "must be 1 to 100 characters"));
+        }
+        if let Some(description) = &self.description
+            && description.chars().count() > 2000
+        {
+            errors.push(FieldError::new(
+                "description",
+                "must be at most 2000 characters",
+            ));
+        }
+        if let Some(email) = &self.contact_email
+            && !valid_email(email.trim())
+        {
+            errors.push(FieldError::new("contact_email", "must be an email address"));
+        }
+        errors
+    }
+}
+
+/// Change a shop; only its own seller may.
+#[utoipa::path(
+    patch, path = "/shops/{slug}", tag = "shops", security(("bearer" = [])),
+    params(("slug" = String, Path)), request_body = ShopUpdate,
+    responses(
+        (status = 200, description = "the updated shop", body = Shop),
+        (status = 403, description = "not this shop's seller", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such shop", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is invalid", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(slug): Path<String>,
+    ValidJson(body): ValidJson<ShopUpdate>,
+) -> Result<Json<Shop>, ApiError> {
+    let (shop, owner) = by_slug(&state, &slug).await?;
+    if owner != caller.id {
+        return Err(ApiError::Forbidden);
+    }
+    let updated: Shop = sqlx::query_as(
+        "UPDATE shops SET name = coalesce($2, name), description = coalesce($3, description),
+                contact_email = coalesce($4, contact_email)
+          WHERE id = $1 AND owner_id = $5
+          RETURNING id, name, slug, description, contact_email, created_at",
+    )
+    .bind(shop.id)
+    .bind(body.name.as_deref().map(str::trim))
+    .bind(body.description.as_deref())
+    .bind(body.contact_email.as_deref().map(str::trim))
+    .bind(caller.id)
+    .fetch_one(&state.pool)
+    .await?;
+    Ok(Json(updated))
+}
