@@ -13,6 +13,10 @@ pub struct AuthConfig {
     pub reset_password_ttl_minutes: i64,
     /// Where the storefront serves its pages; links in mails point there.
     pub storefront_url: String,
+    /// Mark auth cookies `Secure` (HTTPS only). Off only for local HTTP.
+    pub cookie_secure: bool,
+    /// `Strict`, `Lax` or `None` (which needs `Secure`).
+    pub cookie_same_site: String,
 }
 
 impl AuthConfig {
@@ -24,7 +28,27 @@ impl AuthConfig {
                 reason: "must be at least 32 bytes".into(),
             });
         }
+        let cookie_secure: bool = env.or("COOKIE_SECURE", true)?;
+        let cookie_same_site: String = env.or("COOKIE_SAME_SITE", "Lax".to_string())?;
+        match cookie_same_site.as_str() {
+            "Strict" | "Lax" => {}
+            "None" if cookie_secure => {}
+            "None" => {
+                return Err(ConfigError {
+                    var: "COOKIE_SAME_SITE".into(),
+                    reason: "None needs COOKIE_SECURE=true".into(),
+                });
+            }
+            _ => {
+                return Err(ConfigError {
+                    var: "COOKIE_SAME_SITE".into(),
+                    reason: "must be Strict, Lax or None".into(),
+                });
+            }
+        }
         Ok(Self {
+            cookie_secure,
+            cookie_same_site,
             secret,
             issuer: env.or("JWT_ISSUER", "souk".to_string())?,
             audience: env.or("JWT_AUDIENCE", "souk-api".to_string())?,

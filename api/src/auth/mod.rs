@@ -2,6 +2,7 @@
 //! [`Caller`] extractor every protected handler takes.
 
 pub mod config;
+pub mod cookies;
 pub mod links;
 pub mod secret;
 
@@ -116,6 +117,8 @@ impl Jwt {
 pub struct Caller {
     pub id: Uuid,
     pub role: Role,
+    /// Authenticated by the access cookie rather than a bearer header.
+    pub via_cookie: bool,
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -125,12 +128,25 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
+        let bearer = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized)?;
+            .map(str::to_string);
+        let via_cookie = bearer.is_none();
+        let token = match bearer {
+            Some(token) => token,
+            // The cookie form: the browser sends it by itself, so a request
+            // that changes anything must prove it came from our page.
+            None => {
+                let token = cookies::read(&parts.headers, cookies::ACCESS)
+                    .filter(|t| !t.is_empty())
+                    .ok_or(ApiError::Unauthorized)?;
+                cookies::check_csrf(&parts.method, &parts.headers)?;
+                token
+            }
+        };
         let claims = state
             .jwt
             .verify(token.trim())
@@ -146,6 +162,7 @@ impl FromRequestParts<AppState> for Caller {
             Some((role, true)) => Ok(Self {
                 id: claims.sub,
                 role: Role::parse(&role).ok_or(ApiError::Unauthorized)?,
+                via_cookie,
             }),
             _ => Err(ApiError::Unauthorized),
         }

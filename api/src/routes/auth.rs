@@ -1,6 +1,10 @@
 //! Registration, email verification, sign-in, refresh and sign-out.
 
-use axum::{Json, extract::State, http::StatusCode};
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, Method, StatusCode},
+};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
@@ -9,7 +13,7 @@ use uuid::Uuid;
 
 use crate::{
     auth::{
-        Caller, Role,
+        Caller, Role, cookies,
         links::{self, Purpose},
         password, secret,
     },
@@ -257,6 +261,10 @@ pub async fn verify_email(
 pub struct SignIn {
     pub email: String,
     pub password: String,
+    /// Browsers: set HttpOnly cookies (and a CSRF cookie) instead of
+    /// returning the tokens in the body.
+    #[serde(default)]
+    pub use_cookies: bool,
 }
 
 impl Validate for SignIn {
@@ -278,13 +286,30 @@ impl Validate for SignIn {
 /// A short-lived access token and a single-use refresh token.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Session {
-    pub access_token: String,
-    /// Always `Bearer`.
+    /// Absent in the cookie form.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    /// `Bearer`, or `cookie` when the tokens were set as cookies.
     pub token_type: String,
     /// Seconds until the access token expires.
     pub expires_in: i64,
     /// Exchange at `/auth/refresh` for a new pair; each is accepted once.
-    pub refresh_token: String,
+    /// Absent in the cookie form.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+}
+
+impl Session {
+    /// The answer: tokens in the body, or (`cookie_form`) in cookies only.
+    fn respond(mut self, state: &AppState, cookie_form: bool) -> (HeaderMap, Json<Session>) {
+        if !cookie_form {
+            return (HeaderMap::new(), Json(self));
+        }
+        let access = self.access_token.take().unwrap_or_default();
+        let refresh = self.refresh_token.take().unwrap_or_default();
+        self.token_type = "cookie".into();
+        (cookies::set(&state.auth, &access, &refresh), Json(self))
+    }
 }
 
 /// Starts (`family = None`) or continues a refresh-token family; the caller commits.
@@ -308,10 +333,10 @@ async fn open_session(
     .execute(&mut *tx)
     .await?;
     Ok(Session {
-        access_token: state.jwt.issue(user, role),
+        access_token: Some(state.jwt.issue(user, role)),
         token_type: "Bearer".into(),
         expires_in: state.jwt.ttl_secs(),
-        refresh_token: refresh,
+        refresh_token: Some(refresh),
     })
 }
 
@@ -328,7 +353,7 @@ pub async fn sign_in(
     State(state): State<AppState>,
     ip: ClientIp,
     ValidJson(body): ValidJson<SignIn>,
-) -> Result<Json<Session>, ApiError> {
+) -> Result<(HeaderMap, Json<Session>), ApiError> {
     let email = body.email.trim();
     state
         .limiter
@@ -356,7 +381,7 @@ pub async fn sign_in(
     let mut tx = state.pool.begin().await?;
     let session = open_session(&mut tx, &state, id, role, None).await?;
     tx.commit().await?;
-    Ok(Json(session))
+    Ok(session.respond(&state, body.use_cookies))
 }
 
 /// Mail a new verification link to the caller (rate limited).
@@ -408,15 +433,36 @@ pub async fn resend_verification(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
-    pub refresh_token: String,
+    /// Omit in the cookie form: the refresh cookie is used (with `X-CSRF-Token`).
+    pub refresh_token: Option<String>,
 }
 
 impl Validate for RefreshRequest {
     fn validate(&self) -> Vec<FieldError> {
-        if self.refresh_token.is_empty() || self.refresh_token.len() > 100 {
-            vec![FieldError::new("refresh_token", "must be a refresh token")]
-        } else {
-            vec![]
+        match &self.refresh_token {
+            Some(t) if t.is_empty() || t.len() > 100 => {
+                vec![FieldError::new("refresh_token", "must be a refresh token")]
+            }
+            _ => vec![],
+        }
+    }
+}
+
+/// The refresh token a request presents, and whether it came as a cookie
+/// (which, like any cookie-authenticated change, needs the CSRF header).
+fn presented(
+    body: Option<String>,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(String, bool), ApiError> {
+    match body {
+        Some(token) => Ok((token, false)),
+        None => {
+            let token = cookies::read(headers, cookies::REFRESH)
+                .filter(|t| !t.is_empty())
+                .ok_or(ApiError::Unauthorized)?;
+            cookies::check_csrf(method, headers)?;
+            Ok((token, true))
         }
     }
 }
@@ -432,8 +478,11 @@ impl Validate for RefreshRequest {
 )]
 pub async fn refresh(
     State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
     ValidJson(body): ValidJson<RefreshRequest>,
-) -> Result<Json<Session>, ApiError> {
+) -> Result<(HeaderMap, Json<Session>), ApiError> {
+    let (token, cookie_form) = presented(body.refresh_token, &method, &headers)?;
     let mut tx = state.pool.begin().await?;
     // Locked so two refreshes with the same token cannot both rotate it.
     let found: Option<PresentedToken> = sqlx::query_as(
@@ -444,7 +493,7 @@ pub async fn refresh(
           WHERE t.token_hash = $1
           FOR UPDATE OF t",
     )
-    .bind(secret::digest(&body.refresh_token))
+    .bind(secret::digest(&token))
     .fetch_optional(&mut *tx)
     .await?;
     let Some(PresentedToken {
@@ -476,7 +525,7 @@ pub async fn refresh(
     let role = Role::parse(&role).ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
     let session = open_session(&mut tx, &state, user, role, Some(family)).await?;
     tx.commit().await?;
-    Ok(Json(session))
+    Ok(session.respond(&state, cookie_form))
 }
 
 /// A presented refresh token and the state of its account.
@@ -510,19 +559,27 @@ async fn revoke_family(tx: &mut PgConnection, family: Uuid) -> Result<(), ApiErr
 )]
 pub async fn sign_out(
     State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
     ValidJson(body): ValidJson<RefreshRequest>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<(StatusCode, HeaderMap), ApiError> {
+    let (token, cookie_form) = presented(body.refresh_token, &method, &headers)?;
     let mut tx = state.pool.begin().await?;
     let family: Option<Uuid> =
         sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1")
-            .bind(secret::digest(&body.refresh_token))
+            .bind(secret::digest(&token))
             .fetch_optional(&mut *tx)
             .await?;
     if let Some(family) = family {
         revoke_family(&mut tx, family).await?;
     }
     tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    let cleared = if cookie_form {
+        cookies::clear(&state.auth)
+    } else {
+        HeaderMap::new()
+    };
+    Ok((StatusCode::NO_CONTENT, cleared))
 }
 
 /// The password rule, for every field that sets one.
@@ -613,7 +670,7 @@ pub async fn change_password(
     State(state): State<AppState>,
     caller: Caller,
     ValidJson(body): ValidJson<PasswordChange>,
-) -> Result<Json<Session>, ApiError> {
+) -> Result<(HeaderMap, Json<Session>), ApiError> {
     let stored: Option<String> =
         sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
             .bind(caller.id)
@@ -630,7 +687,7 @@ pub async fn change_password(
     set_password(&mut tx, caller.id, hash).await?;
     let session = open_session(&mut tx, &state, caller.id, caller.role, None).await?;
     tx.commit().await?;
-    Ok(Json(session))
+    Ok(session.respond(&state, caller.via_cookie))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -42,6 +42,8 @@ pub fn auth_config() -> AuthConfig {
         verify_email_ttl_hours: 48,
         reset_password_ttl_minutes: 60,
         storefront_url: "http://shop.test".into(),
+        cookie_secure: true,
+        cookie_same_site: "Lax".into(),
     }
 }
 
