@@ -8,6 +8,7 @@ CREATE TABLE users (
     email_verified_at timestamptz,
     suspended_at      timestamptz,
     suspended_reason  text,
+    avatar            text,                      -- file name under avatars/<id>/ in the object store
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now()
 );

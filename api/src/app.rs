@@ -12,7 +12,7 @@ use utoipa_scalar::{Scalar, Servable};
 use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
-    routes::{addresses, admin, auth, health, me, shops, support},
+    routes::{addresses, admin, auth, avatar, health, me, shops, support},
     state::AppState,
 };
 
@@ -44,8 +44,14 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// The `/api/v1` routes and their OpenAPI paths.
-fn v1() -> OpenApiRouter<AppState> {
+fn v1(avatar_limit: usize) -> OpenApiRouter<AppState> {
+    // Uploads get their own body limit (plus room for the multipart framing).
+    let uploads = OpenApiRouter::new()
+        .routes(routes!(avatar::upload, avatar::remove))
+        .layer(DefaultBodyLimit::max(avatar_limit + 64 * 1024));
     OpenApiRouter::new()
+        .merge(uploads)
+        .routes(routes!(avatar::serve))
         .routes(routes!(support::create))
         .routes(routes!(auth::register))
         .routes(routes!(auth::verify_email))
@@ -73,20 +79,20 @@ fn v1() -> OpenApiRouter<AppState> {
 /// The OpenAPI document, as served at `/openapi.json` (and committed as
 /// `docs/openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    build().1
+    build(0).1
 }
 
-fn build() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+fn build(avatar_limit: usize) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::live))
         .routes(routes!(health::ready))
-        .nest("/api/v1", v1())
+        .nest("/api/v1", v1(avatar_limit))
         .split_for_parts()
 }
 
 /// The whole HTTP application.
-pub fn router(state: AppState, body_limit: usize) -> Router {
-    let (api, doc) = build();
+pub fn router(state: AppState, body_limit: usize, avatar_limit: usize) -> Router {
+    let (api, doc) = build(avatar_limit);
     let doc_json = doc.clone();
     api.route("/openapi.json", get(move || async move { Json(doc_json) }))
         .merge(Scalar::with_url("/docs", doc))

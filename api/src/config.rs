@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use souk_shared::config::{CommonConfig, ConfigError, Env};
 
-use crate::{auth::AuthConfig, ratelimit::Limits};
+use crate::{auth::AuthConfig, ratelimit::Limits, storage::StorageConfig};
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -16,6 +16,7 @@ pub struct ApiConfig {
     /// Rate-limit counters live here, shared by every API replica.
     pub redis_url: String,
     pub limits: Limits,
+    pub storage: StorageConfig,
 }
 
 impl ApiConfig {
@@ -27,6 +28,7 @@ impl ApiConfig {
             auth: AuthConfig::from_env(env)?,
             redis_url: env.or("REDIS_URL", "redis://127.0.0.1:6379".to_string())?,
             limits: Limits::from_env(env)?,
+            storage: StorageConfig::from_env(env)?,
         })
     }
 }

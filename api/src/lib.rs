@@ -11,5 +11,6 @@ pub mod middleware;
 pub mod ratelimit;
 pub mod routes;
 pub mod state;
+pub mod storage;
 
 pub use app::router;

@@ -29,8 +29,9 @@ async fn main() {
             &config.common.amqp_prefix,
             config.limits.clone(),
         )),
+        (exit_on_error(config.storage.open()), config.storage.clone()),
     );
-    let app = router(state, config.body_limit);
+    let app = router(state, config.body_limit, config.storage.avatar_max_bytes);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .unwrap_or_else(|e| {

@@ -8,6 +8,7 @@ use crate::{
     auth::{AuthConfig, Jwt},
     broker::BrokerProbe,
     ratelimit::RateLimiter,
+    storage::StorageConfig,
 };
 
 /// Shared by every handler; cheap to clone.
@@ -21,6 +22,9 @@ pub struct AppState {
     pub auth: Arc<AuthConfig>,
     pub jwt: Arc<Jwt>,
     pub limiter: RateLimiter,
+    /// Uploaded files (avatars).
+    pub storage: Arc<dyn object_store::ObjectStore>,
+    pub storage_config: StorageConfig,
 }
 
 impl AppState {
@@ -30,9 +34,12 @@ impl AppState {
         metrics: PrometheusHandle,
         auth: AuthConfig,
         limiter: RateLimiter,
+        (storage, storage_config): (Arc<dyn object_store::ObjectStore>, StorageConfig),
     ) -> Self {
         Self {
             limiter,
+            storage,
+            storage_config,
             outbox: Waker::spawn(pool.clone()),
             jwt: Arc::new(Jwt::new(&auth)),
             auth: Arc::new(auth),

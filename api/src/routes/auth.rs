@@ -126,6 +126,9 @@ pub struct Account {
     pub name: String,
     pub role: Role,
     pub email_verified: bool,
+    /// Where the avatar is served, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -206,6 +209,7 @@ pub async fn register(
             name,
             role,
             email_verified: false,
+            avatar_url: None,
             created_at,
         }),
     ))

@@ -20,19 +20,20 @@ use crate::{
     )
 )]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Account>, ApiError> {
-    let row: Option<(String, String, String, bool, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT email, name, role, email_verified_at IS NOT NULL, created_at FROM users WHERE id = $1",
+    let row: Option<(String, String, String, bool, Option<String>, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT email, name, role, email_verified_at IS NOT NULL, avatar, created_at FROM users WHERE id = $1",
     )
     .bind(caller.id)
     .fetch_optional(&state.pool)
     .await?;
-    let (email, name, role, email_verified, created_at) = row.ok_or(ApiError::NotFound)?;
+    let (email, name, role, email_verified, avatar, created_at) = row.ok_or(ApiError::NotFound)?;
     Ok(Json(Account {
         id: caller.id,
         email,
         name,
         role: Role::parse(&role).ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?,
         email_verified,
+        avatar_url: avatar.map(|file| format!("/api/v1/avatars/{}/{file}", caller.id)),
         created_at,
     }))
 }

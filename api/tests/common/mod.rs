@@ -12,6 +12,7 @@ use souk_api::{
     ratelimit::{Limit, Limits, RateLimiter},
     router,
     state::AppState,
+    storage::StorageConfig,
 };
 use souk_shared::{telemetry, topology::Names};
 use souk_testkit::{TestDb, amqp_url, broker, mail::smtp_port, unique_prefix};
@@ -25,6 +26,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(20);
+/// Avatar size limit in tests: small, so the oversize case is cheap.
+pub const AVATAR_MAX: usize = 256 * 1024;
 
 pub struct App {
     pub base: String,
@@ -74,20 +77,28 @@ pub async fn spawn_app(amqp: &str) -> App {
 /// The API with `limits`, counted in Redis at `redis` under a prefix of its own.
 pub async fn spawn_app_with(amqp: &str, redis: &str, limits: Limits) -> App {
     let db = TestDb::new().await;
+    // Each app stores uploads in a directory of its own.
+    let storage = StorageConfig {
+        url: std::env::temp_dir()
+            .join(format!("souk-uploads-{}", db.name))
+            .display()
+            .to_string(),
+        avatar_max_bytes: AVATAR_MAX,
+    };
     let state = AppState::new(
         db.pool.clone(),
         BrokerProbe::new(amqp, "souk-api-test"),
         telemetry::metrics_handle(),
         auth_config(),
         RateLimiter::new(redis, &unique_prefix(), limits).unwrap(),
+        (storage.open().unwrap(), storage.clone()),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, router(state, 64 * 1024))
-            .await
-            .unwrap()
-    });
+    // With peer addresses, as in main, so per-IP limits see the client.
+    let app =
+        router(state, 64 * 1024, AVATAR_MAX).into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     App {
         base: format!("http://{addr}"),
         db,
