@@ -20,13 +20,31 @@ use crate::{
     )
 )]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Account>, ApiError> {
-    let row: Option<(String, String, String, bool, Option<String>, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT email, name, role, email_verified_at IS NOT NULL, avatar, created_at FROM users WHERE id = $1",
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        email: String,
+        name: String,
+        role: String,
+        email_verified: bool,
+        avatar: Option<String>,
+        created_at: chrono::DateTime<chrono::Utc>,
+    }
+    let row: Row = sqlx::query_as(
+        "SELECT email, name, role, email_verified_at IS NOT NULL AS email_verified, avatar, created_at
+           FROM users WHERE id = $1",
     )
     .bind(caller.id)
     .fetch_optional(&state.pool)
-    .await?;
-    let (email, name, role, email_verified, avatar, created_at) = row.ok_or(ApiError::NotFound)?;
+    .await?
+    .ok_or(ApiError::NotFound)?;
+    let Row {
+        email,
+        name,
+        role,
+        email_verified,
+        avatar,
+        created_at,
+    } = row;
     Ok(Json(Account {
         id: caller.id,
         email,
