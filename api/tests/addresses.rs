@@ -2,31 +2,10 @@
 
 mod common;
 
-use common::{App, fields, problem, spawn_app};
+use common::{App, fields, problem, signed_in, spawn_app};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use souk_testkit::{amqp_url, count, mail::unique_address};
-
-/// Registers and signs in a new customer; returns the access token.
-async fn customer(app: &App) -> String {
-    let email = unique_address();
-    let password = "correct horse battery";
-    let body = json!({"email": email, "password": password, "name": "Ann"});
-    assert_eq!(
-        app.post("/api/v1/auth/register", &body).await.status(),
-        StatusCode::CREATED
-    );
-    let s: Value = app
-        .post(
-            "/api/v1/auth/sign-in",
-            &json!({"email": email, "password": password}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    s["access_token"].as_str().unwrap().to_string()
-}
+use souk_testkit::{amqp_url, count};
 
 async fn call(
     app: &App,
@@ -52,7 +31,7 @@ fn address(city: &str) -> Value {
 #[tokio::test]
 async fn the_first_address_is_the_default_and_there_is_only_ever_one() {
     let app = spawn_app(&amqp_url()).await;
-    let ann = customer(&app).await;
+    let ann = signed_in(&app, None).await;
     let first: Value = call(
         &app,
         &ann,
@@ -108,8 +87,8 @@ async fn the_first_address_is_the_default_and_there_is_only_ever_one() {
 #[tokio::test]
 async fn another_customers_address_is_not_found_and_left_untouched() {
     let app = spawn_app(&amqp_url()).await;
-    let ann = customer(&app).await;
-    let bob = customer(&app).await;
+    let ann = signed_in(&app, None).await;
+    let bob = signed_in(&app, None).await;
     let anns: Value = call(
         &app,
         &ann,
@@ -160,7 +139,7 @@ async fn another_customers_address_is_not_found_and_left_untouched() {
 #[tokio::test]
 async fn an_invalid_address_names_its_fields_and_writes_nothing() {
     let app = spawn_app(&amqp_url()).await;
-    let ann = customer(&app).await;
+    let ann = signed_in(&app, None).await;
     let mut bad = address("");
     bad["country"] = json!("Germany");
     let body = problem(

@@ -4,31 +4,10 @@ mod common;
 
 use std::io::Cursor;
 
-use common::{AVATAR_MAX, App, fields, problem, spawn_app};
+use common::{AVATAR_MAX, App, fields, problem, signed_in, spawn_app};
 use reqwest::{StatusCode, multipart};
-use serde_json::{Value, json};
-use souk_testkit::{amqp_url, mail::unique_address};
-
-const PASSWORD: &str = "correct horse battery";
-
-async fn token(app: &App) -> String {
-    let email = unique_address();
-    app.post(
-        "/api/v1/auth/register",
-        &json!({"email": email, "password": PASSWORD, "name": "Ann"}),
-    )
-    .await;
-    let s: Value = app
-        .post(
-            "/api/v1/auth/sign-in",
-            &json!({"email": email, "password": PASSWORD}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    s["access_token"].as_str().unwrap().to_string()
-}
+use serde_json::Value;
+use souk_testkit::amqp_url;
 
 async fn upload(
     app: &App,
@@ -62,7 +41,7 @@ fn jpeg(width: u32, height: u32) -> Vec<u8> {
 #[tokio::test]
 async fn a_good_image_is_stored_resized_re_encoded_and_served() {
     let app = spawn_app(&amqp_url()).await;
-    let token = token(&app).await;
+    let token = signed_in(&app, None).await;
     let sent = jpeg(1200, 600);
     // Named and typed as something else: the content decides.
     let resp = upload(
@@ -119,7 +98,7 @@ async fn a_good_image_is_stored_resized_re_encoded_and_served() {
 #[tokio::test]
 async fn text_renamed_to_png_and_oversized_uploads_are_refused_and_nothing_is_stored() {
     let app = spawn_app(&amqp_url()).await;
-    let token = token(&app).await;
+    let token = signed_in(&app, None).await;
     let fake = upload(
         &app,
         &token,

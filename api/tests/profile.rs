@@ -2,36 +2,10 @@
 
 mod common;
 
-use common::{App, fields, problem, spawn_app};
+use common::{App, fields, problem, signed_in, spawn_app};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use souk_testkit::{amqp_url, mail::unique_address};
-
-const PASSWORD: &str = "correct horse battery";
-
-/// Registers (a seller when `shop` is given) and returns an access token.
-async fn account(app: &App, shop: Option<&str>) -> String {
-    let email = unique_address();
-    let mut body = json!({"email": email, "password": PASSWORD, "name": "Sam"});
-    if let Some(slug) = shop {
-        body["kind"] = json!("seller");
-        body["shop"] = json!({"name": "Shop", "slug": slug, "contact_email": "shop@example.com"});
-    }
-    assert_eq!(
-        app.post("/api/v1/auth/register", &body).await.status(),
-        StatusCode::CREATED
-    );
-    let s: Value = app
-        .post(
-            "/api/v1/auth/sign-in",
-            &json!({"email": email, "password": PASSWORD}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    s["access_token"].as_str().unwrap().to_string()
-}
+use souk_testkit::amqp_url;
 
 async fn call(
     app: &App,
@@ -52,7 +26,7 @@ async fn call(
 #[tokio::test]
 async fn a_profile_update_changes_only_what_was_sent() {
     let app = spawn_app(&amqp_url()).await;
-    let token = account(&app, None).await;
+    let token = signed_in(&app, None).await;
     let resp = call(
         &app,
         &token,
@@ -90,9 +64,9 @@ async fn a_profile_update_changes_only_what_was_sent() {
 #[tokio::test]
 async fn a_seller_changes_their_own_shop_and_not_anothers() {
     let app = spawn_app(&amqp_url()).await;
-    let owner = account(&app, Some("corner-shop")).await;
-    let rival = account(&app, Some("rival-shop")).await;
-    let customer = account(&app, None).await;
+    let owner = signed_in(&app, Some("corner-shop")).await;
+    let rival = signed_in(&app, Some("rival-shop")).await;
+    let customer = signed_in(&app, None).await;
 
     let resp = call(
         &app,

@@ -132,6 +132,37 @@ impl App {
     }
 }
 
+pub const PASSWORD: &str = "correct horse battery";
+
+/// Registers a new account (a seller with a shop at `shop`, if given), signs
+/// it in and returns the access token.
+pub async fn signed_in(app: &App, shop: Option<&str>) -> String {
+    let email = souk_testkit::mail::unique_address();
+    let mut body = serde_json::json!({"email": email, "password": PASSWORD, "name": "Ann"});
+    if let Some(slug) = shop {
+        body["kind"] = serde_json::json!("seller");
+        body["shop"] =
+            serde_json::json!({"name": "Shop", "slug": slug, "contact_email": "shop@example.com"});
+    }
+    assert_eq!(
+        app.post("/api/v1/auth/register", &body).await.status(),
+        StatusCode::CREATED
+    );
+    let session: Value = app
+        .post(
+            "/api/v1/auth/sign-in",
+            &serde_json::json!({"email": email, "password": PASSWORD}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    session["access_token"]
+        .as_str()
+        .expect("signed in")
+        .to_string()
+}
+
 /// Asserts a problem+json answer with `status` and returns its body.
 pub async fn problem(resp: reqwest::Response, status: StatusCode) -> Value {
     assert_eq!(resp.status(), status);
