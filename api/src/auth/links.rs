@@ -80,6 +80,21 @@ pub async fn send(
     Ok(())
 }
 
+/// [`send`] in a transaction of its own, committed, with the relays woken.
+pub async fn send_now(
+    state: &AppState,
+    purpose: Purpose,
+    user: Uuid,
+    to: (&str, &str),
+    correlation_id: &str,
+) -> Result<(), ApiError> {
+    let mut tx = state.pool.begin().await?;
+    send(&mut tx, state, purpose, user, to, correlation_id).await?;
+    tx.commit().await?;
+    state.outbox.wake();
+    Ok(())
+}
+
 /// Uses up a token; the user it was for, if it was valid, unused and unexpired.
 pub async fn consume(
     tx: &mut PgConnection,

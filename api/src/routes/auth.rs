@@ -419,9 +419,7 @@ pub async fn resend_verification(
         .limiter
         .hit("resend", &caller.id.to_string(), limit)
         .await?;
-    let mut tx = state.pool.begin().await?;
-    links::send(
-        &mut tx,
+    links::send_now(
         &state,
         Purpose::VerifyEmail,
         caller.id,
@@ -429,8 +427,6 @@ pub async fn resend_verification(
         &request_id.0,
     )
     .await?;
-    tx.commit().await?;
-    state.outbox.wake();
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -734,16 +730,14 @@ pub async fn forgot_password(
         .limiter
         .hit("forgot-email", body.email.trim(), limits.forgot_per_email)
         .await?;
-    let mut tx = state.pool.begin().await?;
     let found: Option<(Uuid, String, String)> = sqlx::query_as(
         "SELECT id, email, name FROM users WHERE lower(email) = lower($1) AND suspended_at IS NULL",
     )
     .bind(body.email.trim())
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&state.pool)
     .await?;
     if let Some((user, email, name)) = found {
-        links::send(
-            &mut tx,
+        links::send_now(
             &state,
             Purpose::ResetPassword,
             user,
@@ -752,8 +746,6 @@ pub async fn forgot_password(
         )
         .await?;
     }
-    tx.commit().await?;
-    state.outbox.wake();
     Ok(StatusCode::ACCEPTED)
 }
 
