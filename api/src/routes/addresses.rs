@@ -91,6 +91,23 @@ pub struct Address {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Binds the address fields as `$3`..`$10`, in the order both the insert
+/// and the update list them.
+fn bind_fields<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    body: &'q AddressInput,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(body.full_name.trim())
+        .bind(body.line1.trim())
+        .bind(body.line2.trim())
+        .bind(body.city.trim())
+        .bind(body.region.trim())
+        .bind(body.postal_code.trim())
+        .bind(&body.country)
+        .bind(body.phone.trim())
+}
+
 const COLUMNS: &str = "id, full_name, line1, line2, city, region, postal_code, country, phone, is_default, created_at, updated_at";
 
 async fn fetch(conn: &mut PgConnection, caller: &Caller, id: Uuid) -> Result<Address, ApiError> {
@@ -191,22 +208,13 @@ pub async fn create(
         )]));
     }
     let id = Uuid::now_v7();
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO addresses (id, user_id, full_name, line1, line2, city, region, postal_code, country, phone)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(id)
-    .bind(caller.id)
-    .bind(body.full_name.trim())
-    .bind(body.line1.trim())
-    .bind(body.line2.trim())
-    .bind(body.city.trim())
-    .bind(body.region.trim())
-    .bind(body.postal_code.trim())
-    .bind(&body.country)
-    .bind(body.phone.trim())
-    .execute(&mut *tx)
-    .await?;
+    .bind(caller.id);
+    bind_fields(query, &body).execute(&mut *tx).await?;
     if body.default || existing == 0 {
         make_default(&mut tx, &caller, id).await?;
     }
@@ -232,24 +240,15 @@ pub async fn update(
     ValidJson(body): ValidJson<AddressInput>,
 ) -> Result<Json<Address>, ApiError> {
     let mut tx = state.pool.begin().await?;
-    let updated = sqlx::query(
+    let query = sqlx::query(
         "UPDATE addresses SET full_name = $3, line1 = $4, line2 = $5, city = $6, region = $7,
                 postal_code = $8, country = $9, phone = $10, updated_at = now()
           WHERE id = $1 AND user_id = $2",
     )
     .bind(id)
-    .bind(caller.id)
-    .bind(body.full_name.trim())
-    .bind(body.line1.trim())
-    .bind(body.line2.trim())
-    .bind(body.city.trim())
-    .bind(body.region.trim())
-    .bind(body.postal_code.trim())
-    .bind(&body.country)
-    .bind(body.phone.trim())
-    .execute(&mut *tx)
-    .await?;
-    if updated.rows_affected() == 0 {
+    .bind(caller.id);
+    let done = bind_fields(query, &body).execute(&mut *tx).await?;
+    if done.rows_affected() == 0 {
         return Err(ApiError::NotFound);
     }
     if body.default {
