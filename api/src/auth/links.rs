@@ -95,13 +95,14 @@ pub async fn send_now(
     Ok(())
 }
 
-/// Uses up a token; the user it was for, if it was valid, unused and unexpired.
+/// Uses up a token and returns the user it was for; a token that is
+/// unknown, used or expired is a 422 naming the `token` field.
 pub async fn consume(
     tx: &mut PgConnection,
     purpose: Purpose,
     token: &str,
-) -> Result<Option<Uuid>, ApiError> {
-    Ok(sqlx::query_scalar(
+) -> Result<Uuid, ApiError> {
+    let user: Option<Uuid> = sqlx::query_scalar(
         "UPDATE user_tokens SET used_at = now()
           WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now()
           RETURNING user_id",
@@ -109,5 +110,11 @@ pub async fn consume(
     .bind(secret::digest(token))
     .bind(purpose.name())
     .fetch_optional(tx)
-    .await?)
+    .await?;
+    user.ok_or_else(|| {
+        ApiError::Validation(vec![crate::error::FieldError::new(
+            "token",
+            "is unknown, used or expired",
+        )])
+    })
 }

@@ -246,12 +246,6 @@ pub async fn verify_email(
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.pool.begin().await?;
     let user = links::consume(&mut tx, Purpose::VerifyEmail, &body.token).await?;
-    let user = user.ok_or_else(|| {
-        ApiError::Validation(vec![FieldError::new(
-            "token",
-            "is unknown, used or expired",
-        )])
-    })?;
     sqlx::query("UPDATE users SET email_verified_at = coalesce(email_verified_at, now()), updated_at = now() WHERE id = $1")
         .bind(user)
         .execute(&mut *tx)
@@ -783,14 +777,7 @@ pub async fn reset_password(
 ) -> Result<StatusCode, ApiError> {
     let hash = password::hash(body.new_password).await?;
     let mut tx = state.pool.begin().await?;
-    let user = links::consume(&mut tx, Purpose::ResetPassword, &body.token)
-        .await?
-        .ok_or_else(|| {
-            ApiError::Validation(vec![FieldError::new(
-                "token",
-                "is unknown, used or expired",
-            )])
-        })?;
+    let user = links::consume(&mut tx, Purpose::ResetPassword, &body.token).await?;
     set_password(&mut tx, user, hash).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
