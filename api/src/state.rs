@@ -17,7 +17,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub broker: BrokerProbe,
     pub metrics: PrometheusHandle,
-    /// Call `outbox.wake()` after committing outbox rows.
+    /// Woken by [`AppState::commit_with_messages`].
     pub outbox: Waker,
     pub auth: Arc<AuthConfig>,
     pub jwt: Arc<Jwt>,
@@ -47,5 +47,16 @@ impl AppState {
             broker,
             metrics,
         }
+    }
+
+    /// Commits a transaction that wrote outbox rows, then wakes the relays so
+    /// the messages go out within milliseconds instead of at the next poll.
+    pub async fn commit_with_messages(
+        &self,
+        tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    ) -> Result<(), sqlx::Error> {
+        tx.commit().await?;
+        self.outbox.wake();
+        Ok(())
     }
 }

@@ -90,8 +90,7 @@ pub async fn send_now(
 ) -> Result<(), ApiError> {
     let mut tx = state.pool.begin().await?;
     send(&mut tx, state, purpose, user, to, correlation_id).await?;
-    tx.commit().await?;
-    state.outbox.wake();
+    state.commit_with_messages(tx).await?;
     Ok(())
 }
 

@@ -199,8 +199,7 @@ pub async fn register(
         &request_id.0,
     )
     .await?;
-    tx.commit().await?;
-    state.outbox.wake();
+    state.commit_with_messages(tx).await?;
     Ok((
         StatusCode::CREATED,
         Json(Account {

@@ -127,8 +127,7 @@ pub async fn create(
         }),
     };
     outbox::enqueue(&mut tx, &Envelope::new(&mail, request_id.0)).await?;
-    tx.commit().await?;
-    state.outbox.wake();
+    state.commit_with_messages(tx).await?;
 
     Ok((
         StatusCode::CREATED,
