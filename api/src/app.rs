@@ -12,7 +12,7 @@ use utoipa_scalar::{Scalar, Servable};
 use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
-    routes::{addresses, admin, auth, avatar, health, me, shops, support},
+    routes::{addresses, admin, auth, avatar, health, me, shops, sso, support},
     state::AppState,
 };
 
@@ -62,6 +62,8 @@ fn v1(avatar_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(auth::resend_verification))
         .routes(routes!(auth::forgot_password))
         .routes(routes!(auth::reset_password))
+        .routes(routes!(sso::start))
+        .routes(routes!(sso::callback))
         .routes(routes!(auth::change_password))
         .routes(routes!(me::me, me::update))
         .routes(routes!(shops::get, shops::update))

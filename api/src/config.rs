@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use souk_shared::config::{CommonConfig, ConfigError, Env};
 
-use crate::{auth::AuthConfig, ratelimit::Limits, storage::StorageConfig};
+use crate::{auth::{AuthConfig, oidc::OidcConfig}, ratelimit::Limits, storage::StorageConfig};
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -17,6 +17,8 @@ pub struct ApiConfig {
     pub redis_url: String,
     pub limits: Limits,
     pub storage: StorageConfig,
+    /// Single sign-on with an OpenID Connect provider, if configured.
+    pub oidc: Option<OidcConfig>,
 }
 
 impl ApiConfig {
@@ -29,6 +31,7 @@ impl ApiConfig {
             redis_url: env.or("REDIS_URL", "redis://127.0.0.1:6379".to_string())?,
             limits: Limits::from_env(env)?,
             storage: StorageConfig::from_env(env)?,
+            oidc: OidcConfig::from_env(env)?,
         })
     }
 }

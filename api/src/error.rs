@@ -63,6 +63,14 @@ pub enum ApiError {
     /// Signed in, but not allowed to do this.
     #[error("forbidden")]
     Forbidden,
+    /// Not allowed, because of something about the named field (e.g. an
+    /// email that is not verified yet).
+    #[error("forbidden")]
+    ForbiddenBecause(FieldError),
+    /// A service we depend on (an identity provider) failed; the detail is
+    /// safe to show.
+    #[error("bad gateway")]
+    BadGateway(&'static str),
     /// The request clashes with existing data, e.g. an email already taken.
     #[error("conflict")]
     Conflict(FieldError),
@@ -151,6 +159,20 @@ impl ApiError {
                 "forbidden",
                 "Forbidden",
                 Some("your account may not do this".into()),
+                vec![],
+            ),
+            Self::ForbiddenBecause(error) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "Forbidden",
+                Some(format!("{}: {}", error.field, error.message)),
+                vec![error.clone()],
+            ),
+            Self::BadGateway(detail) => (
+                StatusCode::BAD_GATEWAY,
+                "bad-gateway",
+                "Bad gateway",
+                Some((*detail).into()),
                 vec![],
             ),
             Self::Conflict(error) => (

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod auth;
 pub mod broker;
+pub mod client_ip;
 pub mod config;
 pub mod error;
 pub mod extract;

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use souk_api::{
-    broker::BrokerProbe, config::ApiConfig, ratelimit::RateLimiter, router, state::AppState,
+    auth::oidc::OidcClient, broker::BrokerProbe, config::ApiConfig, ratelimit::RateLimiter, router, state::AppState,
 };
 use souk_shared::{
     config::{Env, exit_on_error},
@@ -30,7 +30,8 @@ async fn main() {
             config.limits.clone(),
         )),
         (exit_on_error(config.storage.open()), config.storage.clone()),
-    );
+    )
+    .with_oidc(config.oidc.clone().map(OidcClient::new));
     let app = router(state, config.body_limit, config.storage.avatar_max_bytes);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

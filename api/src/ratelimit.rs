@@ -6,16 +6,12 @@
 //! Redis is unreachable the limits are skipped (and logged): an outage of
 //! the limiter must not take sign-in down with it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use axum::{
-    extract::{ConnectInfo, FromRequestParts},
-    http::request::Parts,
-};
 use redis::{AsyncCommands, aio::ConnectionManager, aio::ConnectionManagerConfig};
 use souk_shared::config::{ConfigError, Env};
 
-use crate::error::ApiError;
+use crate::{client_ip::TrustedProxies, error::ApiError};
 
 /// At most `max` hits per `window`.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +31,8 @@ pub struct Limits {
     /// Failed sign-ins of one account before each further one locks it for a
     /// doubling time (1 s, 2 s, 4 s … up to 5 minutes).
     pub failures_before_lock: u32,
+    /// Proxies (load balancers) whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Limits {
@@ -52,6 +50,7 @@ impl Limits {
             forgot_per_email: per("LIMIT_FORGOT_PER_EMAIL_HOUR", 3, 3600)?,
             resend_per_account: per("LIMIT_RESEND_PER_ACCOUNT_HOUR", 3, 3600)?,
             failures_before_lock: env.or("SIGN_IN_FAILURES_BEFORE_LOCK", 3)?,
+            trusted_proxies: TrustedProxies(env.list("TRUSTED_PROXIES", &[])?),
         })
     }
 }
@@ -160,21 +159,3 @@ impl RateLimiter {
     }
 }
 
-/// The client's address, for per-IP limits: the TCP peer. (Behind a proxy,
-/// the proxy's address; trusting a forwarded header is for configuration to
-/// decide, and not done here.)
-pub struct ClientIp(pub String);
-
-impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string())
-                .unwrap_or_else(|| "unknown".into()),
-        ))
-    }
-}

@@ -5,7 +5,7 @@ use sqlx::PgPool;
 use std::sync::Arc;
 
 use crate::{
-    auth::{AuthConfig, Jwt},
+    auth::{AuthConfig, Jwt, oidc::OidcClient},
     broker::BrokerProbe,
     ratelimit::RateLimiter,
     storage::StorageConfig,
@@ -25,6 +25,8 @@ pub struct AppState {
     /// Uploaded files (avatars).
     pub storage: Arc<dyn object_store::ObjectStore>,
     pub storage_config: StorageConfig,
+    /// Single sign-on; `None` when no provider is configured.
+    pub oidc: Option<Arc<OidcClient>>,
 }
 
 impl AppState {
@@ -40,6 +42,7 @@ impl AppState {
             limiter,
             storage,
             storage_config,
+            oidc: None,
             outbox: Waker::spawn(pool.clone()),
             jwt: Arc::new(Jwt::new(&auth)),
             auth: Arc::new(auth),
@@ -47,6 +50,12 @@ impl AppState {
             broker,
             metrics,
         }
+    }
+
+    /// Turns single sign-on on with this provider.
+    pub fn with_oidc(mut self, client: Option<OidcClient>) -> Self {
+        self.oidc = client.map(Arc::new);
+        self
     }
 
     /// Commits a transaction that wrote outbox rows, then wakes the relays so

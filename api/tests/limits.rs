@@ -8,7 +8,10 @@ use std::time::Duration;
 use common::{App, loose_limits, problem, redis_url, spawn_app_with};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use souk_api::ratelimit::{Limit, Limits};
+use souk_api::{
+    client_ip::TrustedProxies,
+    ratelimit::{Limit, Limits},
+};
 use souk_testkit::{amqp_url, count, free_port, mail::unique_address};
 
 const PASSWORD: &str = "correct horse battery";
@@ -185,4 +188,55 @@ async fn with_redis_down_the_limits_step_aside_rather_than_lock_everyone_out() {
         sign_in(&app, &email, PASSWORD).await.status(),
         StatusCode::OK
     );
+}
+
+/// Signs in (with a wrong password) as if from `client`, through the proxy
+/// that forwarded it.
+async fn sign_in_via(app: &App, forwarded_for: &str) -> StatusCode {
+    app.http
+        .post(format!("{}/api/v1/auth/sign-in", app.base))
+        .header("x-forwarded-for", forwarded_for)
+        .json(&json!({"email": unique_address(), "password": "wrong password"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
+    // The test client connects from 127.0.0.1: the "load balancer".
+    let app = spawn_app_with(
+        &amqp_url(),
+        &redis_url(),
+        Limits {
+            sign_in_per_ip: limit(1),
+            trusted_proxies: TrustedProxies(vec!["127.0.0.0/8".parse().unwrap()]),
+            ..loose_limits()
+        },
+    )
+    .await;
+    assert_eq!(sign_in_via(&app, "198.51.100.1").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(sign_in_via(&app, "198.51.100.2").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(sign_in_via(&app, "198.51.100.1").await, StatusCode::TOO_MANY_REQUESTS);
+    // A client cannot dodge by prepending an address of its choice.
+    assert_eq!(
+        sign_in_via(&app, "203.0.113.77, 198.51.100.2").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn from_an_untrusted_peer_x_forwarded_for_is_ignored() {
+    let app = spawn_app_with(
+        &amqp_url(),
+        &redis_url(),
+        Limits {
+            sign_in_per_ip: limit(1),
+            ..loose_limits()
+        },
+    )
+    .await;
+    assert_eq!(sign_in_via(&app, "198.51.100.1").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(sign_in_via(&app, "198.51.100.2").await, StatusCode::TOO_MANY_REQUESTS);
 }

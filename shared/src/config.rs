@@ -52,6 +52,14 @@ impl Env {
         }
     }
 
+    /// A variable that may be unset; when set it must parse as `T`.
+    pub fn optional<T: FromStr>(&self, var: &str) -> Result<Option<T>, ConfigError>
+    where
+        T::Err: Display,
+    {
+        self.raw(var).map(|raw| parse(var, &raw)).transpose()
+    }
+
     /// A duration given in milliseconds.
     pub fn millis(&self, var: &str, default_ms: u64) -> Result<Duration, ConfigError> {
         self.or(var, default_ms).map(Duration::from_millis)

@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod mail;
+pub mod oidc;
 pub mod proxy;
 
 use std::{future::Future, time::Duration};

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod cookies;
 pub mod links;
+pub mod oidc;
 pub mod secret;
 
 pub use souk_shared::password;
@@ -119,6 +120,22 @@ pub struct Caller {
     pub role: Role,
     /// Authenticated by the access cookie rather than a bearer header.
     pub via_cookie: bool,
+    pub email_verified: bool,
+}
+
+impl Caller {
+    /// For what an unverified account may not do yet: check out, publish
+    /// products, withdraw.
+    pub fn require_verified(&self) -> Result<(), ApiError> {
+        if self.email_verified {
+            Ok(())
+        } else {
+            Err(ApiError::ForbiddenBecause(crate::error::FieldError::new(
+                "email",
+                "verify your email address first",
+            )))
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -153,16 +170,18 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or(ApiError::Unauthorized)?;
         // Read on every request, so a suspension or a role change takes
         // effect at once rather than when the token expires.
-        let account: Option<(String, bool)> =
-            sqlx::query_as("SELECT role, suspended_at IS NULL FROM users WHERE id = $1")
-                .bind(claims.sub)
-                .fetch_optional(&state.pool)
-                .await?;
+        let account: Option<(String, bool, bool)> = sqlx::query_as(
+            "SELECT role, suspended_at IS NULL, email_verified_at IS NOT NULL FROM users WHERE id = $1",
+        )
+        .bind(claims.sub)
+        .fetch_optional(&state.pool)
+        .await?;
         match account {
-            Some((role, true)) => Ok(Self {
+            Some((role, true, email_verified)) => Ok(Self {
                 id: claims.sub,
                 role: Role::parse(&role).ok_or(ApiError::Unauthorized)?,
                 via_cookie,
+                email_verified,
             }),
             _ => Err(ApiError::Unauthorized),
         }

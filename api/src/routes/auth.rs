@@ -20,7 +20,7 @@ use crate::{
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
     middleware::RequestId,
-    ratelimit::ClientIp,
+    client_ip::ClientIp,
     routes::support::valid_email,
     state::AppState,
 };
@@ -298,7 +298,7 @@ pub struct Session {
 
 impl Session {
     /// The answer: tokens in the body, or (`cookie_form`) in cookies only.
-    fn respond(mut self, state: &AppState, cookie_form: bool) -> (HeaderMap, Json<Session>) {
+    pub(crate) fn respond(mut self, state: &AppState, cookie_form: bool) -> (HeaderMap, Json<Session>) {
         if !cookie_form {
             return (HeaderMap::new(), Json(self));
         }
@@ -310,7 +310,7 @@ impl Session {
 }
 
 /// Starts (`family = None`) or continues a refresh-token family; the caller commits.
-async fn open_session(
+pub(crate) async fn open_session(
     tx: &mut PgConnection,
     state: &AppState,
     user: Uuid,

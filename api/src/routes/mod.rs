@@ -5,4 +5,5 @@ pub mod avatar;
 pub mod health;
 pub mod me;
 pub mod shops;
+pub mod sso;
 pub mod support;

@@ -7,7 +7,10 @@ use std::{net::SocketAddr, time::Duration};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use souk_api::{
-    auth::AuthConfig,
+    auth::{
+        AuthConfig,
+        oidc::{OidcClient, OidcConfig},
+    },
     broker::BrokerProbe,
     ratelimit::{Limit, Limits, RateLimiter},
     router,
@@ -63,6 +66,7 @@ pub fn loose_limits() -> Limits {
         forgot_per_email: limit,
         resend_per_account: limit,
         failures_before_lock: 1000,
+        trusted_proxies: Default::default(),
     }
 }
 
@@ -76,6 +80,15 @@ pub async fn spawn_app(amqp: &str) -> App {
 
 /// The API with `limits`, counted in Redis at `redis` under a prefix of its own.
 pub async fn spawn_app_with(amqp: &str, redis: &str, limits: Limits) -> App {
+    spawn(amqp, redis, limits, None).await
+}
+
+/// The API with single sign-on at the provider `oidc` describes.
+pub async fn spawn_app_with_sso(amqp: &str, oidc: OidcConfig) -> App {
+    spawn(amqp, &redis_url(), loose_limits(), Some(oidc)).await
+}
+
+async fn spawn(amqp: &str, redis: &str, limits: Limits, oidc: Option<OidcConfig>) -> App {
     let db = TestDb::new().await;
     // Each app stores uploads in a directory of its own.
     let storage = StorageConfig {
@@ -92,7 +105,8 @@ pub async fn spawn_app_with(amqp: &str, redis: &str, limits: Limits) -> App {
         auth_config(),
         RateLimiter::new(redis, &unique_prefix(), limits).unwrap(),
         (storage.open().unwrap(), storage.clone()),
-    );
+    )
+    .with_oidc(oidc.map(OidcClient::new));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     // With peer addresses, as in main, so per-IP limits see the client.

@@ -1,0 +1,279 @@
+//! Single sign-on with OpenID Connect, against a provider the test starts on
+//! localhost (its own RSA key, discovery document and JWKS).
+
+mod common;
+
+use common::{App, PASSWORD, fields, problem, spawn_app, spawn_app_with_sso};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use souk_api::auth::oidc::OidcConfig;
+use souk_testkit::{
+    amqp_url, count,
+    mail::unique_address,
+    oidc::{Forgery, OidcProvider, Redirect, User},
+};
+
+const CLIENT: &str = "souk-storefront";
+const SECRET: &str = "storefront-secret";
+const REDIRECT: &str = "http://shop.test/auth/callback";
+
+fn config(issuer: &str) -> OidcConfig {
+    OidcConfig {
+        issuer: issuer.into(),
+        client_id: CLIENT.into(),
+        client_secret: Some(SECRET.into()),
+        redirect_url: REDIRECT.into(),
+        scopes: "openid email profile".into(),
+        trust_emails: false,
+        login_ttl_secs: 600,
+    }
+}
+
+async fn setup() -> (App, OidcProvider) {
+    let provider = OidcProvider::start(CLIENT, Some(SECRET)).await;
+    let app = spawn_app_with_sso(&amqp_url(), config(&provider.issuer)).await;
+    (app, provider)
+}
+
+/// Starts a sign-in and plays the browser at the provider.
+async fn through_provider(app: &App, provider: &OidcProvider) -> Redirect {
+    let resp = app.post("/api/v1/auth/oidc/start", &json!({})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let start: Value = resp.json().await.unwrap();
+    let url = start["authorization_url"].as_str().unwrap();
+    assert!(url.starts_with(&provider.issuer), "{url}");
+    assert!(url.contains("code_challenge_method=S256"), "{url}");
+    assert!(!url.contains("code_verifier"), "{url}");
+    let back = provider.visit(url).await;
+    assert_eq!(back.state, start["state"].as_str().unwrap());
+    assert_eq!(back.redirect_uri, REDIRECT);
+    back
+}
+
+async fn finish(app: &App, back: &Redirect) -> reqwest::Response {
+    app.post(
+        "/api/v1/auth/oidc/callback",
+        &json!({"code": back.code, "state": back.state}),
+    )
+    .await
+}
+
+/// Signs in through the provider and returns `GET /me` for the session.
+async fn sso_me(app: &App, provider: &OidcProvider) -> Value {
+    let back = through_provider(app, provider).await;
+    let resp = finish(app, &back).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let session: Value = resp.json().await.unwrap();
+    let token = session["access_token"].as_str().unwrap();
+    let me = app.get_with_token("/api/v1/me", token).await;
+    assert_eq!(me.status(), StatusCode::OK);
+    me.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_new_identity_gets_a_verified_customer_account_and_keeps_it() {
+    let (app, provider) = setup().await;
+    let email = unique_address();
+    provider.sign_in_as(User::verified("sub-1", &email, "Nadia Haddad"));
+
+    let me = sso_me(&app, &provider).await;
+    assert_eq!(me["email"], email.as_str());
+    assert_eq!(me["name"], "Nadia Haddad");
+    assert_eq!(me["role"], "customer");
+    assert_eq!(me["email_verified"], true);
+
+    // The same identity again, even with a changed email at the provider,
+    // is the same account: identities are keyed by issuer and subject.
+    provider.sign_in_as(User::verified("sub-1", &unique_address(), "Nadia H."));
+    let again = sso_me(&app, &provider).await;
+    assert_eq!(again["id"], me["id"]);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 1);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM user_identities").await, 1);
+}
+
+#[tokio::test]
+async fn an_existing_account_is_linked_by_a_verified_email() {
+    let (app, provider) = setup().await;
+    let email = unique_address();
+    let registered: Value = app
+        .post(
+            "/api/v1/auth/register",
+            &json!({"email": email, "password": PASSWORD, "name": "Omar"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(registered["email_verified"], false);
+
+    // The provider's address differs only in case.
+    provider.sign_in_as(User::verified("sub-omar", &email.to_uppercase(), "Omar"));
+    let me = sso_me(&app, &provider).await;
+    assert_eq!(me["id"], registered["id"]);
+    assert_eq!(me["email_verified"], true, "the provider proved the address");
+
+    // The password still works too.
+    let resp = app
+        .post(
+            "/api/v1/auth/sign-in",
+            &json!({"email": email, "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_email_the_provider_did_not_verify_links_and_creates_nothing() {
+    let (app, provider) = setup().await;
+    let email = unique_address();
+    app.post(
+        "/api/v1/auth/register",
+        &json!({"email": email, "password": PASSWORD, "name": "Victim"}),
+    )
+    .await;
+    for address in [email.clone(), unique_address()] {
+        provider.sign_in_as(User {
+            email_verified: false,
+            ..User::verified("sub-attacker", &address, "Mallory")
+        });
+        let back = through_provider(&app, &provider).await;
+        let body = problem(finish(&app, &back).await, StatusCode::FORBIDDEN).await;
+        assert_eq!(fields(&body), ["email"]);
+    }
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 1);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM user_identities").await, 0);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refresh_tokens").await, 0);
+    let verified: bool = sqlx::query_scalar("SELECT email_verified_at IS NOT NULL FROM users")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(!verified);
+}
+
+#[tokio::test]
+async fn forged_or_mismatched_id_tokens_are_refused() {
+    let (app, provider) = setup().await;
+    provider.sign_in_as(User::verified("sub-1", &unique_address(), "Ann"));
+    for forgery in [
+        Forgery::WrongKey,
+        Forgery::UnknownKeyId,
+        Forgery::AlgNone,
+        Forgery::Hs256,
+        Forgery::WrongAudience,
+        Forgery::WrongIssuer,
+        Forgery::WrongNonce,
+        Forgery::Expired,
+    ] {
+        provider.forge(forgery);
+        let back = through_provider(&app, &provider).await;
+        let resp = finish(&app, &back).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{forgery:?}");
+        problem(resp, StatusCode::UNAUTHORIZED).await;
+    }
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 0);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM user_identities").await, 0);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refresh_tokens").await, 0);
+
+    // The same provider, honest again, works: the refusals were the tokens.
+    provider.forge(Forgery::Honest);
+    sso_me(&app, &provider).await;
+}
+
+#[tokio::test]
+async fn a_state_is_single_use_and_a_code_is_bound_to_its_own_sign_in() {
+    let (app, provider) = setup().await;
+    provider.sign_in_as(User::verified("sub-1", &unique_address(), "Ann"));
+
+    // A code from one sign-in presented with another sign-in's state: the
+    // API sends that sign-in's PKCE verifier, which the provider refuses.
+    let first = through_provider(&app, &provider).await;
+    let second = through_provider(&app, &provider).await;
+    let crossed = Redirect {
+        code: first.code.clone(),
+        state: second.state.clone(),
+        redirect_uri: REDIRECT.into(),
+    };
+    let body = problem(finish(&app, &crossed).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&body), ["code"]);
+    assert_eq!(provider.token_requests(), 1);
+
+    // `second`'s state is spent now; `first`'s code was spent at the provider.
+    let body = problem(finish(&app, &second).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&body), ["state"]);
+    let body = problem(finish(&app, &first).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&body), ["code"]);
+
+    // An unknown state never reaches the provider.
+    let before = provider.token_requests();
+    let unknown = Redirect {
+        code: "whatever".into(),
+        state: "not-a-state-we-issued".into(),
+        redirect_uri: REDIRECT.into(),
+    };
+    let body = problem(finish(&app, &unknown).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&body), ["state"]);
+    assert_eq!(provider.token_requests(), before);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test]
+async fn a_suspended_account_cannot_sign_in_with_the_provider() {
+    let (app, provider) = setup().await;
+    provider.sign_in_as(User::verified("sub-1", &unique_address(), "Ann"));
+    sso_me(&app, &provider).await;
+    sqlx::query("UPDATE users SET suspended_at = now(), suspended_reason = 'fraud'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let back = through_provider(&app, &provider).await;
+    problem(finish(&app, &back).await, StatusCode::UNAUTHORIZED).await;
+}
+
+#[tokio::test]
+async fn cookie_form_sets_http_only_cookies() {
+    let (app, provider) = setup().await;
+    provider.sign_in_as(User::verified("sub-1", &unique_address(), "Ann"));
+    let back = through_provider(&app, &provider).await;
+    let resp = app
+        .post(
+            "/api/v1/auth/oidc/callback",
+            &json!({"code": back.code, "state": back.state, "use_cookies": true}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let cookies: Vec<_> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert!(
+        cookies.iter().any(|c| c.contains("HttpOnly")),
+        "{cookies:?}"
+    );
+    let session: Value = resp.json().await.unwrap();
+    assert_eq!(session["token_type"], "cookie");
+    assert!(session.get("access_token").is_none());
+}
+
+#[tokio::test]
+async fn without_a_provider_sso_is_not_found_and_a_dead_provider_is_a_502() {
+    let app = spawn_app(&amqp_url()).await;
+    problem(
+        app.post("/api/v1/auth/oidc/start", &json!({})).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let issuer = format!("http://{}/tenant", closed.local_addr().unwrap());
+    drop(closed);
+    let app = spawn_app_with_sso(&amqp_url(), config(&issuer)).await;
+    problem(
+        app.post("/api/v1/auth/oidc/start", &json!({})).await,
+        StatusCode::BAD_GATEWAY,
+    )
+    .await;
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM oidc_logins").await, 0);
+}
