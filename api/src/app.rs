@@ -12,7 +12,10 @@ use utoipa_scalar::{Scalar, Servable};
 use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
-    routes::{addresses, admin, auth, avatar, health, me, shops, sso, support},
+    routes::{
+        addresses, admin, auth, avatar, cart, catalog, health, me, moderation, notifications,
+        products, sales, shops, sso, stock, support,
+    },
     state::AppState,
 };
 
@@ -76,6 +79,25 @@ fn v1(avatar_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(addresses::set_default))
         .routes(routes!(admin::suspend))
         .routes(routes!(admin::unsuspend))
+        .routes(routes!(moderation::hide))
+        .routes(routes!(moderation::unhide))
+        .routes(routes!(moderation::create_category))
+        .routes(routes!(notifications::list))
+        .routes(routes!(notifications::mark_read))
+        .routes(routes!(products::create, products::list))
+        .routes(routes!(products::get, products::update))
+        .routes(routes!(products::add_variant))
+        .routes(routes!(products::update_variant))
+        .routes(routes!(stock::adjust, stock::history))
+        .routes(routes!(sales::create, sales::list))
+        .routes(routes!(sales::cancel))
+        .routes(routes!(catalog::list))
+        .routes(routes!(catalog::get))
+        .routes(routes!(catalog::shop_products))
+        .routes(routes!(catalog::categories))
+        .routes(routes!(cart::get))
+        .routes(routes!(cart::add))
+        .routes(routes!(cart::update, cart::remove))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` (and committed as

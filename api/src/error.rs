@@ -87,6 +87,8 @@ const UNIQUE_FIELDS: &[(&str, &str, &str)] = &[
         "an account with this email already exists",
     ),
     ("shops_slug_key", "shop.slug", "this shop address is taken"),
+    ("categories_slug_key", "slug", "this category slug is taken"),
+    ("variants_sku_key", "sku", "this SKU is already used in your shop"),
 ];
 
 impl From<sqlx::Error> for ApiError {

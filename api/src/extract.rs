@@ -54,9 +54,36 @@ impl<S: Send + Sync, T: DeserializeOwned + Validate> FromRequest<S> for ValidJso
     }
 }
 
+/// Query-string parameters, parsed and validated; a bad one is a 422 that
+/// names it, like a bad body field.
+pub struct ValidQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Validate> FromRequestParts<S> for ValidQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        let value: T = located(serde_path_to_error::deserialize(de))?;
+        let errors = value.validate();
+        if errors.is_empty() {
+            Ok(Self(value))
+        } else {
+            Err(ApiError::Validation(errors))
+        }
+    }
+}
+
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    located(serde_path_to_error::deserialize(de))
+}
+
+/// A deserializer's error as a problem naming the field at fault.
+fn located<T, E: serde::de::Error + std::fmt::Display + IsData>(
+    result: Result<T, serde_path_to_error::Error<E>>,
+) -> Result<T, ApiError> {
+    result.map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_data() {
@@ -94,6 +121,24 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
             .get::<RequestId>()
             .cloned()
             .unwrap_or_else(RequestId::generate))
+    }
+}
+
+/// Whether a deserializer error is about the data (a field) rather than the
+/// syntax of the document.
+trait IsData {
+    fn is_data(&self) -> bool;
+}
+
+impl IsData for serde_json::Error {
+    fn is_data(&self) -> bool {
+        serde_json::Error::is_data(self)
+    }
+}
+
+impl IsData for serde_urlencoded::de::Error {
+    fn is_data(&self) -> bool {
+        true
     }
 }
 

@@ -8,6 +8,7 @@ pub mod client_ip;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod http_cache;
 pub mod middleware;
 pub mod ratelimit;
 pub mod routes;

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{App, fields, problem, spawn_app};
+use common::{App, admin, fields, problem, spawn_app};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use souk_testkit::{amqp_url, count, mail::unique_address};
@@ -33,23 +33,6 @@ async fn customer(app: &App) -> (String, String) {
         .await;
     let account: Value = resp.json().await.unwrap();
     (account["id"].as_str().unwrap().to_string(), email)
-}
-
-/// An admin, created as `souk-admin create-admin` does: straight in the database.
-async fn admin(app: &App) -> String {
-    let email = unique_address();
-    let hash = souk_shared::password::hash(PASSWORD.into()).await.unwrap();
-    sqlx::query(
-        "INSERT INTO users (id, email, password_hash, name, role, email_verified_at)
-         VALUES ($1, $2, $3, 'Root', 'admin', now())",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .bind(&email)
-    .bind(hash.as_str())
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
-    email
 }
 
 async fn call(

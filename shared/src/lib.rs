@@ -6,6 +6,7 @@ pub mod config;
 pub mod contracts;
 pub mod db;
 pub mod envelope;
+pub mod inventory;
 pub mod outbox;
 pub mod password;
 pub mod signal;

@@ -208,3 +208,32 @@ impl FromRequestParts<AppState> for Admin {
         }
     }
 }
+
+/// A caller who is a seller, with the shop they run. Seller handlers take
+/// this, and scope every query by `shop_id`, so a seller can never reach
+/// another shop's data; anyone else gets 403.
+#[derive(Debug, Clone)]
+pub struct Seller {
+    pub caller: Caller,
+    pub shop_id: Uuid,
+}
+
+impl FromRequestParts<AppState> for Seller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if caller.role != Role::Seller {
+            return Err(ApiError::Forbidden);
+        }
+        let shop_id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM shops WHERE owner_id = $1")
+            .bind(caller.id)
+            .fetch_optional(&state.pool)
+            .await?;
+        let shop_id = shop_id.ok_or(ApiError::Forbidden)?;
+        Ok(Self { caller, shop_id })
+    }
+}

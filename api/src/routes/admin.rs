@@ -35,7 +35,7 @@ impl Validate for Reason {
     }
 }
 
-async fn audit(
+pub(crate) async fn audit(
     tx: &mut PgConnection,
     admin: &Admin,
     action: &str,

@@ -63,7 +63,7 @@ fn customer() -> AccountKind {
     AccountKind::Customer
 }
 
-fn valid_slug(s: &str) -> bool {
+pub(crate) fn valid_slug(s: &str) -> bool {
     (3..=60).contains(&s.len())
         && s.split('-').all(|part| {
             !part.is_empty()

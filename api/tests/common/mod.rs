@@ -177,6 +177,53 @@ pub async fn signed_in(app: &App, shop: Option<&str>) -> String {
         .to_string()
 }
 
+/// An admin, created as `souk-admin create-admin` does (straight in the
+/// database); returns the email.
+pub async fn admin(app: &App) -> String {
+    let email = souk_testkit::mail::unique_address();
+    let hash = souk_shared::password::hash(PASSWORD.into()).await.unwrap();
+    sqlx::query(
+        "INSERT INTO users (id, email, password_hash, name, role, email_verified_at)
+         VALUES ($1, $2, $3, 'Root', 'admin', now())",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(&email)
+    .bind(hash.as_str())
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    email
+}
+
+/// An access token for `email` (password [`PASSWORD`]).
+pub async fn token_for(app: &App, email: &str) -> String {
+    let resp = app
+        .post(
+            "/api/v1/auth/sign-in",
+            &serde_json::json!({"email": email, "password": PASSWORD}),
+        )
+        .await;
+    let session: Value = resp.json().await.unwrap();
+    session["access_token"]
+        .as_str()
+        .expect("signed in")
+        .to_string()
+}
+
+/// A seller of a new shop at `slug`, email verified; returns its token.
+pub async fn verified_seller(app: &App, slug: &str) -> String {
+    let token = signed_in(app, Some(slug)).await;
+    sqlx::query(
+        "UPDATE users SET email_verified_at = now()
+          WHERE id = (SELECT owner_id FROM shops WHERE slug = $1)",
+    )
+    .bind(slug)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    token
+}
+
 /// Asserts a problem+json answer with `status` and returns its body.
 pub async fn problem(resp: reqwest::Response, status: StatusCode) -> Value {
     assert_eq!(resp.status(), status);

@@ -5,7 +5,12 @@
 use minijinja::{Environment, UndefinedBehavior};
 
 /// Templates known to the mailer, by name.
-const NAMES: &[&str] = &["support_request_received", "verify_email", "reset_password"];
+const NAMES: &[&str] = &[
+    "support_request_received",
+    "verify_email",
+    "reset_password",
+    "low_stock",
+];
 
 macro_rules! embed {
     ($env:ident, $($file:literal),* $(,)?) => {
@@ -52,6 +57,9 @@ impl Default for Templates {
             "reset_password.subject.txt",
             "reset_password.txt",
             "reset_password.html",
+            "low_stock.subject.txt",
+            "low_stock.txt",
+            "low_stock.html",
         );
         Self { env }
     }

@@ -1,0 +1,459 @@
+//! The storefront catalog: ranked full-text search with filters, sort and
+//! pagination; product detail; shop pages; the category tree. Only active,
+//! unhidden products of shops whose seller is not suspended are visible.
+//! Public reads carry an `ETag` and answer `304` when unchanged.
+
+use axum::{
+    extract::{Path, State},
+    http::HeaderMap,
+    response::Response,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidQuery, Validate},
+    http_cache::cached_json,
+    state::AppState,
+};
+
+/// Page numbers and sizes as every list endpoint takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Paging {
+    page: u32,
+    per_page: u32,
+}
+
+pub const MAX_PER_PAGE: u32 = 100;
+
+impl Paging {
+    pub fn new(page: Option<u32>, per_page: Option<u32>) -> Self {
+        Self {
+            page: page.unwrap_or(1).max(1),
+            per_page: per_page.unwrap_or(20).clamp(1, MAX_PER_PAGE),
+        }
+    }
+    pub fn check(page: Option<u32>, per_page: Option<u32>) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if page == Some(0) {
+            errors.push(FieldError::new("page", "pages start at 1"));
+        }
+        if per_page.is_some_and(|n| n == 0 || n > MAX_PER_PAGE) {
+            errors.push(FieldError::new("per_page", format!("must be 1 to {MAX_PER_PAGE}")));
+        }
+        errors
+    }
+    pub fn limit(self) -> i64 {
+        i64::from(self.per_page)
+    }
+    pub fn offset(self) -> i64 {
+        i64::from(self.page - 1) * i64::from(self.per_page)
+    }
+    pub fn page<T>(self, items: Vec<T>, total: i64) -> Page<T> {
+        Page {
+            items,
+            page: self.page,
+            per_page: self.per_page,
+            total,
+        }
+    }
+}
+
+/// One page of a list.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub page: u32,
+    pub per_page: u32,
+    /// Items in the whole list.
+    pub total: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ShopRef {
+    pub slug: String,
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Rating {
+    /// Mean stars to one decimal; absent without reviews.
+    pub average: Option<f64>,
+    pub count: i64,
+}
+
+impl Rating {
+    fn new(sum: i64, count: i64) -> Self {
+        // Integer arithmetic, then one division for display.
+        let average = (count > 0).then(|| ((sum * 10 + count / 2) / count) as f64 / 10.0);
+        Self { average, count }
+    }
+}
+
+/// A product in a list.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProductSummary {
+    pub id: Uuid,
+    pub title: String,
+    pub category: Option<String>,
+    pub shop: ShopRef,
+    /// The lowest price in force now among its variants, in minor units.
+    pub price_from_minor: i64,
+    /// Some variant sells below its regular price right now.
+    pub on_sale: bool,
+    pub sold_out: bool,
+    pub rating: Rating,
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Sort {
+    /// Best match first with `q`; newest first without.
+    #[default]
+    Relevance,
+    PriceAsc,
+    PriceDesc,
+    Newest,
+    Rating,
+    BestSelling,
+}
+
+impl Sort {
+    /// Fixed SQL, chosen from a closed set: never built from input.
+    fn order_by(self) -> &'static str {
+        match self {
+            Self::Relevance => "rank DESC, published_at DESC",
+            Self::PriceAsc => "price_from ASC",
+            Self::PriceDesc => "price_from DESC",
+            Self::Newest => "published_at DESC",
+            Self::Rating => {
+                "(rating_sum::numeric / nullif(rating_count, 0)) DESC NULLS LAST, rating_count DESC"
+            }
+            Self::BestSelling => "sold_count DESC",
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogQuery {
+    /// Words to find in titles, tags and descriptions (web-search syntax:
+    /// `"exact phrase"`, `-without`, `or`).
+    pub q: Option<String>,
+    /// A category slug; its subcategories are included.
+    pub category: Option<String>,
+    /// A shop slug.
+    pub shop: Option<String>,
+    /// Lowest "from" price, minor units.
+    pub min_price: Option<i64>,
+    /// Highest "from" price, minor units.
+    pub max_price: Option<i64>,
+    /// Only products with stock available.
+    pub in_stock: Option<bool>,
+    /// 1 to 5: only products rated at least this on average.
+    pub min_rating: Option<u8>,
+    pub sort: Option<Sort>,
+    /// From 1.
+    pub page: Option<u32>,
+    /// 1 to 100; 20 if absent.
+    pub per_page: Option<u32>,
+}
+
+impl Validate for CatalogQuery {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Paging::check(self.page, self.per_page);
+        if self.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
+            errors.push(FieldError::new("q", "at most 200 characters"));
+        }
+        for (field, v) in [("min_price", self.min_price), ("max_price", self.max_price)] {
+            if v.is_some_and(|v| v < 0) {
+                errors.push(FieldError::new(field, "must not be negative"));
+            }
+        }
+        if let (Some(min), Some(max)) = (self.min_price, self.max_price)
+            && min > max
+        {
+            errors.push(FieldError::new("max_price", "must not be below min_price"));
+        }
+        if self.min_rating.is_some_and(|r| !(1..=5).contains(&r)) {
+            errors.push(FieldError::new("min_rating", "must be 1 to 5"));
+        }
+        errors
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct SummaryRow {
+    id: Uuid,
+    title: String,
+    category: Option<String>,
+    shop_slug: String,
+    shop_name: String,
+    price_from: i64,
+    on_sale: bool,
+    available: i64,
+    rating_sum: i64,
+    rating_count: i64,
+    published_at: Option<DateTime<Utc>>,
+    total: i64,
+}
+
+/// What the storefront may show: active, not hidden, seller not suspended.
+pub const VISIBLE: &str =
+    "p.status = 'active' AND p.hidden_at IS NULL AND u.suspended_at IS NULL";
+
+async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSummary>, ApiError> {
+    let paging = Paging::new(query.page, query.per_page);
+    let q = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let sql = format!(
+        "WITH RECURSIVE subtree AS (
+             SELECT id FROM categories WHERE slug = $2
+             UNION ALL
+             SELECT c.id FROM categories c JOIN subtree t ON c.parent_id = t.id
+         ),
+         listed AS (
+             SELECT p.id, p.title, c.slug AS category, s.slug AS shop_slug, s.name AS shop_name,
+                    p.rating_sum, p.rating_count, p.sold_count, p.published_at,
+                    min(v.price_now_minor) AS price_from,
+                    bool_or(v.price_now_minor < v.price_minor) AS on_sale,
+                    sum(greatest(v.available, 0))::bigint AS available,
+                    CASE WHEN $1::text IS NULL THEN 0
+                         ELSE ts_rank(p.search, websearch_to_tsquery('english', $1)) END AS rank
+               FROM products p
+               JOIN shops s ON s.id = p.shop_id
+               JOIN users u ON u.id = s.owner_id
+               JOIN variants_now v ON v.product_id = p.id
+               LEFT JOIN categories c ON c.id = p.category_id
+              WHERE {VISIBLE}
+                AND ($1::text IS NULL OR p.search @@ websearch_to_tsquery('english', $1))
+                AND ($2::text IS NULL OR p.category_id IN (SELECT id FROM subtree))
+                AND ($3::text IS NULL OR s.slug = $3)
+                AND ($4::int IS NULL OR (p.rating_count > 0 AND p.rating_sum >= $4 * p.rating_count))
+              GROUP BY p.id, c.slug, s.slug, s.name
+         )
+         SELECT id, title, category, shop_slug, shop_name, price_from, on_sale, available,
+                rating_sum, rating_count, published_at, count(*) OVER () AS total
+           FROM listed
+          WHERE ($5::bigint IS NULL OR price_from >= $5)
+            AND ($6::bigint IS NULL OR price_from <= $6)
+            AND (NOT $7 OR available > 0)
+          ORDER BY {}, id DESC
+          LIMIT $8 OFFSET $9",
+        query.sort.unwrap_or_default().order_by()
+    );
+    let rows: Vec<SummaryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(q)
+        .bind(query.category.as_deref())
+        .bind(query.shop.as_deref())
+        .bind(query.min_rating.map(i32::from))
+        .bind(query.min_price)
+        .bind(query.max_price)
+        .bind(query.in_stock.unwrap_or(false))
+        .bind(paging.limit())
+        .bind(paging.offset())
+        .fetch_all(&state.pool)
+        .await?;
+    let total = rows.first().map_or(0, |r| r.total);
+    let items = rows
+        .into_iter()
+        .map(|r| ProductSummary {
+            id: r.id,
+            title: r.title,
+            category: r.category,
+            shop: ShopRef {
+                slug: r.shop_slug,
+                name: r.shop_name,
+            },
+            price_from_minor: r.price_from,
+            on_sale: r.on_sale,
+            sold_out: r.available <= 0,
+            rating: Rating::new(r.rating_sum, r.rating_count),
+            published_at: r.published_at,
+        })
+        .collect();
+    Ok(paging.page(items, total))
+}
+
+/// Browse and search the catalog.
+#[utoipa::path(
+    get, path = "/products", tag = "catalog", params(CatalogQuery),
+    responses(
+        (status = 200, description = "a page of products (with ETag)", body = Page<ProductSummary>),
+        (status = 304, description = "unchanged since the ETag in If-None-Match"),
+        (status = 422, description = "a parameter is invalid", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ValidQuery(query): ValidQuery<CatalogQuery>,
+) -> Result<Response, ApiError> {
+    Ok(cached_json(&headers, &search(&state, &query).await?))
+}
+
+/// A shop's products (the storefront's shop page).
+#[utoipa::path(
+    get, path = "/shops/{slug}/products", tag = "catalog", params(("slug" = String, Path), CatalogQuery),
+    responses(
+        (status = 200, description = "a page of the shop's products (with ETag)", body = Page<ProductSummary>),
+        (status = 304, description = "unchanged since the ETag in If-None-Match"),
+        (status = 404, description = "no such shop", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn shop_products(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(slug): Path<String>,
+    ValidQuery(mut query): ValidQuery<CatalogQuery>,
+) -> Result<Response, ApiError> {
+    let exists: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM shops s JOIN users u ON u.id = s.owner_id
+          WHERE s.slug = $1 AND u.suspended_at IS NULL",
+    )
+    .bind(&slug)
+    .fetch_optional(&state.pool)
+    .await?;
+    exists.ok_or(ApiError::NotFound)?;
+    query.shop = Some(slug);
+    Ok(cached_json(&headers, &search(&state, &query).await?))
+}
+
+/// A variant as the storefront shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct PublicVariant {
+    pub id: Uuid,
+    pub sku: String,
+    pub title: String,
+    /// The regular price, minor units.
+    pub price_minor: i64,
+    pub compare_at_minor: Option<i64>,
+    /// The price in force now (a running sale's, else the regular one).
+    pub price_now_minor: i64,
+    /// When the running sale ends, if one runs.
+    pub sale_ends_at: Option<DateTime<Utc>>,
+    pub available: i32,
+    pub sold_out: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProductDetail {
+    pub id: Uuid,
+    pub title: String,
+    pub description: String,
+    pub category: Option<String>,
+    pub tags: Vec<String>,
+    pub shop: ShopRef,
+    pub variants: Vec<PublicVariant>,
+    pub rating: Rating,
+    pub sold_out: bool,
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+/// A product page: variants with the prices in force now, stock and rating.
+#[utoipa::path(
+    get, path = "/products/{id}", tag = "catalog", params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "the product (with ETag)", body = ProductDetail),
+        (status = 304, description = "unchanged since the ETag in If-None-Match"),
+        (status = 404, description = "no such product on the storefront", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+) -> Result<Response, ApiError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        title: String,
+        description: String,
+        category: Option<String>,
+        tags: Vec<String>,
+        shop_slug: String,
+        shop_name: String,
+        rating_sum: i64,
+        rating_count: i64,
+        published_at: Option<DateTime<Utc>>,
+    }
+    let row: Row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT p.title, p.description, c.slug AS category, p.tags, s.slug AS shop_slug,
+                s.name AS shop_name, p.rating_sum, p.rating_count, p.published_at
+           FROM products p
+           JOIN shops s ON s.id = p.shop_id
+           JOIN users u ON u.id = s.owner_id
+           LEFT JOIN categories c ON c.id = p.category_id
+          WHERE p.id = $1 AND {VISIBLE}"
+    )))
+    .bind(id)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or(ApiError::NotFound)?;
+    let variants: Vec<PublicVariant> = sqlx::query_as(
+        "SELECT id, sku, title, price_minor, compare_at_minor, price_now_minor, sale_ends_at,
+                greatest(available, 0) AS available, available <= 0 AS sold_out
+           FROM variants_now WHERE product_id = $1 ORDER BY position, id",
+    )
+    .bind(id)
+    .fetch_all(&state.pool)
+    .await?;
+    let detail = ProductDetail {
+        id,
+        title: row.title,
+        description: row.description,
+        category: row.category,
+        tags: row.tags,
+        shop: ShopRef {
+            slug: row.shop_slug,
+            name: row.shop_name,
+        },
+        sold_out: variants.iter().all(|v| v.sold_out),
+        variants,
+        rating: Rating::new(row.rating_sum, row.rating_count),
+        published_at: row.published_at,
+    };
+    Ok(cached_json(&headers, &detail))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Category {
+    pub id: Uuid,
+    pub name: String,
+    pub slug: String,
+    #[schema(no_recursion)]
+    pub children: Vec<Category>,
+}
+
+/// The category tree.
+#[utoipa::path(
+    get, path = "/categories", tag = "catalog",
+    responses(
+        (status = 200, description = "root categories with their children (with ETag)", body = Vec<Category>),
+        (status = 304, description = "unchanged since the ETag in If-None-Match"),
+    )
+)]
+pub async fn categories(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let rows: Vec<(Uuid, Option<Uuid>, String, String)> = sqlx::query_as(
+        "SELECT id, parent_id, name, slug FROM categories ORDER BY position, name",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    fn children(rows: &[(Uuid, Option<Uuid>, String, String)], parent: Option<Uuid>) -> Vec<Category> {
+        rows.iter()
+            .filter(|r| r.1 == parent)
+            .map(|(id, _, name, slug)| Category {
+                id: *id,
+                name: name.clone(),
+                slug: slug.clone(),
+                children: children(rows, Some(*id)),
+            })
+            .collect()
+    }
+    Ok(cached_json(&headers, &children(&rows, None)))
+}

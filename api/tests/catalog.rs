@@ -1,0 +1,529 @@
+//! Products, stock, sales, search and the storefront's conditional GETs.
+
+mod common;
+
+use chrono::Utc;
+use common::{
+    App, Pipeline, WAIT, admin, fields, problem, signed_in, spawn_app, token_for, verified_seller,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use souk_testkit::{amqp_url, count, mail::mails_to, wait_until};
+
+async fn call(app: &App, token: &str, method: Method, path: &str, body: Value) -> reqwest::Response {
+    let req = app
+        .http
+        .request(method.clone(), format!("{}/api/v1{path}", app.base))
+        .bearer_auth(token);
+    let req = if method == Method::GET { req } else { req.json(&body) };
+    req.send().await.unwrap()
+}
+
+async fn json_of(resp: reqwest::Response, status: StatusCode) -> Value {
+    let got = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    assert_eq!(got, status, "{body}");
+    body
+}
+
+/// Creates a product with one variant per (sku, price, stock) and returns it.
+async fn product(app: &App, token: &str, body: Value) -> Value {
+    let resp = call(app, token, Method::POST, "/seller/products", body).await;
+    json_of(resp, StatusCode::CREATED).await
+}
+
+fn simple(title: &str, sku: &str, price: i64, stock: i32) -> Value {
+    json!({"title": title, "variants": [{"sku": sku, "price_minor": price, "on_hand": stock}]})
+}
+
+async fn publish(app: &App, token: &str, id: &str) {
+    let resp = call(
+        app,
+        token,
+        Method::PATCH,
+        &format!("/seller/products/{id}"),
+        json!({"status": "active"}),
+    )
+    .await;
+    json_of(resp, StatusCode::OK).await;
+}
+
+async fn storefront(app: &App, path: &str) -> Value {
+    json_of(app.get(&format!("/api/v1{path}")).await, StatusCode::OK).await
+}
+
+fn titles(page: &Value) -> Vec<&str> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_seller_runs_only_its_own_products_and_drafts_stay_private() {
+    let app = spawn_app(&amqp_url()).await;
+    let a = verified_seller(&app, "shop-a").await;
+    let b = verified_seller(&app, "shop-b").await;
+    let body = json!({
+        "title": "Linen apron", "description": "Stone-washed linen", "tags": ["Kitchen", "linen", "kitchen"],
+        "variants": [
+            {"sku": "APRON-S", "title": "Small", "price_minor": 2500, "compare_at_minor": 3000, "on_hand": 4},
+            {"sku": "APRON-L", "title": "Large", "price_minor": 2700, "on_hand": 2}
+        ]
+    });
+    let created = product(&app, &a, body).await;
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(created["status"], "draft");
+    assert_eq!(created["tags"], json!(["kitchen", "linen"]));
+    assert_eq!(created["variants"][0]["available"], 4);
+    let variant = created["variants"][0]["id"].as_str().unwrap();
+
+    // Another seller: every route answers as if the product did not exist.
+    let path = format!("/seller/products/{id}");
+    problem(call(&app, &b, Method::GET, &path, json!({})).await, StatusCode::NOT_FOUND).await;
+    let change = json!({"title": "Mine now"});
+    problem(call(&app, &b, Method::PATCH, &path, change).await, StatusCode::NOT_FOUND).await;
+    let extra = json!({"sku": "X", "price_minor": 1});
+    let resp = call(&app, &b, Method::POST, &format!("{path}/variants"), extra).await;
+    problem(resp, StatusCode::NOT_FOUND).await;
+    let adjust = json!({"delta": -4, "reason": "theft"});
+    let resp = call(&app, &b, Method::POST, &format!("/seller/variants/{variant}/stock-adjustments"), adjust).await;
+    problem(resp, StatusCode::NOT_FOUND).await;
+    let resp = call(&app, &b, Method::PATCH, &format!("/seller/variants/{variant}"), json!({"price_minor": 1})).await;
+    problem(resp, StatusCode::NOT_FOUND).await;
+    let theirs = json_of(call(&app, &b, Method::GET, "/seller/products", json!({})).await, StatusCode::OK).await;
+    assert_eq!(theirs["total"], 0);
+    // A customer is not a seller at all.
+    let customer = signed_in(&app, None).await;
+    let resp = call(&app, &customer, Method::POST, "/seller/products", simple("T", "T-1", 1, 0)).await;
+    problem(resp, StatusCode::FORBIDDEN).await;
+    // Nothing of theirs changed it.
+    let mine = json_of(call(&app, &a, Method::GET, &path, json!({})).await, StatusCode::OK).await;
+    assert_eq!(mine["title"], "Linen apron");
+    assert_eq!(mine["variants"][0]["on_hand"], 4);
+    assert_eq!(mine["variants"][0]["price_minor"], 2500);
+
+    // A draft is invisible to the storefront until published.
+    problem(app.get(&format!("/api/v1/products/{id}")).await, StatusCode::NOT_FOUND).await;
+    assert_eq!(storefront(&app, "/products").await["total"], 0);
+    publish(&app, &a, id).await;
+    let page = storefront(&app, &format!("/products/{id}")).await;
+    assert_eq!(page["shop"]["slug"], "shop-a");
+    assert_eq!(page["variants"][1]["price_now_minor"], 2700);
+}
+
+#[tokio::test]
+async fn bad_products_are_refused_by_field_and_leave_nothing_behind() {
+    let app = spawn_app(&amqp_url()).await;
+    let a = verified_seller(&app, "shop-a").await;
+    let bad = json!({
+        "title": "",
+        "variants": [
+            {"sku": "has space", "price_minor": -1},
+            {"sku": "OK-1", "price_minor": 500, "compare_at_minor": 400}
+        ]
+    });
+    let body = problem(call(&app, &a, Method::POST, "/seller/products", bad).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let mut got = fields(&body);
+    got.sort();
+    assert_eq!(
+        got,
+        ["title", "variants[0].price_minor", "variants[0].sku", "variants[1].compare_at_minor"]
+    );
+    let unknown = json!({"title": "T", "category": "nope", "variants": [{"sku": "A", "price_minor": 1}]});
+    let body = problem(call(&app, &a, Method::POST, "/seller/products", unknown).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&body), ["category"]);
+
+    // A SKU is unique within a shop: the second product is not half-made.
+    product(&app, &a, simple("First", "SKU-1", 100, 3)).await;
+    let resp = call(&app, &a, Method::POST, "/seller/products", simple("Second", "SKU-1", 100, 3)).await;
+    let body = problem(resp, StatusCode::CONFLICT).await;
+    assert_eq!(fields(&body), ["sku"]);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM products").await, 1);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM stock_adjustments").await, 1);
+    // Another shop may use the same SKU.
+    let b = verified_seller(&app, "shop-b").await;
+    product(&app, &b, simple("Theirs", "SKU-1", 100, 0)).await;
+}
+
+#[tokio::test]
+async fn an_unverified_seller_cannot_publish() {
+    let app = spawn_app(&amqp_url()).await;
+    let seller = signed_in(&app, Some("fresh-shop")).await;
+    let created = product(&app, &seller, simple("Jam", "JAM", 700, 5)).await;
+    let id = created["id"].as_str().unwrap();
+    let resp = call(&app, &seller, Method::PATCH, &format!("/seller/products/{id}"), json!({"status": "active"})).await;
+    let body = problem(resp, StatusCode::FORBIDDEN).await;
+    assert_eq!(fields(&body), ["email"]);
+    let status: String = sqlx::query_scalar("SELECT status FROM products")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "draft");
+}
+
+#[tokio::test]
+async fn concurrent_stock_changes_never_break_on_hand_above_reserved() {
+    let app = spawn_app(&amqp_url()).await;
+    let a = verified_seller(&app, "shop-a").await;
+    let created = product(&app, &a, simple("Mug", "MUG", 1200, 20)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let variant = created["variants"][0]["id"].as_str().unwrap().to_string();
+    publish(&app, &a, &id).await;
+    // Five units are held for an unpaid order.
+    sqlx::query("UPDATE variants SET reserved = 5")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+
+    let path = format!("/seller/variants/{variant}/stock-adjustments");
+    let removals = (0..40).map(|_| {
+        call(&app, &a, Method::POST, &path, json!({"delta": -1, "reason": "breakage"}))
+    });
+    let page_path = format!("/api/v1/products/{id}");
+    let reads = (0..20).map(|_| app.get(&page_path));
+    let (removals, reads) = tokio::join!(
+        futures_util::future::join_all(removals),
+        futures_util::future::join_all(reads)
+    );
+    let ok = removals.iter().filter(|r| r.status() == StatusCode::CREATED).count();
+    let refused = removals.iter().filter(|r| r.status() == StatusCode::CONFLICT).count();
+    assert_eq!((ok, refused), (15, 25));
+    for read in reads {
+        let page: Value = read.json().await.unwrap();
+        let available = page["variants"][0]["available"].as_i64().unwrap();
+        assert!((0..=15).contains(&available), "{available}");
+    }
+    let (on_hand, reserved): (i32, i32) = sqlx::query_as("SELECT on_hand, reserved FROM variants")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!((on_hand, reserved), (5, 5));
+    let history = json_of(call(&app, &a, Method::GET, &path, json!({})).await, StatusCode::OK).await;
+    assert_eq!(history["total"], 16, "the initial stock and 15 removals");
+    assert_eq!(history["items"][0]["on_hand_after"], 5);
+    let page = storefront(&app, &format!("/products/{id}")).await;
+    assert_eq!(page["sold_out"], true);
+}
+
+#[tokio::test]
+async fn low_stock_tells_the_seller_once_each_time_it_falls_below() {
+    let app = spawn_app(&amqp_url()).await;
+    let pipeline = Pipeline::start(&app, &amqp_url());
+    let a = verified_seller(&app, "shop-a").await;
+    let seller_email: String = sqlx::query_scalar(
+        "SELECT u.email FROM users u JOIN shops s ON s.owner_id = u.id WHERE s.slug = 'shop-a'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let body = json!({"title": "Candle", "variants": [
+        {"sku": "CANDLE", "price_minor": 900, "on_hand": 10, "low_stock_threshold": 5}
+    ]});
+    let variant = product(&app, &a, body).await["variants"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/seller/variants/{variant}/stock-adjustments");
+    for delta in [-3, -3, -1, 10, -10] {
+        let resp = call(&app, &a, Method::POST, &path, json!({"delta": delta, "reason": "count"})).await;
+        json_of(resp, StatusCode::CREATED).await;
+    }
+    // 10 → 7 → 4 (below 5: alert) → 3 (still below: quiet) → 13 (re-armed) → 3 (alert).
+    let notes = json_of(call(&app, &a, Method::GET, "/me/notifications", json!({})).await, StatusCode::OK).await;
+    assert_eq!(notes["total"], 2);
+    assert_eq!(notes["items"][0]["kind"], "low_stock");
+    assert_eq!(notes["items"][0]["data"]["available"], 3);
+    assert_eq!(notes["items"][1]["data"]["available"], 4);
+    let low_stock_mails = || async {
+        let mails = mails_to(&seller_email).await;
+        mails.into_iter().filter(|m| m.subject.starts_with("Low stock")).collect::<Vec<_>>()
+    };
+    wait_until("two low-stock mails", WAIT, || async { low_stock_mails().await.len() == 2 }).await;
+    let mail = &low_stock_mails().await[0];
+    assert!(mail.subject.contains("CANDLE"), "{}", mail.subject);
+    assert!(mail.text.contains("below your threshold of 5"), "{}", mail.text);
+
+    let first = notes["items"][1]["id"].as_str().unwrap();
+    let resp = call(&app, &a, Method::POST, &format!("/me/notifications/{first}/read"), json!({})).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let unread = json_of(call(&app, &a, Method::GET, "/me/notifications?unread=true", json!({})).await, StatusCode::OK).await;
+    assert_eq!(unread["total"], 1);
+    // Someone else's notification is not theirs to mark.
+    let other = signed_in(&app, None).await;
+    let resp = call(&app, &other, Method::POST, &format!("/me/notifications/{first}/read"), json!({})).await;
+    problem(resp, StatusCode::NOT_FOUND).await;
+    pipeline.stop().await;
+}
+
+/// Two shops, a category tree and five products to search.
+async fn shelf(app: &App) -> (String, String, Value) {
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    for (name, slug, parent) in [("Home", "home", None), ("Kitchen", "kitchen", Some("home"))] {
+        let body = json!({"name": name, "slug": slug, "parent": parent});
+        json_of(call(app, &root, Method::POST, "/admin/categories", body).await, StatusCode::CREATED).await;
+    }
+    let a = verified_seller(app, "shop-a").await;
+    let b = verified_seller(app, "shop-b").await;
+    let mut ids = serde_json::Map::new();
+    for (seller, title, description, tags, category, price, stock) in [
+        (&a, "Walnut cutting board", "End grain, oiled", vec!["kitchen", "wood"], "kitchen", 4500, 3),
+        (&b, "Olive wood spoon set", "Three hand carved spoons", vec!["kitchen"], "kitchen", 1500, 10),
+        (&a, "Wool blanket", "Warm; pairs well with a wood stove", vec!["bedroom"], "home", 9000, 0),
+        (&b, "Ceramic teapot", "Glazed stoneware", vec!["tea"], "kitchen", 3500, 2),
+        (&a, "Draft wood lamp", "Never published", vec!["wood"], "home", 100, 1),
+    ] {
+        let body = json!({"title": title, "description": description, "tags": tags, "category": category,
+                          "variants": [{"sku": title.replace(' ', "-"), "price_minor": price, "on_hand": stock}]});
+        let created = product(app, seller, body).await;
+        let id = created["id"].as_str().unwrap().to_string();
+        if !title.starts_with("Draft") {
+            publish(app, seller, &id).await;
+        }
+        ids.insert(title.into(), json!(id));
+    }
+    (root, a, Value::Object(ids))
+}
+
+#[tokio::test]
+async fn search_ranks_by_field_and_filters_combine() {
+    let app = spawn_app(&amqp_url()).await;
+    let (_, _, _) = shelf(&app).await;
+
+    // Title beats tags beats description; the unpublished one never shows.
+    let found = storefront(&app, "/products?q=wood").await;
+    assert_eq!(
+        titles(&found),
+        ["Olive wood spoon set", "Walnut cutting board", "Wool blanket"]
+    );
+    assert_eq!(found["total"], 3);
+    // Stemming: "spoons" finds "spoon".
+    assert_eq!(titles(&storefront(&app, "/products?q=carved%20spoons").await), ["Olive wood spoon set"]);
+
+    let only_a = storefront(&app, "/products?q=wood&shop=shop-a").await;
+    assert_eq!(titles(&only_a), ["Walnut cutting board", "Wool blanket"]);
+    let priced = storefront(&app, "/products?q=wood&min_price=2000&max_price=5000").await;
+    assert_eq!(titles(&priced), ["Walnut cutting board"]);
+    let in_stock = storefront(&app, "/products?q=wood&in_stock=true").await;
+    assert_eq!(titles(&in_stock), ["Olive wood spoon set", "Walnut cutting board"]);
+    // A parent category includes its children.
+    let home = storefront(&app, "/products?category=home&sort=price_asc").await;
+    assert_eq!(
+        titles(&home),
+        ["Olive wood spoon set", "Ceramic teapot", "Walnut cutting board", "Wool blanket"]
+    );
+    let kitchen = storefront(&app, "/products?category=kitchen&sort=price_desc&per_page=2&page=2").await;
+    assert_eq!(titles(&kitchen), ["Olive wood spoon set"]);
+    assert_eq!(kitchen["total"], 3);
+    let blanket = &storefront(&app, "/products?q=blanket").await["items"][0];
+    assert_eq!(blanket["sold_out"], true);
+    // The shop page is the same list, for one shop.
+    let shop = storefront(&app, "/shops/shop-b/products?sort=price_asc").await;
+    assert_eq!(titles(&shop), ["Olive wood spoon set", "Ceramic teapot"]);
+    problem(app.get("/api/v1/shops/no-such-shop/products").await, StatusCode::NOT_FOUND).await;
+    let tree = storefront(&app, "/categories").await;
+    assert_eq!(tree[0]["slug"], "home");
+    assert_eq!(tree[0]["children"][0]["slug"], "kitchen");
+
+    for (query, field) in [
+        ("per_page=1000", "per_page"),
+        ("min_price=abc", "min_price"),
+        ("min_price=500&max_price=100", "max_price"),
+        ("sort=cheapest", "sort"),
+        ("min_rating=9", "min_rating"),
+    ] {
+        let resp = app.get(&format!("/api/v1/products?{query}")).await;
+        let body = problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(fields(&body), [field], "{query}");
+    }
+}
+
+#[tokio::test]
+async fn a_hidden_product_disappears_from_the_storefront_and_its_seller_sees_why() {
+    let app = spawn_app(&amqp_url()).await;
+    let (root, a, ids) = shelf(&app).await;
+    let board = ids["Walnut cutting board"].as_str().unwrap();
+    let reason = json!({"reason": "counterfeit brand"});
+    let resp = call(&app, &a, Method::POST, &format!("/admin/products/{board}/hide"), reason.clone()).await;
+    problem(resp, StatusCode::FORBIDDEN).await;
+    let resp = call(&app, &root, Method::POST, &format!("/admin/products/{board}/hide"), reason).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+
+    assert_eq!(titles(&storefront(&app, "/products?q=wood").await), ["Olive wood spoon set", "Wool blanket"]);
+    problem(app.get(&format!("/api/v1/products/{board}")).await, StatusCode::NOT_FOUND).await;
+    let own = json_of(call(&app, &a, Method::GET, &format!("/seller/products/{board}"), json!({})).await, StatusCode::OK).await;
+    assert_eq!(own["hidden"]["reason"], "counterfeit brand");
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM audit_log WHERE action = 'product.hide'").await,
+        1
+    );
+    let back = json!({"reason": "brand owner confirmed"});
+    let resp = call(&app, &root, Method::POST, &format!("/admin/products/{board}/unhide"), back).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    storefront(&app, &format!("/products/{board}")).await;
+}
+
+#[tokio::test]
+async fn public_reads_answer_304_until_something_changes() {
+    let app = spawn_app(&amqp_url()).await;
+    let a = verified_seller(&app, "shop-a").await;
+    let created = product(&app, &a, simple("Soap", "SOAP", 400, 9)).await;
+    let id = created["id"].as_str().unwrap();
+    let variant = created["variants"][0]["id"].as_str().unwrap();
+    publish(&app, &a, id).await;
+    let url = format!("{}/api/v1/products/{id}", app.base);
+
+    let first = app.http.get(&url).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert!(first.headers()["cache-control"].to_str().unwrap().contains("max-age"));
+    let etag = first.headers()["etag"].to_str().unwrap().to_string();
+    let again = app.http.get(&url).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(again.headers()["etag"], etag.as_str());
+
+    let resp = call(&app, &a, Method::PATCH, &format!("/seller/variants/{variant}"), json!({"price_minor": 450})).await;
+    json_of(resp, StatusCode::OK).await;
+    let changed = app.http.get(&url).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(changed.status(), StatusCode::OK);
+    assert_ne!(changed.headers()["etag"], etag.as_str());
+    let list = app.http.get(format!("{}/api/v1/products", app.base)).send().await.unwrap();
+    let list_tag = list.headers()["etag"].to_str().unwrap().to_string();
+    let list_again = app
+        .http
+        .get(format!("{}/api/v1/products", app.base))
+        .header("if-none-match", &list_tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list_again.status(), StatusCode::NOT_MODIFIED);
+}
+
+#[tokio::test]
+async fn a_sale_price_applies_only_inside_its_window() {
+    let app = spawn_app(&amqp_url()).await;
+    let a = verified_seller(&app, "shop-a").await;
+    let created = product(&app, &a, simple("Tea", "TEA", 1000, 50)).await;
+    let id = created["id"].as_str().unwrap();
+    let variant = created["variants"][0]["id"].as_str().unwrap();
+    publish(&app, &a, id).await;
+    let sales = format!("/seller/variants/{variant}/sale-prices");
+    let now = Utc::now();
+    let hours = |h: i64| now + chrono::Duration::hours(h);
+
+    // Not below the regular price, or already over: refused.
+    let resp = call(&app, &a, Method::POST, &sales, json!({"price_minor": 1000, "starts_at": hours(-1), "ends_at": hours(1)})).await;
+    assert_eq!(fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await), ["price_minor"]);
+    let resp = call(&app, &a, Method::POST, &sales, json!({"price_minor": 500, "starts_at": hours(-3), "ends_at": hours(-2)})).await;
+    assert_eq!(fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await), ["ends_at"]);
+    // Another shop's seller cannot put it on sale.
+    let b = verified_seller(&app, "shop-b").await;
+    let resp = call(&app, &b, Method::POST, &sales, json!({"price_minor": 1, "starts_at": hours(-1), "ends_at": hours(1)})).await;
+    problem(resp, StatusCode::NOT_FOUND).await;
+
+    // Scheduled for tomorrow: not yet.
+    let resp = call(&app, &a, Method::POST, &sales, json!({"price_minor": 600, "starts_at": hours(24), "ends_at": hours(48)})).await;
+    json_of(resp, StatusCode::CREATED).await;
+    let page = storefront(&app, &format!("/products/{id}")).await;
+    assert_eq!(page["variants"][0]["price_now_minor"], 1000);
+
+    // Running now: the catalog and the cart both use it.
+    let resp = call(&app, &a, Method::POST, &sales, json!({"price_minor": 800, "starts_at": hours(-1), "ends_at": hours(1)})).await;
+    let running = json_of(resp, StatusCode::CREATED).await;
+    let page = storefront(&app, &format!("/products/{id}")).await;
+    assert_eq!(page["variants"][0]["price_now_minor"], 800);
+    assert_eq!(page["variants"][0]["price_minor"], 1000);
+    let listed = storefront(&app, "/products").await;
+    assert_eq!(listed["items"][0]["price_from_minor"], 800);
+    assert_eq!(listed["items"][0]["on_sale"], true);
+    let customer = signed_in(&app, None).await;
+    let cart = json_of(call(&app, &customer, Method::POST, "/cart/items", json!({"variant_id": variant, "quantity": 2})).await, StatusCode::OK).await;
+    assert_eq!(cart["total_minor"], 1600);
+
+    // Ended (moved into the past): back to the regular price.
+    sqlx::query("UPDATE sale_prices SET starts_at = now() - interval '2 hours', ends_at = now() - interval '1 second' WHERE id = $1")
+        .bind(uuid::Uuid::parse_str(running["id"].as_str().unwrap()).unwrap())
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let cart = json_of(call(&app, &customer, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    assert_eq!(cart["total_minor"], 2000);
+    let listed = json_of(call(&app, &a, Method::GET, &sales, json!({})).await, StatusCode::OK).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1, "only tomorrow's remains");
+}
+
+async fn add(app: &App, token: &str, variant: &str, quantity: i32) -> reqwest::Response {
+    let body = json!({"variant_id": variant, "quantity": quantity});
+    call(app, token, Method::POST, "/cart/items", body).await
+}
+
+#[tokio::test]
+async fn the_cart_merges_groups_by_shop_and_takes_every_price_from_the_database() {
+    let app = spawn_app(&amqp_url()).await;
+    let (_, a, ids) = shelf(&app).await;
+    let ann = signed_in(&app, None).await;
+    let bob = signed_in(&app, None).await;
+    let variant_of = |title: &str| {
+        let id = ids[title].as_str().unwrap().to_string();
+        let app = &app;
+        async move {
+            storefront(app, &format!("/products/{id}")).await["variants"][0]["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let board = variant_of("Walnut cutting board").await;
+    let spoons = variant_of("Olive wood spoon set").await;
+
+    json_of(add(&app, &ann, &board, 1).await, StatusCode::OK).await;
+    json_of(add(&app, &ann, &spoons, 4).await, StatusCode::OK).await;
+    let cart = json_of(add(&app, &ann, &board, 2).await, StatusCode::OK).await;
+    assert_eq!(cart["shops"].as_array().unwrap().len(), 2);
+    let shop_a = &cart["shops"][0];
+    assert_eq!(shop_a["shop"]["slug"], "shop-a");
+    assert_eq!(shop_a["lines"].as_array().unwrap().len(), 1, "merged");
+    assert_eq!(shop_a["lines"][0]["quantity"], 3);
+    assert_eq!(shop_a["subtotal_minor"], 13_500);
+    assert_eq!(cart["shops"][1]["subtotal_minor"], 6_000);
+    assert_eq!(cart["total_minor"], 19_500);
+    assert_eq!(cart["ready_for_checkout"], true);
+
+    // A price from the client is refused by name, and changes nothing.
+    let resp = call(&app, &ann, Method::POST, "/cart/items",
+        json!({"variant_id": spoons, "quantity": 1, "unit_price_minor": 1})).await;
+    assert_eq!(fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await), ["unit_price_minor"]);
+    // More than is in stock: refused, and the line keeps its quantity.
+    let body = problem(add(&app, &ann, &board, 1).await, StatusCode::CONFLICT).await;
+    assert_eq!(fields(&body), ["quantity"]);
+    let cart = json_of(call(&app, &ann, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    assert_eq!(cart["total_minor"], 19_500);
+
+    // Bob sees his own (empty) cart and cannot touch Ann's lines.
+    let his = json_of(call(&app, &bob, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    assert_eq!(his["shops"], json!([]));
+    assert_eq!(his["ready_for_checkout"], false);
+    let resp = call(&app, &bob, Method::DELETE, &format!("/cart/items/{board}"), json!({})).await;
+    problem(resp, StatusCode::NOT_FOUND).await;
+    let resp = call(&app, &bob, Method::PUT, &format!("/cart/items/{board}"), json!({"quantity": 1})).await;
+    problem(resp, StatusCode::NOT_FOUND).await;
+    problem(app.get("/api/v1/cart").await, StatusCode::UNAUTHORIZED).await;
+
+    // The seller withdraws the board: the line stays, flagged, out of the totals.
+    let board_product = ids["Walnut cutting board"].as_str().unwrap();
+    let resp = call(&app, &a, Method::PATCH, &format!("/seller/products/{board_product}"), json!({"status": "archived"})).await;
+    json_of(resp, StatusCode::OK).await;
+    let cart = json_of(call(&app, &ann, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    assert_eq!(cart["shops"][0]["lines"][0]["problem"], "unavailable");
+    assert_eq!(cart["shops"][0]["subtotal_minor"], 0);
+    assert_eq!(cart["total_minor"], 6_000);
+    assert_eq!(cart["ready_for_checkout"], false);
+    // It can still be removed.
+    let resp = call(&app, &ann, Method::DELETE, &format!("/cart/items/{board}"), json!({})).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let cart = json_of(call(&app, &ann, Method::PUT, &format!("/cart/items/{spoons}"), json!({"quantity": 2})).await, StatusCode::OK).await;
+    assert_eq!(cart["total_minor"], 3_000);
+    assert_eq!(cart["ready_for_checkout"], true);
+}
