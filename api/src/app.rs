@@ -13,7 +13,7 @@ use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
     routes::{
-        addresses, admin, auth, avatar, cart, catalog, health, me, moderation, notifications,
+        addresses, admin, auth, avatar, cart, catalog, coupons, health, me, moderation, notifications,
         products, sales, shops, sso, stock, support,
     },
     state::AppState,
@@ -98,6 +98,11 @@ fn v1(avatar_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(cart::get))
         .routes(routes!(cart::add))
         .routes(routes!(cart::update, cart::remove))
+        .routes(routes!(cart::apply_coupon, cart::remove_coupon))
+        .routes(routes!(coupons::seller_create, coupons::seller_list))
+        .routes(routes!(coupons::seller_disable))
+        .routes(routes!(coupons::admin_create, coupons::admin_list))
+        .routes(routes!(coupons::admin_disable))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` (and committed as

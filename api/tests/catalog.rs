@@ -4,62 +4,13 @@ mod common;
 
 use chrono::Utc;
 use common::{
-    App, Pipeline, WAIT, admin, fields, problem, signed_in, spawn_app, token_for, verified_seller,
+    Pipeline, WAIT,
+    catalog::{add, call, json_of, product, publish, shelf, simple, storefront, titles},
+    fields, problem, signed_in, spawn_app, verified_seller,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use souk_testkit::{amqp_url, count, mail::mails_to, wait_until};
-
-async fn call(app: &App, token: &str, method: Method, path: &str, body: Value) -> reqwest::Response {
-    let req = app
-        .http
-        .request(method.clone(), format!("{}/api/v1{path}", app.base))
-        .bearer_auth(token);
-    let req = if method == Method::GET { req } else { req.json(&body) };
-    req.send().await.unwrap()
-}
-
-async fn json_of(resp: reqwest::Response, status: StatusCode) -> Value {
-    let got = resp.status();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    assert_eq!(got, status, "{body}");
-    body
-}
-
-/// Creates a product with one variant per (sku, price, stock) and returns it.
-async fn product(app: &App, token: &str, body: Value) -> Value {
-    let resp = call(app, token, Method::POST, "/seller/products", body).await;
-    json_of(resp, StatusCode::CREATED).await
-}
-
-fn simple(title: &str, sku: &str, price: i64, stock: i32) -> Value {
-    json!({"title": title, "variants": [{"sku": sku, "price_minor": price, "on_hand": stock}]})
-}
-
-async fn publish(app: &App, token: &str, id: &str) {
-    let resp = call(
-        app,
-        token,
-        Method::PATCH,
-        &format!("/seller/products/{id}"),
-        json!({"status": "active"}),
-    )
-    .await;
-    json_of(resp, StatusCode::OK).await;
-}
-
-async fn storefront(app: &App, path: &str) -> Value {
-    json_of(app.get(&format!("/api/v1{path}")).await, StatusCode::OK).await
-}
-
-fn titles(page: &Value) -> Vec<&str> {
-    page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["title"].as_str().unwrap())
-        .collect()
-}
 
 #[tokio::test]
 async fn a_seller_runs_only_its_own_products_and_drafts_stay_private() {
@@ -258,36 +209,6 @@ async fn low_stock_tells_the_seller_once_each_time_it_falls_below() {
     pipeline.stop().await;
 }
 
-/// Two shops, a category tree and five products to search.
-async fn shelf(app: &App) -> (String, String, Value) {
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
-    for (name, slug, parent) in [("Home", "home", None), ("Kitchen", "kitchen", Some("home"))] {
-        let body = json!({"name": name, "slug": slug, "parent": parent});
-        json_of(call(app, &root, Method::POST, "/admin/categories", body).await, StatusCode::CREATED).await;
-    }
-    let a = verified_seller(app, "shop-a").await;
-    let b = verified_seller(app, "shop-b").await;
-    let mut ids = serde_json::Map::new();
-    for (seller, title, description, tags, category, price, stock) in [
-        (&a, "Walnut cutting board", "End grain, oiled", vec!["kitchen", "wood"], "kitchen", 4500, 3),
-        (&b, "Olive wood spoon set", "Three hand carved spoons", vec!["kitchen"], "kitchen", 1500, 10),
-        (&a, "Wool blanket", "Warm; pairs well with a wood stove", vec!["bedroom"], "home", 9000, 0),
-        (&b, "Ceramic teapot", "Glazed stoneware", vec!["tea"], "kitchen", 3500, 2),
-        (&a, "Draft wood lamp", "Never published", vec!["wood"], "home", 100, 1),
-    ] {
-        let body = json!({"title": title, "description": description, "tags": tags, "category": category,
-                          "variants": [{"sku": title.replace(' ', "-"), "price_minor": price, "on_hand": stock}]});
-        let created = product(app, seller, body).await;
-        let id = created["id"].as_str().unwrap().to_string();
-        if !title.starts_with("Draft") {
-            publish(app, seller, &id).await;
-        }
-        ids.insert(title.into(), json!(id));
-    }
-    (root, a, Value::Object(ids))
-}
-
 #[tokio::test]
 async fn search_ranks_by_field_and_filters_combine() {
     let app = spawn_app(&amqp_url()).await;
@@ -452,11 +373,6 @@ async fn a_sale_price_applies_only_inside_its_window() {
     assert_eq!(cart["total_minor"], 2000);
     let listed = json_of(call(&app, &a, Method::GET, &sales, json!({})).await, StatusCode::OK).await;
     assert_eq!(listed.as_array().unwrap().len(), 1, "only tomorrow's remains");
-}
-
-async fn add(app: &App, token: &str, variant: &str, quantity: i32) -> reqwest::Response {
-    let body = json!({"variant_id": variant, "quantity": quantity});
-    call(app, token, Method::POST, "/cart/items", body).await
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 pub mod amqp;
 pub mod config;
 pub mod contracts;
+pub mod coupons;
 pub mod db;
 pub mod envelope;
 pub mod inventory;

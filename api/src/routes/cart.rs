@@ -7,7 +7,9 @@ use axum::{
     extract::{Path, State},
     http::StatusCode,
 };
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
+use souk_shared::coupons::{self, Coupon};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -57,9 +59,27 @@ pub struct ShopGroup {
     pub subtotal_minor: i64,
 }
 
+/// The coupon on the cart and what it takes off now.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AppliedCoupon {
+    pub code: String,
+    /// The shop whose items it applies to; absent for a platform coupon
+    /// (the whole cart).
+    pub shop: Option<String>,
+    pub discount_minor: i64,
+    /// Why it takes nothing off right now (it stays on the cart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Cart {
     pub shops: Vec<ShopGroup>,
+    /// Every shop's subtotal, minor units.
+    pub subtotal_minor: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coupon: Option<AppliedCoupon>,
+    /// Subtotal less the coupon's discount (shipping is added at checkout).
     pub total_minor: i64,
     pub item_count: i64,
     /// Whether every line can be bought as it is.
@@ -138,13 +158,139 @@ pub async fn load(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
             .map(|l| l.line_total_minor)
             .sum();
     }
+    let subtotal: i64 = shops.iter().map(|g| g.subtotal_minor).sum();
+    // Taken after the lines are read, so a request holds one connection at a time.
+    let mut conn = state.pool.acquire().await?;
+    let stored: Option<Coupon> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM coupons WHERE id = (SELECT coupon_id FROM cart_coupons WHERE user_id = $1)",
+        coupons::COLUMNS
+    )))
+    .bind(user)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let coupon = match stored {
+        Some(c) => Some(evaluate(&mut conn, c, user, &shops, subtotal).await?),
+        None => None,
+    };
+    let discount = coupon.as_ref().map_or(0, |c| c.discount_minor);
     let lines = || shops.iter().flat_map(|g| &g.lines);
     Ok(Cart {
-        total_minor: shops.iter().map(|g| g.subtotal_minor).sum(),
+        subtotal_minor: subtotal,
+        coupon,
+        total_minor: subtotal - discount,
         item_count: lines().map(|l| i64::from(l.quantity)).sum(),
         ready_for_checkout: lines().next().is_some() && lines().all(|l| l.problem.is_none()),
         shops,
     })
+}
+
+/// What `coupon` takes off this cart for `user`, or why it takes nothing.
+async fn evaluate(
+    conn: &mut sqlx::PgConnection,
+    coupon: Coupon,
+    user: Uuid,
+    shops: &[ShopGroup],
+    subtotal: i64,
+) -> Result<AppliedCoupon, ApiError> {
+    let shop = match coupon.shop_id {
+        None => None,
+        Some(id) => Some(
+            sqlx::query_scalar::<_, String>("SELECT slug FROM shops WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?,
+        ),
+    };
+    let eligible = match &shop {
+        Some(slug) => shops
+            .iter()
+            .filter(|g| &g.shop.slug == slug)
+            .map(|g| g.subtotal_minor)
+            .sum(),
+        None => subtotal,
+    };
+    let uses = coupons::customer_uses(conn, coupon.id, user).await?;
+    let (discount_minor, problem) = match coupon.discount(Utc::now(), uses, eligible) {
+        Ok(discount) => (discount, None),
+        Err(refusal) => (0, Some(refusal.to_string())),
+    };
+    Ok(AppliedCoupon {
+        code: coupon.code,
+        shop,
+        discount_minor,
+        problem,
+    })
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CouponCode {
+    pub code: String,
+}
+
+impl Validate for CouponCode {
+    fn validate(&self) -> Vec<FieldError> {
+        if (1..=32).contains(&self.code.trim().len()) {
+            vec![]
+        } else {
+            vec![FieldError::new("code", "must be a coupon code")]
+        }
+    }
+}
+
+/// Put a coupon on the cart (replacing any other). It must apply to the
+/// cart as it is now.
+#[utoipa::path(
+    put, path = "/cart/coupon", tag = "cart", security(("bearer" = [])), request_body = CouponCode,
+    responses(
+        (status = 200, description = "the cart with the coupon's discount", body = Cart),
+        (status = 422, description = "no such coupon, or it does not apply (the detail says why)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn apply_coupon(
+    State(state): State<AppState>,
+    caller: Caller,
+    ValidJson(body): ValidJson<CouponCode>,
+) -> Result<Json<Cart>, ApiError> {
+    let refuse = |message: String| ApiError::Validation(vec![FieldError::new("code", message)]);
+    // Judged against the cart as it is, exactly as the cart will show it;
+    // a refused coupon writes nothing.
+    let cart = load(&state, caller.id).await?;
+    let mut conn = state.pool.acquire().await?;
+    let coupon = coupons::by_code(&mut conn, body.code.trim())
+        .await?
+        .ok_or_else(|| refuse("no such coupon".into()))?;
+    let id = coupon.id;
+    let applied = evaluate(&mut conn, coupon, caller.id, &cart.shops, cart.subtotal_minor).await?;
+    if let Some(problem) = applied.problem {
+        return Err(refuse(problem));
+    }
+    sqlx::query(
+        "INSERT INTO cart_coupons (user_id, coupon_id) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO UPDATE SET coupon_id = excluded.coupon_id, added_at = now()",
+    )
+    .bind(caller.id)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    drop(conn);
+    Ok(Json(load(&state, caller.id).await?))
+}
+
+/// Take the coupon off the cart.
+#[utoipa::path(
+    delete, path = "/cart/coupon", tag = "cart", security(("bearer" = [])),
+    responses((status = 200, description = "the cart without a coupon", body = Cart))
+)]
+pub async fn remove_coupon(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Cart>, ApiError> {
+    sqlx::query("DELETE FROM cart_coupons WHERE user_id = $1")
+        .bind(caller.id)
+        .execute(&state.pool)
+        .await?;
+    Ok(Json(load(&state, caller.id).await?))
 }
 
 /// The caller's cart, grouped by shop, with prices in force now.

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod avatar;
 pub mod cart;
 pub mod catalog;
+pub mod coupons;
 pub mod health;
 pub mod me;
 pub mod moderation;

@@ -2,6 +2,8 @@
 //! it (relay and mailer) for tests that follow a request to the mail it sends.
 #![allow(dead_code)]
 
+pub mod catalog;
+
 use std::{net::SocketAddr, time::Duration};
 
 use reqwest::{Client, StatusCode};
