@@ -49,6 +49,17 @@ CREATE INDEX products_shop ON products (shop_id, created_at DESC);
 CREATE INDEX products_category ON products (category_id);
 CREATE INDEX products_listed ON products (published_at DESC) WHERE status = 'active' AND hidden_at IS NULL;
 
+-- Product photos, stored as re-encoded PNGs under
+-- products/<product>/<file> in the object store; shown in `position` order.
+CREATE TABLE product_images (
+    id         uuid PRIMARY KEY,
+    product_id uuid        NOT NULL REFERENCES products (id),
+    file       text        NOT NULL,
+    position   int         NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX product_images_product ON product_images (product_id, position);
+
 CREATE TABLE variants (
     id                  uuid PRIMARY KEY,
     product_id          uuid        NOT NULL REFERENCES products (id),

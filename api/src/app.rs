@@ -14,7 +14,7 @@ use crate::{
     middleware::{http_metrics, request_id},
     routes::{
         addresses, admin, auth, avatar, cart, catalog, coupons, health, me, moderation, notifications,
-        products, sales, shops, sso, stock, support,
+        product_images, products, sales, shops, sso, stock, support,
     },
     state::AppState,
 };
@@ -47,14 +47,18 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// The `/api/v1` routes and their OpenAPI paths.
-fn v1(avatar_limit: usize) -> OpenApiRouter<AppState> {
+fn v1(upload_limit: usize) -> OpenApiRouter<AppState> {
     // Uploads get their own body limit (plus room for the multipart framing).
     let uploads = OpenApiRouter::new()
         .routes(routes!(avatar::upload, avatar::remove))
-        .layer(DefaultBodyLimit::max(avatar_limit + 64 * 1024));
+        .routes(routes!(product_images::upload))
+        .layer(DefaultBodyLimit::max(upload_limit + 64 * 1024));
     OpenApiRouter::new()
         .merge(uploads)
         .routes(routes!(avatar::serve))
+        .routes(routes!(product_images::serve))
+        .routes(routes!(product_images::remove))
+        .routes(routes!(product_images::reorder))
         .routes(routes!(support::create))
         .routes(routes!(auth::register))
         .routes(routes!(auth::verify_email))
@@ -111,17 +115,17 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     build(0).1
 }
 
-fn build(avatar_limit: usize) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+fn build(upload_limit: usize) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::live))
         .routes(routes!(health::ready))
-        .nest("/api/v1", v1(avatar_limit))
+        .nest("/api/v1", v1(upload_limit))
         .split_for_parts()
 }
 
 /// The whole HTTP application.
-pub fn router(state: AppState, body_limit: usize, avatar_limit: usize) -> Router {
-    let (api, doc) = build(avatar_limit);
+pub fn router(state: AppState, body_limit: usize, upload_limit: usize) -> Router {
+    let (api, doc) = build(upload_limit);
     let doc_json = doc.clone();
     api.route("/openapi.json", get(move || async move { Json(doc_json) }))
         .merge(Scalar::with_url("/docs", doc))

@@ -32,7 +32,7 @@ async fn main() {
         (exit_on_error(config.storage.open()), config.storage.clone()),
     )
     .with_oidc(config.oidc.clone().map(OidcClient::new));
-    let app = router(state, config.body_limit, config.storage.avatar_max_bytes);
+    let app = router(state, config.body_limit, config.storage.image_max_bytes);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .unwrap_or_else(|e| {

@@ -11,15 +11,15 @@ pub struct StorageConfig {
     /// `file:///abs/dir`, a plain directory path, or `s3://bucket` (credentials,
     /// region and endpoint from the usual `AWS_*` variables).
     pub url: String,
-    /// Largest avatar upload, in bytes.
-    pub avatar_max_bytes: usize,
+    /// Largest image upload (avatars, product images), in bytes.
+    pub image_max_bytes: usize,
 }
 
 impl StorageConfig {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         Ok(Self {
             url: env.or("STORAGE_URL", "var/uploads".to_string())?,
-            avatar_max_bytes: env.or("AVATAR_MAX_BYTES", 5 * 1024 * 1024)?,
+            image_max_bytes: env.or("IMAGE_MAX_BYTES", 5 * 1024 * 1024)?,
         })
     }
 

@@ -4,7 +4,7 @@ mod common;
 
 use std::io::Cursor;
 
-use common::{AVATAR_MAX, App, fields, problem, signed_in, spawn_app};
+use common::{IMAGE_MAX, App, fields, problem, signed_in, spawn_app};
 use reqwest::{StatusCode, multipart};
 use serde_json::Value;
 use souk_testkit::amqp_url;
@@ -110,7 +110,7 @@ async fn text_renamed_to_png_and_oversized_uploads_are_refused_and_nothing_is_st
     let body = problem(fake, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(fields(&body), ["avatar"]);
 
-    let huge = vec![0u8; AVATAR_MAX * 4];
+    let huge = vec![0u8; IMAGE_MAX * 4];
     problem(
         upload(&app, &token, huge, "big.jpg", "image/jpeg").await,
         StatusCode::PAYLOAD_TOO_LARGE,

@@ -12,6 +12,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use souk_testkit::{amqp_url, count, mail::mails_to, wait_until};
 
+use common::App;
+
 #[tokio::test]
 async fn a_seller_runs_only_its_own_products_and_drafts_stay_private() {
     let app = spawn_app(&amqp_url()).await;
@@ -442,4 +444,81 @@ async fn the_cart_merges_groups_by_shop_and_takes_every_price_from_the_database(
     let cart = json_of(call(&app, &ann, Method::PUT, &format!("/cart/items/{spoons}"), json!({"quantity": 2})).await, StatusCode::OK).await;
     assert_eq!(cart["total_minor"], 3_000);
     assert_eq!(cart["ready_for_checkout"], true);
+}
+
+fn photo(format: image::ImageFormat, width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 120])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+async fn upload_photo(app: &App, token: &str, product: &str, bytes: Vec<u8>, name: &str) -> reqwest::Response {
+    let part = reqwest::multipart::Part::bytes(bytes)
+        .file_name(name.to_string())
+        .mime_str("image/png")
+        .unwrap();
+    app.http
+        .post(format!("{}/api/v1/seller/products/{product}/images", app.base))
+        .bearer_auth(token)
+        .multipart(reqwest::multipart::Form::new().part("image", part))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn product_photos_are_sniffed_re_encoded_ordered_and_served() {
+    let app = spawn_app(&amqp_url()).await;
+    let a = verified_seller(&app, "shop-a").await;
+    let b = verified_seller(&app, "shop-b").await;
+    let created = product(&app, &a, simple("Vase", "VASE", 5000, 1)).await;
+    let id = created["id"].as_str().unwrap();
+    publish(&app, &a, id).await;
+
+    let first = upload_photo(&app, &a, id, photo(image::ImageFormat::Jpeg, 2400, 1200), "front.jpg").await;
+    json_of(first, StatusCode::CREATED).await;
+    let second = upload_photo(&app, &a, id, photo(image::ImageFormat::Png, 300, 300), "side.png").await;
+    let with_two = json_of(second, StatusCode::CREATED).await;
+    assert_eq!(with_two["images"].as_array().unwrap().len(), 2);
+
+    // A text file named .png is refused; so is another shop's seller.
+    let text = b"#!/bin/sh\necho not an image\n".to_vec();
+    let body = problem(upload_photo(&app, &a, id, text, "evil.png").await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&body), ["image"]);
+    let theirs = upload_photo(&app, &b, id, photo(image::ImageFormat::Png, 10, 10), "x.png").await;
+    problem(theirs, StatusCode::NOT_FOUND).await;
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM product_images").await, 2);
+
+    // Reordered: the side view becomes the main photo.
+    let ids: Vec<&str> = with_two["images"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    let order = json!({"image_ids": [ids[1], ids[0]]});
+    let resp = call(&app, &a, Method::PUT, &format!("/seller/products/{id}/images/order"), order).await;
+    json_of(resp, StatusCode::OK).await;
+    let wrong = json!({"image_ids": [ids[1]]});
+    let resp = call(&app, &a, Method::PUT, &format!("/seller/products/{id}/images/order"), wrong).await;
+    assert_eq!(fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await), ["image_ids"]);
+
+    let page = storefront(&app, &format!("/products/{id}")).await;
+    assert_eq!(page["images"][0]["id"], ids[1]);
+    let listed = storefront(&app, "/products").await;
+    let main = page["images"][0]["url"].as_str().unwrap();
+    assert_eq!(listed["items"][0]["image_url"], main);
+
+    // Served as a PNG we made: the big JPEG came back re-encoded and shrunk.
+    let big = page["images"][1]["url"].as_str().unwrap();
+    let resp = app.http.get(format!("{}{big}", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "image/png");
+    let served = resp.bytes().await.unwrap();
+    let decoded = image::load_from_memory_with_format(&served, image::ImageFormat::Png).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (1600, 800));
+
+    let resp = call(&app, &a, Method::DELETE, &format!("/seller/products/{id}/images/{}", ids[0]), json!({})).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let resp = app.http.get(format!("{}{big}", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(storefront(&app, &format!("/products/{id}")).await["images"].as_array().unwrap().len(), 1);
 }

@@ -1,22 +1,19 @@
-//! Avatars. An upload is recognised by its content (JPEG, PNG or WebP),
-//! never by its name or declared type, decoded within limits, resized and
-//! re-encoded as PNG: nothing the user sent is ever served back as-is.
-
-use std::io::Cursor;
+//! Avatars, through the shared image pipeline (`crate::images`): sniffed,
+//! decoded within limits, resized and re-encoded as PNG.
 
 use axum::{
     Json,
-    extract::{Multipart, Path, State, multipart::MultipartError},
-    http::{HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
+    extract::{Multipart, Path, State},
+    http::StatusCode,
+    response::Response,
 };
-use image::{ImageFormat, ImageReader, Limits, imageops::FilterType};
-use object_store::{ObjectStoreExt, PutPayload, path::Path as StorePath};
+use object_store::path::Path as StorePath;
 use uuid::Uuid;
 
 use crate::{
     auth::Caller,
-    error::{ApiError, FieldError, Problem},
+    error::{ApiError, Problem},
+    images,
     routes::{auth::Account, me},
     state::AppState,
 };
@@ -24,65 +21,6 @@ use crate::{
 const FIELD: &str = "avatar";
 /// Avatars are stored at most this wide and high.
 const SIZE: u32 = 512;
-
-fn invalid(message: &str) -> ApiError {
-    ApiError::Validation(vec![FieldError::new(FIELD, message)])
-}
-
-fn upload_error(e: MultipartError) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge
-    } else {
-        invalid("must be sent as multipart/form-data")
-    }
-}
-
-/// Reads the `avatar` field, refusing as soon as it passes `max` bytes, so
-/// an oversized upload is never held whole in memory.
-async fn read_field(multipart: &mut Multipart, max: usize) -> Result<Vec<u8>, ApiError> {
-    while let Some(mut field) = multipart.next_field().await.map_err(upload_error)? {
-        if field.name() != Some(FIELD) {
-            continue;
-        }
-        let mut bytes = Vec::new();
-        while let Some(chunk) = field.chunk().await.map_err(upload_error)? {
-            if bytes.len() + chunk.len() > max {
-                return Err(ApiError::PayloadTooLarge);
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        return Ok(bytes);
-    }
-    Err(invalid("is required"))
-}
-
-/// Decodes (JPEG, PNG or WebP, by content), shrinks and re-encodes as PNG.
-fn normalise(bytes: Vec<u8>) -> Result<Vec<u8>, ApiError> {
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|_| invalid("must be a JPEG, PNG or WebP image"))?;
-    if !matches!(
-        reader.format(),
-        Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)
-    ) {
-        return Err(invalid("must be a JPEG, PNG or WebP image"));
-    }
-    let mut reader = reader;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(8_000);
-    limits.max_image_height = Some(8_000);
-    limits.max_alloc = Some(256 * 1024 * 1024);
-    reader.limits(limits);
-    let image = reader
-        .decode()
-        .map_err(|_| invalid("is not a readable image"))?;
-    let image = image.resize(SIZE, SIZE, FilterType::Lanczos3);
-    let mut out = Cursor::new(Vec::new());
-    image
-        .write_to(&mut out, ImageFormat::Png)
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    Ok(out.into_inner())
-}
 
 fn key(user: Uuid, file: &str) -> StorePath {
     StorePath::from(format!("avatars/{user}/{file}"))
@@ -95,7 +33,7 @@ fn key(user: Uuid, file: &str) -> StorePath {
     request_body(content_type = "multipart/form-data", description = "field `avatar`: the image"),
     responses(
         (status = 200, description = "the account with its avatar_url", body = Account),
-        (status = 413, description = "larger than AVATAR_MAX_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "larger than IMAGE_MAX_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "not a JPEG, PNG or WebP image", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -104,16 +42,11 @@ pub async fn upload(
     caller: Caller,
     mut multipart: Multipart,
 ) -> Result<Json<Account>, ApiError> {
-    let bytes = read_field(&mut multipart, state.storage_config.avatar_max_bytes).await?;
-    let png = tokio::task::spawn_blocking(move || normalise(bytes))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))??;
-    let file = format!("{}.png", Uuid::now_v7());
-    state
-        .storage
-        .put(&key(caller.id, &file), PutPayload::from(png))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
+    let max = state.storage_config.image_max_bytes;
+    let bytes = images::read_field(&mut multipart, FIELD, max).await?;
+    let png = images::normalise(bytes, FIELD, SIZE).await?;
+    let file = images::new_file();
+    images::store(&state, &key(caller.id, &file), png).await?;
     let previous: Option<String> = sqlx::query_scalar(
         "UPDATE users u SET avatar = $2, updated_at = now()
            FROM (SELECT avatar FROM users WHERE id = $1 FOR UPDATE) old
@@ -124,8 +57,7 @@ pub async fn upload(
     .fetch_one(&state.pool)
     .await?;
     if let Some(previous) = previous {
-        // Best effort: an orphaned file costs space, not correctness.
-        let _ = state.storage.delete(&key(caller.id, &previous)).await;
+        images::discard(&state, &key(caller.id, &previous)).await;
     }
     me::me(State(state), caller).await
 }
@@ -145,7 +77,7 @@ pub async fn remove(State(state): State<AppState>, caller: Caller) -> Result<Sta
     .fetch_one(&state.pool)
     .await?;
     if let Some(previous) = previous {
-        let _ = state.storage.delete(&key(caller.id, &previous)).await;
+        images::discard(&state, &key(caller.id, &previous)).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -163,32 +95,8 @@ pub async fn serve(
     State(state): State<AppState>,
     Path((user, file)): Path<(Uuid, String)>,
 ) -> Result<Response, ApiError> {
-    // Only names this API made: a UUID and `.png`, nothing that walks paths.
-    let valid = file
-        .strip_suffix(".png")
-        .is_some_and(|stem| Uuid::parse_str(stem).is_ok());
-    if !valid {
+    if !images::valid_file(&file) {
         return Err(ApiError::NotFound);
     }
-    let found = state.storage.get(&key(user, &file)).await;
-    let bytes = match found {
-        Ok(result) => result
-            .bytes()
-            .await
-            .map_err(|e| ApiError::Internal(e.into()))?,
-        Err(object_store::Error::NotFound { .. }) => return Err(ApiError::NotFound),
-        Err(e) => return Err(ApiError::Internal(e.into())),
-    };
-    let mut response = bytes.into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
-    headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=31536000, immutable"),
-    );
-    headers.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    Ok(response)
+    images::serve(&state, &key(user, &file)).await
 }

@@ -17,6 +17,7 @@ use crate::{
     error::{ApiError, FieldError, Problem},
     extract::{ValidQuery, Validate},
     http_cache::cached_json,
+    routes::product_images::{self, ProductImage},
     state::AppState,
 };
 
@@ -100,6 +101,8 @@ pub struct ProductSummary {
     pub title: String,
     pub category: Option<String>,
     pub shop: ShopRef,
+    /// The main photo's URL, if there is one.
+    pub image_url: Option<String>,
     /// The lowest price in force now among its variants, in minor units.
     pub price_from_minor: i64,
     /// Some variant sells below its regular price right now.
@@ -193,6 +196,7 @@ struct SummaryRow {
     category: Option<String>,
     shop_slug: String,
     shop_name: String,
+    image_file: Option<String>,
     price_from: i64,
     on_sale: bool,
     available: i64,
@@ -236,7 +240,9 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
               GROUP BY p.id, c.slug, s.slug, s.name
          )
          SELECT id, title, category, shop_slug, shop_name, price_from, on_sale, available,
-                rating_sum, rating_count, published_at, count(*) OVER () AS total
+                rating_sum, rating_count, published_at, count(*) OVER () AS total,
+                (SELECT i.file FROM product_images i WHERE i.product_id = listed.id
+                  ORDER BY i.position, i.id LIMIT 1) AS image_file
            FROM listed
           WHERE ($5::bigint IS NULL OR price_from >= $5)
             AND ($6::bigint IS NULL OR price_from <= $6)
@@ -268,6 +274,7 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
                 slug: r.shop_slug,
                 name: r.shop_name,
             },
+            image_url: r.image_file.map(|file| product_images::url(r.id, &file)),
             price_from_minor: r.price_from,
             on_sale: r.on_sale,
             sold_out: r.available <= 0,
@@ -348,6 +355,8 @@ pub struct ProductDetail {
     pub tags: Vec<String>,
     pub shop: ShopRef,
     pub variants: Vec<PublicVariant>,
+    /// In the seller's order; the first is the main photo.
+    pub images: Vec<ProductImage>,
     pub rating: Rating,
     pub sold_out: bool,
     pub published_at: Option<DateTime<Utc>>,
@@ -412,6 +421,7 @@ pub async fn get(
         },
         sold_out: variants.iter().all(|v| v.sold_out),
         variants,
+        images: product_images::of(&state.pool, id).await?,
         rating: Rating::new(row.rating_sum, row.rating_count),
         published_at: row.published_at,
     };

@@ -9,6 +9,7 @@ pub mod health;
 pub mod me;
 pub mod moderation;
 pub mod notifications;
+pub mod product_images;
 pub mod products;
 pub mod sales;
 pub mod shops;

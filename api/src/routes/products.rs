@@ -18,7 +18,10 @@ use crate::{
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, ValidQuery, Validate},
     middleware::RequestId,
-    routes::catalog::{Page, Paging},
+    routes::{
+        catalog::{Page, Paging},
+        product_images::{self, ProductImage},
+    },
     state::AppState,
 };
 
@@ -82,6 +85,7 @@ pub struct SellerProduct {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hidden: Option<Moderation>,
     pub variants: Vec<SellerVariant>,
+    pub images: Vec<ProductImage>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -442,6 +446,7 @@ pub async fn load(pool: &PgPool, seller: &Seller, id: Uuid) -> Result<SellerProd
             reason: row.hidden_reason.unwrap_or_default(),
         }),
         variants,
+        images: product_images::of(pool, id).await?,
         created_at: row.created_at,
         updated_at: row.updated_at,
     })

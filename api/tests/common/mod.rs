@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 /// Avatar size limit in tests: small, so the oversize case is cheap.
-pub const AVATAR_MAX: usize = 256 * 1024;
+pub const IMAGE_MAX: usize = 256 * 1024;
 
 pub struct App {
     pub base: String,
@@ -98,7 +98,7 @@ async fn spawn(amqp: &str, redis: &str, limits: Limits, oidc: Option<OidcConfig>
             .join(format!("souk-uploads-{}", db.name))
             .display()
             .to_string(),
-        avatar_max_bytes: AVATAR_MAX,
+        image_max_bytes: IMAGE_MAX,
     };
     let state = AppState::new(
         db.pool.clone(),
@@ -113,7 +113,7 @@ async fn spawn(amqp: &str, redis: &str, limits: Limits, oidc: Option<OidcConfig>
     let addr: SocketAddr = listener.local_addr().unwrap();
     // With peer addresses, as in main, so per-IP limits see the client.
     let app =
-        router(state, 64 * 1024, AVATAR_MAX).into_make_service_with_connect_info::<SocketAddr>();
+        router(state, 64 * 1024, IMAGE_MAX).into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     App {
         base: format!("http://{addr}"),

@@ -1,0 +1,238 @@
+//! Product photos: several per product, ordered, validated and re-encoded
+//! like avatars (`crate::images`), managed by the product's seller only.
+
+use axum::{
+    Json,
+    extract::{Multipart, Path, State},
+    http::StatusCode,
+    response::Response,
+};
+use object_store::path::Path as StorePath;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    auth::Seller,
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidJson, Validate},
+    images,
+    routes::products::{SellerProduct, load},
+    state::AppState,
+};
+
+const FIELD: &str = "image";
+/// Product photos are stored at most this wide and high.
+const SIZE: u32 = 1600;
+const MAX_IMAGES: i64 = 10;
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProductImage {
+    pub id: Uuid,
+    /// Where the storefront loads it from (relative to the API's origin).
+    pub url: String,
+}
+
+fn key(product: Uuid, file: &str) -> StorePath {
+    StorePath::from(format!("products/{product}/{file}"))
+}
+
+/// Where [`serve`] answers for an image.
+pub fn url(product: Uuid, file: &str) -> String {
+    format!("/api/v1/product-images/{product}/{file}")
+}
+
+/// A product's images in order, with their URLs.
+pub async fn of(pool: &sqlx::PgPool, product: Uuid) -> Result<Vec<ProductImage>, ApiError> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, file FROM product_images WHERE product_id = $1 ORDER BY position, id",
+    )
+    .bind(product)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, file)| ProductImage {
+            id,
+            url: url(product, &file),
+        })
+        .collect())
+}
+
+async fn owned_product(state: &AppState, seller: &Seller, product: Uuid) -> Result<(), ApiError> {
+    let found: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM products WHERE id = $1 AND shop_id = $2")
+            .bind(product)
+            .bind(seller.shop_id)
+            .fetch_optional(&state.pool)
+            .await?;
+    found.map(|_| ()).ok_or(ApiError::NotFound)
+}
+
+/// Add a photo to a product of the seller's shop (multipart field `image`:
+/// JPEG, PNG or WebP). It goes last; at most 10 per product.
+#[utoipa::path(
+    post, path = "/seller/products/{id}/images", tag = "seller", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    request_body(content_type = "multipart/form-data", description = "field `image`: the photo"),
+    responses(
+        (status = 201, description = "the product with its images", body = SellerProduct),
+        (status = 404, description = "no such product in this shop", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already 10 images", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "larger than IMAGE_MAX_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "not a JPEG, PNG or WebP image", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn upload(
+    State(state): State<AppState>,
+    seller: Seller,
+    Path(product): Path<Uuid>,
+    mut multipart: Multipart,
+) -> Result<(StatusCode, Json<SellerProduct>), ApiError> {
+    owned_product(&state, &seller, product).await?;
+    let max = state.storage_config.image_max_bytes;
+    let bytes = images::read_field(&mut multipart, FIELD, max).await?;
+    let png = images::normalise(bytes, FIELD, SIZE).await?;
+    let file = images::new_file();
+    images::store(&state, &key(product, &file), png).await?;
+    let mut tx = state.pool.begin().await?;
+    // Locked, so concurrent uploads count and number correctly.
+    let (n, next): (i64, i32) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM product_images WHERE product_id = p.id),
+                (SELECT coalesce(max(position) + 1, 0) FROM product_images WHERE product_id = p.id)
+           FROM products p WHERE p.id = $1 FOR UPDATE",
+    )
+    .bind(product)
+    .fetch_one(&mut *tx)
+    .await?;
+    if n >= MAX_IMAGES {
+        drop(tx);
+        images::discard(&state, &key(product, &file)).await;
+        return Err(ApiError::Conflict(FieldError::new(
+            FIELD,
+            format!("a product has at most {MAX_IMAGES} images"),
+        )));
+    }
+    sqlx::query("INSERT INTO product_images (id, product_id, file, position) VALUES ($1, $2, $3, $4)")
+        .bind(Uuid::now_v7())
+        .bind(product)
+        .bind(&file)
+        .bind(next)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(load(&state.pool, &seller, product).await?)))
+}
+
+/// Remove a photo from a product of the seller's shop.
+#[utoipa::path(
+    delete, path = "/seller/products/{id}/images/{image}", tag = "seller", security(("bearer" = [])),
+    params(("id" = Uuid, Path), ("image" = Uuid, Path)),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 404, description = "no such image of a product in this shop", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn remove(
+    State(state): State<AppState>,
+    seller: Seller,
+    Path((product, image)): Path<(Uuid, Uuid)>,
+) -> Result<StatusCode, ApiError> {
+    let file: Option<String> = sqlx::query_scalar(
+        "DELETE FROM product_images i USING products p
+          WHERE i.id = $1 AND i.product_id = $2 AND p.id = i.product_id AND p.shop_id = $3
+         RETURNING i.file",
+    )
+    .bind(image)
+    .bind(product)
+    .bind(seller.shop_id)
+    .fetch_optional(&state.pool)
+    .await?;
+    let file = file.ok_or(ApiError::NotFound)?;
+    images::discard(&state, &key(product, &file)).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageOrder {
+    /// Every image of the product, in the order to show them.
+    pub image_ids: Vec<Uuid>,
+}
+
+impl Validate for ImageOrder {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut ids = self.image_ids.clone();
+        ids.sort();
+        ids.dedup();
+        if ids.len() != self.image_ids.len() {
+            vec![FieldError::new("image_ids", "must not repeat an image")]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// Put a product's photos in a new order.
+#[utoipa::path(
+    put, path = "/seller/products/{id}/images/order", tag = "seller", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = ImageOrder,
+    responses(
+        (status = 200, description = "the product with its images in the new order", body = SellerProduct),
+        (status = 404, description = "no such product in this shop", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "not exactly the product's images", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn reorder(
+    State(state): State<AppState>,
+    seller: Seller,
+    Path(product): Path<Uuid>,
+    ValidJson(body): ValidJson<ImageOrder>,
+) -> Result<Json<SellerProduct>, ApiError> {
+    owned_product(&state, &seller, product).await?;
+    let mut tx = state.pool.begin().await?;
+    let mut current: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM product_images WHERE product_id = $1 FOR UPDATE")
+            .bind(product)
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut wanted = body.image_ids.clone();
+    current.sort();
+    wanted.sort();
+    if current != wanted {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "image_ids",
+            "must list exactly this product's images",
+        )]));
+    }
+    sqlx::query(
+        "UPDATE product_images i SET position = o.position - 1
+           FROM unnest($2::uuid[]) WITH ORDINALITY AS o(id, position)
+          WHERE i.id = o.id AND i.product_id = $1",
+    )
+    .bind(product)
+    .bind(&body.image_ids)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Json(load(&state.pool, &seller, product).await?))
+}
+
+/// A product photo.
+#[utoipa::path(
+    get, path = "/product-images/{product}/{file}", tag = "catalog",
+    params(("product" = Uuid, Path), ("file" = String, Path)),
+    responses(
+        (status = 200, description = "the PNG", content_type = "image/png"),
+        (status = 404, description = "no such image", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn serve(
+    State(state): State<AppState>,
+    Path((product, file)): Path<(Uuid, String)>,
+) -> Result<Response, ApiError> {
+    if !images::valid_file(&file) {
+        return Err(ApiError::NotFound);
+    }
+    images::serve(&state, &key(product, &file)).await
+}
