@@ -14,7 +14,7 @@ use crate::{
     middleware::{http_metrics, request_id},
     routes::{
         addresses, admin, auth, avatar, cart, catalog, coupons, health, me, moderation, notifications,
-        product_images, products, sales, shops, sso, stock, support,
+        product_images, products, reviews, sales, shops, sso, stock, support,
     },
     state::AppState,
 };
@@ -52,6 +52,7 @@ fn v1(upload_limit: usize) -> OpenApiRouter<AppState> {
     let uploads = OpenApiRouter::new()
         .routes(routes!(avatar::upload, avatar::remove))
         .routes(routes!(product_images::upload))
+        .routes(routes!(reviews::add_image))
         .layer(DefaultBodyLimit::max(upload_limit + 64 * 1024));
     OpenApiRouter::new()
         .merge(uploads)
@@ -59,6 +60,10 @@ fn v1(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(product_images::serve))
         .routes(routes!(product_images::remove))
         .routes(routes!(product_images::reorder))
+        .routes(routes!(reviews::create, reviews::list))
+        .routes(routes!(reviews::reply))
+        .routes(routes!(reviews::remove))
+        .routes(routes!(reviews::serve_image))
         .routes(routes!(support::create))
         .routes(routes!(auth::register))
         .routes(routes!(auth::verify_email))

@@ -88,6 +88,7 @@ const UNIQUE_FIELDS: &[(&str, &str, &str)] = &[
     ),
     ("shops_slug_key", "shop.slug", "this shop address is taken"),
     ("categories_slug_key", "slug", "this category slug is taken"),
+    ("reviews_once", "product_id", "you have already reviewed this product"),
     ("coupons_code_key", "code", "this coupon code is taken"),
     ("variants_sku_key", "sku", "this SKU is already used in your shop"),
 ];

@@ -131,3 +131,83 @@ pub async fn serve(state: &AppState, key: &StorePath) -> Result<Response, ApiErr
     headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     Ok(response)
 }
+
+/// An ordered set of images belonging to one row (a product's photos, a
+/// review's): the table holding them, where their files live, their limits.
+pub struct Gallery {
+    /// Holds `id`, the owner column, `file` and `position`.
+    pub table: &'static str,
+    /// The owner's id column in `table`, e.g. `product_id`.
+    pub owner_column: &'static str,
+    /// The owner's table, locked while an image is added.
+    pub owner_table: &'static str,
+    /// The object-store folder: `<folder>/<owner>/<file>`.
+    pub folder: &'static str,
+    /// The multipart field carrying the upload.
+    pub field: &'static str,
+    /// Stored at most this wide and high.
+    pub size: u32,
+    pub max_images: i64,
+}
+
+impl Gallery {
+    pub fn key(&self, owner: Uuid, file: &str) -> StorePath {
+        StorePath::from(format!("{}/{owner}/{file}", self.folder))
+    }
+
+    /// Reads, checks and stores an upload as the owner's last image. The
+    /// caller has checked that the owner is the caller's.
+    pub async fn append(
+        &self,
+        state: &AppState,
+        owner: Uuid,
+        multipart: &mut Multipart,
+    ) -> Result<(), ApiError> {
+        let max_bytes = state.storage_config.image_max_bytes;
+        let bytes = read_field(multipart, self.field, max_bytes).await?;
+        let png = normalise(bytes, self.field, self.size).await?;
+        let file = new_file();
+        store(state, &self.key(owner, &file), png).await?;
+        let mut tx = state.pool.begin().await?;
+        // The owner row is locked, so concurrent uploads count and number right.
+        let (n, next): (i64, i32) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT (SELECT count(*) FROM {t} WHERE {c} = o.id),
+                    (SELECT coalesce(max(position) + 1, 0) FROM {t} WHERE {c} = o.id)
+               FROM {o} o WHERE o.id = $1 FOR UPDATE",
+            t = self.table,
+            c = self.owner_column,
+            o = self.owner_table
+        )))
+        .bind(owner)
+        .fetch_one(&mut *tx)
+        .await?;
+        if n >= self.max_images {
+            drop(tx);
+            discard(state, &self.key(owner, &file)).await;
+            return Err(ApiError::Conflict(FieldError::new(
+                self.field,
+                format!("at most {} images", self.max_images),
+            )));
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {} (id, {}, file, position) VALUES ($1, $2, $3, $4)",
+            self.table, self.owner_column
+        )))
+        .bind(Uuid::now_v7())
+        .bind(owner)
+        .bind(&file)
+        .bind(next)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Serves one of the owner's images by file name.
+    pub async fn serve(&self, state: &AppState, owner: Uuid, file: &str) -> Result<Response, ApiError> {
+        if !valid_file(file) {
+            return Err(ApiError::NotFound);
+        }
+        serve(state, &self.key(owner, file)).await
+    }
+}

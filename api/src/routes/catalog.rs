@@ -79,7 +79,7 @@ pub struct ShopRef {
     pub name: String,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct Rating {
     /// Mean stars to one decimal; absent without reviews.
     pub average: Option<f64>,
@@ -87,7 +87,7 @@ pub struct Rating {
 }
 
 impl Rating {
-    fn new(sum: i64, count: i64) -> Self {
+    pub fn new(sum: i64, count: i64) -> Self {
         // Integer arithmetic, then one division for display.
         let average = (count > 0).then(|| ((sum * 10 + count / 2) / count) as f64 / 10.0);
         Self { average, count }
@@ -213,43 +213,73 @@ pub const VISIBLE: &str =
 async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSummary>, ApiError> {
     let paging = Paging::new(query.page, query.per_page);
     let q = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let sort = query.sort.unwrap_or_default();
+    // Prices and stock are aggregated over variants (with the sale in
+    // force). When neither a filter nor the sort needs them, the page is cut
+    // first and only its rows are priced: 20 aggregates instead of the whole
+    // catalog's.
+    let needs_prices = query.min_price.is_some()
+        || query.max_price.is_some()
+        || query.in_stock == Some(true)
+        || matches!(sort, Sort::PriceAsc | Sort::PriceDesc);
+    let order = format!("{}, id DESC", sort.order_by());
+    let priced = |source: &str| {
+        format!(
+            "SELECT m.*, a.price_from, a.on_sale, a.available,
+                    (SELECT i.file FROM product_images i WHERE i.product_id = m.id
+                      ORDER BY i.position, i.id LIMIT 1) AS image_file
+               FROM {source} m
+              CROSS JOIN LATERAL (
+                    SELECT min(v.price_now_minor) AS price_from,
+                           bool_or(v.price_now_minor < v.price_minor) AS on_sale,
+                           sum(greatest(v.available, 0))::bigint AS available
+                      FROM variants_now v WHERE v.product_id = m.id) a"
+        )
+    };
+    let tail = if needs_prices {
+        format!(
+            "priced AS ({})
+             SELECT *, count(*) OVER () AS total FROM priced
+              WHERE ($5::bigint IS NULL OR price_from >= $5)
+                AND ($6::bigint IS NULL OR price_from <= $6)
+                AND (NOT $7 OR available > 0)
+              ORDER BY {order} LIMIT $8 OFFSET $9",
+            priced("matched")
+        )
+    } else {
+        format!(
+            "paged AS (SELECT *, count(*) OVER () AS total FROM matched
+                        ORDER BY {order} LIMIT $8 OFFSET $9),
+             priced AS ({})
+             SELECT * FROM priced
+              WHERE $5::bigint IS NULL AND $6::bigint IS NULL AND NOT $7
+              ORDER BY {order}",
+            priced("paged")
+        )
+    };
     let sql = format!(
         "WITH RECURSIVE subtree AS (
              SELECT id FROM categories WHERE slug = $2
              UNION ALL
              SELECT c.id FROM categories c JOIN subtree t ON c.parent_id = t.id
          ),
-         listed AS (
+         matched AS (
              SELECT p.id, p.title, c.slug AS category, s.slug AS shop_slug, s.name AS shop_name,
                     p.rating_sum, p.rating_count, p.sold_count, p.published_at,
-                    min(v.price_now_minor) AS price_from,
-                    bool_or(v.price_now_minor < v.price_minor) AS on_sale,
-                    sum(greatest(v.available, 0))::bigint AS available,
                     CASE WHEN $1::text IS NULL THEN 0
                          ELSE ts_rank(p.search, websearch_to_tsquery('english', $1)) END AS rank
                FROM products p
                JOIN shops s ON s.id = p.shop_id
                JOIN users u ON u.id = s.owner_id
-               JOIN variants_now v ON v.product_id = p.id
                LEFT JOIN categories c ON c.id = p.category_id
               WHERE {VISIBLE}
+                AND EXISTS (SELECT 1 FROM variants v WHERE v.product_id = p.id)
                 AND ($1::text IS NULL OR p.search @@ websearch_to_tsquery('english', $1))
                 AND ($2::text IS NULL OR p.category_id IN (SELECT id FROM subtree))
                 AND ($3::text IS NULL OR s.slug = $3)
                 AND ($4::int IS NULL OR (p.rating_count > 0 AND p.rating_sum >= $4 * p.rating_count))
-              GROUP BY p.id, c.slug, s.slug, s.name
-         )
-         SELECT id, title, category, shop_slug, shop_name, price_from, on_sale, available,
-                rating_sum, rating_count, published_at, count(*) OVER () AS total,
-                (SELECT i.file FROM product_images i WHERE i.product_id = listed.id
-                  ORDER BY i.position, i.id LIMIT 1) AS image_file
-           FROM listed
-          WHERE ($5::bigint IS NULL OR price_from >= $5)
-            AND ($6::bigint IS NULL OR price_from <= $6)
-            AND (NOT $7 OR available > 0)
-          ORDER BY {}, id DESC
-          LIMIT $8 OFFSET $9",
-        query.sort.unwrap_or_default().order_by()
+         ),
+         {tail}"
     );
     let rows: Vec<SummaryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(q)

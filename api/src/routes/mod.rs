@@ -11,6 +11,7 @@ pub mod moderation;
 pub mod notifications;
 pub mod product_images;
 pub mod products;
+pub mod reviews;
 pub mod sales;
 pub mod shops;
 pub mod sso;

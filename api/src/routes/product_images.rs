@@ -7,7 +7,6 @@ use axum::{
     http::StatusCode,
     response::Response,
 };
-use object_store::path::Path as StorePath;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -16,25 +15,26 @@ use crate::{
     auth::Seller,
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
-    images,
+    images::{self, Gallery},
     routes::products::{SellerProduct, load},
     state::AppState,
 };
 
-const FIELD: &str = "image";
-/// Product photos are stored at most this wide and high.
-const SIZE: u32 = 1600;
-const MAX_IMAGES: i64 = 10;
+const PHOTOS: Gallery = Gallery {
+    table: "product_images",
+    owner_column: "product_id",
+    owner_table: "products",
+    folder: "products",
+    field: "image",
+    size: 1600,
+    max_images: 10,
+};
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ProductImage {
     pub id: Uuid,
     /// Where the storefront loads it from (relative to the API's origin).
     pub url: String,
-}
-
-fn key(product: Uuid, file: &str) -> StorePath {
-    StorePath::from(format!("products/{product}/{file}"))
 }
 
 /// Where [`serve`] answers for an image.
@@ -90,37 +90,7 @@ pub async fn upload(
     mut multipart: Multipart,
 ) -> Result<(StatusCode, Json<SellerProduct>), ApiError> {
     owned_product(&state, &seller, product).await?;
-    let max = state.storage_config.image_max_bytes;
-    let bytes = images::read_field(&mut multipart, FIELD, max).await?;
-    let png = images::normalise(bytes, FIELD, SIZE).await?;
-    let file = images::new_file();
-    images::store(&state, &key(product, &file), png).await?;
-    let mut tx = state.pool.begin().await?;
-    // Locked, so concurrent uploads count and number correctly.
-    let (n, next): (i64, i32) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM product_images WHERE product_id = p.id),
-                (SELECT coalesce(max(position) + 1, 0) FROM product_images WHERE product_id = p.id)
-           FROM products p WHERE p.id = $1 FOR UPDATE",
-    )
-    .bind(product)
-    .fetch_one(&mut *tx)
-    .await?;
-    if n >= MAX_IMAGES {
-        drop(tx);
-        images::discard(&state, &key(product, &file)).await;
-        return Err(ApiError::Conflict(FieldError::new(
-            FIELD,
-            format!("a product has at most {MAX_IMAGES} images"),
-        )));
-    }
-    sqlx::query("INSERT INTO product_images (id, product_id, file, position) VALUES ($1, $2, $3, $4)")
-        .bind(Uuid::now_v7())
-        .bind(product)
-        .bind(&file)
-        .bind(next)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    PHOTOS.append(&state, product, &mut multipart).await?;
     Ok((StatusCode::CREATED, Json(load(&state.pool, &seller, product).await?)))
 }
 
@@ -149,7 +119,7 @@ pub async fn remove(
     .fetch_optional(&state.pool)
     .await?;
     let file = file.ok_or(ApiError::NotFound)?;
-    images::discard(&state, &key(product, &file)).await;
+    images::discard(&state, &PHOTOS.key(product, &file)).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -231,8 +201,5 @@ pub async fn serve(
     State(state): State<AppState>,
     Path((product, file)): Path<(Uuid, String)>,
 ) -> Result<Response, ApiError> {
-    if !images::valid_file(&file) {
-        return Err(ApiError::NotFound);
-    }
-    images::serve(&state, &key(product, &file)).await
+    PHOTOS.serve(&state, product, &file).await
 }

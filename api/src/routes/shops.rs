@@ -13,7 +13,7 @@ use crate::{
     auth::Caller,
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
-    routes::support::valid_email,
+    routes::{catalog::Rating, support::valid_email},
     state::AppState,
 };
 
@@ -24,6 +24,9 @@ pub struct Shop {
     pub slug: String,
     pub description: String,
     pub contact_email: String,
+    /// From the reviews of the shop's products.
+    #[sqlx(skip)]
+    pub rating: Rating,
     pub created_at: DateTime<Utc>,
 }
 
@@ -33,16 +36,23 @@ async fn by_slug(state: &AppState, slug: &str) -> Result<(Shop, Uuid), ApiError>
         #[sqlx(flatten)]
         shop: Shop,
         owner_id: Uuid,
+        rating_sum: i64,
+        rating_count: i64,
     }
     let row: Option<Row> = sqlx::query_as(
-        "SELECT s.id, s.name, s.slug, s.description, s.contact_email, s.created_at, s.owner_id
+        "SELECT s.id, s.name, s.slug, s.description, s.contact_email, s.created_at, s.owner_id,
+                s.rating_sum, s.rating_count
            FROM shops s JOIN users u ON u.id = s.owner_id
           WHERE s.slug = $1 AND u.suspended_at IS NULL",
     )
     .bind(slug)
     .fetch_optional(&state.pool)
     .await?;
-    row.map(|r| (r.shop, r.owner_id)).ok_or(ApiError::NotFound)
+    row.map(|r| {
+        let rating = Rating::new(r.rating_sum, r.rating_count);
+        (Shop { rating, ..r.shop }, r.owner_id)
+    })
+    .ok_or(ApiError::NotFound)
 }
 
 /// A shop's public page. Shops of suspended sellers are not shown.
@@ -127,5 +137,8 @@ pub async fn update(
     .bind(caller.id)
     .fetch_one(&state.pool)
     .await?;
-    Ok(Json(updated))
+    Ok(Json(Shop {
+        rating: shop.rating,
+        ..updated
+    }))
 }
