@@ -359,6 +359,18 @@ pub async fn shop_products(
     Ok(cached_json(&headers, &search(&state, &query).await?))
 }
 
+/// 404 unless the storefront shows this product.
+pub async fn ensure_visible(state: &AppState, product: Uuid) -> Result<(), ApiError> {
+    let visible: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT 1 FROM products p JOIN shops s ON s.id = p.shop_id JOIN users u ON u.id = s.owner_id
+          WHERE p.id = $1 AND {VISIBLE}"
+    )))
+    .bind(product)
+    .fetch_optional(&state.pool)
+    .await?;
+    visible.map(|_| ()).ok_or(ApiError::NotFound)
+}
+
 /// A variant as the storefront shows it.
 #[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct PublicVariant {

@@ -38,7 +38,7 @@ pub async fn hide(
     Path(id): Path<Uuid>,
     ValidJson(body): ValidJson<Reason>,
 ) -> Result<StatusCode, ApiError> {
-    set_hidden(&state, &admin, id, body.reason.trim()).await
+    set_hidden(&state, &admin, id, true, body.reason.trim()).await
 }
 
 /// Show a hidden product again.
@@ -57,41 +57,35 @@ pub async fn unhide(
     Path(id): Path<Uuid>,
     ValidJson(body): ValidJson<Reason>,
 ) -> Result<StatusCode, ApiError> {
-    let mut tx = state.pool.begin().await?;
-    let found = sqlx::query(
-        "UPDATE products SET hidden_at = NULL, hidden_reason = NULL, updated_at = now() WHERE id = $1",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    if found.rows_affected() == 0 {
-        return Err(ApiError::NotFound);
-    }
-    audit(&mut tx, &admin, "product.unhide", ("product", id), body.reason.trim()).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    set_hidden(&state, &admin, id, false, body.reason.trim()).await
 }
 
+/// Hides (or shows again) a product, audited with the reason.
 async fn set_hidden(
     state: &AppState,
     admin: &Admin,
     id: Uuid,
+    hidden: bool,
     reason: &str,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.pool.begin().await?;
     let found = sqlx::query(
-        "UPDATE products SET hidden_at = coalesce(hidden_at, now()), hidden_reason = $2,
+        "UPDATE products SET
+                hidden_at = CASE WHEN $2 THEN coalesce(hidden_at, now()) END,
+                hidden_reason = CASE WHEN $2 THEN $3 END,
                 updated_at = now()
           WHERE id = $1",
     )
     .bind(id)
+    .bind(hidden)
     .bind(reason)
     .execute(&mut *tx)
     .await?;
     if found.rows_affected() == 0 {
         return Err(ApiError::NotFound);
     }
-    audit(&mut tx, admin, "product.hide", ("product", id), reason).await?;
+    let action = if hidden { "product.hide" } else { "product.unhide" };
+    audit(&mut tx, admin, action, ("product", id), reason).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -23,7 +23,7 @@ use crate::{
     images::Gallery,
     routes::{
         admin::{Reason, audit},
-        catalog::{Page, Paging, VISIBLE},
+        catalog::{self, Page, Paging},
     },
     state::AppState,
 };
@@ -111,18 +111,13 @@ async fn count_rating(
     reviews: i64,
 ) -> Result<(), ApiError> {
     sqlx::query(
-        "UPDATE products SET rating_sum = rating_sum + $2, rating_count = rating_count + $3
-          WHERE id = $1",
+        "WITH product AS (
+             UPDATE products SET rating_sum = rating_sum + $3, rating_count = rating_count + $4
+              WHERE id = $1)
+         UPDATE shops SET rating_sum = rating_sum + $3, rating_count = rating_count + $4
+          WHERE id = $2",
     )
     .bind(product)
-    .bind(stars)
-    .bind(reviews)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE shops SET rating_sum = rating_sum + $2, rating_count = rating_count + $3
-          WHERE id = $1",
-    )
     .bind(shop)
     .bind(stars)
     .bind(reviews)
@@ -274,14 +269,7 @@ pub async fn list(
     Path(product): Path<Uuid>,
     ValidQuery(query): ValidQuery<ReviewQuery>,
 ) -> Result<Response, ApiError> {
-    let visible: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT 1 FROM products p JOIN shops s ON s.id = p.shop_id JOIN users u ON u.id = s.owner_id
-          WHERE p.id = $1 AND {VISIBLE}"
-    )))
-    .bind(product)
-    .fetch_optional(&state.pool)
-    .await?;
-    visible.ok_or(ApiError::NotFound)?;
+    catalog::ensure_visible(&state, product).await?;
     let paging = Paging::new(query.page, query.per_page);
     let rows: Vec<ReviewRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {REVIEW_COLUMNS} FROM reviews r JOIN users u ON u.id = r.author_id
