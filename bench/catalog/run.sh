@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# W1 (catalog page) and W1s (search page) against a release build of the
+# W1 (catalog page, random and first) and W1s (search page) against a release build of the
 # API with the benchmark data, each run twice; then the API's peak RSS.
 #
 #   bench/catalog/run.sh [seconds] [connections]
@@ -36,11 +36,11 @@ API=$!
 trap 'kill $API 2>/dev/null || true' EXIT
 wait_port $PORT souk-api
 
-run() { # name query
-  local name=$1 query=$2 i
+run() { # name query pages
+  local name=$1 query=$2 pages=$3 i
   for i in 1 2; do
-    echo "== $name run $i (q=${query:-none}, ${CONNECTIONS} connections, ${SECONDS_PER_RUN}s)"
-    WRK_QUERY=$query wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency \
+    echo "== $name run $i (q=${query:-none}, pages 1..$pages, ${CONNECTIONS} connections, ${SECONDS_PER_RUN}s)"
+    WRK_QUERY=$query WRK_PAGES=$pages wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency \
       -s bench/catalog/random-page.lua "http://127.0.0.1:$PORT" |
       grep -E 'Requests/sec|^ +(50|99)%|Non-2xx|Socket errors'
     echo "   API RSS now: $(awk '/VmRSS/ {print $2, $3}' /proc/$API/status)"
@@ -48,6 +48,7 @@ run() { # name query
 }
 # Warm up once so the first run is not the cold one.
 wrk -t2 -c8 -d3s -s bench/catalog/random-page.lua "http://127.0.0.1:$PORT" >/dev/null
-run W1 ""
-run W1s walnut
+run W1 "" 50        # a random page of the catalog, as ../shared/BENCHMARKS.md
+run W1-first "" 1   # the storefront's first page
+run W1s walnut 10   # a one-word search (matches 200 products)
 echo "== API peak RSS: $(awk '/VmHWM/ {print $2, $3}' /proc/$API/status)"

@@ -10,6 +10,7 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::{Postgres, QueryBuilder};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -222,7 +223,54 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
         || query.max_price.is_some()
         || query.in_stock == Some(true)
         || matches!(sort, Sort::PriceAsc | Sort::PriceDesc);
-    let order = format!("{}, id DESC", sort.order_by());
+    let order = format!(" ORDER BY {}, id DESC", sort.order_by());
+    // Only the filters given become SQL (values always bound), so each
+    // shape plans simply and its prepared statement is reused.
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("WITH ");
+    if let Some(category) = &query.category {
+        sql.push("RECURSIVE subtree AS (SELECT id FROM categories WHERE slug = ")
+            .push_bind(category.clone())
+            .push(
+                " UNION ALL SELECT c.id FROM categories c JOIN subtree t ON c.parent_id = t.id), ",
+            );
+    }
+    sql.push(
+        "matched AS (
+             SELECT p.id, p.title, c.slug AS category, s.slug AS shop_slug, s.name AS shop_name,
+                    p.rating_sum, p.rating_count, p.sold_count, p.published_at, ",
+    );
+    match q {
+        Some(q) => sql
+            .push("ts_rank(p.search, websearch_to_tsquery('english', ")
+            .push_bind(q.to_string())
+            .push("))"),
+        None => sql.push("0::real"),
+    };
+    sql.push(format!(
+        " AS rank
+               FROM products p
+               JOIN shops s ON s.id = p.shop_id
+               JOIN users u ON u.id = s.owner_id
+               LEFT JOIN categories c ON c.id = p.category_id
+              WHERE {VISIBLE}
+                AND EXISTS (SELECT 1 FROM variants v WHERE v.product_id = p.id)"
+    ));
+    if let Some(q) = q {
+        sql.push(" AND p.search @@ websearch_to_tsquery('english', ")
+            .push_bind(q.to_string())
+            .push(")");
+    }
+    if query.category.is_some() {
+        sql.push(" AND p.category_id IN (SELECT id FROM subtree)");
+    }
+    if let Some(shop) = &query.shop {
+        sql.push(" AND s.slug = ").push_bind(shop.clone());
+    }
+    if let Some(stars) = query.min_rating {
+        sql.push(" AND p.rating_count > 0 AND p.rating_sum >= ")
+            .push_bind(i64::from(stars))
+            .push(" * p.rating_count");
+    }
     let priced = |source: &str| {
         format!(
             "SELECT m.*, a.price_from, a.on_sale, a.available,
@@ -236,63 +284,35 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
                       FROM variants_now v WHERE v.product_id = m.id) a"
         )
     };
-    let tail = if needs_prices {
-        format!(
-            "priced AS ({})
-             SELECT *, count(*) OVER () AS total FROM priced
-              WHERE ($5::bigint IS NULL OR price_from >= $5)
-                AND ($6::bigint IS NULL OR price_from <= $6)
-                AND (NOT $7 OR available > 0)
-              ORDER BY {order} LIMIT $8 OFFSET $9",
+    if needs_prices {
+        sql.push(format!(
+            "), priced AS ({}) SELECT *, count(*) OVER () AS total FROM priced WHERE true",
             priced("matched")
-        )
+        ));
+        if let Some(min) = query.min_price {
+            sql.push(" AND price_from >= ").push_bind(min);
+        }
+        if let Some(max) = query.max_price {
+            sql.push(" AND price_from <= ").push_bind(max);
+        }
+        if query.in_stock == Some(true) {
+            sql.push(" AND available > 0");
+        }
+        sql.push(&order)
+            .push(" LIMIT ")
+            .push_bind(paging.limit())
+            .push(" OFFSET ")
+            .push_bind(paging.offset());
     } else {
-        format!(
-            "paged AS (SELECT *, count(*) OVER () AS total FROM matched
-                        ORDER BY {order} LIMIT $8 OFFSET $9),
-             priced AS ({})
-             SELECT * FROM priced
-              WHERE $5::bigint IS NULL AND $6::bigint IS NULL AND NOT $7
-              ORDER BY {order}",
-            priced("paged")
-        )
-    };
-    let sql = format!(
-        "WITH RECURSIVE subtree AS (
-             SELECT id FROM categories WHERE slug = $2
-             UNION ALL
-             SELECT c.id FROM categories c JOIN subtree t ON c.parent_id = t.id
-         ),
-         matched AS (
-             SELECT p.id, p.title, c.slug AS category, s.slug AS shop_slug, s.name AS shop_name,
-                    p.rating_sum, p.rating_count, p.sold_count, p.published_at,
-                    CASE WHEN $1::text IS NULL THEN 0
-                         ELSE ts_rank(p.search, websearch_to_tsquery('english', $1)) END AS rank
-               FROM products p
-               JOIN shops s ON s.id = p.shop_id
-               JOIN users u ON u.id = s.owner_id
-               LEFT JOIN categories c ON c.id = p.category_id
-              WHERE {VISIBLE}
-                AND EXISTS (SELECT 1 FROM variants v WHERE v.product_id = p.id)
-                AND ($1::text IS NULL OR p.search @@ websearch_to_tsquery('english', $1))
-                AND ($2::text IS NULL OR p.category_id IN (SELECT id FROM subtree))
-                AND ($3::text IS NULL OR s.slug = $3)
-                AND ($4::int IS NULL OR (p.rating_count > 0 AND p.rating_sum >= $4 * p.rating_count))
-         ),
-         {tail}"
-    );
-    let rows: Vec<SummaryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(q)
-        .bind(query.category.as_deref())
-        .bind(query.shop.as_deref())
-        .bind(query.min_rating.map(i32::from))
-        .bind(query.min_price)
-        .bind(query.max_price)
-        .bind(query.in_stock.unwrap_or(false))
-        .bind(paging.limit())
-        .bind(paging.offset())
-        .fetch_all(&state.pool)
-        .await?;
+        sql.push("), paged AS (SELECT *, count(*) OVER () AS total FROM matched")
+            .push(&order)
+            .push(" LIMIT ")
+            .push_bind(paging.limit())
+            .push(" OFFSET ")
+            .push_bind(paging.offset())
+            .push(format!(") {} {order}", priced("paged")));
+    }
+    let rows: Vec<SummaryRow> = sql.build_query_as().fetch_all(&state.pool).await?;
     let total = rows.first().map_or(0, |r| r.total);
     let items = rows
         .into_iter()
