@@ -3,6 +3,8 @@
 use axum::{
     Json,
     extract::{Path, State},
+    http::HeaderMap,
+    response::Response,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,6 +15,7 @@ use crate::{
     auth::Caller,
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
+    http_cache::cached_json,
     routes::{catalog::Rating, support::valid_email},
     state::AppState,
 };
@@ -59,15 +62,17 @@ async fn by_slug(state: &AppState, slug: &str) -> Result<(Shop, Uuid), ApiError>
 #[utoipa::path(
     get, path = "/shops/{slug}", tag = "shops", params(("slug" = String, Path)),
     responses(
-        (status = 200, description = "the shop", body = Shop),
+        (status = 200, description = "the shop (with ETag)", body = Shop),
+        (status = 304, description = "unchanged since the ETag in If-None-Match"),
         (status = 404, description = "no such shop", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn get(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(slug): Path<String>,
-) -> Result<Json<Shop>, ApiError> {
-    Ok(Json(by_slug(&state, &slug).await?.0))
+) -> Result<Response, ApiError> {
+    Ok(cached_json(&headers, &by_slug(&state, &slug).await?.0))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
