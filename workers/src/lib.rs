@@ -1,6 +1,7 @@
 //! Souk's workers: one consumer runtime ([`runtime`]) that every worker
 //! binary in `src/bin` runs its handler on, plus the outbox relay.
 
+pub mod demo;
 pub mod mailer;
 pub mod ops;
 pub mod process;

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! souk-admin migrate
+//! souk-admin demo-data                       (once; accounts share DEMO_PASSWORD)
 //! souk-admin create-admin <email> <name>     (password from SOUK_ADMIN_PASSWORD, else stdin)
 //! souk-admin parked list <group> [--limit N]
 //! souk-admin parked replay <group> [<message-id> | --all]
@@ -14,10 +15,11 @@ use souk_shared::{
     db, password,
     topology::Names,
 };
-use souk_workers::runtime::parked;
+use souk_workers::{demo, runtime::parked};
 
 const USAGE: &str = "usage:
   souk-admin migrate
+  souk-admin demo-data
   souk-admin create-admin <email> <name>   (password from SOUK_ADMIN_PASSWORD, else stdin)
   souk-admin parked list <group> [--limit N]
   souk-admin parked replay <group> (<message-id> | --all)";
@@ -40,6 +42,15 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
             let pool = db::pool(&config.database_url, 2)?;
             db::migrate(&pool).await?;
             println!("migrations applied");
+        }
+        ["demo-data"] => {
+            let pool = db::pool(&config.database_url, 2)?;
+            if demo::load(&pool).await? {
+                println!("demo data loaded; accounts: {}", demo::ACCOUNTS.join(", "));
+                println!("password for each: {}", demo::PASSWORD);
+            } else {
+                println!("demo data already present");
+            }
         }
         ["create-admin", email, name] => {
             let password = match std::env::var("SOUK_ADMIN_PASSWORD") {

@@ -1,0 +1,68 @@
+//! Demo data for `scripts/dev`: an admin, two sellers with shops, a
+//! customer with an address, and a small catalog (`catalog.sql`). Loaded
+//! once; a second run changes nothing.
+
+use souk_shared::password;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Every demo account signs in with this password.
+pub const PASSWORD: &str = "souk-demo-password";
+
+pub const ACCOUNTS: [&str; 4] = [
+    "admin@demo.souk",
+    "oak@demo.souk",
+    "pantry@demo.souk",
+    "customer@demo.souk",
+];
+
+/// Loads the demo data unless it is there already; `true` if it loaded it.
+pub async fn load(pool: &PgPool) -> anyhow::Result<bool> {
+    let present: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE email = 'admin@demo.souk')")
+            .fetch_one(pool)
+            .await?;
+    if present {
+        return Ok(false);
+    }
+    let hash = password::hash(PASSWORD.to_string()).await?;
+    let mut tx = pool.begin().await?;
+    for (email, name, role) in [
+        ("admin@demo.souk", "Demo Admin", "admin"),
+        ("oak@demo.souk", "Layla (Olive & Oak)", "seller"),
+        ("pantry@demo.souk", "Karim (Souk Pantry)", "seller"),
+        ("customer@demo.souk", "Sam Customer", "customer"),
+    ] {
+        sqlx::query(
+            "INSERT INTO users (id, email, password_hash, name, role, email_verified_at)
+             VALUES ($1, $2, $3, $4, $5, now())",
+        )
+        .bind(Uuid::now_v7())
+        .bind(email)
+        .bind(hash.as_str())
+        .bind(name)
+        .bind(role)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for (owner, name, slug) in [
+        ("oak@demo.souk", "Olive & Oak", "olive-and-oak"),
+        ("pantry@demo.souk", "Souk Pantry", "souk-pantry"),
+    ] {
+        sqlx::query(
+            "INSERT INTO shops (id, owner_id, name, slug, description, contact_email)
+             SELECT $1, id, $2, $3, 'A demo shop.', email FROM users WHERE email = $4",
+        )
+        .bind(Uuid::now_v7())
+        .bind(name)
+        .bind(slug)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::raw_sql(include_str!("catalog.sql"))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
