@@ -438,7 +438,11 @@ async fn the_cart_merges_groups_by_shop_and_takes_every_price_from_the_database(
     assert_eq!(cart["shops"][0]["subtotal_minor"], 0);
     assert_eq!(cart["total_minor"], 6_000);
     assert_eq!(cart["ready_for_checkout"], false);
-    // It can still be removed.
+    // It can be lowered but not raised, and removed.
+    let resp = call(&app, &ann, Method::PUT, &format!("/cart/items/{board}"), json!({"quantity": 2})).await;
+    assert_eq!(json_of(resp, StatusCode::OK).await["shops"][0]["lines"][0]["quantity"], 2);
+    let resp = call(&app, &ann, Method::PUT, &format!("/cart/items/{board}"), json!({"quantity": 3})).await;
+    assert_eq!(fields(&problem(resp, StatusCode::CONFLICT).await), ["quantity"]);
     let resp = call(&app, &ann, Method::DELETE, &format!("/cart/items/{board}"), json!({})).await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     let cart = json_of(call(&app, &ann, Method::PUT, &format!("/cart/items/{spoons}"), json!({"quantity": 2})).await, StatusCode::OK).await;

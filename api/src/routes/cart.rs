@@ -414,21 +414,32 @@ pub async fn update(
     Path(variant): Path<Uuid>,
     ValidJson(body): ValidJson<CartItemUpdate>,
 ) -> Result<Json<Cart>, ApiError> {
-    // An unavailable product can still be lowered or removed, not raised.
+    // Lowering is always allowed (even for a line that became unavailable
+    // or short); raising only up to what is available now.
     let available = sellable(&state, variant).await?.unwrap_or(0);
-    if body.quantity > available {
-        return Err(too_many(available));
-    }
-    let updated = sqlx::query(
-        "UPDATE cart_items SET quantity = $3 WHERE user_id = $1 AND variant_id = $2",
+    let updated: Option<i32> = sqlx::query_scalar(
+        "UPDATE cart_items SET quantity = $3
+          WHERE user_id = $1 AND variant_id = $2 AND ($3 <= quantity OR $3 <= $4)
+         RETURNING quantity",
     )
     .bind(caller.id)
     .bind(variant)
     .bind(body.quantity)
-    .execute(&state.pool)
+    .bind(available)
+    .fetch_optional(&state.pool)
     .await?;
-    if updated.rows_affected() == 0 {
-        return Err(ApiError::NotFound);
+    if updated.is_none() {
+        let held: Option<i32> = sqlx::query_scalar(
+            "SELECT quantity FROM cart_items WHERE user_id = $1 AND variant_id = $2",
+        )
+        .bind(caller.id)
+        .bind(variant)
+        .fetch_optional(&state.pool)
+        .await?;
+        return Err(match held {
+            Some(_) => too_many(available),
+            None => ApiError::NotFound,
+        });
     }
     Ok(Json(load(&state, caller.id).await?))
 }
