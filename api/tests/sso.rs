@@ -277,3 +277,13 @@ async fn without_a_provider_sso_is_not_found_and_a_dead_provider_is_a_502() {
     .await;
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM oidc_logins").await, 0);
 }
+
+#[tokio::test]
+async fn a_wrong_client_secret_is_the_operators_problem_not_the_users() {
+    let provider = OidcProvider::start(CLIENT, Some("the-real-secret")).await;
+    let app = spawn_app_with_sso(&amqp_url(), config(&provider.issuer)).await;
+    provider.sign_in_as(User::verified("sub-1", &unique_address(), "Ann"));
+    let back = through_provider(&app, &provider).await;
+    problem(finish(&app, &back).await, StatusCode::BAD_GATEWAY).await;
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 0);
+}

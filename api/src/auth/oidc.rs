@@ -217,7 +217,10 @@ impl OidcClient {
             .await
             .map_err(|e| OidcError::Unavailable(format!("token endpoint: {e}")))?;
         let status = response.status();
-        if status.is_client_error() {
+        // RFC 6749 answers a used, expired or foreign code (invalid_grant)
+        // with 400; a 401 means our client credentials are wrong, which is
+        // ours to fix, not the user's.
+        if status == reqwest::StatusCode::BAD_REQUEST {
             let body = response.text().await.unwrap_or_default();
             return Err(OidcError::CodeRefused(format!("{status}: {body}")));
         }
