@@ -13,8 +13,9 @@ use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
     routes::{
-        addresses, admin, auth, avatar, cart, catalog, coupons, health, me, moderation, notifications,
-        product_images, products, reviews, sales, shops, sso, stock, support,
+        addresses, admin, admin_orders, auth, avatar, cart, catalog, checkout, coupons, health, me,
+        moderation, notifications, orders, product_images, products, reviews, sales, seller_orders,
+        shops, sso, stock, stripe_webhook, support,
     },
     state::AppState,
 };
@@ -112,6 +113,22 @@ fn v1(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(coupons::seller_disable))
         .routes(routes!(coupons::admin_create, coupons::admin_list))
         .routes(routes!(coupons::admin_disable))
+        .routes(routes!(checkout::checkout))
+        .routes(routes!(orders::mine))
+        .routes(routes!(orders::get))
+        .routes(routes!(orders::tracking))
+        .routes(routes!(orders::cancel))
+        .routes(routes!(seller_orders::list))
+        .routes(routes!(seller_orders::get))
+        .routes(routes!(seller_orders::update_status))
+        .routes(routes!(seller_orders::cancel))
+        .routes(routes!(admin_orders::list))
+        .routes(routes!(admin_orders::get))
+        .routes(routes!(admin_orders::get_seller_order))
+        .routes(routes!(admin_orders::correct_status))
+        .routes(routes!(admin_orders::flagged_payments))
+        .routes(routes!(admin_orders::set_commission))
+        .routes(routes!(stripe_webhook::receive))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` (and committed as

@@ -4,7 +4,12 @@ use std::net::SocketAddr;
 
 use souk_shared::config::{CommonConfig, ConfigError, Env};
 
-use crate::{auth::{AuthConfig, oidc::OidcConfig}, ratelimit::Limits, storage::StorageConfig};
+use crate::{
+    auth::{AuthConfig, oidc::OidcConfig},
+    checkout_config::CheckoutConfig,
+    ratelimit::Limits,
+    storage::StorageConfig,
+};
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -19,6 +24,7 @@ pub struct ApiConfig {
     pub storage: StorageConfig,
     /// Single sign-on with an OpenID Connect provider, if configured.
     pub oidc: Option<OidcConfig>,
+    pub checkout: CheckoutConfig,
 }
 
 impl ApiConfig {
@@ -32,6 +38,7 @@ impl ApiConfig {
             limits: Limits::from_env(env)?,
             storage: StorageConfig::from_env(env)?,
             oidc: OidcConfig::from_env(env)?,
+            checkout: CheckoutConfig::from_env(env)?,
         })
     }
 }

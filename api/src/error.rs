@@ -46,6 +46,10 @@ pub struct Problem {
 pub enum ApiError {
     #[error("the request body is not valid JSON")]
     MalformedJson(String),
+    /// A request that is not acceptable as sent, other than its JSON (a
+    /// missing or bad signature header, say).
+    #[error("bad request")]
+    BadRequest(FieldError),
     #[error("unsupported media type")]
     UnsupportedMediaType,
     #[error("payload too large")]
@@ -106,6 +110,19 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// A status change the order state machines refuse is the client's
+/// conflict with the order as it is now.
+impl From<souk_shared::orders::MoveError> for ApiError {
+    fn from(e: souk_shared::orders::MoveError) -> Self {
+        use souk_shared::orders::MoveError;
+        match e {
+            MoveError::Refused(refused) => Self::Conflict(FieldError::new("status", refused.to_string())),
+            MoveError::NotFound => Self::NotFound,
+            MoveError::Db(e) => e.into(),
+        }
+    }
+}
+
 impl ApiError {
     fn problem(&self) -> (StatusCode, Problem) {
         let (status, slug, title, detail, errors) = match self {
@@ -115,6 +132,13 @@ impl ApiError {
                 "Malformed JSON",
                 Some(detail.clone()),
                 vec![],
+            ),
+            Self::BadRequest(error) => (
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "Bad request",
+                Some(format!("{}: {}", error.field, error.message)),
+                vec![error.clone()],
             ),
             Self::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod auth;
 pub mod broker;
+pub mod checkout_config;
 pub mod client_ip;
 pub mod config;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod extract;
 pub mod http_cache;
 pub mod images;
 pub mod middleware;
+pub mod order_views;
 pub mod ratelimit;
 pub mod routes;
 pub mod state;

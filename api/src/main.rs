@@ -30,6 +30,7 @@ async fn main() {
             config.limits.clone(),
         )),
         (exit_on_error(config.storage.open()), config.storage.clone()),
+        config.checkout.clone(),
     )
     .with_oidc(config.oidc.clone().map(OidcClient::new));
     let app = router(state, config.body_limit, config.storage.image_max_bytes);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::{
     auth::{AuthConfig, Jwt, oidc::OidcClient},
     broker::BrokerProbe,
+    checkout_config::CheckoutConfig,
     ratelimit::RateLimiter,
     storage::StorageConfig,
 };
@@ -27,6 +28,7 @@ pub struct AppState {
     pub storage_config: StorageConfig,
     /// Single sign-on; `None` when no provider is configured.
     pub oidc: Option<Arc<OidcClient>>,
+    pub checkout: Arc<CheckoutConfig>,
 }
 
 impl AppState {
@@ -37,8 +39,10 @@ impl AppState {
         auth: AuthConfig,
         limiter: RateLimiter,
         (storage, storage_config): (Arc<dyn object_store::ObjectStore>, StorageConfig),
+        checkout: CheckoutConfig,
     ) -> Self {
         Self {
+            checkout: Arc::new(checkout),
             limiter,
             storage,
             storage_config,

@@ -24,15 +24,19 @@ async fn purchase(app: &App, customer: Uuid, product: &str, status: &str) {
     let product = Uuid::parse_str(product).unwrap();
     let order = Uuid::now_v7();
     let mut tx = app.db.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO orders (id, customer_id, status) VALUES ($1, $2, 'paid')")
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, currency, subtotal_minor, shipping_address)
+         VALUES ($1, $2, 'paid', 'eur', 0, '{}')",
+    )
         .bind(order)
         .bind(customer)
         .execute(&mut *tx)
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO seller_orders (id, order_id, shop_id, status)
-         SELECT $1, $2, shop_id, $3 FROM products WHERE id = $4",
+        "INSERT INTO seller_orders (id, order_id, shop_id, status, items_minor, discount_minor,
+                                    shipping_minor, total_minor, commission_bps, commission_minor, payout_minor)
+         SELECT $1, $2, shop_id, $3, 0, 0, 0, 0, 0, 0, 0 FROM products WHERE id = $4",
     )
     .bind(Uuid::now_v7())
     .bind(order)

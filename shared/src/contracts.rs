@@ -17,3 +17,84 @@ impl Contract for EmailRequested {
     const TYPE: &'static str = "notify.email";
     const VERSION: u16 = 1;
 }
+
+/// Declares a contract whose payload is one id.
+macro_rules! id_contract {
+    ($(#[$meta:meta])* $name:ident { $field:ident } = $type:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+        pub struct $name {
+            pub $field: uuid::Uuid,
+        }
+
+        impl Contract for $name {
+            const TYPE: &'static str = $type;
+            const VERSION: u16 = 1;
+        }
+    };
+}
+
+id_contract!(
+    /// A customer checked out: the order and its lines exist, nothing else yet.
+    OrderPlaced { order_id } = "order.placed"
+);
+id_contract!(
+    /// The order has its seller orders and totals: reserve its stock.
+    OrderSplit { order_id } = "order.split"
+);
+id_contract!(
+    /// Every line of the order is reserved: ask Stripe for a PaymentIntent.
+    StockReserved { order_id } = "stock.reserved"
+);
+id_contract!(
+    /// The order was cancelled (by its customer, or by an admin): release or
+    /// restock its stock and cancel its PaymentIntent if it was never paid.
+    OrderCancelled { order_id } = "order.cancelled"
+);
+id_contract!(
+    /// The order's reservation ran out before it was paid: its stock is back
+    /// on sale; cancel its PaymentIntent.
+    OrderExpired { order_id } = "order.expired"
+);
+id_contract!(
+    /// A seller cancelled its part of a paid order: put those units back.
+    SellerOrderCancelled { seller_order_id } = "seller_order.cancelled"
+);
+id_contract!(
+    /// A seller order reached the customer (for settlement).
+    SellerOrderDelivered { seller_order_id } = "seller_order.delivered"
+);
+id_contract!(
+    /// An order was paid (for settlement and analytics; mails are sent with it).
+    OrderPaid { order_id } = "order.paid"
+);
+id_contract!(
+    /// A refund was decided and recorded: send it through Stripe.
+    RefundRequested { refund_id } = "payment.refund_requested"
+);
+
+/// A PaymentIntent nobody will pay any more (its order expired or was
+/// cancelled before the intent was stored): cancel it at Stripe.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IntentCancelRequested {
+    pub order_id: uuid::Uuid,
+    pub payment_intent_id: String,
+}
+
+impl Contract for IntentCancelRequested {
+    const TYPE: &'static str = "payment.intent_cancel_requested";
+    const VERSION: u16 = 1;
+}
+
+/// A verified Stripe webhook event was stored (`stripe_events`): apply it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StripeEventReceived {
+    pub event_id: String,
+    #[serde(rename = "event_type")]
+    pub kind: String,
+}
+
+impl Contract for StripeEventReceived {
+    const TYPE: &'static str = "stripe.event";
+    const VERSION: u16 = 1;
+}

@@ -1,12 +1,14 @@
 //! Stock changes shared by the API (seller adjustments) and the workers
 //! (reservations, sales): each is one conditional UPDATE, never a read then
 //! a write, so concurrent changes cannot break `on_hand >= reserved >= 0`.
+//! Variants are always locked in id order, so two orders sharing variants
+//! never wait on each other in a circle.
 
 use serde_json::json;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
-use crate::{contracts::EmailRequested, envelope::Envelope, outbox};
+use crate::notify;
 
 /// Adds `delta` (negative to remove) to a variant's `on_hand` and records
 /// the change with who and why. `None` when it would leave less on hand than
@@ -31,6 +33,20 @@ pub async fn adjust(
     let Some(on_hand) = on_hand else {
         return Ok(None);
     };
+    record(tx, variant, actor, delta, reason, on_hand).await?;
+    check_low_stock(tx, variant, correlation_id).await?;
+    Ok(Some(on_hand))
+}
+
+/// Appends one change of `on_hand` to the variant's history.
+async fn record(
+    tx: &mut PgConnection,
+    variant: Uuid,
+    actor: Option<Uuid>,
+    delta: i32,
+    reason: &str,
+    on_hand_after: i32,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         // clock_timestamp(), not now(): taken after the row lock above, so
         // the history's order is the order the changes were applied in.
@@ -42,11 +58,10 @@ pub async fn adjust(
     .bind(actor)
     .bind(delta)
     .bind(reason)
-    .bind(on_hand)
-    .execute(&mut *tx)
+    .bind(on_hand_after)
+    .execute(tx)
     .await?;
-    check_low_stock(tx, variant, correlation_id).await?;
-    Ok(Some(on_hand))
+    Ok(())
 }
 
 /// After any change of a variant's stock or threshold: if available stock
@@ -102,18 +117,142 @@ pub async fn check_low_stock(
         "available": f.available,
         "threshold": f.threshold,
     });
-    sqlx::query("INSERT INTO notifications (id, user_id, kind, data) VALUES ($1, $2, 'low_stock', $3)")
-        .bind(Uuid::now_v7())
-        .bind(f.owner_id)
-        .bind(&data)
-        .execute(&mut *tx)
-        .await?;
+    notify::in_app(tx, f.owner_id, "low_stock", &data).await?;
     let mut mail_data = data;
     mail_data["name"] = json!(f.owner_name);
-    let mail = EmailRequested {
-        to: f.owner_email,
-        template: "low_stock".into(),
-        data: mail_data,
-    };
-    outbox::enqueue(tx, &Envelope::new(&mail, correlation_id)).await
+    notify::email(tx, &f.owner_email, "low_stock", mail_data, correlation_id).await
+}
+
+/// Units of one variant an order line claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Units {
+    pub variant_id: Uuid,
+    pub quantity: i32,
+}
+
+/// Why a reservation failed: this variant has fewer units available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Short {
+    pub variant_id: Uuid,
+    pub available: i32,
+}
+
+fn in_lock_order(lines: &[Units]) -> Vec<Units> {
+    let mut lines = lines.to_vec();
+    lines.sort_by_key(|l| l.variant_id);
+    lines
+}
+
+/// Reserves every line or none: one conditional UPDATE per variant inside a
+/// savepoint, rolled back at the first variant that is short.
+pub async fn reserve(
+    tx: &mut PgConnection,
+    lines: &[Units],
+    correlation_id: &str,
+) -> Result<Result<(), Short>, sqlx::Error> {
+    let lines = in_lock_order(lines);
+    let mut savepoint = tx.begin().await?;
+    for line in &lines {
+        let done = sqlx::query(
+            "UPDATE variants SET reserved = reserved + $2
+              WHERE id = $1 AND on_hand - reserved >= $2",
+        )
+        .bind(line.variant_id)
+        .bind(line.quantity)
+        .execute(&mut *savepoint)
+        .await?;
+        if done.rows_affected() == 0 {
+            savepoint.rollback().await?;
+            // Read only to tell the customer; nothing is decided on it.
+            let available: i32 = sqlx::query_scalar(
+                "SELECT greatest(on_hand - reserved, 0) FROM variants WHERE id = $1",
+            )
+            .bind(line.variant_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(Err(Short {
+                variant_id: line.variant_id,
+                available,
+            }));
+        }
+    }
+    savepoint.commit().await?;
+    for line in &lines {
+        check_low_stock(tx, line.variant_id, correlation_id).await?;
+    }
+    Ok(Ok(()))
+}
+
+/// Gives reserved units back (an order expired or was cancelled unpaid).
+pub async fn release(
+    tx: &mut PgConnection,
+    lines: &[Units],
+    correlation_id: &str,
+) -> Result<(), sqlx::Error> {
+    for line in in_lock_order(lines) {
+        sqlx::query("UPDATE variants SET reserved = reserved - $2 WHERE id = $1")
+            .bind(line.variant_id)
+            .bind(line.quantity)
+            .execute(&mut *tx)
+            .await?;
+        check_low_stock(tx, line.variant_id, correlation_id).await?;
+    }
+    Ok(())
+}
+
+/// Turns reserved units into sold ones: `on_hand` and `reserved` both drop,
+/// the history says which order took them and the products' sold counts grow.
+pub async fn sell(tx: &mut PgConnection, lines: &[Units], reason: &str) -> Result<(), sqlx::Error> {
+    for line in in_lock_order(lines) {
+        let on_hand: i32 = sqlx::query_scalar(
+            "UPDATE variants SET on_hand = on_hand - $2, reserved = reserved - $2
+              WHERE id = $1 RETURNING on_hand",
+        )
+        .bind(line.variant_id)
+        .bind(line.quantity)
+        .fetch_one(&mut *tx)
+        .await?;
+        record(tx, line.variant_id, None, -line.quantity, reason, on_hand).await?;
+    }
+    count_sold(tx, lines, 1).await
+}
+
+/// Puts sold units back on the shelf (a paid order or seller order was
+/// cancelled) and takes them off the sold counts.
+pub async fn restock(
+    tx: &mut PgConnection,
+    lines: &[Units],
+    reason: &str,
+    correlation_id: &str,
+) -> Result<(), sqlx::Error> {
+    for line in in_lock_order(lines) {
+        // Adding stock always satisfies on_hand >= reserved.
+        adjust(tx, line.variant_id, None, line.quantity, reason, correlation_id).await?;
+    }
+    count_sold(tx, lines, -1).await
+}
+
+async fn count_sold(tx: &mut PgConnection, lines: &[Units], sign: i64) -> Result<(), sqlx::Error> {
+    let (variants, quantities): (Vec<Uuid>, Vec<i64>) = lines
+        .iter()
+        .map(|l| (l.variant_id, sign * i64::from(l.quantity)))
+        .unzip();
+    // Product rows locked in id order first (ORDER BY applies before the
+    // locks), as variants are: no two orders wait on each other in a circle.
+    sqlx::query(
+        "UPDATE products p SET sold_count = greatest(p.sold_count + d.n, 0)
+           FROM (SELECT v.product_id, sum(u.n) AS n
+                   FROM unnest($1::uuid[], $2::bigint[]) AS u(variant_id, n)
+                   JOIN variants v ON v.id = u.variant_id
+                  GROUP BY v.product_id) d
+          WHERE p.id = d.product_id
+            AND p.id IN (SELECT p2.id FROM products p2
+                          WHERE p2.id IN (SELECT product_id FROM variants WHERE id = ANY($1))
+                          ORDER BY p2.id FOR UPDATE)",
+    )
+    .bind(variants)
+    .bind(quantities)
+    .execute(tx)
+    .await?;
+    Ok(())
 }

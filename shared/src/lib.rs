@@ -8,6 +8,8 @@ pub mod coupons;
 pub mod db;
 pub mod envelope;
 pub mod inventory;
+pub mod notify;
+pub mod orders;
 pub mod outbox;
 pub mod password;
 pub mod signal;

@@ -46,6 +46,45 @@ impl Names {
     }
 }
 
+/// A consumer group Souk runs: its name and the message types it takes.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupSpec {
+    pub name: &'static str,
+    pub bindings: &'static [&'static str],
+}
+
+pub const MAILER: GroupSpec = GroupSpec {
+    name: "mailer",
+    bindings: &["notify.email"],
+};
+pub const ORDER_SPLITTER: GroupSpec = GroupSpec {
+    name: "order-splitter",
+    bindings: &["order.placed"],
+};
+pub const STOCK_RESERVER: GroupSpec = GroupSpec {
+    name: "stock-reserver",
+    bindings: &["order.split", "order.cancelled", "seller_order.cancelled"],
+};
+pub const PAYMENTS: GroupSpec = GroupSpec {
+    name: "payments",
+    bindings: &[
+        "stock.reserved",
+        "order.expired",
+        "order.cancelled",
+        "payment.intent_cancel_requested",
+        "payment.refund_requested",
+    ],
+};
+pub const STRIPE_EVENTS: GroupSpec = GroupSpec {
+    name: "stripe-events",
+    bindings: &["stripe.event"],
+};
+
+/// Every group, so the relay can declare their queues before it publishes:
+/// a message published before its consumer first started is kept, not
+/// dropped as unroutable.
+pub const GROUPS: &[GroupSpec] = &[MAILER, ORDER_SPLITTER, STOCK_RESERVER, PAYMENTS, STRIPE_EVENTS];
+
 /// A consumer group's place in the topology.
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -83,20 +122,22 @@ pub async fn declare_exchange(channel: &Channel, names: &Names) -> Result<(), la
         .await
 }
 
-/// Declares the exchange and a group's main, retry and parking queues and
-/// bindings. Safe to run concurrently from many processes.
-pub async fn declare_group(
+/// Declares the exchange and a group's main and parking queues and its
+/// bindings (not its retry queues, which depend on the consumers' delays).
+/// Safe to run concurrently from many processes.
+pub async fn declare_queues(
     channel: &Channel,
     names: &Names,
-    group: &Group,
+    name: &str,
+    bindings: &[&str],
 ) -> Result<(), lapin::Error> {
     declare_exchange(channel, names).await?;
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    let main = names.queue(group.name);
-    let parked = names.parking_queue(group.name);
+    let main = names.queue(name);
+    let parked = names.parking_queue(name);
 
     channel
         .queue_declare(
@@ -117,7 +158,7 @@ pub async fn declare_group(
             ]),
         )
         .await?;
-    for pattern in group.bindings {
+    for pattern in bindings {
         channel
             .queue_bind(
                 main.as_str().into(),
@@ -128,6 +169,22 @@ pub async fn declare_group(
             )
             .await?;
     }
+    Ok(())
+}
+
+/// Declares the exchange and a group's main, retry and parking queues and
+/// bindings. Safe to run concurrently from many processes.
+pub async fn declare_group(
+    channel: &Channel,
+    names: &Names,
+    group: &Group,
+) -> Result<(), lapin::Error> {
+    declare_queues(channel, names, group.name, group.bindings).await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let main = names.queue(group.name);
     for delay in &group.retry_delays_ms {
         channel
             .queue_declare(

@@ -5,6 +5,7 @@ pub mod broker;
 pub mod mail;
 pub mod oidc;
 pub mod proxy;
+pub mod stripe;
 
 use std::{future::Future, time::Duration};
 
@@ -84,6 +85,21 @@ pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
         .fetch_one(pool)
         .await
         .expect("count query runs")
+}
+
+/// A binary of the workspace (`outbox-relay`, `payments`, ...), built next
+/// to the running test's own executable (`cargo nextest run --workspace`
+/// builds every binary before it runs tests).
+pub fn bin_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    // target/debug/deps/<test> -> target/debug/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .expect("a target directory");
+    assert!(path.exists(), "{} is not built; run `cargo build --bins` first", path.display());
+    path
 }
 
 /// A free TCP port on localhost (nothing listens on it once this returns).

@@ -4,7 +4,10 @@
 pub mod demo;
 pub mod mailer;
 pub mod ops;
+pub mod payments;
 pub mod process;
 pub mod relay;
+pub mod reserver;
 pub mod runtime;
 pub mod settings;
+pub mod splitter;

@@ -57,7 +57,19 @@ impl Process {
 
     /// Runs a consumer group's handler until SIGTERM/SIGINT.
     pub async fn consume<H: Handler>(self, handler: H) {
+        self.consumer(handler).await
+    }
+
+    /// A consumer group's handler on this process's settings, to run
+    /// beside other work of the same process (until SIGTERM/SIGINT).
+    pub fn consumer<H: Handler>(&self, handler: H) -> impl Future<Output = ()> + use<H> {
         let settings = exit_on_error(self.config.consumer(&self.env, H::GROUP));
-        runtime::run(handler, self.pool, settings, self.readiness, self.shutdown).await;
+        runtime::run(
+            handler,
+            self.pool.clone(),
+            settings,
+            self.readiness.clone(),
+            self.shutdown.clone(),
+        )
     }
 }

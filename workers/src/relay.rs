@@ -69,6 +69,9 @@ async fn session(
     let conn = amqp::connect(&settings.amqp_url, &settings.connection_name).await?;
     let channel = amqp::confirm_channel(&conn).await?;
     topology::declare_exchange(&channel, &settings.names).await?;
+    for group in topology::GROUPS {
+        topology::declare_queues(&channel, &settings.names, group.name, group.bindings).await?;
+    }
     readiness.set_broker(true);
     info!("outbox relay connected");
 

@@ -53,6 +53,10 @@ pub struct CartLine {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ShopGroup {
+    /// For checkout's snapshot; the storefront knows shops by slug.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub shop_id: Uuid,
     pub shop: ShopRef,
     pub lines: Vec<CartLine>,
     /// Lines without a problem, minor units.
@@ -88,6 +92,12 @@ pub struct Cart {
 
 /// The caller's cart as it stands now.
 pub async fn load(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    load_in(&mut conn, user).await
+}
+
+/// The cart read on `conn` (checkout reads it in its own transaction).
+pub async fn load_in(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<Cart, ApiError> {
     #[derive(sqlx::FromRow)]
     struct Row {
         variant_id: Uuid,
@@ -99,13 +109,14 @@ pub async fn load(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
         price: i64,
         available: i32,
         visible: bool,
+        shop_id: Uuid,
         shop_slug: String,
         shop_name: String,
     }
     let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT ci.variant_id, p.id AS product_id, p.title, v.title AS variant_title, v.sku,
                 ci.quantity, v.price_now_minor AS price, greatest(v.available, 0) AS available,
-                ({VISIBLE}) AS visible, s.slug AS shop_slug, s.name AS shop_name
+                ({VISIBLE}) AS visible, s.id AS shop_id, s.slug AS shop_slug, s.name AS shop_name
            FROM cart_items ci
            JOIN variants_now v ON v.id = ci.variant_id
            JOIN products p ON p.id = v.product_id
@@ -115,7 +126,7 @@ pub async fn load(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
           ORDER BY s.name, s.slug, ci.added_at, ci.variant_id"
     )))
     .bind(user)
-    .fetch_all(&state.pool)
+    .fetch_all(&mut *conn)
     .await?;
     let mut shops: Vec<ShopGroup> = Vec::new();
     for r in rows {
@@ -141,6 +152,7 @@ pub async fn load(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
         match shops.last_mut() {
             Some(group) if group.shop.slug == r.shop_slug => group.lines.push(line),
             _ => shops.push(ShopGroup {
+                shop_id: r.shop_id,
                 shop: ShopRef {
                     slug: r.shop_slug,
                     name: r.shop_name,
@@ -159,8 +171,6 @@ pub async fn load(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
             .sum();
     }
     let subtotal: i64 = shops.iter().map(|g| g.subtotal_minor).sum();
-    // Taken after the lines are read, so a request holds one connection at a time.
-    let mut conn = state.pool.acquire().await?;
     let stored: Option<Coupon> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {} FROM coupons WHERE id = (SELECT coupon_id FROM cart_coupons WHERE user_id = $1)",
         coupons::COLUMNS
@@ -169,7 +179,7 @@ pub async fn load(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
     .fetch_optional(&mut *conn)
     .await?;
     let coupon = match stored {
-        Some(c) => Some(evaluate(&mut conn, c, user, &shops, subtotal).await?),
+        Some(c) => Some(evaluate(conn, c, user, &shops, subtotal).await?),
         None => None,
     };
     let discount = coupon.as_ref().map_or(0, |c| c.discount_minor);

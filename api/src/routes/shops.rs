@@ -27,6 +27,9 @@ pub struct Shop {
     pub slug: String,
     pub description: String,
     pub contact_email: String,
+    /// Flat shipping per order from this shop, minor units; absent: the
+    /// platform's flat rate.
+    pub shipping_flat_minor: Option<i64>,
     /// From the reviews of the shop's products.
     #[sqlx(skip)]
     pub rating: Rating,
@@ -43,7 +46,7 @@ async fn by_slug(state: &AppState, slug: &str) -> Result<(Shop, Uuid), ApiError>
         rating_count: i64,
     }
     let row: Option<Row> = sqlx::query_as(
-        "SELECT s.id, s.name, s.slug, s.description, s.contact_email, s.created_at, s.owner_id,
+        "SELECT s.id, s.name, s.slug, s.description, s.contact_email, s.shipping_flat_minor, s.created_at, s.owner_id,
                 s.rating_sum, s.rating_count
            FROM shops s JOIN users u ON u.id = s.owner_id
           WHERE s.slug = $1 AND u.suspended_at IS NULL",
@@ -81,6 +84,8 @@ pub struct ShopUpdate {
     pub name: Option<String>,
     pub description: Option<String>,
     pub contact_email: Option<String>,
+    /// Flat shipping per order from this shop, minor units.
+    pub shipping_flat_minor: Option<i64>,
 }
 
 impl Validate for ShopUpdate {
@@ -103,6 +108,9 @@ impl Validate for ShopUpdate {
             && !valid_email(email.trim())
         {
             errors.push(FieldError::new("contact_email", "must be an email address"));
+        }
+        if self.shipping_flat_minor.is_some_and(|m| !(0..=1_000_000).contains(&m)) {
+            errors.push(FieldError::new("shipping_flat_minor", "must be 0 to 1000000 minor units"));
         }
         errors
     }
@@ -131,15 +139,17 @@ pub async fn update(
     }
     let updated: Shop = sqlx::query_as(
         "UPDATE shops SET name = coalesce($2, name), description = coalesce($3, description),
-                contact_email = coalesce($4, contact_email)
+                contact_email = coalesce($4, contact_email),
+                shipping_flat_minor = coalesce($6, shipping_flat_minor)
           WHERE id = $1 AND owner_id = $5
-          RETURNING id, name, slug, description, contact_email, created_at",
+          RETURNING id, name, slug, description, contact_email, shipping_flat_minor, created_at",
     )
     .bind(shop.id)
     .bind(body.name.as_deref().map(str::trim))
     .bind(body.description.as_deref())
     .bind(body.contact_email.as_deref().map(str::trim))
     .bind(caller.id)
+    .bind(body.shipping_flat_minor)
     .fetch_one(&state.pool)
     .await?;
     Ok(Json(Shop {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod catalog;
+pub mod orders;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -14,18 +15,27 @@ use souk_api::{
         oidc::{OidcClient, OidcConfig},
     },
     broker::BrokerProbe,
+    checkout_config::CheckoutConfig,
     ratelimit::{Limit, Limits, RateLimiter},
     router,
     state::AppState,
     storage::StorageConfig,
 };
 use souk_shared::{telemetry, topology::Names};
-use souk_testkit::{TestDb, amqp_url, broker, mail::smtp_port, unique_prefix};
+use souk_testkit::{
+    TestDb, amqp_url, broker,
+    mail::smtp_port,
+    stripe::{LocalStripe, SECRET_KEY, WEBHOOK_SECRET},
+    unique_prefix,
+};
 use souk_workers::{
     mailer::{Mailer, MailerConfig},
     ops::Readiness,
+    payments::{Payments, PaymentsConfig, events::StripeEvents, stripe_api::StripeConfig},
     relay::{self, RelaySettings},
-    runtime::{self, ConsumerSettings},
+    reserver::{self, ReserverConfig, StockReserver},
+    runtime::{self, ConsumerSettings, Handler},
+    splitter::{OrderSplitter, SplitterConfig},
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -107,6 +117,10 @@ async fn spawn(amqp: &str, redis: &str, limits: Limits, oidc: Option<OidcConfig>
         auth_config(),
         RateLimiter::new(redis, &unique_prefix(), limits).unwrap(),
         (storage.open().unwrap(), storage.clone()),
+        CheckoutConfig {
+            currency: "eur".into(),
+            stripe_webhook_secret: WEBHOOK_SECRET.into(),
+        },
     )
     .with_oidc(oidc.map(OidcClient::new));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -248,8 +262,41 @@ pub fn fields(problem: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A relay and a mailer on the app's database, under their own prefix.
+/// Which workers a [`Pipeline`] runs beside its relay and mailer.
+#[derive(Debug, Clone, Copy)]
+pub struct Workers {
+    pub splitter: bool,
+    pub reserver: bool,
+    /// The Stripe calls (PaymentIntents, cancels, refunds).
+    pub payments: bool,
+    /// The webhook events.
+    pub stripe_events: bool,
+}
+
+impl Workers {
+    pub const ALL: Self = Self {
+        splitter: true,
+        reserver: true,
+        payments: true,
+        stripe_events: true,
+    };
+    pub const MAIL_ONLY: Self = Self {
+        splitter: false,
+        reserver: false,
+        payments: false,
+        stripe_events: false,
+    };
+}
+
+/// The checkout pipeline's settings in tests: the platform's terms and a
+/// reservation that lasts (tests expire one by moving its time back).
+pub const SHIPPING_FLAT_MINOR: i64 = 499;
+pub const COMMISSION_BPS: i32 = 1000;
+
+/// The outbox relay, the mailer and any of the checkout workers on the
+/// app's database, under their own broker prefix.
 pub struct Pipeline {
+    prefix: String,
     names: Names,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -257,26 +304,56 @@ pub struct Pipeline {
 
 const DELAYS: &[u64] = &[200, 1000];
 
+fn consumer(names: &Names, prefix: &str, group: &str) -> ConsumerSettings {
+    ConsumerSettings {
+        amqp_url: amqp_url(),
+        names: names.clone(),
+        prefetch: 8,
+        concurrency: 4,
+        batch: 8,
+        retry_delays_ms: DELAYS.to_vec(),
+        connection_name: format!("{prefix}.{group}@test"),
+        processed_retention: Duration::from_secs(3600),
+    }
+}
+
 impl Pipeline {
-    /// `broker_url` is where the relay publishes (a proxy, to cut it off).
+    /// The relay and the mailer; `broker_url` is where the relay publishes
+    /// (a proxy, to cut it off).
     pub fn start(app: &App, broker_url: &str) -> Self {
+        Self::with(app, broker_url, None, Workers::MAIL_ONLY)
+    }
+
+    /// Everything from checkout to the mails, with Stripe played by `stripe`.
+    pub fn checkout(app: &App, stripe: &LocalStripe) -> Self {
+        Self::with(app, &amqp_url(), Some(stripe), Workers::ALL)
+    }
+
+    pub fn with(app: &App, broker_url: &str, stripe: Option<&LocalStripe>, workers: Workers) -> Self {
         let prefix = unique_prefix();
-        let names = Names::new(&prefix);
-        let shutdown = CancellationToken::new();
-        let relay = tokio::spawn(relay::run(
-            app.db.pool.clone(),
+        let mut pipeline = Self {
+            prefix: prefix.clone(),
+            names: Names::new(&prefix),
+            shutdown: CancellationToken::new(),
+            tasks: vec![],
+        };
+        let pool = app.db.pool.clone();
+        pipeline.tasks.push(tokio::spawn(relay::run(
+            pool.clone(),
             RelaySettings {
                 amqp_url: broker_url.into(),
-                names: names.clone(),
+                names: pipeline.names.clone(),
                 batch_size: 100,
                 poll_interval: Duration::from_secs(2),
                 retention_hours: 24,
                 connection_name: format!("{prefix}.relay@test"),
             },
             Readiness::default(),
-            shutdown.clone(),
-        ));
-        let mailer = tokio::spawn(runtime::run(
+            pipeline.shutdown.clone(),
+        )));
+        pipeline.run(
+            &prefix,
+            pool.clone(),
             Mailer::new(&MailerConfig {
                 smtp_host: "127.0.0.1".into(),
                 smtp_port: smtp_port(),
@@ -286,25 +363,56 @@ impl Pipeline {
                 timeout: Duration::from_secs(5),
                 lease: Duration::from_secs(30),
             }),
-            app.db.pool.clone(),
-            ConsumerSettings {
-                amqp_url: amqp_url(),
-                names: names.clone(),
-                prefetch: 8,
-                concurrency: 4,
-                batch: 8,
-                retry_delays_ms: DELAYS.to_vec(),
-                connection_name: format!("{prefix}.mailer@test"),
-                processed_retention: Duration::from_secs(3600),
-            },
-            Readiness::default(),
-            shutdown.clone(),
-        ));
-        Self {
-            names,
-            shutdown,
-            tasks: vec![relay, mailer],
+        );
+        if workers.splitter {
+            let config = SplitterConfig {
+                shipping_flat_minor: SHIPPING_FLAT_MINOR,
+                commission_bps: COMMISSION_BPS,
+            };
+            pipeline.run(&prefix, pool.clone(), OrderSplitter { config });
         }
+        if workers.reserver {
+            let config = ReserverConfig {
+                reservation_ttl: Duration::from_secs(900),
+                expiry_poll: Duration::from_millis(200),
+            };
+            let sweep = reserver::sweep_expired(pool.clone(), config.expiry_poll, pipeline.shutdown.clone());
+            pipeline.tasks.push(tokio::spawn(sweep));
+            pipeline.run(&prefix, pool.clone(), StockReserver { config });
+        }
+        if workers.payments {
+            pipeline.run_payments(app, stripe.expect("payments need a Stripe"));
+        }
+        if workers.stripe_events {
+            pipeline.run(&prefix, pool, StripeEvents);
+        }
+        pipeline
+    }
+
+    /// Starts the payments consumer (the Stripe calls), e.g. later than the rest.
+    pub fn run_payments(&mut self, app: &App, stripe: &LocalStripe) {
+        let config = PaymentsConfig {
+            stripe: StripeConfig {
+                secret_key: SECRET_KEY.into(),
+                api_base: stripe.url.clone(),
+                timeout: Duration::from_secs(10),
+            },
+            lease: Duration::from_secs(30),
+        };
+        let pool = app.db.pool.clone();
+        let handler = Payments::new(&config, pool.clone()).unwrap();
+        let prefix = self.prefix.clone();
+        self.run(&prefix, pool, handler);
+    }
+
+    fn run<H: Handler>(&mut self, prefix: &str, pool: sqlx::PgPool, handler: H) {
+        self.tasks.push(tokio::spawn(runtime::run(
+            handler,
+            pool,
+            consumer(&self.names, prefix, H::GROUP),
+            Readiness::default(),
+            self.shutdown.clone(),
+        )));
     }
 
     pub async fn stop(self) {
@@ -315,6 +423,9 @@ impl Pipeline {
         let conn = souk_shared::amqp::connect(&amqp_url(), "cleanup")
             .await
             .unwrap();
-        broker::delete_group(&conn, &self.names, "mailer", DELAYS).await;
+        // The relay declared every group's queues, run here or not.
+        for group in souk_shared::topology::GROUPS {
+            broker::delete_group(&conn, &self.names, group.name, DELAYS).await;
+        }
     }
 }

@@ -22,6 +22,7 @@ use souk_shared::{
     config::{ConfigError, Env},
     contracts::EmailRequested,
     envelope::Envelope,
+    topology,
 };
 use sqlx::PgConnection;
 
@@ -121,8 +122,8 @@ impl Mailer {
 
 impl Handler for Mailer {
     type Prepared = Sent;
-    const GROUP: &'static str = "mailer";
-    const BINDINGS: &'static [&'static str] = &["notify.email"];
+    const GROUP: &'static str = topology::MAILER.name;
+    const BINDINGS: &'static [&'static str] = topology::MAILER.bindings;
 
     fn prepare_lease(&self) -> Option<Duration> {
         Some(self.lease)

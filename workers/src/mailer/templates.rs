@@ -10,7 +10,33 @@ const NAMES: &[&str] = &[
     "verify_email",
     "reset_password",
     "low_stock",
+    "order_receipt",
+    "order_failed",
+    "payment_failed",
+    "order_update",
+    "order_cancelled",
+    "refund_issued",
+    "seller_new_order",
+    "seller_order_cancelled",
 ];
+
+/// Currencies without minor units (Stripe's list): 1234 is 1234 JPY.
+const ZERO_DECIMAL: &[&str] = &[
+    "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
+    "xaf", "xof", "xpf",
+];
+
+/// `{{ amount|money(currency) }}`: minor units as `12.34 EUR`, in integer
+/// arithmetic.
+fn money(minor: i64, currency: &str) -> String {
+    let code = currency.to_ascii_uppercase();
+    if ZERO_DECIMAL.contains(&currency.to_ascii_lowercase().as_str()) {
+        return format!("{minor} {code}");
+    }
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    format!("{sign}{}.{:02} {code}", abs / 100, abs % 100)
+}
 
 macro_rules! embed {
     ($env:ident, $($file:literal),* $(,)?) => {
@@ -45,9 +71,13 @@ impl Default for Templates {
         let mut env = Environment::new();
         // A missing variable is a bug in the producer: fail, don't send blanks.
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.add_filter("money", |minor: i64, currency: String| money(minor, &currency));
         embed!(
             env,
             "layout.html",
+            "_lines.html",
+            "_lines.txt",
+            "_address.txt",
             "support_request_received.subject.txt",
             "support_request_received.txt",
             "support_request_received.html",
@@ -60,6 +90,30 @@ impl Default for Templates {
             "low_stock.subject.txt",
             "low_stock.txt",
             "low_stock.html",
+            "order_receipt.subject.txt",
+            "order_receipt.txt",
+            "order_receipt.html",
+            "order_failed.subject.txt",
+            "order_failed.txt",
+            "order_failed.html",
+            "payment_failed.subject.txt",
+            "payment_failed.txt",
+            "payment_failed.html",
+            "order_update.subject.txt",
+            "order_update.txt",
+            "order_update.html",
+            "order_cancelled.subject.txt",
+            "order_cancelled.txt",
+            "order_cancelled.html",
+            "refund_issued.subject.txt",
+            "refund_issued.txt",
+            "refund_issued.html",
+            "seller_new_order.subject.txt",
+            "seller_new_order.txt",
+            "seller_new_order.html",
+            "seller_order_cancelled.subject.txt",
+            "seller_order_cancelled.txt",
+            "seller_order_cancelled.html",
         );
         Self { env }
     }
@@ -103,6 +157,54 @@ mod tests {
         assert!(r.html.contains("Hello &lt;b&gt;Ann"), "{}", r.html);
         assert!(!r.html.contains("<b>Ann"));
         assert!(r.text.contains("Hello <b>Ann</b>"));
+    }
+
+    #[test]
+    fn money_is_formatted_from_integers() {
+        assert_eq!(money(123_456, "eur"), "1234.56 EUR");
+        assert_eq!(money(5, "usd"), "0.05 USD");
+        assert_eq!(money(-250, "eur"), "-2.50 EUR");
+        assert_eq!(money(1234, "jpy"), "1234 JPY");
+    }
+
+    /// Every order mail renders with the data its producers send.
+    #[test]
+    fn order_mails_render() {
+        let t = Templates::default();
+        let order = serde_json::json!({
+            "id": "0190-order", "currency": "eur",
+            "lines": [{"title": "Board", "variant_title": "Large", "sku": "B-1", "quantity": 2,
+                       "unit_price_minor": 1500, "line_total_minor": 3000}],
+            "subtotal_minor": 3000, "discount_minor": 300, "shipping_minor": 499, "total_minor": 3199,
+            "refunded_minor": 0,
+            "address": {"full_name": "Ann", "line1": "1 Road", "line2": "", "city": "Town",
+                        "region": "", "postal_code": "123", "country": "DE", "phone": ""},
+        });
+        let seller_order = serde_json::json!({"id": "0190-part", "status": "paid", "total_minor": 3199,
+                                              "commission_minor": 270, "payout_minor": 2929});
+        let cases = [
+            ("order_receipt", serde_json::json!({})),
+            ("order_failed", serde_json::json!({"status": "out_of_stock", "reason": "Board is out of stock"})),
+            ("payment_failed", serde_json::json!({"reason": "declined", "pay_until": null})),
+            ("order_update", serde_json::json!({"shop": "Oak", "status": "shipped", "note": null,
+                                                "carrier": "DHL", "tracking_number": "123", "refund_minor": null})),
+            ("order_cancelled", serde_json::json!({"reason": "changed my mind", "refund_minor": 3199})),
+            ("refund_issued", serde_json::json!({"amount_minor": 3199, "reason": "cancelled"})),
+            ("seller_new_order", serde_json::json!({"shop": "Oak", "seller_order": seller_order})),
+            ("seller_order_cancelled", serde_json::json!({"shop": "Oak", "seller_order": seller_order,
+                                                          "reason": "changed my mind"})),
+        ];
+        for (name, extra) in cases {
+            let mut data = serde_json::json!({"name": "Ann", "order": order});
+            data.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let r = t.render(name, &data).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!r.subject.is_empty(), "{name}");
+        }
+        let r = t
+            .render("order_receipt", &serde_json::json!({"name": "Ann", "order": order}))
+            .unwrap();
+        assert!(r.text.contains("31.99 EUR"), "{}", r.text);
+        assert!(r.html.contains("2 × Board"), "{}", r.html);
     }
 
     #[test]

@@ -1,0 +1,358 @@
+//! Admins' view of orders: every order with its payments, refunds and
+//! history; status corrections of seller orders (with a reason kept in the
+//! order's history and the audit log); flagged payments; shops' commission.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use souk_shared::orders::{Actor, Change, SellerOrderStatus};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    auth::Admin,
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidJson, ValidQuery, Validate},
+    middleware::RequestId,
+    order_views::{self, Order, OrderSummary, Scope, SellerOrder, TrackingEvent},
+    routes::{
+        admin::audit,
+        catalog::{Page, Paging},
+        orders::{self, OrderQuery},
+        seller_orders::{FulfilmentUpdate, fulfil},
+    },
+    state::AppState,
+};
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AdminOrderQuery {
+    pub status: Option<souk_shared::orders::OrderStatus>,
+    /// Only this customer's orders.
+    pub customer_id: Option<Uuid>,
+    /// Only orders with a part from this shop (its slug).
+    pub shop: Option<String>,
+    pub page: Option<u32>,
+    pub per_page: Option<u32>,
+}
+
+impl Validate for AdminOrderQuery {
+    fn validate(&self) -> Vec<FieldError> {
+        Paging::check(self.page, self.per_page)
+    }
+}
+
+/// Every order, newest first, filtered.
+#[utoipa::path(
+    get, path = "/admin/orders", tag = "admin", security(("bearer" = [])), params(AdminOrderQuery),
+    responses(
+        (status = 200, description = "a page of orders", body = Page<OrderSummary>),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ValidQuery(query): ValidQuery<AdminOrderQuery>,
+) -> Result<Json<Page<OrderSummary>>, ApiError> {
+    let shop = match &query.shop {
+        None => None,
+        Some(slug) => Some(
+            sqlx::query_scalar::<_, Uuid>("SELECT id FROM shops WHERE slug = $1")
+                .bind(slug)
+                .fetch_optional(&state.pool)
+                .await?
+                .ok_or_else(|| ApiError::Validation(vec![FieldError::new("shop", "no such shop")]))?,
+        ),
+    };
+    let filter = OrderQuery {
+        status: query.status,
+        page: query.page,
+        per_page: query.per_page,
+    };
+    Ok(Json(orders::list(&state, query.customer_id, shop, &filter).await?))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Customer {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct PaymentRecord {
+    pub id: Uuid,
+    pub order_id: Uuid,
+    pub payment_intent_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    /// A second successful payment of one order (refunded automatically).
+    pub duplicate: bool,
+    /// Why an admin should look.
+    pub flagged_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct RefundRecord {
+    pub id: Uuid,
+    pub payment_id: Uuid,
+    pub seller_order_id: Option<Uuid>,
+    pub amount_minor: i64,
+    pub reason: String,
+    /// `requested`, `succeeded` or `failed`.
+    pub status: String,
+    pub stripe_refund_id: Option<String>,
+    pub failure: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// An order with everything admins need to answer a question about it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AdminOrder {
+    pub order: Order,
+    pub customer: Customer,
+    pub payments: Vec<PaymentRecord>,
+    pub refunds: Vec<RefundRecord>,
+    pub events: Vec<TrackingEvent>,
+}
+
+const PAYMENT_COLUMNS: &str =
+    "id, order_id, payment_intent_id, amount_minor, currency, duplicate, flagged_reason, created_at";
+
+/// Any order, with its customer, payments, refunds and history.
+#[utoipa::path(
+    get, path = "/admin/orders/{id}", tag = "admin", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "the order", body = AdminOrder),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such order", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<Uuid>,
+) -> Result<Json<AdminOrder>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let order = order_views::order(&mut conn, id, Scope::Admin).await?;
+    let customer: Customer = sqlx::query_as(
+        "SELECT u.id, u.email, u.name FROM orders o JOIN users u ON u.id = o.customer_id WHERE o.id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let payments: Vec<PaymentRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE order_id = $1 ORDER BY created_at"
+    )))
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let refunds: Vec<RefundRecord> = sqlx::query_as(
+        "SELECT id, payment_id, seller_order_id, amount_minor, reason, status, stripe_refund_id, failure,
+                created_at, completed_at
+           FROM refunds WHERE order_id = $1 ORDER BY created_at",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let events = order_views::tracking(&mut conn, id).await?;
+    Ok(Json(AdminOrder {
+        order,
+        customer,
+        payments,
+        refunds,
+        events,
+    }))
+}
+
+/// Any seller order, as its seller sees it.
+#[utoipa::path(
+    get, path = "/admin/seller-orders/{id}", tag = "admin", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "the seller order", body = SellerOrder),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such seller order", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_seller_order(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<Uuid>,
+) -> Result<Json<SellerOrder>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(order_views::seller_order(&mut conn, id, Scope::Admin).await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusCorrection {
+    /// A fulfilment step: `paid`, `processing`, `shipped` or `delivered`.
+    pub status: SellerOrderStatus,
+    /// Why; kept in the order's history and the audit log.
+    pub reason: String,
+    #[serde(default)]
+    pub carrier: Option<String>,
+    #[serde(default)]
+    pub tracking_number: Option<String>,
+}
+
+impl Validate for StatusCorrection {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !self.status.is_fulfilment() {
+            errors.push(FieldError::new(
+                "status",
+                "must be paid, processing, shipped or delivered (money moves through cancel and refund)",
+            ));
+        }
+        let n = self.reason.trim().chars().count();
+        if n == 0 || n > 500 {
+            errors.push(FieldError::new("reason", "must be 1 to 500 characters"));
+        }
+        errors
+    }
+}
+
+/// Correct a seller order's fulfilment status, in either direction. The
+/// reason is kept with the change and in the audit log.
+#[utoipa::path(
+    post, path = "/admin/seller-orders/{id}/status", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = StatusCorrection,
+    responses(
+        (status = 200, description = "the corrected seller order", body = SellerOrder),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such seller order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not a fulfilment step now (cancelled or refunded)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn correct_status(
+    State(state): State<AppState>,
+    admin: Admin,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    ValidJson(body): ValidJson<StatusCorrection>,
+) -> Result<Json<SellerOrder>, ApiError> {
+    let reason = body.reason.trim();
+    let mut tx = state.pool.begin().await?;
+    let update = FulfilmentUpdate {
+        status: body.status,
+        carrier: body.carrier.clone(),
+        tracking_number: body.tracking_number.clone(),
+        note: Some(reason.to_string()),
+    };
+    let change = Change {
+        note: Some(reason),
+        correction: true,
+        ..Change::default()
+    };
+    fulfil(&mut tx, id, &update, Actor::Admin(admin.0.id), change, &request_id.0).await?;
+    let action = format!("seller_order.status.{}", body.status);
+    audit(&mut tx, &admin, &action, ("seller_order", id), reason).await?;
+    state.commit_with_messages(tx).await?;
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(order_views::seller_order(&mut conn, id, Scope::Admin).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PagingQuery {
+    pub page: Option<u32>,
+    pub per_page: Option<u32>,
+}
+
+impl Validate for PagingQuery {
+    fn validate(&self) -> Vec<FieldError> {
+        Paging::check(self.page, self.per_page)
+    }
+}
+
+/// Payments that need a person: second payments of one order (refunded
+/// automatically) and refunds Stripe refused. Newest first.
+#[utoipa::path(
+    get, path = "/admin/payments/flagged", tag = "admin", security(("bearer" = [])), params(PagingQuery),
+    responses(
+        (status = 200, description = "a page of flagged payments", body = Page<PaymentRecord>),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn flagged_payments(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ValidQuery(query): ValidQuery<PagingQuery>,
+) -> Result<Json<Page<PaymentRecord>>, ApiError> {
+    let paging = Paging::new(query.page, query.per_page);
+    let items: Vec<PaymentRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE flagged_reason IS NOT NULL
+          ORDER BY created_at DESC, id DESC LIMIT $1 OFFSET $2"
+    )))
+    .bind(paging.limit())
+    .bind(paging.offset())
+    .fetch_all(&state.pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE flagged_reason IS NOT NULL")
+        .fetch_one(&state.pool)
+        .await?;
+    Ok(Json(paging.page(items, total)))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommissionUpdate {
+    /// Basis points (1000 = 10 %); `null` for the platform's default.
+    pub commission_bps: Option<i32>,
+    /// Why; kept in the audit log.
+    pub reason: String,
+}
+
+impl Validate for CommissionUpdate {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.commission_bps.is_some_and(|b| !(0..=10_000).contains(&b)) {
+            errors.push(FieldError::new("commission_bps", "must be 0 to 10000 basis points"));
+        }
+        let n = self.reason.trim().chars().count();
+        if n == 0 || n > 500 {
+            errors.push(FieldError::new("reason", "must be 1 to 500 characters"));
+        }
+        errors
+    }
+}
+
+/// Set a shop's commission rate for orders split from now on.
+#[utoipa::path(
+    put, path = "/admin/shops/{slug}/commission", tag = "admin", security(("bearer" = [])),
+    params(("slug" = String, Path)), request_body = CommissionUpdate,
+    responses(
+        (status = 204, description = "set"),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such shop", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn set_commission(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(slug): Path<String>,
+    ValidJson(body): ValidJson<CommissionUpdate>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let shop: Option<Uuid> = sqlx::query_scalar("UPDATE shops SET commission_bps = $2 WHERE slug = $1 RETURNING id")
+        .bind(&slug)
+        .bind(body.commission_bps)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let shop = shop.ok_or(ApiError::NotFound)?;
+    let action = match body.commission_bps {
+        Some(bps) => format!("shop.commission.{bps}bps"),
+        None => "shop.commission.default".to_string(),
+    };
+    audit(&mut tx, &admin, &action, ("shop", shop), body.reason.trim()).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

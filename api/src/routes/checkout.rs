@@ -1,0 +1,275 @@
+//! Checkout: the cart becomes an order in one transaction.
+//!
+//! The order, its line snapshots (title, SKU and unit price as they are
+//! now), the cleared cart and the `order.placed` message commit together;
+//! the rest (split, reservation, payment) happens in the workers. The cart's
+//! rows are locked first, so two checkouts of one cart cannot both see it.
+//! With an `Idempotency-Key`, a retry answers the order the first attempt
+//! made; the same key with another body is refused.
+
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use souk_shared::{
+    contracts::OrderPlaced,
+    envelope::Envelope,
+    orders::status,
+    outbox,
+};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    auth::{Caller, Role},
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidJson, Validate},
+    middleware::RequestId,
+    order_views::{self, Order, Scope, ShippingAddress},
+    routes::cart::{self, LineProblem},
+    state::AppState,
+};
+
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    /// One of the caller's addresses; the default shipping address if absent.
+    #[serde(default)]
+    pub address_id: Option<Uuid>,
+}
+
+impl Validate for CheckoutRequest {
+    fn validate(&self) -> Vec<FieldError> {
+        vec![]
+    }
+}
+
+/// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    raw.to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+        .map(|k| Some(k.to_string()))
+        .ok_or_else(|| {
+            ApiError::Validation(vec![FieldError::new(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters",
+            )])
+        })
+}
+
+/// The order an earlier request with this key made, if the request was the
+/// same; a different request with the key is refused.
+async fn replay(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    key: &str,
+    hash: &[u8],
+) -> Result<Option<Uuid>, ApiError> {
+    let earlier: Option<(Uuid, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT id, request_hash FROM orders WHERE customer_id = $1 AND idempotency_key = $2",
+    )
+    .bind(customer)
+    .bind(key)
+    .fetch_optional(conn)
+    .await?;
+    match earlier {
+        None => Ok(None),
+        Some((id, stored)) if stored.as_deref() == Some(hash) => Ok(Some(id)),
+        Some(_) => Err(ApiError::Validation(vec![FieldError::new(
+            "Idempotency-Key",
+            "this key was used for a different checkout request",
+        )])),
+    }
+}
+
+async fn shipping_address(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    chosen: Option<Uuid>,
+) -> Result<ShippingAddress, ApiError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        full_name: String,
+        line1: String,
+        line2: String,
+        city: String,
+        region: String,
+        postal_code: String,
+        country: String,
+        phone: String,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT full_name, line1, line2, city, region, postal_code, country, phone FROM addresses
+          WHERE user_id = $1 AND (id = $2 OR ($2 IS NULL AND is_default))",
+    )
+    .bind(customer)
+    .bind(chosen)
+    .fetch_optional(conn)
+    .await?;
+    let r = row.ok_or_else(|| {
+        let message = match chosen {
+            Some(_) => "no such address in your address book",
+            None => "add a shipping address (or choose one) first",
+        };
+        ApiError::Validation(vec![FieldError::new("address_id", message)])
+    })?;
+    Ok(ShippingAddress {
+        full_name: r.full_name,
+        line1: r.line1,
+        line2: r.line2,
+        city: r.city,
+        region: r.region,
+        postal_code: r.postal_code,
+        country: r.country,
+        phone: r.phone,
+    })
+}
+
+/// Place an order for everything in the cart.
+///
+/// Answers 202: the order is pending while it is split per seller and its
+/// stock reserved; read it again for its totals and, once it is
+/// `awaiting_payment`, the client secret to pay with.
+#[utoipa::path(
+    post, path = "/checkout", tag = "orders", security(("bearer" = [])), request_body = CheckoutRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe: the same key returns the same order")),
+    responses(
+        (status = 202, description = "the order, pending", body = Order),
+        (status = 403, description = "not a customer, or the email is not verified", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "empty cart, a line that cannot be bought, a coupon that no longer applies, no address, or a reused Idempotency-Key (the fields say which)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn checkout(
+    State(state): State<AppState>,
+    caller: Caller,
+    request_id: RequestId,
+    headers: HeaderMap,
+    ValidJson(body): ValidJson<CheckoutRequest>,
+) -> Result<(StatusCode, Json<Order>), ApiError> {
+    if caller.role != Role::Customer {
+        return Err(ApiError::ForbiddenBecause(FieldError::new(
+            "role",
+            "only customer accounts can check out",
+        )));
+    }
+    caller.require_verified()?;
+    let key = idempotency_key(&headers)?;
+    let hash = Sha256::digest(serde_json::to_vec(&body).expect("serializes")).to_vec();
+
+    let mut tx = state.pool.begin().await?;
+    // Two checkouts of one cart queue here; the second then finds it empty
+    // (or, with the same key, the first one's order).
+    sqlx::query("SELECT 1 FROM cart_items WHERE user_id = $1 FOR UPDATE")
+        .bind(caller.id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(key) = &key
+        && let Some(id) = replay(&mut tx, caller.id, key, &hash).await?
+    {
+        drop(tx);
+        return answer(&state, id, caller.id).await;
+    }
+
+    let cart = cart::load_in(&mut tx, caller.id).await?;
+    if cart.shops.is_empty() {
+        return Err(ApiError::Validation(vec![FieldError::new("cart", "your cart is empty")]));
+    }
+    let problems: Vec<FieldError> = cart
+        .shops
+        .iter()
+        .flat_map(|g| &g.lines)
+        .filter_map(|l| {
+            let message = match l.problem? {
+                LineProblem::Unavailable => format!("{} is no longer for sale", l.title),
+                LineProblem::InsufficientStock => format!("only {} of {} available", l.available, l.title),
+            };
+            Some(FieldError::new(format!("cart.{}", l.variant_id), message))
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems));
+    }
+    if let Some(problem) = cart.coupon.as_ref().and_then(|c| c.problem.clone()) {
+        return Err(ApiError::Validation(vec![FieldError::new("coupon", problem)]));
+    }
+    let address = shipping_address(&mut tx, caller.id, body.address_id).await?;
+    let coupon_id: Option<Uuid> =
+        sqlx::query_scalar("SELECT coupon_id FROM cart_coupons WHERE user_id = $1")
+            .bind(caller.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, currency, subtotal_minor, discount_minor, coupon_id,
+                             coupon_code, shipping_address, idempotency_key, request_hash, correlation_id)
+         VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(id)
+    .bind(caller.id)
+    .bind(&state.checkout.currency)
+    .bind(cart.subtotal_minor)
+    .bind(cart.subtotal_minor - cart.total_minor)
+    .bind(coupon_id.filter(|_| cart.coupon.is_some()))
+    .bind(cart.coupon.as_ref().map(|c| c.code.clone()))
+    .bind(sqlx::types::Json(&address))
+    .bind(&key)
+    .bind(key.as_ref().map(|_| hash.clone()))
+    .bind(&request_id.0)
+    .execute(&mut *tx)
+    .await?;
+
+    let lines: Vec<(Uuid, &cart::CartLine)> = cart
+        .shops
+        .iter()
+        .flat_map(|g| g.lines.iter().map(move |l| (g.shop_id, l)))
+        .collect();
+    sqlx::query(
+        "INSERT INTO order_lines (id, order_id, shop_id, product_id, variant_id, title, variant_title, sku,
+                                 unit_price_minor, quantity)
+         SELECT u.id, $1, u.shop_id, u.product_id, u.variant_id, u.title, u.variant_title, u.sku, u.price, u.quantity
+           FROM unnest($2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::text[],
+                       $9::bigint[], $10::int[])
+                AS u(id, shop_id, product_id, variant_id, title, variant_title, sku, price, quantity)",
+    )
+    .bind(id)
+    .bind(lines.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(shop, _)| *shop).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, l)| l.product_id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, l)| l.variant_id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, l)| l.title.clone()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, l)| l.variant_title.clone()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, l)| l.sku.clone()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, l)| l.unit_price_minor).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, l)| l.quantity).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    status::placed(&mut tx, id, caller.id).await?;
+    sqlx::query("DELETE FROM cart_items WHERE user_id = $1")
+        .bind(caller.id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM cart_coupons WHERE user_id = $1")
+        .bind(caller.id)
+        .execute(&mut *tx)
+        .await?;
+    outbox::enqueue(&mut tx, &Envelope::new(&OrderPlaced { order_id: id }, request_id.0)).await?;
+    state.commit_with_messages(tx).await?;
+    answer(&state, id, caller.id).await
+}
+
+async fn answer(state: &AppState, order: Uuid, customer: Uuid) -> Result<(StatusCode, Json<Order>), ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let order = order_views::order(&mut conn, order, Scope::Customer(customer)).await?;
+    Ok((StatusCode::ACCEPTED, Json(order)))
+}

@@ -1,0 +1,196 @@
+//! Checkout helpers: customers with an address, sellers with stock, carts,
+//! checkout, paying through localstripe, and waiting for an order's status.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use souk_api::auth::{Jwt, Role};
+use souk_testkit::{
+    mail::{Mail, mails_to, unique_address},
+    stripe::{CARD_OK, LocalStripe, WEBHOOK_SECRET},
+};
+use uuid::Uuid;
+
+use super::{
+    App, auth_config,
+    catalog::{call, json_of, product, publish, simple},
+    verified_seller,
+};
+
+/// Long enough for the pipeline on a loaded machine (localstripe sends a
+/// webhook about a second after the charge).
+pub const PIPELINE_WAIT: Duration = Duration::from_secs(30);
+
+pub struct Customer {
+    pub id: Uuid,
+    pub email: String,
+    pub token: String,
+}
+
+/// A verified customer with a default shipping address. Made in the
+/// database with a minted token: fast enough for fifty at once.
+pub async fn customer(app: &App) -> Customer {
+    let id = Uuid::now_v7();
+    let email = unique_address();
+    sqlx::query(
+        "INSERT INTO users (id, email, name, role, email_verified_at) VALUES ($1, $2, 'Casey', 'customer', now())",
+    )
+    .bind(id)
+    .bind(&email)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO addresses (id, user_id, full_name, line1, city, postal_code, country, is_default)
+         VALUES ($1, $2, 'Casey Buyer', '1 Market Street', 'Fes', '30000', 'MA', true)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(id)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let token = Jwt::new(&auth_config()).issue(id, Role::Customer);
+    Customer { id, email, token }
+}
+
+/// A shop (`slug`) selling one product with one variant; returns the
+/// seller's token and the variant's id.
+pub struct Listing {
+    pub seller: String,
+    pub shop: String,
+    pub variant: String,
+}
+
+pub async fn listing(app: &App, slug: &str, title: &str, price: i64, stock: i32) -> Listing {
+    let seller = verified_seller(app, slug).await;
+    add_product(app, &seller, slug, title, price, stock).await
+}
+
+/// Another product in the seller's shop.
+pub async fn add_product(app: &App, seller: &str, slug: &str, title: &str, price: i64, stock: i32) -> Listing {
+    let created = product(app, seller, simple(title, &title.replace(' ', "-"), price, stock)).await;
+    publish(app, seller, created["id"].as_str().unwrap()).await;
+    Listing {
+        seller: seller.to_string(),
+        shop: slug.to_string(),
+        variant: created["variants"][0]["id"].as_str().unwrap().to_string(),
+    }
+}
+
+pub async fn add_to_cart(app: &App, token: &str, variant: &str, quantity: i32) {
+    let body = json!({"variant_id": variant, "quantity": quantity});
+    json_of(call(app, token, Method::POST, "/cart/items", body).await, StatusCode::OK).await;
+}
+
+/// `POST /checkout`, with an Idempotency-Key if given.
+pub async fn checkout_request(app: &App, token: &str, key: Option<&str>, body: Value) -> reqwest::Response {
+    let mut req = app
+        .http
+        .post(format!("{}/api/v1/checkout", app.base))
+        .bearer_auth(token)
+        .json(&body);
+    if let Some(key) = key {
+        req = req.header("Idempotency-Key", key);
+    }
+    req.send().await.unwrap()
+}
+
+/// Checks out the cart; returns the order (pending).
+pub async fn checkout(app: &App, token: &str) -> Value {
+    json_of(checkout_request(app, token, None, json!({})).await, StatusCode::ACCEPTED).await
+}
+
+pub async fn order(app: &App, token: &str, id: &str) -> Value {
+    json_of(call(app, token, Method::GET, &format!("/orders/{id}"), json!({})).await, StatusCode::OK).await
+}
+
+/// Waits until the order reads as `status`; returns it.
+pub async fn wait_for(app: &App, token: &str, id: &str, status: &str) -> Value {
+    let mut last = Value::Null;
+    let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        last = order(app, token, id).await;
+        if last["status"] == status {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("order {id} never became {status}; last seen: {last}");
+}
+
+/// Pays an order awaiting payment as the storefront would (Stripe.js with
+/// a card), whether the card is taken or declined; returns the intent's id.
+pub async fn pay(app: &App, stripe: &LocalStripe, token: &str, id: &str, card: &str) -> String {
+    let awaiting = wait_for(app, token, id, "awaiting_payment").await;
+    let intent = awaiting["payment"]["payment_intent_id"].as_str().unwrap().to_string();
+    assert!(awaiting["payment"]["client_secret"].as_str().unwrap().starts_with(&intent));
+    let answer = stripe.pay(&intent, card).await;
+    assert_eq!(answer.is_ok(), card == CARD_OK, "{answer:?}");
+    intent
+}
+
+/// Checks out the cart and pays it with a good card; returns the paid order.
+pub async fn checkout_and_pay(app: &App, stripe: &LocalStripe, token: &str) -> Value {
+    let placed = checkout(app, token).await;
+    let id = placed["id"].as_str().unwrap();
+    pay(app, stripe, token, id, CARD_OK).await;
+    wait_for(app, token, id, "paid").await
+}
+
+/// Sends localstripe's webhooks to the app, signed with the test secret.
+pub async fn stripe_for(app: &App) -> LocalStripe {
+    let stripe = LocalStripe::start().await;
+    stripe
+        .send_webhooks_to(&format!("{}/api/v1/stripe/webhook", app.base), WEBHOOK_SECRET)
+        .await;
+    stripe
+}
+
+/// Mails to `to` whose subject contains `needle`, once there are `n`.
+pub async fn mails_about(to: &str, needle: &str, n: usize) -> Vec<Mail> {
+    let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
+    loop {
+        let found: Vec<Mail> =
+            mails_to(to).await.into_iter().filter(|m| m.subject.contains(needle)).collect();
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {n} mail(s) to {to} about {needle:?}; got {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (on_hand, reserved) of a variant.
+pub async fn stock(app: &App, variant: &str) -> (i32, i32) {
+    sqlx::query_as("SELECT on_hand, reserved FROM variants WHERE id = $1")
+        .bind(Uuid::parse_str(variant).unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// The email of the seller running `slug`.
+pub async fn seller_email(app: &App, slug: &str) -> String {
+    sqlx::query_scalar("SELECT u.email FROM shops s JOIN users u ON u.id = s.owner_id WHERE s.slug = $1")
+        .bind(slug)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Posts `event` to the webhook signed at `t` with `secret`.
+pub async fn post_event(app: &App, event: &Value, secret: &str, t: i64) -> reqwest::Response {
+    let body = serde_json::to_string(event).unwrap();
+    app.http
+        .post(format!("{}/api/v1/stripe/webhook", app.base))
+        .header("content-type", "application/json")
+        .header("Stripe-Signature", souk_testkit::stripe::signature(&body, secret, t))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}

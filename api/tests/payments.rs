@@ -1,0 +1,239 @@
+//! The payment hard cases: a webhook before the intent was stored, a
+//! payment after the reservation expired, a second successful payment, and a
+//! cancel racing a payment. Stripe is localstripe; where a case needs an
+//! event at a moment localstripe would not send it, the test holds the
+//! webhooks back and posts localstripe's own event later, signed.
+
+mod common;
+
+use common::{
+    App, Pipeline, Workers, admin,
+    catalog::{call, json_of},
+    orders::{
+        PIPELINE_WAIT, add_to_cart, checkout, customer, listing, mails_about, order, pay, post_event, stock,
+        stripe_for, wait_for,
+    },
+    token_for,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use souk_testkit::{
+    amqp_url, count,
+    stripe::{CARD_OK, LocalStripe, WEBHOOK_SECRET, now},
+    wait_until,
+};
+use uuid::Uuid;
+
+fn id(order: &Value) -> String {
+    order["id"].as_str().unwrap().to_string()
+}
+
+/// The event localstripe made when `intent` was charged.
+async fn charged_event(stripe: &LocalStripe, intent: &str) -> Value {
+    let events = stripe.events("payment_intent.succeeded").await;
+    events
+        .into_iter()
+        .find(|e| e["data"]["object"]["id"] == intent)
+        .unwrap_or_else(|| panic!("no payment_intent.succeeded for {intent}"))
+}
+
+async fn deliver(app: &App, event: &Value) {
+    let resp = post_event(app, event, WEBHOOK_SECRET, now()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// Moves the order's reservation into the past; the sweep expires it.
+async fn run_out(app: &App, order: &str) {
+    sqlx::query("UPDATE orders SET reserved_until = now() - interval '1 second' WHERE id = $1")
+        .bind(Uuid::parse_str(order).unwrap())
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+}
+
+async fn order_column<T>(app: &App, column: &str, order: &str) -> T
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT {column} FROM orders WHERE id = $1")))
+        .bind(Uuid::parse_str(order).unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_webhook_before_the_intent_was_stored_still_pays_the_order() {
+    let app = spawn(&amqp_url()).await;
+    let stripe = stripe_for(&app).await;
+    // No payments worker yet: the order stays reserved, no intent stored.
+    let workers = Workers { payments: false, ..Workers::ALL };
+    let mut pipeline = Pipeline::with(&app, &amqp_url(), Some(&stripe), workers);
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let buyer = customer(&app).await;
+    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
+    let order_id = id(&checkout(&app, &buyer.token).await);
+    let reserved = wait_for(&app, &buyer.token, &order_id, "reserved").await;
+
+    // An intent for the order exists at Stripe and is paid before Souk's
+    // worker has stored it (a crash after the Stripe call, say).
+    let total = reserved["total_minor"].as_i64().unwrap();
+    let intent = stripe.create_intent(&order_id, total).await;
+    let intent = intent["id"].as_str().unwrap();
+    stripe.pay(intent, CARD_OK).await.unwrap();
+    wait_for(&app, &buyer.token, &order_id, "paid").await;
+    assert_eq!(order_column::<Option<String>>(&app, "payment_intent_id", &order_id).await.as_deref(), Some(intent));
+    assert_eq!(stock(&app, &oak.variant).await, (4, 0));
+
+    // The worker comes back and finds nothing left to do.
+    pipeline.run_payments(&app, &stripe);
+    wait_until("the stock.reserved message handled", PIPELINE_WAIT, || async {
+        count(&app.db.pool, "SELECT count(*) FROM processed_messages WHERE consumer = 'payments'").await == 1
+    })
+    .await;
+    assert_eq!(stripe.intents_for(&order_id).await.len(), 1, "no second intent");
+    assert_eq!(order(&app, &buyer.token, &order_id).await["status"], "paid");
+    pipeline.stop().await;
+}
+
+async fn spawn(amqp: &str) -> App {
+    common::spawn_app(amqp).await
+}
+
+#[tokio::test]
+async fn a_payment_after_expiry_is_kept_if_the_stock_is_there_and_refunded_if_not() {
+    let app = spawn(&amqp_url()).await;
+    let stripe = LocalStripe::start().await; // webhooks held back
+    let pipeline = Pipeline::checkout(&app, &stripe);
+    let plenty = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let last = listing(&app, "tea", "Teapot", 3000, 1).await;
+    let (kept, lost, rival) = (customer(&app).await, customer(&app).await, customer(&app).await);
+    add_to_cart(&app, &kept.token, &plenty.variant, 1).await;
+    add_to_cart(&app, &lost.token, &last.variant, 1).await;
+    add_to_cart(&app, &rival.token, &last.variant, 1).await;
+    let kept_order = id(&checkout(&app, &kept.token).await);
+    let lost_order = id(&checkout(&app, &lost.token).await);
+
+    // Both are paid at Stripe, but the news arrives after their reservations ran out.
+    let kept_intent = pay(&app, &stripe, &kept.token, &kept_order, CARD_OK).await;
+    let lost_intent = pay(&app, &stripe, &lost.token, &lost_order, CARD_OK).await;
+    run_out(&app, &kept_order).await;
+    run_out(&app, &lost_order).await;
+    wait_for(&app, &kept.token, &kept_order, "expired").await;
+    wait_for(&app, &lost.token, &lost_order, "expired").await;
+    assert_eq!(stock(&app, &last.variant).await, (1, 0), "released");
+    // Meanwhile someone else takes the teapot.
+    let rival_order = id(&checkout(&app, &rival.token).await);
+    wait_for(&app, &rival.token, &rival_order, "awaiting_payment").await;
+
+    deliver(&app, &charged_event(&stripe, &kept_intent).await).await;
+    deliver(&app, &charged_event(&stripe, &lost_intent).await).await;
+
+    // Still in stock: the sale stands.
+    wait_for(&app, &kept.token, &kept_order, "paid").await;
+    assert_eq!(stock(&app, &plenty.variant).await, (4, 0));
+    // Sold out meanwhile: refunded in full, automatically.
+    let refunded = wait_for(&app, &lost.token, &lost_order, "refunded").await;
+    let total = refunded["total_minor"].as_i64().unwrap();
+    assert_eq!(refunded["refunded_minor"], total);
+    let refunds = stripe.refunds_of(&lost_intent).await;
+    assert_eq!(refunds.len(), 1);
+    assert_eq!(refunds[0]["amount"], total);
+    assert_eq!(stock(&app, &last.variant).await, (1, 1), "the rival still holds the last one");
+    assert!(refunded["seller_orders"].as_array().unwrap().iter().all(|p| p["status"] == "cancelled"));
+    mails_about(&lost.email, "Refund of", 1).await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_successful_payment_is_refunded_and_flagged() {
+    let app = spawn(&amqp_url()).await;
+    let root = admin(&app).await;
+    let root = token_for(&app, &root).await;
+    let stripe = stripe_for(&app).await;
+    let pipeline = Pipeline::checkout(&app, &stripe);
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let buyer = customer(&app).await;
+    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
+    let order_id = id(&checkout(&app, &buyer.token).await);
+    let first = pay(&app, &stripe, &buyer.token, &order_id, CARD_OK).await;
+    let paid = wait_for(&app, &buyer.token, &order_id, "paid").await;
+    let total = paid["total_minor"].as_i64().unwrap();
+
+    // A second intent for the same order gets paid too (another tab, say).
+    let second = stripe.create_intent(&order_id, total).await;
+    let second = second["id"].as_str().unwrap();
+    stripe.pay(second, CARD_OK).await.unwrap();
+
+    wait_until("the second payment refunded", PIPELINE_WAIT, || async {
+        stripe.refunds_of(second).await.len() == 1
+    })
+    .await;
+    assert_eq!(stripe.refunds_of(second).await[0]["amount"], total);
+    assert!(stripe.refunds_of(&first).await.is_empty(), "the first payment stands");
+    let still = order(&app, &buyer.token, &order_id).await;
+    assert_eq!(still["status"], "paid");
+    assert_eq!(still["refunded_minor"], 0);
+    assert_eq!(stock(&app, &oak.variant).await, (4, 0), "sold once");
+
+    let flagged = json_of(call(&app, &root, Method::GET, "/admin/payments/flagged", json!({})).await, StatusCode::OK).await;
+    assert_eq!(flagged["total"], 1);
+    assert_eq!(flagged["items"][0]["payment_intent_id"], second);
+    assert_eq!(flagged["items"][0]["duplicate"], true);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM notifications WHERE kind = 'payment_flagged'").await, 1);
+    wait_until("the refund recorded", PIPELINE_WAIT, || async {
+        count(&app.db.pool, "SELECT count(*) FROM refunds WHERE status = 'succeeded'").await == 1
+    })
+    .await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_racing_a_payment_ends_with_one_of_them_undone() {
+    let app = spawn(&amqp_url()).await;
+    let stripe = LocalStripe::start().await; // webhooks held back
+    let pipeline = Pipeline::checkout(&app, &stripe);
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let (early, late) = (customer(&app).await, customer(&app).await);
+    add_to_cart(&app, &early.token, &oak.variant, 1).await;
+    add_to_cart(&app, &late.token, &oak.variant, 1).await;
+    let early_order = id(&checkout(&app, &early.token).await);
+    let late_order = id(&checkout(&app, &late.token).await);
+    let early_intent = pay(&app, &stripe, &early.token, &early_order, CARD_OK).await;
+    let late_intent = pay(&app, &stripe, &late.token, &late_order, CARD_OK).await;
+
+    // The cancel wins: the payment that lands after it is refunded.
+    let cancel = |token: String, order: String| {
+        let app = &app;
+        async move {
+            let path = format!("/orders/{order}/cancel");
+            json_of(call(app, &token, Method::POST, &path, json!({"reason": "changed my mind"})).await, StatusCode::OK).await
+        }
+    };
+    let cancelled = cancel(early.token.clone(), early_order.clone()).await;
+    assert_eq!(cancelled["status"], "cancelled");
+    deliver(&app, &charged_event(&stripe, &early_intent).await).await;
+    let undone = wait_for(&app, &early.token, &early_order, "refunded").await;
+    assert_eq!(undone["refunded_minor"], undone["total_minor"]);
+    assert_eq!(stripe.refunds_of(&early_intent).await.len(), 1);
+
+    // The payment wins: the cancel that comes after it refunds the sale.
+    deliver(&app, &charged_event(&stripe, &late_intent).await).await;
+    wait_for(&app, &late.token, &late_order, "paid").await;
+    wait_until("one sold, the cancelled one's unit released", PIPELINE_WAIT, || async {
+        stock(&app, &oak.variant).await == (4, 0)
+    })
+    .await;
+    cancel(late.token.clone(), late_order.clone()).await;
+    let back = wait_for(&app, &late.token, &late_order, "refunded").await;
+    assert_eq!(back["refunded_minor"], back["total_minor"]);
+    assert_eq!(stripe.refunds_of(&late_intent).await.len(), 1);
+
+    // Neither sale stands; the stock is exactly as before.
+    wait_until("the stock restored", PIPELINE_WAIT, || async {
+        stock(&app, &oak.variant).await == (5, 0)
+    })
+    .await;
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refunds WHERE status = 'succeeded'").await, 2);
+    pipeline.stop().await;
+}

@@ -1,0 +1,55 @@
+//! Telling people: a mail (through the outbox and the mailer) and an in-app
+//! notification, each written in the caller's transaction so it exists
+//! exactly when the change it is about does.
+
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{contracts::EmailRequested, envelope::Envelope, outbox};
+
+/// Queues the mail `template` with `data` to `to`.
+pub async fn email(
+    conn: &mut PgConnection,
+    to: &str,
+    template: &str,
+    data: Value,
+    correlation_id: &str,
+) -> Result<(), sqlx::Error> {
+    let mail = EmailRequested {
+        to: to.to_string(),
+        template: template.to_string(),
+        data,
+    };
+    outbox::enqueue(conn, &Envelope::new(&mail, correlation_id)).await
+}
+
+/// Adds an in-app notification of `kind` for `user`.
+pub async fn in_app(
+    conn: &mut PgConnection,
+    user: Uuid,
+    kind: &str,
+    data: &Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO notifications (id, user_id, kind, data) VALUES ($1, $2, $3, $4)")
+        .bind(Uuid::now_v7())
+        .bind(user)
+        .bind(kind)
+        .bind(data)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Adds an in-app notification of `kind` for every admin (something needs
+/// a person: a flagged payment, a refund Stripe refused).
+pub async fn admins(conn: &mut PgConnection, kind: &str, data: &Value) -> Result<(), sqlx::Error> {
+    let admins: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM users WHERE role = 'admin' AND suspended_at IS NULL")
+            .fetch_all(&mut *conn)
+            .await?;
+    for admin in admins {
+        in_app(conn, admin, kind, data).await?;
+    }
+    Ok(())
+}

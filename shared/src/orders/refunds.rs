@@ -1,0 +1,63 @@
+//! Refunds are decided in the transaction that holds the order's row (so
+//! two decisions never both see the same money left) and sent to Stripe by
+//! the payments worker, with the refund's id as the idempotency key.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{contracts::RefundRequested, envelope::Envelope, outbox};
+
+/// What a refund is of.
+#[derive(Debug, Clone, Copy)]
+pub struct Refund<'a> {
+    pub order: Uuid,
+    pub payment: Uuid,
+    /// The seller order whose money goes back; `None` for a payment that
+    /// never bought anything (it came after the order died, or twice).
+    pub seller_order: Option<Uuid>,
+    pub amount_minor: i64,
+    pub reason: &'a str,
+}
+
+/// Records the refund and asks for it; `None` (and nothing written) when
+/// it would give back more than is left of the payment. The caller must
+/// hold the order's row lock.
+pub async fn request(
+    conn: &mut PgConnection,
+    refund: Refund<'_>,
+    correlation_id: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    if refund.amount_minor <= 0 {
+        return Ok(None);
+    }
+    let id = Uuid::now_v7();
+    let recorded: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO refunds (id, order_id, payment_id, seller_order_id, amount_minor, reason)
+         SELECT $1, $2, p.id, $4, $5, $6 FROM payments p
+          WHERE p.id = $3 AND p.order_id = $2
+            AND p.amount_minor - (SELECT coalesce(sum(r.amount_minor), 0) FROM refunds r
+                                   WHERE r.payment_id = p.id AND r.status <> 'failed') >= $5
+         RETURNING id",
+    )
+    .bind(id)
+    .bind(refund.order)
+    .bind(refund.payment)
+    .bind(refund.seller_order)
+    .bind(refund.amount_minor)
+    .bind(refund.reason)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if recorded.is_some() {
+        let message = RefundRequested { refund_id: id };
+        outbox::enqueue(conn, &Envelope::new(&message, correlation_id)).await?;
+    }
+    Ok(recorded)
+}
+
+/// The payment that counts for `order` (not a duplicate), if it was paid.
+pub async fn order_payment(conn: &mut PgConnection, order: Uuid) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM payments WHERE order_id = $1 AND NOT duplicate")
+        .bind(order)
+        .fetch_optional(conn)
+        .await
+}

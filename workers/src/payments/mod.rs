@@ -1,0 +1,265 @@
+//! The payments worker: two consumer groups in one process.
+//!
+//! - [`Payments`] (`payments`) makes the Stripe calls: a PaymentIntent once
+//!   an order's stock is reserved, cancelling intents nobody will pay, and
+//!   refunds. Each call runs in `prepare`, outside any transaction and under
+//!   a lease, with an idempotency key derived from what it is about; `apply`
+//!   then records the answer.
+//! - [`events::StripeEvents`] (`stripe-events`) applies the webhook events
+//!   the API stored to the payment state machine. No outside calls, so
+//!   several events are applied per transaction when they queue up.
+
+pub mod events;
+pub mod settle;
+pub mod stripe_api;
+
+use std::time::Duration;
+
+use souk_shared::{
+    config::{ConfigError, Env},
+    contracts::{IntentCancelRequested, OrderCancelled, OrderExpired, RefundRequested, StockReserved},
+    envelope::Envelope,
+    orders::{Actor, Change, OrderStatus, status},
+    topology,
+};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::runtime::{Failure, Handler};
+use stripe_api::{CallError, Intent, Stripe, StripeConfig};
+
+#[derive(Debug, Clone)]
+pub struct PaymentsConfig {
+    pub stripe: StripeConfig,
+    /// How long one process holds a message while it talks to Stripe.
+    pub lease: Duration,
+}
+
+impl PaymentsConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            stripe: StripeConfig::from_env(env)?,
+            lease: env.millis("PAYMENTS_LEASE_MS", 30_000)?,
+        })
+    }
+}
+
+pub struct Payments {
+    stripe: Stripe,
+    pool: PgPool,
+    lease: Duration,
+}
+
+impl Payments {
+    pub fn new(config: &PaymentsConfig, pool: PgPool) -> anyhow::Result<Self> {
+        Ok(Self {
+            stripe: Stripe::new(&config.stripe)?,
+            pool,
+            lease: config.lease,
+        })
+    }
+}
+
+/// What a Stripe call came back with, for `apply` to record.
+pub enum Answer {
+    /// Nothing was called: the message found nothing to do.
+    Nothing,
+    Intent { order: Uuid, intent: Intent },
+    /// An order with nothing to pay.
+    Free { order: Uuid },
+    /// Stripe's refund id, or why it refused.
+    Refund { refund: Uuid, result: Result<String, String> },
+}
+
+fn failure(e: CallError) -> Failure {
+    match e {
+        CallError::Refused { .. } => Failure::permanent(e),
+        CallError::Unavailable(_) => Failure::transient(e),
+    }
+}
+
+impl Payments {
+    async fn create_intent(&self, order: Uuid) -> Result<Answer, Failure> {
+        let row: Option<(String, Option<i64>, String, Option<String>)> = sqlx::query_as(
+            "SELECT status, total_minor, currency, payment_intent_id FROM orders WHERE id = $1",
+        )
+        .bind(order)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((status, total, currency, stored)) = row else {
+            return Err(Failure::permanent(anyhow::anyhow!("no order {order}")));
+        };
+        if status != OrderStatus::Reserved.as_str() || stored.is_some() {
+            return Ok(Answer::Nothing);
+        }
+        match total {
+            Some(0) => Ok(Answer::Free { order }),
+            Some(amount) => {
+                let intent = self
+                    .stripe
+                    .create_intent(order, amount, &currency)
+                    .await
+                    .map_err(failure)?;
+                Ok(Answer::Intent { order, intent })
+            }
+            None => Err(Failure::permanent(anyhow::anyhow!("order {order} was never split"))),
+        }
+    }
+
+    /// Cancels an intent; Stripe refusing (already paid or cancelled) is fine.
+    async fn cancel_intent(&self, intent: &str) -> Result<Answer, Failure> {
+        match self.stripe.cancel_intent(intent).await {
+            Ok(_) => Ok(Answer::Nothing),
+            Err(CallError::Refused { message, .. }) => {
+                tracing::info!(intent, %message, "intent not cancelled; a late payment is handled from its webhook");
+                Ok(Answer::Nothing)
+            }
+            Err(e) => Err(failure(e)),
+        }
+    }
+
+    async fn cancel_unpaid_intent(&self, order: Uuid) -> Result<Answer, Failure> {
+        let intent: Option<String> = sqlx::query_scalar(
+            "SELECT payment_intent_id FROM orders WHERE id = $1 AND paid_at IS NULL",
+        )
+        .bind(order)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        match intent {
+            Some(intent) => self.cancel_intent(&intent).await,
+            None => Ok(Answer::Nothing),
+        }
+    }
+
+    async fn refund(&self, refund: Uuid) -> Result<Answer, Failure> {
+        let row: Option<(String, i64, String, Uuid)> = sqlx::query_as(
+            "SELECT r.status, r.amount_minor, p.payment_intent_id, r.order_id
+               FROM refunds r JOIN payments p ON p.id = r.payment_id WHERE r.id = $1",
+        )
+        .bind(refund)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((status, amount, intent, order)) = row else {
+            return Err(Failure::permanent(anyhow::anyhow!("no refund {refund}")));
+        };
+        if status != "requested" {
+            return Ok(Answer::Nothing);
+        }
+        let result = match self.stripe.refund(refund, &intent, amount, order).await {
+            Ok(id) => Ok(id),
+            Err(CallError::Refused { message, .. }) => Err(message),
+            Err(e) => return Err(failure(e)),
+        };
+        Ok(Answer::Refund { refund, result })
+    }
+}
+
+impl Handler for Payments {
+    type Prepared = Answer;
+    const GROUP: &'static str = topology::PAYMENTS.name;
+    const BINDINGS: &'static [&'static str] = topology::PAYMENTS.bindings;
+    const EMITS: &'static [&'static str] =
+        &["notify.email", "order.paid", "payment.intent_cancel_requested"];
+
+    fn prepare_lease(&self) -> Option<Duration> {
+        Some(self.lease)
+    }
+
+    async fn prepare(&self, msg: &Envelope) -> Result<Answer, Failure> {
+        let bad = |e| Failure::permanent(e);
+        match msg.kind.as_str() {
+            "stock.reserved" => {
+                let StockReserved { order_id } = msg.payload().map_err(bad)?;
+                self.create_intent(order_id).await
+            }
+            "order.expired" => {
+                let OrderExpired { order_id } = msg.payload().map_err(bad)?;
+                self.cancel_unpaid_intent(order_id).await
+            }
+            "order.cancelled" => {
+                let OrderCancelled { order_id } = msg.payload().map_err(bad)?;
+                self.cancel_unpaid_intent(order_id).await
+            }
+            "payment.intent_cancel_requested" => {
+                let req: IntentCancelRequested = msg.payload().map_err(bad)?;
+                self.cancel_intent(&req.payment_intent_id).await
+            }
+            "payment.refund_requested" => {
+                let RefundRequested { refund_id } = msg.payload().map_err(bad)?;
+                self.refund(refund_id).await
+            }
+            other => Err(Failure::permanent(anyhow::anyhow!("payments does not handle {other}"))),
+        }
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, answer: Answer) -> Result<(), Failure> {
+        let corr = msg.correlation_id.as_str();
+        match answer {
+            Answer::Nothing => Ok(()),
+            Answer::Intent { order, intent } => store_intent(tx, order, intent, corr).await,
+            Answer::Free { order } => {
+                let Some(locked) = settle::lock(tx, order).await? else {
+                    return Ok(());
+                };
+                if locked.status() == OrderStatus::Reserved && locked.stock == "reserved" {
+                    settle::paid(tx, &locked, None, corr).await?;
+                }
+                Ok(())
+            }
+            Answer::Refund { refund, result } => settle::refund_answered(tx, refund, result, corr).await,
+        }
+    }
+}
+
+/// Keeps the order's intent and opens it for payment; an intent made for an
+/// order that died meanwhile is cancelled again.
+async fn store_intent(tx: &mut PgConnection, order: Uuid, intent: Intent, corr: &str) -> Result<(), Failure> {
+    let Some(locked) = settle::lock(tx, order).await? else {
+        return Ok(());
+    };
+    match locked.payment_intent_id.as_deref() {
+        None => {
+            sqlx::query("UPDATE orders SET payment_intent_id = $2, client_secret = $3 WHERE id = $1")
+                .bind(order)
+                .bind(&intent.id)
+                .bind(&intent.client_secret)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Some(stored) if stored == intent.id => {
+            // Stored from the webhook that beat us here; keep the secret too.
+            sqlx::query("UPDATE orders SET client_secret = coalesce(client_secret, $2) WHERE id = $1")
+                .bind(order)
+                .bind(&intent.client_secret)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Some(_) => {
+            cancel_later(tx, order, &intent.id, corr).await?;
+            return Ok(());
+        }
+    }
+    match locked.status() {
+        OrderStatus::Reserved => {
+            let change = Change {
+                data: Some(serde_json::json!({ "payment_intent_id": intent.id })),
+                ..Change::default()
+            };
+            settle::moved(status::move_order(tx, order, OrderStatus::AwaitingPayment, Actor::System, change).await)?;
+        }
+        OrderStatus::Expired | OrderStatus::Cancelled | OrderStatus::OutOfStock => {
+            cancel_later(tx, order, &intent.id, corr).await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn cancel_later(tx: &mut PgConnection, order: Uuid, intent: &str, corr: &str) -> Result<(), sqlx::Error> {
+    let cancel = IntentCancelRequested {
+        order_id: order,
+        payment_intent_id: intent.to_string(),
+    };
+    souk_shared::outbox::enqueue(tx, &Envelope::new(&cancel, corr)).await
+}

@@ -1,0 +1,384 @@
+//! What a successful payment or a finished refund does to an order. Every
+//! function here runs in the caller's transaction with the order's row
+//! locked, so the state checks and the changes they allow are one step.
+
+use serde_json::json;
+use souk_shared::{
+    contracts::{IntentCancelRequested, OrderPaid},
+    coupons,
+    envelope::Envelope,
+    inventory::{self, Units},
+    notify,
+    orders::{
+        Actor, Change, MoveError, OrderStatus, SellerOrderStatus, notices,
+        refunds::{self, Refund},
+        status,
+    },
+    outbox,
+};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::runtime::Failure;
+
+/// The order as the payment rules need it, read under its row lock.
+#[derive(Debug, sqlx::FromRow)]
+pub struct LockedOrder {
+    pub id: Uuid,
+    pub customer_id: Uuid,
+    pub status: String,
+    pub stock: String,
+    pub payment_intent_id: Option<String>,
+    pub total_minor: Option<i64>,
+    pub currency: String,
+    pub coupon_id: Option<Uuid>,
+}
+
+impl LockedOrder {
+    pub fn status(&self) -> OrderStatus {
+        OrderStatus::parse(&self.status).expect("statuses are checked by the database")
+    }
+}
+
+pub async fn lock(tx: &mut PgConnection, order: Uuid) -> Result<Option<LockedOrder>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, customer_id, status, stock, payment_intent_id, total_minor, currency, coupon_id
+           FROM orders WHERE id = $1 FOR UPDATE",
+    )
+    .bind(order)
+    .fetch_optional(tx)
+    .await
+}
+
+/// A state-machine refusal here is a bug or a race already lost: park it
+/// with the reason rather than retry forever.
+pub fn moved<T>(result: Result<T, MoveError>) -> Result<T, Failure> {
+    result.map_err(|e| match e {
+        MoveError::Db(e) => Failure::from(e),
+        other => Failure::permanent(other),
+    })
+}
+
+async fn lines(tx: &mut PgConnection, order: Uuid) -> Result<Vec<Units>, sqlx::Error> {
+    sqlx::query_as("SELECT variant_id, quantity FROM order_lines WHERE order_id = $1")
+        .bind(order)
+        .fetch_all(tx)
+        .await
+}
+
+async fn record_payment(
+    tx: &mut PgConnection,
+    order: &LockedOrder,
+    intent: &str,
+    amount: i64,
+    flagged: Option<&str>,
+) -> Result<Uuid, sqlx::Error> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO payments (id, order_id, payment_intent_id, amount_minor, currency, duplicate, flagged_reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id)
+    .bind(order.id)
+    .bind(intent)
+    .bind(amount)
+    .bind(&order.currency)
+    .bind(flagged.is_some())
+    .bind(flagged)
+    .execute(tx)
+    .await?;
+    Ok(id)
+}
+
+/// A successful charge of `intent` for `order`, whatever state the order is
+/// in: paid if it still can be, otherwise recorded and refunded.
+pub async fn payment_succeeded(
+    tx: &mut PgConnection,
+    order: &LockedOrder,
+    intent: &str,
+    amount: i64,
+    corr: &str,
+) -> Result<(), Failure> {
+    let seen: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM payments WHERE payment_intent_id = $1)")
+        .bind(intent)
+        .fetch_one(&mut *tx)
+        .await?;
+    if seen {
+        // Another event about the same charge.
+        return Ok(());
+    }
+    if refunds::order_payment(tx, order.id).await?.is_some() {
+        return duplicate(tx, order, intent, amount, corr).await;
+    }
+    use OrderStatus::*;
+    match order.status() {
+        Reserved | AwaitingPayment | PaymentFailed if order.stock == "reserved" => {
+            if let Some(other) = order.payment_intent_id.as_deref().filter(|id| *id != intent) {
+                // Paid through another intent than the stored one: that one
+                // will not be needed.
+                let cancel = IntentCancelRequested {
+                    order_id: order.id,
+                    payment_intent_id: other.to_string(),
+                };
+                outbox::enqueue(tx, &Envelope::new(&cancel, corr)).await?;
+            }
+            paid(tx, order, Some((intent, amount)), corr).await
+        }
+        Expired => {
+            // Paid after the reservation ran out: keep the sale if every
+            // item is still there, otherwise give the money back.
+            let wanted = lines(tx, order.id).await?;
+            match inventory::reserve(tx, &wanted, corr).await? {
+                Ok(()) => {
+                    sqlx::query("UPDATE orders SET stock = 'reserved', failure_reason = NULL WHERE id = $1")
+                        .bind(order.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    paid(tx, order, Some((intent, amount)), corr).await
+                }
+                Err(_) => {
+                    let reason = "the payment arrived after the reservation ran out and the items \
+                                  had sold out meanwhile; it has been refunded";
+                    unbuyable(tx, order, intent, amount, reason, corr).await
+                }
+            }
+        }
+        _ => {
+            let reason = "the order had been cancelled or could not be fulfilled; the payment has been refunded";
+            unbuyable(tx, order, intent, amount, reason, corr).await
+        }
+    }
+}
+
+/// Marks a reserved order paid: its stock sold, the payment recorded, its
+/// seller orders paid, the coupon counted, everyone told. `payment` is
+/// `None` for an order with nothing to pay (a total of zero).
+pub async fn paid(
+    tx: &mut PgConnection,
+    order: &LockedOrder,
+    payment: Option<(&str, i64)>,
+    corr: &str,
+) -> Result<(), Failure> {
+    let sold = lines(tx, order.id).await?;
+    let committed = sqlx::query(
+        "UPDATE orders SET stock = 'committed', paid_at = now(),
+                payment_intent_id = coalesce(payment_intent_id, $2)
+          WHERE id = $1 AND stock = 'reserved'",
+    )
+    .bind(order.id)
+    .bind(payment.map(|(intent, _)| intent))
+    .execute(&mut *tx)
+    .await?;
+    if committed.rows_affected() != 1 {
+        return Err(Failure::permanent(anyhow::anyhow!(
+            "order {} holds no reserved stock to sell",
+            order.id
+        )));
+    }
+    inventory::sell(tx, &sold, &format!("sold: order {}", order.id)).await?;
+    if let Some((intent, amount)) = payment {
+        record_payment(tx, order, intent, amount, None).await?;
+    }
+    let data = json!({ "payment_intent_id": payment.map(|(intent, _)| intent) });
+    let change = Change {
+        data: Some(data),
+        ..Change::default()
+    };
+    moved(status::move_order(tx, order.id, OrderStatus::Paid, Actor::System, change).await)?;
+    let parts: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM seller_orders WHERE order_id = $1 AND status = 'pending' ORDER BY id",
+    )
+    .bind(order.id)
+    .fetch_all(&mut *tx)
+    .await?;
+    for part in parts {
+        moved(
+            status::move_seller_order(tx, part, SellerOrderStatus::Paid, Actor::System, Change::default())
+                .await,
+        )?;
+        notices::to_seller(tx, part, "seller_new_order", "new_order", json!({}), corr).await?;
+    }
+    if let Some(coupon) = order.coupon_id
+        && !coupons::redeem(tx, coupon, order.customer_id, order.id).await?
+    {
+        // Priced while the coupon was valid; the order keeps its discount.
+        tracing::info!(order = %order.id, %coupon, "coupon's limit was reached by orders paid meanwhile");
+    }
+    notices::to_customer(tx, order.id, "order_receipt", None, json!({}), corr).await?;
+    outbox::enqueue(tx, &Envelope::new(&OrderPaid { order_id: order.id }, corr)).await?;
+    Ok(())
+}
+
+/// A payment for an order that can no longer be fulfilled: it counts as
+/// the order's payment and all of it goes back.
+async fn unbuyable(
+    tx: &mut PgConnection,
+    order: &LockedOrder,
+    intent: &str,
+    amount: i64,
+    reason: &str,
+    corr: &str,
+) -> Result<(), Failure> {
+    let payment = record_payment(tx, order, intent, amount, None).await?;
+    refund(tx, order.id, payment, None, amount, reason, corr).await?;
+    sqlx::query("UPDATE orders SET failure_reason = $2, payment_intent_id = coalesce(payment_intent_id, $3) WHERE id = $1")
+        .bind(order.id)
+        .bind(reason)
+        .bind(intent)
+        .execute(&mut *tx)
+        .await?;
+    let parts: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM seller_orders WHERE order_id = $1 AND status = 'pending' ORDER BY id",
+    )
+    .bind(order.id)
+    .fetch_all(&mut *tx)
+    .await?;
+    for part in parts {
+        moved(
+            status::move_seller_order(tx, part, SellerOrderStatus::Cancelled, Actor::System, Change::note(reason))
+                .await,
+        )?;
+    }
+    let extra = json!({ "status": order.status, "reason": reason });
+    notices::to_customer(tx, order.id, "order_failed", Some("order_failed"), extra, corr).await?;
+    Ok(())
+}
+
+/// A second successful payment of a paid order: refunded in full and
+/// flagged for admins.
+async fn duplicate(
+    tx: &mut PgConnection,
+    order: &LockedOrder,
+    intent: &str,
+    amount: i64,
+    corr: &str,
+) -> Result<(), Failure> {
+    let reason = "a second successful payment for an order already paid";
+    tracing::warn!(order = %order.id, intent, "duplicate payment; refunding it");
+    let payment = record_payment(tx, order, intent, amount, Some(reason)).await?;
+    refund(tx, order.id, payment, None, amount, reason, corr).await?;
+    let data = json!({ "order_id": order.id, "payment_intent_id": intent, "reason": reason });
+    notify::admins(tx, "payment_flagged", &data).await?;
+    Ok(())
+}
+
+/// Decides a refund (the order's row is locked by the caller).
+pub async fn refund(
+    tx: &mut PgConnection,
+    order: Uuid,
+    payment: Uuid,
+    seller_order: Option<Uuid>,
+    amount: i64,
+    reason: &str,
+    corr: &str,
+) -> Result<(), Failure> {
+    let request = Refund {
+        order,
+        payment,
+        seller_order,
+        amount_minor: amount,
+        reason,
+    };
+    match refunds::request(tx, request, corr).await? {
+        Some(_) => Ok(()),
+        None => Err(Failure::permanent(anyhow::anyhow!(
+            "refund of {amount} would exceed what is left of payment {payment}"
+        ))),
+    }
+}
+
+/// Stripe answered a refund: record it, and move the seller order and the
+/// order to refunded once all their money is back.
+pub async fn refund_answered(
+    tx: &mut PgConnection,
+    refund: Uuid,
+    answer: Result<String, String>,
+    corr: &str,
+) -> Result<(), Failure> {
+    let order: Option<Uuid> = sqlx::query_scalar("SELECT order_id FROM refunds WHERE id = $1")
+        .bind(refund)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(order) = order else {
+        return Err(Failure::permanent(anyhow::anyhow!("no refund {refund}")));
+    };
+    // The order first, as everywhere: refunds are decided under its lock.
+    let order = lock(tx, order).await?.expect("a refund's order exists");
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        payment_id: Uuid,
+        seller_order_id: Option<Uuid>,
+        amount_minor: i64,
+        reason: String,
+        status: String,
+        duplicate: bool,
+    }
+    let r: Row = sqlx::query_as(
+        "SELECT r.payment_id, r.seller_order_id, r.amount_minor, r.reason, r.status, p.duplicate
+           FROM refunds r JOIN payments p ON p.id = r.payment_id
+          WHERE r.id = $1 FOR UPDATE OF r",
+    )
+    .bind(refund)
+    .fetch_one(&mut *tx)
+    .await?;
+    if r.status != "requested" {
+        return Ok(());
+    }
+    let stripe_id = match answer {
+        Ok(id) => id,
+        Err(failure) => {
+            sqlx::query("UPDATE refunds SET status = 'failed', failure = $2, completed_at = now() WHERE id = $1")
+                .bind(refund)
+                .bind(&failure)
+                .execute(&mut *tx)
+                .await?;
+            let flag = format!("refund {refund} refused by Stripe: {failure}");
+            sqlx::query("UPDATE payments SET flagged_reason = $2 WHERE id = $1")
+                .bind(r.payment_id)
+                .bind(&flag)
+                .execute(&mut *tx)
+                .await?;
+            let data = json!({ "order_id": order.id, "refund_id": refund, "reason": flag });
+            notify::admins(tx, "refund_failed", &data).await?;
+            return Ok(());
+        }
+    };
+    sqlx::query(
+        "UPDATE refunds SET status = 'succeeded', stripe_refund_id = $2, completed_at = now() WHERE id = $1",
+    )
+    .bind(refund)
+    .bind(&stripe_id)
+    .execute(&mut *tx)
+    .await?;
+    if !r.duplicate {
+        let (refunded, total): (i64, Option<i64>) = sqlx::query_as(
+            "UPDATE orders SET refunded_minor = refunded_minor + $2, updated_at = now()
+              WHERE id = $1 RETURNING refunded_minor, total_minor",
+        )
+        .bind(order.id)
+        .bind(r.amount_minor)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(part) = r.seller_order_id {
+            let (part_refunded, part_total, part_status): (i64, i64, String) = sqlx::query_as(
+                "UPDATE seller_orders SET refunded_minor = refunded_minor + $2, updated_at = now()
+                  WHERE id = $1 RETURNING refunded_minor, total_minor, status",
+            )
+            .bind(part)
+            .bind(r.amount_minor)
+            .fetch_one(&mut *tx)
+            .await?;
+            if part_refunded == part_total && part_status == SellerOrderStatus::Cancelled.as_str() {
+                let change = Change::note(&r.reason);
+                moved(status::move_seller_order(tx, part, SellerOrderStatus::Refunded, Actor::System, change).await)?;
+            }
+        }
+        if Some(refunded) == total && order.status().may_become(OrderStatus::Refunded) {
+            let change = Change::note(&r.reason);
+            moved(status::move_order(tx, order.id, OrderStatus::Refunded, Actor::System, change).await)?;
+        }
+    }
+    let extra = json!({ "amount_minor": r.amount_minor, "reason": r.reason });
+    notices::to_customer(tx, order.id, "refund_issued", None, extra, corr).await?;
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! The stock-reserver: holds an order's stock (every line or none), gives
+//! it back when an unpaid order is cancelled or its reservation runs out,
+//! and puts sold units back on the shelf when a paid order (or one seller's
+//! part of it) is cancelled.
+//!
+//! The order's `stock` column moves forward one conditional UPDATE at a
+//! time (`none` → `reserved` → `committed`/`released`), so a release can
+//! never race a sale into both happening.
+
+use std::time::Duration;
+
+use serde_json::json;
+use souk_shared::{
+    config::{ConfigError, Env},
+    contracts::{OrderCancelled, OrderExpired, OrderSplit, SellerOrderCancelled, StockReserved},
+    envelope::Envelope,
+    inventory::{self, Units},
+    orders::{Actor, Change, OrderStatus, SellerOrderStatus, notices, status},
+    outbox, topology,
+};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::runtime::{Failure, Handler};
+
+#[derive(Debug, Clone)]
+pub struct ReserverConfig {
+    /// How long an unpaid order holds its stock.
+    pub reservation_ttl: Duration,
+    /// How often the expiry sweep looks for reservations that ran out.
+    pub expiry_poll: Duration,
+}
+
+impl ReserverConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let ttl: u64 = env.or("RESERVATION_TTL_SECS", 900)?;
+        if ttl == 0 {
+            return Err(ConfigError {
+                var: "RESERVATION_TTL_SECS".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            reservation_ttl: Duration::from_secs(ttl),
+            expiry_poll: env.millis("EXPIRY_POLL_MS", 5_000)?,
+        })
+    }
+}
+
+pub struct StockReserver {
+    pub config: ReserverConfig,
+}
+
+impl Handler for StockReserver {
+    type Prepared = ();
+    const GROUP: &'static str = topology::STOCK_RESERVER.name;
+    const BINDINGS: &'static [&'static str] = topology::STOCK_RESERVER.bindings;
+    const EMITS: &'static [&'static str] = &["stock.reserved", "notify.email"];
+
+    async fn prepare(&self, _: &Envelope) -> Result<(), Failure> {
+        Ok(())
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, _: ()) -> Result<(), Failure> {
+        let corr = msg.correlation_id.as_str();
+        match msg.kind.as_str() {
+            "order.split" => {
+                let OrderSplit { order_id } = msg.payload().map_err(Failure::permanent)?;
+                reserve(tx, order_id, self.config.reservation_ttl, corr).await
+            }
+            "order.cancelled" => {
+                let OrderCancelled { order_id } = msg.payload().map_err(Failure::permanent)?;
+                give_back(tx, order_id, corr).await
+            }
+            "seller_order.cancelled" => {
+                let SellerOrderCancelled { seller_order_id } =
+                    msg.payload().map_err(Failure::permanent)?;
+                restock_seller_order(tx, seller_order_id, corr).await
+            }
+            other => Err(Failure::permanent(anyhow::anyhow!(
+                "stock-reserver does not handle {other}"
+            ))),
+        }
+    }
+}
+
+async fn lines(tx: &mut PgConnection, order: Uuid) -> Result<Vec<Units>, sqlx::Error> {
+    sqlx::query_as("SELECT variant_id, quantity FROM order_lines WHERE order_id = $1")
+        .bind(order)
+        .fetch_all(tx)
+        .await
+}
+
+/// Reserves every line of a split order, or fails it as out of stock and
+/// tells the customer which item is short.
+async fn reserve(
+    tx: &mut PgConnection,
+    order: Uuid,
+    ttl: Duration,
+    corr: &str,
+) -> Result<(), Failure> {
+    let state: Option<(String, String)> =
+        sqlx::query_as("SELECT status, stock FROM orders WHERE id = $1 FOR UPDATE")
+            .bind(order)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((status, stock)) = state else {
+        return Err(Failure::permanent(anyhow::anyhow!("no order {order}")));
+    };
+    if status != OrderStatus::Pending.as_str() || stock != "none" {
+        // Reserved before (a redelivery), or cancelled meanwhile.
+        return Ok(());
+    }
+    let wanted = lines(tx, order).await?;
+    match inventory::reserve(tx, &wanted, corr).await? {
+        Ok(()) => {
+            sqlx::query(
+                "UPDATE orders SET stock = 'reserved', reserved_until = now() + make_interval(secs => $2)
+                  WHERE id = $1 AND stock = 'none'",
+            )
+            .bind(order)
+            .bind(ttl.as_secs_f64())
+            .execute(&mut *tx)
+            .await?;
+            moved(status::move_order(tx, order, OrderStatus::Reserved, Actor::System, Change::default()).await)?;
+            outbox::enqueue(tx, &Envelope::new(&StockReserved { order_id: order }, corr)).await?;
+        }
+        Err(short) => {
+            let (title, variant_title): (String, String) = sqlx::query_as(
+                "SELECT title, variant_title FROM order_lines WHERE order_id = $1 AND variant_id = $2",
+            )
+            .bind(order)
+            .bind(short.variant_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let reason = match short.available {
+                0 => format!("{title} ({variant_title}) is out of stock"),
+                n => format!("only {n} of {title} ({variant_title}) left"),
+            };
+            fail(tx, order, OrderStatus::OutOfStock, &reason, corr).await?;
+        }
+    }
+    Ok(())
+}
+
+/// An order that will never be paid: the status, the reason kept for the
+/// customer, its seller orders cancelled, and the customer told.
+async fn fail(
+    tx: &mut PgConnection,
+    order: Uuid,
+    to: OrderStatus,
+    reason: &str,
+    corr: &str,
+) -> Result<(), Failure> {
+    moved(status::move_order(tx, order, to, Actor::System, Change::note(reason)).await)?;
+    sqlx::query("UPDATE orders SET failure_reason = $2 WHERE id = $1")
+        .bind(order)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+    if to == OrderStatus::OutOfStock {
+        let parts: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM seller_orders WHERE order_id = $1 AND status = 'pending' ORDER BY id",
+        )
+        .bind(order)
+        .fetch_all(&mut *tx)
+        .await?;
+        for part in parts {
+            moved(
+                status::move_seller_order(tx, part, SellerOrderStatus::Cancelled, Actor::System, Change::note(reason))
+                    .await,
+            )?;
+        }
+    }
+    let extra = json!({ "status": to.as_str(), "reason": reason });
+    notices::to_customer(tx, order, "order_failed", Some("order_failed"), extra, corr).await?;
+    Ok(())
+}
+
+/// An order was cancelled: release what it held, or restock what it bought
+/// (the parts no seller has put back already).
+async fn give_back(tx: &mut PgConnection, order: Uuid, corr: &str) -> Result<(), Failure> {
+    let stock: Option<String> =
+        sqlx::query_scalar("SELECT stock FROM orders WHERE id = $1 FOR UPDATE")
+            .bind(order)
+            .fetch_optional(&mut *tx)
+            .await?;
+    sqlx::query("UPDATE orders SET stock = 'released' WHERE id = $1 AND stock IN ('reserved', 'committed')")
+        .bind(order)
+        .execute(&mut *tx)
+        .await?;
+    match stock.as_deref() {
+        Some("reserved") => {
+            let held = lines(tx, order).await?;
+            inventory::release(tx, &held, corr).await?;
+        }
+        Some("committed") => {
+            let parts: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT id FROM seller_orders WHERE order_id = $1 AND stock_returned_at IS NULL ORDER BY id",
+            )
+            .bind(order)
+            .fetch_all(&mut *tx)
+            .await?;
+            for part in parts {
+                restock_seller_order(tx, part, corr).await?;
+            }
+        }
+        // Nothing held (cancelled before its reservation), or given back before.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Puts one seller order's sold units back on the shelf, once.
+async fn restock_seller_order(
+    tx: &mut PgConnection,
+    seller_order: Uuid,
+    corr: &str,
+) -> Result<(), Failure> {
+    let part: Option<(Uuid, Uuid)> = sqlx::query_as(
+        "UPDATE seller_orders so SET stock_returned_at = now()
+           FROM orders o
+          WHERE so.id = $1 AND o.id = so.order_id AND so.stock_returned_at IS NULL
+            AND (o.stock = 'committed' OR (o.stock = 'released' AND o.paid_at IS NOT NULL))
+         RETURNING so.order_id, so.shop_id",
+    )
+    .bind(seller_order)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((order, shop)) = part else {
+        return Ok(());
+    };
+    let sold: Vec<Units> = sqlx::query_as(
+        "SELECT variant_id, quantity FROM order_lines WHERE order_id = $1 AND shop_id = $2",
+    )
+    .bind(order)
+    .bind(shop)
+    .fetch_all(&mut *tx)
+    .await?;
+    inventory::restock(tx, &sold, &format!("returned: order {order} cancelled"), corr).await?;
+    Ok(())
+}
+
+fn moved<T>(result: Result<T, status::MoveError>) -> Result<T, Failure> {
+    result.map_err(|e| match e {
+        status::MoveError::Db(e) => Failure::from(e),
+        other => Failure::permanent(other),
+    })
+}
+
+/// Expires unpaid orders whose reservation ran out, a batch at a time,
+/// until `shutdown`. Safe with several reservers: each takes the orders no
+/// other holds (`SKIP LOCKED`) and checks the state again under the lock.
+pub async fn sweep_expired(pool: PgPool, poll: Duration, shutdown: CancellationToken) {
+    let waker = outbox::Waker::spawn(pool.clone());
+    loop {
+        match expire_batch(&pool, 100).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(expired = n, "reservations ran out");
+                waker.wake();
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed; will try again"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// Expires up to `limit` orders in one transaction; returns how many.
+pub async fn expire_batch(pool: &PgPool, limit: i64) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let due: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, correlation_id FROM orders
+          WHERE stock = 'reserved' AND status IN ('reserved', 'awaiting_payment', 'payment_failed')
+            AND reserved_until < now()
+          ORDER BY reserved_until LIMIT $1
+          FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (order, corr) in &due {
+        let held = lines(&mut tx, *order).await?;
+        sqlx::query("UPDATE orders SET stock = 'released' WHERE id = $1 AND stock = 'reserved'")
+            .bind(order)
+            .execute(&mut *tx)
+            .await?;
+        inventory::release(&mut tx, &held, corr).await?;
+        let reason = "the order was not paid in time; its items went back on sale";
+        fail(&mut tx, *order, OrderStatus::Expired, reason, corr)
+            .await
+            .map_err(|f| anyhow::anyhow!("{f:?}"))?;
+        outbox::enqueue(&mut tx, &Envelope::new(&OrderExpired { order_id: *order }, corr.as_str())).await?;
+    }
+    tx.commit().await?;
+    Ok(due.len())
+}
