@@ -8,7 +8,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p souk-api -p souk-workers --bins \
  && mkdir -p /out \
- && cp target/release/souk-api target/release/outbox-relay target/release/mailer target/release/souk-admin /out/
+ && cp target/release/souk-api target/release/outbox-relay target/release/mailer \
+       target/release/order-splitter target/release/stock-reserver target/release/payments \
+       target/release/souk-admin /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl && rm -rf /var/lib/apt/lists/* \

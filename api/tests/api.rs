@@ -247,6 +247,15 @@ fn the_api_refuses_to_start_with_a_bad_setting_and_names_it() {
         ),
         (&[], "JWT_SECRET"),
         (&[("JWT_SECRET", "too-short")], "JWT_SECRET"),
+        (&[("JWT_SECRET", "0123456789abcdef0123456789abcdef")], "STRIPE_WEBHOOK_SECRET"),
+        (
+            &[
+                ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef"),
+                ("CURRENCY", "EURO"),
+            ],
+            "CURRENCY",
+        ),
     ];
     for (vars, named) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_souk-api"))

@@ -93,11 +93,25 @@ ensure_maildev() {
   fi
 }
 
+# localstripe (PyPI): Stripe's API and signed webhooks on localhost, for the
+# tests and for scripts/dev.
+LOCALSTRIPE_VERSION=1.15.10
+ensure_localstripe() {
+  if ! python3 -c 'import localstripe' 2>/dev/null; then
+    command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 ||
+      { log "installing pip"; apt_install python3-pip; }
+    log "installing localstripe (Stripe stand-in)"
+    python3 -m pip install --quiet "localstripe==$LOCALSTRIPE_VERSION" 2>/dev/null ||
+      python3 -m pip install --quiet --break-system-packages "localstripe==$LOCALSTRIPE_VERSION"
+  fi
+}
+
 ensure_services() {
   ensure_postgres
   ensure_rabbitmq
   ensure_redis
   ensure_maildev
+  ensure_localstripe
 }
 
 psql_admin() { psql -h 127.0.0.1 -U postgres -d postgres -v ON_ERROR_STOP=1 -qAt "$@"; }

@@ -52,6 +52,27 @@ fn each_worker_names_the_bad_variable_and_exits_non_zero() {
             &[DB, AMQP, ("AMQP_PREFIX", "a.b")],
             "AMQP_PREFIX",
         ),
+        (
+            env!("CARGO_BIN_EXE_order-splitter"),
+            &[DB, AMQP, ("COMMISSION_BPS", "20000")],
+            "COMMISSION_BPS",
+        ),
+        (
+            env!("CARGO_BIN_EXE_stock-reserver"),
+            &[DB, AMQP, ("RESERVATION_TTL_SECS", "0")],
+            "RESERVATION_TTL_SECS",
+        ),
+        (env!("CARGO_BIN_EXE_payments"), &[DB, AMQP], "STRIPE_SECRET_KEY"),
+        (
+            env!("CARGO_BIN_EXE_payments"),
+            &[DB, AMQP, ("STRIPE_SECRET_KEY", "pk_test_public")],
+            "STRIPE_SECRET_KEY",
+        ),
+        (
+            env!("CARGO_BIN_EXE_payments"),
+            &[DB, AMQP, ("STRIPE_SECRET_KEY", "sk_test_x"), ("STRIPE_API_BASE", "ftp://stripe")],
+            "STRIPE_API_BASE",
+        ),
     ];
     for (bin, vars, named) in cases {
         let (code, stderr) = run(bin, vars);

@@ -296,8 +296,9 @@ pub const COMMISSION_BPS: i32 = 1000;
 /// The outbox relay, the mailer and any of the checkout workers on the
 /// app's database, under their own broker prefix.
 pub struct Pipeline {
-    prefix: String,
-    names: Names,
+    /// The broker prefix; a worker binary joins the pipeline with it.
+    pub prefix: String,
+    pub names: Names,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
