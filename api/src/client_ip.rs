@@ -31,11 +31,15 @@ impl Network {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -120,9 +124,7 @@ impl FromRequestParts<AppState> for ClientIp {
             .collect();
         let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
         let proxies = &state.limiter.limits.trusted_proxies;
-        Ok(Self(
-            proxies.client(peer, forwarded.as_deref()).to_string(),
-        ))
+        Ok(Self(proxies.client(peer, forwarded.as_deref()).to_string()))
     }
 }
 
@@ -140,8 +142,14 @@ mod tests {
     #[test]
     fn an_untrusted_peer_is_the_client_whatever_it_forwards() {
         let p = proxies(&["10.0.0.0/8"]);
-        assert_eq!(p.client(ip("203.0.113.9"), Some("1.2.3.4")), ip("203.0.113.9"));
-        assert_eq!(TrustedProxies::default().client(ip("10.0.0.1"), Some("1.2.3.4")), ip("10.0.0.1"));
+        assert_eq!(
+            p.client(ip("203.0.113.9"), Some("1.2.3.4")),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            TrustedProxies::default().client(ip("10.0.0.1"), Some("1.2.3.4")),
+            ip("10.0.0.1")
+        );
     }
 
     #[test]
@@ -152,7 +160,10 @@ mod tests {
             p.client(ip("10.1.2.3"), Some("6.6.6.6, 198.51.100.7, 192.168.1.1")),
             ip("198.51.100.7")
         );
-        assert_eq!(p.client(ip("::ffff:10.1.2.3"), Some("198.51.100.7")), ip("198.51.100.7"));
+        assert_eq!(
+            p.client(ip("::ffff:10.1.2.3"), Some("198.51.100.7")),
+            ip("198.51.100.7")
+        );
         assert_eq!(p.client(ip("10.1.2.3"), None), ip("10.1.2.3"));
         assert_eq!(p.client(ip("10.1.2.3"), Some("garbage")), ip("10.1.2.3"));
         assert_eq!(p.client(ip("10.1.2.3"), Some("10.9.9.9")), ip("10.9.9.9"));
@@ -163,7 +174,12 @@ mod tests {
         let n: Network = "2001:db8::/32".parse().unwrap();
         assert!(n.contains(ip("2001:db8::1")));
         assert!(!n.contains(ip("2001:db9::1")));
-        assert!("0.0.0.0/0".parse::<Network>().unwrap().contains(ip("8.8.8.8")));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Network>()
+                .unwrap()
+                .contains(ip("8.8.8.8"))
+        );
         assert!("10.0.0.0/33".parse::<Network>().is_err());
         assert!("nonsense".parse::<Network>().is_err());
     }

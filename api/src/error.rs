@@ -92,9 +92,17 @@ const UNIQUE_FIELDS: &[(&str, &str, &str)] = &[
     ),
     ("shops_slug_key", "shop.slug", "this shop address is taken"),
     ("categories_slug_key", "slug", "this category slug is taken"),
-    ("reviews_once", "product_id", "you have already reviewed this product"),
+    (
+        "reviews_once",
+        "product_id",
+        "you have already reviewed this product",
+    ),
     ("coupons_code_key", "code", "this coupon code is taken"),
-    ("variants_sku_key", "sku", "this SKU is already used in your shop"),
+    (
+        "variants_sku_key",
+        "sku",
+        "this SKU is already used in your shop",
+    ),
 ];
 
 impl From<sqlx::Error> for ApiError {
@@ -116,7 +124,9 @@ impl From<souk_shared::orders::MoveError> for ApiError {
     fn from(e: souk_shared::orders::MoveError) -> Self {
         use souk_shared::orders::MoveError;
         match e {
-            MoveError::Refused(refused) => Self::Conflict(FieldError::new("status", refused.to_string())),
+            MoveError::Refused(refused) => {
+                Self::Conflict(FieldError::new("status", refused.to_string()))
+            }
             MoveError::NotFound => Self::NotFound,
             MoveError::Db(e) => e.into(),
         }

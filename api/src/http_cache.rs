@@ -18,7 +18,10 @@ pub fn cached_json<T: Serialize>(request: &HeaderMap, value: &T) -> Response {
     let digest = Sha256::digest(&body);
     let tag = format!(
         "\"{}\"",
-        digest[..16].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        digest[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     );
     let fresh = request
         .get_all(header::IF_NONE_MATCH)

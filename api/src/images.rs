@@ -55,7 +55,11 @@ pub async fn read_field(
 
 /// Decodes (JPEG, PNG or WebP, by content), shrinks to fit `size`×`size`
 /// and re-encodes as PNG, off the async threads.
-pub async fn normalise(bytes: Vec<u8>, field: &'static str, size: u32) -> Result<Vec<u8>, ApiError> {
+pub async fn normalise(
+    bytes: Vec<u8>,
+    field: &'static str,
+    size: u32,
+) -> Result<Vec<u8>, ApiError> {
     tokio::task::spawn_blocking(move || {
         let not_image = || invalid(field, "must be a JPEG, PNG or WebP image");
         let mut reader = ImageReader::new(Cursor::new(bytes))
@@ -128,7 +132,10 @@ pub async fn serve(state: &AppState, key: &StorePath) -> Result<Response, ApiErr
         header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=31536000, immutable"),
     );
-    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     Ok(response)
 }
 
@@ -204,7 +211,12 @@ impl Gallery {
     }
 
     /// Serves one of the owner's images by file name.
-    pub async fn serve(&self, state: &AppState, owner: Uuid, file: &str) -> Result<Response, ApiError> {
+    pub async fn serve(
+        &self,
+        state: &AppState,
+        owner: Uuid,
+        file: &str,
+    ) -> Result<Response, ApiError> {
         if !valid_file(file) {
             return Err(ApiError::NotFound);
         }

@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 
 use souk_api::{
-    auth::oidc::OidcClient, broker::BrokerProbe, config::ApiConfig, ratelimit::RateLimiter, router, state::AppState,
+    auth::oidc::OidcClient, broker::BrokerProbe, config::ApiConfig, ratelimit::RateLimiter, router,
+    state::AppState,
 };
 use souk_shared::{
     config::{Env, exit_on_error},

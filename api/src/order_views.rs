@@ -193,10 +193,12 @@ pub async fn order(conn: &mut PgConnection, id: Uuid, scope: Scope) -> Result<Or
     .await?;
     let status_now = status(OrderStatus::parse, &row.status)?;
     let payment = match (&row.payment_intent_id, &row.client_secret, scope) {
-        (Some(intent), Some(secret), Scope::Customer(_)) if status_now.payable() => Some(PaymentDetails {
-            payment_intent_id: intent.clone(),
-            client_secret: secret.clone(),
-        }),
+        (Some(intent), Some(secret), Scope::Customer(_)) if status_now.payable() => {
+            Some(PaymentDetails {
+                payment_intent_id: intent.clone(),
+                client_secret: secret.clone(),
+            })
+        }
         _ => None,
     };
     let seller_orders = parts
@@ -236,7 +238,9 @@ pub async fn order(conn: &mut PgConnection, id: Uuid, scope: Scope) -> Result<Or
         lines,
         seller_orders,
         payment,
-        reserved_until: row.reserved_until.filter(|_| status_now.payable() || status_now == OrderStatus::Reserved),
+        reserved_until: row
+            .reserved_until
+            .filter(|_| status_now.payable() || status_now == OrderStatus::Reserved),
         failure_reason: row.failure_reason,
         created_at: row.created_at,
         paid_at: row.paid_at,
@@ -286,7 +290,11 @@ pub struct SellerOrder {
 }
 
 /// A seller order in the reader's scope (sellers: their shop's; admins: any).
-pub async fn seller_order(conn: &mut PgConnection, id: Uuid, scope: Scope) -> Result<SellerOrder, ApiError> {
+pub async fn seller_order(
+    conn: &mut PgConnection,
+    id: Uuid,
+    scope: Scope,
+) -> Result<SellerOrder, ApiError> {
     if matches!(scope, Scope::Customer(_)) {
         return Err(ApiError::NotFound);
     }
@@ -391,7 +399,10 @@ pub struct TrackingEvent {
 }
 
 /// An order's events, oldest first.
-pub async fn tracking(conn: &mut PgConnection, order: Uuid) -> Result<Vec<TrackingEvent>, ApiError> {
+pub async fn tracking(
+    conn: &mut PgConnection,
+    order: Uuid,
+) -> Result<Vec<TrackingEvent>, ApiError> {
     Ok(sqlx::query_as(
         "SELECT e.created_at AS at, e.subject, e.seller_order_id, s.name AS shop, e.from_status,
                 e.to_status, e.actor_role, e.note, e.data->>'carrier' AS carrier,

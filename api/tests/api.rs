@@ -247,7 +247,10 @@ fn the_api_refuses_to_start_with_a_bad_setting_and_names_it() {
         ),
         (&[], "JWT_SECRET"),
         (&[("JWT_SECRET", "too-short")], "JWT_SECRET"),
-        (&[("JWT_SECRET", "0123456789abcdef0123456789abcdef")], "STRIPE_WEBHOOK_SECRET"),
+        (
+            &[("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+            "STRIPE_WEBHOOK_SECRET",
+        ),
         (
             &[
                 ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),

@@ -5,13 +5,14 @@
 mod common;
 
 use common::{
+    COMMISSION_BPS, Pipeline, SHIPPING_FLAT_MINOR,
     catalog::{call, json_of},
     fields,
     orders::{
-        add_product, add_to_cart, checkout, checkout_request, customer, listing,
+        Market, add_product, add_to_cart, checkout, checkout_request, customer, listing,
         mails_about, order, pay, post_event, seller_email, stock, stripe_for, wait_for,
     },
-    problem, spawn_app, Pipeline, COMMISSION_BPS, SHIPPING_FLAT_MINOR,
+    problem, spawn_app,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -54,7 +55,11 @@ async fn the_full_path_pays_a_two_shop_order_once_and_mails_everyone() {
     assert_eq!(placed["subtotal_minor"], 2 * 4500 + 1200 + 3000);
     assert_eq!(placed["lines"].as_array().unwrap().len(), 3);
     assert_eq!(placed["shipping_address"]["city"], "Fes");
-    let cart = json_of(call(&app, &buyer.token, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    let cart = json_of(
+        call(&app, &buyer.token, Method::GET, "/cart", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(cart["item_count"], 0, "the cart is emptied by checkout");
 
     let order_id = id(&placed);
@@ -95,20 +100,49 @@ async fn the_full_path_pays_a_two_shop_order_once_and_mails_everyone() {
     assert_eq!(intents.len(), 1);
     assert_eq!(intents[0]["id"], intent.as_str());
     assert_eq!(intents[0]["amount"], total);
-    assert_eq!(count_where(&app, "SELECT count(*) FROM payments WHERE order_id = $1", &order_id).await, 1);
+    assert_eq!(
+        count_where(
+            &app,
+            "SELECT count(*) FROM payments WHERE order_id = $1",
+            &order_id
+        )
+        .await,
+        1
+    );
 
     // Mails: the receipt, and a new-order mail to each seller (with an in-app note).
     let receipt = mails_about(&buyer.email, "is paid", 1).await;
-    assert!(receipt[0].text.contains("Walnut board"), "{}", receipt[0].text);
+    assert!(
+        receipt[0].text.contains("Walnut board"),
+        "{}",
+        receipt[0].text
+    );
     for slug in ["oak", "tea"] {
         let mails = mails_about(&seller_email(&app, slug).await, "New paid order", 1).await;
-        assert!(mails[0].text.contains("Casey Buyer"), "the seller gets the address");
+        assert!(
+            mails[0].text.contains("Casey Buyer"),
+            "the seller gets the address"
+        );
     }
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM notifications WHERE kind = 'new_order'").await, 2);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM notifications WHERE kind = 'new_order'"
+        )
+        .await,
+        2
+    );
 
     // The timeline so far: placed, reserved, awaiting payment, paid.
     let timeline = json_of(
-        call(&app, &buyer.token, Method::GET, &format!("/orders/{order_id}/tracking"), json!({})).await,
+        call(
+            &app,
+            &buyer.token,
+            Method::GET,
+            &format!("/orders/{order_id}/tracking"),
+            json!({}),
+        )
+        .await,
         StatusCode::OK,
     )
     .await;
@@ -129,7 +163,11 @@ async fn checkout_refuses_what_cannot_be_bought_and_writes_nothing() {
     let oak = listing(&app, "oak", "Walnut board", 4500, 2).await;
     let buyer = customer(&app).await;
 
-    let empty = problem(checkout_request(&app, &buyer.token, None, json!({})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let empty = problem(
+        checkout_request(&app, &buyer.token, None, json!({})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(fields(&empty), ["cart"]);
 
     add_to_cart(&app, &buyer.token, &oak.variant, 2).await;
@@ -139,33 +177,72 @@ async fn checkout_refuses_what_cannot_be_bought_and_writes_nothing() {
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let short = problem(checkout_request(&app, &buyer.token, None, json!({})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let short = problem(
+        checkout_request(&app, &buyer.token, None, json!({})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(fields(&short), [format!("cart.{}", oak.variant)]);
-    assert!(short["detail"].as_str().unwrap().contains("only 1"), "{short}");
+    assert!(
+        short["detail"].as_str().unwrap().contains("only 1"),
+        "{short}"
+    );
 
     json_of(
-        call(&app, &buyer.token, Method::PUT, &format!("/cart/items/{}", oak.variant), json!({"quantity": 1})).await,
+        call(
+            &app,
+            &buyer.token,
+            Method::PUT,
+            &format!("/cart/items/{}", oak.variant),
+            json!({"quantity": 1}),
+        )
+        .await,
         StatusCode::OK,
     )
     .await;
     let bad_address = json!({"address_id": Uuid::now_v7()});
     let resp = checkout_request(&app, &buyer.token, None, bad_address).await;
-    assert_eq!(fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await), ["address_id"]);
+    assert_eq!(
+        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["address_id"]
+    );
 
-    let seller = problem(checkout_request(&app, &oak.seller, None, json!({})).await, StatusCode::FORBIDDEN).await;
+    let seller = problem(
+        checkout_request(&app, &oak.seller, None, json!({})).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
     assert_eq!(fields(&seller), ["role"]);
     sqlx::query("UPDATE users SET email_verified_at = NULL WHERE id = $1")
         .bind(buyer.id)
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let unverified = problem(checkout_request(&app, &buyer.token, None, json!({})).await, StatusCode::FORBIDDEN).await;
+    let unverified = problem(
+        checkout_request(&app, &buyer.token, None, json!({})).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
     assert_eq!(fields(&unverified), ["email"]);
 
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM orders").await, 0);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM order_lines").await, 0);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM outbox WHERE routing_key LIKE 'order.%'").await, 0);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM cart_items").await, 1, "the cart is kept");
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM order_lines").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM outbox WHERE routing_key LIKE 'order.%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM cart_items").await,
+        1,
+        "the cart is kept"
+    );
 }
 
 #[tokio::test]
@@ -183,19 +260,38 @@ async fn checkout_with_the_same_idempotency_key_makes_one_order() {
     let a = json_of(a, StatusCode::ACCEPTED).await;
     let b = json_of(b, StatusCode::ACCEPTED).await;
     assert_eq!(a["id"], b["id"]);
-    let again = json_of(checkout_request(&app, &buyer.token, Some("click-1"), json!({})).await, StatusCode::ACCEPTED).await;
+    let again = json_of(
+        checkout_request(&app, &buyer.token, Some("click-1"), json!({})).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
     assert_eq!(again["id"], a["id"]);
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM orders").await, 1);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM outbox WHERE routing_key = 'order.placed'").await, 1);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM outbox WHERE routing_key = 'order.placed'"
+        )
+        .await,
+        1
+    );
 
     // The same key with another request is refused.
     let other = json!({"address_id": Uuid::now_v7()});
-    let reused = problem(checkout_request(&app, &buyer.token, Some("click-1"), other).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let reused = problem(
+        checkout_request(&app, &buyer.token, Some("click-1"), other).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(fields(&reused), ["Idempotency-Key"]);
     // Another customer's identical key is theirs alone.
     let other_buyer = customer(&app).await;
     add_to_cart(&app, &other_buyer.token, &oak.variant, 1).await;
-    let theirs = json_of(checkout_request(&app, &other_buyer.token, Some("click-1"), json!({})).await, StatusCode::ACCEPTED).await;
+    let theirs = json_of(
+        checkout_request(&app, &other_buyer.token, Some("click-1"), json!({})).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
     assert_ne!(theirs["id"], a["id"]);
 }
 
@@ -211,16 +307,29 @@ async fn fifty_checkouts_for_the_last_unit_make_exactly_one_paid_order() {
         add_to_cart(&app, &buyer.token, &last.variant, 1).await;
         buyers.push(buyer);
     }
-    let placed = futures_util::future::join_all(buyers.iter().map(|b| checkout(&app, &b.token))).await;
+    let placed =
+        futures_util::future::join_all(buyers.iter().map(|b| checkout(&app, &b.token))).await;
     let orders: Vec<String> = placed.iter().map(id).collect();
 
     // Every order settles: one reserved, the rest out of stock.
-    wait_until("every order reserved or out of stock", PIPELINE_WAIT, || async {
-        count(&app.db.pool, "SELECT count(*) FROM orders WHERE status IN ('awaiting_payment', 'out_of_stock')").await == 50
-    })
+    wait_until(
+        "every order reserved or out of stock",
+        PIPELINE_WAIT,
+        || async {
+            count(
+                &app.db.pool,
+                "SELECT count(*) FROM orders WHERE status IN ('awaiting_payment', 'out_of_stock')",
+            )
+            .await
+                == 50
+        },
+    )
     .await;
     let winners: Vec<(usize, Value)> = futures_util::future::join_all(
-        buyers.iter().zip(&orders).map(|(b, o)| order(&app, &b.token, o)),
+        buyers
+            .iter()
+            .zip(&orders)
+            .map(|(b, o)| order(&app, &b.token, o)),
     )
     .await
     .into_iter()
@@ -231,19 +340,48 @@ async fn fifty_checkouts_for_the_last_unit_make_exactly_one_paid_order() {
     assert_eq!(stock(&app, &last.variant).await, (1, 1));
 
     let (winner, _) = &winners[0];
-    pay(&app, &stripe, &buyers[*winner].token, &orders[*winner], CARD_OK).await;
+    pay(
+        &app,
+        &stripe,
+        &buyers[*winner].token,
+        &orders[*winner],
+        CARD_OK,
+    )
+    .await;
     wait_for(&app, &buyers[*winner].token, &orders[*winner], "paid").await;
-    assert_eq!(stock(&app, &last.variant).await, (0, 0), "on_hand and reserved end exact");
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM orders WHERE status = 'paid'").await, 1);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM payments").await, 1);
+    assert_eq!(
+        stock(&app, &last.variant).await,
+        (0, 0),
+        "on_hand and reserved end exact"
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM orders WHERE status = 'paid'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM payments").await,
+        1
+    );
 
     // The others are told clearly why.
     for (i, buyer) in buyers.iter().enumerate().filter(|(i, _)| i != winner) {
         let lost = order(&app, &buyer.token, &orders[i]).await;
         assert_eq!(lost["status"], "out_of_stock");
-        assert_eq!(lost["failure_reason"], "Last walnut board (Default) is out of stock");
+        assert_eq!(
+            lost["failure_reason"],
+            "Last walnut board (Default) is out of stock"
+        );
     }
-    let loser = buyers.iter().enumerate().find(|(i, _)| i != winner).unwrap().1;
+    let loser = buyers
+        .iter()
+        .enumerate()
+        .find(|(i, _)| i != winner)
+        .unwrap()
+        .1;
     let mail = mails_about(&loser.email, "could not complete", 1).await;
     assert!(mail[0].text.contains("is out of stock"), "{}", mail[0].text);
     pipeline.stop().await;
@@ -261,34 +399,55 @@ async fn sent_event(stripe: &LocalStripe, kind: &str, intent: &str) -> Value {
 
 #[tokio::test]
 async fn the_same_webhook_three_times_applies_once() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 2).await;
-    let order_id = id(&checkout(&app, &buyer.token).await);
-    let intent = pay(&app, &stripe, &buyer.token, &order_id, CARD_OK).await;
-    wait_for(&app, &buyer.token, &order_id, "paid").await;
-    let succeeded = sent_event(&stripe, "payment_intent.succeeded", &intent).await;
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 2).await;
+    let order_id = id(&checkout(app, &buyer.token).await);
+    let intent = pay(app, stripe, &buyer.token, &order_id, CARD_OK).await;
+    wait_for(app, &buyer.token, &order_id, "paid").await;
+    let succeeded = sent_event(stripe, "payment_intent.succeeded", &intent).await;
 
     // Stripe retries: the same event twice more, each answered 2xx.
     for _ in 0..2 {
-        let resp = post_event(&app, &succeeded, WEBHOOK_SECRET, now()).await;
+        let resp = post_event(app, &succeeded, WEBHOOK_SECRET, now()).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.json::<Value>().await.unwrap()["stored"], false);
     }
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM stripe_events WHERE type = 'payment_intent.succeeded'").await, 1);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM payments").await, 1);
-    assert_eq!(stock(&app, &oak.variant).await, (3, 0), "sold once");
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM email_log WHERE template = 'order_receipt'").await, 1);
-    pipeline.stop().await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM stripe_events WHERE type = 'payment_intent.succeeded'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM payments").await,
+        1
+    );
+    assert_eq!(stock(app, &oak.variant).await, (3, 0), "sold once");
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM email_log WHERE template = 'order_receipt'"
+        )
+        .await,
+        1
+    );
+    market.close().await;
 }
 
 /// A PaymentIntent event as Stripe would send it.
 fn intent_event(kind: &str, intent: &str, order: &str, amount: i64) -> Value {
-    let status = if kind.ends_with("succeeded") { "succeeded" } else { "requires_payment_method" };
+    let status = if kind.ends_with("succeeded") {
+        "succeeded"
+    } else {
+        "requires_payment_method"
+    };
     event(
         &format!("evt_{}", Uuid::now_v7().simple()),
         kind,
@@ -311,23 +470,48 @@ async fn events_out_of_order_never_move_an_order_backwards() {
     let placed = checkout(&app, &buyer.token).await;
     let order_id = id(&placed);
     let awaiting = wait_for(&app, &buyer.token, &order_id, "awaiting_payment").await;
-    let intent = awaiting["payment"]["payment_intent_id"].as_str().unwrap().to_string();
+    let intent = awaiting["payment"]["payment_intent_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let total = awaiting["total_minor"].as_i64().unwrap();
 
     // Stripe delivers the success, then a failure from an earlier attempt.
-    let ok = post_event(&app, &intent_event("payment_intent.succeeded", &intent, &order_id, total), WEBHOOK_SECRET, now()).await;
+    let ok = post_event(
+        &app,
+        &intent_event("payment_intent.succeeded", &intent, &order_id, total),
+        WEBHOOK_SECRET,
+        now(),
+    )
+    .await;
     assert_eq!(ok.status(), StatusCode::OK);
     wait_for(&app, &buyer.token, &order_id, "paid").await;
-    let late = post_event(&app, &intent_event("payment_intent.payment_failed", &intent, &order_id, total), WEBHOOK_SECRET, now()).await;
+    let late = post_event(
+        &app,
+        &intent_event("payment_intent.payment_failed", &intent, &order_id, total),
+        WEBHOOK_SECRET,
+        now(),
+    )
+    .await;
     assert_eq!(late.status(), StatusCode::OK);
     wait_until("the late failure to be applied", PIPELINE_WAIT, || async {
-        count(&app.db.pool, "SELECT count(*) FROM processed_messages WHERE consumer = 'stripe-events'").await == 2
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM processed_messages WHERE consumer = 'stripe-events'",
+        )
+        .await
+            == 2
     })
     .await;
     let still = order(&app, &buyer.token, &order_id).await;
     assert_eq!(still["status"], "paid");
     assert_eq!(stock(&app, &oak.variant).await, (4, 0));
-    let moves = count_where(&app, "SELECT count(*) FROM order_events WHERE order_id = $1 AND to_status = 'payment_failed'", &order_id).await;
+    let moves = count_where(
+        &app,
+        "SELECT count(*) FROM order_events WHERE order_id = $1 AND to_status = 'payment_failed'",
+        &order_id,
+    )
+    .await;
     assert_eq!(moves, 0);
     pipeline.stop().await;
 }
@@ -338,10 +522,21 @@ async fn a_bad_signature_or_an_old_timestamp_is_refused_and_stores_nothing() {
     let order = Uuid::now_v7().to_string();
     let event = intent_event("payment_intent.succeeded", "pi_forged", &order, 100);
 
-    let forged = problem(post_event(&app, &event, "whsec_someone_elses_secret", now()).await, StatusCode::BAD_REQUEST).await;
+    let forged = problem(
+        post_event(&app, &event, "whsec_someone_elses_secret", now()).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     assert_eq!(fields(&forged), ["Stripe-Signature"]);
-    let old = problem(post_event(&app, &event, WEBHOOK_SECRET, now() - 301).await, StatusCode::BAD_REQUEST).await;
-    assert!(old["detail"].as_str().unwrap().contains("tolerance"), "{old}");
+    let old = problem(
+        post_event(&app, &event, WEBHOOK_SECRET, now() - 301).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert!(
+        old["detail"].as_str().unwrap().contains("tolerance"),
+        "{old}"
+    );
     // A body changed after signing.
     let body = serde_json::to_string(&event).unwrap();
     let signature = souk_testkit::stripe::signature(&body, WEBHOOK_SECRET, now());
@@ -355,31 +550,51 @@ async fn a_bad_signature_or_an_old_timestamp_is_refused_and_stores_nothing() {
         .await
         .unwrap();
     problem(resp, StatusCode::BAD_REQUEST).await;
-    let unsigned = app.http.post(format!("{}/api/v1/stripe/webhook", app.base)).body(body).send().await.unwrap();
+    let unsigned = app
+        .http
+        .post(format!("{}/api/v1/stripe/webhook", app.base))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     problem(unsigned, StatusCode::BAD_REQUEST).await;
 
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM stripe_events").await, 0);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM stripe_events").await,
+        0
+    );
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM outbox").await, 0);
     // Within the tolerance it is taken.
     let fresh = post_event(&app, &event, WEBHOOK_SECRET, now() - 250).await;
     assert_eq!(fresh.status(), StatusCode::OK);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM stripe_events").await, 1);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM stripe_events").await,
+        1
+    );
 }
 
 #[tokio::test]
 async fn a_declined_card_can_be_retried_with_another() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
-    let order_id = id(&checkout(&app, &buyer.token).await);
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let order_id = id(&checkout(app, &buyer.token).await);
 
-    let intent = pay(&app, &stripe, &buyer.token, &order_id, CARD_DECLINED).await;
-    let failed = wait_for(&app, &buyer.token, &order_id, "payment_failed").await;
-    assert_eq!(failed["payment"]["payment_intent_id"], intent.as_str(), "still payable");
-    assert_eq!(stock(&app, &oak.variant).await, (5, 1), "the items stay held");
+    let intent = pay(app, stripe, &buyer.token, &order_id, CARD_DECLINED).await;
+    let failed = wait_for(app, &buyer.token, &order_id, "payment_failed").await;
+    assert_eq!(
+        failed["payment"]["payment_intent_id"],
+        intent.as_str(),
+        "still payable"
+    );
+    assert_eq!(
+        stock(app, &oak.variant).await,
+        (5, 1),
+        "the items stay held"
+    );
     mails_about(&buyer.email, "did not go through", 1).await;
 
     // The customer tries another card and Stripe charges it. (localstripe
@@ -387,24 +602,32 @@ async fn a_declined_card_can_be_retried_with_another() {
     // success comes as Stripe would send it, signed.)
     let total = failed["total_minor"].as_i64().unwrap();
     let succeeded = intent_event("payment_intent.succeeded", &intent, &order_id, total);
-    assert_eq!(post_event(&app, &succeeded, WEBHOOK_SECRET, now()).await.status(), StatusCode::OK);
-    wait_for(&app, &buyer.token, &order_id, "paid").await;
-    assert_eq!(stock(&app, &oak.variant).await, (4, 0));
-    pipeline.stop().await;
+    assert_eq!(
+        post_event(app, &succeeded, WEBHOOK_SECRET, now())
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    wait_for(app, &buyer.token, &order_id, "paid").await;
+    assert_eq!(stock(app, &oak.variant).await, (4, 0));
+    market.close().await;
 }
 
 #[tokio::test]
 async fn an_unpaid_reservation_expires_releases_stock_and_cancels_the_intent() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 3).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 2).await;
-    let order_id = id(&checkout(&app, &buyer.token).await);
-    let awaiting = wait_for(&app, &buyer.token, &order_id, "awaiting_payment").await;
-    let intent = awaiting["payment"]["payment_intent_id"].as_str().unwrap().to_string();
-    assert_eq!(stock(&app, &oak.variant).await, (3, 2));
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 2).await;
+    let order_id = id(&checkout(app, &buyer.token).await);
+    let awaiting = wait_for(app, &buyer.token, &order_id, "awaiting_payment").await;
+    let intent = awaiting["payment"]["payment_intent_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(stock(app, &oak.variant).await, (5, 2));
 
     // Time passes: the reservation runs out and the sweep finds it.
     sqlx::query("UPDATE orders SET reserved_until = now() - interval '1 second' WHERE id = $1")
@@ -412,13 +635,15 @@ async fn an_unpaid_reservation_expires_releases_stock_and_cancels_the_intent() {
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let expired = wait_for(&app, &buyer.token, &order_id, "expired").await;
+    let expired = wait_for(app, &buyer.token, &order_id, "expired").await;
     assert!(expired["payment"].is_null());
-    assert_eq!(stock(&app, &oak.variant).await, (3, 0), "back on sale");
-    wait_until("the intent to be cancelled at Stripe", PIPELINE_WAIT, || async {
-        stripe.intent(&intent).await["status"] == "canceled"
-    })
+    assert_eq!(stock(app, &oak.variant).await, (5, 0), "back on sale");
+    wait_until(
+        "the intent to be cancelled at Stripe",
+        PIPELINE_WAIT,
+        || async { stripe.intent(&intent).await["status"] == "canceled" },
+    )
     .await;
     mails_about(&buyer.email, "expired", 1).await;
-    pipeline.stop().await;
+    market.close().await;
 }

@@ -5,18 +5,18 @@
 mod common;
 
 use common::{
-    App, Pipeline, admin,
+    App, admin,
     catalog::{call, json_of},
     fields,
     orders::{
-        PIPELINE_WAIT, add_to_cart, checkout, checkout_and_pay, customer, listing, mails_about, order,
-        pay, seller_email, stock, stripe_for, wait_for,
+        Market, PIPELINE_WAIT, add_to_cart, checkout, checkout_and_pay, customer, mails_about,
+        order, pay, seller_email, stock, wait_for,
     },
-    problem, signed_in, spawn_app, token_for,
+    problem, signed_in, token_for,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use souk_testkit::{amqp_url, count, stripe::CARD_OK, wait_until};
+use souk_testkit::{count, stripe::CARD_OK, wait_until};
 
 fn id(v: &Value) -> String {
     v["id"].as_str().unwrap().to_string()
@@ -34,116 +34,217 @@ fn part(order: &Value, slug: &str) -> String {
 }
 
 async fn set_status(app: &App, token: &str, part: &str, body: Value) -> reqwest::Response {
-    call(app, token, Method::POST, &format!("/seller/orders/{part}/status"), body).await
+    call(
+        app,
+        token,
+        Method::POST,
+        &format!("/seller/orders/{part}/status"),
+        body,
+    )
+    .await
 }
 
 #[tokio::test]
 async fn a_seller_ships_and_delivers_and_the_customer_follows_it() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
-    let paid = checkout_and_pay(&app, &stripe, &buyer.token).await;
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
     let oak_part = part(&paid, "oak");
 
     // Delivered before shipping is refused; shipping needs carrier and number.
-    let early = set_status(&app, &oak.seller, &oak_part, json!({"status": "delivered"})).await;
-    assert_eq!(fields(&problem(early, StatusCode::CONFLICT).await), ["status"]);
-    let bare = set_status(&app, &oak.seller, &oak_part, json!({"status": "shipped"})).await;
-    assert_eq!(fields(&problem(bare, StatusCode::UNPROCESSABLE_ENTITY).await), ["carrier", "tracking_number"]);
+    let early = set_status(app, &oak.seller, &oak_part, json!({"status": "delivered"})).await;
+    assert_eq!(
+        fields(&problem(early, StatusCode::CONFLICT).await),
+        ["status"]
+    );
+    let bare = set_status(app, &oak.seller, &oak_part, json!({"status": "shipped"})).await;
+    assert_eq!(
+        fields(&problem(bare, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["carrier", "tracking_number"]
+    );
 
-    json_of(set_status(&app, &oak.seller, &oak_part, json!({"status": "processing"})).await, StatusCode::OK).await;
+    json_of(
+        set_status(app, &oak.seller, &oak_part, json!({"status": "processing"})).await,
+        StatusCode::OK,
+    )
+    .await;
     let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM123456MA"});
-    let shipped = json_of(set_status(&app, &oak.seller, &oak_part, shipped).await, StatusCode::OK).await;
+    let shipped = json_of(
+        set_status(app, &oak.seller, &oak_part, shipped).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(shipped["status"], "shipped");
     assert_eq!(shipped["tracking_number"], "AM123456MA");
     let mail = mails_about(&buyer.email, "on its way", 1).await;
     assert!(mail[0].text.contains("AM123456MA"), "{}", mail[0].text);
-    json_of(set_status(&app, &oak.seller, &oak_part, json!({"status": "delivered"})).await, StatusCode::OK).await;
+    json_of(
+        set_status(app, &oak.seller, &oak_part, json!({"status": "delivered"})).await,
+        StatusCode::OK,
+    )
+    .await;
     mails_about(&buyer.email, "was delivered", 1).await;
 
     // The customer's timeline shows each step, with the tracking number.
     let path = format!("/orders/{}/tracking", id(&paid));
-    let timeline = json_of(call(&app, &buyer.token, Method::GET, &path, json!({})).await, StatusCode::OK).await;
+    let timeline = json_of(
+        call(app, &buyer.token, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     let steps: Vec<(&str, &str)> = timeline
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["subject"] == "seller_order")
-        .map(|e| (e["to_status"].as_str().unwrap(), e["actor_role"].as_str().unwrap()))
+        .map(|e| {
+            (
+                e["to_status"].as_str().unwrap(),
+                e["actor_role"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         steps,
-        [("paid", "system"), ("processing", "seller"), ("shipped", "seller"), ("delivered", "seller")]
+        [
+            ("paid", "system"),
+            ("processing", "seller"),
+            ("shipped", "seller"),
+            ("delivered", "seller")
+        ]
     );
-    let shipment = timeline.as_array().unwrap().iter().find(|e| e["to_status"] == "shipped").unwrap();
+    let shipment = timeline
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["to_status"] == "shipped")
+        .unwrap();
     assert_eq!(shipment["carrier"], "Amana");
     assert_eq!(shipment["shop"], "Shop");
     // Settlement hears of the delivery.
     assert_eq!(
-        count(&app.db.pool, "SELECT count(*) FROM outbox WHERE routing_key = 'seller_order.delivered'").await,
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM outbox WHERE routing_key = 'seller_order.delivered'"
+        )
+        .await,
         1
     );
     // Too late to cancel now.
     let path = format!("/orders/{}/cancel", id(&paid));
-    let late = problem(call(&app, &buyer.token, Method::POST, &path, json!({})).await, StatusCode::CONFLICT).await;
-    assert!(late["detail"].as_str().unwrap().contains("shipped"), "{late}");
-    pipeline.stop().await;
+    let late = problem(
+        call(app, &buyer.token, Method::POST, &path, json!({})).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert!(
+        late["detail"].as_str().unwrap().contains("shipped"),
+        "{late}"
+    );
+    market.close().await;
 }
 
 #[tokio::test]
 async fn a_seller_sees_the_address_only_once_the_order_is_paid() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
-    let order_id = id(&checkout(&app, &buyer.token).await);
-    let awaiting = wait_for(&app, &buyer.token, &order_id, "awaiting_payment").await;
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let order_id = id(&checkout(app, &buyer.token).await);
+    let awaiting = wait_for(app, &buyer.token, &order_id, "awaiting_payment").await;
     let oak_part = part(&awaiting, "oak");
     let path = format!("/seller/orders/{oak_part}");
 
-    let unpaid = json_of(call(&app, &oak.seller, Method::GET, &path, json!({})).await, StatusCode::OK).await;
+    let unpaid = json_of(
+        call(app, &oak.seller, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(unpaid["status"], "pending");
     assert!(unpaid["shipping_address"].is_null(), "{unpaid}");
 
-    pay(&app, &stripe, &buyer.token, &order_id, CARD_OK).await;
-    wait_for(&app, &buyer.token, &order_id, "paid").await;
-    let paid = json_of(call(&app, &oak.seller, Method::GET, &path, json!({})).await, StatusCode::OK).await;
+    pay(app, stripe, &buyer.token, &order_id, CARD_OK).await;
+    wait_for(app, &buyer.token, &order_id, "paid").await;
+    let paid = json_of(
+        call(app, &oak.seller, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(paid["shipping_address"]["line1"], "1 Market Street");
-    assert_eq!(paid["payout_minor"], paid["total_minor"].as_i64().unwrap() - paid["commission_minor"].as_i64().unwrap());
-    pipeline.stop().await;
+    assert_eq!(
+        paid["payout_minor"],
+        paid["total_minor"].as_i64().unwrap() - paid["commission_minor"].as_i64().unwrap()
+    );
+    market.close().await;
 }
 
 #[tokio::test]
 async fn a_seller_cancelling_its_part_refunds_only_that_part() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 2).await;
-    add_to_cart(&app, &buyer.token, &tea.variant, 1).await;
-    let paid = checkout_and_pay(&app, &stripe, &buyer.token).await;
+    let market = Market::open().await;
+    let Market {
+        app,
+        stripe,
+        oak,
+        tea,
+        ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 2).await;
+    add_to_cart(app, &buyer.token, &tea.variant, 1).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
     let order_id = id(&paid);
     let (oak_part, tea_part) = (part(&paid, "oak"), part(&paid, "tea"));
-    let oak_total = paid["seller_orders"].as_array().unwrap().iter().find(|p| p["id"] == oak_part.as_str()).unwrap()
-        ["total_minor"]
+    let oak_total = paid["seller_orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == oak_part.as_str())
+        .unwrap()["total_minor"]
         .as_i64()
         .unwrap();
 
     // Another shop's seller cannot cancel it.
     let path = format!("/seller/orders/{oak_part}/cancel");
-    problem(call(&app, &tea.seller, Method::POST, &path, json!({"reason": "no"})).await, StatusCode::NOT_FOUND).await;
-    let missing = call(&app, &oak.seller, Method::POST, &path, json!({"reason": " "})).await;
-    assert_eq!(fields(&problem(missing, StatusCode::UNPROCESSABLE_ENTITY).await), ["reason"]);
+    problem(
+        call(
+            app,
+            &tea.seller,
+            Method::POST,
+            &path,
+            json!({"reason": "no"}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let missing = call(
+        app,
+        &oak.seller,
+        Method::POST,
+        &path,
+        json!({"reason": " "}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(missing, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["reason"]
+    );
 
     let cancelled = json_of(
-        call(&app, &oak.seller, Method::POST, &path, json!({"reason": "the board cracked in the workshop"})).await,
+        call(
+            app,
+            &oak.seller,
+            Method::POST,
+            &path,
+            json!({"reason": "the board cracked in the workshop"}),
+        )
+        .await,
         StatusCode::OK,
     )
     .await;
@@ -151,77 +252,102 @@ async fn a_seller_cancelling_its_part_refunds_only_that_part() {
 
     // Oak's part comes back, refunded; the tea part and its stock are untouched.
     wait_until("oak's part refunded", PIPELINE_WAIT, || async {
-        order(&app, &buyer.token, &order_id).await["seller_orders"]
+        order(app, &buyer.token, &order_id).await["seller_orders"]
             .as_array()
             .unwrap()
             .iter()
             .any(|p| p["id"] == oak_part.as_str() && p["status"] == "refunded")
     })
     .await;
-    let after = order(&app, &buyer.token, &order_id).await;
+    let after = order(app, &buyer.token, &order_id).await;
     assert_eq!(after["status"], "paid", "the rest of the order stands");
     assert_eq!(after["refunded_minor"], oak_total);
-    let intent: String = sqlx::query_scalar("SELECT payment_intent_id FROM orders WHERE status = 'paid'")
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
+    let intent: String =
+        sqlx::query_scalar("SELECT payment_intent_id FROM orders WHERE status = 'paid'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
     let refunds = stripe.refunds_of(&intent).await;
     assert_eq!(refunds.len(), 1);
     assert_eq!(refunds[0]["amount"], oak_total);
-    let tea_now = after["seller_orders"].as_array().unwrap().iter().find(|p| p["id"] == tea_part.as_str()).unwrap().clone();
+    let tea_now = after["seller_orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == tea_part.as_str())
+        .unwrap()
+        .clone();
     assert_eq!(tea_now["status"], "paid");
     assert_eq!(tea_now["refunded_minor"], 0);
-    wait_until("oak's stock restored", PIPELINE_WAIT, || async { stock(&app, &oak.variant).await == (5, 0) }).await;
-    assert_eq!(stock(&app, &tea.variant).await, (4, 0));
+    wait_until("oak's stock restored", PIPELINE_WAIT, || async {
+        stock(app, &oak.variant).await == (5, 0)
+    })
+    .await;
+    assert_eq!(stock(app, &tea.variant).await, (4, 0));
     let mail = mails_about(&buyer.email, "cancelled its part", 1).await;
     assert!(mail[0].text.contains("cracked"), "{}", mail[0].text);
     mails_about(&buyer.email, "Refund of", 1).await;
-    pipeline.stop().await;
+    market.close().await;
 }
 
 #[tokio::test]
 async fn a_customer_cancelling_a_paid_order_gets_everything_back() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
-    add_to_cart(&app, &buyer.token, &tea.variant, 2).await;
-    let paid = checkout_and_pay(&app, &stripe, &buyer.token).await;
+    let market = Market::open().await;
+    let Market {
+        app,
+        stripe,
+        oak,
+        tea,
+        ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    add_to_cart(app, &buyer.token, &tea.variant, 2).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
     let order_id = id(&paid);
 
     let path = format!("/orders/{order_id}/cancel");
-    let cancelled = json_of(call(&app, &buyer.token, Method::POST, &path, json!({})).await, StatusCode::OK).await;
+    let cancelled = json_of(
+        call(app, &buyer.token, Method::POST, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(cancelled["status"], "cancelled");
-    let refunded = wait_for(&app, &buyer.token, &order_id, "refunded").await;
+    let refunded = wait_for(app, &buyer.token, &order_id, "refunded").await;
     assert_eq!(refunded["refunded_minor"], refunded["total_minor"]);
-    assert!(refunded["seller_orders"].as_array().unwrap().iter().all(|p| p["status"] == "refunded"));
+    assert!(
+        refunded["seller_orders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "refunded")
+    );
     wait_until("the stock restored", PIPELINE_WAIT, || async {
-        stock(&app, &oak.variant).await == (5, 0) && stock(&app, &tea.variant).await == (5, 0)
+        stock(app, &oak.variant).await == (5, 0) && stock(app, &tea.variant).await == (5, 0)
     })
     .await;
     // Each seller is told not to ship.
     for slug in ["oak", "tea"] {
-        mails_about(&seller_email(&app, slug).await, "was cancelled", 1).await;
+        mails_about(&seller_email(app, slug).await, "was cancelled", 1).await;
     }
     // Twice is refused.
-    let again = problem(call(&app, &buyer.token, Method::POST, &path, json!({})).await, StatusCode::CONFLICT).await;
+    let again = problem(
+        call(app, &buyer.token, Method::POST, &path, json!({})).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
     assert_eq!(fields(&again), ["status"]);
-    pipeline.stop().await;
+    market.close().await;
 }
 
 #[tokio::test]
 async fn another_customer_cannot_read_an_order_its_secret_or_its_tracking() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let (owner, other) = (customer(&app).await, customer(&app).await);
-    add_to_cart(&app, &owner.token, &oak.variant, 1).await;
-    let order_id = id(&checkout(&app, &owner.token).await);
-    let awaiting = wait_for(&app, &owner.token, &order_id, "awaiting_payment").await;
+    let market = Market::open().await;
+    let Market { app, oak, .. } = &market;
+    let (owner, other) = (customer(app).await, customer(app).await);
+    add_to_cart(app, &owner.token, &oak.variant, 1).await;
+    let order_id = id(&checkout(app, &owner.token).await);
+    let awaiting = wait_for(app, &owner.token, &order_id, "awaiting_payment").await;
     assert!(awaiting["payment"]["client_secret"].is_string());
 
     for (method, path) in [
@@ -229,137 +355,322 @@ async fn another_customer_cannot_read_an_order_its_secret_or_its_tracking() {
         (Method::GET, format!("/orders/{order_id}/tracking")),
         (Method::POST, format!("/orders/{order_id}/cancel")),
     ] {
-        problem(call(&app, &other.token, method, &path, json!({})).await, StatusCode::NOT_FOUND).await;
+        problem(
+            call(app, &other.token, method, &path, json!({})).await,
+            StatusCode::NOT_FOUND,
+        )
+        .await;
     }
-    let theirs = json_of(call(&app, &other.token, Method::GET, "/orders", json!({})).await, StatusCode::OK).await;
+    let theirs = json_of(
+        call(app, &other.token, Method::GET, "/orders", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(theirs["total"], 0);
     // Nor can a seller through the customer routes, even the order's own seller.
-    problem(call(&app, &oak.seller, Method::GET, &format!("/orders/{order_id}"), json!({})).await, StatusCode::NOT_FOUND).await;
-    let mine = json_of(call(&app, &owner.token, Method::GET, "/orders?status=awaiting_payment", json!({})).await, StatusCode::OK).await;
+    problem(
+        call(
+            app,
+            &oak.seller,
+            Method::GET,
+            &format!("/orders/{order_id}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let mine = json_of(
+        call(
+            app,
+            &owner.token,
+            Method::GET,
+            "/orders?status=awaiting_payment",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(mine["total"], 1);
-    assert_eq!(order(&app, &owner.token, &order_id).await["status"], "awaiting_payment", "nothing changed");
-    pipeline.stop().await;
+    assert_eq!(
+        order(app, &owner.token, &order_id).await["status"],
+        "awaiting_payment",
+        "nothing changed"
+    );
+    market.close().await;
 }
 
 #[tokio::test]
 async fn a_seller_cannot_see_or_change_another_shops_seller_orders() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
-    let paid = checkout_and_pay(&app, &stripe, &buyer.token).await;
+    let market = Market::open().await;
+    let Market {
+        app,
+        stripe,
+        oak,
+        tea,
+        ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
     let oak_part = part(&paid, "oak");
 
     for (method, path, body) in [
         (Method::GET, format!("/seller/orders/{oak_part}"), json!({})),
-        (Method::POST, format!("/seller/orders/{oak_part}/status"), json!({"status": "processing"})),
-        (Method::POST, format!("/seller/orders/{oak_part}/cancel"), json!({"reason": "mine now"})),
+        (
+            Method::POST,
+            format!("/seller/orders/{oak_part}/status"),
+            json!({"status": "processing"}),
+        ),
+        (
+            Method::POST,
+            format!("/seller/orders/{oak_part}/cancel"),
+            json!({"reason": "mine now"}),
+        ),
     ] {
-        problem(call(&app, &tea.seller, method, &path, body).await, StatusCode::NOT_FOUND).await;
+        problem(
+            call(app, &tea.seller, method, &path, body).await,
+            StatusCode::NOT_FOUND,
+        )
+        .await;
     }
-    let list = json_of(call(&app, &tea.seller, Method::GET, "/seller/orders", json!({})).await, StatusCode::OK).await;
+    let list = json_of(
+        call(app, &tea.seller, Method::GET, "/seller/orders", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(list["total"], 0);
-    let own = json_of(call(&app, &oak.seller, Method::GET, "/seller/orders?status=paid", json!({})).await, StatusCode::OK).await;
+    let own = json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::GET,
+            "/seller/orders?status=paid",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(own["total"], 1);
     // Customers are not sellers.
-    problem(call(&app, &buyer.token, Method::GET, "/seller/orders", json!({})).await, StatusCode::FORBIDDEN).await;
-    let untouched = json_of(call(&app, &oak.seller, Method::GET, &format!("/seller/orders/{oak_part}"), json!({})).await, StatusCode::OK).await;
+    problem(
+        call(app, &buyer.token, Method::GET, "/seller/orders", json!({})).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    let untouched = json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::GET,
+            &format!("/seller/orders/{oak_part}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(untouched["status"], "paid");
-    pipeline.stop().await;
+    market.close().await;
 }
 
 #[tokio::test]
 async fn admins_see_every_order_and_correct_a_status_with_a_reason() {
-    let app = spawn_app(&amqp_url()).await;
-    let root = admin(&app).await;
-    let root = token_for(&app, &root).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
-    let paid = checkout_and_pay(&app, &stripe, &buyer.token).await;
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
     let (order_id, oak_part) = (id(&paid), part(&paid, "oak"));
     let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM1"});
-    json_of(set_status(&app, &oak.seller, &oak_part, shipped).await, StatusCode::OK).await;
-    json_of(set_status(&app, &oak.seller, &oak_part, json!({"status": "delivered"})).await, StatusCode::OK).await;
+    json_of(
+        set_status(app, &oak.seller, &oak_part, shipped).await,
+        StatusCode::OK,
+    )
+    .await;
+    json_of(
+        set_status(app, &oak.seller, &oak_part, json!({"status": "delivered"})).await,
+        StatusCode::OK,
+    )
+    .await;
 
-    let list = json_of(call(&app, &root, Method::GET, "/admin/orders?shop=oak", json!({})).await, StatusCode::OK).await;
+    let list = json_of(
+        call(app, &root, Method::GET, "/admin/orders?shop=oak", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(list["total"], 1);
-    let full = json_of(call(&app, &root, Method::GET, &format!("/admin/orders/{order_id}"), json!({})).await, StatusCode::OK).await;
+    let full = json_of(
+        call(
+            app,
+            &root,
+            Method::GET,
+            &format!("/admin/orders/{order_id}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(full["customer"]["email"], buyer.email.as_str());
     assert_eq!(full["payments"].as_array().unwrap().len(), 1);
-    assert!(full["order"]["payment"].is_null(), "admins never get the client secret");
+    assert!(
+        full["order"]["payment"].is_null(),
+        "admins never get the client secret"
+    );
 
     // Marked delivered by mistake: back to shipped, with the reason kept.
     let path = format!("/admin/seller-orders/{oak_part}/status");
-    let no_reason = call(&app, &root, Method::POST, &path, json!({"status": "shipped", "reason": ""})).await;
-    assert_eq!(fields(&problem(no_reason, StatusCode::UNPROCESSABLE_ENTITY).await), ["reason"]);
+    let no_reason = call(
+        app,
+        &root,
+        Method::POST,
+        &path,
+        json!({"status": "shipped", "reason": ""}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(no_reason, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["reason"]
+    );
     let body = json!({"status": "shipped", "reason": "the carrier lost the parcel; not delivered"});
-    let corrected = json_of(call(&app, &root, Method::POST, &path, body).await, StatusCode::OK).await;
+    let corrected = json_of(
+        call(app, &root, Method::POST, &path, body).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(corrected["status"], "shipped");
-    let reason: String = sqlx::query_scalar("SELECT reason FROM audit_log WHERE action = 'seller_order.status.shipped'")
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
+    let reason: String = sqlx::query_scalar(
+        "SELECT reason FROM audit_log WHERE action = 'seller_order.status.shipped'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
     assert!(reason.contains("lost the parcel"));
-    let events = json_of(call(&app, &root, Method::GET, &format!("/admin/orders/{order_id}"), json!({})).await, StatusCode::OK).await["events"]
+    let events = json_of(
+        call(
+            app,
+            &root,
+            Method::GET,
+            &format!("/admin/orders/{order_id}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await["events"]
         .clone();
     let correction = events.as_array().unwrap().last().unwrap().clone();
-    assert_eq!((correction["actor_role"].as_str(), correction["note"].as_str()), (Some("admin"), Some("the carrier lost the parcel; not delivered")));
+    assert_eq!(
+        (
+            correction["actor_role"].as_str(),
+            correction["note"].as_str()
+        ),
+        (
+            Some("admin"),
+            Some("the carrier lost the parcel; not delivered")
+        )
+    );
     // A money status is not a correction.
-    let refund = call(&app, &root, Method::POST, &path, json!({"status": "refunded", "reason": "x"})).await;
-    assert_eq!(fields(&problem(refund, StatusCode::UNPROCESSABLE_ENTITY).await), ["status"]);
+    let refund = call(
+        app,
+        &root,
+        Method::POST,
+        &path,
+        json!({"status": "refunded", "reason": "x"}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(refund, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["status"]
+    );
 
     // Nobody else may use any admin order route.
-    let someone = signed_in(&app, None).await;
+    let someone = signed_in(app, None).await;
     for (method, path) in [
         (Method::GET, "/admin/orders".to_string()),
         (Method::GET, format!("/admin/orders/{order_id}")),
         (Method::GET, format!("/admin/seller-orders/{oak_part}")),
-        (Method::POST, format!("/admin/seller-orders/{oak_part}/status")),
+        (
+            Method::POST,
+            format!("/admin/seller-orders/{oak_part}/status"),
+        ),
         (Method::GET, "/admin/payments/flagged".to_string()),
         (Method::PUT, "/admin/shops/oak/commission".to_string()),
     ] {
         for token in [&someone, &oak.seller, &buyer.token] {
             let body = json!({"status": "paid", "reason": "x", "commission_bps": 0});
-            problem(call(&app, token, method.clone(), &path, body).await, StatusCode::FORBIDDEN).await;
+            problem(
+                call(app, token, method.clone(), &path, body).await,
+                StatusCode::FORBIDDEN,
+            )
+            .await;
         }
     }
-    pipeline.stop().await;
+    market.close().await;
 }
 
 #[tokio::test]
 async fn a_shops_terms_set_its_shipping_and_commission() {
-    let app = spawn_app(&amqp_url()).await;
-    let root = admin(&app).await;
-    let root = token_for(&app, &root).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
     let shop = json!({"shipping_flat_minor": 0});
-    let updated = json_of(call(&app, &oak.seller, Method::PATCH, "/shops/oak", shop).await, StatusCode::OK).await;
+    let updated = json_of(
+        call(app, &oak.seller, Method::PATCH, "/shops/oak", shop).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(updated["shipping_flat_minor"], 0);
     let rate = json!({"commission_bps": 550, "reason": "launch partner"});
-    let resp = call(&app, &root, Method::PUT, "/admin/shops/oak/commission", rate).await;
+    let resp = call(app, &root, Method::PUT, "/admin/shops/oak/commission", rate).await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    let bad = call(&app, &root, Method::PUT, "/admin/shops/oak/commission", json!({"commission_bps": 10001, "reason": "x"})).await;
-    assert_eq!(fields(&problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await), ["commission_bps"]);
+    let bad = call(
+        app,
+        &root,
+        Method::PUT,
+        "/admin/shops/oak/commission",
+        json!({"commission_bps": 10001, "reason": "x"}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["commission_bps"]
+    );
 
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
-    let paid = checkout_and_pay(&app, &stripe, &buyer.token).await;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
     assert_eq!(paid["shipping_minor"], 0);
     assert_eq!(paid["total_minor"], 4500);
     let part = json_of(
-        call(&app, &oak.seller, Method::GET, &format!("/seller/orders/{}", part(&paid, "oak")), json!({})).await,
+        call(
+            app,
+            &oak.seller,
+            Method::GET,
+            &format!("/seller/orders/{}", part(&paid, "oak")),
+            json!({}),
+        )
+        .await,
         StatusCode::OK,
     )
     .await;
     // 5.5 % of 4500 is 247.5: the half unit stays with the seller.
-    assert_eq!((part["commission_bps"].as_i64(), part["commission_minor"].as_i64()), (Some(550), Some(247)));
-    pipeline.stop().await;
+    assert_eq!(
+        (
+            part["commission_bps"].as_i64(),
+            part["commission_minor"].as_i64()
+        ),
+        (Some(550), Some(247))
+    );
+    market.close().await;
 }

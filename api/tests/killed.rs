@@ -9,7 +9,9 @@ use std::{process::Stdio, time::Duration};
 
 use common::{
     Pipeline, Workers,
-    orders::{PIPELINE_WAIT, add_to_cart, checkout, customer, listing, pay, stock, stripe_for, wait_for},
+    orders::{
+        PIPELINE_WAIT, add_to_cart, checkout, customer, listing, pay, stock, stripe_for, wait_for,
+    },
     spawn_app,
 };
 use souk_testkit::{
@@ -51,7 +53,15 @@ async fn kill9(child: &mut Child) {
 async fn a_payments_worker_killed_mid_call_loses_nothing_and_charges_once() {
     let app = spawn_app(&amqp_url()).await;
     let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::with(&app, &amqp_url(), Some(&stripe), Workers { payments: false, ..Workers::ALL });
+    let pipeline = Pipeline::with(
+        &app,
+        &amqp_url(),
+        Some(&stripe),
+        Workers {
+            payments: false,
+            ..Workers::ALL
+        },
+    );
     let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
     let buyer = customer(&app).await;
     add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
@@ -60,26 +70,71 @@ async fn a_payments_worker_killed_mid_call_loses_nothing_and_charges_once() {
     // hangs calling a Stripe that never answers; then it is killed.
     let tarpit = Tarpit::start().await;
     let mut first = payments(&app, &pipeline, &format!("http://{}/", tarpit.addr));
-    let order_id = checkout(&app, &buyer.token).await["id"].as_str().unwrap().to_string();
-    wait_until("the first worker to be calling Stripe", PIPELINE_WAIT, || async {
-        count(&app.db.pool, "SELECT count(*) FROM message_claims WHERE consumer = 'payments'").await == 1
-    })
+    let order_id = checkout(&app, &buyer.token).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until(
+        "the first worker to be calling Stripe",
+        PIPELINE_WAIT,
+        || async {
+            count(
+                &app.db.pool,
+                "SELECT count(*) FROM message_claims WHERE consumer = 'payments'",
+            )
+            .await
+                == 1
+        },
+    )
     .await;
     kill9(&mut first).await;
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM processed_messages WHERE consumer = 'payments'").await, 0);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM processed_messages WHERE consumer = 'payments'"
+        )
+        .await,
+        0
+    );
 
     // A replacement gets the redelivery once the dead one's lease runs out.
     let mut second = payments(&app, &pipeline, &stripe.url);
     pay(&app, &stripe, &buyer.token, &order_id, CARD_OK).await;
     wait_for(&app, &buyer.token, &order_id, "paid").await;
 
-    assert_eq!(stripe.intents_for(&order_id).await.len(), 1, "one PaymentIntent");
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM payments").await, 1);
+    assert_eq!(
+        stripe.intents_for(&order_id).await.len(),
+        1,
+        "one PaymentIntent"
+    );
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM payments").await,
+        1
+    );
     assert_eq!(stock(&app, &oak.variant).await, (4, 0), "sold once");
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM processed_messages WHERE consumer = 'payments'").await, 1);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM message_claims WHERE consumer = 'payments'").await, 0);
-    let conn = souk_shared::amqp::connect(&amqp_url(), "killed-test").await.unwrap();
-    assert_eq!(broker::ready_count(&conn, &pipeline.names.parking_queue("payments")).await, 0);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM processed_messages WHERE consumer = 'payments'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM message_claims WHERE consumer = 'payments'"
+        )
+        .await,
+        0
+    );
+    let conn = souk_shared::amqp::connect(&amqp_url(), "killed-test")
+        .await
+        .unwrap();
+    assert_eq!(
+        broker::ready_count(&conn, &pipeline.names.parking_queue("payments")).await,
+        0
+    );
 
     kill9(&mut second).await;
     let delays: Vec<u64> = DELAYS.split(',').map(|d| d.parse().unwrap()).collect();

@@ -10,10 +10,10 @@ use common::{
     App, Pipeline, Workers, admin,
     catalog::{call, json_of},
     orders::{
-        PIPELINE_WAIT, add_to_cart, checkout, customer, listing, mails_about, order, pay, post_event, stock,
-        stripe_for, wait_for,
+        Market, PIPELINE_WAIT, add_to_cart, checkout, customer, listing, mails_about, order, pay,
+        post_event, stock, stripe_for, wait_for,
     },
-    token_for,
+    spawn_app, token_for,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -55,19 +55,24 @@ async fn order_column<T>(app: &App, column: &str, order: &str) -> T
 where
     T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT {column} FROM orders WHERE id = $1")))
-        .bind(Uuid::parse_str(order).unwrap())
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {column} FROM orders WHERE id = $1"
+    )))
+    .bind(Uuid::parse_str(order).unwrap())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
 async fn a_webhook_before_the_intent_was_stored_still_pays_the_order() {
-    let app = spawn(&amqp_url()).await;
+    let app = spawn_app(&amqp_url()).await;
     let stripe = stripe_for(&app).await;
     // No payments worker yet: the order stays reserved, no intent stored.
-    let workers = Workers { payments: false, ..Workers::ALL };
+    let workers = Workers {
+        payments: false,
+        ..Workers::ALL
+    };
     let mut pipeline = Pipeline::with(&app, &amqp_url(), Some(&stripe), workers);
     let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
     let buyer = customer(&app).await;
@@ -82,32 +87,50 @@ async fn a_webhook_before_the_intent_was_stored_still_pays_the_order() {
     let intent = intent["id"].as_str().unwrap();
     stripe.pay(intent, CARD_OK).await.unwrap();
     wait_for(&app, &buyer.token, &order_id, "paid").await;
-    assert_eq!(order_column::<Option<String>>(&app, "payment_intent_id", &order_id).await.as_deref(), Some(intent));
+    assert_eq!(
+        order_column::<Option<String>>(&app, "payment_intent_id", &order_id)
+            .await
+            .as_deref(),
+        Some(intent)
+    );
     assert_eq!(stock(&app, &oak.variant).await, (4, 0));
 
     // The worker comes back and finds nothing left to do.
     pipeline.run_payments(&app, &stripe);
-    wait_until("the stock.reserved message handled", PIPELINE_WAIT, || async {
-        count(&app.db.pool, "SELECT count(*) FROM processed_messages WHERE consumer = 'payments'").await == 1
-    })
+    wait_until(
+        "the stock.reserved message handled",
+        PIPELINE_WAIT,
+        || async {
+            count(
+                &app.db.pool,
+                "SELECT count(*) FROM processed_messages WHERE consumer = 'payments'",
+            )
+            .await
+                == 1
+        },
+    )
     .await;
-    assert_eq!(stripe.intents_for(&order_id).await.len(), 1, "no second intent");
+    assert_eq!(
+        stripe.intents_for(&order_id).await.len(),
+        1,
+        "no second intent"
+    );
     assert_eq!(order(&app, &buyer.token, &order_id).await["status"], "paid");
     pipeline.stop().await;
 }
 
-async fn spawn(amqp: &str) -> App {
-    common::spawn_app(amqp).await
-}
-
 #[tokio::test]
 async fn a_payment_after_expiry_is_kept_if_the_stock_is_there_and_refunded_if_not() {
-    let app = spawn(&amqp_url()).await;
+    let app = spawn_app(&amqp_url()).await;
     let stripe = LocalStripe::start().await; // webhooks held back
     let pipeline = Pipeline::checkout(&app, &stripe);
     let plenty = listing(&app, "oak", "Walnut board", 4500, 5).await;
     let last = listing(&app, "tea", "Teapot", 3000, 1).await;
-    let (kept, lost, rival) = (customer(&app).await, customer(&app).await, customer(&app).await);
+    let (kept, lost, rival) = (
+        customer(&app).await,
+        customer(&app).await,
+        customer(&app).await,
+    );
     add_to_cart(&app, &kept.token, &plenty.variant, 1).await;
     add_to_cart(&app, &lost.token, &last.variant, 1).await;
     add_to_cart(&app, &rival.token, &last.variant, 1).await;
@@ -139,25 +162,35 @@ async fn a_payment_after_expiry_is_kept_if_the_stock_is_there_and_refunded_if_no
     let refunds = stripe.refunds_of(&lost_intent).await;
     assert_eq!(refunds.len(), 1);
     assert_eq!(refunds[0]["amount"], total);
-    assert_eq!(stock(&app, &last.variant).await, (1, 1), "the rival still holds the last one");
-    assert!(refunded["seller_orders"].as_array().unwrap().iter().all(|p| p["status"] == "cancelled"));
+    assert_eq!(
+        stock(&app, &last.variant).await,
+        (1, 1),
+        "the rival still holds the last one"
+    );
+    assert!(
+        refunded["seller_orders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "cancelled")
+    );
     mails_about(&lost.email, "Refund of", 1).await;
     pipeline.stop().await;
 }
 
 #[tokio::test]
 async fn a_second_successful_payment_is_refunded_and_flagged() {
-    let app = spawn(&amqp_url()).await;
-    let root = admin(&app).await;
-    let root = token_for(&app, &root).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::checkout(&app, &stripe);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
-    let order_id = id(&checkout(&app, &buyer.token).await);
-    let first = pay(&app, &stripe, &buyer.token, &order_id, CARD_OK).await;
-    let paid = wait_for(&app, &buyer.token, &order_id, "paid").await;
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let order_id = id(&checkout(app, &buyer.token).await);
+    let first = pay(app, stripe, &buyer.token, &order_id, CARD_OK).await;
+    let paid = wait_for(app, &buyer.token, &order_id, "paid").await;
     let total = paid["total_minor"].as_i64().unwrap();
 
     // A second intent for the same order gets paid too (another tab, say).
@@ -170,27 +203,53 @@ async fn a_second_successful_payment_is_refunded_and_flagged() {
     })
     .await;
     assert_eq!(stripe.refunds_of(second).await[0]["amount"], total);
-    assert!(stripe.refunds_of(&first).await.is_empty(), "the first payment stands");
-    let still = order(&app, &buyer.token, &order_id).await;
+    assert!(
+        stripe.refunds_of(&first).await.is_empty(),
+        "the first payment stands"
+    );
+    let still = order(app, &buyer.token, &order_id).await;
     assert_eq!(still["status"], "paid");
     assert_eq!(still["refunded_minor"], 0);
-    assert_eq!(stock(&app, &oak.variant).await, (4, 0), "sold once");
+    assert_eq!(stock(app, &oak.variant).await, (4, 0), "sold once");
 
-    let flagged = json_of(call(&app, &root, Method::GET, "/admin/payments/flagged", json!({})).await, StatusCode::OK).await;
+    let flagged = json_of(
+        call(
+            app,
+            &root,
+            Method::GET,
+            "/admin/payments/flagged",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(flagged["total"], 1);
     assert_eq!(flagged["items"][0]["payment_intent_id"], second);
     assert_eq!(flagged["items"][0]["duplicate"], true);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM notifications WHERE kind = 'payment_flagged'").await, 1);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM notifications WHERE kind = 'payment_flagged'"
+        )
+        .await,
+        1
+    );
     wait_until("the refund recorded", PIPELINE_WAIT, || async {
-        count(&app.db.pool, "SELECT count(*) FROM refunds WHERE status = 'succeeded'").await == 1
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refunds WHERE status = 'succeeded'",
+        )
+        .await
+            == 1
     })
     .await;
-    pipeline.stop().await;
+    market.close().await;
 }
 
 #[tokio::test]
 async fn a_cancel_racing_a_payment_ends_with_one_of_them_undone() {
-    let app = spawn(&amqp_url()).await;
+    let app = spawn_app(&amqp_url()).await;
     let stripe = LocalStripe::start().await; // webhooks held back
     let pipeline = Pipeline::checkout(&app, &stripe);
     let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
@@ -207,7 +266,18 @@ async fn a_cancel_racing_a_payment_ends_with_one_of_them_undone() {
         let app = &app;
         async move {
             let path = format!("/orders/{order}/cancel");
-            json_of(call(app, &token, Method::POST, &path, json!({"reason": "changed my mind"})).await, StatusCode::OK).await
+            json_of(
+                call(
+                    app,
+                    &token,
+                    Method::POST,
+                    &path,
+                    json!({"reason": "changed my mind"}),
+                )
+                .await,
+                StatusCode::OK,
+            )
+            .await
         }
     };
     let cancelled = cancel(early.token.clone(), early_order.clone()).await;
@@ -220,9 +290,11 @@ async fn a_cancel_racing_a_payment_ends_with_one_of_them_undone() {
     // The payment wins: the cancel that comes after it refunds the sale.
     deliver(&app, &charged_event(&stripe, &late_intent).await).await;
     wait_for(&app, &late.token, &late_order, "paid").await;
-    wait_until("one sold, the cancelled one's unit released", PIPELINE_WAIT, || async {
-        stock(&app, &oak.variant).await == (4, 0)
-    })
+    wait_until(
+        "one sold, the cancelled one's unit released",
+        PIPELINE_WAIT,
+        || async { stock(&app, &oak.variant).await == (4, 0) },
+    )
     .await;
     cancel(late.token.clone(), late_order.clone()).await;
     let back = wait_for(&app, &late.token, &late_order, "refunded").await;
@@ -234,6 +306,13 @@ async fn a_cancel_racing_a_payment_ends_with_one_of_them_undone() {
         stock(&app, &oak.variant).await == (5, 0)
     })
     .await;
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refunds WHERE status = 'succeeded'").await, 2);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refunds WHERE status = 'succeeded'"
+        )
+        .await,
+        2
+    );
     pipeline.stop().await;
 }

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! souk-bench backbone [--messages N] [--producers P] [--rate R] [--seconds S]
+//! souk-bench checkout --api URL --stripe URL --database URL [--customers N] [--seconds S]
+//! souk-bench stripe --port P --webhook URL --secret S
 //! ```
 //!
 //! `backbone` measures the messaging backbone: messages per second from an
@@ -12,7 +14,9 @@
 //! sink`) on the real consumer runtime, so the figures include every hop.
 
 mod backbone;
+mod checkout;
 mod sink;
+mod stripe_standin;
 
 fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> anyhow::Result<T> {
     match args.iter().position(|a| a == name) {
@@ -20,9 +24,21 @@ fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> anyhow
         Some(i) => args
             .get(i + 1)
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("{name} needs a number")),
+            .ok_or_else(|| anyhow::anyhow!("{name} needs a value")),
     }
 }
+
+fn text(args: &[String], name: &str) -> anyhow::Result<String> {
+    flag(args, name, String::new())
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("{name} is required"))
+}
+
+const USAGE: &str = "usage:
+  souk-bench backbone [--messages N] [--producers P] [--rate R] [--seconds S]
+  souk-bench checkout --api URL --stripe URL --database URL [--customers N] [--seconds S]
+  souk-bench stripe --port P --webhook URL --secret S";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -38,10 +54,26 @@ async fn main() -> anyhow::Result<()> {
             backbone::run(opts).await
         }
         Some("sink") => sink::run().await,
+        Some("checkout") => {
+            let opts = checkout::Options {
+                api: text(&args, "--api")?,
+                stripe: text(&args, "--stripe")?,
+                database: text(&args, "--database")?,
+                customers: flag(&args, "--customers", 32)?,
+                seconds: flag(&args, "--seconds", 60)?,
+            };
+            checkout::run(opts).await
+        }
+        Some("stripe") => {
+            let opts = stripe_standin::Options {
+                port: flag(&args, "--port", 18420)?,
+                webhook: text(&args, "--webhook")?,
+                secret: text(&args, "--secret")?,
+            };
+            stripe_standin::run(opts).await
+        }
         _ => {
-            eprintln!(
-                "usage: souk-bench backbone [--messages N] [--producers P] [--rate R] [--seconds S]"
-            );
+            eprintln!("{USAGE}");
             std::process::exit(2)
         }
     }

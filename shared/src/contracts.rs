@@ -65,10 +65,6 @@ id_contract!(
     SellerOrderDelivered { seller_order_id } = "seller_order.delivered"
 );
 id_contract!(
-    /// An order was paid (for settlement and analytics; mails are sent with it).
-    OrderPaid { order_id } = "order.paid"
-);
-id_contract!(
     /// A refund was decided and recorded: send it through Stripe.
     RefundRequested { refund_id } = "payment.refund_requested"
 );

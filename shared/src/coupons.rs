@@ -114,11 +114,13 @@ pub async fn customer_uses(
     coupon: Uuid,
     user: Uuid,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM coupon_redemptions WHERE coupon_id = $1 AND user_id = $2")
-        .bind(coupon)
-        .bind(user)
-        .fetch_one(conn)
-        .await
+    sqlx::query_scalar(
+        "SELECT count(*) FROM coupon_redemptions WHERE coupon_id = $1 AND user_id = $2",
+    )
+    .bind(coupon)
+    .bind(user)
+    .fetch_one(conn)
+    .await
 }
 
 /// Counts one use of the coupon for a paid order, once however often it is
@@ -183,7 +185,11 @@ mod tests {
     fn percent_rounds_down_and_fixed_never_exceeds_the_items() {
         let now = Utc::now();
         assert_eq!(coupon().discount(now, 0, 999), Ok(99));
-        let fixed = Coupon { percent_off: None, amount_off_minor: Some(500), ..coupon() };
+        let fixed = Coupon {
+            percent_off: None,
+            amount_off_minor: Some(500),
+            ..coupon()
+        };
         assert_eq!(fixed.discount(now, 0, 300), Ok(300));
         assert_eq!(fixed.discount(now, 0, 3000), Ok(500));
     }
@@ -193,18 +199,71 @@ mod tests {
         let now = Utc::now();
         let hour = Duration::hours(1);
         let cases = [
-            (Coupon { disabled_at: Some(now), ..coupon() }, 0, 100, Refusal::Disabled),
-            (Coupon { starts_at: Some(now + hour), ..coupon() }, 0, 100, Refusal::NotStarted),
-            (Coupon { ends_at: Some(now), ..coupon() }, 0, 100, Refusal::Ended),
-            (Coupon { max_uses: Some(3), uses: 3, ..coupon() }, 0, 100, Refusal::UsedUp),
-            (Coupon { max_uses_per_customer: Some(1), ..coupon() }, 1, 100, Refusal::UsedUpByYou),
-            (Coupon { min_order_minor: 5000, ..coupon() }, 0, 4999, Refusal::BelowMinimum(5000)),
+            (
+                Coupon {
+                    disabled_at: Some(now),
+                    ..coupon()
+                },
+                0,
+                100,
+                Refusal::Disabled,
+            ),
+            (
+                Coupon {
+                    starts_at: Some(now + hour),
+                    ..coupon()
+                },
+                0,
+                100,
+                Refusal::NotStarted,
+            ),
+            (
+                Coupon {
+                    ends_at: Some(now),
+                    ..coupon()
+                },
+                0,
+                100,
+                Refusal::Ended,
+            ),
+            (
+                Coupon {
+                    max_uses: Some(3),
+                    uses: 3,
+                    ..coupon()
+                },
+                0,
+                100,
+                Refusal::UsedUp,
+            ),
+            (
+                Coupon {
+                    max_uses_per_customer: Some(1),
+                    ..coupon()
+                },
+                1,
+                100,
+                Refusal::UsedUpByYou,
+            ),
+            (
+                Coupon {
+                    min_order_minor: 5000,
+                    ..coupon()
+                },
+                0,
+                4999,
+                Refusal::BelowMinimum(5000),
+            ),
             (coupon(), 0, 0, Refusal::NoEligibleItems),
         ];
         for (c, uses, eligible, refusal) in cases {
             assert_eq!(c.discount(now, uses, eligible), Err(refusal));
         }
-        let window = Coupon { starts_at: Some(now - hour), ends_at: Some(now + hour), ..coupon() };
+        let window = Coupon {
+            starts_at: Some(now - hour),
+            ends_at: Some(now + hour),
+            ..coupon()
+        };
         assert_eq!(window.discount(now, 0, 100), Ok(10));
     }
 }

@@ -137,6 +137,14 @@ pub struct Short {
     pub available: i32,
 }
 
+/// The units an order's lines claim.
+pub async fn of_order(conn: &mut PgConnection, order: Uuid) -> Result<Vec<Units>, sqlx::Error> {
+    sqlx::query_as("SELECT variant_id, quantity FROM order_lines WHERE order_id = $1")
+        .bind(order)
+        .fetch_all(conn)
+        .await
+}
+
 fn in_lock_order(lines: &[Units]) -> Vec<Units> {
     let mut lines = lines.to_vec();
     lines.sort_by_key(|l| l.variant_id);
@@ -227,7 +235,15 @@ pub async fn restock(
 ) -> Result<(), sqlx::Error> {
     for line in in_lock_order(lines) {
         // Adding stock always satisfies on_hand >= reserved.
-        adjust(tx, line.variant_id, None, line.quantity, reason, correlation_id).await?;
+        adjust(
+            tx,
+            line.variant_id,
+            None,
+            line.quantity,
+            reason,
+            correlation_id,
+        )
+        .await?;
     }
     count_sold(tx, lines, -1).await
 }

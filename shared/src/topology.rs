@@ -80,10 +80,25 @@ pub const STRIPE_EVENTS: GroupSpec = GroupSpec {
     bindings: &["stripe.event"],
 };
 
+/// Deliveries, for the settlement worker that credits sellers' ledgers
+/// (the next piece of work). Declared now so every delivery made before it
+/// first runs waits in its queue.
+pub const SETTLEMENT: GroupSpec = GroupSpec {
+    name: "settlement",
+    bindings: &["seller_order.delivered"],
+};
+
 /// Every group, so the relay can declare their queues before it publishes:
 /// a message published before its consumer first started is kept, not
 /// dropped as unroutable.
-pub const GROUPS: &[GroupSpec] = &[MAILER, ORDER_SPLITTER, STOCK_RESERVER, PAYMENTS, STRIPE_EVENTS];
+pub const GROUPS: &[GroupSpec] = &[
+    MAILER,
+    ORDER_SPLITTER,
+    STOCK_RESERVER,
+    PAYMENTS,
+    STRIPE_EVENTS,
+    SETTLEMENT,
+];
 
 /// A consumer group's place in the topology.
 #[derive(Debug, Clone)]

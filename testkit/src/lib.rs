@@ -98,7 +98,11 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
         .and_then(|deps| deps.parent())
         .map(|dir| dir.join(name))
         .expect("a target directory");
-    assert!(path.exists(), "{} is not built; run `cargo build --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --bins` first",
+        path.display()
+    );
     path
 }
 

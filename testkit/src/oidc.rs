@@ -107,7 +107,9 @@ pub struct Redirect {
 impl OidcProvider {
     /// Serves on a free localhost port until the test ends.
     pub async fn start(client_id: &str, client_secret: Option<&str>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("addr");
         let issuer = format!("http://{addr}/tenant");
         let shared = Shared {
@@ -197,10 +199,7 @@ fn refuse(status: StatusCode, error: &str) -> Response {
     (status, Json(json!({ "error": error }))).into_response()
 }
 
-async fn authorize(
-    State(s): State<Shared>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
+async fn authorize(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
     let param = |k: &str| q.get(k).cloned().unwrap_or_default();
     if param("response_type") != "code"
         || param("client_id") != s.client_id
@@ -230,7 +229,11 @@ async fn authorize(
     back.query_pairs_mut()
         .append_pair("code", &code)
         .append_pair("state", &param("state"));
-    (StatusCode::SEE_OTHER, [(header::LOCATION, back.to_string())]).into_response()
+    (
+        StatusCode::SEE_OTHER,
+        [(header::LOCATION, back.to_string())],
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]

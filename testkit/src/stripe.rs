@@ -89,7 +89,11 @@ impl LocalStripe {
             .expect("localstripe answers");
         let status = resp.status();
         let body: Value = resp.json().await.expect("localstripe answers JSON");
-        if status.is_success() { Ok(body) } else { Err(body) }
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(body)
+        }
     }
 
     /// Sends every event to `url`, signed with `secret` (once, ~1 s later).
@@ -128,8 +132,12 @@ impl LocalStripe {
             &[("payment_method", method)],
         )
         .await;
-        self.try_call(reqwest::Method::POST, &format!("payment_intents/{intent}/confirm"), &[])
-            .await
+        self.try_call(
+            reqwest::Method::POST,
+            &format!("payment_intents/{intent}/confirm"),
+            &[],
+        )
+        .await
     }
 
     /// An intent made outside Souk's payments worker (a second tab, a
@@ -148,7 +156,8 @@ impl LocalStripe {
     }
 
     pub async fn intent(&self, id: &str) -> Value {
-        self.call(reqwest::Method::GET, &format!("payment_intents/{id}"), &[]).await
+        self.call(reqwest::Method::GET, &format!("payment_intents/{id}"), &[])
+            .await
     }
 
     /// Every intent localstripe holds whose metadata names `order`.
@@ -168,7 +177,11 @@ impl LocalStripe {
     /// Refunds of an intent, newest first.
     pub async fn refunds_of(&self, intent: &str) -> Vec<Value> {
         let list = self
-            .call(reqwest::Method::GET, &format!("refunds?payment_intent={intent}&limit=100"), &[])
+            .call(
+                reqwest::Method::GET,
+                &format!("refunds?payment_intent={intent}&limit=100"),
+                &[],
+            )
             .await;
         list["data"].as_array().expect("a list").clone()
     }
@@ -176,7 +189,11 @@ impl LocalStripe {
     /// The events localstripe made of `kind`, newest first.
     pub async fn events(&self, kind: &str) -> Vec<Value> {
         let list = self
-            .call(reqwest::Method::GET, &format!("events?type={kind}&limit=1000"), &[])
+            .call(
+                reqwest::Method::GET,
+                &format!("events?type={kind}&limit=1000"),
+                &[],
+            )
             .await;
         list["data"].as_array().expect("a list").clone()
     }

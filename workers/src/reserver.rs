@@ -85,13 +85,6 @@ impl Handler for StockReserver {
     }
 }
 
-async fn lines(tx: &mut PgConnection, order: Uuid) -> Result<Vec<Units>, sqlx::Error> {
-    sqlx::query_as("SELECT variant_id, quantity FROM order_lines WHERE order_id = $1")
-        .bind(order)
-        .fetch_all(tx)
-        .await
-}
-
 /// Reserves every line of a split order, or fails it as out of stock and
 /// tells the customer which item is short.
 async fn reserve(
@@ -112,7 +105,7 @@ async fn reserve(
         // Reserved before (a redelivery), or cancelled meanwhile.
         return Ok(());
     }
-    let wanted = lines(tx, order).await?;
+    let wanted = inventory::of_order(tx, order).await?;
     match inventory::reserve(tx, &wanted, corr).await? {
         Ok(()) => {
             sqlx::query(
@@ -123,7 +116,14 @@ async fn reserve(
             .bind(ttl.as_secs_f64())
             .execute(&mut *tx)
             .await?;
-            moved(status::move_order(tx, order, OrderStatus::Reserved, Actor::System, Change::default()).await)?;
+            status::move_order(
+                tx,
+                order,
+                OrderStatus::Reserved,
+                Actor::System,
+                Change::default(),
+            )
+            .await?;
             outbox::enqueue(tx, &Envelope::new(&StockReserved { order_id: order }, corr)).await?;
         }
         Err(short) => {
@@ -153,25 +153,22 @@ async fn fail(
     reason: &str,
     corr: &str,
 ) -> Result<(), Failure> {
-    moved(status::move_order(tx, order, to, Actor::System, Change::note(reason)).await)?;
+    status::move_order(tx, order, to, Actor::System, Change::note(reason)).await?;
     sqlx::query("UPDATE orders SET failure_reason = $2 WHERE id = $1")
         .bind(order)
         .bind(reason)
         .execute(&mut *tx)
         .await?;
     if to == OrderStatus::OutOfStock {
-        let parts: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM seller_orders WHERE order_id = $1 AND status = 'pending' ORDER BY id",
+        let change = Change::note(reason);
+        status::move_pending_parts(
+            tx,
+            order,
+            SellerOrderStatus::Cancelled,
+            Actor::System,
+            change,
         )
-        .bind(order)
-        .fetch_all(&mut *tx)
         .await?;
-        for part in parts {
-            moved(
-                status::move_seller_order(tx, part, SellerOrderStatus::Cancelled, Actor::System, Change::note(reason))
-                    .await,
-            )?;
-        }
     }
     let extra = json!({ "status": to.as_str(), "reason": reason });
     notices::to_customer(tx, order, "order_failed", Some("order_failed"), extra, corr).await?;
@@ -186,13 +183,15 @@ async fn give_back(tx: &mut PgConnection, order: Uuid, corr: &str) -> Result<(),
             .bind(order)
             .fetch_optional(&mut *tx)
             .await?;
-    sqlx::query("UPDATE orders SET stock = 'released' WHERE id = $1 AND stock IN ('reserved', 'committed')")
-        .bind(order)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE orders SET stock = 'released' WHERE id = $1 AND stock IN ('reserved', 'committed')",
+    )
+    .bind(order)
+    .execute(&mut *tx)
+    .await?;
     match stock.as_deref() {
         Some("reserved") => {
-            let held = lines(tx, order).await?;
+            let held = inventory::of_order(tx, order).await?;
             inventory::release(tx, &held, corr).await?;
         }
         Some("committed") => {
@@ -238,15 +237,14 @@ async fn restock_seller_order(
     .bind(shop)
     .fetch_all(&mut *tx)
     .await?;
-    inventory::restock(tx, &sold, &format!("returned: order {order} cancelled"), corr).await?;
+    inventory::restock(
+        tx,
+        &sold,
+        &format!("returned: order {order} cancelled"),
+        corr,
+    )
+    .await?;
     Ok(())
-}
-
-fn moved<T>(result: Result<T, status::MoveError>) -> Result<T, Failure> {
-    result.map_err(|e| match e {
-        status::MoveError::Db(e) => Failure::from(e),
-        other => Failure::permanent(other),
-    })
 }
 
 /// Expires unpaid orders whose reservation ran out, a batch at a time,
@@ -285,7 +283,7 @@ pub async fn expire_batch(pool: &PgPool, limit: i64) -> anyhow::Result<usize> {
     .fetch_all(&mut *tx)
     .await?;
     for (order, corr) in &due {
-        let held = lines(&mut tx, *order).await?;
+        let held = inventory::of_order(&mut tx, *order).await?;
         sqlx::query("UPDATE orders SET stock = 'released' WHERE id = $1 AND stock = 'reserved'")
             .bind(order)
             .execute(&mut *tx)
@@ -295,7 +293,11 @@ pub async fn expire_batch(pool: &PgPool, limit: i64) -> anyhow::Result<usize> {
         fail(&mut tx, *order, OrderStatus::Expired, reason, corr)
             .await
             .map_err(|f| anyhow::anyhow!("{f:?}"))?;
-        outbox::enqueue(&mut tx, &Envelope::new(&OrderExpired { order_id: *order }, corr.as_str())).await?;
+        outbox::enqueue(
+            &mut tx,
+            &Envelope::new(&OrderExpired { order_id: *order }, corr.as_str()),
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(due.len())

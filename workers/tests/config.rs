@@ -62,7 +62,11 @@ fn each_worker_names_the_bad_variable_and_exits_non_zero() {
             &[DB, AMQP, ("RESERVATION_TTL_SECS", "0")],
             "RESERVATION_TTL_SECS",
         ),
-        (env!("CARGO_BIN_EXE_payments"), &[DB, AMQP], "STRIPE_SECRET_KEY"),
+        (
+            env!("CARGO_BIN_EXE_payments"),
+            &[DB, AMQP],
+            "STRIPE_SECRET_KEY",
+        ),
         (
             env!("CARGO_BIN_EXE_payments"),
             &[DB, AMQP, ("STRIPE_SECRET_KEY", "pk_test_public")],
@@ -70,7 +74,12 @@ fn each_worker_names_the_bad_variable_and_exits_non_zero() {
         ),
         (
             env!("CARGO_BIN_EXE_payments"),
-            &[DB, AMQP, ("STRIPE_SECRET_KEY", "sk_test_x"), ("STRIPE_API_BASE", "ftp://stripe")],
+            &[
+                DB,
+                AMQP,
+                ("STRIPE_SECRET_KEY", "sk_test_x"),
+                ("STRIPE_API_BASE", "ftp://stripe"),
+            ],
             "STRIPE_API_BASE",
         ),
     ];

@@ -264,19 +264,21 @@ impl OidcClient {
             return Err(bad("nonce does not match".into()));
         }
         // With several audiences the token must have been issued to us.
-        if claims.aud.as_array().is_some_and(|a| a.len() > 1) && claims.azp.as_deref() != Some(&self.config.client_id) {
+        if claims.aud.as_array().is_some_and(|a| a.len() > 1)
+            && claims.azp.as_deref() != Some(&self.config.client_id)
+        {
             return Err(bad("azp is not this client".into()));
         }
         let email_verified = self.config.trust_emails
-            || matches!(
-                claims.email_verified,
-                Some(serde_json::Value::Bool(true))
-            )
+            || matches!(claims.email_verified, Some(serde_json::Value::Bool(true)))
             || matches!(&claims.email_verified, Some(serde_json::Value::String(s)) if s == "true");
         Ok(Identity {
             issuer: claims.iss,
             subject: claims.sub,
-            email: claims.email.map(|e| e.trim().to_string()).filter(|e| !e.is_empty()),
+            email: claims
+                .email
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty()),
             email_verified,
             name: claims.name,
         })

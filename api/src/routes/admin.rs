@@ -20,18 +20,20 @@ use crate::{
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reason {
-    /// Why; kept in the audit log (and shown to the account for a suspension).
+    /// Why; kept with the change (and shown to whom it concerns: the account
+    /// for a suspension, the customer for a cancelled seller order).
     pub reason: String,
+}
+
+/// A reason kept with a change (audit log, order history): 1 to 500 characters.
+pub fn reason_error(reason: &str) -> Option<FieldError> {
+    let n = reason.trim().chars().count();
+    (n == 0 || n > 500).then(|| FieldError::new("reason", "must be 1 to 500 characters"))
 }
 
 impl Validate for Reason {
     fn validate(&self) -> Vec<FieldError> {
-        let n = self.reason.trim().chars().count();
-        if n == 0 || n > 500 {
-            vec![FieldError::new("reason", "must be 1 to 500 characters")]
-        } else {
-            vec![]
-        }
+        reason_error(&self.reason).into_iter().collect()
     }
 }
 

@@ -20,7 +20,7 @@ use crate::{
     middleware::RequestId,
     order_views::{self, Order, OrderSummary, Scope, SellerOrder, TrackingEvent},
     routes::{
-        admin::audit,
+        admin::{audit, reason_error},
         catalog::{Page, Paging},
         orders::{self, OrderQuery},
         seller_orders::{FulfilmentUpdate, fulfil},
@@ -66,7 +66,9 @@ pub async fn list(
                 .bind(slug)
                 .fetch_optional(&state.pool)
                 .await?
-                .ok_or_else(|| ApiError::Validation(vec![FieldError::new("shop", "no such shop")]))?,
+                .ok_or_else(|| {
+                    ApiError::Validation(vec![FieldError::new("shop", "no such shop")])
+                })?,
         ),
     };
     let filter = OrderQuery {
@@ -74,7 +76,9 @@ pub async fn list(
         page: query.page,
         per_page: query.per_page,
     };
-    Ok(Json(orders::list(&state, query.customer_id, shop, &filter).await?))
+    Ok(Json(
+        orders::list(&state, query.customer_id, shop, &filter).await?,
+    ))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
@@ -123,8 +127,7 @@ pub struct AdminOrder {
     pub events: Vec<TrackingEvent>,
 }
 
-const PAYMENT_COLUMNS: &str =
-    "id, order_id, payment_intent_id, amount_minor, currency, duplicate, flagged_reason, created_at";
+const PAYMENT_COLUMNS: &str = "id, order_id, payment_intent_id, amount_minor, currency, duplicate, flagged_reason, created_at";
 
 /// Any order, with its customer, payments, refunds and history.
 #[utoipa::path(
@@ -187,7 +190,9 @@ pub async fn get_seller_order(
     Path(id): Path<Uuid>,
 ) -> Result<Json<SellerOrder>, ApiError> {
     let mut conn = state.pool.acquire().await?;
-    Ok(Json(order_views::seller_order(&mut conn, id, Scope::Admin).await?))
+    Ok(Json(
+        order_views::seller_order(&mut conn, id, Scope::Admin).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -212,10 +217,7 @@ impl Validate for StatusCorrection {
                 "must be paid, processing, shipped or delivered (money moves through cancel and refund)",
             ));
         }
-        let n = self.reason.trim().chars().count();
-        if n == 0 || n > 500 {
-            errors.push(FieldError::new("reason", "must be 1 to 500 characters"));
-        }
+        errors.extend(reason_error(&self.reason));
         errors
     }
 }
@@ -252,12 +254,22 @@ pub async fn correct_status(
         correction: true,
         ..Change::default()
     };
-    fulfil(&mut tx, id, &update, Actor::Admin(admin.0.id), change, &request_id.0).await?;
+    fulfil(
+        &mut tx,
+        id,
+        &update,
+        Actor::Admin(admin.0.id),
+        change,
+        &request_id.0,
+    )
+    .await?;
     let action = format!("seller_order.status.{}", body.status);
     audit(&mut tx, &admin, &action, ("seller_order", id), reason).await?;
     state.commit_with_messages(tx).await?;
     let mut conn = state.pool.acquire().await?;
-    Ok(Json(order_views::seller_order(&mut conn, id, Scope::Admin).await?))
+    Ok(Json(
+        order_views::seller_order(&mut conn, id, Scope::Admin).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -296,9 +308,10 @@ pub async fn flagged_payments(
     .bind(paging.offset())
     .fetch_all(&state.pool)
     .await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE flagged_reason IS NOT NULL")
-        .fetch_one(&state.pool)
-        .await?;
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM payments WHERE flagged_reason IS NOT NULL")
+            .fetch_one(&state.pool)
+            .await?;
     Ok(Json(paging.page(items, total)))
 }
 
@@ -314,13 +327,16 @@ pub struct CommissionUpdate {
 impl Validate for CommissionUpdate {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        if self.commission_bps.is_some_and(|b| !(0..=10_000).contains(&b)) {
-            errors.push(FieldError::new("commission_bps", "must be 0 to 10000 basis points"));
+        if self
+            .commission_bps
+            .is_some_and(|b| !(0..=10_000).contains(&b))
+        {
+            errors.push(FieldError::new(
+                "commission_bps",
+                "must be 0 to 10000 basis points",
+            ));
         }
-        let n = self.reason.trim().chars().count();
-        if n == 0 || n > 500 {
-            errors.push(FieldError::new("reason", "must be 1 to 500 characters"));
-        }
+        errors.extend(reason_error(&self.reason));
         errors
     }
 }
@@ -342,11 +358,12 @@ pub async fn set_commission(
     ValidJson(body): ValidJson<CommissionUpdate>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.pool.begin().await?;
-    let shop: Option<Uuid> = sqlx::query_scalar("UPDATE shops SET commission_bps = $2 WHERE slug = $1 RETURNING id")
-        .bind(&slug)
-        .bind(body.commission_bps)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let shop: Option<Uuid> =
+        sqlx::query_scalar("UPDATE shops SET commission_bps = $2 WHERE slug = $1 RETURNING id")
+            .bind(&slug)
+            .bind(body.commission_bps)
+            .fetch_optional(&mut *tx)
+            .await?;
     let shop = shop.ok_or(ApiError::NotFound)?;
     let action = match body.commission_bps {
         Some(bps) => format!("shop.commission.{bps}bps"),

@@ -17,10 +17,10 @@ use crate::{
         links::{self, Purpose},
         password, secret,
     },
+    client_ip::ClientIp,
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
     middleware::RequestId,
-    client_ip::ClientIp,
     routes::support::valid_email,
     state::AppState,
 };
@@ -298,7 +298,11 @@ pub struct Session {
 
 impl Session {
     /// The answer: tokens in the body, or (`cookie_form`) in cookies only.
-    pub(crate) fn respond(mut self, state: &AppState, cookie_form: bool) -> (HeaderMap, Json<Session>) {
+    pub(crate) fn respond(
+        mut self,
+        state: &AppState,
+        cookie_form: bool,
+    ) -> (HeaderMap, Json<Session>) {
         if !cookie_form {
             return (HeaderMap::new(), Json(self));
         }

@@ -271,7 +271,14 @@ pub async fn apply_coupon(
         .await?
         .ok_or_else(|| refuse("no such coupon".into()))?;
     let id = coupon.id;
-    let applied = evaluate(&mut conn, coupon, caller.id, &cart.shops, cart.subtotal_minor).await?;
+    let applied = evaluate(
+        &mut conn,
+        coupon,
+        caller.id,
+        &cart.shops,
+        cart.subtotal_minor,
+    )
+    .await?;
     if let Some(problem) = applied.problem {
         return Err(refuse(problem));
     }
@@ -327,7 +334,10 @@ fn check_quantity(quantity: i32) -> Vec<FieldError> {
     if (1..=MAX_QUANTITY).contains(&quantity) {
         vec![]
     } else {
-        vec![FieldError::new("quantity", format!("must be 1 to {MAX_QUANTITY}"))]
+        vec![FieldError::new(
+            "quantity",
+            format!("must be 1 to {MAX_QUANTITY}"),
+        )]
     }
 }
 
@@ -374,7 +384,10 @@ pub async fn add(
     ValidJson(body): ValidJson<NewCartItem>,
 ) -> Result<Json<Cart>, ApiError> {
     let available = sellable(&state, body.variant_id).await?.ok_or_else(|| {
-        ApiError::Validation(vec![FieldError::new("variant_id", "no such variant for sale")])
+        ApiError::Validation(vec![FieldError::new(
+            "variant_id",
+            "no such variant for sale",
+        )])
     })?;
     let mut tx = state.pool.begin().await?;
     let quantity: i32 = sqlx::query_scalar(

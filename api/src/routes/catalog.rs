@@ -44,7 +44,10 @@ impl Paging {
             errors.push(FieldError::new("page", "pages start at 1"));
         }
         if per_page.is_some_and(|n| n == 0 || n > MAX_PER_PAGE) {
-            errors.push(FieldError::new("per_page", format!("must be 1 to {MAX_PER_PAGE}")));
+            errors.push(FieldError::new(
+                "per_page",
+                format!("must be 1 to {MAX_PER_PAGE}"),
+            ));
         }
         errors
     }
@@ -208,8 +211,7 @@ struct SummaryRow {
 }
 
 /// What the storefront may show: active, not hidden, seller not suspended.
-pub const VISIBLE: &str =
-    "p.status = 'active' AND p.hidden_at IS NULL AND u.suspended_at IS NULL";
+pub const VISIBLE: &str = "p.status = 'active' AND p.hidden_at IS NULL AND u.suspended_at IS NULL";
 
 async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSummary>, ApiError> {
     let paging = Paging::new(query.page, query.per_page);
@@ -511,12 +513,14 @@ pub async fn categories(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let rows: Vec<(Uuid, Option<Uuid>, String, String)> = sqlx::query_as(
-        "SELECT id, parent_id, name, slug FROM categories ORDER BY position, name",
-    )
-    .fetch_all(&state.pool)
-    .await?;
-    fn children(rows: &[(Uuid, Option<Uuid>, String, String)], parent: Option<Uuid>) -> Vec<Category> {
+    let rows: Vec<(Uuid, Option<Uuid>, String, String)> =
+        sqlx::query_as("SELECT id, parent_id, name, slug FROM categories ORDER BY position, name")
+            .fetch_all(&state.pool)
+            .await?;
+    fn children(
+        rows: &[(Uuid, Option<Uuid>, String, String)],
+        parent: Option<Uuid>,
+    ) -> Vec<Category> {
         rows.iter()
             .filter(|r| r.1 == parent)
             .map(|(id, _, name, slug)| Category {

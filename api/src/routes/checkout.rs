@@ -14,12 +14,7 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use souk_shared::{
-    contracts::OrderPlaced,
-    envelope::Envelope,
-    orders::status,
-    outbox,
-};
+use souk_shared::{contracts::OrderPlaced, envelope::Envelope, orders::status, outbox};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -182,7 +177,10 @@ pub async fn checkout(
 
     let cart = cart::load_in(&mut tx, caller.id).await?;
     if cart.shops.is_empty() {
-        return Err(ApiError::Validation(vec![FieldError::new("cart", "your cart is empty")]));
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "cart",
+            "your cart is empty",
+        )]));
     }
     let problems: Vec<FieldError> = cart
         .shops
@@ -191,7 +189,9 @@ pub async fn checkout(
         .filter_map(|l| {
             let message = match l.problem? {
                 LineProblem::Unavailable => format!("{} is no longer for sale", l.title),
-                LineProblem::InsufficientStock => format!("only {} of {} available", l.available, l.title),
+                LineProblem::InsufficientStock => {
+                    format!("only {} of {} available", l.available, l.title)
+                }
             };
             Some(FieldError::new(format!("cart.{}", l.variant_id), message))
         })
@@ -200,7 +200,9 @@ pub async fn checkout(
         return Err(ApiError::Validation(problems));
     }
     if let Some(problem) = cart.coupon.as_ref().and_then(|c| c.problem.clone()) {
-        return Err(ApiError::Validation(vec![FieldError::new("coupon", problem)]));
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "coupon", problem,
+        )]));
     }
     let address = shipping_address(&mut tx, caller.id, body.address_id).await?;
     let coupon_id: Option<Uuid> =
@@ -263,12 +265,20 @@ pub async fn checkout(
         .bind(caller.id)
         .execute(&mut *tx)
         .await?;
-    outbox::enqueue(&mut tx, &Envelope::new(&OrderPlaced { order_id: id }, request_id.0)).await?;
+    outbox::enqueue(
+        &mut tx,
+        &Envelope::new(&OrderPlaced { order_id: id }, request_id.0),
+    )
+    .await?;
     state.commit_with_messages(tx).await?;
     answer(&state, id, caller.id).await
 }
 
-async fn answer(state: &AppState, order: Uuid, customer: Uuid) -> Result<(StatusCode, Json<Order>), ApiError> {
+async fn answer(
+    state: &AppState,
+    order: Uuid,
+    customer: Uuid,
+) -> Result<(StatusCode, Json<Order>), ApiError> {
     let mut conn = state.pool.acquire().await?;
     let order = order_views::order(&mut conn, order, Scope::Customer(customer)).await?;
     Ok((StatusCode::ACCEPTED, Json(order)))

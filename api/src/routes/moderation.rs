@@ -84,7 +84,11 @@ async fn set_hidden(
     if found.rows_affected() == 0 {
         return Err(ApiError::NotFound);
     }
-    let action = if hidden { "product.hide" } else { "product.unhide" };
+    let action = if hidden {
+        "product.hide"
+    } else {
+        "product.unhide"
+    };
     audit(&mut tx, admin, action, ("product", id), reason).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)

@@ -116,7 +116,9 @@ pub async fn get(
     Path(id): Path<Uuid>,
 ) -> Result<Json<Order>, ApiError> {
     let mut conn = state.pool.acquire().await?;
-    Ok(Json(order_views::order(&mut conn, id, Scope::Customer(caller.id)).await?))
+    Ok(Json(
+        order_views::order(&mut conn, id, Scope::Customer(caller.id)).await?,
+    ))
 }
 
 /// The order's history, oldest first: placed, paid, each seller's
@@ -134,12 +136,13 @@ pub async fn tracking(
     Path(id): Path<Uuid>,
 ) -> Result<Json<Vec<TrackingEvent>>, ApiError> {
     let mut conn = state.pool.acquire().await?;
-    let mine: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1 AND customer_id = $2)")
-            .bind(id)
-            .bind(caller.id)
-            .fetch_one(&mut *conn)
-            .await?;
+    let mine: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1 AND customer_id = $2)",
+    )
+    .bind(id)
+    .bind(caller.id)
+    .fetch_one(&mut *conn)
+    .await?;
     if !mine {
         return Err(ApiError::NotFound);
     }
@@ -193,19 +196,22 @@ pub async fn cancel(
         .to_string();
     let corr = request_id.0.as_str();
     let mut tx = state.pool.begin().await?;
-    let current: Option<String> =
-        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 AND customer_id = $2 FOR UPDATE")
-            .bind(id)
-            .bind(caller.id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let current: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM orders WHERE id = $1 AND customer_id = $2 FOR UPDATE",
+    )
+    .bind(id)
+    .bind(caller.id)
+    .fetch_optional(&mut *tx)
+    .await?;
     let current = current
         .as_deref()
         .and_then(OrderStatus::parse)
         .ok_or(ApiError::NotFound)?;
     let too_late = |why: &str| ApiError::Conflict(FieldError::new("status", why));
     if !current.cancellable() {
-        return Err(too_late(&format!("a {current} order can no longer be cancelled")));
+        return Err(too_late(&format!(
+            "a {current} order can no longer be cancelled"
+        )));
     }
     let parts: Vec<(Uuid, String, i64)> = sqlx::query_as(
         "SELECT id, status, total_minor - refunded_minor FROM seller_orders
@@ -225,7 +231,14 @@ pub async fn cancel(
         return Err(too_late("a seller has already shipped part of this order"));
     }
     let actor = Actor::Customer(caller.id);
-    status::move_order(&mut tx, id, OrderStatus::Cancelled, actor, Change::note(&reason)).await?;
+    status::move_order(
+        &mut tx,
+        id,
+        OrderStatus::Cancelled,
+        actor,
+        Change::note(&reason),
+    )
+    .await?;
     sqlx::query("UPDATE orders SET failure_reason = $2 WHERE id = $1")
         .bind(id)
         .bind(&reason)
@@ -234,11 +247,18 @@ pub async fn cancel(
     let payment = refunds::order_payment(&mut tx, id).await?;
     let mut refunded = 0;
     for (part, part_status, left) in parts {
-        if part_status == SellerOrderStatus::Cancelled || part_status == SellerOrderStatus::Refunded {
+        if part_status == SellerOrderStatus::Cancelled || part_status == SellerOrderStatus::Refunded
+        {
             continue;
         }
-        status::move_seller_order(&mut tx, part, SellerOrderStatus::Cancelled, actor, Change::note(&reason))
-            .await?;
+        status::move_seller_order(
+            &mut tx,
+            part,
+            SellerOrderStatus::Cancelled,
+            actor,
+            Change::note(&reason),
+        )
+        .await?;
         if let Some(payment) = payment.filter(|_| current == OrderStatus::Paid) {
             let refund = Refund {
                 order: id,
@@ -249,16 +269,31 @@ pub async fn cancel(
             };
             refunds::request(&mut tx, refund, corr)
                 .await?
-                .ok_or_else(|| anyhow::anyhow!("refund of seller order {part} exceeds its payment"))?;
+                .ok_or_else(|| {
+                    anyhow::anyhow!("refund of seller order {part} exceeds its payment")
+                })?;
             refunded += left;
-            notices::to_seller(&mut tx, part, "seller_order_cancelled", "order_cancelled", json!({ "reason": reason }), corr)
-                .await?;
+            notices::to_seller(
+                &mut tx,
+                part,
+                "seller_order_cancelled",
+                "order_cancelled",
+                json!({ "reason": reason }),
+                corr,
+            )
+            .await?;
         }
     }
-    outbox::enqueue(&mut tx, &Envelope::new(&OrderCancelled { order_id: id }, corr)).await?;
+    outbox::enqueue(
+        &mut tx,
+        &Envelope::new(&OrderCancelled { order_id: id }, corr),
+    )
+    .await?;
     let extra = json!({ "reason": reason, "refund_minor": refunded });
     notices::to_customer(&mut tx, id, "order_cancelled", None, extra, corr).await?;
     state.commit_with_messages(tx).await?;
     let mut conn = state.pool.acquire().await?;
-    Ok(Json(order_views::order(&mut conn, id, Scope::Customer(caller.id)).await?))
+    Ok(Json(
+        order_views::order(&mut conn, id, Scope::Customer(caller.id)).await?,
+    ))
 }

@@ -91,7 +91,10 @@ pub async fn upload(
 ) -> Result<(StatusCode, Json<SellerProduct>), ApiError> {
     owned_product(&state, &seller, product).await?;
     PHOTOS.append(&state, product, &mut multipart).await?;
-    Ok((StatusCode::CREATED, Json(load(&state.pool, &seller, product).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(load(&state.pool, &seller, product).await?),
+    ))
 }
 
 /// Remove a photo from a product of the seller's shop.

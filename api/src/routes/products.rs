@@ -8,9 +8,9 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use souk_shared::inventory;
 use sqlx::{PgConnection, PgPool};
 use utoipa::{IntoParams, ToSchema};
-use souk_shared::inventory;
 use uuid::Uuid;
 
 use crate::{
@@ -128,14 +128,17 @@ impl NewVariant {
                 format!("must be 0 to {MAX_STOCK}"),
             ));
         }
-        check_threshold(errors, &field("low_stock_threshold"), self.low_stock_threshold);
+        check_threshold(
+            errors,
+            &field("low_stock_threshold"),
+            self.low_stock_threshold,
+        );
     }
 }
 
 fn valid_sku(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
@@ -235,9 +238,8 @@ async fn category_id(tx: &mut PgConnection, slug: Option<&str>) -> Result<Option
         .bind(slug)
         .fetch_optional(&mut *tx)
         .await?;
-    id.map(Some).ok_or_else(|| {
-        ApiError::Validation(vec![FieldError::new("category", "no such category")])
-    })
+    id.map(Some)
+        .ok_or_else(|| ApiError::Validation(vec![FieldError::new("category", "no such category")]))
 }
 
 async fn insert_variant(
@@ -267,7 +269,15 @@ async fn insert_variant(
     .await?;
     if v.on_hand > 0 {
         let reason = "initial stock";
-        inventory::adjust(tx, id, Some(seller.caller.id), v.on_hand, reason, &request_id.0).await?;
+        inventory::adjust(
+            tx,
+            id,
+            Some(seller.caller.id),
+            v.on_hand,
+            reason,
+            &request_id.0,
+        )
+        .await?;
     }
     Ok(id)
 }
@@ -307,7 +317,10 @@ pub async fn create(
         insert_variant(&mut tx, &seller, id, i as i32, v, &request_id).await?;
     }
     state.commit_with_messages(tx).await?;
-    Ok((StatusCode::CREATED, Json(load(&state.pool, &seller, id).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(load(&state.pool, &seller, id).await?),
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -574,7 +587,10 @@ pub async fn add_variant(
     let position = position.ok_or(ApiError::NotFound)?;
     insert_variant(&mut tx, &seller, id, position, &body, &request_id).await?;
     state.commit_with_messages(tx).await?;
-    Ok((StatusCode::CREATED, Json(load(&state.pool, &seller, id).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(load(&state.pool, &seller, id).await?),
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

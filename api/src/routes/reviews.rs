@@ -385,7 +385,14 @@ pub async fn remove(
             .execute(&mut *tx)
             .await?;
         count_rating(&mut tx, product, shop, -i64::from(rating), -1).await?;
-        audit(&mut tx, &admin, "review.remove", ("review", review), body.reason.trim()).await?;
+        audit(
+            &mut tx,
+            &admin,
+            "review.remove",
+            ("review", review),
+            body.reason.trim(),
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)

@@ -29,7 +29,10 @@ use crate::{
     extract::{ValidJson, ValidQuery, Validate},
     middleware::RequestId,
     order_views::{self, Scope, SellerOrder, SellerOrderSummary},
-    routes::catalog::{Page, Paging},
+    routes::{
+        admin::Reason,
+        catalog::{Page, Paging},
+    },
     state::AppState,
 };
 
@@ -104,7 +107,9 @@ pub async fn get(
     Path(id): Path<Uuid>,
 ) -> Result<Json<SellerOrder>, ApiError> {
     let mut conn = state.pool.acquire().await?;
-    Ok(Json(order_views::seller_order(&mut conn, id, Scope::Shop(seller.shop_id)).await?))
+    Ok(Json(
+        order_views::seller_order(&mut conn, id, Scope::Shop(seller.shop_id)).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -123,12 +128,19 @@ pub struct FulfilmentUpdate {
     pub note: Option<String>,
 }
 
-fn text(errors: &mut Vec<FieldError>, field: &str, value: &Option<String>, required: bool, max: usize) {
+fn text(
+    errors: &mut Vec<FieldError>,
+    field: &str,
+    value: &Option<String>,
+    required: bool,
+    max: usize,
+) {
     match value.as_deref().map(str::trim) {
         None | Some("") if required => errors.push(FieldError::new(field, "is needed to ship")),
-        Some(v) if v.chars().count() > max => {
-            errors.push(FieldError::new(field, format!("must be at most {max} characters")))
-        }
+        Some(v) if v.chars().count() > max => errors.push(FieldError::new(
+            field,
+            format!("must be at most {max} characters"),
+        )),
         _ => {}
     }
 }
@@ -145,7 +157,13 @@ impl Validate for FulfilmentUpdate {
         }
         let shipping = self.status == Shipped;
         text(&mut errors, "carrier", &self.carrier, shipping, 100);
-        text(&mut errors, "tracking_number", &self.tracking_number, shipping, 100);
+        text(
+            &mut errors,
+            "tracking_number",
+            &self.tracking_number,
+            shipping,
+            100,
+        );
         text(&mut errors, "note", &self.note, false, 500);
         errors
     }
@@ -187,7 +205,9 @@ pub async fn fulfil(
     });
     notices::to_customer(tx, order, "order_update", Some("order_update"), extra, corr).await?;
     if body.status == SellerOrderStatus::Delivered {
-        let delivered = SellerOrderDelivered { seller_order_id: seller_order };
+        let delivered = SellerOrderDelivered {
+            seller_order_id: seller_order,
+        };
         outbox::enqueue(tx, &Envelope::new(&delivered, corr)).await?;
     }
     Ok(())
@@ -213,41 +233,38 @@ pub async fn update_status(
     ValidJson(body): ValidJson<FulfilmentUpdate>,
 ) -> Result<Json<SellerOrder>, ApiError> {
     let mut tx = state.pool.begin().await?;
-    let mine: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM seller_orders WHERE id = $1 AND shop_id = $2)")
-            .bind(id)
-            .bind(seller.shop_id)
-            .fetch_one(&mut *tx)
-            .await?;
+    let mine: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM seller_orders WHERE id = $1 AND shop_id = $2)",
+    )
+    .bind(id)
+    .bind(seller.shop_id)
+    .fetch_one(&mut *tx)
+    .await?;
     if !mine {
         return Err(ApiError::NotFound);
     }
     let change = Change {
-        note: body.note.as_deref().map(str::trim).filter(|n| !n.is_empty()),
+        note: body
+            .note
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty()),
         ..Change::default()
     };
-    fulfil(&mut tx, id, &body, Actor::Seller(seller.caller.id), change, &request_id.0).await?;
+    fulfil(
+        &mut tx,
+        id,
+        &body,
+        Actor::Seller(seller.caller.id),
+        change,
+        &request_id.0,
+    )
+    .await?;
     state.commit_with_messages(tx).await?;
     let mut conn = state.pool.acquire().await?;
-    Ok(Json(order_views::seller_order(&mut conn, id, Scope::Shop(seller.shop_id)).await?))
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SellerCancel {
-    /// Why; the customer is told.
-    pub reason: String,
-}
-
-impl Validate for SellerCancel {
-    fn validate(&self) -> Vec<FieldError> {
-        let n = self.reason.trim().chars().count();
-        if n == 0 || n > 500 {
-            vec![FieldError::new("reason", "must be 1 to 500 characters")]
-        } else {
-            vec![]
-        }
-    }
+    Ok(Json(
+        order_views::seller_order(&mut conn, id, Scope::Shop(seller.shop_id)).await?,
+    ))
 }
 
 /// Cancel the shop's part of a paid order before it ships: that part is
@@ -255,7 +272,7 @@ impl Validate for SellerCancel {
 /// parts are untouched.
 #[utoipa::path(
     post, path = "/seller/orders/{id}/cancel", tag = "seller", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), request_body = SellerCancel,
+    params(("id" = Uuid, Path)), request_body = Reason,
     responses(
         (status = 200, description = "the cancelled seller order (its refund follows within seconds)", body = SellerOrder),
         (status = 404, description = "no such seller order of your shop", body = Problem, content_type = "application/problem+json"),
@@ -267,7 +284,7 @@ pub async fn cancel(
     seller: Seller,
     request_id: RequestId,
     Path(id): Path<Uuid>,
-    ValidJson(body): ValidJson<SellerCancel>,
+    ValidJson(body): ValidJson<Reason>,
 ) -> Result<Json<SellerOrder>, ApiError> {
     let reason = body.reason.trim();
     let corr = request_id.0.as_str();
@@ -280,22 +297,33 @@ pub async fn cancel(
             .await?;
     let order = order.ok_or(ApiError::NotFound)?;
     // The order's row first: refunds are decided under it.
-    let order_status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
-        .bind(order)
-        .fetch_one(&mut *tx)
-        .await?;
+    let order_status: String =
+        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
+            .bind(order)
+            .fetch_one(&mut *tx)
+            .await?;
     if order_status != OrderStatus::Paid.as_str() {
         return Err(ApiError::Conflict(FieldError::new(
             "status",
-            format!("only a paid order's part can be cancelled by its seller (the order is {order_status})"),
+            format!(
+                "only a paid order's part can be cancelled by its seller (the order is {order_status})"
+            ),
         )));
     }
     let actor = Actor::Seller(seller.caller.id);
-    status::move_seller_order(&mut tx, id, SellerOrderStatus::Cancelled, actor, Change::note(reason)).await?;
-    let left: i64 = sqlx::query_scalar("SELECT total_minor - refunded_minor FROM seller_orders WHERE id = $1")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
+    status::move_seller_order(
+        &mut tx,
+        id,
+        SellerOrderStatus::Cancelled,
+        actor,
+        Change::note(reason),
+    )
+    .await?;
+    let left: i64 =
+        sqlx::query_scalar("SELECT total_minor - refunded_minor FROM seller_orders WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
     let payment = refunds::order_payment(&mut tx, order)
         .await?
         .ok_or_else(|| anyhow::anyhow!("paid order {order} has no payment"))?;
@@ -309,7 +337,16 @@ pub async fn cancel(
     refunds::request(&mut tx, refund, corr)
         .await?
         .ok_or_else(|| anyhow::anyhow!("refund of seller order {id} exceeds its payment"))?;
-    outbox::enqueue(&mut tx, &Envelope::new(&SellerOrderCancelled { seller_order_id: id }, corr)).await?;
+    outbox::enqueue(
+        &mut tx,
+        &Envelope::new(
+            &SellerOrderCancelled {
+                seller_order_id: id,
+            },
+            corr,
+        ),
+    )
+    .await?;
     let shop: String = sqlx::query_scalar("SELECT name FROM shops WHERE id = $1")
         .bind(seller.shop_id)
         .fetch_one(&mut *tx)
@@ -318,8 +355,18 @@ pub async fn cancel(
         "shop": shop, "status": SellerOrderStatus::Cancelled, "note": reason,
         "carrier": null, "tracking_number": null, "refund_minor": left,
     });
-    notices::to_customer(&mut tx, order, "order_update", Some("order_update"), extra, corr).await?;
+    notices::to_customer(
+        &mut tx,
+        order,
+        "order_update",
+        Some("order_update"),
+        extra,
+        corr,
+    )
+    .await?;
     state.commit_with_messages(tx).await?;
     let mut conn = state.pool.acquire().await?;
-    Ok(Json(order_views::seller_order(&mut conn, id, Scope::Shop(seller.shop_id)).await?))
+    Ok(Json(
+        order_views::seller_order(&mut conn, id, Scope::Shop(seller.shop_id)).await?,
+    ))
 }

@@ -109,8 +109,14 @@ impl Validate for ShopUpdate {
         {
             errors.push(FieldError::new("contact_email", "must be an email address"));
         }
-        if self.shipping_flat_minor.is_some_and(|m| !(0..=1_000_000).contains(&m)) {
-            errors.push(FieldError::new("shipping_flat_minor", "must be 0 to 1000000 minor units"));
+        if self
+            .shipping_flat_minor
+            .is_some_and(|m| !(0..=1_000_000).contains(&m))
+        {
+            errors.push(FieldError::new(
+                "shipping_flat_minor",
+                "must be 0 to 1000000 minor units",
+            ));
         }
         errors
     }

@@ -5,11 +5,7 @@
 //! and on its callback page posts `code` and `state` to `callback`, which
 //! answers with a session exactly as password sign-in does.
 
-use axum::{
-    Json,
-    extract::State,
-    http::HeaderMap,
-};
+use axum::{Json, extract::State, http::HeaderMap};
 use chrono::{Duration, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
@@ -22,9 +18,9 @@ use crate::{
         oidc::{Identity, OidcClient, OidcError},
         secret,
     },
+    client_ip::ClientIp,
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
-    client_ip::ClientIp,
     routes::auth::{Session, open_session},
     state::AppState,
 };
@@ -111,10 +107,16 @@ impl Validate for SsoCallback {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if self.code.is_empty() || self.code.len() > 4096 {
-            errors.push(FieldError::new("code", "must be the code from the provider"));
+            errors.push(FieldError::new(
+                "code",
+                "must be the code from the provider",
+            ));
         }
         if self.state.is_empty() || self.state.len() > 100 {
-            errors.push(FieldError::new("state", "must be the state from the provider"));
+            errors.push(FieldError::new(
+                "state",
+                "must be the state from the provider",
+            ));
         }
         errors
     }

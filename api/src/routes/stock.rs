@@ -36,7 +36,10 @@ impl Validate for NewAdjustment {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if self.delta == 0 || self.delta.unsigned_abs() > 1_000_000 {
-            errors.push(FieldError::new("delta", "must be non-zero, at most 1000000 either way"));
+            errors.push(FieldError::new(
+                "delta",
+                "must be non-zero, at most 1000000 either way",
+            ));
         }
         let n = self.reason.trim().chars().count();
         if n == 0 || n > 200 {
@@ -88,9 +91,15 @@ pub async fn adjust(
     owned_variant(&state, &seller, id).await?;
     let mut tx = state.pool.begin().await?;
     let reason = body.reason.trim();
-    let done =
-        inventory::adjust(&mut tx, id, Some(seller.caller.id), body.delta, reason, &request_id.0)
-            .await?;
+    let done = inventory::adjust(
+        &mut tx,
+        id,
+        Some(seller.caller.id),
+        body.delta,
+        reason,
+        &request_id.0,
+    )
+    .await?;
     if done.is_none() {
         return Err(ApiError::Conflict(FieldError::new(
             "delta",

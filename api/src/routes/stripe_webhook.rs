@@ -42,9 +42,9 @@ fn refused(message: &str) -> ApiError {
 fn verify(payload: &str, signature: &str, secret: &str) -> Result<(), ApiError> {
     match Webhook::construct_event(payload, signature, secret) {
         Ok(_) | Err(WebhookError::BadParse(_)) => Ok(()),
-        Err(WebhookError::BadTimestamp(_)) => {
-            Err(refused("the signature's timestamp is outside the 300 s tolerance"))
-        }
+        Err(WebhookError::BadTimestamp(_)) => Err(refused(
+            "the signature's timestamp is outside the 300 s tolerance",
+        )),
         Err(WebhookError::BadSignature | WebhookError::BadHeader(_) | WebhookError::BadKey) => {
             Err(refused("the signature does not match the body"))
         }
@@ -78,7 +78,10 @@ pub async fn receive(
         .map_err(|e| ApiError::BadRequest(FieldError::new("body", format!("not JSON: {e}"))))?;
     // The parts this endpoint reads; the worker reads the rest.
     let (Some(id), Some(kind)) = (event["id"].as_str(), event["type"].as_str()) else {
-        return Err(ApiError::BadRequest(FieldError::new("body", "not a Stripe event (no id or type)")));
+        return Err(ApiError::BadRequest(FieldError::new(
+            "body",
+            "not a Stripe event (no id or type)",
+        )));
     };
 
     let mut tx = state.pool.begin().await?;

@@ -5,12 +5,22 @@ use serde_json::{Value, json};
 
 use super::{App, admin, token_for, verified_seller};
 
-pub async fn call(app: &App, token: &str, method: Method, path: &str, body: Value) -> reqwest::Response {
+pub async fn call(
+    app: &App,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Value,
+) -> reqwest::Response {
     let req = app
         .http
         .request(method.clone(), format!("{}/api/v1{path}", app.base))
         .bearer_auth(token);
-    let req = if method == Method::GET { req } else { req.json(&body) };
+    let req = if method == Method::GET {
+        req
+    } else {
+        req.json(&body)
+    };
     req.send().await.unwrap()
 }
 
@@ -62,17 +72,61 @@ pub async fn shelf(app: &App) -> (String, String, Value) {
     let root = token_for(app, &root).await;
     for (name, slug, parent) in [("Home", "home", None), ("Kitchen", "kitchen", Some("home"))] {
         let body = json!({"name": name, "slug": slug, "parent": parent});
-        json_of(call(app, &root, Method::POST, "/admin/categories", body).await, StatusCode::CREATED).await;
+        json_of(
+            call(app, &root, Method::POST, "/admin/categories", body).await,
+            StatusCode::CREATED,
+        )
+        .await;
     }
     let a = verified_seller(app, "shop-a").await;
     let b = verified_seller(app, "shop-b").await;
     let mut ids = serde_json::Map::new();
     for (seller, title, description, tags, category, price, stock) in [
-        (&a, "Walnut cutting board", "End grain, oiled", vec!["kitchen", "wood"], "kitchen", 4500, 3),
-        (&b, "Olive wood spoon set", "Three hand carved spoons", vec!["kitchen"], "kitchen", 1500, 10),
-        (&a, "Wool blanket", "Warm; pairs well with a wood stove", vec!["bedroom"], "home", 9000, 0),
-        (&b, "Ceramic teapot", "Glazed stoneware", vec!["tea"], "kitchen", 3500, 2),
-        (&a, "Draft wood lamp", "Never published", vec!["wood"], "home", 100, 1),
+        (
+            &a,
+            "Walnut cutting board",
+            "End grain, oiled",
+            vec!["kitchen", "wood"],
+            "kitchen",
+            4500,
+            3,
+        ),
+        (
+            &b,
+            "Olive wood spoon set",
+            "Three hand carved spoons",
+            vec!["kitchen"],
+            "kitchen",
+            1500,
+            10,
+        ),
+        (
+            &a,
+            "Wool blanket",
+            "Warm; pairs well with a wood stove",
+            vec!["bedroom"],
+            "home",
+            9000,
+            0,
+        ),
+        (
+            &b,
+            "Ceramic teapot",
+            "Glazed stoneware",
+            vec!["tea"],
+            "kitchen",
+            3500,
+            2,
+        ),
+        (
+            &a,
+            "Draft wood lamp",
+            "Never published",
+            vec!["wood"],
+            "home",
+            100,
+            1,
+        ),
     ] {
         let body = json!({"title": title, "description": description, "tags": tags, "category": category,
                           "variants": [{"sku": title.replace(' ', "-"), "price_minor": price, "on_hand": stock}]});
@@ -90,4 +144,3 @@ pub async fn add(app: &App, token: &str, variant: &str, quantity: i32) -> reqwes
     let body = json!({"variant_id": variant, "quantity": quantity});
     call(app, token, Method::POST, "/cart/items", body).await
 }
-

@@ -330,7 +330,12 @@ impl Pipeline {
         Self::with(app, &amqp_url(), Some(stripe), Workers::ALL)
     }
 
-    pub fn with(app: &App, broker_url: &str, stripe: Option<&LocalStripe>, workers: Workers) -> Self {
+    pub fn with(
+        app: &App,
+        broker_url: &str,
+        stripe: Option<&LocalStripe>,
+        workers: Workers,
+    ) -> Self {
         let prefix = unique_prefix();
         let mut pipeline = Self {
             prefix: prefix.clone(),
@@ -377,7 +382,11 @@ impl Pipeline {
                 reservation_ttl: Duration::from_secs(900),
                 expiry_poll: Duration::from_millis(200),
             };
-            let sweep = reserver::sweep_expired(pool.clone(), config.expiry_poll, pipeline.shutdown.clone());
+            let sweep = reserver::sweep_expired(
+                pool.clone(),
+                config.expiry_poll,
+                pipeline.shutdown.clone(),
+            );
             pipeline.tasks.push(tokio::spawn(sweep));
             pipeline.run(&prefix, pool.clone(), StockReserver { config });
         }

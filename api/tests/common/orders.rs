@@ -68,8 +68,20 @@ pub async fn listing(app: &App, slug: &str, title: &str, price: i64, stock: i32)
 }
 
 /// Another product in the seller's shop.
-pub async fn add_product(app: &App, seller: &str, slug: &str, title: &str, price: i64, stock: i32) -> Listing {
-    let created = product(app, seller, simple(title, &title.replace(' ', "-"), price, stock)).await;
+pub async fn add_product(
+    app: &App,
+    seller: &str,
+    slug: &str,
+    title: &str,
+    price: i64,
+    stock: i32,
+) -> Listing {
+    let created = product(
+        app,
+        seller,
+        simple(title, &title.replace(' ', "-"), price, stock),
+    )
+    .await;
     publish(app, seller, created["id"].as_str().unwrap()).await;
     Listing {
         seller: seller.to_string(),
@@ -80,11 +92,20 @@ pub async fn add_product(app: &App, seller: &str, slug: &str, title: &str, price
 
 pub async fn add_to_cart(app: &App, token: &str, variant: &str, quantity: i32) {
     let body = json!({"variant_id": variant, "quantity": quantity});
-    json_of(call(app, token, Method::POST, "/cart/items", body).await, StatusCode::OK).await;
+    json_of(
+        call(app, token, Method::POST, "/cart/items", body).await,
+        StatusCode::OK,
+    )
+    .await;
 }
 
 /// `POST /checkout`, with an Idempotency-Key if given.
-pub async fn checkout_request(app: &App, token: &str, key: Option<&str>, body: Value) -> reqwest::Response {
+pub async fn checkout_request(
+    app: &App,
+    token: &str,
+    key: Option<&str>,
+    body: Value,
+) -> reqwest::Response {
     let mut req = app
         .http
         .post(format!("{}/api/v1/checkout", app.base))
@@ -98,11 +119,19 @@ pub async fn checkout_request(app: &App, token: &str, key: Option<&str>, body: V
 
 /// Checks out the cart; returns the order (pending).
 pub async fn checkout(app: &App, token: &str) -> Value {
-    json_of(checkout_request(app, token, None, json!({})).await, StatusCode::ACCEPTED).await
+    json_of(
+        checkout_request(app, token, None, json!({})).await,
+        StatusCode::ACCEPTED,
+    )
+    .await
 }
 
 pub async fn order(app: &App, token: &str, id: &str) -> Value {
-    json_of(call(app, token, Method::GET, &format!("/orders/{id}"), json!({})).await, StatusCode::OK).await
+    json_of(
+        call(app, token, Method::GET, &format!("/orders/{id}"), json!({})).await,
+        StatusCode::OK,
+    )
+    .await
 }
 
 /// Waits until the order reads as `status`; returns it.
@@ -123,8 +152,16 @@ pub async fn wait_for(app: &App, token: &str, id: &str, status: &str) -> Value {
 /// a card), whether the card is taken or declined; returns the intent's id.
 pub async fn pay(app: &App, stripe: &LocalStripe, token: &str, id: &str, card: &str) -> String {
     let awaiting = wait_for(app, token, id, "awaiting_payment").await;
-    let intent = awaiting["payment"]["payment_intent_id"].as_str().unwrap().to_string();
-    assert!(awaiting["payment"]["client_secret"].as_str().unwrap().starts_with(&intent));
+    let intent = awaiting["payment"]["payment_intent_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        awaiting["payment"]["client_secret"]
+            .as_str()
+            .unwrap()
+            .starts_with(&intent)
+    );
     let answer = stripe.pay(&intent, card).await;
     assert_eq!(answer.is_ok(), card == CARD_OK, "{answer:?}");
     intent
@@ -142,7 +179,10 @@ pub async fn checkout_and_pay(app: &App, stripe: &LocalStripe, token: &str) -> V
 pub async fn stripe_for(app: &App) -> LocalStripe {
     let stripe = LocalStripe::start().await;
     stripe
-        .send_webhooks_to(&format!("{}/api/v1/stripe/webhook", app.base), WEBHOOK_SECRET)
+        .send_webhooks_to(
+            &format!("{}/api/v1/stripe/webhook", app.base),
+            WEBHOOK_SECRET,
+        )
         .await;
     stripe
 }
@@ -151,8 +191,11 @@ pub async fn stripe_for(app: &App) -> LocalStripe {
 pub async fn mails_about(to: &str, needle: &str, n: usize) -> Vec<Mail> {
     let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
     loop {
-        let found: Vec<Mail> =
-            mails_to(to).await.into_iter().filter(|m| m.subject.contains(needle)).collect();
+        let found: Vec<Mail> = mails_to(to)
+            .await
+            .into_iter()
+            .filter(|m| m.subject.contains(needle))
+            .collect();
         if found.len() >= n {
             return found;
         }
@@ -175,11 +218,13 @@ pub async fn stock(app: &App, variant: &str) -> (i32, i32) {
 
 /// The email of the seller running `slug`.
 pub async fn seller_email(app: &App, slug: &str) -> String {
-    sqlx::query_scalar("SELECT u.email FROM shops s JOIN users u ON u.id = s.owner_id WHERE s.slug = $1")
-        .bind(slug)
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT u.email FROM shops s JOIN users u ON u.id = s.owner_id WHERE s.slug = $1",
+    )
+    .bind(slug)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
 }
 
 /// Posts `event` to the webhook signed at `t` with `secret`.
@@ -188,9 +233,53 @@ pub async fn post_event(app: &App, event: &Value, secret: &str, t: i64) -> reqwe
     app.http
         .post(format!("{}/api/v1/stripe/webhook", app.base))
         .header("content-type", "application/json")
-        .header("Stripe-Signature", souk_testkit::stripe::signature(&body, secret, t))
+        .header(
+            "Stripe-Signature",
+            souk_testkit::stripe::signature(&body, secret, t),
+        )
         .body(body)
         .send()
         .await
         .unwrap()
+}
+
+/// One test's marketplace: the API, localstripe posting its webhooks to it,
+/// the whole pipeline, and two shops each selling one product (5 in stock):
+/// `oak` a walnut board at 45.00, `tea` a teapot at 30.00.
+pub struct Market {
+    pub app: App,
+    pub stripe: LocalStripe,
+    pub pipeline: super::Pipeline,
+    pub oak: Listing,
+    pub tea: Listing,
+}
+
+impl Market {
+    pub async fn open() -> Self {
+        let app = super::spawn_app(&souk_testkit::amqp_url()).await;
+        let stripe = stripe_for(&app).await;
+        let pipeline = super::Pipeline::checkout(&app, &stripe);
+        let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+        let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
+        Self {
+            app,
+            stripe,
+            pipeline,
+            oak,
+            tea,
+        }
+    }
+
+    /// A customer who has put these (variant, quantity) in the cart.
+    pub async fn shopper(&self, items: &[(&Listing, i32)]) -> Customer {
+        let buyer = customer(&self.app).await;
+        for (listing, quantity) in items {
+            add_to_cart(&self.app, &buyer.token, &listing.variant, *quantity).await;
+        }
+        buyer
+    }
+
+    pub async fn close(self) {
+        self.pipeline.stop().await;
+    }
 }

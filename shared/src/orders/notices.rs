@@ -46,7 +46,9 @@ async fn order_data(
         .collect();
     if shop.is_some() {
         // A seller sees its own lines, never the rest of the order's money.
-        return Ok(json!({ "id": order, "currency": currency, "lines": lines, "address": address }));
+        return Ok(
+            json!({ "id": order, "currency": currency, "lines": lines, "address": address }),
+        );
     }
     Ok(json!({
         "id": order,
@@ -135,7 +137,8 @@ pub async fn to_seller(
         "order": order_data(conn, r.order_id, Some(r.shop_id)).await?,
     });
     let data = merge(data, extra);
-    let note = json!({ "order_id": r.order_id, "seller_order_id": seller_order, "template": template });
+    let note =
+        json!({ "order_id": r.order_id, "seller_order_id": seller_order, "template": template });
     notify::in_app(conn, r.owner_id, in_app, &note).await?;
     notify::email(conn, &r.email, template, data, correlation_id).await
 }

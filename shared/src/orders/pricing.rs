@@ -32,9 +32,14 @@ pub struct ShopInput {
 pub enum Discount {
     None,
     /// A shop coupon: all of it comes off that shop's items.
-    Shop { shop_id: Uuid, amount_minor: i64 },
+    Shop {
+        shop_id: Uuid,
+        amount_minor: i64,
+    },
     /// A platform coupon: shared by every seller.
-    Platform { amount_minor: i64 },
+    Platform {
+        amount_minor: i64,
+    },
 }
 
 /// One seller order's money.
@@ -116,7 +121,12 @@ pub fn allocate(amount: i64, weights: &[i64]) -> Vec<i64> {
     let mut left = amount - shares.iter().sum::<i128>();
     // Largest remainder first; ties to the earlier entry.
     let mut order: Vec<usize> = (0..weights.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(amount * i128::from(weights[i]) % total), i));
+    order.sort_by_key(|&i| {
+        (
+            std::cmp::Reverse(amount * i128::from(weights[i]) % total),
+            i,
+        )
+    });
     for i in order {
         if left == 0 {
             break;

@@ -55,7 +55,10 @@ pub async fn request(
 }
 
 /// The payment that counts for `order` (not a duplicate), if it was paid.
-pub async fn order_payment(conn: &mut PgConnection, order: Uuid) -> Result<Option<Uuid>, sqlx::Error> {
+pub async fn order_payment(
+    conn: &mut PgConnection,
+    order: Uuid,
+) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar("SELECT id FROM payments WHERE order_id = $1 AND NOT duplicate")
         .bind(order)
         .fetch_optional(conn)

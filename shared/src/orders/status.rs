@@ -208,7 +208,15 @@ pub async fn move_order(
         .bind(to.as_str())
         .execute(&mut *conn)
         .await?;
-    append(conn, order, None, (from.as_str(), to.as_str()), actor, change).await?;
+    append(
+        conn,
+        order,
+        None,
+        (from.as_str(), to.as_str()),
+        actor,
+        change,
+    )
+    .await?;
     Ok(from)
 }
 
@@ -258,8 +266,33 @@ pub async fn move_seller_order(
     Ok(from)
 }
 
+/// Moves every pending seller order of `order` to `to` (paid with the
+/// order, or cancelled with it); returns the ones moved, in id order.
+pub async fn move_pending_parts(
+    conn: &mut PgConnection,
+    order: Uuid,
+    to: SellerOrderStatus,
+    actor: Actor,
+    change: Change<'_>,
+) -> Result<Vec<Uuid>, MoveError> {
+    let parts: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM seller_orders WHERE order_id = $1 AND status = 'pending' ORDER BY id",
+    )
+    .bind(order)
+    .fetch_all(&mut *conn)
+    .await?;
+    for part in &parts {
+        move_seller_order(conn, *part, to, actor, change.clone()).await?;
+    }
+    Ok(parts)
+}
+
 /// Starts an order's event trail: placed, by its customer.
-pub async fn placed(conn: &mut PgConnection, order: Uuid, customer: Uuid) -> Result<(), sqlx::Error> {
+pub async fn placed(
+    conn: &mut PgConnection,
+    order: Uuid,
+    customer: Uuid,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO order_events (id, order_id, subject, to_status, actor_id, actor_role)
          VALUES ($1, $2, 'order', 'pending', $3, 'customer')",
@@ -293,7 +326,11 @@ async fn append(
     .bind(Uuid::now_v7())
     .bind(order)
     .bind(seller_order)
-    .bind(if seller_order.is_some() { "seller_order" } else { "order" })
+    .bind(if seller_order.is_some() {
+        "seller_order"
+    } else {
+        "order"
+    })
     .bind(from)
     .bind(to)
     .bind(actor_id)
@@ -352,7 +389,14 @@ mod tests {
     #[test]
     fn paid_orders_never_go_back_to_unpaid() {
         use OrderStatus::*;
-        for back in [Pending, Reserved, AwaitingPayment, PaymentFailed, Expired, OutOfStock] {
+        for back in [
+            Pending,
+            Reserved,
+            AwaitingPayment,
+            PaymentFailed,
+            Expired,
+            OutOfStock,
+        ] {
             assert!(!Paid.may_become(back), "paid -> {back}");
         }
         // Once a parcel has left, only a refund (issue 6) can undo it.

@@ -71,7 +71,9 @@ impl Default for Templates {
         let mut env = Environment::new();
         // A missing variable is a bug in the producer: fail, don't send blanks.
         env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.add_filter("money", |minor: i64, currency: String| money(minor, &currency));
+        env.add_filter("money", |minor: i64, currency: String| {
+            money(minor, &currency)
+        });
         embed!(
             env,
             "layout.html",
@@ -184,24 +186,52 @@ mod tests {
                                               "commission_minor": 270, "payout_minor": 2929});
         let cases = [
             ("order_receipt", serde_json::json!({})),
-            ("order_failed", serde_json::json!({"status": "out_of_stock", "reason": "Board is out of stock"})),
-            ("payment_failed", serde_json::json!({"reason": "declined", "pay_until": null})),
-            ("order_update", serde_json::json!({"shop": "Oak", "status": "shipped", "note": null,
-                                                "carrier": "DHL", "tracking_number": "123", "refund_minor": null})),
-            ("order_cancelled", serde_json::json!({"reason": "changed my mind", "refund_minor": 3199})),
-            ("refund_issued", serde_json::json!({"amount_minor": 3199, "reason": "cancelled"})),
-            ("seller_new_order", serde_json::json!({"shop": "Oak", "seller_order": seller_order})),
-            ("seller_order_cancelled", serde_json::json!({"shop": "Oak", "seller_order": seller_order,
-                                                          "reason": "changed my mind"})),
+            (
+                "order_failed",
+                serde_json::json!({"status": "out_of_stock", "reason": "Board is out of stock"}),
+            ),
+            (
+                "payment_failed",
+                serde_json::json!({"reason": "declined", "pay_until": null}),
+            ),
+            (
+                "order_update",
+                serde_json::json!({"shop": "Oak", "status": "shipped", "note": null,
+                                                "carrier": "DHL", "tracking_number": "123", "refund_minor": null}),
+            ),
+            (
+                "order_cancelled",
+                serde_json::json!({"reason": "changed my mind", "refund_minor": 3199}),
+            ),
+            (
+                "refund_issued",
+                serde_json::json!({"amount_minor": 3199, "reason": "cancelled"}),
+            ),
+            (
+                "seller_new_order",
+                serde_json::json!({"shop": "Oak", "seller_order": seller_order}),
+            ),
+            (
+                "seller_order_cancelled",
+                serde_json::json!({"shop": "Oak", "seller_order": seller_order,
+                                                          "reason": "changed my mind"}),
+            ),
         ];
         for (name, extra) in cases {
             let mut data = serde_json::json!({"name": "Ann", "order": order});
-            data.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            let r = t.render(name, &data).unwrap_or_else(|e| panic!("{name}: {e}"));
+            data.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let r = t
+                .render(name, &data)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!r.subject.is_empty(), "{name}");
         }
         let r = t
-            .render("order_receipt", &serde_json::json!({"name": "Ann", "order": order}))
+            .render(
+                "order_receipt",
+                &serde_json::json!({"name": "Ann", "order": order}),
+            )
             .unwrap();
         assert!(r.text.contains("31.99 EUR"), "{}", r.text);
         assert!(r.html.contains("2 × Board"), "{}", r.html);

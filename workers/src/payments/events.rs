@@ -67,7 +67,6 @@ impl Handler for StripeEvents {
     const BINDINGS: &'static [&'static str] = topology::STRIPE_EVENTS.bindings;
     const EMITS: &'static [&'static str] = &[
         "notify.email",
-        "order.paid",
         "payment.refund_requested",
         "payment.intent_cancel_requested",
     ];
@@ -84,10 +83,17 @@ impl Handler for StripeEvents {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(payload) = payload else {
-            return Err(Failure::permanent(anyhow::anyhow!("no stored event {}", received.event_id)));
+            return Err(Failure::permanent(anyhow::anyhow!(
+                "no stored event {}",
+                received.event_id
+            )));
         };
-        let event: Event = serde_json::from_value(payload)
-            .map_err(|e| Failure::permanent(anyhow::anyhow!("unreadable event {}: {e}", received.event_id)))?;
+        let event: Event = serde_json::from_value(payload).map_err(|e| {
+            Failure::permanent(anyhow::anyhow!(
+                "unreadable event {}: {e}",
+                received.event_id
+            ))
+        })?;
         let corr = msg.correlation_id.as_str();
         match event.kind.as_str() {
             "payment_intent.succeeded" => succeeded(tx, &event.data.object, corr).await,
@@ -104,7 +110,10 @@ impl Handler for StripeEvents {
 }
 
 /// The order an intent is for: by its metadata, else by the stored intent id.
-async fn order_of(tx: &mut PgConnection, intent: &Object) -> Result<Option<settle::LockedOrder>, sqlx::Error> {
+async fn order_of(
+    tx: &mut PgConnection,
+    intent: &Object,
+) -> Result<Option<settle::LockedOrder>, sqlx::Error> {
     let id = match intent.order_id() {
         Some(id) => Some(id),
         None => {
@@ -127,7 +136,10 @@ async fn succeeded(tx: &mut PgConnection, intent: &Object, corr: &str) -> Result
     };
     let amount = intent.amount.or(order.total_minor).unwrap_or(0);
     if amount <= 0 {
-        return Err(Failure::permanent(anyhow::anyhow!("intent {} carries no amount", intent.id)));
+        return Err(Failure::permanent(anyhow::anyhow!(
+            "intent {} carries no amount",
+            intent.id
+        )));
     }
     settle::payment_succeeded(tx, &order, &intent.id, amount, corr).await
 }
@@ -136,7 +148,10 @@ async fn failed(tx: &mut PgConnection, intent: &Object, corr: &str) -> Result<()
     let Some(order) = order_of(tx, intent).await? else {
         return Ok(());
     };
-    let ours = order.payment_intent_id.as_deref().is_none_or(|id| id == intent.id);
+    let ours = order
+        .payment_intent_id
+        .as_deref()
+        .is_none_or(|id| id == intent.id);
     let from = order.status();
     if !ours || !matches!(from, OrderStatus::Reserved | OrderStatus::AwaitingPayment) {
         // Paid meanwhile, failed before, expired or cancelled: nothing moves back.
@@ -154,14 +169,29 @@ async fn failed(tx: &mut PgConnection, intent: &Object, corr: &str) -> Result<()
         data: Some(json!({ "payment_intent_id": intent.id })),
         ..Change::default()
     };
-    settle::moved(status::move_order(tx, order.id, OrderStatus::PaymentFailed, Actor::System, change).await)?;
+    status::move_order(
+        tx,
+        order.id,
+        OrderStatus::PaymentFailed,
+        Actor::System,
+        change,
+    )
+    .await?;
     let until: Option<chrono::DateTime<chrono::Utc>> =
         sqlx::query_scalar("SELECT reserved_until FROM orders WHERE id = $1")
             .bind(order.id)
             .fetch_one(&mut *tx)
             .await?;
     let extra = json!({ "reason": reason, "pay_until": until });
-    notices::to_customer(tx, order.id, "payment_failed", Some("payment_failed"), extra, corr).await?;
+    notices::to_customer(
+        tx,
+        order.id,
+        "payment_failed",
+        Some("payment_failed"),
+        extra,
+        corr,
+    )
+    .await?;
     Ok(())
 }
 
@@ -171,7 +201,10 @@ async fn refund_changed(tx: &mut PgConnection, refund: &Object) -> Result<(), Fa
     if refund.status.as_deref() != Some("failed") {
         return Ok(());
     }
-    let reason = refund.failure_reason.clone().unwrap_or_else(|| "unknown".into());
+    let reason = refund
+        .failure_reason
+        .clone()
+        .unwrap_or_else(|| "unknown".into());
     let found: Option<(Uuid, Uuid)> = sqlx::query_as(
         "UPDATE refunds SET failure = $2 WHERE stripe_refund_id = $1 RETURNING order_id, payment_id",
     )
@@ -188,6 +221,11 @@ async fn refund_changed(tx: &mut PgConnection, refund: &Object) -> Result<(), Fa
         .bind(&flag)
         .execute(&mut *tx)
         .await?;
-    notify::admins(tx, "refund_failed", &json!({ "order_id": order, "reason": flag })).await?;
+    notify::admins(
+        tx,
+        "refund_failed",
+        &json!({ "order_id": order, "reason": flag }),
+    )
+    .await?;
     Ok(())
 }

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use souk_shared::{
     config::{ConfigError, Env},
-    contracts::{IntentCancelRequested, OrderCancelled, OrderExpired, RefundRequested, StockReserved},
+    contracts::{
+        IntentCancelRequested, OrderCancelled, OrderExpired, RefundRequested, StockReserved,
+    },
     envelope::Envelope,
     orders::{Actor, Change, OrderStatus, status},
     topology,
@@ -64,11 +66,19 @@ impl Payments {
 pub enum Answer {
     /// Nothing was called: the message found nothing to do.
     Nothing,
-    Intent { order: Uuid, intent: Intent },
+    Intent {
+        order: Uuid,
+        intent: Intent,
+    },
     /// An order with nothing to pay.
-    Free { order: Uuid },
+    Free {
+        order: Uuid,
+    },
     /// Stripe's refund id, or why it refused.
-    Refund { refund: Uuid, result: Result<String, String> },
+    Refund {
+        refund: Uuid,
+        result: Result<String, String>,
+    },
 }
 
 fn failure(e: CallError) -> Failure {
@@ -102,7 +112,9 @@ impl Payments {
                     .map_err(failure)?;
                 Ok(Answer::Intent { order, intent })
             }
-            None => Err(Failure::permanent(anyhow::anyhow!("order {order} was never split"))),
+            None => Err(Failure::permanent(anyhow::anyhow!(
+                "order {order} was never split"
+            ))),
         }
     }
 
@@ -159,8 +171,7 @@ impl Handler for Payments {
     type Prepared = Answer;
     const GROUP: &'static str = topology::PAYMENTS.name;
     const BINDINGS: &'static [&'static str] = topology::PAYMENTS.bindings;
-    const EMITS: &'static [&'static str] =
-        &["notify.email", "order.paid", "payment.intent_cancel_requested"];
+    const EMITS: &'static [&'static str] = &["notify.email", "payment.intent_cancel_requested"];
 
     fn prepare_lease(&self) -> Option<Duration> {
         Some(self.lease)
@@ -189,11 +200,18 @@ impl Handler for Payments {
                 let RefundRequested { refund_id } = msg.payload().map_err(bad)?;
                 self.refund(refund_id).await
             }
-            other => Err(Failure::permanent(anyhow::anyhow!("payments does not handle {other}"))),
+            other => Err(Failure::permanent(anyhow::anyhow!(
+                "payments does not handle {other}"
+            ))),
         }
     }
 
-    async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, answer: Answer) -> Result<(), Failure> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        msg: &Envelope,
+        answer: Answer,
+    ) -> Result<(), Failure> {
         let corr = msg.correlation_id.as_str();
         match answer {
             Answer::Nothing => Ok(()),
@@ -207,33 +225,44 @@ impl Handler for Payments {
                 }
                 Ok(())
             }
-            Answer::Refund { refund, result } => settle::refund_answered(tx, refund, result, corr).await,
+            Answer::Refund { refund, result } => {
+                settle::refund_answered(tx, refund, result, corr).await
+            }
         }
     }
 }
 
 /// Keeps the order's intent and opens it for payment; an intent made for an
 /// order that died meanwhile is cancelled again.
-async fn store_intent(tx: &mut PgConnection, order: Uuid, intent: Intent, corr: &str) -> Result<(), Failure> {
+async fn store_intent(
+    tx: &mut PgConnection,
+    order: Uuid,
+    intent: Intent,
+    corr: &str,
+) -> Result<(), Failure> {
     let Some(locked) = settle::lock(tx, order).await? else {
         return Ok(());
     };
     match locked.payment_intent_id.as_deref() {
         None => {
-            sqlx::query("UPDATE orders SET payment_intent_id = $2, client_secret = $3 WHERE id = $1")
-                .bind(order)
-                .bind(&intent.id)
-                .bind(&intent.client_secret)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE orders SET payment_intent_id = $2, client_secret = $3 WHERE id = $1",
+            )
+            .bind(order)
+            .bind(&intent.id)
+            .bind(&intent.client_secret)
+            .execute(&mut *tx)
+            .await?;
         }
         Some(stored) if stored == intent.id => {
             // Stored from the webhook that beat us here; keep the secret too.
-            sqlx::query("UPDATE orders SET client_secret = coalesce(client_secret, $2) WHERE id = $1")
-                .bind(order)
-                .bind(&intent.client_secret)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE orders SET client_secret = coalesce(client_secret, $2) WHERE id = $1",
+            )
+            .bind(order)
+            .bind(&intent.client_secret)
+            .execute(&mut *tx)
+            .await?;
         }
         Some(_) => {
             cancel_later(tx, order, &intent.id, corr).await?;
@@ -246,7 +275,14 @@ async fn store_intent(tx: &mut PgConnection, order: Uuid, intent: Intent, corr: 
                 data: Some(serde_json::json!({ "payment_intent_id": intent.id })),
                 ..Change::default()
             };
-            settle::moved(status::move_order(tx, order, OrderStatus::AwaitingPayment, Actor::System, change).await)?;
+            status::move_order(
+                tx,
+                order,
+                OrderStatus::AwaitingPayment,
+                Actor::System,
+                change,
+            )
+            .await?;
         }
         OrderStatus::Expired | OrderStatus::Cancelled | OrderStatus::OutOfStock => {
             cancel_later(tx, order, &intent.id, corr).await?;
@@ -256,7 +292,12 @@ async fn store_intent(tx: &mut PgConnection, order: Uuid, intent: Intent, corr: 
     Ok(())
 }
 
-async fn cancel_later(tx: &mut PgConnection, order: Uuid, intent: &str, corr: &str) -> Result<(), sqlx::Error> {
+async fn cancel_later(
+    tx: &mut PgConnection,
+    order: Uuid,
+    intent: &str,
+    corr: &str,
+) -> Result<(), sqlx::Error> {
     let cancel = IntentCancelRequested {
         order_id: order,
         payment_intent_id: intent.to_string(),

@@ -4,13 +4,12 @@
 
 use serde_json::json;
 use souk_shared::{
-    contracts::{IntentCancelRequested, OrderPaid},
+    contracts::IntentCancelRequested,
     coupons,
     envelope::Envelope,
-    inventory::{self, Units},
-    notify,
+    inventory, notify,
     orders::{
-        Actor, Change, MoveError, OrderStatus, SellerOrderStatus, notices,
+        Actor, Change, OrderStatus, SellerOrderStatus, notices,
         refunds::{self, Refund},
         status,
     },
@@ -50,22 +49,6 @@ pub async fn lock(tx: &mut PgConnection, order: Uuid) -> Result<Option<LockedOrd
     .await
 }
 
-/// A state-machine refusal here is a bug or a race already lost: park it
-/// with the reason rather than retry forever.
-pub fn moved<T>(result: Result<T, MoveError>) -> Result<T, Failure> {
-    result.map_err(|e| match e {
-        MoveError::Db(e) => Failure::from(e),
-        other => Failure::permanent(other),
-    })
-}
-
-async fn lines(tx: &mut PgConnection, order: Uuid) -> Result<Vec<Units>, sqlx::Error> {
-    sqlx::query_as("SELECT variant_id, quantity FROM order_lines WHERE order_id = $1")
-        .bind(order)
-        .fetch_all(tx)
-        .await
-}
-
 async fn record_payment(
     tx: &mut PgConnection,
     order: &LockedOrder,
@@ -99,10 +82,11 @@ pub async fn payment_succeeded(
     amount: i64,
     corr: &str,
 ) -> Result<(), Failure> {
-    let seen: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM payments WHERE payment_intent_id = $1)")
-        .bind(intent)
-        .fetch_one(&mut *tx)
-        .await?;
+    let seen: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM payments WHERE payment_intent_id = $1)")
+            .bind(intent)
+            .fetch_one(&mut *tx)
+            .await?;
     if seen {
         // Another event about the same charge.
         return Ok(());
@@ -113,7 +97,11 @@ pub async fn payment_succeeded(
     use OrderStatus::*;
     match order.status() {
         Reserved | AwaitingPayment | PaymentFailed if order.stock == "reserved" => {
-            if let Some(other) = order.payment_intent_id.as_deref().filter(|id| *id != intent) {
+            if let Some(other) = order
+                .payment_intent_id
+                .as_deref()
+                .filter(|id| *id != intent)
+            {
                 // Paid through another intent than the stored one: that one
                 // will not be needed.
                 let cancel = IntentCancelRequested {
@@ -127,13 +115,15 @@ pub async fn payment_succeeded(
         Expired => {
             // Paid after the reservation ran out: keep the sale if every
             // item is still there, otherwise give the money back.
-            let wanted = lines(tx, order.id).await?;
+            let wanted = inventory::of_order(tx, order.id).await?;
             match inventory::reserve(tx, &wanted, corr).await? {
                 Ok(()) => {
-                    sqlx::query("UPDATE orders SET stock = 'reserved', failure_reason = NULL WHERE id = $1")
-                        .bind(order.id)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE orders SET stock = 'reserved', failure_reason = NULL WHERE id = $1",
+                    )
+                    .bind(order.id)
+                    .execute(&mut *tx)
+                    .await?;
                     paid(tx, order, Some((intent, amount)), corr).await
                 }
                 Err(_) => {
@@ -159,7 +149,7 @@ pub async fn paid(
     payment: Option<(&str, i64)>,
     corr: &str,
 ) -> Result<(), Failure> {
-    let sold = lines(tx, order.id).await?;
+    let sold = inventory::of_order(tx, order.id).await?;
     let committed = sqlx::query(
         "UPDATE orders SET stock = 'committed', paid_at = now(),
                 payment_intent_id = coalesce(payment_intent_id, $2)
@@ -184,18 +174,16 @@ pub async fn paid(
         data: Some(data),
         ..Change::default()
     };
-    moved(status::move_order(tx, order.id, OrderStatus::Paid, Actor::System, change).await)?;
-    let parts: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM seller_orders WHERE order_id = $1 AND status = 'pending' ORDER BY id",
+    status::move_order(tx, order.id, OrderStatus::Paid, Actor::System, change).await?;
+    let parts = status::move_pending_parts(
+        tx,
+        order.id,
+        SellerOrderStatus::Paid,
+        Actor::System,
+        Change::default(),
     )
-    .bind(order.id)
-    .fetch_all(&mut *tx)
     .await?;
     for part in parts {
-        moved(
-            status::move_seller_order(tx, part, SellerOrderStatus::Paid, Actor::System, Change::default())
-                .await,
-        )?;
         notices::to_seller(tx, part, "seller_new_order", "new_order", json!({}), corr).await?;
     }
     if let Some(coupon) = order.coupon_id
@@ -205,7 +193,6 @@ pub async fn paid(
         tracing::info!(order = %order.id, %coupon, "coupon's limit was reached by orders paid meanwhile");
     }
     notices::to_customer(tx, order.id, "order_receipt", None, json!({}), corr).await?;
-    outbox::enqueue(tx, &Envelope::new(&OrderPaid { order_id: order.id }, corr)).await?;
     Ok(())
 }
 
@@ -227,20 +214,25 @@ async fn unbuyable(
         .bind(intent)
         .execute(&mut *tx)
         .await?;
-    let parts: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM seller_orders WHERE order_id = $1 AND status = 'pending' ORDER BY id",
+    let change = Change::note(reason);
+    status::move_pending_parts(
+        tx,
+        order.id,
+        SellerOrderStatus::Cancelled,
+        Actor::System,
+        change,
     )
-    .bind(order.id)
-    .fetch_all(&mut *tx)
     .await?;
-    for part in parts {
-        moved(
-            status::move_seller_order(tx, part, SellerOrderStatus::Cancelled, Actor::System, Change::note(reason))
-                .await,
-        )?;
-    }
     let extra = json!({ "status": order.status, "reason": reason });
-    notices::to_customer(tx, order.id, "order_failed", Some("order_failed"), extra, corr).await?;
+    notices::to_customer(
+        tx,
+        order.id,
+        "order_failed",
+        Some("order_failed"),
+        extra,
+        corr,
+    )
+    .await?;
     Ok(())
 }
 
@@ -370,12 +362,19 @@ pub async fn refund_answered(
             .await?;
             if part_refunded == part_total && part_status == SellerOrderStatus::Cancelled.as_str() {
                 let change = Change::note(&r.reason);
-                moved(status::move_seller_order(tx, part, SellerOrderStatus::Refunded, Actor::System, change).await)?;
+                status::move_seller_order(
+                    tx,
+                    part,
+                    SellerOrderStatus::Refunded,
+                    Actor::System,
+                    change,
+                )
+                .await?;
             }
         }
         if Some(refunded) == total && order.status().may_become(OrderStatus::Refunded) {
             let change = Change::note(&r.reason);
-            moved(status::move_order(tx, order.id, OrderStatus::Refunded, Actor::System, change).await)?;
+            status::move_order(tx, order.id, OrderStatus::Refunded, Actor::System, change).await?;
         }
     }
     let extra = json!({ "amount_minor": r.amount_minor, "reason": r.reason });

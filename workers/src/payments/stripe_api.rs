@@ -10,9 +10,9 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use ::stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use serde::Deserialize;
 use souk_shared::config::{ConfigError, Env};
-use ::stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_core::{
     payment_intent::{CancelPaymentIntent, CreatePaymentIntent},
     refund::CreateRefund,
@@ -37,7 +37,8 @@ impl StripeConfig {
                 reason: "expected a secret key (sk_...) or a restricted key (rk_...)".into(),
             });
         }
-        let mut api_base: String = env.or("STRIPE_API_BASE", "https://api.stripe.com/".to_string())?;
+        let mut api_base: String =
+            env.or("STRIPE_API_BASE", "https://api.stripe.com/".to_string())?;
         if !(api_base.starts_with("https://") || api_base.starts_with("http://")) {
             return Err(ConfigError {
                 var: "STRIPE_API_BASE".into(),
@@ -140,7 +141,9 @@ impl Stripe {
         let metadata = HashMap::from([("order_id".to_string(), order.to_string())]);
         let request = CreatePaymentIntent::new(
             amount_minor,
-            currency.parse::<stripe_types::Currency>().expect("infallible"),
+            currency
+                .parse::<stripe_types::Currency>()
+                .expect("infallible"),
         )
         .metadata(metadata);
         self.send(&request, &format!("pi-{order}")).await

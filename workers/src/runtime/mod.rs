@@ -53,6 +53,17 @@ impl From<sqlx::Error> for Failure {
     }
 }
 
+/// A transition the order state machines refuse is a bug or a race already
+/// lost: retrying cannot help, so the message is parked with the reason.
+impl From<souk_shared::orders::MoveError> for Failure {
+    fn from(e: souk_shared::orders::MoveError) -> Self {
+        match e {
+            souk_shared::orders::MoveError::Db(e) => e.into(),
+            other => Self::Permanent(other.into()),
+        }
+    }
+}
+
 /// A consumer group's message handler.
 ///
 /// Work is split in two so that no database transaction is ever held across
