@@ -5,6 +5,9 @@
 #
 #   bench/checkout/run.sh [seconds=60] [customers=32]
 #
+# With pg_stat_statements loaded (shared_preload_libraries), each run also
+# lists the statements that took the database's time, per paid order.
+#
 # Stripe is the harness's own stand-in (`souk-bench stripe`: same endpoints,
 # webhooks signed as Stripe signs them), because localstripe, which the tests
 # use, bounds the throughput long before Souk does. The mailer does not run:
@@ -63,11 +66,44 @@ wait_port $API_PORT souk-api
 wait_port $STRIPE_PORT "the Stripe stand-in"
 sleep 1
 
+# CPU time (clock ticks) of processes, to say where each run's CPU went.
+ticks() { local t=0 p; for p in "$@"; do [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
+commits() { psql "$PG/$DB" -Atc "SELECT xact_commit FROM pg_stat_database WHERE datname = '$DB'"; }
+declare -A before
+# A warm-up, then fresh statistics: a database in service has both (the
+# tables start empty here, and plans cached for empty tables would scan).
+"$TARGET/release/souk-bench" checkout --api "http://127.0.0.1:$API_PORT" \
+  --stripe "http://127.0.0.1:$STRIPE_PORT" --database "$DATABASE_URL" \
+  --customers "$CUSTOMERS" --seconds 10 >/dev/null
+psql "$PG/$DB" -qc "ANALYZE"
 for i in 1 2; do
   echo "== W2 run $i ($CUSTOMERS customers, ${SECONDS_PER_RUN}s)"
+  for name in "${!pids[@]}"; do before[$name]=$(ticks "${pids[$name]}"); done
+  before[postgres]=$(ticks $(pgrep -x postgres)); before[rabbitmq]=$(ticks $(pgrep -f beam.smp))
+  statements=$(psql "$PG/$DB" -Atc "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()" 2>/dev/null && echo yes || true)
+  c0=$(commits); t0=$(date +%s)
   "$TARGET/release/souk-bench" checkout --api "http://127.0.0.1:$API_PORT" \
     --stripe "http://127.0.0.1:$STRIPE_PORT" --database "$DATABASE_URL" \
-    --customers "$CUSTOMERS" --seconds "$SECONDS_PER_RUN"
+    --customers "$CUSTOMERS" --seconds "$SECONDS_PER_RUN" | tee /tmp/souk-bench-w2.out &
+  gen=$!; gen_ticks=0
+  while kill -0 $gen 2>/dev/null; do gen_ticks=$(ticks $(pgrep -f "souk-bench checkout") ) ; sleep 1; done
+  wait $gen
+  elapsed=$(( $(date +%s) - t0 )); [ "$elapsed" -gt 0 ] || elapsed=1
+  paid=$(awk '/^paid orders/ {print $3}' /tmp/souk-bench-w2.out)
+  hz=$(getconf CLK_TCK)
+  echo "   commits per paid order: $(( ($(commits) - c0) / (paid > 0 ? paid : 1) ))"
+  printf '   CPU over the run (%% of one core):'
+  for name in "${!pids[@]}"; do printf ' %s %d' "$name" "$(( ($(ticks "${pids[$name]}") - before[$name]) * 100 / hz / elapsed ))"; done
+  printf ' postgres %d' "$(( ($(ticks $(pgrep -x postgres)) - before[postgres]) * 100 / hz / elapsed ))"
+  printf ' rabbitmq %d' "$(( ($(ticks $(pgrep -f beam.smp)) - before[rabbitmq]) * 100 / hz / elapsed ))"
+  printf ' load-generator %d\n' "$(( gen_ticks * 100 / hz / elapsed ))"
+  if [ -n "$statements" ]; then
+    echo "   statements by database time (calls and ms per paid order):"
+    psql "$PG/$DB" -At -F' | ' -c "SELECT round(calls::numeric / $paid, 1), round((total_exec_time / $paid)::numeric, 2),
+        left(regexp_replace(query, '\s+', ' ', 'g'), 110)
+        FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = '$DB')
+        ORDER BY total_exec_time DESC LIMIT 15" | sed 's/^/     /'
+  fi
 done
 echo "== peak RSS"
 for name in api relay splitter reserver payments stripe; do

@@ -6,7 +6,7 @@
 //! the paid orders in the database.
 //!
 //! ```text
-//! souk-bench checkout --api URL --stripe URL --database URL [--customers 32] [--seconds 60]
+//! souk-bench checkout --api URL --stripe URL --database URL [--customers 32] [--seconds 60] [--poll-ms 20]
 //! ```
 
 use std::{
@@ -26,6 +26,8 @@ pub struct Options {
     pub database: String,
     pub customers: usize,
     pub seconds: u64,
+    /// How often a customer's page asks whether the order is paid yet.
+    pub poll: Duration,
 }
 
 const PASSWORD: &str = "bench-password-123";
@@ -95,6 +97,7 @@ struct Client {
     api: String,
     stripe: String,
     token: String,
+    poll: Duration,
 }
 
 impl Client {
@@ -146,7 +149,7 @@ impl Client {
                 started.elapsed() < GIVE_UP,
                 "order {order} not paid in {GIVE_UP:?}"
             );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(self.poll).await;
         }
     }
 
@@ -233,6 +236,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             api: opts.api.clone(),
             stripe: opts.stripe.clone(),
             token: token.to_string(),
+            poll: opts.poll,
         });
     }
     let paid_before: i64 = paid_count(&pool).await?;

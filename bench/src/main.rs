@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! souk-bench backbone [--messages N] [--producers P] [--rate R] [--seconds S]
-//! souk-bench checkout --api URL --stripe URL --database URL [--customers N] [--seconds S]
+//! souk-bench checkout --api URL --stripe URL --database URL [--customers N] [--seconds S] [--poll-ms MS]
 //! souk-bench stripe --port P --webhook URL --secret S
 //! ```
 //!
@@ -37,7 +37,7 @@ fn text(args: &[String], name: &str) -> anyhow::Result<String> {
 
 const USAGE: &str = "usage:
   souk-bench backbone [--messages N] [--producers P] [--rate R] [--seconds S]
-  souk-bench checkout --api URL --stripe URL --database URL [--customers N] [--seconds S]
+  souk-bench checkout --api URL --stripe URL --database URL [--customers N] [--seconds S] [--poll-ms MS]
   souk-bench stripe --port P --webhook URL --secret S";
 
 #[tokio::main]
@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
                 database: text(&args, "--database")?,
                 customers: flag(&args, "--customers", 32)?,
                 seconds: flag(&args, "--seconds", 60)?,
+                poll: std::time::Duration::from_millis(flag(&args, "--poll-ms", 20)?),
             };
             checkout::run(opts).await
         }

@@ -255,6 +255,8 @@ async fn count_sold(tx: &mut PgConnection, lines: &[Units], sign: i64) -> Result
         .unzip();
     // Product rows locked in id order first (ORDER BY applies before the
     // locks), as variants are: no two orders wait on each other in a circle.
+    // NO KEY UPDATE, like the UPDATE itself: a plain FOR UPDATE would also
+    // block every checkout's foreign-key check on these products.
     sqlx::query(
         "UPDATE products p SET sold_count = greatest(p.sold_count + d.n, 0)
            FROM (SELECT v.product_id, sum(u.n) AS n
@@ -264,7 +266,7 @@ async fn count_sold(tx: &mut PgConnection, lines: &[Units], sign: i64) -> Result
           WHERE p.id = d.product_id
             AND p.id IN (SELECT p2.id FROM products p2
                           WHERE p2.id IN (SELECT product_id FROM variants WHERE id = ANY($1))
-                          ORDER BY p2.id FOR UPDATE)",
+                          ORDER BY p2.id FOR NO KEY UPDATE)",
     )
     .bind(variants)
     .bind(quantities)
