@@ -1,0 +1,97 @@
+//! Every Stripe write carries an idempotency key derived from what it is
+//! about, so a retry after a crash between the Stripe call and the database
+//! write gets the first answer back instead of a second intent or refund.
+//! (localstripe ignores the header, so this listens to what is sent.)
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{Json, Router, extract::State, http::HeaderMap, routing::post};
+use serde_json::{Value, json};
+use souk_workers::payments::stripe_api::{CallError, Stripe, StripeConfig};
+use uuid::Uuid;
+
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// A Stripe that records each request's path and idempotency key.
+async fn listening_stripe(answer: Value, status: u16) -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let record = |path: &'static str| {
+        let answer = answer.clone();
+        move |State(seen): State<Seen>, headers: HeaderMap| {
+            let answer = answer.clone();
+            async move {
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                seen.lock().unwrap().push((path.to_string(), key));
+                (axum::http::StatusCode::from_u16(status).unwrap(), Json(answer))
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/v1/payment_intents", post(record("intents")))
+        .route("/v1/refunds", post(record("refunds")))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/"), seen)
+}
+
+fn client(base: &str) -> Stripe {
+    Stripe::new(&StripeConfig {
+        secret_key: "sk_test_keys".into(),
+        api_base: base.into(),
+        timeout: Duration::from_secs(5),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_intent_and_a_refund_are_asked_for_with_keys_of_their_own() {
+    let intent = json!({"id": "pi_1", "client_secret": "pi_1_secret", "status": "requires_payment_method", "amount": 1299});
+    let (base, seen) = listening_stripe(intent, 200).await;
+    let stripe = client(&base);
+    let order = Uuid::now_v7();
+    // A crash after the call: the retry asks again, with the same key.
+    for _ in 0..2 {
+        let got = stripe.create_intent(order, 1299, "eur").await.unwrap();
+        assert_eq!(got.id, "pi_1");
+    }
+    let refund = Uuid::now_v7();
+    stripe.refund(refund, "pi_1", 500, order).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let key = Some(format!("pi-{order}"));
+    assert_eq!(
+        seen,
+        [
+            ("intents".to_string(), key.clone()),
+            ("intents".to_string(), key),
+            ("refunds".to_string(), Some(format!("refund-{refund}")))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_is_told_apart_from_an_outage() {
+    let error = json!({"error": {"type": "invalid_request_error", "message": "amount too small"}});
+    let (base, _) = listening_stripe(error, 400).await;
+    match client(&base).create_intent(Uuid::now_v7(), 1, "eur").await {
+        Err(CallError::Refused { status: 400, message }) => assert_eq!(message, "amount too small"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let (base, _) = listening_stripe(json!({"error": {"type": "api_error"}}), 503).await;
+    assert!(matches!(
+        client(&base).create_intent(Uuid::now_v7(), 100, "eur").await,
+        Err(CallError::Unavailable(_))
+    ));
+    let nowhere = format!("http://127.0.0.1:{}/", souk_testkit::free_port());
+    assert!(matches!(
+        client(&nowhere).create_intent(Uuid::now_v7(), 100, "eur").await,
+        Err(CallError::Unavailable(_))
+    ));
+}
