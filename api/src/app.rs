@@ -13,9 +13,10 @@ use crate::{
     error::{ApiError, Problem},
     middleware::{http_metrics, request_id},
     routes::{
-        addresses, admin, admin_orders, auth, avatar, cart, catalog, checkout, coupons, health, me,
-        moderation, notifications, orders, product_images, products, reviews, sales, seller_orders,
-        shops, sso, stock, stripe_webhook, support,
+        addresses, admin, admin_accounts, admin_ops, admin_orders, auth, avatar, balance, cart,
+        catalog, checkout, coupons, health, me, moderation, notifications, orders, product_images,
+        products, refund_requests, reviews, sales, seller_orders, shops, sso, stock,
+        stripe_webhook, support, withdrawals,
     },
     state::AppState,
 };
@@ -54,6 +55,7 @@ fn v1(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(avatar::upload, avatar::remove))
         .routes(routes!(product_images::upload))
         .routes(routes!(reviews::add_image))
+        .routes(routes!(refund_requests::add_image))
         .layer(DefaultBodyLimit::max(upload_limit + 64 * 1024));
     OpenApiRouter::new()
         .merge(uploads)
@@ -129,6 +131,35 @@ fn v1(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(admin_orders::flagged_payments))
         .routes(routes!(admin_orders::set_commission))
         .routes(routes!(stripe_webhook::receive))
+        .routes(routes!(balance::balance))
+        .routes(routes!(balance::entries))
+        .routes(routes!(withdrawals::get_details, withdrawals::set_details))
+        .routes(routes!(withdrawals::request, withdrawals::mine))
+        .routes(routes!(withdrawals::all))
+        .routes(routes!(withdrawals::to_pay))
+        .routes(routes!(withdrawals::approve))
+        .routes(routes!(withdrawals::reject))
+        .routes(routes!(refund_requests::open, refund_requests::of_order))
+        .routes(routes!(refund_requests::serve_image))
+        .routes(routes!(refund_requests::shop_list))
+        .routes(routes!(refund_requests::seller_approve))
+        .routes(routes!(refund_requests::seller_reject))
+        .routes(routes!(refund_requests::admin_list))
+        .routes(routes!(refund_requests::admin_approve))
+        .routes(routes!(refund_requests::admin_reject))
+        .routes(routes!(admin_orders::cancel))
+        .routes(routes!(admin_orders::refund))
+        .routes(routes!(admin_accounts::search))
+        .routes(routes!(admin_accounts::set_role))
+        .routes(routes!(admin_accounts::shops))
+        .routes(routes!(admin_accounts::approve_shop))
+        .routes(routes!(admin_accounts::suspend_shop))
+        .routes(routes!(admin_accounts::unsuspend_shop))
+        .routes(routes!(admin_ops::events))
+        .routes(routes!(admin_ops::stripe_events))
+        .routes(routes!(admin_ops::parked_list))
+        .routes(routes!(admin_ops::parked_replay))
+        .routes(routes!(admin_ops::audit_log))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` (and committed as

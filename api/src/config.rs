@@ -6,7 +6,7 @@ use souk_shared::config::{CommonConfig, ConfigError, Env};
 
 use crate::{
     auth::{AuthConfig, oidc::OidcConfig},
-    checkout_config::CheckoutConfig,
+    market_config::MarketConfig,
     ratelimit::Limits,
     storage::StorageConfig,
 };
@@ -24,7 +24,7 @@ pub struct ApiConfig {
     pub storage: StorageConfig,
     /// Single sign-on with an OpenID Connect provider, if configured.
     pub oidc: Option<OidcConfig>,
-    pub checkout: CheckoutConfig,
+    pub market: MarketConfig,
 }
 
 impl ApiConfig {
@@ -38,7 +38,7 @@ impl ApiConfig {
             limits: Limits::from_env(env)?,
             storage: StorageConfig::from_env(env)?,
             oidc: OidcConfig::from_env(env)?,
-            checkout: CheckoutConfig::from_env(env)?,
+            market: MarketConfig::from_env(env)?,
         })
     }
 }

@@ -155,6 +155,9 @@ pub struct Gallery {
     /// Stored at most this wide and high.
     pub size: u32,
     pub max_images: i64,
+    /// Shown only to some people (the caller checks who): never kept by
+    /// shared caches.
+    pub private: bool,
 }
 
 impl Gallery {
@@ -220,6 +223,13 @@ impl Gallery {
         if !valid_file(file) {
             return Err(ApiError::NotFound);
         }
-        serve(state, &self.key(owner, file)).await
+        let mut response = serve(state, &self.key(owner, file)).await?;
+        if self.private {
+            response.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, max-age=3600"),
+            );
+        }
+        Ok(response)
     }
 }

@@ -4,17 +4,18 @@
 pub mod app;
 pub mod auth;
 pub mod broker;
-pub mod checkout_config;
 pub mod client_ip;
 pub mod config;
 pub mod error;
 pub mod extract;
 pub mod http_cache;
 pub mod images;
+pub mod market_config;
 pub mod middleware;
 pub mod order_views;
 pub mod ratelimit;
 pub mod routes;
+pub mod sealed;
 pub mod state;
 pub mod storage;
 

@@ -22,6 +22,7 @@ async fn main() {
         BrokerProbe::new(
             config.common.amqp_url.clone(),
             format!("{}.api#{}", config.common.amqp_prefix, std::process::id()),
+            &config.common.amqp_prefix,
         ),
         telemetry::metrics_handle(),
         config.auth.clone(),
@@ -31,7 +32,7 @@ async fn main() {
             config.limits.clone(),
         )),
         (exit_on_error(config.storage.open()), config.storage.clone()),
-        config.checkout.clone(),
+        config.market.clone(),
     )
     .with_oidc(config.oidc.clone().map(OidcClient::new));
     let app = router(state, config.body_limit, config.storage.image_max_bytes);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::{
     auth::{AuthConfig, Jwt, oidc::OidcClient},
     broker::BrokerProbe,
-    checkout_config::CheckoutConfig,
+    market_config::MarketConfig,
     ratelimit::RateLimiter,
     storage::StorageConfig,
 };
@@ -28,7 +28,7 @@ pub struct AppState {
     pub storage_config: StorageConfig,
     /// Single sign-on; `None` when no provider is configured.
     pub oidc: Option<Arc<OidcClient>>,
-    pub checkout: Arc<CheckoutConfig>,
+    pub market: Arc<MarketConfig>,
 }
 
 impl AppState {
@@ -39,10 +39,10 @@ impl AppState {
         auth: AuthConfig,
         limiter: RateLimiter,
         (storage, storage_config): (Arc<dyn object_store::ObjectStore>, StorageConfig),
-        checkout: CheckoutConfig,
+        market: MarketConfig,
     ) -> Self {
         Self {
-            checkout: Arc::new(checkout),
+            market: Arc::new(market),
             limiter,
             storage,
             storage_config,

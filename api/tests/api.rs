@@ -259,6 +259,14 @@ fn the_api_refuses_to_start_with_a_bad_setting_and_names_it() {
             ],
             "CURRENCY",
         ),
+        (
+            &[
+                ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef"),
+                ("PAYOUT_DETAILS_KEY", "too-short"),
+            ],
+            "PAYOUT_DETAILS_KEY",
+        ),
     ];
     for (vars, named) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_souk-api"))

@@ -90,6 +90,16 @@ async fn a_seller_changes_their_own_shop_and_not_anothers() {
         )
         .await;
     }
+    // The public page shows the shop once an admin has approved it.
+    problem(
+        app.get("/api/v1/shops/corner-shop").await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    sqlx::query("UPDATE shops SET approved_at = now() WHERE slug = 'corner-shop'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
     let public: Value = app
         .get("/api/v1/shops/corner-shop")
         .await

@@ -68,6 +68,15 @@ id_contract!(
     /// A refund was decided and recorded: send it through Stripe.
     RefundRequested { refund_id } = "payment.refund_requested"
 );
+id_contract!(
+    /// A payment was captured (the order's, or one refunded as it came):
+    /// the ledger records the money coming in.
+    PaymentCaptured { payment_id } = "payment.captured"
+);
+id_contract!(
+    /// Stripe refunded: the ledger records the money going back.
+    RefundSucceeded { refund_id } = "refund.succeeded"
+);
 
 /// A PaymentIntent nobody will pay any more (its order expired or was
 /// cancelled before the intent was stored): cancel it at Stripe.

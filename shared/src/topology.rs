@@ -80,12 +80,13 @@ pub const STRIPE_EVENTS: GroupSpec = GroupSpec {
     bindings: &["stripe.event"],
 };
 
-/// Deliveries, for the settlement worker that credits sellers' ledgers
-/// (the next piece of work). Declared now so every delivery made before it
-/// first runs waits in its queue.
 pub const SETTLEMENT: GroupSpec = GroupSpec {
     name: "settlement",
-    bindings: &["seller_order.delivered"],
+    bindings: &[
+        "payment.captured",
+        "seller_order.delivered",
+        "refund.succeeded",
+    ],
 };
 
 /// Every group, so the relay can declare their queues before it publishes:

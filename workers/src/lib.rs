@@ -10,4 +10,5 @@ pub mod relay;
 pub mod reserver;
 pub mod runtime;
 pub mod settings;
+pub mod settlement;
 pub mod splitter;

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use common::{Harness, Recorded, Recorder};
 use lapin::options::BasicGetOptions;
-use souk_shared::{amqp, envelope::Envelope};
+use souk_shared::{amqp, envelope::Envelope, parked};
 use souk_testkit::{amqp_url, broker, count, proxy::Proxy, wait_until};
-use souk_workers::runtime::{Applied, apply_once, parked};
+use souk_workers::runtime::{Applied, apply_once};
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -68,6 +68,11 @@ fn each_worker_names_the_bad_variable_and_exits_non_zero() {
             "STRIPE_SECRET_KEY",
         ),
         (
+            env!("CARGO_BIN_EXE_settlement"),
+            &[DB, AMQP, ("SETTLEMENT_HOLD_SECS", "a week")],
+            "SETTLEMENT_HOLD_SECS",
+        ),
+        (
             env!("CARGO_BIN_EXE_payments"),
             &[DB, AMQP, ("STRIPE_SECRET_KEY", "pk_test_public")],
             "STRIPE_SECRET_KEY",

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::Harness;
-use souk_shared::{contracts::EmailRequested, envelope::Envelope, topology::Group};
+use souk_shared::{contracts::EmailRequested, envelope::Envelope, parked, topology::Group};
 use souk_testkit::{
     amqp_url, broker,
     mail::{mails_to, smtp_port, unique_address},
@@ -14,7 +14,7 @@ use souk_testkit::{
 };
 use souk_workers::{
     mailer::{Mailer, MailerConfig},
-    runtime::{Handler, parked},
+    runtime::Handler,
 };
 
 const WAIT: Duration = Duration::from_secs(20);

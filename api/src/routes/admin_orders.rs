@@ -9,7 +9,10 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use souk_shared::orders::{Actor, Change, SellerOrderStatus};
+use souk_shared::orders::{
+    Actor, Change, SellerOrderStatus,
+    refunds::{self, Refund},
+};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -20,9 +23,9 @@ use crate::{
     middleware::RequestId,
     order_views::{self, Order, OrderSummary, Scope, SellerOrder, TrackingEvent},
     routes::{
-        admin::{audit, reason_error},
+        admin::{Reason, audit, reason_error},
         catalog::{Page, Paging},
-        orders::{self, OrderQuery},
+        orders::{self, OrderQuery, cancel_order},
         seller_orders::{FulfilmentUpdate, fulfil},
     },
     state::AppState,
@@ -372,4 +375,128 @@ pub async fn set_commission(
     audit(&mut tx, &admin, &action, ("shop", shop), body.reason.trim()).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Cancel any order until a seller ships it, as its customer could, with a
+/// reason (kept in the order's history and the audit log).
+#[utoipa::path(
+    post, path = "/admin/orders/{id}/cancel", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = Reason,
+    responses(
+        (status = 200, description = "the cancelled order (refunds follow within seconds)", body = AdminOrder),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "shipped, or already over (field `status`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    admin: Admin,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    ValidJson(body): ValidJson<Reason>,
+) -> Result<Json<AdminOrder>, ApiError> {
+    let reason = body.reason.trim();
+    let mut tx = state.pool.begin().await?;
+    cancel_order(
+        &mut tx,
+        id,
+        None,
+        Actor::Admin(admin.0.id),
+        reason,
+        &request_id.0,
+    )
+    .await?;
+    audit(&mut tx, &admin, "order.cancel", ("order", id), reason).await?;
+    state.commit_with_messages(tx).await?;
+    get(State(state), admin, Path(id)).await
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminRefund {
+    /// At most what is left of what was paid for the seller order.
+    pub amount_minor: i64,
+    /// Why; told to the customer and kept in the audit log.
+    pub reason: String,
+}
+
+impl Validate for AdminRefund {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors: Vec<FieldError> = reason_error(&self.reason).into_iter().collect();
+        if self.amount_minor < 1 {
+            errors.push(FieldError::new(
+                "amount_minor",
+                "must be a positive amount in minor units",
+            ));
+        }
+        errors
+    }
+}
+
+/// Refund part (or all) of a paid seller order through Stripe, whatever its
+/// fulfilment step; the seller's earnings are taken back in the ledger.
+#[utoipa::path(
+    post, path = "/admin/seller-orders/{id}/refund", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = AdminRefund,
+    responses(
+        (status = 200, description = "the seller order (the refund follows within seconds)", body = SellerOrder),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such seller order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not paid, or more than is left of what was paid", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn refund(
+    State(state): State<AppState>,
+    admin: Admin,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    ValidJson(body): ValidJson<AdminRefund>,
+) -> Result<Json<SellerOrder>, ApiError> {
+    let reason = body.reason.trim();
+    let mut tx = state.pool.begin().await?;
+    let order: Option<Uuid> =
+        sqlx::query_scalar("SELECT order_id FROM seller_orders WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let order = order.ok_or(ApiError::NotFound)?;
+    // The order's row first: refunds are decided under it.
+    sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE")
+        .bind(order)
+        .execute(&mut *tx)
+        .await?;
+    let payment = refunds::order_payment(&mut tx, order)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Conflict(FieldError::new("status", "this order was never paid"))
+        })?;
+    let request = Refund {
+        order,
+        payment,
+        seller_order: Some(id),
+        amount_minor: body.amount_minor,
+        reason,
+    };
+    refunds::request(&mut tx, request, &request_id.0)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Conflict(FieldError::new(
+                "amount_minor",
+                "more than is left of what was paid for this seller order",
+            ))
+        })?;
+    audit(
+        &mut tx,
+        &admin,
+        "seller_order.refund",
+        ("seller_order", id),
+        &format!("{reason} ({} minor units)", body.amount_minor),
+    )
+    .await?;
+    state.commit_with_messages(tx).await?;
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(
+        order_views::seller_order(&mut conn, id, Scope::Admin).await?,
+    ))
 }

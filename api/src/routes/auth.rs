@@ -178,8 +178,10 @@ pub async fn register(
     .await?;
     if let Some(shop) = &body.shop {
         sqlx::query(
-            "INSERT INTO shops (id, owner_id, name, slug, description, contact_email)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            // With manual approval a new shop waits for an admin before
+            // its products show or sell.
+            "INSERT INTO shops (id, owner_id, name, slug, description, contact_email, approved_at)
+             VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $7 THEN NULL ELSE now() END)",
         )
         .bind(Uuid::now_v7())
         .bind(id)
@@ -187,6 +189,7 @@ pub async fn register(
         .bind(&shop.slug)
         .bind(&shop.description)
         .bind(shop.contact_email.trim())
+        .bind(state.market.seller_approval_manual)
         .execute(&mut *tx)
         .await?;
     }

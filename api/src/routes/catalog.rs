@@ -211,7 +211,8 @@ struct SummaryRow {
 }
 
 /// What the storefront may show: active, not hidden, seller not suspended.
-pub const VISIBLE: &str = "p.status = 'active' AND p.hidden_at IS NULL AND u.suspended_at IS NULL";
+pub const VISIBLE: &str = "p.status = 'active' AND p.hidden_at IS NULL AND u.suspended_at IS NULL \
+     AND s.approved_at IS NOT NULL AND s.suspended_at IS NULL";
 
 async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSummary>, ApiError> {
     let paging = Paging::new(query.page, query.per_page);
@@ -371,7 +372,8 @@ pub async fn shop_products(
 ) -> Result<Response, ApiError> {
     let exists: Option<i32> = sqlx::query_scalar(
         "SELECT 1 FROM shops s JOIN users u ON u.id = s.owner_id
-          WHERE s.slug = $1 AND u.suspended_at IS NULL",
+          WHERE s.slug = $1 AND u.suspended_at IS NULL
+            AND s.approved_at IS NOT NULL AND s.suspended_at IS NULL",
     )
     .bind(&slug)
     .fetch_optional(&state.pool)

@@ -219,7 +219,7 @@ pub async fn checkout(
     )
     .bind(id)
     .bind(caller.id)
-    .bind(&state.checkout.currency)
+    .bind(&state.market.currency)
     .bind(cart.subtotal_minor)
     .bind(cart.subtotal_minor - cart.total_minor)
     .bind(coupon_id.filter(|_| cart.coupon.is_some()))

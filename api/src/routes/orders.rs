@@ -18,6 +18,7 @@ use souk_shared::{
     },
     outbox,
 };
+use sqlx::PgConnection;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -192,15 +193,34 @@ pub async fn cancel(
         .as_deref()
         .map(str::trim)
         .filter(|r| !r.is_empty())
-        .unwrap_or("cancelled by the customer")
-        .to_string();
-    let corr = request_id.0.as_str();
+        .unwrap_or("cancelled by the customer");
     let mut tx = state.pool.begin().await?;
+    let actor = Actor::Customer(caller.id);
+    cancel_order(&mut tx, id, Some(caller.id), actor, reason, &request_id.0).await?;
+    state.commit_with_messages(tx).await?;
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(
+        order_views::order(&mut conn, id, Scope::Customer(caller.id)).await?,
+    ))
+}
+
+/// Cancels an order until a seller ships it (for its customer, or an
+/// admin: `customer` scopes the lookup). Unpaid: the seller orders are
+/// cancelled and `order.cancelled` releases the stock and the intent. Paid:
+/// each seller's part is refunded in full and its seller told.
+pub async fn cancel_order(
+    tx: &mut PgConnection,
+    id: Uuid,
+    customer: Option<Uuid>,
+    actor: Actor,
+    reason: &str,
+    corr: &str,
+) -> Result<(), ApiError> {
     let current: Option<String> = sqlx::query_scalar(
-        "SELECT status FROM orders WHERE id = $1 AND customer_id = $2 FOR UPDATE",
+        "SELECT status FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR customer_id = $2) FOR UPDATE",
     )
     .bind(id)
-    .bind(caller.id)
+    .bind(customer)
     .fetch_optional(&mut *tx)
     .await?;
     let current = current
@@ -230,21 +250,13 @@ pub async fn cancel(
     {
         return Err(too_late("a seller has already shipped part of this order"));
     }
-    let actor = Actor::Customer(caller.id);
-    status::move_order(
-        &mut tx,
-        id,
-        OrderStatus::Cancelled,
-        actor,
-        Change::note(&reason),
-    )
-    .await?;
+    status::move_order(tx, id, OrderStatus::Cancelled, actor, Change::note(reason)).await?;
     sqlx::query("UPDATE orders SET failure_reason = $2 WHERE id = $1")
         .bind(id)
-        .bind(&reason)
+        .bind(reason)
         .execute(&mut *tx)
         .await?;
-    let payment = refunds::order_payment(&mut tx, id).await?;
+    let payment = refunds::order_payment(tx, id).await?;
     let mut refunded = 0;
     for (part, part_status, left) in parts {
         if part_status == SellerOrderStatus::Cancelled || part_status == SellerOrderStatus::Refunded
@@ -252,11 +264,11 @@ pub async fn cancel(
             continue;
         }
         status::move_seller_order(
-            &mut tx,
+            tx,
             part,
             SellerOrderStatus::Cancelled,
             actor,
-            Change::note(&reason),
+            Change::note(reason),
         )
         .await?;
         if let Some(payment) = payment.filter(|_| current == OrderStatus::Paid) {
@@ -265,35 +277,26 @@ pub async fn cancel(
                 payment,
                 seller_order: Some(part),
                 amount_minor: left,
-                reason: &reason,
+                reason,
             };
-            refunds::request(&mut tx, refund, corr)
-                .await?
-                .ok_or_else(|| {
-                    anyhow::anyhow!("refund of seller order {part} exceeds its payment")
-                })?;
+            refunds::request(tx, refund, corr).await?.ok_or_else(|| {
+                anyhow::anyhow!("refund of seller order {part} exceeds its payment")
+            })?;
             refunded += left;
+            let extra = json!({ "reason": reason });
             notices::to_seller(
-                &mut tx,
+                tx,
                 part,
                 "seller_order_cancelled",
                 "order_cancelled",
-                json!({ "reason": reason }),
+                extra,
                 corr,
             )
             .await?;
         }
     }
-    outbox::enqueue(
-        &mut tx,
-        &Envelope::new(&OrderCancelled { order_id: id }, corr),
-    )
-    .await?;
+    outbox::enqueue(tx, &Envelope::new(&OrderCancelled { order_id: id }, corr)).await?;
     let extra = json!({ "reason": reason, "refund_minor": refunded });
-    notices::to_customer(&mut tx, id, "order_cancelled", None, extra, corr).await?;
-    state.commit_with_messages(tx).await?;
-    let mut conn = state.pool.acquire().await?;
-    Ok(Json(
-        order_views::order(&mut conn, id, Scope::Customer(caller.id)).await?,
-    ))
+    notices::to_customer(tx, id, "order_cancelled", None, extra, corr).await?;
+    Ok(())
 }

@@ -28,6 +28,7 @@ const PHOTOS: Gallery = Gallery {
     field: "image",
     size: 1600,
     max_images: 10,
+    private: false,
 };
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -36,6 +36,7 @@ const PHOTOS: Gallery = Gallery {
     field: "image",
     size: 1200,
     max_images: 4,
+    private: false,
 };
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

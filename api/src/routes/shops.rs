@@ -36,7 +36,9 @@ pub struct Shop {
     pub created_at: DateTime<Utc>,
 }
 
-async fn by_slug(state: &AppState, slug: &str) -> Result<(Shop, Uuid), ApiError> {
+/// A shop and its owner. The public page (`public`) shows only approved
+/// shops that are not suspended; their seller reaches them regardless.
+async fn by_slug(state: &AppState, slug: &str, public: bool) -> Result<(Shop, Uuid), ApiError> {
     #[derive(sqlx::FromRow)]
     struct Row {
         #[sqlx(flatten)]
@@ -49,9 +51,11 @@ async fn by_slug(state: &AppState, slug: &str) -> Result<(Shop, Uuid), ApiError>
         "SELECT s.id, s.name, s.slug, s.description, s.contact_email, s.shipping_flat_minor, s.created_at, s.owner_id,
                 s.rating_sum, s.rating_count
            FROM shops s JOIN users u ON u.id = s.owner_id
-          WHERE s.slug = $1 AND u.suspended_at IS NULL",
+          WHERE s.slug = $1 AND u.suspended_at IS NULL
+            AND (NOT $2 OR (s.approved_at IS NOT NULL AND s.suspended_at IS NULL))",
     )
     .bind(slug)
+    .bind(public)
     .fetch_optional(&state.pool)
     .await?;
     row.map(|r| {
@@ -75,7 +79,10 @@ pub async fn get(
     headers: HeaderMap,
     Path(slug): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(cached_json(&headers, &by_slug(&state, &slug).await?.0))
+    Ok(cached_json(
+        &headers,
+        &by_slug(&state, &slug, true).await?.0,
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -139,7 +146,7 @@ pub async fn update(
     Path(slug): Path<String>,
     ValidJson(body): ValidJson<ShopUpdate>,
 ) -> Result<Json<Shop>, ApiError> {
-    let (shop, owner) = by_slug(&state, &slug).await?;
+    let (shop, owner) = by_slug(&state, &slug, false).await?;
     if owner != caller.id {
         return Err(ApiError::Forbidden);
     }

@@ -73,7 +73,7 @@ pub async fn receive(
         .ok_or_else(|| refused("missing"))?;
     let payload = std::str::from_utf8(&body)
         .map_err(|_| ApiError::BadRequest(FieldError::new("body", "not UTF-8")))?;
-    verify(payload, signature, &state.checkout.stripe_webhook_secret)?;
+    verify(payload, signature, &state.market.stripe_webhook_secret)?;
     let event: serde_json::Value = serde_json::from_str(payload)
         .map_err(|e| ApiError::BadRequest(FieldError::new("body", format!("not JSON: {e}"))))?;
     // The parts this endpoint reads; the worker reads the rest.

@@ -15,7 +15,7 @@ use souk_api::{
         oidc::{OidcClient, OidcConfig},
     },
     broker::BrokerProbe,
-    checkout_config::CheckoutConfig,
+    market_config::MarketConfig,
     ratelimit::{Limit, Limits, RateLimiter},
     router,
     state::AppState,
@@ -35,6 +35,7 @@ use souk_workers::{
     relay::{self, RelaySettings},
     reserver::{self, ReserverConfig, StockReserver},
     runtime::{self, ConsumerSettings, Handler},
+    settlement::{self, Settlement, SettlementConfig},
     splitter::{OrderSplitter, SplitterConfig},
 };
 use tokio::task::JoinHandle;
@@ -48,6 +49,8 @@ pub struct App {
     pub base: String,
     pub db: TestDb,
     pub http: Client,
+    /// The broker prefix of this app and its pipeline.
+    pub prefix: String,
 }
 
 pub fn auth_config() -> AuthConfig {
@@ -64,6 +67,20 @@ pub fn auth_config() -> AuthConfig {
         cookie_same_site: "Lax".into(),
     }
 }
+
+/// The marketplace's settings in tests: new sellers wait for approval
+/// (`verified_seller` approves them, as an admin would).
+pub fn market_config() -> MarketConfig {
+    MarketConfig {
+        currency: "eur".into(),
+        stripe_webhook_secret: WEBHOOK_SECRET.into(),
+        payout_details_key: [7; 32],
+        withdrawal_min_minor: WITHDRAWAL_MIN_MINOR,
+        seller_approval_manual: true,
+    }
+}
+
+pub const WITHDRAWAL_MIN_MINOR: i64 = 1000;
 
 /// Limits loose enough for any test but the ones about limits.
 pub fn loose_limits() -> Limits {
@@ -102,6 +119,7 @@ pub async fn spawn_app_with_sso(amqp: &str, oidc: OidcConfig) -> App {
 
 async fn spawn(amqp: &str, redis: &str, limits: Limits, oidc: Option<OidcConfig>) -> App {
     let db = TestDb::new().await;
+    let prefix = unique_prefix();
     // Each app stores uploads in a directory of its own.
     let storage = StorageConfig {
         url: std::env::temp_dir()
@@ -112,15 +130,12 @@ async fn spawn(amqp: &str, redis: &str, limits: Limits, oidc: Option<OidcConfig>
     };
     let state = AppState::new(
         db.pool.clone(),
-        BrokerProbe::new(amqp, "souk-api-test"),
+        BrokerProbe::new(amqp, "souk-api-test", &prefix),
         telemetry::metrics_handle(),
         auth_config(),
         RateLimiter::new(redis, &unique_prefix(), limits).unwrap(),
         (storage.open().unwrap(), storage.clone()),
-        CheckoutConfig {
-            currency: "eur".into(),
-            stripe_webhook_secret: WEBHOOK_SECRET.into(),
-        },
+        market_config(),
     )
     .with_oidc(oidc.map(OidcClient::new));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -133,6 +148,7 @@ async fn spawn(amqp: &str, redis: &str, limits: Limits, oidc: Option<OidcConfig>
         base: format!("http://{addr}"),
         db,
         http: Client::new(),
+        prefix,
     }
 }
 
@@ -226,7 +242,8 @@ pub async fn token_for(app: &App, email: &str) -> String {
         .to_string()
 }
 
-/// A seller of a new shop at `slug`, email verified; returns its token.
+/// A seller of a new shop at `slug`, email verified and the shop approved
+/// (as the seller and an admin would); returns its token.
 pub async fn verified_seller(app: &App, slug: &str) -> String {
     let token = signed_in(app, Some(slug)).await;
     sqlx::query(
@@ -237,6 +254,11 @@ pub async fn verified_seller(app: &App, slug: &str) -> String {
     .execute(&app.db.pool)
     .await
     .unwrap();
+    sqlx::query("UPDATE shops SET approved_at = now() WHERE slug = $1")
+        .bind(slug)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
     token
 }
 
@@ -271,6 +293,8 @@ pub struct Workers {
     pub payments: bool,
     /// The webhook events.
     pub stripe_events: bool,
+    /// The ledger (payments, earnings, refunds, releases).
+    pub settlement: bool,
 }
 
 impl Workers {
@@ -279,18 +303,22 @@ impl Workers {
         reserver: true,
         payments: true,
         stripe_events: true,
+        settlement: true,
     };
     pub const MAIL_ONLY: Self = Self {
         splitter: false,
         reserver: false,
         payments: false,
         stripe_events: false,
+        settlement: false,
     };
 }
 
 /// The checkout pipeline's settings in tests: the platform's terms and a
 /// reservation that lasts (tests expire one by moving its time back).
 pub const SHIPPING_FLAT_MINOR: i64 = 499;
+/// Long: tests that want earnings released move `available_at` back.
+pub const SETTLEMENT_HOLD: Duration = Duration::from_secs(3600);
 pub const COMMISSION_BPS: i32 = 1000;
 
 /// The outbox relay, the mailer and any of the checkout workers on the
@@ -336,7 +364,7 @@ impl Pipeline {
         stripe: Option<&LocalStripe>,
         workers: Workers,
     ) -> Self {
-        let prefix = unique_prefix();
+        let prefix = app.prefix.clone();
         let mut pipeline = Self {
             prefix: prefix.clone(),
             names: Names::new(&prefix),
@@ -394,9 +422,27 @@ impl Pipeline {
             pipeline.run_payments(app, stripe.expect("payments need a Stripe"));
         }
         if workers.stripe_events {
-            pipeline.run(&prefix, pool, StripeEvents);
+            pipeline.run(&prefix, pool.clone(), StripeEvents);
+        }
+        if workers.settlement {
+            pipeline.run_settlement(app);
         }
         pipeline
+    }
+
+    /// Starts a settlement process (consumer and release sweep); call again
+    /// for a second one working beside it.
+    pub fn run_settlement(&mut self, app: &App) {
+        let config = SettlementConfig {
+            hold: SETTLEMENT_HOLD,
+            release_poll: Duration::from_millis(200),
+        };
+        let pool = app.db.pool.clone();
+        let sweep =
+            settlement::sweep_releases(pool.clone(), config.release_poll, self.shutdown.clone());
+        self.tasks.push(tokio::spawn(sweep));
+        let prefix = self.prefix.clone();
+        self.run(&prefix, pool, Settlement { config });
     }
 
     /// Starts the payments consumer (the Stripe calls), e.g. later than the rest.

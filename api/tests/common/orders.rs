@@ -283,3 +283,117 @@ impl Market {
         self.pipeline.stop().await;
     }
 }
+
+/// The seller order of `slug` within `order` (as read by its customer).
+pub fn part_of(order: &Value, slug: &str) -> String {
+    order["seller_orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["shop"]["slug"] == slug)
+        .and_then(|p| p["id"].as_str())
+        .unwrap_or_else(|| panic!("no part of {slug} in {order}"))
+        .to_string()
+}
+
+/// The seller ships and delivers its part.
+pub async fn deliver(app: &App, seller: &str, part: &str) {
+    let path = format!("/seller/orders/{part}/status");
+    let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM1"});
+    json_of(
+        call(app, seller, Method::POST, &path, shipped).await,
+        StatusCode::OK,
+    )
+    .await;
+    json_of(
+        call(
+            app,
+            seller,
+            Method::POST,
+            &path,
+            json!({"status": "delivered"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+}
+
+/// Every ledger transaction's entries sum to zero, and so do all entries.
+pub async fn assert_ledger_balances(app: &App) {
+    let unbalanced: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT t.reference, sum(e.amount_minor)::bigint FROM ledger_transactions t
+           JOIN ledger_entries e ON e.transaction_id = t.id
+          GROUP BY t.reference HAVING sum(e.amount_minor) <> 0",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(unbalanced.is_empty(), "unbalanced: {unbalanced:?}");
+    let total: Option<i64> =
+        sqlx::query_scalar("SELECT sum(amount_minor)::bigint FROM ledger_entries")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(total.unwrap_or(0), 0);
+}
+
+/// The balance of a ledger account (`kind`, and the shop for a seller's).
+pub async fn ledger_balance(app: &App, kind: &str, shop: Option<&str>) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(e.amount_minor), 0)::bigint FROM ledger_accounts a
+           LEFT JOIN ledger_entries e ON e.account_id = a.id
+           LEFT JOIN shops s ON s.id = a.shop_id
+          WHERE a.kind = $1 AND ($2::text IS NULL OR s.slug = $2)",
+    )
+    .bind(kind)
+    .bind(shop)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until `reference` is posted in the ledger.
+pub async fn posted(app: &App, reference_like: &str, n: i64) {
+    let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
+    loop {
+        let got: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM ledger_transactions WHERE reference LIKE $1")
+                .bind(reference_like)
+                .fetch_one(&app.db.pool)
+                .await
+                .unwrap();
+        if got >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} posting(s) like {reference_like}: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Ends every hold: the settlement sweep releases the earnings.
+pub async fn end_holds(app: &App) {
+    sqlx::query("UPDATE seller_earnings SET available_at = now() - interval '1 second' WHERE released_at IS NULL")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
+    loop {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM seller_earnings WHERE released_at IS NULL")
+                .fetch_one(&app.db.pool)
+                .await
+                .unwrap();
+        if left == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "earnings not released"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

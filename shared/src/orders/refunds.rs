@@ -20,8 +20,8 @@ pub struct Refund<'a> {
 }
 
 /// Records the refund and asks for it; `None` (and nothing written) when
-/// it would give back more than is left of the payment. The caller must
-/// hold the order's row lock.
+/// it would give back more than is left of the payment, or of what was
+/// paid for the seller order. The caller must hold the order's row lock.
 pub async fn request(
     conn: &mut PgConnection,
     refund: Refund<'_>,
@@ -37,6 +37,11 @@ pub async fn request(
           WHERE p.id = $3 AND p.order_id = $2
             AND p.amount_minor - (SELECT coalesce(sum(r.amount_minor), 0) FROM refunds r
                                    WHERE r.payment_id = p.id AND r.status <> 'failed') >= $5
+            -- and never more than was paid for the seller order
+            AND ($4::uuid IS NULL OR
+                 (SELECT so.total_minor FROM seller_orders so WHERE so.id = $4)
+                 - (SELECT coalesce(sum(r.amount_minor), 0) FROM refunds r
+                     WHERE r.seller_order_id = $4 AND r.status <> 'failed') >= $5)
          RETURNING id",
     )
     .bind(id)

@@ -12,10 +12,10 @@
 use souk_shared::{
     amqp,
     config::{CommonConfig, Env, exit_on_error},
-    db, password,
+    db, parked, password,
     topology::Names,
 };
-use souk_workers::{demo, runtime::parked};
+use souk_workers::demo;
 
 const USAGE: &str = "usage:
   souk-admin migrate

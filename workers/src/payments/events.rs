@@ -69,6 +69,7 @@ impl Handler for StripeEvents {
         "notify.email",
         "payment.refund_requested",
         "payment.intent_cancel_requested",
+        "payment.captured",
     ];
 
     async fn prepare(&self, _: &Envelope) -> Result<(), Failure> {

@@ -171,7 +171,12 @@ impl Handler for Payments {
     type Prepared = Answer;
     const GROUP: &'static str = topology::PAYMENTS.name;
     const BINDINGS: &'static [&'static str] = topology::PAYMENTS.bindings;
-    const EMITS: &'static [&'static str] = &["notify.email", "payment.intent_cancel_requested"];
+    const EMITS: &'static [&'static str] = &[
+        "notify.email",
+        "payment.intent_cancel_requested",
+        "payment.captured",
+        "refund.succeeded",
+    ];
 
     fn prepare_lease(&self) -> Option<Duration> {
         Some(self.lease)

@@ -4,7 +4,7 @@
 
 use serde_json::json;
 use souk_shared::{
-    contracts::IntentCancelRequested,
+    contracts::{IntentCancelRequested, PaymentCaptured, RefundSucceeded},
     coupons,
     envelope::Envelope,
     inventory, notify,
@@ -55,6 +55,7 @@ async fn record_payment(
     intent: &str,
     amount: i64,
     flagged: Option<&str>,
+    corr: &str,
 ) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();
     sqlx::query(
@@ -68,8 +69,10 @@ async fn record_payment(
     .bind(&order.currency)
     .bind(flagged.is_some())
     .bind(flagged)
-    .execute(tx)
+    .execute(&mut *tx)
     .await?;
+    let captured = PaymentCaptured { payment_id: id };
+    outbox::enqueue(tx, &Envelope::new(&captured, corr)).await?;
     Ok(id)
 }
 
@@ -167,7 +170,7 @@ pub async fn paid(
     }
     inventory::sell(tx, &sold, &format!("sold: order {}", order.id)).await?;
     if let Some((intent, amount)) = payment {
-        record_payment(tx, order, intent, amount, None).await?;
+        record_payment(tx, order, intent, amount, None, corr).await?;
     }
     let data = json!({ "payment_intent_id": payment.map(|(intent, _)| intent) });
     let change = Change {
@@ -206,7 +209,7 @@ async fn unbuyable(
     reason: &str,
     corr: &str,
 ) -> Result<(), Failure> {
-    let payment = record_payment(tx, order, intent, amount, None).await?;
+    let payment = record_payment(tx, order, intent, amount, None, corr).await?;
     refund(tx, order.id, payment, None, amount, reason, corr).await?;
     sqlx::query("UPDATE orders SET failure_reason = $2, payment_intent_id = coalesce(payment_intent_id, $3) WHERE id = $1")
         .bind(order.id)
@@ -247,7 +250,7 @@ async fn duplicate(
 ) -> Result<(), Failure> {
     let reason = "a second successful payment for an order already paid";
     tracing::warn!(order = %order.id, intent, "duplicate payment; refunding it");
-    let payment = record_payment(tx, order, intent, amount, Some(reason)).await?;
+    let payment = record_payment(tx, order, intent, amount, Some(reason), corr).await?;
     refund(tx, order.id, payment, None, amount, reason, corr).await?;
     let data = json!({ "order_id": order.id, "payment_intent_id": intent, "reason": reason });
     notify::admins(tx, "payment_flagged", &data).await?;
@@ -342,6 +345,8 @@ pub async fn refund_answered(
     .bind(&stripe_id)
     .execute(&mut *tx)
     .await?;
+    let succeeded = RefundSucceeded { refund_id: refund };
+    outbox::enqueue(tx, &Envelope::new(&succeeded, corr)).await?;
     if !r.duplicate {
         let (refunded, total): (i64, Option<i64>) = sqlx::query_as(
             "UPDATE orders SET refunded_minor = refunded_minor + $2, updated_at = now()

@@ -9,7 +9,6 @@
 //!   to the parking queue once attempts are used up.
 
 mod delivery;
-pub mod parked;
 pub mod retention;
 mod supervisor;
 

@@ -1,10 +1,11 @@
-//! Listing and replaying parked messages (used by `souk-admin`).
+//! Listing and replaying parked messages (for `souk-admin` and the admin API).
 //!
 //! Listing takes messages with `basic.get` without acking and then closes the
 //! channel, which returns them all to the queue untouched. Replay sends a
 //! message back to its group's main queue with its attempts reset, and acks
 //! the parked copy only after the broker confirmed the new one.
 
+use crate::{amqp, envelope::Envelope, topology::Names};
 use lapin::{
     Connection,
     message::BasicGetMessage,
@@ -12,10 +13,9 @@ use lapin::{
     types::FieldTable,
 };
 use serde::Serialize;
-use souk_shared::{amqp, envelope::Envelope, topology::Names};
 
 /// A parked message as an operator sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ParkedMessage {
     pub message_id: Option<String>,
     pub kind: Option<String>,

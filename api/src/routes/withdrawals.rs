@@ -1,0 +1,679 @@
+//! Getting money out: a shop's payout details (the account number encrypted
+//! at rest, shown masked), its withdrawal requests, and admins paying or
+//! turning them down. A request sets the money aside in the ledger at once
+//! (available → withdrawing); paying moves it out (→ payouts), turning it
+//! down gives it back. Requests lock the shop's available account, so
+//! concurrent ones can never take more than the balance, and a shop has at
+//! most one open request.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use souk_shared::{
+    ledger::{self, Account, postings, postings::WithdrawalStep},
+    notify,
+};
+use sqlx::PgConnection;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    auth::{Admin, Seller},
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidJson, ValidQuery, Validate},
+    middleware::RequestId,
+    routes::{
+        admin::{Reason, audit},
+        catalog::{Page, Paging},
+        checkout::idempotency_key,
+    },
+    sealed::{self, Sealed},
+    state::AppState,
+};
+
+/// An IBAN without spaces, upper case, if its check digits add up.
+fn iban(raw: &str) -> Option<String> {
+    let iban: String = raw
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    let shape = (15..=34).contains(&iban.len())
+        && iban[..2].chars().all(|c| c.is_ascii_uppercase())
+        && iban[2..4].chars().all(|c| c.is_ascii_digit())
+        && iban.chars().all(|c| c.is_ascii_alphanumeric());
+    if !shape {
+        return None;
+    }
+    // ISO 13616: move the first four to the end, letters to numbers, mod 97 == 1.
+    let rearranged = iban[4..].chars().chain(iban[..4].chars());
+    let remainder = rearranged.fold(0u32, |acc, c| {
+        let digits = c.to_digit(36).expect("alphanumeric");
+        if digits < 10 {
+            (acc * 10 + digits) % 97
+        } else {
+            (acc * 100 + digits) % 97
+        }
+    });
+    (remainder == 1).then_some(iban)
+}
+
+/// `DE** **** **** **** **30 00`: the country and the last four only.
+fn masked(country: &str, last4: &str) -> String {
+    format!("{country}** **** **** {last4}")
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PayoutDetailsInput {
+    pub holder_name: String,
+    /// The account to pay into.
+    #[schema(example = "DE89 3704 0044 0532 0130 00")]
+    pub iban: String,
+}
+
+impl Validate for PayoutDetailsInput {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let n = self.holder_name.trim().chars().count();
+        if n == 0 || n > 100 {
+            errors.push(FieldError::new(
+                "holder_name",
+                "must be 1 to 100 characters",
+            ));
+        }
+        if iban(&self.iban).is_none() {
+            errors.push(FieldError::new(
+                "iban",
+                "is not a valid IBAN (check the digits)",
+            ));
+        }
+        errors
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PayoutDetails {
+    pub holder_name: String,
+    /// Only the country and the last four characters.
+    pub iban_masked: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A shop's payout details as stored.
+#[derive(sqlx::FromRow)]
+struct Stored {
+    holder_name: String,
+    iban_ciphertext: Vec<u8>,
+    iban_nonce: Vec<u8>,
+    iban_last4: String,
+    updated_at: DateTime<Utc>,
+}
+
+async fn stored(conn: &mut PgConnection, shop: Uuid) -> Result<Option<Stored>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT holder_name, iban_ciphertext, iban_nonce, iban_last4, updated_at FROM payout_details WHERE shop_id = $1",
+    )
+    .bind(shop)
+    .fetch_optional(conn)
+    .await
+}
+
+impl Stored {
+    /// The account number in the clear, for masking or for paying.
+    fn iban(&self, state: &AppState, shop: Uuid) -> Result<String, ApiError> {
+        let sealed = Sealed {
+            ciphertext: self.iban_ciphertext.clone(),
+            nonce: self.iban_nonce.clone(),
+        };
+        sealed::open(&state.market.payout_details_key, &sealed, shop.as_bytes())
+            .ok_or_else(|| anyhow::anyhow!("payout details of shop {shop} do not decrypt").into())
+    }
+}
+
+/// The shop's payout details, masked.
+#[utoipa::path(
+    get, path = "/seller/payout-details", tag = "seller", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the details, masked", body = PayoutDetails),
+        (status = 404, description = "none set yet", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_details(
+    State(state): State<AppState>,
+    seller: Seller,
+) -> Result<Json<PayoutDetails>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let details = stored(&mut conn, seller.shop_id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let iban = details.iban(&state, seller.shop_id)?;
+    Ok(Json(PayoutDetails {
+        iban_masked: masked(&iban[..2], &details.iban_last4),
+        holder_name: details.holder_name,
+        updated_at: details.updated_at,
+    }))
+}
+
+/// Set where withdrawals are paid. The account number is stored encrypted.
+#[utoipa::path(
+    put, path = "/seller/payout-details", tag = "seller", security(("bearer" = [])),
+    request_body = PayoutDetailsInput,
+    responses(
+        (status = 200, description = "the details, masked", body = PayoutDetails),
+        (status = 422, description = "a bad IBAN or holder name", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn set_details(
+    State(state): State<AppState>,
+    seller: Seller,
+    ValidJson(body): ValidJson<PayoutDetailsInput>,
+) -> Result<Json<PayoutDetails>, ApiError> {
+    seller.caller.require_verified()?;
+    let iban = iban(&body.iban).expect("validated");
+    let last4 = iban[iban.len() - 4..].to_string();
+    let sealed = sealed::seal(
+        &state.market.payout_details_key,
+        &iban,
+        seller.shop_id.as_bytes(),
+    );
+    let updated_at: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO payout_details (shop_id, holder_name, iban_ciphertext, iban_nonce, iban_last4)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (shop_id) DO UPDATE SET holder_name = excluded.holder_name,
+             iban_ciphertext = excluded.iban_ciphertext, iban_nonce = excluded.iban_nonce,
+             iban_last4 = excluded.iban_last4, updated_at = now()
+         RETURNING updated_at",
+    )
+    .bind(seller.shop_id)
+    .bind(body.holder_name.trim())
+    .bind(&sealed.ciphertext)
+    .bind(&sealed.nonce)
+    .bind(&last4)
+    .fetch_one(&state.pool)
+    .await?;
+    Ok(Json(PayoutDetails {
+        holder_name: body.holder_name.trim().to_string(),
+        iban_masked: masked(&iban[..2], &last4),
+        updated_at,
+    }))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Withdrawal {
+    pub id: Uuid,
+    pub amount_minor: i64,
+    pub currency: String,
+    /// `requested`, `paid` or `rejected`.
+    pub status: String,
+    pub holder_name: String,
+    /// The account it goes to, masked.
+    pub iban_last4: String,
+    /// Why it was turned down (or a note with the payment).
+    pub decision_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str = "id, amount_minor, currency, status, holder_name, iban_last4, decision_reason, created_at, decided_at";
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WithdrawalRequest {
+    pub amount_minor: i64,
+}
+
+impl Validate for WithdrawalRequest {
+    fn validate(&self) -> Vec<FieldError> {
+        if self.amount_minor > 0 {
+            vec![]
+        } else {
+            vec![FieldError::new(
+                "amount_minor",
+                "must be a positive amount in minor units",
+            )]
+        }
+    }
+}
+
+async fn shop_may_withdraw(conn: &mut PgConnection, shop: Uuid) -> Result<(), ApiError> {
+    let (approved, suspended): (bool, bool) = sqlx::query_as(
+        "SELECT approved_at IS NOT NULL, suspended_at IS NOT NULL FROM shops WHERE id = $1",
+    )
+    .bind(shop)
+    .fetch_one(conn)
+    .await?;
+    if !approved || suspended {
+        return Err(ApiError::ForbiddenBecause(FieldError::new(
+            "shop",
+            "a shop that is suspended or not approved yet cannot withdraw",
+        )));
+    }
+    Ok(())
+}
+
+/// Ask for a payout of (part of) the available balance. One open request
+/// at a time; at least the platform's minimum. `Idempotency-Key` makes a
+/// retry return the first request.
+#[utoipa::path(
+    post, path = "/seller/withdrawals", tag = "seller", security(("bearer" = [])), request_body = WithdrawalRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key returns the same request")),
+    responses(
+        (status = 201, description = "requested; the amount is set aside", body = Withdrawal),
+        (status = 403, description = "email not verified, or the shop cannot withdraw", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "a request is already open", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "below the minimum, above the available balance, or no payout details", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn request(
+    State(state): State<AppState>,
+    seller: Seller,
+    request_id: RequestId,
+    headers: HeaderMap,
+    ValidJson(body): ValidJson<WithdrawalRequest>,
+) -> Result<(StatusCode, Json<Withdrawal>), ApiError> {
+    seller.caller.require_verified()?;
+    let key = idempotency_key(&headers)?;
+    let shop = seller.shop_id;
+    let field =
+        |message: String| ApiError::Validation(vec![FieldError::new("amount_minor", message)]);
+    let mut tx = state.pool.begin().await?;
+    // Every request of this shop queues here: the balance read below is
+    // the one the hold is taken from.
+    let available = ledger::account_id(
+        &mut tx,
+        Account::SellerAvailable(shop),
+        &state.market.currency,
+    )
+    .await?;
+    sqlx::query("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(available)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(key) = &key {
+        let earlier: Option<Withdrawal> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM withdrawals WHERE shop_id = $1 AND idempotency_key = $2"
+        )))
+        .bind(shop)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match earlier {
+            Some(w) if w.amount_minor == body.amount_minor => {
+                return Ok((StatusCode::CREATED, Json(w)));
+            }
+            Some(_) => {
+                return Err(ApiError::Validation(vec![FieldError::new(
+                    "Idempotency-Key",
+                    "this key was used for a different withdrawal",
+                )]));
+            }
+            None => {}
+        }
+    }
+    shop_may_withdraw(&mut tx, shop).await?;
+    if body.amount_minor < state.market.withdrawal_min_minor {
+        return Err(field(format!(
+            "the smallest withdrawal is {} (minor units)",
+            state.market.withdrawal_min_minor
+        )));
+    }
+    let details: Option<(String, String)> =
+        sqlx::query_as("SELECT holder_name, iban_last4 FROM payout_details WHERE shop_id = $1")
+            .bind(shop)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (holder, last4) = details.ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::new(
+            "payout_details",
+            "set your payout details first",
+        )])
+    })?;
+    let balance = ledger::seller_balance(&mut tx, shop, &state.market.currency).await?;
+    if body.amount_minor > balance.available_minor {
+        return Err(field(format!(
+            "more than your available balance ({})",
+            balance.available_minor.max(0)
+        )));
+    }
+    let open: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM withdrawals WHERE shop_id = $1 AND status = 'requested')",
+    )
+    .bind(shop)
+    .fetch_one(&mut *tx)
+    .await?;
+    if open {
+        return Err(ApiError::Conflict(FieldError::new(
+            "withdrawal",
+            "a withdrawal is already waiting; wait for it to be paid or turned down",
+        )));
+    }
+    let id = Uuid::now_v7();
+    let withdrawal: Withdrawal = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO withdrawals (id, shop_id, requested_by, amount_minor, currency, iban_last4, holder_name, idempotency_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+    )))
+    .bind(id)
+    .bind(shop)
+    .bind(seller.caller.id)
+    .bind(body.amount_minor)
+    .bind(&state.market.currency)
+    .bind(&last4)
+    .bind(&holder)
+    .bind(&key)
+    .fetch_one(&mut *tx)
+    .await?;
+    postings::withdrawal(&mut tx, id, WithdrawalStep::Hold)
+        .await
+        .map_err(anyhow::Error::from)?;
+    tell_seller(
+        &mut tx,
+        &withdrawal,
+        shop,
+        "withdrawal_requested",
+        &request_id.0,
+    )
+    .await?;
+    notify::admins(
+        &mut tx,
+        "withdrawal_requested",
+        &json!({ "withdrawal_id": id, "shop_id": shop }),
+    )
+    .await?;
+    state.commit_with_messages(tx).await?;
+    Ok((StatusCode::CREATED, Json(withdrawal)))
+}
+
+async fn tell_seller(
+    conn: &mut PgConnection,
+    w: &Withdrawal,
+    shop: Uuid,
+    template: &str,
+    corr: &str,
+) -> Result<(), sqlx::Error> {
+    let (email, name, shop_name, owner): (String, String, String, Uuid) = sqlx::query_as(
+        "SELECT u.email, u.name, s.name, u.id FROM shops s JOIN users u ON u.id = s.owner_id WHERE s.id = $1",
+    )
+    .bind(shop)
+    .fetch_one(&mut *conn)
+    .await?;
+    let data = json!({
+        "name": name, "shop": shop_name, "withdrawal_id": w.id, "amount_minor": w.amount_minor,
+        "currency": w.currency, "iban_last4": w.iban_last4, "reason": w.decision_reason,
+    });
+    notify::in_app(conn, owner, template, &data).await?;
+    notify::email(conn, &email, template, data, corr).await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WithdrawalQuery {
+    /// `requested`, `paid` or `rejected`.
+    pub status: Option<String>,
+    pub page: Option<u32>,
+    pub per_page: Option<u32>,
+}
+
+impl Validate for WithdrawalQuery {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Paging::check(self.page, self.per_page);
+        if self
+            .status
+            .as_deref()
+            .is_some_and(|s| !matches!(s, "requested" | "paid" | "rejected"))
+        {
+            errors.push(FieldError::new(
+                "status",
+                "must be requested, paid or rejected",
+            ));
+        }
+        errors
+    }
+}
+
+async fn list(
+    state: &AppState,
+    shop: Option<Uuid>,
+    query: &WithdrawalQuery,
+) -> Result<Page<Withdrawal>, ApiError> {
+    let paging = Paging::new(query.page, query.per_page);
+    let filter = "($1::uuid IS NULL OR shop_id = $1) AND ($2::text IS NULL OR status = $2)";
+    let items: Vec<Withdrawal> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM withdrawals WHERE {filter} ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4"
+    )))
+    .bind(shop)
+    .bind(&query.status)
+    .bind(paging.limit())
+    .bind(paging.offset())
+    .fetch_all(&state.pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM withdrawals WHERE {filter}"
+    )))
+    .bind(shop)
+    .bind(&query.status)
+    .fetch_one(&state.pool)
+    .await?;
+    Ok(paging.page(items, total))
+}
+
+/// The shop's withdrawals, newest first.
+#[utoipa::path(
+    get, path = "/seller/withdrawals", tag = "seller", security(("bearer" = [])), params(WithdrawalQuery),
+    responses((status = 200, description = "a page of withdrawals", body = Page<Withdrawal>))
+)]
+pub async fn mine(
+    State(state): State<AppState>,
+    seller: Seller,
+    ValidQuery(query): ValidQuery<WithdrawalQuery>,
+) -> Result<Json<Page<Withdrawal>>, ApiError> {
+    Ok(Json(list(&state, Some(seller.shop_id), &query).await?))
+}
+
+/// Every shop's withdrawals, newest first (`status=requested`: the queue to pay).
+#[utoipa::path(
+    get, path = "/admin/withdrawals", tag = "admin", security(("bearer" = [])), params(WithdrawalQuery),
+    responses(
+        (status = 200, description = "a page of withdrawals", body = Page<Withdrawal>),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn all(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ValidQuery(query): ValidQuery<WithdrawalQuery>,
+) -> Result<Json<Page<Withdrawal>>, ApiError> {
+    Ok(Json(list(&state, None, &query).await?))
+}
+
+/// A withdrawal with the full account number to pay it to (reading it is
+/// kept in the audit log).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WithdrawalToPay {
+    pub withdrawal: Withdrawal,
+    pub shop: String,
+    pub holder_name: String,
+    pub iban: String,
+}
+
+#[utoipa::path(
+    get, path = "/admin/withdrawals/{id}", tag = "admin", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "the withdrawal and where to pay it", body = WithdrawalToPay),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such withdrawal", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn to_pay(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<Uuid>,
+) -> Result<Json<WithdrawalToPay>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let withdrawal: Withdrawal = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM withdrawals WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound)?;
+    let (shop_id, shop): (Uuid, String) = sqlx::query_as(
+        "SELECT s.id, s.slug FROM withdrawals w JOIN shops s ON s.id = w.shop_id WHERE w.id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let details = stored(&mut tx, shop_id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("shop {shop_id} withdrew without payout details"))?;
+    let iban = details.iban(&state, shop_id)?;
+    let holder_name = details.holder_name;
+    audit(
+        &mut tx,
+        &admin,
+        "withdrawal.read_payout_details",
+        ("withdrawal", id),
+        "to pay it",
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(WithdrawalToPay {
+        withdrawal,
+        shop,
+        holder_name,
+        iban,
+    }))
+}
+
+/// Settles an open withdrawal one way or the other.
+async fn decide(
+    state: &AppState,
+    admin: &Admin,
+    id: Uuid,
+    paid: bool,
+    reason: &str,
+    corr: &str,
+) -> Result<Json<Withdrawal>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let (status, step, template) = if paid {
+        ("paid", WithdrawalStep::Paid, "withdrawal_paid")
+    } else {
+        ("rejected", WithdrawalStep::Returned, "withdrawal_rejected")
+    };
+    let decided: Option<WithdrawalWithShop> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE withdrawals SET status = $2, decided_by = $3, decision_reason = $4, decided_at = now()
+          WHERE id = $1 AND status = 'requested' RETURNING {COLUMNS}, shop_id"
+    )))
+    .bind(id)
+    .bind(status)
+    .bind(admin.0.id)
+    .bind(reason)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(WithdrawalWithShop {
+        withdrawal,
+        shop_id: shop,
+    }) = decided
+    else {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM withdrawals WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        return Err(if exists {
+            ApiError::Conflict(FieldError::new(
+                "status",
+                "this withdrawal was already decided",
+            ))
+        } else {
+            ApiError::NotFound
+        });
+    };
+    postings::withdrawal(&mut tx, id, step)
+        .await
+        .map_err(anyhow::Error::from)?;
+    audit(
+        &mut tx,
+        admin,
+        &format!("withdrawal.{status}"),
+        ("withdrawal", id),
+        reason,
+    )
+    .await?;
+    tell_seller(&mut tx, &withdrawal, shop, template, corr).await?;
+    state.commit_with_messages(tx).await?;
+    Ok(Json(withdrawal))
+}
+
+#[derive(sqlx::FromRow)]
+struct WithdrawalWithShop {
+    #[sqlx(flatten)]
+    withdrawal: Withdrawal,
+    shop_id: Uuid,
+}
+
+/// Mark a withdrawal paid (after sending the money): it leaves the ledger
+/// as paid out; the seller is told.
+#[utoipa::path(
+    post, path = "/admin/withdrawals/{id}/approve", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = Reason,
+    responses(
+        (status = 200, description = "paid", body = Withdrawal),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already decided", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn approve(
+    State(state): State<AppState>,
+    admin: Admin,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    ValidJson(body): ValidJson<Reason>,
+) -> Result<Json<Withdrawal>, ApiError> {
+    decide(&state, &admin, id, true, body.reason.trim(), &request_id.0).await
+}
+
+/// Turn a withdrawal down with a reason: the money is available again.
+#[utoipa::path(
+    post, path = "/admin/withdrawals/{id}/reject", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = Reason,
+    responses(
+        (status = 200, description = "turned down", body = Withdrawal),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already decided", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn reject(
+    State(state): State<AppState>,
+    admin: Admin,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    ValidJson(body): ValidJson<Reason>,
+) -> Result<Json<Withdrawal>, ApiError> {
+    decide(&state, &admin, id, false, body.reason.trim(), &request_id.0).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ibans_are_checked_by_their_digits() {
+        assert_eq!(
+            iban("DE89 3704 0044 0532 0130 00").as_deref(),
+            Some("DE89370400440532013000")
+        );
+        assert_eq!(
+            iban("gb82west12345698765432").as_deref(),
+            Some("GB82WEST12345698765432")
+        );
+        assert_eq!(iban("DE89 3704 0044 0532 0130 01"), None, "a wrong digit");
+        assert_eq!(iban("DE89"), None);
+        assert_eq!(masked("DE", "3000"), "DE** **** **** 3000");
+    }
+}

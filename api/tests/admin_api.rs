@@ -1,0 +1,437 @@
+//! The admin API: every route refuses non-admins (checked from the route
+//! table, so a new route cannot forget it), and admins find accounts,
+//! change roles, approve and suspend shops, read the event and audit logs,
+//! and replay parked messages, each action kept in the audit log.
+
+mod common;
+
+use common::{
+    Pipeline, admin,
+    catalog::{call, json_of, storefront, titles},
+    fields,
+    orders::customer,
+    problem, signed_in, spawn_app, token_for, verified_seller,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use souk_shared::{contracts::EmailRequested, envelope::Envelope, outbox};
+use souk_testkit::{amqp_url, count, wait_until};
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Every admin operation of the OpenAPI document, with placeholders in its path.
+fn admin_routes() -> Vec<(Method, String)> {
+    let doc = serde_json::to_value(souk_api::app::openapi()).unwrap();
+    let mut routes = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/v1/admin/") {
+            continue;
+        }
+        let concrete: String = path
+            .split('/')
+            .map(|segment| match segment {
+                s if s.starts_with('{') && (s.contains("slug") || s.contains("group")) => {
+                    "mailer".to_string()
+                }
+                s if s.starts_with('{') => uuid::Uuid::nil().to_string(),
+                s => s.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in item.as_object().unwrap().keys() {
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            routes.push((method, concrete.trim_start_matches("/api/v1").to_string()));
+        }
+    }
+    routes
+}
+
+#[tokio::test]
+async fn every_admin_route_refuses_everyone_but_admins() {
+    let app = spawn_app(&amqp_url()).await;
+    let routes = admin_routes();
+    assert!(
+        routes.len() >= 30,
+        "the admin API is all there: {}",
+        routes.len()
+    );
+    let buyer = customer(&app).await;
+    let seller = verified_seller(&app, "oak").await;
+    let unverified = signed_in(&app, None).await;
+    for (method, path) in &routes {
+        for token in [&buyer.token, &seller, &unverified] {
+            let resp = call(&app, token, method.clone(), path, json!({})).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{method} {path}");
+        }
+        let anonymous = app
+            .http
+            .request(method.clone(), format!("{}/api/v1{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            anonymous.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} without a token"
+        );
+    }
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM audit_log").await,
+        0,
+        "no refused call changed anything"
+    );
+    // And an admin gets past the check (a 2xx, or a 4xx about the request itself).
+    let root = admin(&app).await;
+    let root = token_for(&app, &root).await;
+    for (method, path) in &routes {
+        let status = call(&app, &root, method.clone(), path, json!({}))
+            .await
+            .status();
+        assert!(
+            status != StatusCode::FORBIDDEN && status != StatusCode::UNAUTHORIZED,
+            "{method} {path}: {status}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn admins_find_accounts_and_change_roles_with_a_reason() {
+    let app = spawn_app(&amqp_url()).await;
+    let root = admin(&app).await;
+    let root = token_for(&app, &root).await;
+    let buyer = customer(&app).await;
+    verified_seller(&app, "oak").await;
+
+    let found = json_of(
+        call(
+            &app,
+            &root,
+            Method::GET,
+            &format!("/admin/users?q={}", &buyer.email[..8]),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(found["total"], 1);
+    assert_eq!(found["items"][0]["email"], buyer.email.as_str());
+    let sellers = json_of(
+        call(
+            &app,
+            &root,
+            Method::GET,
+            "/admin/users?role=seller",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(sellers["items"][0]["shop"], "oak");
+
+    let path = format!("/admin/users/{}/role", buyer.id);
+    let promoted = json_of(
+        call(
+            &app,
+            &root,
+            Method::PUT,
+            &path,
+            json!({"role": "admin", "reason": "joins the support team"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(promoted["role"], "admin");
+    // The new role applies at once: the same token now opens the admin API.
+    json_of(
+        call(&app, &buyer.token, Method::GET, "/admin/users", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    let seller_id: uuid::Uuid = sqlx::query_scalar("SELECT owner_id FROM shops WHERE slug = 'oak'")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let bad = call(
+        &app,
+        &root,
+        Method::PUT,
+        &format!("/admin/users/{seller_id}/role"),
+        json!({"role": "admin", "reason": "x"}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["role"]
+    );
+    let log = json_of(
+        call(
+            &app,
+            &root,
+            Method::GET,
+            &format!("/admin/audit-log?target_id={}", buyer.id),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(log["items"][0]["action"], "user.role.admin");
+    assert_eq!(log["items"][0]["reason"], "joins the support team");
+}
+
+#[tokio::test]
+async fn new_sellers_wait_for_approval_and_a_suspended_shop_leaves_the_storefront() {
+    let app = spawn_app(&amqp_url()).await;
+    let root = admin(&app).await;
+    let root = token_for(&app, &root).await;
+    // A seller registers and publishes, but the shop is not approved yet.
+    let seller = signed_in(&app, Some("fresh")).await;
+    sqlx::query("UPDATE users SET email_verified_at = now() WHERE id = (SELECT owner_id FROM shops WHERE slug = 'fresh')")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let created = common::catalog::product(
+        &app,
+        &seller,
+        common::catalog::simple("Fresh figs", "FIG-1", 900, 5),
+    )
+    .await;
+    common::catalog::publish(&app, &seller, created["id"].as_str().unwrap()).await;
+    assert!(titles(&storefront(&app, "/products").await).is_empty());
+    problem(app.get("/api/v1/shops/fresh").await, StatusCode::NOT_FOUND).await;
+    let waiting = json_of(
+        call(
+            &app,
+            &root,
+            Method::GET,
+            "/admin/shops?status=pending",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(waiting["items"][0]["slug"], "fresh");
+
+    let approve = json!({"reason": "documents checked"});
+    json_of(
+        call(
+            &app,
+            &root,
+            Method::POST,
+            "/admin/shops/fresh/approve",
+            approve.clone(),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(titles(&storefront(&app, "/products").await), ["Fresh figs"]);
+    problem(
+        call(
+            &app,
+            &root,
+            Method::POST,
+            "/admin/shops/fresh/approve",
+            approve,
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+
+    let suspend = json!({"reason": "counterfeit goods reported"});
+    json_of(
+        call(
+            &app,
+            &root,
+            Method::POST,
+            "/admin/shops/fresh/suspend",
+            suspend,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert!(titles(&storefront(&app, "/products").await).is_empty());
+    let buyer = customer(&app).await;
+    let add = json!({"variant_id": created["variants"][0]["id"], "quantity": 1});
+    problem(
+        call(&app, &buyer.token, Method::POST, "/cart/items", add).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    json_of(
+        call(
+            &app,
+            &root,
+            Method::POST,
+            "/admin/shops/fresh/unsuspend",
+            json!({"reason": "cleared"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(titles(&storefront(&app, "/products").await), ["Fresh figs"]);
+    let actions: Vec<String> = sqlx::query_scalar("SELECT action FROM audit_log ORDER BY at")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        actions,
+        ["shop.approved", "shop.suspended", "shop.reinstated"]
+    );
+}
+
+#[tokio::test]
+async fn admins_read_the_event_log_and_replay_parked_messages() {
+    let app = spawn_app(&amqp_url()).await;
+    let pipeline = Pipeline::start(&app, &amqp_url());
+    let root = admin(&app).await;
+    let root = token_for(&app, &root).await;
+    // A mail no template exists for: the mailer parks it.
+    let mail = EmailRequested {
+        to: "nobody@example.com".into(),
+        template: "no_such_template".into(),
+        data: json!({}),
+    };
+    let envelope = Envelope::new(&mail, "admin-test");
+    let mut tx = app.db.pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &envelope).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let events = json_of(
+        call(
+            &app,
+            &root,
+            Method::GET,
+            "/admin/events?correlation_id=admin-test",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(events["items"][0]["type"], "notify.email");
+    let list = || async {
+        json_of(
+            call(&app, &root, Method::GET, "/admin/parked/mailer", json!({})).await,
+            StatusCode::OK,
+        )
+        .await
+    };
+    wait_until("the mail to be parked", WAIT, || async {
+        list().await.as_array().is_some_and(|p| p.len() == 1)
+    })
+    .await;
+    let parked: Value = list().await;
+    assert_eq!(parked[0]["message_id"], envelope.id.to_string());
+    assert!(
+        parked[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no_such_template"),
+        "{parked}"
+    );
+    problem(
+        call(
+            &app,
+            &root,
+            Method::GET,
+            "/admin/parked/nosuchgroup",
+            json!({}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+
+    let body = json!({"message_id": envelope.id.to_string(), "reason": "template deployed"});
+    let replayed = json_of(
+        call(
+            &app,
+            &root,
+            Method::POST,
+            "/admin/parked/mailer/replay",
+            body,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(replayed["replayed"], 1);
+    let log = json_of(
+        call(
+            &app,
+            &root,
+            Method::GET,
+            "/admin/audit-log?target_type=message",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(log["items"][0]["action"], "parked.replay.mailer");
+    // Still no template: it comes back to the parking queue, attempts reset.
+    wait_until("the replayed mail to be parked again", WAIT, || async {
+        list().await.as_array().is_some_and(|p| p.len() == 1)
+    })
+    .await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_cancels_an_order_with_a_reason() {
+    let market = common::orders::Market::open().await;
+    let app = &market.app;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    let buyer = market.shopper(&[(&market.oak, 1)]).await;
+    let paid = common::orders::checkout_and_pay(app, &market.stripe, &buyer.token).await;
+    let id = paid["id"].as_str().unwrap();
+    let path = format!("/admin/orders/{id}/cancel");
+    let no_reason = call(app, &root, Method::POST, &path, json!({"reason": ""})).await;
+    assert_eq!(
+        fields(&problem(no_reason, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["reason"]
+    );
+    let cancelled = json_of(
+        call(
+            app,
+            &root,
+            Method::POST,
+            &path,
+            json!({"reason": "fraud check failed"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(cancelled["order"]["status"], "cancelled");
+    common::orders::wait_for(app, &buyer.token, id, "refunded").await;
+    let event = cancelled["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["to_status"] == "cancelled")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (event["actor_role"].as_str(), event["note"].as_str()),
+        (Some("admin"), Some("fraud check failed"))
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'order.cancel'"
+        )
+        .await,
+        1
+    );
+    market.close().await;
+}

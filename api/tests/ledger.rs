@@ -1,0 +1,286 @@
+//! The ledger after a full run of orders, deliveries, refunds and
+//! withdrawals: every transaction balances, every balance is what the money
+//! rules say, and each event is posted once however often it is delivered
+//! and however many settlement processes run.
+
+mod common;
+
+use common::{
+    admin,
+    catalog::{call, json_of},
+    orders::{
+        Market, PIPELINE_WAIT, assert_ledger_balances, checkout_and_pay, deliver, end_holds,
+        ledger_balance, part_of, posted, wait_for,
+    },
+    token_for,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use souk_shared::{contracts::SellerOrderDelivered, envelope::Envelope, outbox};
+use souk_testkit::{count, wait_until};
+use uuid::Uuid;
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_string()
+}
+
+async fn post(app: &common::App, token: &str, path: &str, body: Value) -> Value {
+    json_of(
+        call(app, token, Method::POST, path, body).await,
+        StatusCode::OK,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn every_ledger_transaction_balances_after_orders_deliveries_refunds_and_withdrawals() {
+    let mut market = Market::open().await;
+    market.pipeline.run_settlement(&market.app); // a second settlement process, for good measure
+    let Market {
+        app,
+        stripe,
+        oak,
+        tea,
+        ..
+    } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+
+    // A: two boards and a teapot, both delivered; the holds end.
+    let a = market.shopper(&[(oak, 2), (tea, 1)]).await;
+    let paid = checkout_and_pay(app, stripe, &a.token).await;
+    assert_eq!(paid["total_minor"], 9000 + 3000 + 2 * 499);
+    deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
+    deliver(app, &tea.seller, &part_of(&paid, "tea")).await;
+    posted(app, "earning:%", 2).await;
+    let pending = json_of(
+        call(app, &oak.seller, Method::GET, "/seller/balance", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        pending["pending_minor"],
+        9499 - 900,
+        "payout: items + shipping - 10 % of items"
+    );
+    assert_eq!(pending["available_minor"], 0);
+    end_holds(app).await;
+
+    // A returns one board: the refund comes back out of oak's balance and the commission.
+    let line = paid["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["title"] == "Walnut board")
+        .unwrap();
+    let path = format!("/orders/{}/refund-requests", id(&paid));
+    let body = json!({"line_id": line["id"], "quantity": 1, "reason": "arrived cracked"});
+    let request = json_of(
+        call(app, &a.token, Method::POST, &path, body).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(request["amount_minor"], 4500);
+    let path = format!("/seller/refund-requests/{}/approve", id(&request));
+    post(app, &oak.seller, &path, json!({"restock": true})).await;
+    posted(app, "refund:%", 1).await;
+
+    // B: a teapot, cancelled by its seller before shipping (from clearing).
+    let b = market.shopper(&[(tea, 1)]).await;
+    let b_paid = checkout_and_pay(app, stripe, &b.token).await;
+    let path = format!("/seller/orders/{}/cancel", part_of(&b_paid, "tea"));
+    post(
+        app,
+        &tea.seller,
+        &path,
+        json!({"reason": "chipped in the workshop"}),
+    )
+    .await;
+    // C: a board, cancelled by the customer once paid.
+    let c = market.shopper(&[(oak, 1)]).await;
+    let c_paid = checkout_and_pay(app, stripe, &c.token).await;
+    post(
+        app,
+        &c.token,
+        &format!("/orders/{}/cancel", id(&c_paid)),
+        json!({}),
+    )
+    .await;
+    wait_for(app, &c.token, &id(&c_paid), "refunded").await;
+    posted(app, "refund:%", 3).await;
+
+    // Oak takes 3000 out (paid); tea asks for 2000 (turned down).
+    for (seller, iban) in [
+        (&oak.seller, "DE89370400440532013000"),
+        (&tea.seller, "GB82WEST12345698765432"),
+    ] {
+        let details = json!({"holder_name": "Shop Owner", "iban": iban});
+        json_of(
+            call(app, seller, Method::PUT, "/seller/payout-details", details).await,
+            StatusCode::OK,
+        )
+        .await;
+    }
+    let w = call(
+        app,
+        &oak.seller,
+        Method::POST,
+        "/seller/withdrawals",
+        json!({"amount_minor": 3000}),
+    )
+    .await;
+    let w = json_of(w, StatusCode::CREATED).await;
+    post(
+        app,
+        &root,
+        &format!("/admin/withdrawals/{}/approve", id(&w)),
+        json!({"reason": "paid by transfer"}),
+    )
+    .await;
+    let w = call(
+        app,
+        &tea.seller,
+        Method::POST,
+        "/seller/withdrawals",
+        json!({"amount_minor": 2000}),
+    )
+    .await;
+    let w = json_of(w, StatusCode::CREATED).await;
+    post(
+        app,
+        &root,
+        &format!("/admin/withdrawals/{}/reject", id(&w)),
+        json!({"reason": "account closed"}),
+    )
+    .await;
+
+    // Every transaction balances, and so does the whole ledger.
+    posted(app, "payment:%", 3).await;
+    assert_ledger_balances(app).await;
+    // The refund of one board (4500) shared like the earning: 4500 × 8599/9499
+    // and × 900/9499, largest remainder: seller 4074, commission 426.
+    assert_eq!(
+        ledger_balance(app, "seller_available", Some("oak")).await,
+        8599 - 4074 - 3000
+    );
+    assert_eq!(
+        ledger_balance(app, "seller_available", Some("tea")).await,
+        3499 - 300
+    );
+    assert_eq!(ledger_balance(app, "seller_pending", None).await, 0);
+    assert_eq!(ledger_balance(app, "seller_withdrawing", None).await, 0);
+    assert_eq!(
+        ledger_balance(app, "commission", None).await,
+        900 + 300 - 426
+    );
+    assert_eq!(
+        ledger_balance(app, "customer_funds", None).await,
+        -(12998 + 3499 + 4999)
+    );
+    assert_eq!(
+        ledger_balance(app, "refunds", None).await,
+        4500 + 3499 + 4999
+    );
+    assert_eq!(ledger_balance(app, "payouts", None).await, 3000);
+    assert_eq!(
+        ledger_balance(app, "payments_clearing", None).await,
+        0,
+        "everything paid is earned or given back"
+    );
+    let oak_balance = json_of(
+        call(app, &oak.seller, Method::GET, "/seller/balance", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (
+            oak_balance["available_minor"].as_i64(),
+            oak_balance["withdrawing_minor"].as_i64()
+        ),
+        (Some(1525), Some(0))
+    );
+    // The ledger is append-only.
+    let edit = sqlx::query("UPDATE ledger_entries SET amount_minor = amount_minor + 1")
+        .execute(&app.db.pool)
+        .await;
+    assert!(edit.is_err(), "entries cannot be changed");
+    market.close().await;
+}
+
+#[tokio::test]
+async fn settlement_credits_each_delivery_once_under_redelivery_and_two_processes() {
+    let mut market = Market::open().await;
+    market.pipeline.run_settlement(&market.app);
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let part = part_of(&paid, "oak");
+    deliver(app, &oak.seller, &part).await;
+    posted(app, "earning:%", 1).await;
+
+    // The delivery announced over and over (copies with ids of their own,
+    // as an admin's corrections or a retrying producer would make).
+    let part_id = Uuid::parse_str(&part).unwrap();
+    let mut tx = app.db.pool.begin().await.unwrap();
+    for _ in 0..5 {
+        let copy = Envelope::new(
+            &SellerOrderDelivered {
+                seller_order_id: part_id,
+            },
+            "redelivered",
+        );
+        outbox::enqueue(&mut tx, &copy).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    wait_until("every copy handled", PIPELINE_WAIT, || async {
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM processed_messages WHERE consumer = 'settlement'",
+        )
+        .await
+            >= 7
+    })
+    .await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM ledger_transactions WHERE kind = 'earning'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        ledger_balance(app, "seller_pending", Some("oak")).await,
+        4500 + 499 - 450
+    );
+
+    // Both processes' sweeps and two more at once: released once.
+    sqlx::query("UPDATE seller_earnings SET available_at = now() - interval '1 second'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let (x, y) = tokio::join!(
+        souk_workers::settlement::release_batch(&app.db.pool, 10),
+        souk_workers::settlement::release_batch(&app.db.pool, 10),
+    );
+    x.unwrap();
+    y.unwrap();
+    end_holds(app).await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM ledger_transactions WHERE kind = 'release'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(ledger_balance(app, "seller_pending", Some("oak")).await, 0);
+    assert_eq!(
+        ledger_balance(app, "seller_available", Some("oak")).await,
+        4549
+    );
+    assert_ledger_balances(app).await;
+    market.close().await;
+}

@@ -1,0 +1,347 @@
+//! Refund requests: opened by the customer on a shipped or delivered line
+//! (with photos), decided by the seller or an admin; an approval reaches
+//! Stripe and the ledger once, and never more than was paid goes back.
+
+mod common;
+
+use common::{
+    admin,
+    catalog::{call, json_of},
+    fields,
+    orders::{
+        Market, PIPELINE_WAIT, assert_ledger_balances, checkout_and_pay, deliver, ledger_balance,
+        mails_about, part_of, posted, seller_email, stock,
+    },
+    problem, token_for,
+};
+use reqwest::{Method, StatusCode, multipart};
+use serde_json::{Value, json};
+use souk_testkit::{count, wait_until};
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_string()
+}
+
+fn line<'a>(order: &'a Value, title: &str) -> &'a Value {
+    order["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["title"] == title)
+        .unwrap()
+}
+
+/// A tiny valid PNG.
+fn png() -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let img = image_rgb();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    bytes
+}
+
+fn image_rgb() -> image::DynamicImage {
+    image::DynamicImage::new_rgb8(8, 8)
+}
+
+#[tokio::test]
+async fn an_approved_refund_reaches_stripe_and_the_ledger_once() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = market.shopper(&[(oak, 2)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let order = id(&paid);
+    let board = line(&paid, "Walnut board");
+
+    // Not before it ships.
+    let path = format!("/orders/{order}/refund-requests");
+    let early = json!({"line_id": board["id"], "quantity": 1, "reason": "changed my mind"});
+    problem(
+        call(app, &buyer.token, Method::POST, &path, early.clone()).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
+    posted(app, "earning:%", 1).await;
+
+    let too_many = json!({"line_id": board["id"], "quantity": 3, "reason": "cracked"});
+    let too_many = problem(
+        call(app, &buyer.token, Method::POST, &path, too_many).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&too_many), ["quantity"]);
+    let body = json!({"line_id": board["id"], "quantity": 1, "reason": "one arrived cracked"});
+    let request = json_of(
+        call(app, &buyer.token, Method::POST, &path, body).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(
+        (request["status"].as_str(), request["amount_minor"].as_i64()),
+        (Some("open"), Some(4500))
+    );
+    let again = json!({"line_id": board["id"], "quantity": 1, "reason": "the other too"});
+    problem(
+        call(app, &buyer.token, Method::POST, &path, again).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+
+    // A photo, seen by the customer and the seller, no one else.
+    let form = multipart::Form::new().part(
+        "image",
+        multipart::Part::bytes(png()).file_name("crack.png"),
+    );
+    let with_photo = app
+        .http
+        .post(format!(
+            "{}/api/v1/refund-requests/{}/images",
+            app.base,
+            id(&request)
+        ))
+        .bearer_auth(&buyer.token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let with_photo = json_of(with_photo, StatusCode::CREATED).await;
+    let url = format!(
+        "{}{}",
+        app.base,
+        with_photo["image_urls"][0].as_str().unwrap()
+    );
+    for (token, status) in [
+        (&buyer.token, StatusCode::OK),
+        (&oak.seller, StatusCode::OK),
+        (&market.tea.seller, StatusCode::NOT_FOUND),
+    ] {
+        let resp = app.http.get(&url).bearer_auth(token).send().await.unwrap();
+        assert_eq!(resp.status(), status);
+        if status == StatusCode::OK {
+            assert_eq!(resp.headers()["cache-control"], "private, max-age=3600");
+        }
+    }
+    mails_about(&seller_email(app, "oak").await, "Refund request", 1).await;
+
+    // Another shop cannot decide it; a customer is no seller.
+    let approve = format!("/seller/refund-requests/{}/approve", id(&request));
+    problem(
+        call(
+            app,
+            &market.tea.seller,
+            Method::POST,
+            &approve,
+            json!({"restock": true}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    problem(
+        call(
+            app,
+            &buyer.token,
+            Method::POST,
+            &approve,
+            json!({"restock": true}),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+
+    let approved = json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::POST,
+            &approve,
+            json!({"restock": true, "note": "sorry about that"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(approved["status"], "approved");
+    let twice = call(
+        app,
+        &oak.seller,
+        Method::POST,
+        &approve,
+        json!({"restock": true}),
+    )
+    .await;
+    problem(twice, StatusCode::CONFLICT).await;
+
+    // Stripe refunds 4500 once; the ledger takes it back from oak and the commission once.
+    let intent: String = sqlx::query_scalar("SELECT payment_intent_id FROM orders")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    wait_until("the refund at Stripe", PIPELINE_WAIT, || async {
+        stripe.refunds_of(&intent).await.len() == 1
+    })
+    .await;
+    assert_eq!(stripe.refunds_of(&intent).await[0]["amount"], 4500);
+    posted(app, "refund:%", 1).await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM ledger_transactions WHERE kind = 'refund'"
+        )
+        .await,
+        1
+    );
+    // Earned 8599 (pending); 4500 back shared 4074 / 426.
+    assert_eq!(
+        ledger_balance(app, "seller_pending", Some("oak")).await,
+        8599 - 4074
+    );
+    assert_eq!(ledger_balance(app, "commission", None).await, 900 - 426);
+    assert_eq!(
+        stock(app, &oak.variant).await,
+        (4, 0),
+        "one back on the shelf"
+    );
+    let seen = json_of(
+        call(app, &buyer.token, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(seen[0]["refund_status"], "succeeded");
+    mails_about(&buyer.email, "Refund request approved", 1).await;
+    mails_about(&buyer.email, "Refund of", 1).await;
+    assert_ledger_balances(app).await;
+    market.close().await;
+}
+
+#[tokio::test]
+async fn a_refund_above_what_was_paid_is_refused() {
+    let market = Market::open().await;
+    let Market {
+        app,
+        stripe,
+        oak,
+        tea,
+        ..
+    } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    let buyer = market.shopper(&[(oak, 1), (tea, 1)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let oak_part = part_of(&paid, "oak");
+    deliver(app, &oak.seller, &oak_part).await;
+
+    // Oak's part was 4500 + 499: an admin may refund part, never more.
+    let path = format!("/admin/seller-orders/{oak_part}/refund");
+    let over = json!({"amount_minor": 5000, "reason": "goodwill"});
+    let over = problem(
+        call(app, &root, Method::POST, &path, over).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&over), ["amount_minor"]);
+    let part = json!({"amount_minor": 999, "reason": "late delivery, goodwill"});
+    json_of(
+        call(app, &root, Method::POST, &path, part).await,
+        StatusCode::OK,
+    )
+    .await;
+    // 4999 - 999 = 4000 left: the board's request (4500) no longer fits.
+    let board = line(&paid, "Walnut board");
+    let body = json!({"line_id": board["id"], "reason": "cracked"});
+    let request = json_of(
+        call(
+            app,
+            &buyer.token,
+            Method::POST,
+            &format!("/orders/{}/refund-requests", id(&paid)),
+            body,
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let approve = format!("/admin/refund-requests/{}/approve", id(&request));
+    let refused = problem(
+        call(
+            app,
+            &root,
+            Method::POST,
+            &approve,
+            json!({"restock": false}),
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&refused), ["amount_minor"]);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM refunds").await,
+        1,
+        "nothing more was written"
+    );
+    // The admin rejects it instead (kept in the audit log); the seller hears of it.
+    let reject = format!("/admin/refund-requests/{}/reject", id(&request));
+    let rejected = json_of(
+        call(
+            app,
+            &root,
+            Method::POST,
+            &reject,
+            json!({"reason": "already compensated"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (rejected["status"].as_str(), rejected["decided_by"].as_str()),
+        (Some("rejected"), Some("admin"))
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'refund_request.rejected'"
+        )
+        .await,
+        1
+    );
+    mails_about(
+        &seller_email(app, "oak").await,
+        "Refund request rejected",
+        1,
+    )
+    .await;
+    let intent: String = sqlx::query_scalar("SELECT payment_intent_id FROM orders")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    wait_until("the goodwill refund at Stripe", PIPELINE_WAIT, || async {
+        stripe.refunds_of(&intent).await.len() == 1
+    })
+    .await;
+    assert_eq!(stripe.refunds_of(&intent).await[0]["amount"], 999);
+
+    // Another customer cannot ask on this order.
+    let other = market.shopper(&[]).await;
+    let body = json!({"line_id": board["id"], "reason": "mine now"});
+    let path = format!("/orders/{}/refund-requests", id(&paid));
+    problem(
+        call(app, &other.token, Method::POST, &path, body).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    problem(
+        call(app, &other.token, Method::GET, &path, json!({})).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    market.close().await;
+}

@@ -1,0 +1,288 @@
+//! What each business event posts. Each function runs in the caller's
+//! transaction and posts at most once per event (its reference), so a
+//! redelivered message or a second settlement process changes nothing.
+//!
+//! A seller order's row is locked before its earning or one of its refunds
+//! is posted, so the two never interleave: a refund posted before the
+//! earning comes out of the clearing account and the earning nets it; one
+//! posted after comes back out of the seller's balance and the commission.
+
+use std::time::Duration;
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{Account, PostError, Posting, post, seller_and_commission};
+
+/// A captured payment (including one later refunded as a duplicate): the
+/// customer's money comes into clearing.
+pub async fn payment(conn: &mut PgConnection, payment: Uuid) -> Result<bool, PostError> {
+    let (order, amount, currency): (Uuid, i64, String) =
+        sqlx::query_as("SELECT order_id, amount_minor, currency FROM payments WHERE id = $1")
+            .bind(payment)
+            .fetch_one(&mut *conn)
+            .await?;
+    let posting = Posting {
+        kind: "payment",
+        reference: format!("payment:{payment}"),
+        description: format!("payment for order {order}"),
+        order: Some(order),
+        seller_order: None,
+        currency,
+        legs: vec![
+            (Account::CustomerFunds, -amount),
+            (Account::PaymentsClearing, amount),
+        ],
+    };
+    post(conn, posting).await
+}
+
+#[derive(sqlx::FromRow)]
+struct Part {
+    order_id: Uuid,
+    shop_id: Uuid,
+    status: String,
+    payout_minor: i64,
+    commission_minor: i64,
+    currency: String,
+}
+
+async fn lock_part(conn: &mut PgConnection, seller_order: Uuid) -> Result<Part, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT so.order_id, so.shop_id, so.status, so.payout_minor,
+                so.commission_minor, o.currency
+           FROM seller_orders so JOIN orders o ON o.id = so.order_id
+          WHERE so.id = $1 FOR UPDATE OF so",
+    )
+    .bind(seller_order)
+    .fetch_one(conn)
+    .await
+}
+
+/// A delivered seller order: the seller earns its payout (pending until
+/// `hold` has passed) and the platform its commission, both less what was
+/// refunded from this seller order before delivery.
+pub async fn earning(
+    conn: &mut PgConnection,
+    seller_order: Uuid,
+    hold: Duration,
+) -> Result<bool, PostError> {
+    let part = lock_part(conn, seller_order).await?;
+    if part.status != "delivered" {
+        // Moved back by an admin before settlement saw it: the next
+        // delivery posts it.
+        return Ok(false);
+    }
+    // Refunds of this seller order already posted came out of clearing.
+    let refunded_before: i64 = sqlx::query_scalar(
+        "SELECT coalesce(-sum(e.amount_minor), 0)::bigint
+           FROM ledger_transactions t
+           JOIN ledger_entries e ON e.transaction_id = t.id
+           JOIN ledger_accounts a ON a.id = e.account_id
+          WHERE t.kind = 'refund' AND t.seller_order_id = $1 AND a.kind = 'payments_clearing'",
+    )
+    .bind(seller_order)
+    .fetch_one(&mut *conn)
+    .await?;
+    let (seller_back, platform_back) =
+        seller_and_commission(refunded_before, part.payout_minor, part.commission_minor);
+    let seller = part.payout_minor - seller_back;
+    let platform = part.commission_minor - platform_back;
+    let posting = Posting {
+        kind: "earning",
+        reference: format!("earning:{seller_order}"),
+        description: format!("delivered: seller order {seller_order}"),
+        order: Some(part.order_id),
+        seller_order: Some(seller_order),
+        currency: part.currency.clone(),
+        legs: vec![
+            (Account::PaymentsClearing, -(seller + platform)),
+            (Account::SellerPending(part.shop_id), seller),
+            (Account::Commission, platform),
+        ],
+    };
+    let posted = post(conn, posting).await?;
+    if posted {
+        sqlx::query(
+            "INSERT INTO seller_earnings (seller_order_id, shop_id, currency, amount_minor, available_at)
+             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+        )
+        .bind(seller_order)
+        .bind(part.shop_id)
+        .bind(&part.currency)
+        .bind(seller)
+        .bind(hold.as_secs_f64())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(posted)
+}
+
+/// An earning whose hold has passed: pending becomes available.
+pub async fn release(conn: &mut PgConnection, seller_order: Uuid) -> Result<bool, PostError> {
+    let earning: Option<(Uuid, String, i64, bool)> = sqlx::query_as(
+        "SELECT shop_id, currency, amount_minor, released_at IS NOT NULL
+           FROM seller_earnings WHERE seller_order_id = $1 FOR UPDATE",
+    )
+    .bind(seller_order)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((shop, currency, amount, released)) = earning else {
+        return Ok(false);
+    };
+    if released {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE seller_earnings SET released_at = now() WHERE seller_order_id = $1")
+        .bind(seller_order)
+        .execute(&mut *conn)
+        .await?;
+    let posting = Posting {
+        kind: "release",
+        reference: format!("release:{seller_order}"),
+        description: format!("hold period over: seller order {seller_order}"),
+        order: None,
+        seller_order: Some(seller_order),
+        currency,
+        legs: vec![
+            (Account::SellerPending(shop), -amount),
+            (Account::SellerAvailable(shop), amount),
+        ],
+    };
+    post(conn, posting).await
+}
+
+/// A refund that went through. Money that no seller had earned yet comes
+/// out of clearing; money a seller had earned comes back out of the
+/// seller's pending balance (or available, once released; it may go
+/// negative) and the commission, in the proportion they got it.
+pub async fn refund(conn: &mut PgConnection, refund: Uuid) -> Result<bool, PostError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        order_id: Uuid,
+        seller_order_id: Option<Uuid>,
+        amount_minor: i64,
+        status: String,
+        duplicate: bool,
+        currency: String,
+    }
+    let r: Row = sqlx::query_as(
+        "SELECT r.order_id, r.seller_order_id, r.amount_minor, r.status, p.duplicate, p.currency
+           FROM refunds r JOIN payments p ON p.id = r.payment_id WHERE r.id = $1",
+    )
+    .bind(refund)
+    .fetch_one(&mut *conn)
+    .await?;
+    if r.status != "succeeded" {
+        return Ok(false);
+    }
+    let mut posting = Posting {
+        kind: "refund",
+        reference: format!("refund:{refund}"),
+        description: format!("refund {refund} of order {}", r.order_id),
+        order: Some(r.order_id),
+        seller_order: r.seller_order_id,
+        currency: r.currency,
+        legs: vec![
+            (Account::PaymentsClearing, -r.amount_minor),
+            (Account::Refunds, r.amount_minor),
+        ],
+    };
+    let part = match r.seller_order_id.filter(|_| !r.duplicate) {
+        Some(id) => Some((id, lock_part(conn, id).await?)),
+        None => None,
+    };
+    let Some((seller_order, part)) = part else {
+        return post(conn, posting).await;
+    };
+    let earned: Option<bool> = sqlx::query_scalar(
+        "SELECT released_at IS NOT NULL FROM seller_earnings WHERE seller_order_id = $1 FOR UPDATE",
+    )
+    .bind(seller_order)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(released) = earned else {
+        return post(conn, posting).await;
+    };
+    let (seller, platform) =
+        seller_and_commission(r.amount_minor, part.payout_minor, part.commission_minor);
+    let from = if released {
+        Account::SellerAvailable(part.shop_id)
+    } else {
+        Account::SellerPending(part.shop_id)
+    };
+    posting.legs = vec![
+        (from, -seller),
+        (Account::Commission, -platform),
+        (Account::Refunds, r.amount_minor),
+    ];
+    let posted = post(conn, posting).await?;
+    if posted && !released {
+        // What the hold will release shrinks by what went back.
+        sqlx::query("UPDATE seller_earnings SET amount_minor = amount_minor - $2 WHERE seller_order_id = $1")
+            .bind(seller_order)
+            .bind(seller)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(posted)
+}
+
+/// A withdrawal's steps: asked for, paid out, or turned down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithdrawalStep {
+    /// Available money is set aside.
+    Hold,
+    /// It leaves the platform for the seller's bank.
+    Paid,
+    /// Turned down: it is available again.
+    Returned,
+}
+
+pub async fn withdrawal(
+    conn: &mut PgConnection,
+    withdrawal: Uuid,
+    step: WithdrawalStep,
+) -> Result<bool, PostError> {
+    let (shop, amount, currency): (Uuid, i64, String) =
+        sqlx::query_as("SELECT shop_id, amount_minor, currency FROM withdrawals WHERE id = $1")
+            .bind(withdrawal)
+            .fetch_one(&mut *conn)
+            .await?;
+    let (kind, name, legs) = match step {
+        WithdrawalStep::Hold => (
+            "withdrawal_hold",
+            "hold",
+            vec![
+                (Account::SellerAvailable(shop), -amount),
+                (Account::SellerWithdrawing(shop), amount),
+            ],
+        ),
+        WithdrawalStep::Paid => (
+            "withdrawal_paid",
+            "paid",
+            vec![
+                (Account::SellerWithdrawing(shop), -amount),
+                (Account::Payouts, amount),
+            ],
+        ),
+        WithdrawalStep::Returned => (
+            "withdrawal_returned",
+            "returned",
+            vec![
+                (Account::SellerWithdrawing(shop), -amount),
+                (Account::SellerAvailable(shop), amount),
+            ],
+        ),
+    };
+    let posting = Posting {
+        kind,
+        reference: format!("withdrawal:{withdrawal}:{name}"),
+        description: format!("withdrawal {withdrawal}: {name}"),
+        order: None,
+        seller_order: None,
+        currency,
+        legs,
+    };
+    post(conn, posting).await
+}

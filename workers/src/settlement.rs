@@ -1,0 +1,127 @@
+//! The settlement worker: keeps the ledger in step with the money. It posts
+//! each captured payment, each delivered seller order's earnings (pending
+//! for the hold period) and each refund that went through, and a sweep
+//! releases earnings whose hold has passed. Every posting has its own
+//! reference, so redeliveries and several settlement processes post each
+//! event once.
+
+use std::time::Duration;
+
+use souk_shared::{
+    config::{ConfigError, Env},
+    contracts::{PaymentCaptured, RefundSucceeded, SellerOrderDelivered},
+    envelope::Envelope,
+    ledger::{PostError, postings},
+    topology,
+};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::runtime::{Failure, Handler};
+
+#[derive(Debug, Clone)]
+pub struct SettlementConfig {
+    /// How long earnings stay pending after delivery (returns, disputes).
+    pub hold: Duration,
+    /// How often the sweep looks for earnings whose hold has passed.
+    pub release_poll: Duration,
+}
+
+impl SettlementConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            hold: Duration::from_secs(env.or("SETTLEMENT_HOLD_SECS", 7 * 24 * 3600)?),
+            release_poll: env.millis("RELEASE_POLL_MS", 10_000)?,
+        })
+    }
+}
+
+pub struct Settlement {
+    pub config: SettlementConfig,
+}
+
+impl From<PostError> for Failure {
+    fn from(e: PostError) -> Self {
+        match e {
+            PostError::Db(e) => e.into(),
+            unbalanced => Failure::permanent(unbalanced),
+        }
+    }
+}
+
+impl Handler for Settlement {
+    type Prepared = ();
+    const GROUP: &'static str = topology::SETTLEMENT.name;
+    const BINDINGS: &'static [&'static str] = topology::SETTLEMENT.bindings;
+
+    async fn prepare(&self, _: &Envelope) -> Result<(), Failure> {
+        Ok(())
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, _: ()) -> Result<(), Failure> {
+        let bad = |e| Failure::permanent(e);
+        let posted = match msg.kind.as_str() {
+            "payment.captured" => {
+                let PaymentCaptured { payment_id } = msg.payload().map_err(bad)?;
+                postings::payment(tx, payment_id).await?
+            }
+            "seller_order.delivered" => {
+                let SellerOrderDelivered { seller_order_id } = msg.payload().map_err(bad)?;
+                postings::earning(tx, seller_order_id, self.config.hold).await?
+            }
+            "refund.succeeded" => {
+                let RefundSucceeded { refund_id } = msg.payload().map_err(bad)?;
+                postings::refund(tx, refund_id).await?
+            }
+            other => {
+                return Err(Failure::permanent(anyhow::anyhow!(
+                    "settlement does not handle {other}"
+                )));
+            }
+        };
+        if !posted {
+            tracing::debug!(kind = %msg.kind, "nothing new to post");
+        }
+        Ok(())
+    }
+}
+
+/// Releases earnings whose hold has passed, a batch at a time, until
+/// `shutdown`. Safe with several settlement processes: each takes the rows
+/// no other holds (`SKIP LOCKED`), and each release is posted once.
+pub async fn sweep_releases(pool: PgPool, poll: Duration, shutdown: CancellationToken) {
+    loop {
+        match release_batch(&pool, 100).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(released = n, "earnings released");
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "release sweep failed; will try again"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// Releases up to `limit` due earnings in one transaction; returns how many.
+pub async fn release_batch(pool: &PgPool, limit: i64) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let due: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT seller_order_id FROM seller_earnings
+          WHERE released_at IS NULL AND available_at <= now()
+          ORDER BY available_at LIMIT $1
+          FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    for seller_order in &due {
+        postings::release(&mut tx, *seller_order).await?;
+    }
+    tx.commit().await?;
+    Ok(due.len())
+}
