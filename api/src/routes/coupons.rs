@@ -10,6 +10,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::coupons::{self, Coupon};
+use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -17,6 +18,7 @@ use crate::{
     auth::{Admin, Seller},
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
+    routes::admin::audit,
     state::AppState,
 };
 
@@ -125,7 +127,7 @@ impl From<Coupon> for CouponView {
 
 /// Creates a coupon for `shop` (`None`: the platform).
 async fn create(
-    state: &AppState,
+    conn: &mut PgConnection,
     shop: Option<Uuid>,
     actor: Uuid,
     body: NewCoupon,
@@ -148,7 +150,7 @@ async fn create(
     .bind(body.max_uses)
     .bind(body.max_uses_per_customer)
     .bind(actor)
-    .fetch_one(&state.pool)
+    .fetch_one(conn)
     .await?;
     Ok(coupon.into())
 }
@@ -166,14 +168,18 @@ async fn list(state: &AppState, shop: Option<Uuid>) -> Result<Vec<CouponView>, A
 }
 
 /// Disables a coupon of `shop` (`None`: the platform's); other owners' are 404.
-async fn disable(state: &AppState, shop: Option<Uuid>, id: Uuid) -> Result<StatusCode, ApiError> {
+async fn disable(
+    conn: &mut PgConnection,
+    shop: Option<Uuid>,
+    id: Uuid,
+) -> Result<StatusCode, ApiError> {
     let done = sqlx::query(
         "UPDATE coupons SET disabled_at = coalesce(disabled_at, now())
           WHERE id = $1 AND shop_id IS NOT DISTINCT FROM $2",
     )
     .bind(id)
     .bind(shop)
-    .execute(&state.pool)
+    .execute(conn)
     .await?;
     if done.rows_affected() == 0 {
         return Err(ApiError::NotFound);
@@ -195,7 +201,8 @@ pub async fn seller_create(
     seller: Seller,
     ValidJson(body): ValidJson<NewCoupon>,
 ) -> Result<(StatusCode, Json<CouponView>), ApiError> {
-    let coupon = create(&state, Some(seller.shop_id), seller.caller.id, body).await?;
+    let mut conn = state.pool.acquire().await?;
+    let coupon = create(&mut conn, Some(seller.shop_id), seller.caller.id, body).await?;
     Ok((StatusCode::CREATED, Json(coupon)))
 }
 
@@ -225,7 +232,8 @@ pub async fn seller_disable(
     seller: Seller,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    disable(&state, Some(seller.shop_id), id).await
+    let mut conn = state.pool.acquire().await?;
+    disable(&mut conn, Some(seller.shop_id), id).await
 }
 
 /// Create a platform coupon (the whole cart).
@@ -243,7 +251,18 @@ pub async fn admin_create(
     admin: Admin,
     ValidJson(body): ValidJson<NewCoupon>,
 ) -> Result<(StatusCode, Json<CouponView>), ApiError> {
-    let coupon = create(&state, None, admin.0.id, body).await?;
+    let mut tx = state.pool.begin().await?;
+    let coupon = create(&mut tx, None, admin.0.id, body).await?;
+    let what = format!("platform coupon {}", coupon.code);
+    audit(
+        &mut tx,
+        &admin,
+        "coupon.create",
+        ("coupon", coupon.id),
+        &what,
+    )
+    .await?;
+    tx.commit().await?;
     Ok((StatusCode::CREATED, Json(coupon)))
 }
 
@@ -270,8 +289,19 @@ pub async fn admin_list(
 )]
 pub async fn admin_disable(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    disable(&state, None, id).await
+    let mut tx = state.pool.begin().await?;
+    let done = disable(&mut tx, None, id).await?;
+    audit(
+        &mut tx,
+        &admin,
+        "coupon.disable",
+        ("coupon", id),
+        "platform coupon disabled",
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(done)
 }

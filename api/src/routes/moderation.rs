@@ -135,7 +135,7 @@ impl Validate for NewCategory {
 )]
 pub async fn create_category(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     ValidJson(body): ValidJson<NewCategory>,
 ) -> Result<(StatusCode, Json<Category>), ApiError> {
     let mut tx = state.pool.begin().await?;
@@ -162,6 +162,8 @@ pub async fn create_category(
     .bind(body.position)
     .execute(&mut *tx)
     .await?;
+    let what = format!("new category {}", body.slug);
+    audit(&mut tx, &admin, "category.create", ("category", id), &what).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
