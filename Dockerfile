@@ -10,7 +10,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && mkdir -p /out \
  && cp target/release/souk-api target/release/outbox-relay target/release/mailer \
        target/release/order-splitter target/release/stock-reserver target/release/payments \
-       target/release/settlement \
+       target/release/settlement target/release/replenisher \
        target/release/souk-admin /out/
 
 FROM debian:bookworm-slim

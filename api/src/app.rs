@@ -14,9 +14,9 @@ use crate::{
     middleware::{http_metrics, request_id},
     routes::{
         addresses, admin, admin_accounts, admin_ops, admin_orders, auth, avatar, balance, cart,
-        catalog, checkout, coupons, health, me, moderation, notifications, orders, product_images,
-        products, refund_requests, reviews, sales, seller_orders, shops, sso, stock,
-        stripe_webhook, support, withdrawals,
+        catalog, checkout, coupons, health, me, memberships, moderation, notifications, orders,
+        payment_methods, product_images, products, refund_requests, replenishments, reviews, sales,
+        seller_orders, shops, sso, stock, stripe_webhook, support, withdrawals,
     },
     state::AppState,
 };
@@ -160,6 +160,20 @@ fn v1(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(admin_ops::parked_list))
         .routes(routes!(admin_ops::parked_replay))
         .routes(routes!(admin_ops::audit_log))
+        .routes(routes!(memberships::create_plan, memberships::admin_plans))
+        .routes(routes!(memberships::retire_plan))
+        .routes(routes!(memberships::plans))
+        .routes(routes!(memberships::subscribe, memberships::mine))
+        .routes(routes!(memberships::cancel))
+        .routes(routes!(payment_methods::start, payment_methods::list))
+        .routes(routes!(payment_methods::get, payment_methods::remove))
+        .routes(routes!(payment_methods::confirm))
+        .routes(routes!(replenishments::create, replenishments::list))
+        .routes(routes!(replenishments::get, replenishments::update))
+        .routes(routes!(replenishments::pause))
+        .routes(routes!(replenishments::resume))
+        .routes(routes!(replenishments::skip_next))
+        .routes(routes!(replenishments::cancel))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` (and committed as

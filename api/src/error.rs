@@ -99,6 +99,11 @@ const UNIQUE_FIELDS: &[(&str, &str, &str)] = &[
     ),
     ("coupons_code_key", "code", "this coupon code is taken"),
     (
+        "memberships_one_live",
+        "plan_id",
+        "you already have a membership; cancel it before choosing another plan",
+    ),
+    (
         "variants_sku_key",
         "sku",
         "this SKU is already used in your shop",
@@ -129,6 +134,19 @@ impl From<souk_shared::orders::MoveError> for ApiError {
             }
             MoveError::NotFound => Self::NotFound,
             MoveError::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<souk_shared::orders::cancel::CancelError> for ApiError {
+    fn from(e: souk_shared::orders::cancel::CancelError) -> Self {
+        use souk_shared::orders::cancel::CancelError;
+        match e {
+            CancelError::NotFound => Self::NotFound,
+            CancelError::TooLate(why) => Self::Conflict(FieldError::new("status", why)),
+            CancelError::Move(e) => e.into(),
+            CancelError::Db(e) => e.into(),
+            overdrawn @ CancelError::Overdrawn(_) => Self::Internal(overdrawn.into()),
         }
     }
 }

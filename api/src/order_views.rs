@@ -95,11 +95,17 @@ pub struct Order {
     pub currency: String,
     pub subtotal_minor: i64,
     pub discount_minor: i64,
+    /// The membership's percentage off, part of `discount_minor`.
+    pub membership_discount_minor: i64,
+    /// Shipped free for a member.
+    pub free_shipping: bool,
     /// Known once the order is split per seller (absent while pending).
     pub shipping_minor: Option<i64>,
     pub total_minor: Option<i64>,
     pub refunded_minor: i64,
     pub coupon_code: Option<String>,
+    /// The replenishment schedule that placed it, if one did.
+    pub replenishment_schedule_id: Option<Uuid>,
     pub shipping_address: ShippingAddress,
     pub lines: Vec<OrderLine>,
     pub seller_orders: Vec<SellerPart>,
@@ -120,10 +126,13 @@ struct OrderRow {
     currency: String,
     subtotal_minor: i64,
     discount_minor: i64,
+    membership_discount_minor: i64,
+    free_shipping: bool,
     shipping_minor: Option<i64>,
     total_minor: Option<i64>,
     refunded_minor: i64,
     coupon_code: Option<String>,
+    replenishment_schedule_id: Option<Uuid>,
     shipping_address: Json<ShippingAddress>,
     payment_intent_id: Option<String>,
     client_secret: Option<String>,
@@ -146,9 +155,12 @@ pub async fn order(conn: &mut PgConnection, id: Uuid, scope: Scope) -> Result<Or
         return Err(ApiError::NotFound);
     }
     let row: OrderRow = sqlx::query_as(
-        "SELECT id, status, currency, subtotal_minor, discount_minor, shipping_minor, total_minor,
-                refunded_minor, coupon_code, shipping_address, payment_intent_id, client_secret,
-                reserved_until, failure_reason, created_at, paid_at
+        "SELECT id, status, currency, subtotal_minor, discount_minor, membership_discount_minor, free_shipping,
+                shipping_minor, total_minor, refunded_minor, coupon_code,
+                (SELECT schedule_id FROM replenishment_runs r WHERE r.id = replenishment_run_id)
+                    AS replenishment_schedule_id,
+                shipping_address, payment_intent_id, client_secret, reserved_until, failure_reason,
+                created_at, paid_at
            FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR customer_id = $2)",
     )
     .bind(id)
@@ -230,10 +242,13 @@ pub async fn order(conn: &mut PgConnection, id: Uuid, scope: Scope) -> Result<Or
         currency: row.currency,
         subtotal_minor: row.subtotal_minor,
         discount_minor: row.discount_minor,
+        membership_discount_minor: row.membership_discount_minor,
+        free_shipping: row.free_shipping,
         shipping_minor: row.shipping_minor,
         total_minor: row.total_minor,
         refunded_minor: row.refunded_minor,
         coupon_code: row.coupon_code,
+        replenishment_schedule_id: row.replenishment_schedule_id,
         shipping_address: row.shipping_address.0,
         lines,
         seller_orders,

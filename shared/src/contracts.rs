@@ -69,6 +69,27 @@ id_contract!(
     RefundRequested { refund_id } = "payment.refund_requested"
 );
 id_contract!(
+    /// An admin defined a membership plan: make it at Stripe.
+    MembershipPlanCreated { plan_id } = "membership_plan.created"
+);
+id_contract!(
+    /// A customer wants to save a card: a Stripe customer and a SetupIntent.
+    PaymentMethodSetupRequested { payment_method_id } = "payment_method.setup_requested"
+);
+id_contract!(
+    /// The storefront confirmed a SetupIntent (or Stripe said it succeeded):
+    /// keep the card.
+    PaymentMethodConfirmed { payment_method_id } = "payment_method.confirmed"
+);
+id_contract!(
+    /// A customer subscribes to a membership plan.
+    MembershipRequested { membership_id } = "membership.requested"
+);
+id_contract!(
+    /// A member cancels at the end of the period paid for.
+    MembershipCancelRequested { membership_id } = "membership.cancel_requested"
+);
+id_contract!(
     /// A payment was captured (the order's, or one refunded as it came):
     /// the ledger records the money coming in.
     PaymentCaptured { payment_id } = "payment.captured"

@@ -73,6 +73,11 @@ pub const PAYMENTS: GroupSpec = GroupSpec {
         "order.cancelled",
         "payment.intent_cancel_requested",
         "payment.refund_requested",
+        "membership_plan.created",
+        "payment_method.setup_requested",
+        "payment_method.confirmed",
+        "membership.requested",
+        "membership.cancel_requested",
     ],
 };
 pub const STRIPE_EVENTS: GroupSpec = GroupSpec {

@@ -112,24 +112,11 @@ impl LocalStripe {
     /// attached to the intent, then the intent confirmed. Returns the
     /// intent, or Stripe's refusal (a declined card).
     pub async fn pay(&self, intent: &str, card: &str) -> Result<Value, Value> {
-        let method = self
-            .call(
-                reqwest::Method::POST,
-                "payment_methods",
-                &[
-                    ("type", "card"),
-                    ("card[number]", card),
-                    ("card[exp_month]", "12"),
-                    ("card[exp_year]", "2030"),
-                    ("card[cvc]", "123"),
-                ],
-            )
-            .await;
-        let method = method["id"].as_str().expect("payment method id");
+        let method = self.card(card).await;
         self.call(
             reqwest::Method::POST,
             &format!("payment_intents/{intent}"),
-            &[("payment_method", method)],
+            &[("payment_method", &method)],
         )
         .await;
         self.try_call(
@@ -138,6 +125,52 @@ impl LocalStripe {
             &[],
         )
         .await
+    }
+
+    /// What the storefront does with Stripe.js to save a card: a card
+    /// payment method, and the SetupIntent behind `client_secret` confirmed
+    /// with it. Returns the SetupIntent, or Stripe's refusal.
+    pub async fn confirm_setup(&self, client_secret: &str, card: &str) -> Result<Value, Value> {
+        let method = self.card(card).await;
+        let intent = client_secret
+            .split("_secret_")
+            .next()
+            .expect("a SetupIntent's client secret");
+        self.try_call(
+            reqwest::Method::POST,
+            &format!("setup_intents/{intent}/confirm"),
+            &[
+                ("payment_method", &method),
+                ("client_secret", client_secret),
+            ],
+        )
+        .await
+    }
+
+    /// A card payment method, as Stripe.js makes it from the card form.
+    async fn card(&self, number: &str) -> String {
+        let method = self
+            .call(
+                reqwest::Method::POST,
+                "payment_methods",
+                &[
+                    ("type", "card"),
+                    ("card[number]", number),
+                    ("card[exp_month]", "12"),
+                    ("card[exp_year]", "2030"),
+                    ("card[cvc]", "123"),
+                ],
+            )
+            .await;
+        method["id"]
+            .as_str()
+            .expect("payment method id")
+            .to_string()
+    }
+
+    pub async fn subscription(&self, id: &str) -> Value {
+        self.call(reqwest::Method::GET, &format!("subscriptions/{id}"), &[])
+            .await
     }
 
     /// An intent made outside Souk's payments worker (a second tab, a

@@ -7,6 +7,7 @@ pub mod ops;
 pub mod payments;
 pub mod process;
 pub mod relay;
+pub mod replenisher;
 pub mod reserver;
 pub mod runtime;
 pub mod settings;

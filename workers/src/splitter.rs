@@ -62,18 +62,28 @@ impl Handler for OrderSplitter {
 
     async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, _: ()) -> Result<(), Failure> {
         let OrderPlaced { order_id } = msg.payload().map_err(Failure::permanent)?;
-        let order: Option<(String, bool, i64, Option<Uuid>)> = sqlx::query_as(
-            "SELECT o.status, o.split_at IS NOT NULL, o.discount_minor, c.shop_id
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            status: String,
+            split: bool,
+            discount_minor: i64,
+            membership_discount_minor: i64,
+            free_shipping: bool,
+            coupon_shop: Option<Uuid>,
+        }
+        let order: Option<Row> = sqlx::query_as(
+            "SELECT o.status, o.split_at IS NOT NULL AS split, o.discount_minor, o.membership_discount_minor,
+                    o.free_shipping, c.shop_id AS coupon_shop
                FROM orders o LEFT JOIN coupons c ON c.id = o.coupon_id
               WHERE o.id = $1 FOR UPDATE OF o",
         )
         .bind(order_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((status, split, discount, coupon_shop)) = order else {
+        let Some(order) = order else {
             return Err(Failure::permanent(anyhow::anyhow!("no order {order_id}")));
         };
-        if split || status != "pending" {
+        if order.split || order.status != "pending" {
             // Split already, or cancelled before it got here.
             return Ok(());
         }
@@ -92,17 +102,27 @@ impl Handler for OrderSplitter {
             .map(|(shop_id, items, shipping, commission)| ShopInput {
                 shop_id,
                 items_minor: items,
-                shipping_minor: shipping.unwrap_or(self.config.shipping_flat_minor),
+                // A member's free shipping: no seller order carries any.
+                shipping_minor: if order.free_shipping {
+                    0
+                } else {
+                    shipping.unwrap_or(self.config.shipping_flat_minor)
+                },
                 commission_bps: commission.unwrap_or(self.config.commission_bps),
             })
             .collect();
-        let discount = match (coupon_shop, discount) {
-            (_, 0) => Discount::None,
-            (Some(shop_id), amount_minor) => Discount::Shop {
-                shop_id,
-                amount_minor,
+        // A shop coupon's discount is its shop's; a platform coupon's and the
+        // membership's are shared by every seller.
+        let coupon = order.discount_minor - order.membership_discount_minor;
+        let discount = match order.coupon_shop {
+            Some(shop) => Discount {
+                shop: Some((shop, coupon)),
+                platform_minor: order.membership_discount_minor,
             },
-            (None, amount_minor) => Discount::Platform { amount_minor },
+            None => Discount {
+                shop: None,
+                platform_minor: order.discount_minor,
+            },
         };
         let parts = pricing::split(inputs, discount);
         for part in &parts {

@@ -73,6 +73,16 @@ fn each_worker_names_the_bad_variable_and_exits_non_zero() {
             "SETTLEMENT_HOLD_SECS",
         ),
         (
+            env!("CARGO_BIN_EXE_replenisher"),
+            &[DB, AMQP, ("REPLENISH_MAX_ATTEMPTS", "0")],
+            "REPLENISH_MAX_ATTEMPTS",
+        ),
+        (
+            env!("CARGO_BIN_EXE_replenisher"),
+            &[DB, AMQP, ("REPLENISH_RETRY_MS", "soon")],
+            "REPLENISH_RETRY_MS",
+        ),
+        (
             env!("CARGO_BIN_EXE_payments"),
             &[DB, AMQP, ("STRIPE_SECRET_KEY", "pk_test_public")],
             "STRIPE_SECRET_KEY",

@@ -28,13 +28,27 @@ async fn listening_stripe(answer: Value, status: u16) -> (String, Seen) {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 seen.lock().unwrap().push((path.to_string(), key));
-                (axum::http::StatusCode::from_u16(status).unwrap(), Json(answer))
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    Json(answer),
+                )
             }
         }
     };
     let app = Router::new()
         .route("/v1/payment_intents", post(record("intents")))
         .route("/v1/refunds", post(record("refunds")))
+        .route("/v1/customers", post(record("customers")))
+        .route("/v1/customers/{id}", post(record("customer")))
+        .route("/v1/setup_intents", post(record("setup_intents")))
+        .route("/v1/payment_methods/{id}/attach", post(record("attach")))
+        .route(
+            "/v1/payment_methods/{id}",
+            axum::routing::get(record("read")),
+        )
+        .route("/v1/plans", post(record("plans")))
+        .route("/v1/subscriptions", post(record("subscriptions")))
+        .route("/v1/subscriptions/{id}", post(record("subscription")))
         .with_state(seen.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -77,21 +91,85 @@ async fn an_intent_and_a_refund_are_asked_for_with_keys_of_their_own() {
 }
 
 #[tokio::test]
+async fn recurring_writes_are_keyed_by_what_they_are_for() {
+    // One answer that reads as any of the objects asked for.
+    let answer = json!({"id": "obj_1", "status": "active", "client_secret": "obj_1_secret",
+                        "amount": 999, "cancel_at_period_end": true, "current_period_end": 1});
+    let (base, seen) = listening_stripe(answer, 200).await;
+    let stripe = client(&base);
+    let (user, method, plan, membership, order) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    stripe.create_customer(user, "a@b.c", "Ann").await.unwrap();
+    stripe.create_setup_intent(method, "cus_1").await.unwrap();
+    stripe.keep_payment_method("cus_1", "pm_1").await.unwrap();
+    stripe
+        .create_plan(
+            plan,
+            "Plus",
+            999,
+            "eur",
+            souk_workers::payments::stripe_api::Interval::Month,
+        )
+        .await
+        .unwrap();
+    stripe
+        .make_default("cus_1", "pm_1", &format!("default-{membership}"))
+        .await
+        .unwrap();
+    stripe
+        .create_subscription(membership, "cus_1", "plan_1")
+        .await
+        .unwrap();
+    stripe.cancel_at_period_end("sub_1").await.unwrap();
+    stripe
+        .charge_off_session(order, 999, "eur", "cus_1", "pm_1")
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let expected = [
+        ("customers", Some(format!("cus-{user}"))),
+        ("setup_intents", Some(format!("seti-{method}"))),
+        ("attach", Some("attach-pm_1".to_string())),
+        ("customer", Some("default-pm_1".to_string())),
+        ("read", None),
+        ("plans", Some(format!("plan-{plan}"))),
+        ("customer", Some(format!("default-{membership}"))),
+        ("subscriptions", Some(format!("sub-{membership}"))),
+        ("subscription", Some("cancel-at-end-sub_1".to_string())),
+        ("intents", Some(format!("pi-{order}"))),
+    ]
+    .map(|(path, key)| (path.to_string(), key));
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
 async fn a_refusal_is_told_apart_from_an_outage() {
     let error = json!({"error": {"type": "invalid_request_error", "message": "amount too small"}});
     let (base, _) = listening_stripe(error, 400).await;
     match client(&base).create_intent(Uuid::now_v7(), 1, "eur").await {
-        Err(CallError::Refused { status: 400, message }) => assert_eq!(message, "amount too small"),
+        Err(CallError::Refused {
+            status: 400,
+            message,
+        }) => assert_eq!(message, "amount too small"),
         other => panic!("expected a refusal, got {other:?}"),
     }
     let (base, _) = listening_stripe(json!({"error": {"type": "api_error"}}), 503).await;
     assert!(matches!(
-        client(&base).create_intent(Uuid::now_v7(), 100, "eur").await,
+        client(&base)
+            .create_intent(Uuid::now_v7(), 100, "eur")
+            .await,
         Err(CallError::Unavailable(_))
     ));
     let nowhere = format!("http://127.0.0.1:{}/", souk_testkit::free_port());
     assert!(matches!(
-        client(&nowhere).create_intent(Uuid::now_v7(), 100, "eur").await,
+        client(&nowhere)
+            .create_intent(Uuid::now_v7(), 100, "eur")
+            .await,
         Err(CallError::Unavailable(_))
     ));
 }

@@ -209,6 +209,30 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+/// A caller with a customer account: buying, saving cards, memberships and
+/// schedules are theirs alone; anyone else gets 403 naming the role.
+#[derive(Debug, Clone)]
+pub struct Customer(pub Caller);
+
+impl FromRequestParts<AppState> for Customer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if caller.role == Role::Customer {
+            Ok(Self(caller))
+        } else {
+            Err(ApiError::ForbiddenBecause(crate::error::FieldError::new(
+                "role",
+                "only customer accounts can do this",
+            )))
+        }
+    }
+}
+
 /// A caller who is a seller, with the shop they run. Seller handlers take
 /// this, and scope every query by `shop_id`, so a seller can never reach
 /// another shop's data; anyone else gets 403.

@@ -10,7 +10,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::orders::{
-    Actor, Change, SellerOrderStatus,
+    Actor, Change, SellerOrderStatus, cancel,
     refunds::{self, Refund},
 };
 use utoipa::{IntoParams, ToSchema};
@@ -25,7 +25,7 @@ use crate::{
     routes::{
         admin::{Reason, audit, reason_error},
         catalog::{Page, Paging},
-        orders::{self, OrderQuery, cancel_order},
+        orders::{self, OrderQuery},
         seller_orders::{FulfilmentUpdate, fulfil},
     },
     state::AppState,
@@ -398,7 +398,7 @@ pub async fn cancel(
 ) -> Result<Json<AdminOrder>, ApiError> {
     let reason = body.reason.trim();
     let mut tx = state.pool.begin().await?;
-    cancel_order(
+    cancel::cancel_order(
         &mut tx,
         id,
         None,

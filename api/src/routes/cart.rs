@@ -9,7 +9,10 @@ use axum::{
 };
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use souk_shared::coupons::{self, Coupon};
+use souk_shared::{
+    coupons::{self, Coupon},
+    orders::place,
+};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -83,7 +86,12 @@ pub struct Cart {
     pub subtotal_minor: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coupon: Option<AppliedCoupon>,
-    /// Subtotal less the coupon's discount (shipping is added at checkout).
+    /// An active membership's percentage off what is left after the coupon.
+    pub membership_discount_minor: i64,
+    /// An active membership ships this order free.
+    pub free_shipping: bool,
+    /// Subtotal less the coupon's and the membership's discounts (shipping
+    /// is added at checkout).
     pub total_minor: i64,
     pub item_count: i64,
     /// Whether every line can be bought as it is.
@@ -183,11 +191,15 @@ pub async fn load_in(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<Cart, 
         None => None,
     };
     let discount = coupon.as_ref().map_or(0, |c| c.discount_minor);
+    let benefit = place::benefit(conn, user).await?;
+    let membership_discount = benefit.map_or(0, |b| b.discount(subtotal - discount));
     let lines = || shops.iter().flat_map(|g| &g.lines);
     Ok(Cart {
         subtotal_minor: subtotal,
         coupon,
-        total_minor: subtotal - discount,
+        membership_discount_minor: membership_discount,
+        free_shipping: benefit.is_some_and(|b| b.free_shipping),
+        total_minor: subtotal - discount - membership_discount,
         item_count: lines().map(|l| i64::from(l.quantity)).sum(),
         ready_for_checkout: lines().next().is_some() && lines().all(|l| l.problem.is_none()),
         shops,

@@ -210,9 +210,7 @@ struct SummaryRow {
     total: i64,
 }
 
-/// What the storefront may show: active, not hidden, seller not suspended.
-pub const VISIBLE: &str = "p.status = 'active' AND p.hidden_at IS NULL AND u.suspended_at IS NULL \
-     AND s.approved_at IS NOT NULL AND s.suspended_at IS NULL";
+pub use souk_shared::catalog::VISIBLE;
 
 async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSummary>, ApiError> {
     let paging = Paging::new(query.page, query.per_page);

@@ -14,17 +14,17 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use souk_shared::{contracts::OrderPlaced, envelope::Envelope, orders::status, outbox};
+use souk_shared::orders::place;
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    auth::{Caller, Role},
+    auth::Customer,
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
     middleware::RequestId,
-    order_views::{self, Order, Scope, ShippingAddress},
+    order_views::{self, Order, Scope},
     routes::cart::{self, LineProblem},
     state::AppState,
 };
@@ -87,49 +87,6 @@ async fn replay(
     }
 }
 
-async fn shipping_address(
-    conn: &mut PgConnection,
-    customer: Uuid,
-    chosen: Option<Uuid>,
-) -> Result<ShippingAddress, ApiError> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        full_name: String,
-        line1: String,
-        line2: String,
-        city: String,
-        region: String,
-        postal_code: String,
-        country: String,
-        phone: String,
-    }
-    let row: Option<Row> = sqlx::query_as(
-        "SELECT full_name, line1, line2, city, region, postal_code, country, phone FROM addresses
-          WHERE user_id = $1 AND (id = $2 OR ($2 IS NULL AND is_default))",
-    )
-    .bind(customer)
-    .bind(chosen)
-    .fetch_optional(conn)
-    .await?;
-    let r = row.ok_or_else(|| {
-        let message = match chosen {
-            Some(_) => "no such address in your address book",
-            None => "add a shipping address (or choose one) first",
-        };
-        ApiError::Validation(vec![FieldError::new("address_id", message)])
-    })?;
-    Ok(ShippingAddress {
-        full_name: r.full_name,
-        line1: r.line1,
-        line2: r.line2,
-        city: r.city,
-        region: r.region,
-        postal_code: r.postal_code,
-        country: r.country,
-        phone: r.phone,
-    })
-}
-
 /// Place an order for everything in the cart.
 ///
 /// Answers 202: the order is pending while it is split per seller and its
@@ -146,17 +103,11 @@ async fn shipping_address(
 )]
 pub async fn checkout(
     State(state): State<AppState>,
-    caller: Caller,
+    Customer(caller): Customer,
     request_id: RequestId,
     headers: HeaderMap,
     ValidJson(body): ValidJson<CheckoutRequest>,
 ) -> Result<(StatusCode, Json<Order>), ApiError> {
-    if caller.role != Role::Customer {
-        return Err(ApiError::ForbiddenBecause(FieldError::new(
-            "role",
-            "only customer accounts can check out",
-        )));
-    }
     caller.require_verified()?;
     let key = idempotency_key(&headers)?;
     let hash = Sha256::digest(serde_json::to_vec(&body).expect("serializes")).to_vec();
@@ -204,59 +155,58 @@ pub async fn checkout(
             "coupon", problem,
         )]));
     }
-    let address = shipping_address(&mut tx, caller.id, body.address_id).await?;
+    let address = place::shipping_address(&mut tx, caller.id, body.address_id)
+        .await?
+        .ok_or_else(|| {
+            let message = match body.address_id {
+                Some(_) => "no such address in your address book",
+                None => "add a shipping address (or choose one) first",
+            };
+            ApiError::Validation(vec![FieldError::new("address_id", message)])
+        })?;
     let coupon_id: Option<Uuid> =
         sqlx::query_scalar("SELECT coupon_id FROM cart_coupons WHERE user_id = $1")
             .bind(caller.id)
             .fetch_optional(&mut *tx)
             .await?;
 
-    let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO orders (id, customer_id, status, currency, subtotal_minor, discount_minor, coupon_id,
-                             coupon_code, shipping_address, idempotency_key, request_hash, correlation_id)
-         VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(id)
-    .bind(caller.id)
-    .bind(&state.market.currency)
-    .bind(cart.subtotal_minor)
-    .bind(cart.subtotal_minor - cart.total_minor)
-    .bind(coupon_id.filter(|_| cart.coupon.is_some()))
-    .bind(cart.coupon.as_ref().map(|c| c.code.clone()))
-    .bind(sqlx::types::Json(&address))
-    .bind(&key)
-    .bind(key.as_ref().map(|_| hash.clone()))
-    .bind(&request_id.0)
-    .execute(&mut *tx)
-    .await?;
-
-    let lines: Vec<(Uuid, &cart::CartLine)> = cart
+    let lines = cart
         .shops
         .iter()
-        .flat_map(|g| g.lines.iter().map(move |l| (g.shop_id, l)))
+        .flat_map(|g| {
+            g.lines.iter().map(move |l| place::Line {
+                shop_id: g.shop_id,
+                product_id: l.product_id,
+                variant_id: l.variant_id,
+                title: l.title.clone(),
+                variant_title: l.variant_title.clone(),
+                sku: l.sku.clone(),
+                unit_price_minor: l.unit_price_minor,
+                quantity: l.quantity,
+            })
+        })
         .collect();
-    sqlx::query(
-        "INSERT INTO order_lines (id, order_id, shop_id, product_id, variant_id, title, variant_title, sku,
-                                 unit_price_minor, quantity)
-         SELECT u.id, $1, u.shop_id, u.product_id, u.variant_id, u.title, u.variant_title, u.sku, u.price, u.quantity
-           FROM unnest($2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::text[],
-                       $9::bigint[], $10::int[])
-                AS u(id, shop_id, product_id, variant_id, title, variant_title, sku, price, quantity)",
-    )
-    .bind(id)
-    .bind(lines.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(shop, _)| *shop).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, l)| l.product_id).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, l)| l.variant_id).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, l)| l.title.clone()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, l)| l.variant_title.clone()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, l)| l.sku.clone()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, l)| l.unit_price_minor).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, l)| l.quantity).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
-    status::placed(&mut tx, id, caller.id).await?;
+    let coupon = match (&cart.coupon, coupon_id) {
+        (Some(c), Some(id)) => Some(place::AppliedCoupon {
+            id,
+            code: c.code.clone(),
+            discount_minor: c.discount_minor,
+        }),
+        _ => None,
+    };
+    let order = place::NewOrder {
+        customer: caller.id,
+        currency: state.market.currency.clone(),
+        lines,
+        coupon,
+        benefit: place::benefit(&mut tx, caller.id).await?,
+        shipping_address: address,
+        idempotency: key.map(|key| (key, hash)),
+        payment_method: None,
+        replenishment_run: None,
+        correlation_id: request_id.0,
+    };
+    let id = place::place(&mut tx, order).await?;
     sqlx::query("DELETE FROM cart_items WHERE user_id = $1")
         .bind(caller.id)
         .execute(&mut *tx)
@@ -265,11 +215,6 @@ pub async fn checkout(
         .bind(caller.id)
         .execute(&mut *tx)
         .await?;
-    outbox::enqueue(
-        &mut tx,
-        &Envelope::new(&OrderPlaced { order_id: id }, request_id.0),
-    )
-    .await?;
     state.commit_with_messages(tx).await?;
     answer(&state, id, caller.id).await
 }

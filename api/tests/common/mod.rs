@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod orders;
+pub mod recurring;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -33,6 +34,7 @@ use souk_workers::{
     ops::Readiness,
     payments::{Payments, PaymentsConfig, events::StripeEvents, stripe_api::StripeConfig},
     relay::{self, RelaySettings},
+    replenisher::{self, ReplenisherConfig},
     reserver::{self, ReserverConfig, StockReserver},
     runtime::{self, ConsumerSettings, Handler},
     settlement::{self, Settlement, SettlementConfig},
@@ -443,6 +445,12 @@ impl Pipeline {
         self.tasks.push(tokio::spawn(sweep));
         let prefix = self.prefix.clone();
         self.run(&prefix, pool, Settlement { config });
+    }
+
+    /// Starts a replenisher beside the pipeline (call again for another).
+    pub fn run_replenisher(&mut self, app: &App, config: ReplenisherConfig) {
+        let run = replenisher::run(app.db.pool.clone(), config, self.shutdown.clone());
+        self.tasks.push(tokio::spawn(run));
     }
 
     /// Starts the payments consumer (the Stripe calls), e.g. later than the rest.

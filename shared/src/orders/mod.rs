@@ -2,7 +2,9 @@
 //! seller ([`pricing`]), refunds ([`refunds`]) and what people are told
 //! ([`notices`]).
 
+pub mod cancel;
 pub mod notices;
+pub mod place;
 pub mod pricing;
 pub mod refunds;
 pub mod status;

@@ -4,7 +4,8 @@
 //!
 //! - A seller's **items** are its lines at their snapshot prices.
 //! - A **shop coupon**'s whole discount is that shop's. A **platform
-//!   coupon**'s discount is shared in proportion to each seller's items:
+//!   coupon**'s discount, and a membership's percentage off, are shared in
+//!   proportion to each seller's items:
 //!   each gets `floor(discount × items / all items)` and the units left over
 //!   go one each to the largest remainders (ties to the shop first in id
 //!   order), so the shares always add up to the discount exactly.
@@ -27,19 +28,13 @@ pub struct ShopInput {
     pub commission_bps: i32,
 }
 
-/// The coupon's discount on the order, as checkout priced it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Discount {
-    None,
+/// The order's discounts, as checkout priced them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Discount {
     /// A shop coupon: all of it comes off that shop's items.
-    Shop {
-        shop_id: Uuid,
-        amount_minor: i64,
-    },
-    /// A platform coupon: shared by every seller.
-    Platform {
-        amount_minor: i64,
-    },
+    pub shop: Option<(Uuid, i64)>,
+    /// A platform coupon and a membership's percentage off: shared by every seller.
+    pub platform_minor: i64,
 }
 
 /// One seller order's money.
@@ -58,26 +53,21 @@ pub struct ShopSplit {
 /// Splits an order: one [`ShopSplit`] per shop, in shop id order.
 pub fn split(mut shops: Vec<ShopInput>, discount: Discount) -> Vec<ShopSplit> {
     shops.sort_by_key(|s| s.shop_id);
-    let discounts: Vec<i64> = match discount {
-        Discount::None => vec![0; shops.len()],
-        Discount::Shop {
-            shop_id,
-            amount_minor,
-        } => shops
-            .iter()
-            .map(|s| {
-                if s.shop_id == shop_id {
-                    amount_minor.min(s.items_minor)
-                } else {
-                    0
-                }
-            })
-            .collect(),
-        Discount::Platform { amount_minor } => {
-            let weights: Vec<i64> = shops.iter().map(|s| s.items_minor).collect();
-            allocate(amount_minor, &weights)
-        }
-    };
+    // The shop coupon first, then the platform's share of what is left.
+    let after_shop: Vec<i64> = shops
+        .iter()
+        .map(|s| match discount.shop {
+            Some((shop, amount)) if shop == s.shop_id => s.items_minor - amount.min(s.items_minor),
+            _ => s.items_minor,
+        })
+        .collect();
+    let platform = allocate(discount.platform_minor, &after_shop);
+    let discounts: Vec<i64> = shops
+        .iter()
+        .zip(&after_shop)
+        .zip(platform)
+        .map(|((s, left), share)| s.items_minor - left + share)
+        .collect();
     shops
         .into_iter()
         .zip(discounts)
@@ -168,7 +158,10 @@ mod tests {
     fn a_split_carries_shipping_commission_and_payout() {
         let parts = split(
             vec![shop(2, 3000), shop(1, 1000)],
-            Discount::Platform { amount_minor: 401 },
+            Discount {
+                shop: None,
+                platform_minor: 401,
+            },
         );
         // 401 × 1000/4000 = 100.25 and × 3000/4000 = 300.75: the .75 gets the unit.
         assert_eq!(parts[0].shop_id, Uuid::from_u128(1));
@@ -186,14 +179,31 @@ mod tests {
     fn a_shop_coupon_comes_off_its_own_shop_only() {
         let parts = split(
             vec![shop(1, 1000), shop(2, 3000)],
-            Discount::Shop {
-                shop_id: Uuid::from_u128(2),
-                amount_minor: 500,
+            Discount {
+                shop: Some((Uuid::from_u128(2), 500)),
+                platform_minor: 0,
             },
         );
         assert_eq!(
             parts.iter().map(|p| p.discount_minor).collect::<Vec<_>>(),
             vec![0, 500]
+        );
+    }
+
+    #[test]
+    fn a_membership_discount_is_shared_after_a_shop_coupon() {
+        // 10 % off what is left after the shop coupon: (1000 + 2500) × 10 % = 350,
+        // shared 100 / 250 by what each shop has left.
+        let parts = split(
+            vec![shop(1, 1000), shop(2, 3000)],
+            Discount {
+                shop: Some((Uuid::from_u128(2), 500)),
+                platform_minor: 350,
+            },
+        );
+        assert_eq!(
+            parts.iter().map(|p| p.discount_minor).collect::<Vec<_>>(),
+            vec![100, 750]
         );
     }
 }

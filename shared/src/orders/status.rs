@@ -80,6 +80,9 @@ impl OrderStatus {
                 // Paid straight from reserved: the webhook can arrive before
                 // the payments worker stored the PaymentIntent.
                 | (Reserved, AwaitingPayment | Paid | Expired | Cancelled)
+                // A saved card charged off session (replenishment) is
+                // declined before any intent is opened for payment.
+                | (Reserved, PaymentFailed)
                 | (AwaitingPayment, Paid | PaymentFailed | Expired | Cancelled)
                 // A failed attempt may be retried with another card.
                 | (PaymentFailed, Paid | Expired | Cancelled)

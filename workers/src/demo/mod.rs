@@ -1,8 +1,9 @@
 //! Demo data for `scripts/dev`: an admin, two sellers with shops, a
-//! customer with an address, and a small catalog (`catalog.sql`). Loaded
-//! once; a second run changes nothing.
+//! customer with an address, a small catalog (`catalog.sql`) and a
+//! membership plan (made at Stripe by the payments worker once it runs).
+//! Loaded once; a second run changes nothing.
 
-use souk_shared::password;
+use souk_shared::{contracts::MembershipPlanCreated, envelope::Envelope, outbox, password};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -63,6 +64,17 @@ pub async fn load(pool: &PgPool) -> anyhow::Result<bool> {
     sqlx::raw_sql(include_str!("catalog.sql"))
         .execute(&mut *tx)
         .await?;
+    let plan = Uuid::now_v7();
+    // In the demo market's currency (`CURRENCY` in .env.example).
+    sqlx::query(
+        "INSERT INTO membership_plans (id, name, amount_minor, currency, interval, free_shipping, percent_off, created_by)
+         SELECT $1, 'Souk Plus', 999, 'eur', 'month', true, 5, id FROM users WHERE email = 'admin@demo.souk'",
+    )
+    .bind(plan)
+    .execute(&mut *tx)
+    .await?;
+    let made = MembershipPlanCreated { plan_id: plan };
+    outbox::enqueue(&mut tx, &Envelope::new(&made, "demo-data")).await?;
     tx.commit().await?;
     Ok(true)
 }

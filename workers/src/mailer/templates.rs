@@ -27,6 +27,8 @@ const NAMES: &[&str] = &[
     "shop_approved",
     "shop_suspended",
     "shop_reinstated",
+    "membership_update",
+    "replenishment_failed",
 ];
 
 /// Currencies without minor units (Stripe's list): 1234 is 1234 JPY.
@@ -152,6 +154,12 @@ impl Default for Templates {
             "shop_reinstated.subject.txt",
             "shop_reinstated.txt",
             "shop_reinstated.html",
+            "membership_update.subject.txt",
+            "membership_update.txt",
+            "membership_update.html",
+            "replenishment_failed.subject.txt",
+            "replenishment_failed.txt",
+            "replenishment_failed.html",
         );
         Self { env }
     }
@@ -271,6 +279,39 @@ mod tests {
             .unwrap();
         assert!(r.text.contains("31.99 EUR"), "{}", r.text);
         assert!(r.html.contains("2 × Board"), "{}", r.html);
+    }
+
+    /// The recurring-commerce mails render with what their producers send
+    /// (`souk_shared::membership` and the replenisher).
+    #[test]
+    fn recurring_mails_render() {
+        let t = Templates::default();
+        for status in ["active", "past_due", "canceled", "failed", "incomplete"] {
+            let data = serde_json::json!({
+                "name": "Ann", "plan": "Plus", "status": status, "membership_id": "m-1",
+                "cancel_at_period_end": true, "current_period_end": "2026-12-26T00:00:00Z",
+            });
+            let r = t
+                .render("membership_update", &data)
+                .unwrap_or_else(|e| panic!("{status}: {e}"));
+            assert!(r.subject.contains("Plus"), "{status}: {}", r.subject);
+        }
+        for (outcome, retry_at) in [
+            ("retrying", serde_json::json!("2026-11-27T09:00:00Z")),
+            ("skipped", serde_json::Value::Null),
+            ("failed", serde_json::Value::Null),
+        ] {
+            let data = serde_json::json!({
+                "name": "Ann", "schedule_id": "s-1", "run_id": "r-1", "due_at": "2026-11-26T09:00:00Z",
+                "reason": "out_of_stock", "detail": "Tea (Green): only 0 left", "outcome": outcome,
+                "attempt": 1, "retry_at": retry_at, "next_run_at": "2026-12-03T09:00:00Z",
+            });
+            let r = t
+                .render("replenishment_failed", &data)
+                .unwrap_or_else(|e| panic!("{outcome}: {e}"));
+            assert!(r.text.contains("only 0 left"), "{}", r.text);
+            assert!(r.text.contains("2026-12-03"), "{}", r.text);
+        }
     }
 
     #[test]

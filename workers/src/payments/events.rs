@@ -6,14 +6,18 @@
 //! in its metadata first, so an event that arrives before the intent was
 //! stored still finds its order. Out-of-order events never move an order
 //! backwards: each case checks the order's state under its row lock.
+//!
+//! Subscription and invoice events move memberships the same way: through
+//! their state machine, ignoring news older than the last applied.
 
 use std::collections::HashMap;
 
 use serde::Deserialize;
 use serde_json::json;
 use souk_shared::{
-    contracts::StripeEventReceived,
+    contracts::{PaymentMethodConfirmed, StripeEventReceived},
     envelope::Envelope,
+    membership::{self, MembershipStatus, News},
     notify,
     orders::{Actor, Change, OrderStatus, notices, status},
     topology,
@@ -29,6 +33,9 @@ pub struct Event {
     pub id: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// When Stripe made the change, in seconds.
+    #[serde(default)]
+    pub created: Option<i64>,
     pub data: EventData,
 }
 
@@ -37,7 +44,8 @@ pub struct EventData {
     pub object: Object,
 }
 
-/// The event's object: a PaymentIntent or a refund here.
+/// The event's object: a PaymentIntent, refund, SetupIntent, subscription
+/// or invoice.
 #[derive(Debug, Deserialize)]
 pub struct Object {
     pub id: String,
@@ -51,11 +59,36 @@ pub struct Object {
     pub last_payment_error: Option<serde_json::Value>,
     #[serde(default)]
     pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub cancel_at_period_end: Option<bool>,
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
+    /// An invoice's subscription: top level in older API versions, under
+    /// `parent.subscription_details` in newer ones.
+    #[serde(default)]
+    pub subscription: Option<String>,
+    #[serde(default)]
+    pub parent: Option<serde_json::Value>,
+    #[serde(default)]
+    pub billing_reason: Option<String>,
 }
 
 impl Object {
+    fn metadata_id(&self, key: &str) -> Option<Uuid> {
+        self.metadata.get(key).and_then(|id| id.parse().ok())
+    }
+
     fn order_id(&self) -> Option<Uuid> {
-        self.metadata.get("order_id").and_then(|id| id.parse().ok())
+        self.metadata_id("order_id")
+    }
+
+    fn invoice_subscription(&self) -> Option<&str> {
+        self.subscription.as_deref().or_else(|| {
+            self.parent
+                .as_ref()?
+                .pointer("/subscription_details/subscription")?
+                .as_str()
+        })
     }
 }
 
@@ -70,6 +103,7 @@ impl Handler for StripeEvents {
         "payment.refund_requested",
         "payment.intent_cancel_requested",
         "payment.captured",
+        "payment_method.confirmed",
     ];
 
     async fn prepare(&self, _: &Envelope) -> Result<(), Failure> {
@@ -102,6 +136,13 @@ impl Handler for StripeEvents {
             "refund.failed" | "refund.updated" | "charge.refund.updated" => {
                 refund_changed(tx, &event.data.object).await
             }
+            "customer.subscription.created"
+            | "customer.subscription.updated"
+            | "customer.subscription.deleted" => subscription_changed(tx, &event, corr).await,
+            "invoice.payment_succeeded" | "invoice.paid" | "invoice.payment_failed" => {
+                invoice_settled(tx, &event, corr).await
+            }
+            "setup_intent.succeeded" => setup_succeeded(tx, &event.data.object, corr).await,
             other => {
                 tracing::debug!(event = %event.id, kind = other, "event not used");
                 Ok(())
@@ -165,6 +206,9 @@ async fn failed(tx: &mut PgConnection, intent: &Object, corr: &str) -> Result<()
         .and_then(|m| m.as_str())
         .unwrap_or("the payment was declined")
         .to_string();
+    if order.payment_method_id.is_some() {
+        return settle::declined_off_session(tx, order.id, &reason).await;
+    }
     let change = Change {
         note: Some(&reason),
         data: Some(json!({ "payment_intent_id": intent.id })),
@@ -228,5 +272,111 @@ async fn refund_changed(tx: &mut PgConnection, refund: &Object) -> Result<(), Fa
         &json!({ "order_id": order, "reason": flag }),
     )
     .await?;
+    Ok(())
+}
+
+fn event_time(event: &Event) -> Option<chrono::DateTime<chrono::Utc>> {
+    event
+        .created
+        .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+}
+
+async fn membership_of(
+    tx: &mut PgConnection,
+    metadata_id: Option<Uuid>,
+    subscription: Option<&str>,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    if metadata_id.is_some() {
+        return Ok(metadata_id);
+    }
+    let Some(subscription) = subscription else {
+        return Ok(None);
+    };
+    sqlx::query_scalar("SELECT id FROM memberships WHERE stripe_subscription_id = $1")
+        .bind(subscription)
+        .fetch_optional(&mut *tx)
+        .await
+}
+
+/// A subscription created, changed or ended: its status, whether it ends at
+/// the period's end, and when the period ends.
+async fn subscription_changed(
+    tx: &mut PgConnection,
+    event: &Event,
+    corr: &str,
+) -> Result<(), Failure> {
+    let sub = &event.data.object;
+    let Some(membership) =
+        membership_of(tx, sub.metadata_id("membership_id"), Some(&sub.id)).await?
+    else {
+        tracing::warn!(subscription = %sub.id, "a subscription for no membership of ours");
+        return Ok(());
+    };
+    sqlx::query(
+        "UPDATE memberships SET stripe_subscription_id = coalesce(stripe_subscription_id, $2) WHERE id = $1",
+    )
+    .bind(membership)
+    .bind(&sub.id)
+    .execute(&mut *tx)
+    .await?;
+    let status = if event.kind == "customer.subscription.deleted" {
+        Some(MembershipStatus::Canceled)
+    } else {
+        sub.status
+            .as_deref()
+            .and_then(MembershipStatus::from_stripe)
+    };
+    let news = News {
+        status,
+        cancel_at_period_end: sub.cancel_at_period_end,
+        current_period_end: sub
+            .current_period_end
+            .and_then(|t| chrono::DateTime::from_timestamp(t, 0)),
+        at: event_time(event),
+    };
+    membership::apply(tx, membership, news, corr).await?;
+    Ok(())
+}
+
+/// An invoice of a subscription paid (the membership is active) or not: a
+/// first payment leaves it incomplete, a renewal makes it past due while
+/// Stripe retries.
+async fn invoice_settled(tx: &mut PgConnection, event: &Event, corr: &str) -> Result<(), Failure> {
+    let invoice = &event.data.object;
+    let Some(membership) = membership_of(tx, None, invoice.invoice_subscription()).await? else {
+        // Not a membership's, or the subscription is not stored yet: its
+        // creation answer and `customer.subscription.*` carry the status.
+        tracing::debug!(invoice = %invoice.id, "an invoice for no membership of ours");
+        return Ok(());
+    };
+    let status = match (event.kind.as_str(), invoice.billing_reason.as_deref()) {
+        ("invoice.payment_failed", Some("subscription_create")) => MembershipStatus::Incomplete,
+        ("invoice.payment_failed", _) => MembershipStatus::PastDue,
+        _ => MembershipStatus::Active,
+    };
+    let news = News {
+        status: Some(status),
+        at: event_time(event),
+        ..News::default()
+    };
+    membership::apply(tx, membership, news, corr).await?;
+    Ok(())
+}
+
+/// The customer confirmed a SetupIntent: the payments worker fetches the
+/// card and keeps it (the API's confirm call does the same; whichever comes
+/// first wins, the other finds nothing to do).
+async fn setup_succeeded(
+    tx: &mut PgConnection,
+    intent: &Object,
+    corr: &str,
+) -> Result<(), Failure> {
+    let Some(method) = intent.metadata_id("payment_method_id") else {
+        return Ok(());
+    };
+    let confirmed = PaymentMethodConfirmed {
+        payment_method_id: method,
+    };
+    souk_shared::outbox::enqueue(tx, &Envelope::new(&confirmed, corr)).await?;
     Ok(())
 }

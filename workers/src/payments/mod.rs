@@ -10,6 +10,7 @@
 //!   several events are applied per transaction when they queue up.
 
 pub mod events;
+pub mod recurring;
 pub mod settle;
 pub mod stripe_api;
 
@@ -18,7 +19,9 @@ use std::time::Duration;
 use souk_shared::{
     config::{ConfigError, Env},
     contracts::{
-        IntentCancelRequested, OrderCancelled, OrderExpired, RefundRequested, StockReserved,
+        IntentCancelRequested, MembershipCancelRequested, MembershipPlanCreated,
+        MembershipRequested, OrderCancelled, OrderExpired, PaymentMethodConfirmed,
+        PaymentMethodSetupRequested, RefundRequested, StockReserved,
     },
     envelope::Envelope,
     orders::{Actor, Change, OrderStatus, status},
@@ -79,6 +82,12 @@ pub enum Answer {
         refund: Uuid,
         result: Result<String, String>,
     },
+    /// A saved card charged off session was declined.
+    Declined {
+        order: Uuid,
+        message: String,
+    },
+    Recurring(recurring::Recurring),
 }
 
 fn failure(e: CallError) -> Failure {
@@ -90,29 +99,58 @@ fn failure(e: CallError) -> Failure {
 
 impl Payments {
     async fn create_intent(&self, order: Uuid) -> Result<Answer, Failure> {
-        let row: Option<(String, Option<i64>, String, Option<String>)> = sqlx::query_as(
-            "SELECT status, total_minor, currency, payment_intent_id FROM orders WHERE id = $1",
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            status: String,
+            total_minor: Option<i64>,
+            currency: String,
+            payment_intent_id: Option<String>,
+            customer: Option<String>,
+            card: Option<String>,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT o.status, o.total_minor, o.currency, o.payment_intent_id,
+                    c.stripe_customer_id AS customer, pm.stripe_payment_method_id AS card
+               FROM orders o
+               LEFT JOIN payment_methods pm ON pm.id = o.payment_method_id
+               LEFT JOIN stripe_customers c ON c.user_id = o.customer_id
+              WHERE o.id = $1",
         )
         .bind(order)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((status, total, currency, stored)) = row else {
+        let Some(row) = row else {
             return Err(Failure::permanent(anyhow::anyhow!("no order {order}")));
         };
-        if status != OrderStatus::Reserved.as_str() || stored.is_some() {
+        if row.status != OrderStatus::Reserved.as_str() || row.payment_intent_id.is_some() {
             return Ok(Answer::Nothing);
         }
-        match total {
-            Some(0) => Ok(Answer::Free { order }),
-            Some(amount) => {
+        match (row.total_minor, row.customer, row.card) {
+            (Some(0), ..) => Ok(Answer::Free { order }),
+            // A saved card: charged at once, off session.
+            (Some(amount), Some(customer), Some(card)) => {
+                match self
+                    .stripe
+                    .charge_off_session(order, amount, &row.currency, &customer, &card)
+                    .await
+                {
+                    Ok(intent) => Ok(Answer::Intent { order, intent }),
+                    Err(CallError::Refused {
+                        status: 402,
+                        message,
+                    }) => Ok(Answer::Declined { order, message }),
+                    Err(e) => Err(failure(e)),
+                }
+            }
+            (Some(amount), ..) => {
                 let intent = self
                     .stripe
-                    .create_intent(order, amount, &currency)
+                    .create_intent(order, amount, &row.currency)
                     .await
                     .map_err(failure)?;
                 Ok(Answer::Intent { order, intent })
             }
-            None => Err(Failure::permanent(anyhow::anyhow!(
+            (None, ..) => Err(Failure::permanent(anyhow::anyhow!(
                 "order {order} was never split"
             ))),
         }
@@ -205,6 +243,27 @@ impl Handler for Payments {
                 let RefundRequested { refund_id } = msg.payload().map_err(bad)?;
                 self.refund(refund_id).await
             }
+            "membership_plan.created" => {
+                let MembershipPlanCreated { plan_id } = msg.payload().map_err(bad)?;
+                self.make_plan(plan_id).await
+            }
+            "payment_method.setup_requested" => {
+                let PaymentMethodSetupRequested { payment_method_id } =
+                    msg.payload().map_err(bad)?;
+                self.start_setup(payment_method_id).await
+            }
+            "payment_method.confirmed" => {
+                let PaymentMethodConfirmed { payment_method_id } = msg.payload().map_err(bad)?;
+                self.keep_card(payment_method_id).await
+            }
+            "membership.requested" => {
+                let MembershipRequested { membership_id } = msg.payload().map_err(bad)?;
+                self.subscribe(membership_id).await
+            }
+            "membership.cancel_requested" => {
+                let MembershipCancelRequested { membership_id } = msg.payload().map_err(bad)?;
+                self.end_at_period_end(membership_id).await
+            }
             other => Err(Failure::permanent(anyhow::anyhow!(
                 "payments does not handle {other}"
             ))),
@@ -233,6 +292,16 @@ impl Handler for Payments {
             Answer::Refund { refund, result } => {
                 settle::refund_answered(tx, refund, result, corr).await
             }
+            Answer::Declined { order, message } => {
+                let Some(locked) = settle::lock(tx, order).await? else {
+                    return Ok(());
+                };
+                if locked.status() == OrderStatus::Reserved {
+                    settle::declined_off_session(tx, order, &message).await?;
+                }
+                Ok(())
+            }
+            Answer::Recurring(answer) => recurring::record(tx, answer, corr).await,
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct LockedOrder {
     pub total_minor: Option<i64>,
     pub currency: String,
     pub coupon_id: Option<Uuid>,
+    /// A saved card charged off session: the replenisher tells the customer
+    /// when it fails, not the payment flow.
+    pub payment_method_id: Option<Uuid>,
 }
 
 impl LockedOrder {
@@ -41,12 +44,31 @@ impl LockedOrder {
 
 pub async fn lock(tx: &mut PgConnection, order: Uuid) -> Result<Option<LockedOrder>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, customer_id, status, stock, payment_intent_id, total_minor, currency, coupon_id
+        "SELECT id, customer_id, status, stock, payment_intent_id, total_minor, currency, coupon_id,
+                payment_method_id
            FROM orders WHERE id = $1 FOR UPDATE",
     )
     .bind(order)
     .fetch_optional(tx)
     .await
+}
+
+/// A saved card charged off session (a replenishment order) was declined:
+/// the order fails and keeps why. Its customer is not asked to pay again:
+/// the replenisher cancels it, tells them, and follows the schedule's policy.
+pub async fn declined_off_session(
+    tx: &mut PgConnection,
+    order: Uuid,
+    message: &str,
+) -> Result<(), Failure> {
+    let change = Change::note(message);
+    status::move_order(tx, order, OrderStatus::PaymentFailed, Actor::System, change).await?;
+    sqlx::query("UPDATE orders SET failure_reason = $2 WHERE id = $1")
+        .bind(order)
+        .bind(format!("the saved card was declined: {message}"))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 async fn record_payment(

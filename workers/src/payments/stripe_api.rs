@@ -1,7 +1,9 @@
-//! The Stripe calls Souk makes, through async-stripe: create and cancel a
-//! PaymentIntent, refund one. Every write carries an idempotency key the
+//! The Stripe calls Souk makes, through async-stripe: PaymentIntents (on
+//! session, or off session with a saved card), cancels and refunds;
+//! customers, SetupIntents and payment methods to save a card; plans and
+//! subscriptions for memberships. Every write carries an idempotency key the
 //! caller derives from what it is about, so a retry after a crash gets the
-//! first answer back instead of a second charge or refund.
+//! first answer back instead of a second charge, refund or subscription.
 //!
 //! Requests are built with async-stripe's typed parameters; answers are read
 //! tolerantly (only the fields used here), because Stripe stand-ins such as
@@ -13,10 +15,17 @@ use std::{collections::HashMap, time::Duration};
 use ::stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use serde::Deserialize;
 use souk_shared::config::{ConfigError, Env};
-use stripe_core::{
-    payment_intent::{CancelPaymentIntent, CreatePaymentIntent},
-    refund::CreateRefund,
+use stripe_billing::{
+    plan::{CreatePlan, CreatePlanInlineProductParams, CreatePlanProduct},
+    subscription::{CreateSubscription, CreateSubscriptionItems, UpdateSubscription},
 };
+use stripe_core::{
+    customer::{CreateCustomer, UpdateCustomer, UpdateCustomerInvoiceSettings},
+    payment_intent::{CancelPaymentIntent, CreatePaymentIntent, CreatePaymentIntentOffSession},
+    refund::CreateRefund,
+    setup_intent::{CreateSetupIntent, CreateSetupIntentUsage, RetrieveSetupIntent},
+};
+use stripe_payment::payment_method::{AttachPaymentMethod, RetrievePaymentMethod};
 use uuid::Uuid;
 
 #[derive(Debug, Clone)]
@@ -98,6 +107,63 @@ struct Created {
     id: String,
 }
 
+/// The fields of a SetupIntent Souk uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SetupIntent {
+    pub id: String,
+    pub client_secret: Option<String>,
+    pub status: String,
+    /// The saved card's id once the customer confirmed.
+    pub payment_method: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Card {
+    pub brand: Option<String>,
+    pub last4: Option<String>,
+    pub exp_month: Option<i32>,
+    pub exp_year: Option<i32>,
+}
+
+/// A saved payment method: its card's brand and last digits.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaymentMethod {
+    pub id: String,
+    #[serde(default)]
+    pub card: Option<Card>,
+}
+
+/// The fields of a subscription Souk uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Subscription {
+    pub id: String,
+    pub status: String,
+    #[serde(default)]
+    pub cancel_at_period_end: Option<bool>,
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
+}
+
+/// How often a membership renews.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interval {
+    Month,
+    Year,
+}
+
+/// An order's PaymentIntent request: its amount, and metadata naming the
+/// order (how webhooks find it).
+fn intent_for(order: Uuid, amount_minor: i64, currency: &str) -> CreatePaymentIntent {
+    let metadata = HashMap::from([("order_id".to_string(), order.to_string())]);
+    CreatePaymentIntent::new(
+        amount_minor,
+        currency
+            .parse::<stripe_types::Currency>()
+            .expect("infallible"),
+    )
+    .metadata(metadata)
+}
+
 #[derive(Clone)]
 pub struct Stripe {
     client: ::stripe::Client,
@@ -113,17 +179,33 @@ impl Stripe {
         Ok(Self { client })
     }
 
-    /// Sends `request` once with `key` and reads the answer as `T`.
+    /// Sends `request` once, with `key` for a write, and reads the answer as `T`.
     async fn send<T: serde::de::DeserializeOwned>(
         &self,
         request: &impl StripeRequest,
         key: &str,
     ) -> Result<T, CallError> {
         let key = IdempotencyKey::new(key).map_err(|e| CallError::Unavailable(e.to_string()))?;
+        self.call(request, RequestStrategy::Idempotent(key)).await
+    }
+
+    /// A read: no idempotency key.
+    async fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        request: &impl StripeRequest,
+    ) -> Result<T, CallError> {
+        self.call(request, RequestStrategy::Once).await
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        request: &impl StripeRequest,
+        strategy: RequestStrategy,
+    ) -> Result<T, CallError> {
         let value: miniserde::json::Value = request
             .build()
             .customize()
-            .request_strategy(RequestStrategy::Idempotent(key))
+            .request_strategy(strategy)
             .send(&self.client)
             .await?;
         serde_json::from_str(&miniserde::json::to_string(&value))
@@ -138,14 +220,7 @@ impl Stripe {
         amount_minor: i64,
         currency: &str,
     ) -> Result<Intent, CallError> {
-        let metadata = HashMap::from([("order_id".to_string(), order.to_string())]);
-        let request = CreatePaymentIntent::new(
-            amount_minor,
-            currency
-                .parse::<stripe_types::Currency>()
-                .expect("infallible"),
-        )
-        .metadata(metadata);
+        let request = intent_for(order, amount_minor, currency);
         self.send(&request, &format!("pi-{order}")).await
     }
 
@@ -175,5 +250,151 @@ impl Stripe {
             .metadata(metadata);
         let created: Created = self.send(&request, &format!("refund-{refund}")).await?;
         Ok(created.id)
+    }
+
+    /// Charges a saved card for an order, off session (a replenishment): the
+    /// intent is created and confirmed at once. A declined card comes back as
+    /// [`CallError::Refused`] with status 402.
+    pub async fn charge_off_session(
+        &self,
+        order: Uuid,
+        amount_minor: i64,
+        currency: &str,
+        customer: &str,
+        payment_method: &str,
+    ) -> Result<Intent, CallError> {
+        // The same key as `create_intent`: an order is paid one way or the other.
+        let request = intent_for(order, amount_minor, currency)
+            .customer(customer)
+            .payment_method(payment_method)
+            .confirm(true)
+            .off_session(CreatePaymentIntentOffSession::Bool(true));
+        self.send(&request, &format!("pi-{order}")).await
+    }
+
+    /// The account's Stripe customer; the key is the account's.
+    pub async fn create_customer(
+        &self,
+        user: Uuid,
+        email: &str,
+        name: &str,
+    ) -> Result<String, CallError> {
+        let metadata = HashMap::from([("user_id".to_string(), user.to_string())]);
+        let request = CreateCustomer::new()
+            .email(email)
+            .name(name)
+            .metadata(metadata);
+        let created: Created = self.send(&request, &format!("cus-{user}")).await?;
+        Ok(created.id)
+    }
+
+    /// A SetupIntent to save a card for later, off-session charges.
+    pub async fn create_setup_intent(
+        &self,
+        method: Uuid,
+        customer: &str,
+    ) -> Result<SetupIntent, CallError> {
+        let metadata = HashMap::from([("payment_method_id".to_string(), method.to_string())]);
+        let request = CreateSetupIntent::new()
+            .customer(customer)
+            .usage(CreateSetupIntentUsage::OffSession)
+            .metadata(metadata);
+        self.send(&request, &format!("seti-{method}")).await
+    }
+
+    pub async fn setup_intent(&self, id: &str) -> Result<SetupIntent, CallError> {
+        self.read(&RetrieveSetupIntent::new(id)).await
+    }
+
+    /// Attaches a confirmed card to the customer and makes it the default
+    /// for invoices (subscriptions); returns the card's details.
+    pub async fn keep_payment_method(
+        &self,
+        customer: &str,
+        payment_method: &str,
+    ) -> Result<PaymentMethod, CallError> {
+        let attach = AttachPaymentMethod::new(payment_method).customer(customer);
+        let _: Created = self
+            .send(&attach, &format!("attach-{payment_method}"))
+            .await?;
+        self.make_default(
+            customer,
+            payment_method,
+            &format!("default-{payment_method}"),
+        )
+        .await?;
+        self.read(&RetrievePaymentMethod::new(payment_method)).await
+    }
+
+    /// Makes a card the customer's default for invoices. `key` names what
+    /// it is done for: a customer may switch back and forth between cards.
+    pub async fn make_default(
+        &self,
+        customer: &str,
+        payment_method: &str,
+        key: &str,
+    ) -> Result<(), CallError> {
+        let mut settings = UpdateCustomerInvoiceSettings::new();
+        settings.default_payment_method = Some(payment_method.to_string());
+        let default = UpdateCustomer::new(customer).invoice_settings(settings);
+        let _: Created = self.send(&default, key).await?;
+        Ok(())
+    }
+
+    /// A recurring plan (with its product) for a membership plan.
+    pub async fn create_plan(
+        &self,
+        plan: Uuid,
+        name: &str,
+        amount_minor: i64,
+        currency: &str,
+        interval: Interval,
+    ) -> Result<String, CallError> {
+        let interval = match interval {
+            Interval::Month => stripe_shared::PlanInterval::Month,
+            Interval::Year => stripe_shared::PlanInterval::Year,
+        };
+        let metadata = HashMap::from([("membership_plan_id".to_string(), plan.to_string())]);
+        let request = CreatePlan::new(
+            currency
+                .parse::<stripe_types::Currency>()
+                .expect("infallible"),
+            interval,
+        )
+        .amount(amount_minor)
+        .product(CreatePlanProduct::InlineProductParams(
+            CreatePlanInlineProductParams::new(name),
+        ))
+        .metadata(metadata);
+        let created: Created = self.send(&request, &format!("plan-{plan}")).await?;
+        Ok(created.id)
+    }
+
+    /// Subscribes the customer to a plan, charged to its default card (set
+    /// just before: localstripe knows no `default_payment_method` here).
+    pub async fn create_subscription(
+        &self,
+        membership: Uuid,
+        customer: &str,
+        plan: &str,
+    ) -> Result<Subscription, CallError> {
+        let mut item = CreateSubscriptionItems::new();
+        item.plan = Some(plan.to_string());
+        let metadata = HashMap::from([("membership_id".to_string(), membership.to_string())]);
+        let request = CreateSubscription::new()
+            .customer(customer)
+            .items(vec![item])
+            .metadata(metadata);
+        self.send(&request, &format!("sub-{membership}")).await
+    }
+
+    /// Ends the subscription when the period paid for is over.
+    pub async fn cancel_at_period_end(
+        &self,
+        subscription: &str,
+    ) -> Result<Subscription, CallError> {
+        let request = UpdateSubscription::new(subscription).cancel_at_period_end(true);
+        self.send(&request, &format!("cancel-at-end-{subscription}"))
+            .await
     }
 }

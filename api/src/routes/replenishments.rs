@@ -1,0 +1,743 @@
+//! Replenishment schedules: a customer's recurring order of chosen
+//! variants, every so many days or on a cron expression, to one of their
+//! addresses, paid off session with a saved card. The replenisher worker
+//! places each due run through the normal pipeline; here the customer sets
+//! schedules up, changes, pauses, resumes, skips and cancels them, and sees
+//! the next runs and how the last ones went. Every query is scoped to the
+//! caller: another customer's schedule answers 404, never its data.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use souk_shared::{
+    catalog::VISIBLE,
+    replenishment::{Cadence, Item, Reason},
+};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    auth::Customer,
+    error::{ApiError, FieldError, Problem},
+    extract::{ValidJson, Validate},
+    routes::payment_methods,
+    state::AppState,
+};
+
+/// Most schedules (not cancelled) one customer keeps.
+const MAX_SCHEDULES: i64 = 20;
+const MAX_ITEMS: usize = 50;
+/// Due times shown ahead.
+const NEXT_RUNS: usize = 5;
+/// Past runs shown.
+const RECENT_RUNS: i64 = 10;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ItemInput {
+    pub variant_id: Uuid,
+    pub quantity: i32,
+}
+
+/// What a run that cannot become a paid order does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Try again later (a few times), then give that delivery up.
+    Retry,
+    /// Give that delivery up and wait for the next one.
+    #[default]
+    Skip,
+}
+
+impl FailurePolicy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Retry => "retry",
+            Self::Skip => "skip",
+        }
+    }
+}
+
+fn default_limit() -> i32 {
+    10
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSchedule {
+    pub items: Vec<ItemInput>,
+    /// Every so many days (1 to 365). Give this or `cron`.
+    #[serde(default)]
+    pub interval_days: Option<i32>,
+    /// Five fields, UTC, days of the week by name: `0 9 * * MON` is Mondays
+    /// at 09:00 UTC. Give this or `interval_days`.
+    #[serde(default)]
+    #[schema(example = "0 9 * * MON")]
+    pub cron: Option<String>,
+    /// The first run (for `cron`, the first matching time from then).
+    /// Default: one interval from now, or the next matching time.
+    #[serde(default)]
+    pub starts_at: Option<DateTime<Utc>>,
+    /// One of the caller's addresses.
+    pub address_id: Uuid,
+    /// One of the caller's saved cards.
+    pub payment_method_id: Uuid,
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+    /// A run is not placed if an item's price rose more than this above the
+    /// price when it was scheduled (0 to 1000). Default 10.
+    #[serde(default = "default_limit")]
+    pub price_increase_limit_percent: i32,
+}
+
+/// A change to a schedule: only the fields given change. New items take
+/// their price now as the reference for the limit.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleChange {
+    #[serde(default)]
+    pub items: Option<Vec<ItemInput>>,
+    /// Replaces the cadence (with `cron`, give only one of the two).
+    #[serde(default)]
+    pub interval_days: Option<i32>,
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// Re-times the next run.
+    #[serde(default)]
+    pub starts_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub address_id: Option<Uuid>,
+    #[serde(default)]
+    pub payment_method_id: Option<Uuid>,
+    #[serde(default)]
+    pub on_failure: Option<FailurePolicy>,
+    #[serde(default)]
+    pub price_increase_limit_percent: Option<i32>,
+}
+
+fn items_errors(items: &[ItemInput]) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if items.is_empty() || items.len() > MAX_ITEMS {
+        errors.push(FieldError::new(
+            "items",
+            format!("must list 1 to {MAX_ITEMS} items"),
+        ));
+    }
+    for (i, item) in items.iter().enumerate() {
+        if !(1..=999).contains(&item.quantity) {
+            errors.push(FieldError::new(
+                format!("items[{i}].quantity"),
+                "must be between 1 and 999",
+            ));
+        }
+        if items[..i]
+            .iter()
+            .any(|earlier| earlier.variant_id == item.variant_id)
+        {
+            errors.push(FieldError::new(
+                format!("items[{i}].variant_id"),
+                "is listed twice; give one quantity",
+            ));
+        }
+    }
+    errors
+}
+
+/// The cadence given, if any; both at once is an error.
+fn cadence(interval_days: Option<i32>, cron: Option<&str>) -> Result<Option<Cadence>, FieldError> {
+    match (interval_days, cron) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(FieldError::new(
+            "cron",
+            "give interval_days or cron, not both",
+        )),
+        (Some(days), None) => Cadence::every_days(days)
+            .map(Some)
+            .map_err(|m| FieldError::new("interval_days", m)),
+        (None, Some(expr)) => Cadence::cron(expr)
+            .map(Some)
+            .map_err(|m| FieldError::new("cron", m)),
+    }
+}
+
+fn starts_at_error(starts_at: Option<DateTime<Utc>>) -> Option<FieldError> {
+    let at = starts_at?;
+    let now = Utc::now();
+    // A few minutes' grace for clocks that disagree.
+    (at < now - Duration::minutes(5) || at > now + Duration::days(366))
+        .then(|| FieldError::new("starts_at", "must be from now to a year ahead"))
+}
+
+fn limit_error(limit: Option<i32>) -> Option<FieldError> {
+    limit
+        .filter(|l| !(0..=1000).contains(l))
+        .map(|_| FieldError::new("price_increase_limit_percent", "must be between 0 and 1000"))
+}
+
+impl Validate for NewSchedule {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = items_errors(&self.items);
+        match cadence(self.interval_days, self.cron.as_deref()) {
+            Ok(Some(_)) => {}
+            Ok(None) => errors.push(FieldError::new(
+                "interval_days",
+                "give interval_days or cron",
+            )),
+            Err(e) => errors.push(e),
+        }
+        errors.extend(starts_at_error(self.starts_at));
+        errors.extend(limit_error(Some(self.price_increase_limit_percent)));
+        errors
+    }
+}
+
+impl Validate for ScheduleChange {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = self.items.as_deref().map(items_errors).unwrap_or_default();
+        errors.extend(cadence(self.interval_days, self.cron.as_deref()).err());
+        errors.extend(starts_at_error(self.starts_at));
+        errors.extend(limit_error(self.price_increase_limit_percent));
+        let nothing = self.items.is_none()
+            && self.interval_days.is_none()
+            && self.cron.is_none()
+            && self.starts_at.is_none()
+            && self.address_id.is_none()
+            && self.payment_method_id.is_none()
+            && self.on_failure.is_none()
+            && self.price_increase_limit_percent.is_none();
+        if nothing {
+            errors.push(FieldError::new("body", "change at least one field"));
+        }
+        errors
+    }
+}
+
+/// One run of a schedule: a due time and what came of it.
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Run {
+    pub id: Uuid,
+    pub due_at: DateTime<Utc>,
+    /// `placed` (the order exists; see it for payment and delivery),
+    /// `retrying`, `skipped` or `failed`.
+    #[schema(example = "placed")]
+    pub status: String,
+    pub attempt: i32,
+    #[schema(value_type = Option<Reason>)]
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub order_id: Option<Uuid>,
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Schedule {
+    pub id: Uuid,
+    /// `active`, `paused` or `cancelled`.
+    #[schema(example = "active")]
+    pub status: String,
+    pub items: Vec<Item>,
+    pub interval_days: Option<i32>,
+    pub cron: Option<String>,
+    /// Absent once the address was deleted: runs fail until one is chosen.
+    pub address_id: Option<Uuid>,
+    pub payment_method_id: Uuid,
+    pub on_failure: FailurePolicy,
+    pub price_increase_limit_percent: i32,
+    pub currency: String,
+    /// The next due times; empty unless active.
+    pub next_runs: Vec<DateTime<Utc>>,
+    /// The latest runs, newest first.
+    pub runs: Vec<Run>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: Uuid,
+    status: String,
+    items: sqlx::types::Json<Vec<Item>>,
+    interval_days: Option<i32>,
+    cron: Option<String>,
+    address_id: Option<Uuid>,
+    payment_method_id: Uuid,
+    on_failure: String,
+    price_increase_limit_percent: i32,
+    currency: String,
+    next_run_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl Row {
+    fn cadence(&self) -> Result<Cadence, ApiError> {
+        Cadence::from_columns(self.interval_days, self.cron.as_deref())
+            .map_err(|e| anyhow::anyhow!("schedule {} has a bad cadence: {e}", self.id).into())
+    }
+}
+
+const COLUMNS: &str =
+    "id, status, items, interval_days, cron, address_id, payment_method_id, on_failure,
+    price_increase_limit_percent, currency, next_run_at, created_at, updated_at";
+
+/// The caller's schedule `id`, locked with `lock`; 404 for anyone else's.
+async fn row(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    id: Uuid,
+    lock: bool,
+) -> Result<Row, ApiError> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM replenishment_schedules WHERE id = $1 AND customer_id = $2 {}",
+        if lock { "FOR UPDATE" } else { "" }
+    )))
+    .bind(id)
+    .bind(customer)
+    .fetch_optional(conn)
+    .await?
+    .ok_or(ApiError::NotFound)
+}
+
+async fn view(conn: &mut PgConnection, row: Row) -> Result<Schedule, ApiError> {
+    let runs: Vec<Run> = sqlx::query_as(
+        "SELECT id, due_at, status, attempt, reason, detail, order_id, retry_at FROM replenishment_runs
+          WHERE schedule_id = $1 ORDER BY due_at DESC LIMIT $2",
+    )
+    .bind(row.id)
+    .bind(RECENT_RUNS)
+    .fetch_all(conn)
+    .await?;
+    let next_runs = if row.status == "active" {
+        row.cadence()?.upcoming(row.next_run_at, NEXT_RUNS)
+    } else {
+        vec![]
+    };
+    Ok(Schedule {
+        id: row.id,
+        status: row.status,
+        items: row.items.0,
+        interval_days: row.interval_days,
+        cron: row.cron,
+        address_id: row.address_id,
+        payment_method_id: row.payment_method_id,
+        on_failure: if row.on_failure == "retry" {
+            FailurePolicy::Retry
+        } else {
+            FailurePolicy::Skip
+        },
+        price_increase_limit_percent: row.price_increase_limit_percent,
+        currency: row.currency,
+        next_runs,
+        runs,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+async fn show(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    id: Uuid,
+) -> Result<Json<Schedule>, ApiError> {
+    let row = row(conn, customer, id, false).await?;
+    Ok(Json(view(conn, row).await?))
+}
+
+/// The items with their prices now (the reference for the price limit);
+/// 422 naming each item that is not for sale.
+async fn priced(conn: &mut PgConnection, items: &[ItemInput]) -> Result<Vec<Item>, ApiError> {
+    let offers: Vec<(Uuid, i64, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT v.id, v.price_now_minor, ({VISIBLE}) FROM variants_now v
+           JOIN products p ON p.id = v.product_id
+           JOIN shops s ON s.id = p.shop_id
+           JOIN users u ON u.id = s.owner_id
+          WHERE v.id = ANY($1)"
+    )))
+    .bind(items.iter().map(|i| i.variant_id).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+    let mut errors = Vec::new();
+    let mut priced = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match offers
+            .iter()
+            .find(|(id, _, visible)| *id == item.variant_id && *visible)
+        {
+            Some((_, price, _)) => priced.push(Item {
+                variant_id: item.variant_id,
+                quantity: item.quantity,
+                reference_price_minor: *price,
+            }),
+            None => errors.push(FieldError::new(
+                format!("items[{i}].variant_id"),
+                "is not for sale",
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(priced)
+    } else {
+        Err(ApiError::Validation(errors))
+    }
+}
+
+async fn require_address(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    id: Uuid,
+) -> Result<(), ApiError> {
+    let found: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM addresses WHERE id = $1 AND user_id = $2")
+            .bind(id)
+            .bind(customer)
+            .fetch_optional(conn)
+            .await?;
+    found.map(|_| ()).ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::new(
+            "address_id",
+            "no such address in your address book",
+        )])
+    })
+}
+
+/// The first due time of a cadence from `starts_at`, if it has one.
+fn first_run(
+    cadence: &Cadence,
+    starts_at: Option<DateTime<Utc>>,
+) -> Result<DateTime<Utc>, ApiError> {
+    cadence.first(Utc::now(), starts_at).ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::new("cron", "never matches from then on")])
+    })
+}
+
+/// Schedule a recurring order.
+#[utoipa::path(
+    post, path = "/me/replenishments", tag = "recurring", security(("bearer" = [])), request_body = NewSchedule,
+    responses(
+        (status = 201, description = "scheduled", body = Schedule),
+        (status = 403, description = "not a customer, or the email is not verified", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is invalid: an item not for sale, a bad cadence, an address or card not the caller's, too many schedules", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    Customer(caller): Customer,
+    ValidJson(body): ValidJson<NewSchedule>,
+) -> Result<(StatusCode, Json<Schedule>), ApiError> {
+    caller.require_verified()?;
+    let cadence = cadence(body.interval_days, body.cron.as_deref())
+        .map_err(|e| ApiError::Validation(vec![e]))?
+        .expect("validated");
+    let next_run_at = first_run(&cadence, body.starts_at)?;
+    let mut tx = state.pool.begin().await?;
+    // Serializes this customer's schedule changes, so the cap holds.
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+        .bind(caller.id)
+        .execute(&mut *tx)
+        .await?;
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM replenishment_schedules WHERE customer_id = $1 AND status <> 'cancelled'",
+    )
+    .bind(caller.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if kept >= MAX_SCHEDULES {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "replenishments",
+            format!("at most {MAX_SCHEDULES} schedules; cancel one first"),
+        )]));
+    }
+    let items = priced(&mut tx, &body.items).await?;
+    require_address(&mut tx, caller.id, body.address_id).await?;
+    payment_methods::require_active(&mut tx, caller.id, body.payment_method_id).await?;
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO replenishment_schedules (id, customer_id, address_id, payment_method_id, currency, items,
+                                             interval_days, cron, on_failure, price_increase_limit_percent,
+                                             next_run_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(id)
+    .bind(caller.id)
+    .bind(body.address_id)
+    .bind(body.payment_method_id)
+    .bind(&state.market.currency)
+    .bind(sqlx::types::Json(&items))
+    .bind(body.interval_days)
+    .bind(body.cron.as_deref().map(normalized))
+    .bind(body.on_failure.as_str())
+    .bind(body.price_increase_limit_percent)
+    .bind(next_run_at)
+    .execute(&mut *tx)
+    .await?;
+    let created = show(&mut tx, caller.id, id).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, created))
+}
+
+/// A cron expression with single spaces between its fields.
+fn normalized(expr: &str) -> String {
+    expr.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The caller's schedules, newest first.
+#[utoipa::path(
+    get, path = "/me/replenishments", tag = "recurring", security(("bearer" = [])),
+    responses((status = 200, description = "the caller's schedules, cancelled ones included", body = Vec<Schedule>))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    Customer(caller): Customer,
+) -> Result<Json<Vec<Schedule>>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM replenishment_schedules WHERE customer_id = $1
+          ORDER BY status = 'cancelled', created_at DESC LIMIT 100"
+    )))
+    .bind(caller.id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut schedules = Vec::with_capacity(rows.len());
+    for row in rows {
+        schedules.push(view(&mut conn, row).await?);
+    }
+    Ok(Json(schedules))
+}
+
+/// One of the caller's schedules, with its next due times and latest runs.
+#[utoipa::path(
+    get, path = "/me/replenishments/{id}", tag = "recurring", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "the schedule", body = Schedule),
+        (status = 404, description = "no such schedule of the caller", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    Customer(caller): Customer,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Schedule>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    show(&mut conn, caller.id, id).await
+}
+
+fn refuse_if_cancelled(row: &Row) -> Result<(), ApiError> {
+    if row.status == "cancelled" {
+        return Err(ApiError::Conflict(FieldError::new(
+            "status",
+            "the schedule is cancelled",
+        )));
+    }
+    Ok(())
+}
+
+/// Change a schedule: its items, cadence, next run, address, card or policy.
+#[utoipa::path(
+    patch, path = "/me/replenishments/{id}", tag = "recurring", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = ScheduleChange,
+    responses(
+        (status = 200, description = "changed", body = Schedule),
+        (status = 404, description = "no such schedule of the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the schedule is cancelled", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is invalid", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn update(
+    State(state): State<AppState>,
+    Customer(caller): Customer,
+    Path(id): Path<Uuid>,
+    ValidJson(body): ValidJson<ScheduleChange>,
+) -> Result<Json<Schedule>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let row = row(&mut tx, caller.id, id, true).await?;
+    refuse_if_cancelled(&row)?;
+    let items = match &body.items {
+        Some(items) => Some(sqlx::types::Json(priced(&mut tx, items).await?)),
+        None => None,
+    };
+    if let Some(address) = body.address_id {
+        require_address(&mut tx, caller.id, address).await?;
+    }
+    if let Some(card) = body.payment_method_id {
+        payment_methods::require_active(&mut tx, caller.id, card).await?;
+    }
+    let new_cadence = cadence(body.interval_days, body.cron.as_deref())
+        .map_err(|e| ApiError::Validation(vec![e]))?;
+    let (interval_days, cron) = match &new_cadence {
+        Some(_) => (body.interval_days, body.cron.as_deref().map(normalized)),
+        None => (row.interval_days, row.cron.clone()),
+    };
+    let next_run_at = match (&new_cadence, body.starts_at) {
+        (None, None) => row.next_run_at,
+        (Some(cadence), starts_at) => first_run(cadence, starts_at)?,
+        (None, starts_at) => first_run(&row.cadence()?, starts_at)?,
+    };
+    sqlx::query(
+        "UPDATE replenishment_schedules
+            SET items = coalesce($2, items), interval_days = $3, cron = $4, next_run_at = $5,
+                address_id = coalesce($6, address_id), payment_method_id = coalesce($7, payment_method_id),
+                on_failure = coalesce($8, on_failure),
+                price_increase_limit_percent = coalesce($9, price_increase_limit_percent), updated_at = now()
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(items)
+    .bind(interval_days)
+    .bind(cron)
+    .bind(next_run_at)
+    .bind(body.address_id)
+    .bind(body.payment_method_id)
+    .bind(body.on_failure.map(FailurePolicy::as_str))
+    .bind(body.price_increase_limit_percent)
+    .execute(&mut *tx)
+    .await?;
+    let changed = show(&mut tx, caller.id, id).await?;
+    tx.commit().await?;
+    Ok(changed)
+}
+
+/// What a status action does to a locked schedule.
+enum Action {
+    Pause,
+    Resume,
+    SkipNext,
+    Cancel,
+}
+
+async fn act(
+    state: &AppState,
+    customer: Uuid,
+    id: Uuid,
+    action: Action,
+) -> Result<Json<Schedule>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let row = row(&mut tx, customer, id, true).await?;
+    refuse_if_cancelled(&row).or_else(|e| match action {
+        Action::Cancel => Ok(()),
+        _ => Err(e),
+    })?;
+    let now = Utc::now();
+    let (status, next_run_at) = match action {
+        Action::Pause => ("paused", row.next_run_at),
+        Action::Cancel => ("cancelled", row.next_run_at),
+        // Resuming does not make up for the runs missed while paused.
+        Action::Resume if row.next_run_at <= now => (
+            "active",
+            row.cadence()?.after(now).unwrap_or(row.next_run_at),
+        ),
+        Action::Resume => ("active", row.next_run_at),
+        Action::SkipNext => {
+            if row.status != "active" {
+                return Err(ApiError::Conflict(FieldError::new(
+                    "status",
+                    "only an active schedule has a next run to skip",
+                )));
+            }
+            // The skipped due time keeps its run, so it is never placed.
+            sqlx::query(
+                "INSERT INTO replenishment_runs (id, schedule_id, due_at, status, reason)
+                 VALUES ($1, $2, $3, 'skipped', $4) ON CONFLICT (schedule_id, due_at) DO NOTHING",
+            )
+            .bind(Uuid::now_v7())
+            .bind(id)
+            .bind(row.next_run_at)
+            .bind(Reason::SkippedByCustomer.as_str())
+            .execute(&mut *tx)
+            .await?;
+            let next = row
+                .cadence()?
+                .next_after(row.next_run_at, now)
+                .unwrap_or(row.next_run_at);
+            ("active", next)
+        }
+    };
+    sqlx::query(
+        "UPDATE replenishment_schedules SET status = $2, next_run_at = $3, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(next_run_at)
+    .execute(&mut *tx)
+    .await?;
+    let changed = show(&mut tx, customer, id).await?;
+    tx.commit().await?;
+    Ok(changed)
+}
+
+/// Pause a schedule: no runs until it is resumed.
+#[utoipa::path(
+    post, path = "/me/replenishments/{id}/pause", tag = "recurring", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "paused", body = Schedule),
+        (status = 404, description = "no such schedule of the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "cancelled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn pause(
+    State(state): State<AppState>,
+    Customer(caller): Customer,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Schedule>, ApiError> {
+    act(&state, caller.id, id, Action::Pause).await
+}
+
+/// Resume a paused schedule from its next due time after now.
+#[utoipa::path(
+    post, path = "/me/replenishments/{id}/resume", tag = "recurring", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "active", body = Schedule),
+        (status = 404, description = "no such schedule of the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "cancelled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn resume(
+    State(state): State<AppState>,
+    Customer(caller): Customer,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Schedule>, ApiError> {
+    act(&state, caller.id, id, Action::Resume).await
+}
+
+/// Skip the next run; the one after it is next.
+#[utoipa::path(
+    post, path = "/me/replenishments/{id}/skip-next", tag = "recurring", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "skipped", body = Schedule),
+        (status = 404, description = "no such schedule of the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not active", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn skip_next(
+    State(state): State<AppState>,
+    Customer(caller): Customer,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Schedule>, ApiError> {
+    act(&state, caller.id, id, Action::SkipNext).await
+}
+
+/// Cancel a schedule for good. Orders already placed go on.
+#[utoipa::path(
+    post, path = "/me/replenishments/{id}/cancel", tag = "recurring", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "cancelled", body = Schedule),
+        (status = 404, description = "no such schedule of the caller", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Customer(caller): Customer,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Schedule>, ApiError> {
+    act(&state, caller.id, id, Action::Cancel).await
+}

@@ -1,0 +1,431 @@
+//! Memberships against localstripe: a plan made at Stripe, a card saved
+//! through a SetupIntent, a subscription whose webhooks move the
+//! membership through its states, and the benefit applying at checkout only
+//! while it is active.
+
+mod common;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use souk_testkit::stripe::{CARD_OK, now};
+use uuid::Uuid;
+
+use common::{
+    admin,
+    catalog::{call, json_of},
+    fields,
+    orders::{Market, add_to_cart, checkout, customer, mails_about, pay, wait_for},
+    problem,
+    recurring::{applied, plan, poll, saved_card, stripe_event},
+    token_for,
+};
+
+/// `POST /me/membership`: `plan` with the saved card `card`.
+async fn subscribe(app: &common::App, token: &str, plan: &Value, card: &str) -> reqwest::Response {
+    let body = json!({"plan_id": plan, "payment_method_id": card});
+    call(app, token, Method::POST, "/me/membership", body).await
+}
+
+/// `POST /me/membership/cancel`, answered 202.
+async fn cancel_membership(app: &common::App, token: &str) -> Value {
+    let resp = call(app, token, Method::POST, "/me/membership/cancel", json!({})).await;
+    json_of(resp, StatusCode::ACCEPTED).await
+}
+
+async fn membership(m: &Market, token: &str) -> Value {
+    json_of(
+        call(&m.app, token, Method::GET, "/me/membership", json!({})).await,
+        StatusCode::OK,
+    )
+    .await
+}
+
+async fn wait_status(m: &Market, token: &str, status: &str) -> Value {
+    poll(&m.app, token, "/me/membership", |v| v["status"] == status).await
+}
+
+/// The cart's membership discount and whether it ships free.
+async fn cart_benefit(m: &Market, token: &str) -> (i64, bool) {
+    let cart = json_of(
+        call(&m.app, token, Method::GET, "/cart", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    (
+        cart["membership_discount_minor"].as_i64().unwrap(),
+        cart["free_shipping"].as_bool().unwrap(),
+    )
+}
+
+/// Buys one walnut board (45.00); returns the order as it awaits payment.
+async fn buy_board(m: &Market, token: &str) -> Value {
+    add_to_cart(&m.app, token, &m.oak.variant, 1).await;
+    let placed = checkout(&m.app, token).await;
+    wait_for(
+        &m.app,
+        token,
+        placed["id"].as_str().unwrap(),
+        "awaiting_payment",
+    )
+    .await
+}
+
+fn money(order: &Value) -> (i64, i64, i64, i64) {
+    (
+        order["discount_minor"].as_i64().unwrap(),
+        order["membership_discount_minor"].as_i64().unwrap(),
+        order["shipping_minor"].as_i64().unwrap(),
+        order["total_minor"].as_i64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_only_while_active() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let admin = token_for(app, &admin(app).await).await;
+    let plus = plan(
+        app,
+        &admin,
+        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month",
+               "free_shipping": true, "percent_off": 10}),
+    )
+    .await;
+    let buyer = customer(app).await;
+    let card = saved_card(&m, &buyer.token, CARD_OK).await;
+
+    // Not a member: full price and shipping.
+    let before = buy_board(&m, &buyer.token).await;
+    assert_eq!(money(&before), (0, 0, 499, 4999));
+
+    let requested = json_of(
+        subscribe(app, &buyer.token, &plus["id"], &card).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    assert_eq!(requested["status"], "requested");
+    assert_eq!(requested["benefits_active"], false);
+    let active = wait_status(&m, &buyer.token, "active").await;
+    assert_eq!(active["benefits_active"], true);
+    assert!(active["current_period_end"].is_string(), "{active}");
+    mails_about(&buyer.email, "Souk Plus membership is active", 1).await;
+    let subscription: String =
+        sqlx::query_scalar("SELECT stripe_subscription_id FROM memberships WHERE id = $1")
+            .bind(Uuid::parse_str(active["id"].as_str().unwrap()).unwrap())
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    let at_stripe = m.stripe.subscription(&subscription).await;
+    assert_eq!(at_stripe["status"], "active");
+    assert_eq!(at_stripe["metadata"]["membership_id"], active["id"]);
+
+    // A member: 10% off and free shipping, in the cart and in the order.
+    add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (450, true));
+    let placed = checkout(app, &buyer.token).await;
+    let id = placed["id"].as_str().unwrap();
+    let member_order = wait_for(app, &buyer.token, id, "awaiting_payment").await;
+    assert_eq!(money(&member_order), (450, 450, 0, 4050));
+    pay(app, &m.stripe, &buyer.token, id, CARD_OK).await;
+    let paid = wait_for(app, &buyer.token, id, "paid").await;
+    assert_eq!(paid["total_minor"], 4050);
+
+    // Events are dated after localstripe's own (sent about a second after
+    // the subscription was made), so theirs are older news when late.
+    let t = now() + 60;
+
+    // A renewal fails: past due, and no benefit while Stripe retries.
+    let invoice = json!({"id": "in_renewal", "object": "invoice", "subscription": subscription,
+                         "billing_reason": "subscription_cycle", "status": "open"});
+    stripe_event(app, "invoice.payment_failed", invoice.clone(), t).await;
+    let past_due = wait_status(&m, &buyer.token, "past_due").await;
+    assert_eq!(past_due["benefits_active"], false);
+    mails_about(&buyer.email, "Souk Plus membership payment failed", 1).await;
+    add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
+    let unbenefited = checkout(app, &buyer.token).await;
+    let unbenefited = wait_for(
+        app,
+        &buyer.token,
+        unbenefited["id"].as_str().unwrap(),
+        "awaiting_payment",
+    )
+    .await;
+    assert_eq!(money(&unbenefited), (0, 0, 499, 4999));
+
+    // Older news arriving late changes nothing.
+    let stale = json!({"id": subscription, "object": "subscription", "status": "canceled",
+                       "metadata": {"membership_id": active["id"]}});
+    stripe_event(app, "customer.subscription.updated", stale, t - 3600).await;
+    assert_eq!(membership(&m, &buyer.token).await["status"], "past_due");
+
+    // Stripe's retry goes through: active again.
+    stripe_event(app, "invoice.payment_succeeded", invoice, t + 1).await;
+    wait_status(&m, &buyer.token, "active").await;
+    add_to_cart(app, &buyer.token, &m.tea.variant, 1).await;
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (300, true));
+
+    // Cancelled at the period's end: Stripe confirms, the benefit lasts.
+    let asked = cancel_membership(app, &buyer.token).await;
+    assert!(asked["cancel_requested_at"].is_string());
+    let ending = poll(app, &buyer.token, "/me/membership", |v| {
+        v["cancel_at_period_end"] == true
+    })
+    .await;
+    assert_eq!(ending["status"], "active");
+    assert_eq!(ending["benefits_active"], true);
+    assert_eq!(
+        m.stripe.subscription(&subscription).await["cancel_at_period_end"],
+        true
+    );
+    // Asking again is answered with the same.
+    let again = cancel_membership(app, &buyer.token).await;
+    assert_eq!(again["cancel_at_period_end"], true);
+
+    // The period ends: Stripe deletes the subscription.
+    let ended = json!({"id": subscription, "object": "subscription", "status": "canceled",
+                       "cancel_at_period_end": true, "metadata": {"membership_id": active["id"]}});
+    let deleted = stripe_event(app, "customer.subscription.deleted", ended.clone(), t + 2).await;
+    let canceled = wait_status(&m, &buyer.token, "canceled").await;
+    assert_eq!(canceled["benefits_active"], false);
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
+    mails_about(&buyer.email, "Souk Plus membership has ended", 1).await;
+
+    // The same event delivered again is taken once.
+    let mut event = souk_testkit::stripe::event(&deleted, "customer.subscription.deleted", ended);
+    event["created"] = json!(t + 2);
+    let resp =
+        common::orders::post_event(app, &event, souk_testkit::stripe::WEBHOOK_SECRET, now()).await;
+    assert!(resp.status().is_success());
+    applied(app, &deleted).await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM stripe_events WHERE id = $1")
+        .bind(&deleted)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1);
+    assert_eq!(membership(&m, &buyer.token).await["status"], "canceled");
+
+    // Ended, the customer may join again.
+    let rejoined = subscribe(app, &buyer.token, &plus["id"], &card).await;
+    assert_eq!(rejoined.status(), StatusCode::ACCEPTED);
+    m.close().await;
+}
+
+#[tokio::test]
+async fn a_declined_first_payment_leaves_the_membership_without_benefits() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let admin = token_for(app, &admin(app).await).await;
+    let plus = plan(
+        app,
+        &admin,
+        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "percent_off": 5}),
+    )
+    .await;
+    let buyer = customer(app).await;
+    // Saved fine; declined when charged.
+    let card = saved_card(&m, &buyer.token, souk_testkit::stripe::CARD_DECLINED).await;
+    json_of(
+        subscribe(app, &buyer.token, &plus["id"], &card).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    let settled = poll(app, &buyer.token, "/me/membership", |v| {
+        v["status"] != "requested"
+    })
+    .await;
+    assert_eq!(settled["status"], "incomplete", "{settled}");
+    assert_eq!(settled["benefits_active"], false);
+    add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
+    m.close().await;
+}
+
+#[tokio::test]
+async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let admin = token_for(app, &admin(app).await).await;
+    let plus = plan(
+        app,
+        &admin,
+        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "year", "free_shipping": true}),
+    )
+    .await;
+    let ann = customer(app).await;
+    let bob = customer(app).await;
+    let anns_card = saved_card(&m, &ann.token, CARD_OK).await;
+
+    // Bob cannot see, confirm or use Ann's card.
+    let path = format!("/me/payment-methods/{anns_card}");
+    problem(
+        call(app, &bob.token, Method::GET, &path, json!({})).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    problem(
+        call(
+            app,
+            &bob.token,
+            Method::POST,
+            &format!("{path}/confirm"),
+            json!({}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    problem(
+        call(app, &bob.token, Method::DELETE, &path, json!({})).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let p = problem(
+        subscribe(app, &bob.token, &plus["id"], &anns_card).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["payment_method_id"]);
+    problem(
+        call(app, &bob.token, Method::GET, "/me/membership", json!({})).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+
+    // No such plan; a plan with nothing to give.
+    let p = problem(
+        subscribe(app, &ann.token, &json!(Uuid::now_v7()), &anns_card).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["plan_id"]);
+    let p = problem(
+        call(
+            app,
+            &admin,
+            Method::POST,
+            "/admin/membership-plans",
+            json!({"name": "Nothing", "amount_minor": 100, "interval": "month"}),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["percent_off"]);
+    let p = problem(
+        call(
+            app,
+            &admin,
+            Method::POST,
+            "/admin/membership-plans",
+            json!({"name": "", "amount_minor": 0, "interval": "week", "percent_off": 5}),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(
+        fields(&p),
+        ["interval"],
+        "the body is read before it is checked"
+    );
+
+    // Only customers; only admins define plans.
+    let seller = &m.oak.seller;
+    let p = problem(
+        call(app, seller, Method::POST, "/me/payment-methods", json!({})).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert_eq!(fields(&p), ["role"]);
+    problem(
+        call(
+            app,
+            &ann.token,
+            Method::POST,
+            "/admin/membership-plans",
+            json!({"name": "Mine", "amount_minor": 100, "interval": "month", "percent_off": 5}),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+
+    // One membership at a time; the card it charges cannot be removed.
+    json_of(
+        subscribe(app, &ann.token, &plus["id"], &anns_card).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    let p = problem(
+        subscribe(app, &ann.token, &plus["id"], &anns_card).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&p), ["plan_id"]);
+    let p = problem(
+        call(app, &ann.token, Method::DELETE, &path, json!({})).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&p), ["id"]);
+
+    // A retired plan takes no new members.
+    json_of(
+        call(
+            app,
+            &admin,
+            Method::POST,
+            &format!(
+                "/admin/membership-plans/{}/retire",
+                plus["id"].as_str().unwrap()
+            ),
+            json!({"reason": "replaced by Plus 2"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let bobs_card = saved_card(&m, &bob.token, CARD_OK).await;
+    let p = problem(
+        subscribe(app, &bob.token, &plus["id"], &bobs_card).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["plan_id"]);
+    let open: Value = json_of(
+        call(app, &bob.token, Method::GET, "/membership-plans", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(open, json!([]));
+
+    // A card nothing uses can be removed, and is gone from the list.
+    assert_eq!(
+        call(
+            app,
+            &bob.token,
+            Method::DELETE,
+            &format!("/me/payment-methods/{bobs_card}"),
+            json!({})
+        )
+        .await
+        .status(),
+        StatusCode::NO_CONTENT
+    );
+    let listed = json_of(
+        call(
+            app,
+            &bob.token,
+            Method::GET,
+            "/me/payment-methods",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(listed, json!([]));
+    m.close().await;
+}

@@ -1,0 +1,569 @@
+//! Replenishment schedules: each due time makes exactly one order, through
+//! the normal pipeline and paid off session with the saved card, however
+//! many replenishers run and whenever one dies; failures tell the customer
+//! and follow the schedule's policy; schedules are their customer's alone.
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use chrono::{DateTime, Utc};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use souk_testkit::{
+    bin_path,
+    stripe::{CARD_DECLINED, CARD_OK},
+};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+use common::{
+    catalog::{call, json_of},
+    fields,
+    orders::{Market, PIPELINE_WAIT, listing, mails_about, stock, wait_for},
+    problem,
+    recurring::{customer_with_card, make_due, replenisher, runs, schedule, schedule_id},
+};
+
+/// A replenisher process, as operators run it.
+fn replenisher_process(m: &Market) -> Child {
+    Command::new(bin_path("replenisher"))
+        .env("DATABASE_URL", &m.app.db.url)
+        .env("AMQP_URL", souk_testkit::amqp_url())
+        .env("AMQP_PREFIX", &m.pipeline.prefix)
+        .env("OPS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env("REPLENISH_POLL_MS", "50")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the replenisher starts")
+}
+
+/// A schedule of `items` (variant, quantity), weekly, first due in a day.
+fn weekly(address: &str, card: &str, items: &[(&str, i32)], on_failure: &str) -> Value {
+    let items: Vec<Value> = items
+        .iter()
+        .map(|(v, q)| json!({"variant_id": v, "quantity": q}))
+        .collect();
+    json!({
+        "items": items, "interval_days": 7, "starts_at": Utc::now() + chrono::Duration::days(1),
+        "address_id": address, "payment_method_id": card, "on_failure": on_failure,
+    })
+}
+
+/// Orders placed for a schedule, as (id, status), oldest first.
+async fn orders_of(m: &Market, schedule: &str) -> Vec<(Uuid, String)> {
+    sqlx::query_as(
+        "SELECT o.id, o.status FROM orders o JOIN replenishment_runs r ON r.id = o.replenishment_run_id
+          WHERE r.schedule_id = $1::uuid ORDER BY o.created_at",
+    )
+    .bind(schedule)
+    .fetch_all(&m.app.db.pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until the schedule's run for `due` reads `status`.
+async fn wait_run(
+    m: &Market,
+    schedule: &str,
+    n: usize,
+    status: &str,
+) -> Vec<(DateTime<Utc>, String, i32, Option<String>)> {
+    let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
+    loop {
+        let got = runs(&m.app, schedule).await;
+        if got.len() >= n && got[n - 1].1 == status {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run {n} of {schedule} never became {status}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn next_run_at(m: &Market, schedule: &str) -> DateTime<Utc> {
+    sqlx::query_scalar("SELECT next_run_at FROM replenishment_schedules WHERE id = $1::uuid")
+        .bind(schedule)
+        .fetch_one(&m.app.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_replenishers_and_a_restart_make_exactly_one_order_per_due_time() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let rice = listing(app, "rice", "Basmati rice", 500, 100).await;
+    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let mut ids = vec![];
+    for _ in 0..8 {
+        let rice = weekly(&address, &card, &[(&rice.variant, 1)], "skip");
+        ids.push(schedule_id(app, &buyer.token, rice).await);
+    }
+
+    // Two replenishers, every schedule due at once.
+    let mut a = replenisher_process(&m);
+    let mut b = replenisher_process(&m);
+    sqlx::query("UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    for id in &ids {
+        let got = wait_run(&m, id, 1, "placed").await;
+        assert_eq!(got.len(), 1, "one run per due time: {got:?}");
+        let orders = orders_of(&m, id).await;
+        assert_eq!(orders.len(), 1, "one order per due time: {orders:?}");
+        let order = wait_for(app, &buyer.token, &orders[0].0.to_string(), "paid").await;
+        assert_eq!(order["replenishment_schedule_id"], id.as_str());
+        assert!(next_run_at(&m, id).await > Utc::now() + chrono::Duration::days(6));
+    }
+    assert_eq!(
+        stock(app, &rice.variant).await,
+        (92, 0),
+        "8 sold, nothing left held"
+    );
+    a.kill().await.unwrap();
+    b.kill().await.unwrap();
+
+    // A replenisher killed mid-run: it is held at its order's insert (the
+    // test locks the customer's row, which the order's key refers to).
+    let target = &ids[0];
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+        .bind(buyer.id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    make_due(app, target).await;
+    let due = next_run_at(&m, target).await;
+    let mut victim = replenisher_process(&m);
+    souk_testkit::wait_until("the replenisher to be mid-run", PIPELINE_WAIT, || async {
+        souk_testkit::count(
+            &app.db.pool,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO orders%'",
+        )
+        .await
+            > 0
+    })
+    .await;
+    victim.kill().await.unwrap();
+    holder.rollback().await.unwrap();
+
+    // Nothing of the killed run stayed; a new replenisher makes it once.
+    let _fresh = replenisher_process(&m);
+    let got = wait_run(&m, target, 2, "placed").await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        got[1].0, due,
+        "the run is for the due time the killed one had claimed"
+    );
+    let orders = orders_of(&m, target).await;
+    assert_eq!(orders.len(), 2, "one order per due time: {orders:?}");
+    wait_for(app, &buyer.token, &orders[1].0.to_string(), "paid").await;
+    // Let it poll a while more: still one run per due time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(runs(app, target).await.len(), 2);
+    m.close().await;
+}
+
+#[tokio::test]
+async fn a_declined_off_session_payment_notifies_the_customer_and_follows_the_schedules_policy() {
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (retrying, retry_card, retry_address) = customer_with_card(&m, CARD_DECLINED).await;
+    let (skipping, skip_card, skip_address) = customer_with_card(&m, CARD_DECLINED).await;
+    let retry = weekly(&retry_address, &retry_card, &[(&m.oak.variant, 1)], "retry");
+    let retry = schedule_id(app, &retrying.token, retry).await;
+    let skip = weekly(&skip_address, &skip_card, &[(&m.tea.variant, 2)], "skip");
+    let skip = schedule_id(app, &skipping.token, skip).await;
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_millis(500), 2));
+    make_due(app, &retry).await;
+    make_due(app, &skip).await;
+
+    // Retry: declined, tried again, declined again, given up after 2.
+    let got = wait_run(&m, &retry, 1, "failed").await;
+    assert_eq!(got[0].2, 2, "two attempts");
+    assert_eq!(got[0].3.as_deref(), Some("payment_declined"));
+    let orders = orders_of(&m, &retry).await;
+    assert_eq!(orders.len(), 2, "one order per attempt: {orders:?}");
+    for (id, _) in &orders {
+        let order = wait_for(app, &retrying.token, &id.to_string(), "cancelled").await;
+        assert!(
+            order["failure_reason"]
+                .as_str()
+                .unwrap()
+                .contains("declined"),
+            "{order}"
+        );
+    }
+    let delayed = mails_about(&retrying.email, "scheduled order is delayed", 1).await;
+    assert!(delayed[0].text.contains("declined"), "{}", delayed[0].text);
+    assert!(delayed[0].text.contains("try again"), "{}", delayed[0].text);
+    let gave_up = mails_about(&retrying.email, "scheduled order was not placed", 1).await;
+    assert!(
+        gave_up[0].text.contains("given this delivery up"),
+        "{}",
+        gave_up[0].text
+    );
+
+    // Skip: declined once, that delivery skipped, the next one stands.
+    let got = wait_run(&m, &skip, 1, "skipped").await;
+    assert_eq!(
+        (got[0].2, got[0].3.as_deref()),
+        (1, Some("payment_declined"))
+    );
+    let orders = orders_of(&m, &skip).await;
+    assert_eq!(orders.len(), 1);
+    wait_for(app, &skipping.token, &orders[0].0.to_string(), "cancelled").await;
+    let skipped = mails_about(&skipping.email, "scheduled order was not placed", 1).await;
+    assert!(skipped[0].text.contains("skipped"), "{}", skipped[0].text);
+    assert!(next_run_at(&m, &skip).await > Utc::now() + chrono::Duration::days(6));
+
+    // The held stock went back; nobody was asked to pay by hand.
+    souk_testkit::wait_until("the stock to be released", PIPELINE_WAIT, || async {
+        stock(app, &m.oak.variant).await == (5, 0) && stock(app, &m.tea.variant).await == (5, 0)
+    })
+    .await;
+    for who in [&retrying.email, &skipping.email] {
+        let asked = souk_testkit::mail::mails_to(who).await;
+        assert!(
+            !asked
+                .iter()
+                .any(|m| m.subject.contains("did not go through")),
+            "{asked:?}"
+        );
+    }
+    m.close().await;
+}
+
+#[tokio::test]
+async fn an_out_of_stock_item_or_a_price_beyond_the_limit_notifies_and_follows_the_policy() {
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    // 6 boards wanted, 5 in stock; retried until the seller restocks.
+    let boards = weekly(&address, &card, &[(&m.oak.variant, 6)], "retry");
+    let boards = schedule_id(app, &buyer.token, boards).await;
+    // 6 teapots wanted, 5 in stock; skipped.
+    let teapots = weekly(&address, &card, &[(&m.tea.variant, 6)], "skip");
+    let teapots = schedule_id(app, &buyer.token, teapots).await;
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_millis(700), 20));
+    make_due(app, &boards).await;
+    make_due(app, &teapots).await;
+
+    let delayed = mails_about(&buyer.email, "scheduled order is delayed", 1).await;
+    assert!(
+        delayed[0].text.contains("only 5 left"),
+        "{}",
+        delayed[0].text
+    );
+    let got = wait_run(&m, &teapots, 1, "skipped").await;
+    assert_eq!(got[0].3.as_deref(), Some("out_of_stock"));
+    assert!(orders_of(&m, &teapots).await.is_empty());
+    let skipped = mails_about(&buyer.email, "scheduled order was not placed", 1).await;
+    assert!(skipped[0].text.contains("skipped"), "{}", skipped[0].text);
+
+    // Restocked: the retry goes through and is paid with the saved card.
+    let restock = call(
+        app,
+        &m.oak.seller,
+        Method::POST,
+        &format!("/seller/variants/{}/stock-adjustments", m.oak.variant),
+        json!({"delta": 5, "reason": "delivery"}),
+    )
+    .await;
+    assert!(restock.status().is_success());
+    let got = wait_run(&m, &boards, 1, "placed").await;
+    assert!(got[0].2 >= 2, "placed on a retry: {got:?}");
+    let orders = orders_of(&m, &boards).await;
+    assert_eq!(orders.len(), 1);
+    let paid = wait_for(app, &buyer.token, &orders[0].0.to_string(), "paid").await;
+    assert_eq!(paid["total_minor"], 6 * 4500 + 499);
+
+    // The price rose past the customer's limit (10% over the price when
+    // the item was chosen): not placed.
+    let one = call(
+        app,
+        &buyer.token,
+        Method::PATCH,
+        &format!("/me/replenishments/{teapots}"),
+        json!({"items": [{"variant_id": m.tea.variant, "quantity": 1}]}),
+    )
+    .await;
+    assert_eq!(one.status(), StatusCode::OK);
+    let raise = call(
+        app,
+        &m.tea.seller,
+        Method::PATCH,
+        &format!("/seller/variants/{}", m.tea.variant),
+        json!({"price_minor": 3400}),
+    )
+    .await;
+    assert!(raise.status().is_success());
+    make_due(app, &teapots).await;
+    let got = wait_run(&m, &teapots, 2, "skipped").await;
+    assert_eq!(got[1].3.as_deref(), Some("price_changed"));
+    let told = mails_about(&buyer.email, "scheduled order was not placed", 2).await;
+    assert!(
+        told.iter().any(|m| m.text.contains("now costs 3400")),
+        "{told:?}"
+    );
+    m.close().await;
+}
+
+#[tokio::test]
+async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let (ann, anns_card, anns_address) = customer_with_card(&m, CARD_OK).await;
+    let (bob, bobs_card, bobs_address) = customer_with_card(&m, CARD_OK).await;
+    let created = schedule(
+        app,
+        &ann.token,
+        json!({"items": [{"variant_id": m.oak.variant, "quantity": 1}, {"variant_id": m.tea.variant, "quantity": 2}],
+               "cron": "0  9 * * MON", "address_id": anns_address, "payment_method_id": anns_card,
+               "on_failure": "retry", "price_increase_limit_percent": 15}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["cron"], "0 9 * * MON");
+    assert_eq!(created["items"][0]["reference_price_minor"], 4500);
+    let next: Vec<DateTime<Utc>> = serde_json::from_value(created["next_runs"].clone()).unwrap();
+    assert_eq!(next.len(), 5);
+    for t in &next {
+        assert_eq!(t.format("%a %H:%M").to_string(), "Mon 09:00");
+    }
+    assert_eq!(next[1] - next[0], chrono::Duration::weeks(1));
+
+    // Bob sees none of it and can change none of it.
+    let path = format!("/me/replenishments/{id}");
+    for (method, suffix, body) in [
+        (Method::GET, "", json!({})),
+        (Method::PATCH, "", json!({"interval_days": 1})),
+        (Method::POST, "/pause", json!({})),
+        (Method::POST, "/resume", json!({})),
+        (Method::POST, "/skip-next", json!({})),
+        (Method::POST, "/cancel", json!({})),
+    ] {
+        let resp = call(
+            app,
+            &bob.token,
+            method.clone(),
+            &format!("{path}{suffix}"),
+            body,
+        )
+        .await;
+        problem(resp, StatusCode::NOT_FOUND).await;
+    }
+    let listed = json_of(
+        call(
+            app,
+            &bob.token,
+            Method::GET,
+            "/me/replenishments",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(listed, json!([]));
+    // Nor use Ann's card or address for his own.
+    let mut theirs = weekly(&anns_address, &bobs_card, &[(&m.oak.variant, 1)], "skip");
+    let p = problem(
+        call(
+            app,
+            &bob.token,
+            Method::POST,
+            "/me/replenishments",
+            theirs.clone(),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["address_id"]);
+    theirs["address_id"] = json!(bobs_address);
+    theirs["payment_method_id"] = json!(anns_card);
+    let p = problem(
+        call(app, &bob.token, Method::POST, "/me/replenishments", theirs).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["payment_method_id"]);
+    let unchanged = json_of(
+        call(app, &ann.token, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(unchanged["status"], "active");
+    assert_eq!(unchanged["next_runs"], created["next_runs"]);
+
+    // Ann pauses, resumes, skips the next run, changes the cadence, cancels.
+    let act = |suffix: &'static str| {
+        let path = path.clone();
+        let token = ann.token.clone();
+        async move {
+            json_of(
+                call(
+                    app,
+                    &token,
+                    Method::POST,
+                    &format!("{path}{suffix}"),
+                    json!({}),
+                )
+                .await,
+                StatusCode::OK,
+            )
+            .await
+        }
+    };
+    let paused = act("/pause").await;
+    assert_eq!(
+        (
+            paused["status"].as_str(),
+            paused["next_runs"].as_array().unwrap().len()
+        ),
+        (Some("paused"), 0)
+    );
+    let p = problem(
+        call(
+            app,
+            &ann.token,
+            Method::POST,
+            &format!("{path}/skip-next"),
+            json!({}),
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&p), ["status"]);
+    let resumed = act("/resume").await;
+    assert_eq!(resumed["next_runs"], created["next_runs"]);
+    let skipped = act("/skip-next").await;
+    assert_eq!(skipped["next_runs"][0], created["next_runs"][1]);
+    assert_eq!(skipped["runs"][0]["status"], "skipped");
+    assert_eq!(skipped["runs"][0]["reason"], "skipped_by_customer");
+    assert_eq!(skipped["runs"][0]["due_at"], created["next_runs"][0]);
+    let changed = json_of(
+        call(
+            app,
+            &ann.token,
+            Method::PATCH,
+            &path,
+            json!({"interval_days": 14, "items": [{"variant_id": m.tea.variant, "quantity": 3}]}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let next: Vec<DateTime<Utc>> = serde_json::from_value(changed["next_runs"].clone()).unwrap();
+    assert_eq!(next[1] - next[0], chrono::Duration::days(14));
+    assert!(changed["cron"].is_null());
+    assert_eq!(
+        changed["items"],
+        json!([{"variant_id": m.tea.variant, "quantity": 3, "reference_price_minor": 3000}])
+    );
+    let cancelled = act("/cancel").await;
+    assert_eq!(cancelled["status"], "cancelled");
+    let p = problem(
+        call(
+            app,
+            &ann.token,
+            Method::PATCH,
+            &path,
+            json!({"interval_days": 3}),
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&p), ["status"]);
+    let listed = json_of(
+        call(
+            app,
+            &ann.token,
+            Method::GET,
+            "/me/replenishments",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    // Bad input names its field, and nothing is written.
+    let base = weekly(&anns_address, &anns_card, &[(&m.oak.variant, 1)], "skip");
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"cron": "0 9 * *", "interval_days": null}), "cron"),
+        (json!({"cron": "0 9 * * 1", "interval_days": null}), "cron"),
+        (
+            json!({"cron": "*/10 * * * *", "interval_days": null}),
+            "cron",
+        ),
+        (json!({"cron": "0 9 * * MON"}), "cron"),
+        (json!({"interval_days": null}), "interval_days"),
+        (json!({"interval_days": 0}), "interval_days"),
+        (
+            json!({"items": [{"variant_id": m.oak.variant, "quantity": 0}]}),
+            "items[0].quantity",
+        ),
+        (
+            json!({"items": [{"variant_id": m.oak.variant, "quantity": 1}, {"variant_id": m.oak.variant, "quantity": 2}]}),
+            "items[1].variant_id",
+        ),
+        (
+            json!({"items": [{"variant_id": Uuid::now_v7(), "quantity": 1}]}),
+            "items[0].variant_id",
+        ),
+        (json!({"items": []}), "items"),
+        (
+            json!({"price_increase_limit_percent": 5000}),
+            "price_increase_limit_percent",
+        ),
+        (
+            json!({"starts_at": Utc::now() - chrono::Duration::days(2)}),
+            "starts_at",
+        ),
+        (json!({"on_failure": "sometimes"}), "on_failure"),
+    ];
+    for (change, field) in cases {
+        let mut body = base.clone();
+        body.as_object_mut()
+            .unwrap()
+            .extend(change.as_object().unwrap().clone());
+        let p = problem(
+            call(
+                app,
+                &ann.token,
+                Method::POST,
+                "/me/replenishments",
+                body.clone(),
+            )
+            .await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+        assert_eq!(fields(&p), [field], "{body}");
+    }
+    let p = problem(
+        call(app, &m.oak.seller, Method::POST, "/me/replenishments", base).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert_eq!(fields(&p), ["role"]);
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM replenishment_schedules")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+    m.close().await;
+}

@@ -1,0 +1,166 @@
+//! Placing an order: the one way an order comes to exist, whether a
+//! customer checks out or a replenishment schedule runs. In the caller's
+//! transaction: the order with its money and address, immutable line
+//! snapshots, the first event of its history and `order.placed`.
+
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{contracts::OrderPlaced, envelope::Envelope, orders::status, outbox};
+
+/// A line as it is bought: snapshots of the names and the price now.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub shop_id: Uuid,
+    pub product_id: Uuid,
+    pub variant_id: Uuid,
+    pub title: String,
+    pub variant_title: String,
+    pub sku: String,
+    pub unit_price_minor: i64,
+    pub quantity: i32,
+}
+
+/// A coupon checked against the order: what it takes off.
+#[derive(Debug, Clone)]
+pub struct AppliedCoupon {
+    pub id: Uuid,
+    pub code: String,
+    pub discount_minor: i64,
+}
+
+/// A membership's benefits while it is active.
+#[derive(Debug, Clone, Copy)]
+pub struct Benefit {
+    pub membership_id: Uuid,
+    pub free_shipping: bool,
+    pub percent_off: i32,
+}
+
+impl Benefit {
+    /// The percentage off what is left after the coupon, rounded down.
+    pub fn discount(&self, after_coupon: i64) -> i64 {
+        after_coupon * i64::from(self.percent_off) / 100
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub customer: Uuid,
+    pub currency: String,
+    pub lines: Vec<Line>,
+    pub coupon: Option<AppliedCoupon>,
+    pub benefit: Option<Benefit>,
+    /// The shipping address as it is now.
+    pub shipping_address: Value,
+    /// Checkout's `Idempotency-Key` and the digest of its request.
+    pub idempotency: Option<(String, Vec<u8>)>,
+    /// A saved card to charge off session (replenishment).
+    pub payment_method: Option<Uuid>,
+    pub replenishment_run: Option<Uuid>,
+    pub correlation_id: String,
+}
+
+/// Writes the order; returns its id.
+pub async fn place(tx: &mut PgConnection, order: NewOrder) -> Result<Uuid, sqlx::Error> {
+    let id = Uuid::now_v7();
+    let subtotal: i64 = order
+        .lines
+        .iter()
+        .map(|l| l.unit_price_minor * i64::from(l.quantity))
+        .sum();
+    let coupon_discount = order.coupon.as_ref().map_or(0, |c| c.discount_minor);
+    let membership_discount = order
+        .benefit
+        .map_or(0, |b| b.discount(subtotal - coupon_discount));
+    let (key, hash) = order.idempotency.clone().unzip();
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, currency, subtotal_minor, discount_minor, coupon_id,
+                             coupon_code, shipping_address, idempotency_key, request_hash, correlation_id,
+                             membership_id, membership_discount_minor, free_shipping, payment_method_id,
+                             replenishment_run_id)
+         VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+    )
+    .bind(id)
+    .bind(order.customer)
+    .bind(&order.currency)
+    .bind(subtotal)
+    .bind(coupon_discount + membership_discount)
+    .bind(order.coupon.as_ref().map(|c| c.id))
+    .bind(order.coupon.as_ref().map(|c| c.code.clone()))
+    .bind(&order.shipping_address)
+    .bind(key)
+    .bind(hash)
+    .bind(&order.correlation_id)
+    .bind(order.benefit.map(|b| b.membership_id))
+    .bind(membership_discount)
+    .bind(order.benefit.is_some_and(|b| b.free_shipping))
+    .bind(order.payment_method)
+    .bind(order.replenishment_run)
+    .execute(&mut *tx)
+    .await?;
+    let lines = &order.lines;
+    sqlx::query(
+        "INSERT INTO order_lines (id, order_id, shop_id, product_id, variant_id, title, variant_title, sku,
+                                 unit_price_minor, quantity)
+         SELECT u.id, $1, u.shop_id, u.product_id, u.variant_id, u.title, u.variant_title, u.sku, u.price, u.quantity
+           FROM unnest($2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::text[],
+                       $9::bigint[], $10::int[])
+                AS u(id, shop_id, product_id, variant_id, title, variant_title, sku, price, quantity)",
+    )
+    .bind(id)
+    .bind(lines.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.shop_id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.product_id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.variant_id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.title.clone()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.variant_title.clone()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.sku.clone()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.unit_price_minor).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.quantity).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    status::placed(tx, id, order.customer).await?;
+    let placed = Envelope::new(&OrderPlaced { order_id: id }, order.correlation_id);
+    outbox::enqueue(tx, &placed).await?;
+    Ok(id)
+}
+
+/// The snapshot of one of the account's addresses an order ships to
+/// (`chosen`, else the default one); `None` if there is no such address.
+pub async fn shipping_address(
+    conn: &mut PgConnection,
+    user: Uuid,
+    chosen: Option<Uuid>,
+) -> Result<Option<Value>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT jsonb_build_object('full_name', full_name, 'line1', line1, 'line2', line2, 'city', city,
+                                   'region', region, 'postal_code', postal_code, 'country', country,
+                                   'phone', phone)
+           FROM addresses WHERE user_id = $1 AND (id = $2 OR ($2 IS NULL AND is_default))",
+    )
+    .bind(user)
+    .bind(chosen)
+    .fetch_optional(conn)
+    .await
+}
+
+/// The benefits of the account's membership, if it is active now.
+pub async fn benefit(conn: &mut PgConnection, user: Uuid) -> Result<Option<Benefit>, sqlx::Error> {
+    let row: Option<(Uuid, bool, i32)> = sqlx::query_as(
+        "SELECT m.id, p.free_shipping, p.percent_off
+           FROM memberships m JOIN membership_plans p ON p.id = m.plan_id
+          WHERE m.user_id = $1 AND m.status = 'active'",
+    )
+    .bind(user)
+    .fetch_optional(conn)
+    .await?;
+    Ok(
+        row.map(|(membership_id, free_shipping, percent_off)| Benefit {
+            membership_id,
+            free_shipping,
+            percent_off,
+        }),
+    )
+}

@@ -1,0 +1,257 @@
+//! Replenishment schedules: when they run (an interval or a cron
+//! expression), what they buy, and why a run may not become a paid order.
+//! The API checks and shows schedules with this; the replenisher runs them.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Runs closer together than this are refused: a schedule is for restocking
+/// a household, not for flooding sellers with orders.
+pub const MIN_GAP: Duration = Duration::hours(1);
+
+/// When a schedule runs.
+#[derive(Debug, Clone)]
+pub enum Cadence {
+    EveryDays(i32),
+    Cron(Box<cron::Schedule>),
+}
+
+impl Cadence {
+    /// A schedule's cadence as stored: exactly one of the two is set.
+    pub fn from_columns(interval_days: Option<i32>, cron: Option<&str>) -> Result<Self, String> {
+        match (interval_days, cron) {
+            (Some(days), None) => Self::every_days(days),
+            (None, Some(expr)) => Self::cron(expr),
+            _ => Err("give either interval_days or cron".into()),
+        }
+    }
+
+    pub fn every_days(days: i32) -> Result<Self, String> {
+        if (1..=365).contains(&days) {
+            Ok(Self::EveryDays(days))
+        } else {
+            Err("must be between 1 and 365".into())
+        }
+    }
+
+    /// A five-field cron expression (minute, hour, day of month, month, day
+    /// of week), in UTC. Days of the week must be named (`MON-FRI`): cron
+    /// dialects number them differently (the `cron` crate counts Sunday as
+    /// 1, Unix cron as 0), and a number would silently pick the wrong day.
+    pub fn cron(expr: &str) -> Result<Self, String> {
+        let fields: Vec<&str> = expr.split_whitespace().collect();
+        if fields.len() != 5 {
+            return Err(
+                "must have five fields: minute hour day-of-month month day-of-week (UTC)".into(),
+            );
+        }
+        if fields[4].bytes().any(|b| b.is_ascii_digit()) {
+            return Err("name the days of the week (MON-FRI, SUN), not numbers".into());
+        }
+        let schedule = cron::Schedule::from_str(&format!("0 {}", fields.join(" ")))
+            .map_err(|e| format!("is not a valid cron expression: {e}"))?;
+        let cadence = Self::Cron(Box::new(schedule));
+        // Too frequent anywhere in the next runs (e.g. `*/5 * * * *`)?
+        let times = cadence.upcoming(Utc::now(), 24);
+        if times.len() < 2 {
+            return Err("never runs".into());
+        }
+        if times.windows(2).any(|w| w[1] - w[0] < MIN_GAP) {
+            return Err("runs more than once an hour".into());
+        }
+        Ok(cadence)
+    }
+
+    /// The first due time after `t`. `None` only for a cron expression that
+    /// never matches again (a 31st of February).
+    pub fn after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Self::EveryDays(days) => Some(t + Duration::days(i64::from(*days))),
+            Self::Cron(schedule) => schedule.after(&t).next(),
+        }
+    }
+
+    /// The first run of a new (or re-timed) schedule: `starts_at` if given
+    /// (the first cron time from then), else one interval from now, or the
+    /// next cron time.
+    pub fn first(
+        &self,
+        now: DateTime<Utc>,
+        starts_at: Option<DateTime<Utc>>,
+    ) -> Option<DateTime<Utc>> {
+        match (self, starts_at) {
+            (Self::EveryDays(_), Some(at)) => Some(at),
+            (Self::Cron(_), Some(at)) => self.after(at - Duration::seconds(1)),
+            (_, None) => self.after(now),
+        }
+    }
+
+    /// `n` due times from `next` on (`next` included).
+    pub fn upcoming(&self, next: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
+        std::iter::successors(Some(next), |t| self.after(*t))
+            .take(n)
+            .collect()
+    }
+
+    /// The first due time after `due` that is still ahead of `now`: runs
+    /// missed while no replenisher ran are not made up (one order, not a
+    /// pile of them).
+    pub fn next_after(&self, due: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let mut next = self.after(due)?;
+        if next <= now {
+            next = match self {
+                Self::EveryDays(days) => {
+                    let step = Duration::days(i64::from(*days));
+                    let behind = (now - next).num_seconds() / step.num_seconds() + 1;
+                    next + step * i32::try_from(behind).unwrap_or(i32::MAX)
+                }
+                Self::Cron(_) => self.after(now)?,
+            };
+        }
+        Some(next)
+    }
+}
+
+/// One item of a schedule, with the price it had when it was chosen.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct Item {
+    pub variant_id: Uuid,
+    pub quantity: i32,
+    /// The unit price when the item was scheduled; a run whose price rose
+    /// more than the schedule's limit above it is not placed.
+    pub reference_price_minor: i64,
+}
+
+impl Item {
+    /// Whether `price` is more than `limit_percent` above the reference.
+    /// Integer arithmetic: `price / reference > 1 + limit / 100`.
+    pub fn beyond_limit(&self, price: i64, limit_percent: i32) -> bool {
+        i128::from(price) * 100
+            > i128::from(self.reference_price_minor) * i128::from(100 + limit_percent)
+    }
+}
+
+/// Why a run did not end in a paid order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    OutOfStock,
+    /// A product was taken off sale (or its shop closed).
+    Unavailable,
+    PriceChanged,
+    PaymentDeclined,
+    NoAddress,
+    NoCard,
+    SkippedByCustomer,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OutOfStock => "out_of_stock",
+            Self::Unavailable => "unavailable",
+            Self::PriceChanged => "price_changed",
+            Self::PaymentDeclined => "payment_declined",
+            Self::NoAddress => "no_address",
+            Self::NoCard => "no_card",
+            Self::SkippedByCustomer => "skipped_by_customer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::OutOfStock,
+            Self::Unavailable,
+            Self::PriceChanged,
+            Self::PaymentDeclined,
+            Self::NoAddress,
+            Self::NoCard,
+            Self::SkippedByCustomer,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
+    /// Whether trying again later could help: a missing address or card
+    /// needs the customer first.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Self::OutOfStock | Self::Unavailable | Self::PriceChanged | Self::PaymentDeclined
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Datelike, TimeZone, Timelike, Weekday};
+
+    use super::*;
+
+    fn at(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn a_weekly_cron_runs_on_the_named_day_in_utc() {
+        let c = Cadence::cron("0 9 * * MON").unwrap();
+        let next = c.after(at(2026, 11, 26, 12)).unwrap(); // a Thursday
+        assert_eq!(next.weekday(), Weekday::Mon);
+        assert_eq!((next.hour(), next.minute()), (9, 0));
+        let runs = c.upcoming(next, 3);
+        assert_eq!(runs[1] - runs[0], Duration::weeks(1));
+    }
+
+    #[test]
+    fn bad_cron_expressions_are_refused_with_a_reason() {
+        assert!(
+            Cadence::cron("0 9 * *")
+                .unwrap_err()
+                .contains("five fields")
+        );
+        assert!(
+            Cadence::cron("0 9 * * 1")
+                .unwrap_err()
+                .contains("name the days")
+        );
+        assert!(
+            Cadence::cron("*/5 * * * *")
+                .unwrap_err()
+                .contains("once an hour")
+        );
+        assert!(
+            Cadence::cron("0 25 * * *")
+                .unwrap_err()
+                .contains("not a valid")
+        );
+        assert!(Cadence::every_days(0).is_err());
+    }
+
+    #[test]
+    fn missed_runs_are_not_made_up() {
+        let weekly = Cadence::every_days(7).unwrap();
+        let due = at(2026, 11, 1, 9);
+        let now = at(2026, 11, 26, 12);
+        let next = weekly.next_after(due, now).unwrap();
+        assert!(next > now && next - now <= Duration::days(7));
+        assert_eq!((next - due).num_days() % 7, 0);
+        // On time: simply the next one.
+        assert_eq!(weekly.next_after(due, due).unwrap(), at(2026, 11, 8, 9));
+    }
+
+    #[test]
+    fn the_price_limit_is_checked_in_integers() {
+        let item = Item {
+            variant_id: Uuid::nil(),
+            quantity: 1,
+            reference_price_minor: 1000,
+        };
+        assert!(!item.beyond_limit(1100, 10));
+        assert!(item.beyond_limit(1101, 10));
+        assert!(item.beyond_limit(1001, 0));
+        assert!(!item.beyond_limit(900, 0));
+    }
+}

@@ -1,0 +1,463 @@
+//! The replenisher: runs customers' replenishment schedules.
+//!
+//! Each poll it does three things, each row in its own transaction and
+//! claimed with `FOR UPDATE SKIP LOCKED`, so any number of replenishers can
+//! run side by side:
+//!
+//! 1. **Due schedules.** The schedule's due time becomes a run, keyed
+//!    `UNIQUE (schedule_id, due_at)`; the schedule moves on to its next due
+//!    time; the order is placed through [`place`], exactly as a checkout
+//!    places one, paid off session with the saved card. All in one
+//!    transaction: a replenisher killed mid-run leaves nothing behind, and
+//!    one that overlaps another finds the run already there.
+//! 2. **Retries.** A run that failed under a `retry` policy is tried again
+//!    once its `retry_at` comes.
+//! 3. **Follow-up.** An order placed for a run can still fail in the
+//!    pipeline (its stock was taken meanwhile, the card was declined): the
+//!    unpaid order is cancelled and the run follows the schedule's policy.
+//!
+//! Every failure tells the customer what happened and what comes next.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use souk_shared::{
+    catalog::VISIBLE,
+    config::{ConfigError, Env},
+    notify,
+    orders::{Actor, cancel, place},
+    outbox,
+    replenishment::{Cadence, Item, Reason},
+};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct ReplenisherConfig {
+    /// How often due schedules, retries and placed orders are looked at.
+    pub poll: Duration,
+    /// How long after a failed run a `retry` schedule tries again.
+    pub retry_after: Duration,
+    /// Attempts per run (the first included) before it is given up.
+    pub max_attempts: i32,
+}
+
+impl ReplenisherConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let max_attempts: i32 = env.or("REPLENISH_MAX_ATTEMPTS", 3)?;
+        if !(1..=20).contains(&max_attempts) {
+            return Err(ConfigError {
+                var: "REPLENISH_MAX_ATTEMPTS".into(),
+                reason: "must be between 1 and 20".into(),
+            });
+        }
+        Ok(Self {
+            poll: env.millis("REPLENISH_POLL_MS", 10_000)?,
+            retry_after: env.millis("REPLENISH_RETRY_MS", 6 * 3600 * 1000)?,
+            max_attempts,
+        })
+    }
+}
+
+/// Most rows of each kind handled per poll before the loop starts over.
+const BATCH: usize = 50;
+
+/// Runs until `shutdown`.
+pub async fn run(pool: PgPool, config: ReplenisherConfig, shutdown: CancellationToken) {
+    let waker = outbox::Waker::spawn(pool.clone());
+    loop {
+        match tick(&pool, &config).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(handled = n, "replenishment runs handled");
+                waker.wake();
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "replenishment poll failed; will try again"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(config.poll) => {}
+        }
+    }
+}
+
+/// One poll: due schedules, then due retries, then placed orders that
+/// failed. Returns how many rows it handled.
+pub async fn tick(pool: &PgPool, config: &ReplenisherConfig) -> anyhow::Result<usize> {
+    let mut handled = 0;
+    for step in [Step::Due, Step::Retry, Step::FollowUp] {
+        for _ in 0..BATCH {
+            let mut tx = pool.begin().await?;
+            let done = match step {
+                Step::Due => run_due(&mut tx, config).await?,
+                Step::Retry => retry_due(&mut tx, config).await?,
+                Step::FollowUp => follow_up(&mut tx, config).await?,
+            };
+            tx.commit().await?;
+            if !done {
+                break;
+            }
+            handled += 1;
+        }
+    }
+    Ok(handled)
+}
+
+#[derive(Clone, Copy)]
+enum Step {
+    Due,
+    Retry,
+    FollowUp,
+}
+
+/// A schedule as a run needs it, locked.
+#[derive(sqlx::FromRow)]
+struct Schedule {
+    id: Uuid,
+    customer_id: Uuid,
+    address_id: Option<Uuid>,
+    payment_method_id: Uuid,
+    currency: String,
+    items: sqlx::types::Json<Vec<Item>>,
+    interval_days: Option<i32>,
+    cron: Option<String>,
+    on_failure: String,
+    price_increase_limit_percent: i32,
+    status: String,
+    next_run_at: DateTime<Utc>,
+}
+
+const SCHEDULE: &str =
+    "s.id, s.customer_id, s.address_id, s.payment_method_id, s.currency, s.items,
+    s.interval_days, s.cron, s.on_failure, s.price_increase_limit_percent, s.status, s.next_run_at";
+
+/// Claims one due schedule: makes its run, moves it on and attempts the
+/// order. `false` when nothing is due.
+async fn run_due(tx: &mut PgConnection, config: &ReplenisherConfig) -> anyhow::Result<bool> {
+    let schedule: Option<Schedule> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SCHEDULE} FROM replenishment_schedules s
+          WHERE s.status = 'active' AND s.next_run_at <= now()
+          ORDER BY s.next_run_at LIMIT 1
+          FOR UPDATE SKIP LOCKED"
+    )))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(schedule) = schedule else {
+        return Ok(false);
+    };
+    let due = schedule.next_run_at;
+    let next = Cadence::from_columns(schedule.interval_days, schedule.cron.as_deref())
+        .ok()
+        .and_then(|c| c.next_after(due, Utc::now()));
+    match next {
+        Some(next) => {
+            sqlx::query("UPDATE replenishment_schedules SET next_run_at = $2, updated_at = now() WHERE id = $1")
+                .bind(schedule.id)
+                .bind(next)
+                .execute(&mut *tx)
+                .await?
+        }
+        // A cron expression that never matches again: nothing more to run.
+        None => {
+            sqlx::query("UPDATE replenishment_schedules SET status = 'paused', updated_at = now() WHERE id = $1")
+                .bind(schedule.id)
+                .execute(&mut *tx)
+                .await?
+        }
+    };
+    let run: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO replenishment_runs (id, schedule_id, due_at, status) VALUES ($1, $2, $3, 'placed')
+         ON CONFLICT (schedule_id, due_at) DO NOTHING RETURNING id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(schedule.id)
+    .bind(due)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match run {
+        Some(run) => attempt(tx, config, &schedule, run, 1).await?,
+        None => tracing::info!(schedule = %schedule.id, %due, "this due time already has its run"),
+    }
+    Ok(true)
+}
+
+/// Claims one run whose retry is due and attempts it again.
+async fn retry_due(tx: &mut PgConnection, config: &ReplenisherConfig) -> anyhow::Result<bool> {
+    let claimed: Option<(Uuid, i32)> = sqlx::query_as(
+        "SELECT r.id, r.attempt FROM replenishment_runs r
+          WHERE r.status = 'retrying' AND r.retry_at <= now()
+          ORDER BY r.retry_at LIMIT 1
+          FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((run, attempts)) = claimed else {
+        return Ok(false);
+    };
+    let schedule = lock_schedule_of(tx, run).await?;
+    if schedule.status != "active" {
+        // Paused or cancelled meanwhile: the customer no longer wants it.
+        sqlx::query(
+            "UPDATE replenishment_runs SET status = 'skipped', retry_at = NULL, updated_at = now() WHERE id = $1",
+        )
+        .bind(run)
+        .execute(&mut *tx)
+        .await?;
+        return Ok(true);
+    }
+    attempt(tx, config, &schedule, run, attempts + 1).await?;
+    Ok(true)
+}
+
+async fn lock_schedule_of(tx: &mut PgConnection, run: Uuid) -> Result<Schedule, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SCHEDULE} FROM replenishment_schedules s
+          WHERE s.id = (SELECT schedule_id FROM replenishment_runs WHERE id = $1)
+          FOR UPDATE"
+    )))
+    .bind(run)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Claims one run whose order ended unpaid (its stock ran out in the
+/// pipeline, the card was declined, it expired): cancels what is left of
+/// the order and applies the schedule's policy.
+async fn follow_up(tx: &mut PgConnection, config: &ReplenisherConfig) -> anyhow::Result<bool> {
+    let claimed: Option<(Uuid, i32, Uuid, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT r.id, r.attempt, o.id, o.status, o.failure_reason, o.correlation_id
+           FROM orders o JOIN replenishment_runs r ON r.order_id = o.id AND r.status = 'placed'
+          WHERE o.replenishment_run_id IS NOT NULL
+            AND o.status IN ('out_of_stock', 'payment_failed', 'expired')
+          LIMIT 1
+          FOR UPDATE OF r, o SKIP LOCKED",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((run, attempts, order, status, failure, corr)) = claimed else {
+        return Ok(false);
+    };
+    let schedule = lock_schedule_of(tx, run).await?;
+    let reason = match status.as_str() {
+        "out_of_stock" => Reason::OutOfStock,
+        _ => Reason::PaymentDeclined,
+    };
+    if status == "payment_failed" {
+        // The stock is still held for it: give it back.
+        let why = "the saved card was declined";
+        cancel::cancel_order(tx, order, None, Actor::System, why, &corr).await?;
+    }
+    let detail = failure.unwrap_or_else(|| match reason {
+        Reason::OutOfStock => "an item sold out before it could be reserved".into(),
+        _ => "the saved card was not charged".into(),
+    });
+    failed(tx, config, &schedule, run, attempts, reason, &detail).await?;
+    Ok(true)
+}
+
+/// What an attempt found: an order placed, or why not.
+enum Outcome {
+    Placed(Uuid),
+    Failed(Reason, String),
+}
+
+/// Attempts run `run` of `schedule` (attempt number `attempt`): checks it
+/// can be bought as the customer set it up, then places the order.
+async fn attempt(
+    tx: &mut PgConnection,
+    config: &ReplenisherConfig,
+    schedule: &Schedule,
+    run: Uuid,
+    attempt: i32,
+) -> anyhow::Result<()> {
+    match order_for(tx, schedule, run).await? {
+        Outcome::Placed(order) => {
+            sqlx::query(
+                "UPDATE replenishment_runs SET status = 'placed', order_id = $2, attempt = $3, reason = NULL,
+                        detail = NULL, retry_at = NULL, updated_at = now()
+                  WHERE id = $1",
+            )
+            .bind(run)
+            .bind(order)
+            .bind(attempt)
+            .execute(&mut *tx)
+            .await?;
+            tracing::info!(schedule = %schedule.id, %run, %order, attempt, "replenishment order placed");
+        }
+        Outcome::Failed(reason, detail) => {
+            failed(tx, config, schedule, run, attempt, reason, &detail).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn order_for(
+    tx: &mut PgConnection,
+    schedule: &Schedule,
+    run: Uuid,
+) -> anyhow::Result<Outcome> {
+    let address = match schedule.address_id {
+        Some(id) => place::shipping_address(tx, schedule.customer_id, Some(id)).await?,
+        None => None,
+    };
+    let Some(address) = address else {
+        let detail = "the schedule's shipping address was deleted".to_string();
+        return Ok(Outcome::Failed(Reason::NoAddress, detail));
+    };
+    let card: Option<String> =
+        sqlx::query_scalar("SELECT status FROM payment_methods WHERE id = $1 AND user_id = $2")
+            .bind(schedule.payment_method_id)
+            .bind(schedule.customer_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if card.as_deref() != Some("active") {
+        let detail = "the schedule's saved card was removed".to_string();
+        return Ok(Outcome::Failed(Reason::NoCard, detail));
+    }
+
+    #[derive(sqlx::FromRow)]
+    struct Offer {
+        variant_id: Uuid,
+        product_id: Uuid,
+        shop_id: Uuid,
+        title: String,
+        variant_title: String,
+        sku: String,
+        price: i64,
+        available: i32,
+        visible: bool,
+    }
+    let items = &schedule.items.0;
+    let offers: Vec<Offer> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT v.id AS variant_id, p.id AS product_id, p.shop_id, p.title, v.title AS variant_title, v.sku,
+                v.price_now_minor AS price, greatest(v.available, 0) AS available, ({VISIBLE}) AS visible
+           FROM variants_now v
+           JOIN products p ON p.id = v.product_id
+           JOIN shops s ON s.id = p.shop_id
+           JOIN users u ON u.id = s.owner_id
+          WHERE v.id = ANY($1)"
+    )))
+    .bind(items.iter().map(|i| i.variant_id).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut lines = Vec::with_capacity(items.len());
+    for item in items {
+        let Some(offer) = offers
+            .iter()
+            .find(|o| o.variant_id == item.variant_id && o.visible)
+        else {
+            let detail = "an item of the schedule is no longer for sale".to_string();
+            return Ok(Outcome::Failed(Reason::Unavailable, detail));
+        };
+        if offer.available < item.quantity {
+            let detail = format!(
+                "{} ({}): only {} left",
+                offer.title, offer.variant_title, offer.available
+            );
+            return Ok(Outcome::Failed(Reason::OutOfStock, detail));
+        }
+        if item.beyond_limit(offer.price, schedule.price_increase_limit_percent) {
+            let detail = format!(
+                "{} ({}) now costs {} (minor units), up from {}; the limit is {}%",
+                offer.title,
+                offer.variant_title,
+                offer.price,
+                item.reference_price_minor,
+                schedule.price_increase_limit_percent
+            );
+            return Ok(Outcome::Failed(Reason::PriceChanged, detail));
+        }
+        lines.push(place::Line {
+            shop_id: offer.shop_id,
+            product_id: offer.product_id,
+            variant_id: offer.variant_id,
+            title: offer.title.clone(),
+            variant_title: offer.variant_title.clone(),
+            sku: offer.sku.clone(),
+            unit_price_minor: offer.price,
+            quantity: item.quantity,
+        });
+    }
+    let order = place::NewOrder {
+        customer: schedule.customer_id,
+        currency: schedule.currency.clone(),
+        lines,
+        coupon: None,
+        benefit: place::benefit(tx, schedule.customer_id).await?,
+        shipping_address: address,
+        idempotency: None,
+        payment_method: Some(schedule.payment_method_id),
+        replenishment_run: Some(run),
+        correlation_id: format!("replenishment-{run}"),
+    };
+    Ok(Outcome::Placed(place::place(tx, order).await?))
+}
+
+/// Applies the schedule's policy to a run that failed, and tells the
+/// customer: `retry` tries again after `retry_after` (up to the attempts
+/// allowed, and only where waiting can help); `skip` waits for the next due
+/// time.
+async fn failed(
+    tx: &mut PgConnection,
+    config: &ReplenisherConfig,
+    schedule: &Schedule,
+    run: Uuid,
+    attempt: i32,
+    reason: Reason,
+    detail: &str,
+) -> anyhow::Result<()> {
+    let retry = schedule.on_failure == "retry";
+    let retry_at = (retry && reason.retryable() && attempt < config.max_attempts)
+        .then(|| Utc::now() + config.retry_after);
+    let status = match (retry_at, retry) {
+        (Some(_), _) => "retrying",
+        (None, true) => "failed",
+        (None, false) => "skipped",
+    };
+    let (run_status, due_at, next_run_at): (String, DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
+        "UPDATE replenishment_runs r SET status = $2, reason = $3, detail = $4, attempt = $5, retry_at = $6,
+                updated_at = now()
+           FROM replenishment_schedules s
+          WHERE r.id = $1 AND s.id = r.schedule_id
+         RETURNING r.status, r.due_at, s.next_run_at",
+    )
+    .bind(run)
+    .bind(status)
+    .bind(reason.as_str())
+    .bind(detail)
+    .bind(attempt)
+    .bind(retry_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    tracing::info!(schedule = %schedule.id, %run, attempt, reason = reason.as_str(), status = run_status, "replenishment run failed");
+    let (email, name): (String, String) =
+        sqlx::query_as("SELECT email, name FROM users WHERE id = $1")
+            .bind(schedule.customer_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let data = json!({
+        "name": name,
+        "schedule_id": schedule.id,
+        "run_id": run,
+        "due_at": due_at,
+        "reason": reason.as_str(),
+        "detail": detail,
+        "outcome": status,
+        "attempt": attempt,
+        "retry_at": retry_at,
+        "next_run_at": (schedule.status == "active").then_some(next_run_at),
+    });
+    notify::in_app(tx, schedule.customer_id, "replenishment_failed", &data).await?;
+    notify::email(
+        tx,
+        &email,
+        "replenishment_failed",
+        data,
+        &format!("replenishment-{run}"),
+    )
+    .await?;
+    Ok(())
+}
