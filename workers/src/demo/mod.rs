@@ -17,8 +17,15 @@ pub const ACCOUNTS: [&str; 4] = [
     "customer@demo.souk",
 ];
 
-/// Loads the demo data unless it is there already; `true` if it loaded it.
+/// Loads the demo data unless it is there already; `true` if it loaded any.
+/// Each part is loaded once (a database from before a part existed gets it).
 pub async fn load(pool: &PgPool) -> anyhow::Result<bool> {
+    let accounts = load_accounts_and_catalog(pool).await?;
+    let plan = load_membership_plan(pool).await?;
+    Ok(accounts || plan)
+}
+
+async fn load_accounts_and_catalog(pool: &PgPool) -> anyhow::Result<bool> {
     let present: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE email = 'admin@demo.souk')")
             .fetch_one(pool)
@@ -64,17 +71,29 @@ pub async fn load(pool: &PgPool) -> anyhow::Result<bool> {
     sqlx::raw_sql(include_str!("catalog.sql"))
         .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// A membership plan, pending until the payments worker makes it at Stripe.
+async fn load_membership_plan(pool: &PgPool) -> anyhow::Result<bool> {
+    let mut tx = pool.begin().await?;
     let plan = Uuid::now_v7();
     // In the demo market's currency (`CURRENCY` in .env.example).
-    sqlx::query(
+    let made = sqlx::query(
         "INSERT INTO membership_plans (id, name, amount_minor, currency, interval, free_shipping, percent_off, created_by)
-         SELECT $1, 'Souk Plus', 999, 'eur', 'month', true, 5, id FROM users WHERE email = 'admin@demo.souk'",
+         SELECT $1, 'Souk Plus', 999, 'eur', 'month', true, 5, id FROM users
+          WHERE email = 'admin@demo.souk' AND NOT EXISTS (SELECT 1 FROM membership_plans)",
     )
     .bind(plan)
     .execute(&mut *tx)
-    .await?;
-    let made = MembershipPlanCreated { plan_id: plan };
-    outbox::enqueue(&mut tx, &Envelope::new(&made, "demo-data")).await?;
+    .await?
+    .rows_affected();
+    if made == 0 {
+        return Ok(false);
+    }
+    let created = MembershipPlanCreated { plan_id: plan };
+    outbox::enqueue(&mut tx, &Envelope::new(&created, "demo-data")).await?;
     tx.commit().await?;
     Ok(true)
 }
