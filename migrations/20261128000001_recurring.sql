@@ -107,8 +107,8 @@ CREATE TABLE replenishment_runs (
     status      text        NOT NULL CHECK (status IN (
                     'placed', 'skipped', 'retrying', 'failed')),
     -- Why it did not place an order that was paid (shared/src/replenishment.rs):
-    -- out_of_stock, unavailable, price_changed, payment_declined, no_address,
-    -- no_card, skipped_by_customer.
+    -- out_of_stock, unavailable, price_changed, payment_declined, unpaid,
+    -- no_address, no_card, skipped_by_customer.
     reason      text,
     detail      text,
     order_id    uuid REFERENCES orders (id),

@@ -26,6 +26,15 @@ async fn subscribe(app: &common::App, token: &str, plan: &Value, card: &str) -> 
     call(app, token, Method::POST, "/me/membership", body).await
 }
 
+/// The Stripe id of a saved card.
+async fn stripe_card(app: &common::App, card: &str) -> String {
+    sqlx::query_scalar("SELECT stripe_payment_method_id FROM payment_methods WHERE id = $1::uuid")
+        .bind(card)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
 /// `POST /me/membership/cancel`, answered 202.
 async fn cancel_membership(app: &common::App, token: &str) -> Value {
     let resp = call(app, token, Method::POST, "/me/membership/cancel", json!({})).await;
@@ -118,6 +127,19 @@ async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_on
     let at_stripe = m.stripe.subscription(&subscription).await;
     assert_eq!(at_stripe["status"], "active");
     assert_eq!(at_stripe["metadata"]["membership_id"], active["id"]);
+    // Another card saved later does not take over the renewals.
+    saved_card(&m, &buyer.token, CARD_OK).await;
+    let customer = m
+        .stripe
+        .get(&format!(
+            "customers/{}",
+            at_stripe["customer"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        customer["invoice_settings"]["default_payment_method"],
+        stripe_card(app, &card).await.as_str()
+    );
 
     // A member: 10% off and free shipping, in the cart and in the order.
     add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
@@ -371,6 +393,26 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     .await;
     assert_eq!(fields(&p), ["id"]);
 
+    // Stripe refusing the cancellation: the member is told why and may ask again.
+    let theirs = poll(app, &ann.token, "/me/membership", |v| {
+        v["status"] == "active"
+    })
+    .await;
+    sqlx::query("UPDATE memberships SET stripe_subscription_id = 'sub_gone' WHERE id = $1::uuid")
+        .bind(theirs["id"].as_str().unwrap())
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    cancel_membership(app, &ann.token).await;
+    let refused = poll(app, &ann.token, "/me/membership", |v| {
+        v["failure"].is_string()
+    })
+    .await;
+    assert!(refused["cancel_requested_at"].is_null(), "{refused}");
+    assert_eq!(refused["cancel_at_period_end"], false);
+    let again = cancel_membership(app, &ann.token).await;
+    assert!(again["cancel_requested_at"].is_string(), "{again}");
+
     // A retired plan takes no new members.
     json_of(
         call(
@@ -427,5 +469,15 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     )
     .await;
     assert_eq!(listed, json!([]));
+    // ... and detached at Stripe, which can charge it no more.
+    let at_stripe = stripe_card(app, &bobs_card).await;
+    souk_testkit::wait_until(
+        "the card to be detached",
+        common::orders::PIPELINE_WAIT,
+        || async {
+            m.stripe.get(&format!("payment_methods/{at_stripe}")).await["customer"].is_null()
+        },
+    )
+    .await;
     m.close().await;
 }

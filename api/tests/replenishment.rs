@@ -223,6 +223,19 @@ async fn a_declined_off_session_payment_notifies_the_customer_and_follows_the_sc
     let skipped = mails_about(&skipping.email, "scheduled order was not placed", 1).await;
     assert!(skipped[0].text.contains("skipped"), "{}", skipped[0].text);
     assert!(next_run_at(&m, &skip).await > Utc::now() + chrono::Duration::days(6));
+    // Nor can it be re-timed to run again at once.
+    let again = call(
+        app,
+        &skipping.token,
+        Method::PATCH,
+        &format!("/me/replenishments/{skip}"),
+        json!({"starts_at": Utc::now()}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(again, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["starts_at"]
+    );
 
     // The held stock went back; nobody was asked to pay by hand.
     souk_testkit::wait_until("the stock to be released", PIPELINE_WAIT, || async {
@@ -447,6 +460,8 @@ async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
     assert_eq!(fields(&p), ["status"]);
     let resumed = act("/resume").await;
     assert_eq!(resumed["next_runs"], created["next_runs"]);
+    // Resuming what runs already changes nothing.
+    assert_eq!(act("/resume").await["next_runs"], created["next_runs"]);
     let skipped = act("/skip-next").await;
     assert_eq!(skipped["next_runs"][0], created["next_runs"][1]);
     assert_eq!(skipped["runs"][0]["status"], "skipped");
@@ -565,5 +580,66 @@ async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
         .await
         .unwrap();
     assert_eq!(kept, 1);
+    m.close().await;
+}
+
+#[tokio::test]
+async fn an_order_that_expired_unpaid_is_never_followed_by_another_and_suspended_accounts_wait() {
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let retry = weekly(&address, &card, &[(&m.oak.variant, 1)], "retry");
+    let id = schedule_id(app, &buyer.token, retry).await;
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_millis(300), 5));
+
+    // A suspended account's schedule waits.
+    sqlx::query("UPDATE users SET suspended_at = now() WHERE id = $1")
+        .bind(buyer.id)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    make_due(app, &id).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(runs(app, &id).await.is_empty(), "no run while suspended");
+
+    // Reinstated, with Stripe unable to charge (the card is gone there): the
+    // order is reserved but never paid, and its reservation runs out.
+    sqlx::query(
+        "UPDATE payment_methods SET stripe_payment_method_id = 'pm_gone' WHERE id = $1::uuid",
+    )
+    .bind(&card)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE users SET suspended_at = NULL WHERE id = $1")
+        .bind(buyer.id)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    wait_run(&m, &id, 1, "placed").await;
+    let orders = orders_of(&m, &id).await;
+    let order = orders[0].0.to_string();
+    wait_for(app, &buyer.token, &order, "reserved").await;
+    sqlx::query(
+        "UPDATE orders SET reserved_until = now() - interval '1 second' WHERE id = $1::uuid",
+    )
+    .bind(&order)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    wait_for(app, &buyer.token, &order, "expired").await;
+
+    // Retry policy or not, no second order: a late payment may still come.
+    let got = wait_run(&m, &id, 1, "failed").await;
+    assert_eq!(got[0].3.as_deref(), Some("unpaid"));
+    let told = mails_about(&buyer.email, "scheduled order was not placed", 1).await;
+    assert!(
+        told[0].text.contains("not paid in time"),
+        "{}",
+        told[0].text
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(orders_of(&m, &id).await.len(), 1);
     m.close().await;
 }

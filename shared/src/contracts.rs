@@ -82,6 +82,10 @@ id_contract!(
     PaymentMethodConfirmed { payment_method_id } = "payment_method.confirmed"
 );
 id_contract!(
+    /// A customer removed a saved card: detach it at Stripe.
+    PaymentMethodRemoved { payment_method_id } = "payment_method.removed"
+);
+id_contract!(
     /// A customer subscribes to a membership plan.
     MembershipRequested { membership_id } = "membership.requested"
 );

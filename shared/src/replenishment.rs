@@ -143,6 +143,9 @@ pub enum Reason {
     Unavailable,
     PriceChanged,
     PaymentDeclined,
+    /// The order expired before its payment was confirmed; a late payment
+    /// may still make it paid, so it is never retried with another order.
+    Unpaid,
     NoAddress,
     NoCard,
     SkippedByCustomer,
@@ -155,6 +158,7 @@ impl Reason {
             Self::Unavailable => "unavailable",
             Self::PriceChanged => "price_changed",
             Self::PaymentDeclined => "payment_declined",
+            Self::Unpaid => "unpaid",
             Self::NoAddress => "no_address",
             Self::NoCard => "no_card",
             Self::SkippedByCustomer => "skipped_by_customer",
@@ -167,6 +171,7 @@ impl Reason {
             Self::Unavailable,
             Self::PriceChanged,
             Self::PaymentDeclined,
+            Self::Unpaid,
             Self::NoAddress,
             Self::NoCard,
             Self::SkippedByCustomer,
@@ -176,7 +181,7 @@ impl Reason {
     }
 
     /// Whether trying again later could help: a missing address or card
-    /// needs the customer first.
+    /// needs the customer first, and an unpaid order may yet be paid.
     pub fn retryable(self) -> bool {
         matches!(
             self,

@@ -76,6 +76,7 @@ pub const PAYMENTS: GroupSpec = GroupSpec {
         "membership_plan.created",
         "payment_method.setup_requested",
         "payment_method.confirmed",
+        "payment_method.removed",
         "membership.requested",
         "membership.cancel_requested",
     ],

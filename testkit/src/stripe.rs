@@ -169,8 +169,12 @@ impl LocalStripe {
     }
 
     pub async fn subscription(&self, id: &str) -> Value {
-        self.call(reqwest::Method::GET, &format!("subscriptions/{id}"), &[])
-            .await
+        self.get(&format!("subscriptions/{id}")).await
+    }
+
+    /// Any object localstripe holds, e.g. `customers/cus_…`.
+    pub async fn get(&self, path: &str) -> Value {
+        self.call(reqwest::Method::GET, path, &[]).await
     }
 
     /// An intent made outside Souk's payments worker (a second tab, a

@@ -85,32 +85,97 @@ pub async fn run(pool: PgPool, config: ReplenisherConfig, shutdown: Cancellation
 }
 
 /// One poll: due schedules, then due retries, then placed orders that
-/// failed. Returns how many rows it handled.
+/// failed. Each row is its own transaction; a row whose handling fails is
+/// rolled back and left for the next poll, so it never holds up the others.
+/// Returns how many rows it handled.
 pub async fn tick(pool: &PgPool, config: &ReplenisherConfig) -> anyhow::Result<usize> {
     let mut handled = 0;
+    let mut failed: Vec<Uuid> = Vec::new();
     for step in [Step::Due, Step::Retry, Step::FollowUp] {
         for _ in 0..BATCH {
             let mut tx = pool.begin().await?;
-            let done = match step {
-                Step::Due => run_due(&mut tx, config).await?,
-                Step::Retry => retry_due(&mut tx, config).await?,
-                Step::FollowUp => follow_up(&mut tx, config).await?,
-            };
-            tx.commit().await?;
-            if !done {
+            let Some(id) = step.claim(&mut tx, &failed).await? else {
                 break;
+            };
+            match step.handle(&mut tx, config, id).await {
+                Ok(()) => {
+                    tx.commit().await?;
+                    handled += 1;
+                }
+                Err(e) => {
+                    // Dropping the transaction rolls the row back.
+                    tracing::warn!(%id, step = ?step, error = %e, "replenishment row failed; will try again");
+                    failed.push(id);
+                }
             }
-            handled += 1;
         }
     }
     Ok(handled)
 }
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Step {
+    /// A due schedule (its id).
     Due,
+    /// A run whose retry is due (its id).
     Retry,
+    /// A run whose order ended unpaid (the run's id).
     FollowUp,
+}
+
+impl Step {
+    /// Locks one row of this kind that no other replenisher holds, other
+    /// than `skip`. Accounts that are suspended are left alone until they
+    /// are reinstated.
+    async fn claim(
+        self,
+        tx: &mut PgConnection,
+        skip: &[Uuid],
+    ) -> Result<Option<Uuid>, sqlx::Error> {
+        let sql = match self {
+            Step::Due => {
+                "SELECT s.id FROM replenishment_schedules s JOIN users u ON u.id = s.customer_id
+                  WHERE s.status = 'active' AND s.next_run_at <= now() AND u.suspended_at IS NULL
+                    AND s.id <> ALL($1)
+                  ORDER BY s.next_run_at LIMIT 1
+                  FOR UPDATE OF s SKIP LOCKED"
+            }
+            Step::Retry => {
+                "SELECT r.id FROM replenishment_runs r
+                   JOIN replenishment_schedules s ON s.id = r.schedule_id
+                   JOIN users u ON u.id = s.customer_id
+                  WHERE r.status = 'retrying' AND r.retry_at <= now() AND u.suspended_at IS NULL
+                    AND r.id <> ALL($1)
+                  ORDER BY r.retry_at LIMIT 1
+                  FOR UPDATE OF r SKIP LOCKED"
+            }
+            Step::FollowUp => {
+                "SELECT r.id FROM orders o JOIN replenishment_runs r ON r.order_id = o.id AND r.status = 'placed'
+                  WHERE o.replenishment_run_id IS NOT NULL
+                    AND o.status IN ('out_of_stock', 'payment_failed', 'expired')
+                    AND r.id <> ALL($1)
+                  LIMIT 1
+                  FOR UPDATE OF r, o SKIP LOCKED"
+            }
+        };
+        sqlx::query_scalar(sql)
+            .bind(skip)
+            .fetch_optional(&mut *tx)
+            .await
+    }
+
+    async fn handle(
+        self,
+        tx: &mut PgConnection,
+        config: &ReplenisherConfig,
+        id: Uuid,
+    ) -> anyhow::Result<()> {
+        match self {
+            Step::Due => run_due(tx, config, id).await,
+            Step::Retry => retry_due(tx, config, id).await,
+            Step::FollowUp => follow_up(tx, config, id).await,
+        }
+    }
 }
 
 /// A schedule as a run needs it, locked.
@@ -130,24 +195,26 @@ struct Schedule {
     next_run_at: DateTime<Utc>,
 }
 
-const SCHEDULE: &str =
-    "s.id, s.customer_id, s.address_id, s.payment_method_id, s.currency, s.items,
-    s.interval_days, s.cron, s.on_failure, s.price_increase_limit_percent, s.status, s.next_run_at";
+/// Schedule `id`, locked (a no-op when the claim locked it already).
+async fn lock_schedule(tx: &mut PgConnection, id: Uuid) -> Result<Schedule, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, customer_id, address_id, payment_method_id, currency, items, interval_days, cron,
+                on_failure, price_increase_limit_percent, status, next_run_at
+           FROM replenishment_schedules WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await
+}
 
-/// Claims one due schedule: makes its run, moves it on and attempts the
-/// order. `false` when nothing is due.
-async fn run_due(tx: &mut PgConnection, config: &ReplenisherConfig) -> anyhow::Result<bool> {
-    let schedule: Option<Schedule> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SCHEDULE} FROM replenishment_schedules s
-          WHERE s.status = 'active' AND s.next_run_at <= now()
-          ORDER BY s.next_run_at LIMIT 1
-          FOR UPDATE SKIP LOCKED"
-    )))
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(schedule) = schedule else {
-        return Ok(false);
-    };
+/// A claimed due schedule: its run for the due time, the next due time, and
+/// the attempt at the order.
+async fn run_due(
+    tx: &mut PgConnection,
+    config: &ReplenisherConfig,
+    id: Uuid,
+) -> anyhow::Result<()> {
+    let schedule = lock_schedule(tx, id).await?;
     let due = schedule.next_run_at;
     let next = Cadence::from_columns(schedule.interval_days, schedule.cron.as_deref())
         .ok()
@@ -181,81 +248,74 @@ async fn run_due(tx: &mut PgConnection, config: &ReplenisherConfig) -> anyhow::R
         Some(run) => attempt(tx, config, &schedule, run, 1).await?,
         None => tracing::info!(schedule = %schedule.id, %due, "this due time already has its run"),
     }
-    Ok(true)
+    Ok(())
 }
 
-/// Claims one run whose retry is due and attempts it again.
-async fn retry_due(tx: &mut PgConnection, config: &ReplenisherConfig) -> anyhow::Result<bool> {
-    let claimed: Option<(Uuid, i32)> = sqlx::query_as(
-        "SELECT r.id, r.attempt FROM replenishment_runs r
-          WHERE r.status = 'retrying' AND r.retry_at <= now()
-          ORDER BY r.retry_at LIMIT 1
-          FOR UPDATE SKIP LOCKED",
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((run, attempts)) = claimed else {
-        return Ok(false);
-    };
-    let schedule = lock_schedule_of(tx, run).await?;
+/// A claimed run whose retry is due: attempted again, unless the schedule
+/// was paused or cancelled meanwhile.
+async fn retry_due(
+    tx: &mut PgConnection,
+    config: &ReplenisherConfig,
+    run: Uuid,
+) -> anyhow::Result<()> {
+    let (schedule, attempts): (Uuid, i32) =
+        sqlx::query_as("SELECT schedule_id, attempt FROM replenishment_runs WHERE id = $1")
+            .bind(run)
+            .fetch_one(&mut *tx)
+            .await?;
+    let schedule = lock_schedule(tx, schedule).await?;
     if schedule.status != "active" {
-        // Paused or cancelled meanwhile: the customer no longer wants it.
+        // The customer no longer wants it.
         sqlx::query(
             "UPDATE replenishment_runs SET status = 'skipped', retry_at = NULL, updated_at = now() WHERE id = $1",
         )
         .bind(run)
         .execute(&mut *tx)
         .await?;
-        return Ok(true);
+        return Ok(());
     }
-    attempt(tx, config, &schedule, run, attempts + 1).await?;
-    Ok(true)
+    attempt(tx, config, &schedule, run, attempts + 1).await
 }
 
-async fn lock_schedule_of(tx: &mut PgConnection, run: Uuid) -> Result<Schedule, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SCHEDULE} FROM replenishment_schedules s
-          WHERE s.id = (SELECT schedule_id FROM replenishment_runs WHERE id = $1)
-          FOR UPDATE"
-    )))
+/// A claimed run whose order ended unpaid. Stock taken meanwhile or a
+/// declined card: what is left of the order is cancelled and the run
+/// follows the policy. Expired (Souk could not learn in time whether the
+/// card was charged): never retried, since a late payment may still make
+/// that order paid, and a second order would charge twice.
+async fn follow_up(
+    tx: &mut PgConnection,
+    config: &ReplenisherConfig,
+    run: Uuid,
+) -> anyhow::Result<()> {
+    let (attempts, schedule, order, status, failure, corr): (
+        i32,
+        Uuid,
+        Uuid,
+        String,
+        Option<String>,
+        String,
+    ) = sqlx::query_as(
+        "SELECT r.attempt, r.schedule_id, o.id, o.status, o.failure_reason, o.correlation_id
+               FROM replenishment_runs r JOIN orders o ON o.id = r.order_id WHERE r.id = $1",
+    )
     .bind(run)
     .fetch_one(&mut *tx)
-    .await
-}
-
-/// Claims one run whose order ended unpaid (its stock ran out in the
-/// pipeline, the card was declined, it expired): cancels what is left of
-/// the order and applies the schedule's policy.
-async fn follow_up(tx: &mut PgConnection, config: &ReplenisherConfig) -> anyhow::Result<bool> {
-    let claimed: Option<(Uuid, i32, Uuid, String, Option<String>, String)> = sqlx::query_as(
-        "SELECT r.id, r.attempt, o.id, o.status, o.failure_reason, o.correlation_id
-           FROM orders o JOIN replenishment_runs r ON r.order_id = o.id AND r.status = 'placed'
-          WHERE o.replenishment_run_id IS NOT NULL
-            AND o.status IN ('out_of_stock', 'payment_failed', 'expired')
-          LIMIT 1
-          FOR UPDATE OF r, o SKIP LOCKED",
-    )
-    .fetch_optional(&mut *tx)
     .await?;
-    let Some((run, attempts, order, status, failure, corr)) = claimed else {
-        return Ok(false);
-    };
-    let schedule = lock_schedule_of(tx, run).await?;
-    let reason = match status.as_str() {
-        "out_of_stock" => Reason::OutOfStock,
-        _ => Reason::PaymentDeclined,
+    let schedule = lock_schedule(tx, schedule).await?;
+    let (reason, fallback) = match status.as_str() {
+        "out_of_stock" => (
+            Reason::OutOfStock,
+            "an item sold out before it could be reserved",
+        ),
+        "payment_failed" => (Reason::PaymentDeclined, "the saved card was declined"),
+        _ => (Reason::Unpaid, "the payment could not be confirmed in time"),
     };
     if status == "payment_failed" {
         // The stock is still held for it: give it back.
-        let why = "the saved card was declined";
-        cancel::cancel_order(tx, order, None, Actor::System, why, &corr).await?;
+        cancel::cancel_order(tx, order, None, Actor::System, fallback, &corr).await?;
     }
-    let detail = failure.unwrap_or_else(|| match reason {
-        Reason::OutOfStock => "an item sold out before it could be reserved".into(),
-        _ => "the saved card was not charged".into(),
-    });
-    failed(tx, config, &schedule, run, attempts, reason, &detail).await?;
-    Ok(true)
+    let detail = failure.unwrap_or_else(|| fallback.to_string());
+    failed(tx, config, &schedule, run, attempts, reason, &detail).await
 }
 
 /// What an attempt found: an order placed, or why not.
@@ -273,7 +333,20 @@ async fn attempt(
     run: Uuid,
     attempt: i32,
 ) -> anyhow::Result<()> {
-    match order_for(tx, schedule, run).await? {
+    // A run has at most one order that is not over; should one be live (a
+    // late payment revived it), it is the run's order.
+    let live: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM orders WHERE replenishment_run_id = $1
+            AND status NOT IN ('out_of_stock', 'expired', 'cancelled', 'refunded')",
+    )
+    .bind(run)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let outcome = match live {
+        Some(order) => Outcome::Placed(order),
+        None => order_for(tx, schedule, run).await?,
+    };
+    match outcome {
         Outcome::Placed(order) => {
             sqlx::query(
                 "UPDATE replenishment_runs SET status = 'placed', order_id = $2, attempt = $3, reason = NULL,

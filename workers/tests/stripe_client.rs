@@ -135,7 +135,6 @@ async fn recurring_writes_are_keyed_by_what_they_are_for() {
         ("customers", Some(format!("cus-{user}"))),
         ("setup_intents", Some(format!("seti-{method}"))),
         ("attach", Some("attach-pm_1".to_string())),
-        ("customer", Some("default-pm_1".to_string())),
         ("read", None),
         ("plans", Some(format!("plan-{plan}"))),
         ("customer", Some(format!("default-{membership}"))),

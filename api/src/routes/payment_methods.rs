@@ -14,7 +14,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::{
-    contracts::{PaymentMethodConfirmed, PaymentMethodSetupRequested},
+    contracts::{PaymentMethodConfirmed, PaymentMethodRemoved, PaymentMethodSetupRequested},
     envelope::Envelope,
     outbox,
 };
@@ -217,8 +217,9 @@ pub async fn confirm(
     Ok((StatusCode::ACCEPTED, Json(method)))
 }
 
-/// Remove a card. Refused while a membership or a replenishment schedule
-/// still charges it: change those first.
+/// Remove a card: it is detached at Stripe, which charges it no more.
+/// Refused while a membership or a replenishment schedule still charges
+/// it: change those first.
 #[utoipa::path(
     delete, path = "/me/payment-methods/{id}", tag = "recurring", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
@@ -231,6 +232,7 @@ pub async fn confirm(
 pub async fn remove(
     State(state): State<AppState>,
     Customer(caller): Customer,
+    request_id: RequestId,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.pool.begin().await?;
@@ -268,6 +270,10 @@ pub async fn remove(
     .bind(id)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await?;
+    let removed = PaymentMethodRemoved {
+        payment_method_id: id,
+    };
+    outbox::enqueue(&mut tx, &Envelope::new(&removed, request_id.0)).await?;
+    state.commit_with_messages(tx).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -15,7 +15,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::{
     catalog::VISIBLE,
-    replenishment::{Cadence, Item, Reason},
+    replenishment::{Cadence, Item, MIN_GAP, Reason},
 };
 use sqlx::PgConnection;
 use utoipa::ToSchema;
@@ -579,6 +579,23 @@ pub async fn update(
         (Some(cadence), starts_at) => first_run(cadence, starts_at)?,
         (None, starts_at) => first_run(&row.cadence()?, starts_at)?,
     };
+    // Re-timing never brings a run closer than the minimum gap to the last
+    // one that ran: a schedule is not a way to order every few minutes.
+    let last: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT max(due_at) FROM replenishment_runs
+              WHERE schedule_id = $1 AND reason IS DISTINCT FROM $2",
+    )
+    .bind(id)
+    .bind(Reason::SkippedByCustomer.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    if let Some(last) = last.filter(|last| next_run_at < *last + MIN_GAP) {
+        let message = format!("the next run must be at least an hour after the last one ({last})");
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "starts_at",
+            message,
+        )]));
+    }
     sqlx::query(
         "UPDATE replenishment_schedules
             SET items = coalesce($2, items), interval_days = $3, cron = $4, next_run_at = $5,
@@ -627,10 +644,14 @@ async fn act(
     let (status, next_run_at) = match action {
         Action::Pause => ("paused", row.next_run_at),
         Action::Cancel => ("cancelled", row.next_run_at),
-        // Resuming does not make up for the runs missed while paused.
-        Action::Resume if row.next_run_at <= now => (
+        // Resuming does not make up for the runs missed while paused; the
+        // cadence keeps its phase. An active schedule is left as it is (its
+        // due run may be waiting for the replenisher).
+        Action::Resume if row.status == "paused" && row.next_run_at <= now => (
             "active",
-            row.cadence()?.after(now).unwrap_or(row.next_run_at),
+            row.cadence()?
+                .next_after(row.next_run_at, now)
+                .unwrap_or(row.next_run_at),
         ),
         Action::Resume => ("active", row.next_run_at),
         Action::SkipNext => {

@@ -5,7 +5,8 @@
 //! - A seller's **items** are its lines at their snapshot prices.
 //! - A **shop coupon**'s whole discount is that shop's. A **platform
 //!   coupon**'s discount, and a membership's percentage off, are shared in
-//!   proportion to each seller's items:
+//!   proportion to each seller's items (less a shop coupon's discount, where
+//!   a shop coupon and a membership meet):
 //!   each gets `floor(discount × items / all items)` and the units left over
 //!   go one each to the largest remainders (ties to the shop first in id
 //!   order), so the shares always add up to the discount exactly.

@@ -45,7 +45,9 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
         }
         ["demo-data"] => {
             let pool = db::pool(&config.database_url, 2)?;
-            if demo::load(&pool).await? {
+            // The market's currency, as the API reads it: the demo plan is in it.
+            let currency: String = Env::load().or("CURRENCY", "eur".to_string())?;
+            if demo::load(&pool, &currency).await? {
                 println!("demo data loaded; accounts: {}", demo::ACCOUNTS.join(", "));
                 println!("password for each: {}", demo::PASSWORD);
             } else {

@@ -19,9 +19,9 @@ pub const ACCOUNTS: [&str; 4] = [
 
 /// Loads the demo data unless it is there already; `true` if it loaded any.
 /// Each part is loaded once (a database from before a part existed gets it).
-pub async fn load(pool: &PgPool) -> anyhow::Result<bool> {
+pub async fn load(pool: &PgPool, currency: &str) -> anyhow::Result<bool> {
     let accounts = load_accounts_and_catalog(pool).await?;
-    let plan = load_membership_plan(pool).await?;
+    let plan = load_membership_plan(pool, currency).await?;
     Ok(accounts || plan)
 }
 
@@ -76,16 +76,16 @@ async fn load_accounts_and_catalog(pool: &PgPool) -> anyhow::Result<bool> {
 }
 
 /// A membership plan, pending until the payments worker makes it at Stripe.
-async fn load_membership_plan(pool: &PgPool) -> anyhow::Result<bool> {
+async fn load_membership_plan(pool: &PgPool, currency: &str) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
     let plan = Uuid::now_v7();
-    // In the demo market's currency (`CURRENCY` in .env.example).
     let made = sqlx::query(
         "INSERT INTO membership_plans (id, name, amount_minor, currency, interval, free_shipping, percent_off, created_by)
-         SELECT $1, 'Souk Plus', 999, 'eur', 'month', true, 5, id FROM users
+         SELECT $1, 'Souk Plus', 999, $2, 'month', true, 5, id FROM users
           WHERE email = 'admin@demo.souk' AND NOT EXISTS (SELECT 1 FROM membership_plans)",
     )
     .bind(plan)
+    .bind(currency)
     .execute(&mut *tx)
     .await?
     .rows_affected();

@@ -49,6 +49,18 @@ fn money(minor: i64, currency: &str) -> String {
     format!("{sign}{}.{:02} {code}", abs / 100, abs % 100)
 }
 
+/// `{{ at|when }}`: an RFC 3339 time as people read it, in UTC
+/// (`Thu 26 Nov 2026, 09:00 UTC`); anything else as it is.
+fn when(at: String) -> String {
+    chrono::DateTime::parse_from_rfc3339(&at)
+        .map(|t| {
+            t.with_timezone(&chrono::Utc)
+                .format("%a %-d %b %Y, %H:%M UTC")
+                .to_string()
+        })
+        .unwrap_or(at)
+}
+
 macro_rules! embed {
     ($env:ident, $($file:literal),* $(,)?) => {
         $( $env.add_template($file, include_str!(concat!("../../templates/email/", $file)))
@@ -85,6 +97,7 @@ impl Default for Templates {
         env.add_filter("money", |minor: i64, currency: String| {
             money(minor, &currency)
         });
+        env.add_filter("when", when);
         embed!(
             env,
             "layout.html",
@@ -206,6 +219,19 @@ mod tests {
     }
 
     #[test]
+    fn times_read_as_people_say_them() {
+        assert_eq!(
+            when("2026-11-26T09:00:00.123Z".into()),
+            "Thu 26 Nov 2026, 09:00 UTC"
+        );
+        assert_eq!(
+            when("2026-11-26T10:00:00+01:00".into()),
+            "Thu 26 Nov 2026, 09:00 UTC"
+        );
+        assert_eq!(when("soon".into()), "soon");
+    }
+
+    #[test]
     fn money_is_formatted_from_integers() {
         assert_eq!(money(123_456, "eur"), "1234.56 EUR");
         assert_eq!(money(5, "usd"), "0.05 USD");
@@ -310,7 +336,7 @@ mod tests {
                 .render("replenishment_failed", &data)
                 .unwrap_or_else(|e| panic!("{outcome}: {e}"));
             assert!(r.text.contains("only 0 left"), "{}", r.text);
-            assert!(r.text.contains("2026-12-03"), "{}", r.text);
+            assert!(r.text.contains("Thu 3 Dec 2026, 09:00 UTC"), "{}", r.text);
         }
     }
 

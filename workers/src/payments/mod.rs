@@ -21,7 +21,7 @@ use souk_shared::{
     contracts::{
         IntentCancelRequested, MembershipCancelRequested, MembershipPlanCreated,
         MembershipRequested, OrderCancelled, OrderExpired, PaymentMethodConfirmed,
-        PaymentMethodSetupRequested, RefundRequested, StockReserved,
+        PaymentMethodRemoved, PaymentMethodSetupRequested, RefundRequested, StockReserved,
     },
     envelope::Envelope,
     orders::{Actor, Change, OrderStatus, status},
@@ -251,6 +251,10 @@ impl Handler for Payments {
                 let PaymentMethodSetupRequested { payment_method_id } =
                     msg.payload().map_err(bad)?;
                 self.start_setup(payment_method_id).await
+            }
+            "payment_method.removed" => {
+                let PaymentMethodRemoved { payment_method_id } = msg.payload().map_err(bad)?;
+                self.detach_card(payment_method_id).await
             }
             "payment_method.confirmed" => {
                 let PaymentMethodConfirmed { payment_method_id } = msg.payload().map_err(bad)?;

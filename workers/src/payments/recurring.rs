@@ -3,6 +3,7 @@
 //! their cancellation at period end. As for payments, each call is made in
 //! `prepare` with an idempotency key and its answer recorded in `apply`.
 
+use chrono::{DateTime, Utc};
 use souk_shared::membership::{self, MembershipStatus, News};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -34,9 +35,12 @@ pub enum Recurring {
         method: Uuid,
         status: String,
     },
+    /// `asked_at`: when the call was made. Stripe's events about what
+    /// happened after that win over this answer.
     Subscribed {
         membership: Uuid,
         subscription: Subscription,
+        asked_at: DateTime<Utc>,
     },
     SubscriptionRefused {
         membership: Uuid,
@@ -45,6 +49,12 @@ pub enum Recurring {
     EndsAtPeriodEnd {
         membership: Uuid,
         subscription: Subscription,
+        asked_at: DateTime<Utc>,
+    },
+    /// Stripe would not cancel: the member may ask again.
+    CancelRefused {
+        membership: Uuid,
+        message: String,
     },
 }
 
@@ -165,6 +175,24 @@ impl Payments {
         Ok(Answer::Recurring(Recurring::CardKept { method, card }))
     }
 
+    pub(super) async fn detach_card(&self, method: Uuid) -> Result<Answer, Failure> {
+        let card: Option<String> = sqlx::query_scalar(
+            "SELECT stripe_payment_method_id FROM payment_methods WHERE id = $1 AND status = 'removed'",
+        )
+        .bind(method)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        let Some(card) = card else {
+            return Ok(Answer::Nothing);
+        };
+        match self.stripe.detach_payment_method(&card).await {
+            // Refused: it is detached already.
+            Ok(()) | Err(CallError::Refused { .. }) => Ok(Answer::Nothing),
+            Err(e) => Err(failure(e)),
+        }
+    }
+
     pub(super) async fn subscribe(&self, membership: Uuid) -> Result<Answer, Failure> {
         #[derive(sqlx::FromRow)]
         struct Row {
@@ -202,6 +230,7 @@ impl Payments {
             }));
         };
         let key = format!("default-{membership}");
+        let asked_at = Utc::now();
         let made = match self.stripe.make_default(&customer, &card, &key).await {
             Ok(()) => {
                 self.stripe
@@ -214,6 +243,7 @@ impl Payments {
             Ok(subscription) => Ok(Answer::Recurring(Recurring::Subscribed {
                 membership,
                 subscription,
+                asked_at,
             })),
             Err(CallError::Refused { message, .. }) => {
                 Ok(Answer::Recurring(Recurring::SubscriptionRefused {
@@ -235,26 +265,32 @@ impl Payments {
         let Some(subscription) = subscription else {
             return Ok(Answer::Nothing);
         };
-        let subscription = self
-            .stripe
-            .cancel_at_period_end(&subscription)
-            .await
-            .map_err(failure)?;
-        Ok(Answer::Recurring(Recurring::EndsAtPeriodEnd {
-            membership,
-            subscription,
-        }))
+        let asked_at = Utc::now();
+        match self.stripe.cancel_at_period_end(&subscription).await {
+            Ok(subscription) => Ok(Answer::Recurring(Recurring::EndsAtPeriodEnd {
+                membership,
+                subscription,
+                asked_at,
+            })),
+            Err(CallError::Refused { message, .. }) => {
+                Ok(Answer::Recurring(Recurring::CancelRefused {
+                    membership,
+                    message,
+                }))
+            }
+            Err(e) => Err(failure(e)),
+        }
     }
 }
 
-fn news(subscription: &Subscription) -> News {
+fn news(subscription: &Subscription, asked_at: DateTime<Utc>) -> News {
     News {
         status: MembershipStatus::from_stripe(&subscription.status),
         cancel_at_period_end: subscription.cancel_at_period_end,
         current_period_end: subscription
             .current_period_end
-            .and_then(|t| chrono::DateTime::from_timestamp(t, 0)),
-        at: None,
+            .and_then(|t| DateTime::from_timestamp(t, 0)),
+        at: Some(asked_at),
     }
 }
 
@@ -327,6 +363,7 @@ pub async fn record(tx: &mut PgConnection, answer: Recurring, corr: &str) -> Res
         Recurring::Subscribed {
             membership,
             subscription,
+            asked_at,
         } => {
             sqlx::query(
                 "UPDATE memberships SET stripe_subscription_id = coalesce(stripe_subscription_id, $2) WHERE id = $1",
@@ -335,7 +372,7 @@ pub async fn record(tx: &mut PgConnection, answer: Recurring, corr: &str) -> Res
             .bind(&subscription.id)
             .execute(&mut *tx)
             .await?;
-            membership::apply(tx, membership, news(&subscription), corr).await?;
+            membership::apply(tx, membership, news(&subscription, asked_at), corr).await?;
         }
         Recurring::SubscriptionRefused {
             membership,
@@ -355,10 +392,28 @@ pub async fn record(tx: &mut PgConnection, answer: Recurring, corr: &str) -> Res
         Recurring::EndsAtPeriodEnd {
             membership,
             subscription,
+            asked_at,
         } => {
-            let mut news = news(&subscription);
-            news.cancel_at_period_end = Some(true);
-            membership::apply(tx, membership, news, corr).await?;
+            // Confirmed whatever else Stripe said since: it only ever ends.
+            sqlx::query(
+                "UPDATE memberships SET cancel_at_period_end = true, failure = NULL WHERE id = $1",
+            )
+            .bind(membership)
+            .execute(&mut *tx)
+            .await?;
+            membership::apply(tx, membership, news(&subscription, asked_at), corr).await?;
+        }
+        Recurring::CancelRefused {
+            membership,
+            message,
+        } => {
+            sqlx::query(
+                "UPDATE memberships SET cancel_requested_at = NULL, failure = $2, updated_at = now() WHERE id = $1",
+            )
+            .bind(membership)
+            .bind(format!("Stripe did not cancel the membership: {message}"))
+            .execute(&mut *tx)
+            .await?;
         }
     }
     Ok(())

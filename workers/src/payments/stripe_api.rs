@@ -25,7 +25,9 @@ use stripe_core::{
     refund::CreateRefund,
     setup_intent::{CreateSetupIntent, CreateSetupIntentUsage, RetrieveSetupIntent},
 };
-use stripe_payment::payment_method::{AttachPaymentMethod, RetrievePaymentMethod};
+use stripe_payment::payment_method::{
+    AttachPaymentMethod, DetachPaymentMethod, RetrievePaymentMethod,
+};
 use uuid::Uuid;
 
 #[derive(Debug, Clone)]
@@ -306,8 +308,9 @@ impl Stripe {
         self.read(&RetrieveSetupIntent::new(id)).await
     }
 
-    /// Attaches a confirmed card to the customer and makes it the default
-    /// for invoices (subscriptions); returns the card's details.
+    /// Attaches a confirmed card to the customer; returns the card's
+    /// details. It does not become the invoice default: only the card a
+    /// membership was taken out with is (see `make_default`).
     pub async fn keep_payment_method(
         &self,
         customer: &str,
@@ -317,13 +320,16 @@ impl Stripe {
         let _: Created = self
             .send(&attach, &format!("attach-{payment_method}"))
             .await?;
-        self.make_default(
-            customer,
-            payment_method,
-            &format!("default-{payment_method}"),
-        )
-        .await?;
         self.read(&RetrievePaymentMethod::new(payment_method)).await
+    }
+
+    /// Detaches a removed card from its customer: Stripe charges it no more.
+    pub async fn detach_payment_method(&self, payment_method: &str) -> Result<(), CallError> {
+        let detach = DetachPaymentMethod::new(payment_method);
+        let _: Created = self
+            .send(&detach, &format!("detach-{payment_method}"))
+            .await?;
+        Ok(())
     }
 
     /// Makes a card the customer's default for invoices. `key` names what
