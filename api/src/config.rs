@@ -25,6 +25,8 @@ pub struct ApiConfig {
     /// Single sign-on with an OpenID Connect provider, if configured.
     pub oidc: Option<OidcConfig>,
     pub market: MarketConfig,
+    /// How long public catalog answers are kept in the process.
+    pub public_cache: std::time::Duration,
 }
 
 impl ApiConfig {
@@ -39,6 +41,7 @@ impl ApiConfig {
             storage: StorageConfig::from_env(env)?,
             oidc: OidcConfig::from_env(env)?,
             market: MarketConfig::from_env(env)?,
+            public_cache: env.millis("PUBLIC_CACHE_MS", 1_000)?,
         })
     }
 }

@@ -34,7 +34,8 @@ async fn main() {
         (exit_on_error(config.storage.open()), config.storage.clone()),
         config.market.clone(),
     )
-    .with_oidc(config.oidc.clone().map(OidcClient::new));
+    .with_oidc(config.oidc.clone().map(OidcClient::new))
+    .with_public_cache(config.public_cache);
     let app = router(state, config.body_limit, config.storage.image_max_bytes);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

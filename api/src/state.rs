@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::{
     auth::{AuthConfig, Jwt, oidc::OidcClient},
     broker::BrokerProbe,
+    http_cache::PublicCache,
     market_config::MarketConfig,
     ratelimit::RateLimiter,
     storage::StorageConfig,
@@ -29,6 +30,8 @@ pub struct AppState {
     /// Single sign-on; `None` when no provider is configured.
     pub oidc: Option<Arc<OidcClient>>,
     pub market: Arc<MarketConfig>,
+    /// Public catalog answers, kept briefly (off unless configured).
+    pub public: PublicCache,
 }
 
 impl AppState {
@@ -47,6 +50,7 @@ impl AppState {
             storage,
             storage_config,
             oidc: None,
+            public: PublicCache::new(std::time::Duration::ZERO),
             outbox: Waker::spawn(pool.clone()),
             jwt: Arc::new(Jwt::new(&auth)),
             auth: Arc::new(auth),
@@ -54,6 +58,12 @@ impl AppState {
             broker,
             metrics,
         }
+    }
+
+    /// Keeps public catalog answers for `ttl` (zero: not at all).
+    pub fn with_public_cache(mut self, ttl: std::time::Duration) -> Self {
+        self.public = PublicCache::new(ttl);
+        self
     }
 
     /// Turns single sign-on on with this provider.

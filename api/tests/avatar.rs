@@ -4,7 +4,7 @@ mod common;
 
 use std::io::Cursor;
 
-use common::{IMAGE_MAX, App, fields, problem, signed_in, spawn_app};
+use common::{App, IMAGE_MAX, fields, problem, signed_in, spawn_app};
 use reqwest::{StatusCode, multipart};
 use serde_json::Value;
 use souk_testkit::amqp_url;

@@ -35,31 +35,72 @@ async fn a_seller_runs_only_its_own_products_and_drafts_stay_private() {
 
     // Another seller: every route answers as if the product did not exist.
     let path = format!("/seller/products/{id}");
-    problem(call(&app, &b, Method::GET, &path, json!({})).await, StatusCode::NOT_FOUND).await;
+    problem(
+        call(&app, &b, Method::GET, &path, json!({})).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
     let change = json!({"title": "Mine now"});
-    problem(call(&app, &b, Method::PATCH, &path, change).await, StatusCode::NOT_FOUND).await;
+    problem(
+        call(&app, &b, Method::PATCH, &path, change).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
     let extra = json!({"sku": "X", "price_minor": 1});
     let resp = call(&app, &b, Method::POST, &format!("{path}/variants"), extra).await;
     problem(resp, StatusCode::NOT_FOUND).await;
     let adjust = json!({"delta": -4, "reason": "theft"});
-    let resp = call(&app, &b, Method::POST, &format!("/seller/variants/{variant}/stock-adjustments"), adjust).await;
+    let resp = call(
+        &app,
+        &b,
+        Method::POST,
+        &format!("/seller/variants/{variant}/stock-adjustments"),
+        adjust,
+    )
+    .await;
     problem(resp, StatusCode::NOT_FOUND).await;
-    let resp = call(&app, &b, Method::PATCH, &format!("/seller/variants/{variant}"), json!({"price_minor": 1})).await;
+    let resp = call(
+        &app,
+        &b,
+        Method::PATCH,
+        &format!("/seller/variants/{variant}"),
+        json!({"price_minor": 1}),
+    )
+    .await;
     problem(resp, StatusCode::NOT_FOUND).await;
-    let theirs = json_of(call(&app, &b, Method::GET, "/seller/products", json!({})).await, StatusCode::OK).await;
+    let theirs = json_of(
+        call(&app, &b, Method::GET, "/seller/products", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(theirs["total"], 0);
     // A customer is not a seller at all.
     let customer = signed_in(&app, None).await;
-    let resp = call(&app, &customer, Method::POST, "/seller/products", simple("T", "T-1", 1, 0)).await;
+    let resp = call(
+        &app,
+        &customer,
+        Method::POST,
+        "/seller/products",
+        simple("T", "T-1", 1, 0),
+    )
+    .await;
     problem(resp, StatusCode::FORBIDDEN).await;
     // Nothing of theirs changed it.
-    let mine = json_of(call(&app, &a, Method::GET, &path, json!({})).await, StatusCode::OK).await;
+    let mine = json_of(
+        call(&app, &a, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(mine["title"], "Linen apron");
     assert_eq!(mine["variants"][0]["on_hand"], 4);
     assert_eq!(mine["variants"][0]["price_minor"], 2500);
 
     // A draft is invisible to the storefront until published.
-    problem(app.get(&format!("/api/v1/products/{id}")).await, StatusCode::NOT_FOUND).await;
+    problem(
+        app.get(&format!("/api/v1/products/{id}")).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
     assert_eq!(storefront(&app, "/products").await["total"], 0);
     publish(&app, &a, id).await;
     let page = storefront(&app, &format!("/products/{id}")).await;
@@ -78,24 +119,51 @@ async fn bad_products_are_refused_by_field_and_leave_nothing_behind() {
             {"sku": "OK-1", "price_minor": 500, "compare_at_minor": 400}
         ]
     });
-    let body = problem(call(&app, &a, Method::POST, "/seller/products", bad).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let body = problem(
+        call(&app, &a, Method::POST, "/seller/products", bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     let mut got = fields(&body);
     got.sort();
     assert_eq!(
         got,
-        ["title", "variants[0].price_minor", "variants[0].sku", "variants[1].compare_at_minor"]
+        [
+            "title",
+            "variants[0].price_minor",
+            "variants[0].sku",
+            "variants[1].compare_at_minor"
+        ]
     );
-    let unknown = json!({"title": "T", "category": "nope", "variants": [{"sku": "A", "price_minor": 1}]});
-    let body = problem(call(&app, &a, Method::POST, "/seller/products", unknown).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let unknown =
+        json!({"title": "T", "category": "nope", "variants": [{"sku": "A", "price_minor": 1}]});
+    let body = problem(
+        call(&app, &a, Method::POST, "/seller/products", unknown).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(fields(&body), ["category"]);
 
     // A SKU is unique within a shop: the second product is not half-made.
     product(&app, &a, simple("First", "SKU-1", 100, 3)).await;
-    let resp = call(&app, &a, Method::POST, "/seller/products", simple("Second", "SKU-1", 100, 3)).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::POST,
+        "/seller/products",
+        simple("Second", "SKU-1", 100, 3),
+    )
+    .await;
     let body = problem(resp, StatusCode::CONFLICT).await;
     assert_eq!(fields(&body), ["sku"]);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM products").await, 1);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM stock_adjustments").await, 1);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM products").await,
+        1
+    );
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM stock_adjustments").await,
+        1
+    );
     // Another shop may use the same SKU.
     let b = verified_seller(&app, "shop-b").await;
     product(&app, &b, simple("Theirs", "SKU-1", 100, 0)).await;
@@ -107,7 +175,14 @@ async fn an_unverified_seller_cannot_publish() {
     let seller = signed_in(&app, Some("fresh-shop")).await;
     let created = product(&app, &seller, simple("Jam", "JAM", 700, 5)).await;
     let id = created["id"].as_str().unwrap();
-    let resp = call(&app, &seller, Method::PATCH, &format!("/seller/products/{id}"), json!({"status": "active"})).await;
+    let resp = call(
+        &app,
+        &seller,
+        Method::PATCH,
+        &format!("/seller/products/{id}"),
+        json!({"status": "active"}),
+    )
+    .await;
     let body = problem(resp, StatusCode::FORBIDDEN).await;
     assert_eq!(fields(&body), ["email"]);
     let status: String = sqlx::query_scalar("SELECT status FROM products")
@@ -133,7 +208,13 @@ async fn concurrent_stock_changes_never_break_on_hand_above_reserved() {
 
     let path = format!("/seller/variants/{variant}/stock-adjustments");
     let removals = (0..40).map(|_| {
-        call(&app, &a, Method::POST, &path, json!({"delta": -1, "reason": "breakage"}))
+        call(
+            &app,
+            &a,
+            Method::POST,
+            &path,
+            json!({"delta": -1, "reason": "breakage"}),
+        )
     });
     let page_path = format!("/api/v1/products/{id}");
     let reads = (0..20).map(|_| app.get(&page_path));
@@ -141,8 +222,14 @@ async fn concurrent_stock_changes_never_break_on_hand_above_reserved() {
         futures_util::future::join_all(removals),
         futures_util::future::join_all(reads)
     );
-    let ok = removals.iter().filter(|r| r.status() == StatusCode::CREATED).count();
-    let refused = removals.iter().filter(|r| r.status() == StatusCode::CONFLICT).count();
+    let ok = removals
+        .iter()
+        .filter(|r| r.status() == StatusCode::CREATED)
+        .count();
+    let refused = removals
+        .iter()
+        .filter(|r| r.status() == StatusCode::CONFLICT)
+        .count();
     assert_eq!((ok, refused), (15, 25));
     for read in reads {
         let page: Value = read.json().await.unwrap();
@@ -154,7 +241,11 @@ async fn concurrent_stock_changes_never_break_on_hand_above_reserved() {
         .await
         .unwrap();
     assert_eq!((on_hand, reserved), (5, 5));
-    let history = json_of(call(&app, &a, Method::GET, &path, json!({})).await, StatusCode::OK).await;
+    let history = json_of(
+        call(&app, &a, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(history["total"], 16, "the initial stock and 15 removals");
     assert_eq!(history["items"][0]["on_hand_after"], 5);
     let page = storefront(&app, &format!("/products/{id}")).await;
@@ -181,32 +272,78 @@ async fn low_stock_tells_the_seller_once_each_time_it_falls_below() {
         .to_string();
     let path = format!("/seller/variants/{variant}/stock-adjustments");
     for delta in [-3, -3, -1, 10, -10] {
-        let resp = call(&app, &a, Method::POST, &path, json!({"delta": delta, "reason": "count"})).await;
+        let resp = call(
+            &app,
+            &a,
+            Method::POST,
+            &path,
+            json!({"delta": delta, "reason": "count"}),
+        )
+        .await;
         json_of(resp, StatusCode::CREATED).await;
     }
     // 10 → 7 → 4 (below 5: alert) → 3 (still below: quiet) → 13 (re-armed) → 3 (alert).
-    let notes = json_of(call(&app, &a, Method::GET, "/me/notifications", json!({})).await, StatusCode::OK).await;
+    let notes = json_of(
+        call(&app, &a, Method::GET, "/me/notifications", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(notes["total"], 2);
     assert_eq!(notes["items"][0]["kind"], "low_stock");
     assert_eq!(notes["items"][0]["data"]["available"], 3);
     assert_eq!(notes["items"][1]["data"]["available"], 4);
     let low_stock_mails = || async {
         let mails = mails_to(&seller_email).await;
-        mails.into_iter().filter(|m| m.subject.starts_with("Low stock")).collect::<Vec<_>>()
+        mails
+            .into_iter()
+            .filter(|m| m.subject.starts_with("Low stock"))
+            .collect::<Vec<_>>()
     };
-    wait_until("two low-stock mails", WAIT, || async { low_stock_mails().await.len() == 2 }).await;
+    wait_until("two low-stock mails", WAIT, || async {
+        low_stock_mails().await.len() == 2
+    })
+    .await;
     let mail = &low_stock_mails().await[0];
     assert!(mail.subject.contains("CANDLE"), "{}", mail.subject);
-    assert!(mail.text.contains("below your threshold of 5"), "{}", mail.text);
+    assert!(
+        mail.text.contains("below your threshold of 5"),
+        "{}",
+        mail.text
+    );
 
     let first = notes["items"][1]["id"].as_str().unwrap();
-    let resp = call(&app, &a, Method::POST, &format!("/me/notifications/{first}/read"), json!({})).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::POST,
+        &format!("/me/notifications/{first}/read"),
+        json!({}),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    let unread = json_of(call(&app, &a, Method::GET, "/me/notifications?unread=true", json!({})).await, StatusCode::OK).await;
+    let unread = json_of(
+        call(
+            &app,
+            &a,
+            Method::GET,
+            "/me/notifications?unread=true",
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(unread["total"], 1);
     // Someone else's notification is not theirs to mark.
     let other = signed_in(&app, None).await;
-    let resp = call(&app, &other, Method::POST, &format!("/me/notifications/{first}/read"), json!({})).await;
+    let resp = call(
+        &app,
+        &other,
+        Method::POST,
+        &format!("/me/notifications/{first}/read"),
+        json!({}),
+    )
+    .await;
     problem(resp, StatusCode::NOT_FOUND).await;
     pipeline.stop().await;
 }
@@ -220,25 +357,44 @@ async fn search_ranks_by_field_and_filters_combine() {
     let found = storefront(&app, "/products?q=wood").await;
     assert_eq!(
         titles(&found),
-        ["Olive wood spoon set", "Walnut cutting board", "Wool blanket"]
+        [
+            "Olive wood spoon set",
+            "Walnut cutting board",
+            "Wool blanket"
+        ]
     );
     assert_eq!(found["total"], 3);
     // Stemming: "spoons" finds "spoon".
-    assert_eq!(titles(&storefront(&app, "/products?q=carved%20spoons").await), ["Olive wood spoon set"]);
+    assert_eq!(
+        titles(&storefront(&app, "/products?q=carved%20spoons").await),
+        ["Olive wood spoon set"]
+    );
 
     let only_a = storefront(&app, "/products?q=wood&shop=shop-a").await;
     assert_eq!(titles(&only_a), ["Walnut cutting board", "Wool blanket"]);
     let priced = storefront(&app, "/products?q=wood&min_price=2000&max_price=5000").await;
     assert_eq!(titles(&priced), ["Walnut cutting board"]);
     let in_stock = storefront(&app, "/products?q=wood&in_stock=true").await;
-    assert_eq!(titles(&in_stock), ["Olive wood spoon set", "Walnut cutting board"]);
+    assert_eq!(
+        titles(&in_stock),
+        ["Olive wood spoon set", "Walnut cutting board"]
+    );
     // A parent category includes its children.
     let home = storefront(&app, "/products?category=home&sort=price_asc").await;
     assert_eq!(
         titles(&home),
-        ["Olive wood spoon set", "Ceramic teapot", "Walnut cutting board", "Wool blanket"]
+        [
+            "Olive wood spoon set",
+            "Ceramic teapot",
+            "Walnut cutting board",
+            "Wool blanket"
+        ]
     );
-    let kitchen = storefront(&app, "/products?category=kitchen&sort=price_desc&per_page=2&page=2").await;
+    let kitchen = storefront(
+        &app,
+        "/products?category=kitchen&sort=price_desc&per_page=2&page=2",
+    )
+    .await;
     assert_eq!(titles(&kitchen), ["Olive wood spoon set"]);
     assert_eq!(kitchen["total"], 3);
     let blanket = &storefront(&app, "/products?q=blanket").await["items"][0];
@@ -246,7 +402,11 @@ async fn search_ranks_by_field_and_filters_combine() {
     // The shop page is the same list, for one shop.
     let shop = storefront(&app, "/shops/shop-b/products?sort=price_asc").await;
     assert_eq!(titles(&shop), ["Olive wood spoon set", "Ceramic teapot"]);
-    problem(app.get("/api/v1/shops/no-such-shop/products").await, StatusCode::NOT_FOUND).await;
+    problem(
+        app.get("/api/v1/shops/no-such-shop/products").await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
     let tree = storefront(&app, "/categories").await;
     assert_eq!(tree[0]["slug"], "home");
     assert_eq!(tree[0]["children"][0]["slug"], "kitchen");
@@ -270,21 +430,64 @@ async fn a_hidden_product_disappears_from_the_storefront_and_its_seller_sees_why
     let (root, a, ids) = shelf(&app).await;
     let board = ids["Walnut cutting board"].as_str().unwrap();
     let reason = json!({"reason": "counterfeit brand"});
-    let resp = call(&app, &a, Method::POST, &format!("/admin/products/{board}/hide"), reason.clone()).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::POST,
+        &format!("/admin/products/{board}/hide"),
+        reason.clone(),
+    )
+    .await;
     problem(resp, StatusCode::FORBIDDEN).await;
-    let resp = call(&app, &root, Method::POST, &format!("/admin/products/{board}/hide"), reason).await;
+    let resp = call(
+        &app,
+        &root,
+        Method::POST,
+        &format!("/admin/products/{board}/hide"),
+        reason,
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
 
-    assert_eq!(titles(&storefront(&app, "/products?q=wood").await), ["Olive wood spoon set", "Wool blanket"]);
-    problem(app.get(&format!("/api/v1/products/{board}")).await, StatusCode::NOT_FOUND).await;
-    let own = json_of(call(&app, &a, Method::GET, &format!("/seller/products/{board}"), json!({})).await, StatusCode::OK).await;
+    assert_eq!(
+        titles(&storefront(&app, "/products?q=wood").await),
+        ["Olive wood spoon set", "Wool blanket"]
+    );
+    problem(
+        app.get(&format!("/api/v1/products/{board}")).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let own = json_of(
+        call(
+            &app,
+            &a,
+            Method::GET,
+            &format!("/seller/products/{board}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(own["hidden"]["reason"], "counterfeit brand");
     assert_eq!(
-        count(&app.db.pool, "SELECT count(*) FROM audit_log WHERE action = 'product.hide'").await,
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'product.hide'"
+        )
+        .await,
         1
     );
     let back = json!({"reason": "brand owner confirmed"});
-    let resp = call(&app, &root, Method::POST, &format!("/admin/products/{board}/unhide"), back).await;
+    let resp = call(
+        &app,
+        &root,
+        Method::POST,
+        &format!("/admin/products/{board}/unhide"),
+        back,
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     storefront(&app, &format!("/products/{board}")).await;
 }
@@ -301,18 +504,47 @@ async fn public_reads_answer_304_until_something_changes() {
 
     let first = app.http.get(&url).send().await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
-    assert!(first.headers()["cache-control"].to_str().unwrap().contains("max-age"));
+    assert!(
+        first.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age")
+    );
     let etag = first.headers()["etag"].to_str().unwrap().to_string();
-    let again = app.http.get(&url).header("if-none-match", &etag).send().await.unwrap();
+    let again = app
+        .http
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
     assert_eq!(again.headers()["etag"], etag.as_str());
 
-    let resp = call(&app, &a, Method::PATCH, &format!("/seller/variants/{variant}"), json!({"price_minor": 450})).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::PATCH,
+        &format!("/seller/variants/{variant}"),
+        json!({"price_minor": 450}),
+    )
+    .await;
     json_of(resp, StatusCode::OK).await;
-    let changed = app.http.get(&url).header("if-none-match", &etag).send().await.unwrap();
+    let changed = app
+        .http
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(changed.status(), StatusCode::OK);
     assert_ne!(changed.headers()["etag"], etag.as_str());
-    let list = app.http.get(format!("{}/api/v1/products", app.base)).send().await.unwrap();
+    let list = app
+        .http
+        .get(format!("{}/api/v1/products", app.base))
+        .send()
+        .await
+        .unwrap();
     let list_tag = list.headers()["etag"].to_str().unwrap().to_string();
     let list_again = app
         .http
@@ -337,23 +569,64 @@ async fn a_sale_price_applies_only_inside_its_window() {
     let hours = |h: i64| now + chrono::Duration::hours(h);
 
     // Not below the regular price, or already over: refused.
-    let resp = call(&app, &a, Method::POST, &sales, json!({"price_minor": 1000, "starts_at": hours(-1), "ends_at": hours(1)})).await;
-    assert_eq!(fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await), ["price_minor"]);
-    let resp = call(&app, &a, Method::POST, &sales, json!({"price_minor": 500, "starts_at": hours(-3), "ends_at": hours(-2)})).await;
-    assert_eq!(fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await), ["ends_at"]);
+    let resp = call(
+        &app,
+        &a,
+        Method::POST,
+        &sales,
+        json!({"price_minor": 1000, "starts_at": hours(-1), "ends_at": hours(1)}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["price_minor"]
+    );
+    let resp = call(
+        &app,
+        &a,
+        Method::POST,
+        &sales,
+        json!({"price_minor": 500, "starts_at": hours(-3), "ends_at": hours(-2)}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["ends_at"]
+    );
     // Another shop's seller cannot put it on sale.
     let b = verified_seller(&app, "shop-b").await;
-    let resp = call(&app, &b, Method::POST, &sales, json!({"price_minor": 1, "starts_at": hours(-1), "ends_at": hours(1)})).await;
+    let resp = call(
+        &app,
+        &b,
+        Method::POST,
+        &sales,
+        json!({"price_minor": 1, "starts_at": hours(-1), "ends_at": hours(1)}),
+    )
+    .await;
     problem(resp, StatusCode::NOT_FOUND).await;
 
     // Scheduled for tomorrow: not yet.
-    let resp = call(&app, &a, Method::POST, &sales, json!({"price_minor": 600, "starts_at": hours(24), "ends_at": hours(48)})).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::POST,
+        &sales,
+        json!({"price_minor": 600, "starts_at": hours(24), "ends_at": hours(48)}),
+    )
+    .await;
     json_of(resp, StatusCode::CREATED).await;
     let page = storefront(&app, &format!("/products/{id}")).await;
     assert_eq!(page["variants"][0]["price_now_minor"], 1000);
 
     // Running now: the catalog and the cart both use it.
-    let resp = call(&app, &a, Method::POST, &sales, json!({"price_minor": 800, "starts_at": hours(-1), "ends_at": hours(1)})).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::POST,
+        &sales,
+        json!({"price_minor": 800, "starts_at": hours(-1), "ends_at": hours(1)}),
+    )
+    .await;
     let running = json_of(resp, StatusCode::CREATED).await;
     let page = storefront(&app, &format!("/products/{id}")).await;
     assert_eq!(page["variants"][0]["price_now_minor"], 800);
@@ -362,7 +635,18 @@ async fn a_sale_price_applies_only_inside_its_window() {
     assert_eq!(listed["items"][0]["price_from_minor"], 800);
     assert_eq!(listed["items"][0]["on_sale"], true);
     let customer = signed_in(&app, None).await;
-    let cart = json_of(call(&app, &customer, Method::POST, "/cart/items", json!({"variant_id": variant, "quantity": 2})).await, StatusCode::OK).await;
+    let cart = json_of(
+        call(
+            &app,
+            &customer,
+            Method::POST,
+            "/cart/items",
+            json!({"variant_id": variant, "quantity": 2}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(cart["total_minor"], 1600);
 
     // Ended (moved into the past): back to the regular price.
@@ -371,10 +655,22 @@ async fn a_sale_price_applies_only_inside_its_window() {
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let cart = json_of(call(&app, &customer, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    let cart = json_of(
+        call(&app, &customer, Method::GET, "/cart", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(cart["total_minor"], 2000);
-    let listed = json_of(call(&app, &a, Method::GET, &sales, json!({})).await, StatusCode::OK).await;
-    assert_eq!(listed.as_array().unwrap().len(), 1, "only tomorrow's remains");
+    let listed = json_of(
+        call(&app, &a, Method::GET, &sales, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "only tomorrow's remains"
+    );
 }
 
 #[tokio::test]
@@ -410,42 +706,122 @@ async fn the_cart_merges_groups_by_shop_and_takes_every_price_from_the_database(
     assert_eq!(cart["ready_for_checkout"], true);
 
     // A price from the client is refused by name, and changes nothing.
-    let resp = call(&app, &ann, Method::POST, "/cart/items",
-        json!({"variant_id": spoons, "quantity": 1, "unit_price_minor": 1})).await;
-    assert_eq!(fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await), ["unit_price_minor"]);
+    let resp = call(
+        &app,
+        &ann,
+        Method::POST,
+        "/cart/items",
+        json!({"variant_id": spoons, "quantity": 1, "unit_price_minor": 1}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["unit_price_minor"]
+    );
     // More than is in stock: refused, and the line keeps its quantity.
     let body = problem(add(&app, &ann, &board, 1).await, StatusCode::CONFLICT).await;
     assert_eq!(fields(&body), ["quantity"]);
-    let cart = json_of(call(&app, &ann, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    let cart = json_of(
+        call(&app, &ann, Method::GET, "/cart", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(cart["total_minor"], 19_500);
 
     // Bob sees his own (empty) cart and cannot touch Ann's lines.
-    let his = json_of(call(&app, &bob, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    let his = json_of(
+        call(&app, &bob, Method::GET, "/cart", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(his["shops"], json!([]));
     assert_eq!(his["ready_for_checkout"], false);
-    let resp = call(&app, &bob, Method::DELETE, &format!("/cart/items/{board}"), json!({})).await;
+    let resp = call(
+        &app,
+        &bob,
+        Method::DELETE,
+        &format!("/cart/items/{board}"),
+        json!({}),
+    )
+    .await;
     problem(resp, StatusCode::NOT_FOUND).await;
-    let resp = call(&app, &bob, Method::PUT, &format!("/cart/items/{board}"), json!({"quantity": 1})).await;
+    let resp = call(
+        &app,
+        &bob,
+        Method::PUT,
+        &format!("/cart/items/{board}"),
+        json!({"quantity": 1}),
+    )
+    .await;
     problem(resp, StatusCode::NOT_FOUND).await;
     problem(app.get("/api/v1/cart").await, StatusCode::UNAUTHORIZED).await;
 
     // The seller withdraws the board: the line stays, flagged, out of the totals.
     let board_product = ids["Walnut cutting board"].as_str().unwrap();
-    let resp = call(&app, &a, Method::PATCH, &format!("/seller/products/{board_product}"), json!({"status": "archived"})).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::PATCH,
+        &format!("/seller/products/{board_product}"),
+        json!({"status": "archived"}),
+    )
+    .await;
     json_of(resp, StatusCode::OK).await;
-    let cart = json_of(call(&app, &ann, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    let cart = json_of(
+        call(&app, &ann, Method::GET, "/cart", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(cart["shops"][0]["lines"][0]["problem"], "unavailable");
     assert_eq!(cart["shops"][0]["subtotal_minor"], 0);
     assert_eq!(cart["total_minor"], 6_000);
     assert_eq!(cart["ready_for_checkout"], false);
     // It can be lowered but not raised, and removed.
-    let resp = call(&app, &ann, Method::PUT, &format!("/cart/items/{board}"), json!({"quantity": 2})).await;
-    assert_eq!(json_of(resp, StatusCode::OK).await["shops"][0]["lines"][0]["quantity"], 2);
-    let resp = call(&app, &ann, Method::PUT, &format!("/cart/items/{board}"), json!({"quantity": 3})).await;
-    assert_eq!(fields(&problem(resp, StatusCode::CONFLICT).await), ["quantity"]);
-    let resp = call(&app, &ann, Method::DELETE, &format!("/cart/items/{board}"), json!({})).await;
+    let resp = call(
+        &app,
+        &ann,
+        Method::PUT,
+        &format!("/cart/items/{board}"),
+        json!({"quantity": 2}),
+    )
+    .await;
+    assert_eq!(
+        json_of(resp, StatusCode::OK).await["shops"][0]["lines"][0]["quantity"],
+        2
+    );
+    let resp = call(
+        &app,
+        &ann,
+        Method::PUT,
+        &format!("/cart/items/{board}"),
+        json!({"quantity": 3}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(resp, StatusCode::CONFLICT).await),
+        ["quantity"]
+    );
+    let resp = call(
+        &app,
+        &ann,
+        Method::DELETE,
+        &format!("/cart/items/{board}"),
+        json!({}),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    let cart = json_of(call(&app, &ann, Method::PUT, &format!("/cart/items/{spoons}"), json!({"quantity": 2})).await, StatusCode::OK).await;
+    let cart = json_of(
+        call(
+            &app,
+            &ann,
+            Method::PUT,
+            &format!("/cart/items/{spoons}"),
+            json!({"quantity": 2}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(cart["total_minor"], 3_000);
     assert_eq!(cart["ready_for_checkout"], true);
 }
@@ -459,13 +835,22 @@ fn photo(format: image::ImageFormat, width: u32, height: u32) -> Vec<u8> {
     out.into_inner()
 }
 
-async fn upload_photo(app: &App, token: &str, product: &str, bytes: Vec<u8>, name: &str) -> reqwest::Response {
+async fn upload_photo(
+    app: &App,
+    token: &str,
+    product: &str,
+    bytes: Vec<u8>,
+    name: &str,
+) -> reqwest::Response {
     let part = reqwest::multipart::Part::bytes(bytes)
         .file_name(name.to_string())
         .mime_str("image/png")
         .unwrap();
     app.http
-        .post(format!("{}/api/v1/seller/products/{product}/images", app.base))
+        .post(format!(
+            "{}/api/v1/seller/products/{product}/images",
+            app.base
+        ))
         .bearer_auth(token)
         .multipart(reqwest::multipart::Form::new().part("image", part))
         .send()
@@ -482,28 +867,78 @@ async fn product_photos_are_sniffed_re_encoded_ordered_and_served() {
     let id = created["id"].as_str().unwrap();
     publish(&app, &a, id).await;
 
-    let first = upload_photo(&app, &a, id, photo(image::ImageFormat::Jpeg, 2400, 1200), "front.jpg").await;
+    let first = upload_photo(
+        &app,
+        &a,
+        id,
+        photo(image::ImageFormat::Jpeg, 2400, 1200),
+        "front.jpg",
+    )
+    .await;
     json_of(first, StatusCode::CREATED).await;
-    let second = upload_photo(&app, &a, id, photo(image::ImageFormat::Png, 300, 300), "side.png").await;
+    let second = upload_photo(
+        &app,
+        &a,
+        id,
+        photo(image::ImageFormat::Png, 300, 300),
+        "side.png",
+    )
+    .await;
     let with_two = json_of(second, StatusCode::CREATED).await;
     assert_eq!(with_two["images"].as_array().unwrap().len(), 2);
 
     // A text file named .png is refused; so is another shop's seller.
     let text = b"#!/bin/sh\necho not an image\n".to_vec();
-    let body = problem(upload_photo(&app, &a, id, text, "evil.png").await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let body = problem(
+        upload_photo(&app, &a, id, text, "evil.png").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(fields(&body), ["image"]);
-    let theirs = upload_photo(&app, &b, id, photo(image::ImageFormat::Png, 10, 10), "x.png").await;
+    let theirs = upload_photo(
+        &app,
+        &b,
+        id,
+        photo(image::ImageFormat::Png, 10, 10),
+        "x.png",
+    )
+    .await;
     problem(theirs, StatusCode::NOT_FOUND).await;
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM product_images").await, 2);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM product_images").await,
+        2
+    );
 
     // Reordered: the side view becomes the main photo.
-    let ids: Vec<&str> = with_two["images"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = with_two["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
     let order = json!({"image_ids": [ids[1], ids[0]]});
-    let resp = call(&app, &a, Method::PUT, &format!("/seller/products/{id}/images/order"), order).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::PUT,
+        &format!("/seller/products/{id}/images/order"),
+        order,
+    )
+    .await;
     json_of(resp, StatusCode::OK).await;
     let wrong = json!({"image_ids": [ids[1]]});
-    let resp = call(&app, &a, Method::PUT, &format!("/seller/products/{id}/images/order"), wrong).await;
-    assert_eq!(fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await), ["image_ids"]);
+    let resp = call(
+        &app,
+        &a,
+        Method::PUT,
+        &format!("/seller/products/{id}/images/order"),
+        wrong,
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["image_ids"]
+    );
 
     let page = storefront(&app, &format!("/products/{id}")).await;
     assert_eq!(page["images"][0]["id"], ids[1]);
@@ -513,16 +948,89 @@ async fn product_photos_are_sniffed_re_encoded_ordered_and_served() {
 
     // Served as a PNG we made: the big JPEG came back re-encoded and shrunk.
     let big = page["images"][1]["url"].as_str().unwrap();
-    let resp = app.http.get(format!("{}{big}", app.base)).send().await.unwrap();
+    let resp = app
+        .http
+        .get(format!("{}{big}", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "image/png");
     let served = resp.bytes().await.unwrap();
     let decoded = image::load_from_memory_with_format(&served, image::ImageFormat::Png).unwrap();
     assert_eq!((decoded.width(), decoded.height()), (1600, 800));
 
-    let resp = call(&app, &a, Method::DELETE, &format!("/seller/products/{id}/images/{}", ids[0]), json!({})).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::DELETE,
+        &format!("/seller/products/{id}/images/{}", ids[0]),
+        json!({}),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    let resp = app.http.get(format!("{}{big}", app.base)).send().await.unwrap();
+    let resp = app
+        .http
+        .get(format!("{}{big}", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    assert_eq!(storefront(&app, &format!("/products/{id}")).await["images"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        storefront(&app, &format!("/products/{id}")).await["images"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn public_answers_are_kept_for_the_configured_time_then_made_afresh() {
+    let app =
+        common::spawn_app_with_public_cache(&amqp_url(), std::time::Duration::from_millis(500))
+            .await;
+    let seller = verified_seller(&app, "shop-a").await;
+    let created = product(&app, &seller, simple("Oak bowl", "BOWL-1", 1000, 3)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let variant = created["variants"][0]["id"].as_str().unwrap().to_string();
+    publish(&app, &seller, &id).await;
+    let price = |page: &Value| page["items"][0]["price_from_minor"].as_i64().unwrap();
+    let first = app.get("/api/v1/products").await;
+    let tag = first.headers()["etag"].to_str().unwrap().to_string();
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(price(&first), 1000);
+
+    // A new price: answers made before it are served for a while ...
+    let change = json!({"price_minor": 1500});
+    let resp = call(
+        &app,
+        &seller,
+        Method::PATCH,
+        &format!("/seller/variants/{variant}"),
+        change,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(price(&storefront(&app, "/products").await), 1000);
+    let again = app
+        .http
+        .get(format!("{}/api/v1/products", app.base))
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+    // ... a request not asked before is made afresh ...
+    assert_eq!(
+        price(&storefront(&app, "/products?per_page=10").await),
+        1500
+    );
+    // ... and the first one is made again once its time is up.
+    wait_until("the kept answer to be renewed", WAIT, || async {
+        price(&storefront(&app, "/products").await) == 1500
+    })
+    .await;
+    let renewed = storefront(&app, &format!("/products/{id}")).await;
+    assert_eq!(renewed["variants"][0]["price_now_minor"], 1500);
 }

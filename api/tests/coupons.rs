@@ -24,11 +24,22 @@ async fn variant(app: &App, ids: &Value, title: &str) -> String {
 }
 
 async fn apply(app: &App, token: &str, code: &str) -> reqwest::Response {
-    call(app, token, Method::PUT, "/cart/coupon", json!({"code": code})).await
+    call(
+        app,
+        token,
+        Method::PUT,
+        "/cart/coupon",
+        json!({"code": code}),
+    )
+    .await
 }
 
 async fn refused(app: &App, token: &str, code: &str) -> String {
-    let body = problem(apply(app, token, code).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let body = problem(
+        apply(app, token, code).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(fields(&body), ["code"]);
     body["errors"][0]["message"].as_str().unwrap().to_string()
 }
@@ -48,31 +59,94 @@ async fn shop_and_platform_coupons_follow_every_rule() {
     let make = |token: &str, path: &'static str, body: Value| {
         let token = token.to_string();
         let app = &app;
-        async move { json_of(call(app, &token, Method::POST, path, body).await, StatusCode::CREATED).await }
+        async move {
+            json_of(
+                call(app, &token, Method::POST, path, body).await,
+                StatusCode::CREATED,
+            )
+            .await
+        }
     };
     // Shop A: 15% off its own items over 4000; 3% rounds down.
-    make(&a, "/seller/coupons", json!({"code": "ATEN", "percent_off": 15, "min_order_minor": 4000})).await;
-    make(&a, "/seller/coupons", json!({"code": "ABIG", "percent_off": 3, "min_order_minor": 9000})).await;
-    make(&a, "/seller/coupons", json!({"code": "ALATER", "amount_off_minor": 100, "starts_at": Utc::now() + hour})).await;
-    make(&a, "/seller/coupons", json!({"code": "AGONE", "amount_off_minor": 100,
-        "starts_at": Utc::now() - hour * 2, "ends_at": Utc::now() - hour})).await;
-    let once = make(&a, "/seller/coupons", json!({"code": "AONCE", "amount_off_minor": 700, "max_uses_per_customer": 1})).await;
-    make(&b, "/seller/coupons", json!({"code": "CSHOP", "percent_off": 50})).await;
-    make(&root, "/admin/coupons", json!({"code": "WELCOME", "amount_off_minor": 10000})).await;
+    make(
+        &a,
+        "/seller/coupons",
+        json!({"code": "ATEN", "percent_off": 15, "min_order_minor": 4000}),
+    )
+    .await;
+    make(
+        &a,
+        "/seller/coupons",
+        json!({"code": "ABIG", "percent_off": 3, "min_order_minor": 9000}),
+    )
+    .await;
+    make(
+        &a,
+        "/seller/coupons",
+        json!({"code": "ALATER", "amount_off_minor": 100, "starts_at": Utc::now() + hour}),
+    )
+    .await;
+    make(
+        &a,
+        "/seller/coupons",
+        json!({"code": "AGONE", "amount_off_minor": 100,
+        "starts_at": Utc::now() - hour * 2, "ends_at": Utc::now() - hour}),
+    )
+    .await;
+    let once = make(
+        &a,
+        "/seller/coupons",
+        json!({"code": "AONCE", "amount_off_minor": 700, "max_uses_per_customer": 1}),
+    )
+    .await;
+    make(
+        &b,
+        "/seller/coupons",
+        json!({"code": "CSHOP", "percent_off": 50}),
+    )
+    .await;
+    make(
+        &root,
+        "/admin/coupons",
+        json!({"code": "WELCOME", "amount_off_minor": 10000}),
+    )
+    .await;
 
     // Shop A's items come to 4500, the cart to 7500.
     let cart = json_of(apply(&app, &ann, "aten").await, StatusCode::OK).await;
     assert_eq!(cart["coupon"]["shop"], "shop-a");
     assert_eq!(cart["coupon"]["discount_minor"], 675);
-    assert_eq!((cart["subtotal_minor"].as_i64(), cart["total_minor"].as_i64()), (Some(7500), Some(6825)));
+    assert_eq!(
+        (
+            cart["subtotal_minor"].as_i64(),
+            cart["total_minor"].as_i64()
+        ),
+        (Some(7500), Some(6825))
+    );
 
-    assert!(refused(&app, &ann, "ABIG").await.contains("minimum order of 9000"));
-    assert!(refused(&app, &ann, "ALATER").await.contains("not valid yet"));
+    assert!(
+        refused(&app, &ann, "ABIG")
+            .await
+            .contains("minimum order of 9000")
+    );
+    assert!(
+        refused(&app, &ann, "ALATER")
+            .await
+            .contains("not valid yet")
+    );
     assert!(refused(&app, &ann, "AGONE").await.contains("expired"));
-    assert!(refused(&app, &ann, "CSHOP").await.contains("nothing in the cart"));
+    assert!(
+        refused(&app, &ann, "CSHOP")
+            .await
+            .contains("nothing in the cart")
+    );
     assert!(refused(&app, &ann, "NOPE").await.contains("no such coupon"));
     // Refusals changed nothing: the first coupon is still on the cart.
-    let cart = json_of(call(&app, &ann, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
+    let cart = json_of(
+        call(&app, &ann, Method::GET, "/cart", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(cart["coupon"]["code"], "ATEN");
 
     // A platform coupon covers the whole cart; a fixed amount never exceeds it.
@@ -89,11 +163,27 @@ async fn shop_and_platform_coupons_follow_every_rule() {
         .await
         .unwrap();
     let mut tx = app.db.pool.begin().await.unwrap();
-    assert!(coupons::redeem(&mut tx, coupon, ann_id, Uuid::now_v7()).await.unwrap());
+    assert!(
+        coupons::redeem(&mut tx, coupon, ann_id, Uuid::now_v7())
+            .await
+            .unwrap()
+    );
     tx.commit().await.unwrap();
-    let cart = json_of(call(&app, &ann, Method::GET, "/cart", json!({})).await, StatusCode::OK).await;
-    assert_eq!(cart["coupon"]["discount_minor"], 0, "kept on the cart, flagged");
-    assert!(cart["coupon"]["problem"].as_str().unwrap().contains("as often as allowed"));
+    let cart = json_of(
+        call(&app, &ann, Method::GET, "/cart", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        cart["coupon"]["discount_minor"], 0,
+        "kept on the cart, flagged"
+    );
+    assert!(
+        cart["coupon"]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("as often as allowed")
+    );
     assert_eq!(cart["total_minor"], 7500);
 
     // A disabled coupon stops applying; another shop cannot disable it.
@@ -101,23 +191,65 @@ async fn shop_and_platform_coupons_follow_every_rule() {
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
-    let resp = call(&app, &b, Method::POST, &format!("/seller/coupons/{aten}/disable"), json!({})).await;
+    let resp = call(
+        &app,
+        &b,
+        Method::POST,
+        &format!("/seller/coupons/{aten}/disable"),
+        json!({}),
+    )
+    .await;
     problem(resp, StatusCode::NOT_FOUND).await;
-    let resp = call(&app, &a, Method::POST, &format!("/seller/coupons/{aten}/disable"), json!({})).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::POST,
+        &format!("/seller/coupons/{aten}/disable"),
+        json!({}),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    assert!(refused(&app, &ann, "ATEN").await.contains("no longer valid"));
-    let listed = json_of(call(&app, &a, Method::GET, "/seller/coupons", json!({})).await, StatusCode::OK).await;
+    assert!(
+        refused(&app, &ann, "ATEN")
+            .await
+            .contains("no longer valid")
+    );
+    let listed = json_of(
+        call(&app, &a, Method::GET, "/seller/coupons", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(listed.as_array().unwrap().len(), 5, "shop A's own only");
 
     // Codes are unique regardless of case; bad coupons are refused by field.
-    let resp = call(&app, &b, Method::POST, "/seller/coupons", json!({"code": "welcome", "percent_off": 5})).await;
+    let resp = call(
+        &app,
+        &b,
+        Method::POST,
+        "/seller/coupons",
+        json!({"code": "welcome", "percent_off": 5}),
+    )
+    .await;
     assert_eq!(fields(&problem(resp, StatusCode::CONFLICT).await), ["code"]);
-    let resp = call(&app, &b, Method::POST, "/seller/coupons",
-        json!({"code": "X1", "percent_off": 5, "amount_off_minor": 5, "max_uses": 0})).await;
+    let resp = call(
+        &app,
+        &b,
+        Method::POST,
+        "/seller/coupons",
+        json!({"code": "X1", "percent_off": 5, "amount_off_minor": 5, "max_uses": 0}),
+    )
+    .await;
     let body = problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(fields(&body), ["code", "percent_off", "max_uses"]);
     // Only admins make platform coupons.
-    let resp = call(&app, &a, Method::POST, "/admin/coupons", json!({"code": "MINE", "percent_off": 90})).await;
+    let resp = call(
+        &app,
+        &a,
+        Method::POST,
+        "/admin/coupons",
+        json!({"code": "MINE", "percent_off": 90}),
+    )
+    .await;
     problem(resp, StatusCode::FORBIDDEN).await;
     let resp = call(&app, &ann, Method::DELETE, "/cart/coupon", json!({})).await;
     let cart = json_of(resp, StatusCode::OK).await;
@@ -129,7 +261,14 @@ async fn a_use_is_counted_once_per_paid_order_up_to_the_total_limit() {
     let app = spawn_app(&amqp_url()).await;
     let a = verified_seller(&app, "shop-a").await;
     let created = json_of(
-        call(&app, &a, Method::POST, "/seller/coupons", json!({"code": "TWICE", "percent_off": 10, "max_uses": 2})).await,
+        call(
+            &app,
+            &a,
+            Method::POST,
+            "/seller/coupons",
+            json!({"code": "TWICE", "percent_off": 10, "max_uses": 2}),
+        )
+        .await,
         StatusCode::CREATED,
     )
     .await;
@@ -145,12 +284,18 @@ async fn a_use_is_counted_once_per_paid_order_up_to_the_total_limit() {
         tx.commit().await.unwrap();
     }
     let mut tx = app.db.pool.begin().await.unwrap();
-    assert!(!coupons::redeem(&mut tx, coupon, user, third).await.unwrap(), "limit reached");
+    assert!(
+        !coupons::redeem(&mut tx, coupon, user, third).await.unwrap(),
+        "limit reached"
+    );
     drop(tx);
     let uses: i32 = sqlx::query_scalar("SELECT uses FROM coupons")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
     assert_eq!(uses, 2);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM coupon_redemptions").await, 2);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM coupon_redemptions").await,
+        2
+    );
 }

@@ -216,9 +216,18 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
         },
     )
     .await;
-    assert_eq!(sign_in_via(&app, "198.51.100.1").await, StatusCode::UNAUTHORIZED);
-    assert_eq!(sign_in_via(&app, "198.51.100.2").await, StatusCode::UNAUTHORIZED);
-    assert_eq!(sign_in_via(&app, "198.51.100.1").await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        sign_in_via(&app, "198.51.100.1").await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        sign_in_via(&app, "198.51.100.2").await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        sign_in_via(&app, "198.51.100.1").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
     // A client cannot dodge by prepending an address of its choice.
     assert_eq!(
         sign_in_via(&app, "203.0.113.77, 198.51.100.2").await,
@@ -237,6 +246,12 @@ async fn from_an_untrusted_peer_x_forwarded_for_is_ignored() {
         },
     )
     .await;
-    assert_eq!(sign_in_via(&app, "198.51.100.1").await, StatusCode::UNAUTHORIZED);
-    assert_eq!(sign_in_via(&app, "198.51.100.2").await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        sign_in_via(&app, "198.51.100.1").await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        sign_in_via(&app, "198.51.100.2").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }

@@ -14,7 +14,11 @@ use souk_testkit::{amqp_url, count};
 use uuid::Uuid;
 
 async fn me(app: &App, token: &str) -> Uuid {
-    let me = json_of(call(app, token, Method::GET, "/me", json!({})).await, StatusCode::OK).await;
+    let me = json_of(
+        call(app, token, Method::GET, "/me", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
     Uuid::parse_str(me["id"].as_str().unwrap()).unwrap()
 }
 
@@ -28,11 +32,11 @@ async fn purchase(app: &App, customer: Uuid, product: &str, status: &str) {
         "INSERT INTO orders (id, customer_id, status, currency, subtotal_minor, shipping_address)
          VALUES ($1, $2, 'paid', 'eur', 0, '{}')",
     )
-        .bind(order)
-        .bind(customer)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    .bind(order)
+    .bind(customer)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
     sqlx::query(
         "INSERT INTO seller_orders (id, order_id, shop_id, status, items_minor, discount_minor,
                                     shipping_minor, total_minor, commission_bps, commission_minor, payout_minor)
@@ -62,7 +66,14 @@ async fn purchase(app: &App, customer: Uuid, product: &str, status: &str) {
 
 async fn review(app: &App, token: &str, product: &str, rating: i32) -> reqwest::Response {
     let body = json!({"rating": rating, "body": "As described."});
-    call(app, token, Method::POST, &format!("/products/{product}/reviews"), body).await
+    call(
+        app,
+        token,
+        Method::POST,
+        &format!("/products/{product}/reviews"),
+        body,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -83,8 +94,18 @@ async fn only_a_delivered_purchase_may_be_reviewed_and_only_once() {
     problem(review(&app, &ann, board, 5).await, StatusCode::FORBIDDEN).await;
 
     purchase(&app, ann_id, board, "delivered").await;
-    let bad = call(&app, &ann, Method::POST, &format!("/products/{board}/reviews"), json!({"rating": 6})).await;
-    assert_eq!(fields(&problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await), ["rating"]);
+    let bad = call(
+        &app,
+        &ann,
+        Method::POST,
+        &format!("/products/{board}/reviews"),
+        json!({"rating": 6}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["rating"]
+    );
     let written = json_of(review(&app, &ann, board, 5).await, StatusCode::CREATED).await;
     assert_eq!(written["author"], "Ann");
     let again = problem(review(&app, &ann, board, 1).await, StatusCode::CONFLICT).await;
@@ -113,10 +134,22 @@ async fn the_seller_replies_once_and_an_admin_can_remove_a_review() {
     let reply = json!({"body": "Thank you!"});
     let other = verified_seller(&app, "shop-z").await;
     let path = format!("/seller/reviews/{id}/reply");
-    problem(call(&app, &other, Method::POST, &path, reply.clone()).await, StatusCode::NOT_FOUND).await;
-    let replied = json_of(call(&app, &a, Method::POST, &path, reply.clone()).await, StatusCode::OK).await;
+    problem(
+        call(&app, &other, Method::POST, &path, reply.clone()).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let replied = json_of(
+        call(&app, &a, Method::POST, &path, reply.clone()).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(replied["reply"], "Thank you!");
-    problem(call(&app, &a, Method::POST, &path, reply).await, StatusCode::CONFLICT).await;
+    problem(
+        call(&app, &a, Method::POST, &path, reply).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
 
     // Photos: the author's own review only, re-encoded like every image.
     let png = {
@@ -137,12 +170,21 @@ async fn the_seller_replies_once_and_an_admin_can_remove_a_review() {
     problem(upload(&bob).await.unwrap(), StatusCode::NOT_FOUND).await;
     let with_photo = json_of(upload(&ann).await.unwrap(), StatusCode::CREATED).await;
     let photo = with_photo["images"][0].as_str().unwrap();
-    let served = app.http.get(format!("{}{photo}", app.base)).send().await.unwrap();
+    let served = app
+        .http
+        .get(format!("{}{photo}", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(served.headers()["content-type"], "image/png");
 
     let reason = json!({"reason": "abusive language"});
     let remove = format!("/admin/reviews/{id}/remove");
-    problem(call(&app, &a, Method::POST, &remove, reason.clone()).await, StatusCode::FORBIDDEN).await;
+    problem(
+        call(&app, &a, Method::POST, &remove, reason.clone()).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
     let resp = call(&app, &root, Method::POST, &remove, reason.clone()).await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     // Twice changes nothing more.
@@ -150,10 +192,20 @@ async fn the_seller_replies_once_and_an_admin_can_remove_a_review() {
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     let page = storefront(&app, &format!("/products/{board}")).await;
     assert_eq!(page["rating"], json!({"average": null, "count": 0}));
-    assert_eq!(storefront(&app, &format!("/products/{board}/reviews")).await["total"], 0);
-    assert_eq!(storefront(&app, "/shops/shop-a").await["rating"]["count"], 0);
     assert_eq!(
-        count(&app.db.pool, "SELECT count(*) FROM audit_log WHERE action = 'review.remove'").await,
+        storefront(&app, &format!("/products/{board}/reviews")).await["total"],
+        0
+    );
+    assert_eq!(
+        storefront(&app, "/shops/shop-a").await["rating"]["count"],
+        0
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'review.remove'"
+        )
+        .await,
         1
     );
     // Still Ann's one review of it.
@@ -166,7 +218,11 @@ async fn the_catalog_filters_and_sorts_by_rating() {
     let (_, _, ids) = shelf(&app).await;
     let ann = signed_in(&app, None).await;
     let ann_id = me(&app, &ann).await;
-    for (title, stars) in [("Walnut cutting board", 5), ("Olive wood spoon set", 2), ("Ceramic teapot", 4)] {
+    for (title, stars) in [
+        ("Walnut cutting board", 5),
+        ("Olive wood spoon set", 2),
+        ("Ceramic teapot", 4),
+    ] {
         let id = ids[title].as_str().unwrap();
         purchase(&app, ann_id, id, "delivered").await;
         json_of(review(&app, &ann, id, stars).await, StatusCode::CREATED).await;

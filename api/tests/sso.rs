@@ -88,7 +88,10 @@ async fn a_new_identity_gets_a_verified_customer_account_and_keeps_it() {
     let again = sso_me(&app, &provider).await;
     assert_eq!(again["id"], me["id"]);
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 1);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM user_identities").await, 1);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM user_identities").await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -110,7 +113,10 @@ async fn an_existing_account_is_linked_by_a_verified_email() {
     provider.sign_in_as(User::verified("sub-omar", &email.to_uppercase(), "Omar"));
     let me = sso_me(&app, &provider).await;
     assert_eq!(me["id"], registered["id"]);
-    assert_eq!(me["email_verified"], true, "the provider proved the address");
+    assert_eq!(
+        me["email_verified"], true,
+        "the provider proved the address"
+    );
 
     // The password still works too.
     let resp = app
@@ -141,8 +147,14 @@ async fn an_email_the_provider_did_not_verify_links_and_creates_nothing() {
         assert_eq!(fields(&body), ["email"]);
     }
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 1);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM user_identities").await, 0);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refresh_tokens").await, 0);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM user_identities").await,
+        0
+    );
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM refresh_tokens").await,
+        0
+    );
     let verified: bool = sqlx::query_scalar("SELECT email_verified_at IS NOT NULL FROM users")
         .fetch_one(&app.db.pool)
         .await
@@ -171,8 +183,14 @@ async fn forged_or_mismatched_id_tokens_are_refused() {
         problem(resp, StatusCode::UNAUTHORIZED).await;
     }
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 0);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM user_identities").await, 0);
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refresh_tokens").await, 0);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM user_identities").await,
+        0
+    );
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM refresh_tokens").await,
+        0
+    );
 
     // The same provider, honest again, works: the refusals were the tokens.
     provider.forge(Forgery::Honest);
@@ -193,12 +211,20 @@ async fn a_state_is_single_use_and_a_code_is_bound_to_its_own_sign_in() {
         state: second.state.clone(),
         redirect_uri: REDIRECT.into(),
     };
-    let body = problem(finish(&app, &crossed).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let body = problem(
+        finish(&app, &crossed).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(fields(&body), ["code"]);
     assert_eq!(provider.token_requests(), 1);
 
     // `second`'s state is spent now; `first`'s code was spent at the provider.
-    let body = problem(finish(&app, &second).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let body = problem(
+        finish(&app, &second).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(fields(&body), ["state"]);
     let body = problem(finish(&app, &first).await, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(fields(&body), ["code"]);
@@ -210,7 +236,11 @@ async fn a_state_is_single_use_and_a_code_is_bound_to_its_own_sign_in() {
         state: "not-a-state-we-issued".into(),
         redirect_uri: REDIRECT.into(),
     };
-    let body = problem(finish(&app, &unknown).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let body = problem(
+        finish(&app, &unknown).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(fields(&body), ["state"]);
     assert_eq!(provider.token_requests(), before);
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 0);
@@ -275,7 +305,10 @@ async fn without_a_provider_sso_is_not_found_and_a_dead_provider_is_a_502() {
         StatusCode::BAD_GATEWAY,
     )
     .await;
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM oidc_logins").await, 0);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM oidc_logins").await,
+        0
+    );
 }
 
 #[tokio::test]

@@ -55,7 +55,11 @@ fn demo_data(db: &TestDb) -> std::process::Output {
 async fn demo_data_loads_a_shoppable_catalog_once() {
     let db = TestDb::new().await;
     let out = demo_data(&db);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let counts = || async {
         sqlx::query_as::<_, (i64, i64, i64, i64)>(
             "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM products WHERE status = 'active'),
@@ -66,7 +70,11 @@ async fn demo_data_loads_a_shoppable_catalog_once() {
         .await
         .unwrap()
     };
-    assert_eq!(counts().await, (4, 7, 1, 1), "users, products, variants on sale, default addresses");
+    assert_eq!(
+        counts().await,
+        (4, 7, 1, 1),
+        "users, products, variants on sale, default addresses"
+    );
     let again = demo_data(&db);
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("already present"));

@@ -4,7 +4,7 @@
 //! Public reads carry an `ETag` and answer `304` when unchanged.
 
 use axum::{
-    extract::{Path, State},
+    extract::{OriginalUri, Path, State},
     http::HeaderMap,
     response::Response,
 };
@@ -17,7 +17,6 @@ use uuid::Uuid;
 use crate::{
     error::{ApiError, FieldError, Problem},
     extract::{ValidQuery, Validate},
-    http_cache::cached_json,
     routes::product_images::{self, ProductImage},
     state::AppState,
 };
@@ -348,9 +347,14 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
 pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
     ValidQuery(query): ValidQuery<CatalogQuery>,
 ) -> Result<Response, ApiError> {
-    Ok(cached_json(&headers, &search(&state, &query).await?))
+    let key = uri.to_string();
+    state
+        .public
+        .answer(&headers, key, || search(&state, &query))
+        .await
 }
 
 /// A shop's products (the storefront's shop page).
@@ -365,9 +369,22 @@ pub async fn list(
 pub async fn shop_products(
     State(state): State<AppState>,
     headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
     Path(slug): Path<String>,
-    ValidQuery(mut query): ValidQuery<CatalogQuery>,
+    ValidQuery(query): ValidQuery<CatalogQuery>,
 ) -> Result<Response, ApiError> {
+    let key = uri.to_string();
+    state
+        .public
+        .answer(&headers, key, || shop_page(&state, slug, query))
+        .await
+}
+
+async fn shop_page(
+    state: &AppState,
+    slug: String,
+    mut query: CatalogQuery,
+) -> Result<Page<ProductSummary>, ApiError> {
     let exists: Option<i32> = sqlx::query_scalar(
         "SELECT 1 FROM shops s JOIN users u ON u.id = s.owner_id
           WHERE s.slug = $1 AND u.suspended_at IS NULL
@@ -378,7 +395,7 @@ pub async fn shop_products(
     .await?;
     exists.ok_or(ApiError::NotFound)?;
     query.shop = Some(slug);
-    Ok(cached_json(&headers, &search(&state, &query).await?))
+    search(state, &query).await
 }
 
 /// 404 unless the storefront shows this product.
@@ -438,8 +455,17 @@ pub struct ProductDetail {
 pub async fn get(
     State(state): State<AppState>,
     headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
     Path(id): Path<Uuid>,
 ) -> Result<Response, ApiError> {
+    let key = uri.to_string();
+    state
+        .public
+        .answer(&headers, key, || detail(&state, id))
+        .await
+}
+
+async fn detail(state: &AppState, id: Uuid) -> Result<ProductDetail, ApiError> {
     #[derive(sqlx::FromRow)]
     struct Row {
         title: String,
@@ -489,7 +515,7 @@ pub async fn get(
         rating: Rating::new(row.rating_sum, row.rating_count),
         published_at: row.published_at,
     };
-    Ok(cached_json(&headers, &detail))
+    Ok(detail)
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -512,7 +538,13 @@ pub struct Category {
 pub async fn categories(
     State(state): State<AppState>,
     headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
 ) -> Result<Response, ApiError> {
+    let key = uri.to_string();
+    state.public.answer(&headers, key, || tree(&state)).await
+}
+
+async fn tree(state: &AppState) -> Result<Vec<Category>, ApiError> {
     let rows: Vec<(Uuid, Option<Uuid>, String, String)> =
         sqlx::query_as("SELECT id, parent_id, name, slug FROM categories ORDER BY position, name")
             .fetch_all(&state.pool)
@@ -531,5 +563,5 @@ pub async fn categories(
             })
             .collect()
     }
-    Ok(cached_json(&headers, &children(&rows, None)))
+    Ok(children(&rows, None))
 }

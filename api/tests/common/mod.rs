@@ -111,15 +111,33 @@ pub async fn spawn_app(amqp: &str) -> App {
 
 /// The API with `limits`, counted in Redis at `redis` under a prefix of its own.
 pub async fn spawn_app_with(amqp: &str, redis: &str, limits: Limits) -> App {
-    spawn(amqp, redis, limits, None).await
+    spawn(amqp, redis, limits, None, Duration::ZERO).await
 }
 
 /// The API with single sign-on at the provider `oidc` describes.
 pub async fn spawn_app_with_sso(amqp: &str, oidc: OidcConfig) -> App {
-    spawn(amqp, &redis_url(), loose_limits(), Some(oidc)).await
+    spawn(
+        amqp,
+        &redis_url(),
+        loose_limits(),
+        Some(oidc),
+        Duration::ZERO,
+    )
+    .await
 }
 
-async fn spawn(amqp: &str, redis: &str, limits: Limits, oidc: Option<OidcConfig>) -> App {
+/// The API keeping public catalog answers for `ttl` (off in the others).
+pub async fn spawn_app_with_public_cache(amqp: &str, ttl: Duration) -> App {
+    spawn(amqp, &redis_url(), loose_limits(), None, ttl).await
+}
+
+async fn spawn(
+    amqp: &str,
+    redis: &str,
+    limits: Limits,
+    oidc: Option<OidcConfig>,
+    public_cache: Duration,
+) -> App {
     let db = TestDb::new().await;
     let prefix = unique_prefix();
     // Each app stores uploads in a directory of its own.
@@ -139,7 +157,8 @@ async fn spawn(amqp: &str, redis: &str, limits: Limits, oidc: Option<OidcConfig>
         (storage.open().unwrap(), storage.clone()),
         market_config(),
     )
-    .with_oidc(oidc.map(OidcClient::new));
+    .with_oidc(oidc.map(OidcClient::new))
+    .with_public_cache(public_cache);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     // With peer addresses, as in main, so per-IP limits see the client.
