@@ -261,6 +261,29 @@ async fn a_declined_first_payment_leaves_the_membership_without_benefits() {
     assert_eq!(settled["benefits_active"], false);
     add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
     assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
+
+    // While incomplete, joining again is refused; cancelling ends it at
+    // once (nothing was paid for) and frees the customer to join again
+    // with another card.
+    let again = subscribe(app, &buyer.token, &plus["id"], &card).await;
+    problem(again, StatusCode::CONFLICT).await;
+    cancel_membership(app, &buyer.token).await;
+    let ended = wait_status(&m, &buyer.token, "canceled").await;
+    assert_eq!(ended["cancel_at_period_end"], false);
+    let subscription: String =
+        sqlx::query_scalar("SELECT stripe_subscription_id FROM memberships WHERE id = $1")
+            .bind(Uuid::parse_str(settled["id"].as_str().unwrap()).unwrap())
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(m.stripe.subscription(&subscription).await["status"], "canceled");
+    let good = saved_card(&m, &buyer.token, CARD_OK).await;
+    json_of(
+        subscribe(app, &buyer.token, &plus["id"], &good).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    wait_status(&m, &buyer.token, "active").await;
     m.close().await;
 }
 

@@ -24,7 +24,8 @@ impl Cadence {
     pub fn from_columns(interval_days: Option<i32>, cron: Option<&str>) -> Result<Self, String> {
         match (interval_days, cron) {
             (Some(days), None) => Self::every_days(days),
-            (None, Some(expr)) => Self::cron(expr),
+            // Checked for frequency when it was set; read back as it is.
+            (None, Some(expr)) => Self::parse_cron(expr),
             _ => Err("give either interval_days or cron".into()),
         }
     }
@@ -42,6 +43,22 @@ impl Cadence {
     /// dialects number them differently (the `cron` crate counts Sunday as
     /// 1, Unix cron as 0), and a number would silently pick the wrong day.
     pub fn cron(expr: &str) -> Result<Self, String> {
+        let cadence = Self::parse_cron(expr)?;
+        // Too frequent anywhere in the next runs (e.g. `*/5 * * * *`)? The
+        // gaps are between due times only: how soon the first one is does
+        // not matter.
+        let first = cadence.after(Utc::now()).ok_or("never runs")?;
+        let times = cadence.upcoming(first, 24);
+        if times.len() < 2 {
+            return Err("never runs".into());
+        }
+        if times.windows(2).any(|w| w[1] - w[0] < MIN_GAP) {
+            return Err("runs more than once an hour".into());
+        }
+        Ok(cadence)
+    }
+
+    fn parse_cron(expr: &str) -> Result<Self, String> {
         let fields: Vec<&str> = expr.split_whitespace().collect();
         if fields.len() != 5 {
             return Err(
@@ -53,16 +70,7 @@ impl Cadence {
         }
         let schedule = cron::Schedule::from_str(&format!("0 {}", fields.join(" ")))
             .map_err(|e| format!("is not a valid cron expression: {e}"))?;
-        let cadence = Self::Cron(Box::new(schedule));
-        // Too frequent anywhere in the next runs (e.g. `*/5 * * * *`)?
-        let times = cadence.upcoming(Utc::now(), 24);
-        if times.len() < 2 {
-            return Err("never runs".into());
-        }
-        if times.windows(2).any(|w| w[1] - w[0] < MIN_GAP) {
-            return Err("runs more than once an hour".into());
-        }
-        Ok(cadence)
+        Ok(Self::Cron(Box::new(schedule)))
     }
 
     /// The first due time after `t`. `None` only for a cron expression that
@@ -233,6 +241,20 @@ mod tests {
                 .contains("not a valid")
         );
         assert!(Cadence::every_days(0).is_err());
+    }
+
+    #[test]
+    fn a_cron_due_within_the_hour_is_accepted_and_read_back() {
+        // Whatever the time now, one of these is due in under an hour.
+        let soon = Utc::now() + Duration::minutes(30);
+        let expr = format!("{} {} * * *", soon.minute(), soon.hour());
+        let c = Cadence::cron(&expr).expect("a daily cron is never too frequent");
+        assert!(c.after(Utc::now()).unwrap() - Utc::now() < MIN_GAP);
+        assert!(Cadence::from_columns(None, Some(&expr)).is_ok());
+        // Two runs exactly an hour apart are allowed; stored ones read back
+        // even when the next is under an hour away.
+        assert!(Cadence::cron("0 8,9 * * SAT").is_ok());
+        assert!(Cadence::from_columns(None, Some("0 8,9 * * SAT")).is_ok());
     }
 
     #[test]

@@ -382,7 +382,8 @@ pub async fn mine(
 }
 
 /// Cancel the membership at the end of the period paid for; its benefits
-/// last until then. Answers 202: Stripe confirms through the payments worker.
+/// last until then. An incomplete membership (first payment not through)
+/// ends at once. Answers 202: Stripe confirms through the payments worker.
 #[utoipa::path(
     post, path = "/me/membership/cancel", tag = "recurring", security(("bearer" = [])),
     responses(

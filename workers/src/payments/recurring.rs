@@ -51,6 +51,12 @@ pub enum Recurring {
         subscription: Subscription,
         asked_at: DateTime<Utc>,
     },
+    /// An incomplete membership's subscription, cancelled at once.
+    EndedNow {
+        membership: Uuid,
+        subscription: Subscription,
+        asked_at: DateTime<Utc>,
+    },
     /// Stripe would not cancel: the member may ask again.
     CancelRefused {
         membership: Uuid,
@@ -230,7 +236,7 @@ impl Payments {
             }));
         };
         let key = format!("default-{membership}");
-        let asked_at = Utc::now();
+        let asked_at = asked_now();
         let made = match self.stripe.make_default(&customer, &card, &key).await {
             Ok(()) => {
                 self.stripe
@@ -255,18 +261,32 @@ impl Payments {
         }
     }
 
+    /// Cancels at the end of the period paid for; a membership whose first
+    /// payment never went through (incomplete) has none, so it ends now and
+    /// the customer may subscribe again at once.
     pub(super) async fn end_at_period_end(&self, membership: Uuid) -> Result<Answer, Failure> {
-        let subscription: Option<String> =
-            sqlx::query_scalar("SELECT stripe_subscription_id FROM memberships WHERE id = $1")
-                .bind(membership)
-                .fetch_optional(&self.pool)
-                .await?
-                .flatten();
-        let Some(subscription) = subscription else {
+        let row: Option<(Option<String>, String)> = sqlx::query_as(
+            "SELECT stripe_subscription_id, status FROM memberships WHERE id = $1",
+        )
+        .bind(membership)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((Some(subscription), status)) = row else {
             return Ok(Answer::Nothing);
         };
-        let asked_at = Utc::now();
-        match self.stripe.cancel_at_period_end(&subscription).await {
+        let now = status == MembershipStatus::Incomplete.as_str();
+        let asked_at = asked_now();
+        let answer = if now {
+            self.stripe.cancel_subscription(&subscription).await
+        } else {
+            self.stripe.cancel_at_period_end(&subscription).await
+        };
+        match answer {
+            Ok(subscription) if now => Ok(Answer::Recurring(Recurring::EndedNow {
+                membership,
+                subscription,
+                asked_at,
+            })),
             Ok(subscription) => Ok(Answer::Recurring(Recurring::EndsAtPeriodEnd {
                 membership,
                 subscription,
@@ -281,6 +301,11 @@ impl Payments {
             Err(e) => Err(failure(e)),
         }
     }
+}
+
+fn asked_now() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now)
 }
 
 fn news(subscription: &Subscription, asked_at: DateTime<Utc>) -> News {
@@ -401,6 +426,17 @@ pub async fn record(tx: &mut PgConnection, answer: Recurring, corr: &str) -> Res
             .bind(membership)
             .execute(&mut *tx)
             .await?;
+            membership::apply(tx, membership, news(&subscription, asked_at), corr).await?;
+        }
+        Recurring::EndedNow {
+            membership,
+            subscription,
+            asked_at,
+        } => {
+            sqlx::query("UPDATE memberships SET failure = NULL WHERE id = $1")
+                .bind(membership)
+                .execute(&mut *tx)
+                .await?;
             membership::apply(tx, membership, news(&subscription, asked_at), corr).await?;
         }
         Recurring::CancelRefused {

@@ -17,7 +17,9 @@ use serde::Deserialize;
 use souk_shared::config::{ConfigError, Env};
 use stripe_billing::{
     plan::{CreatePlan, CreatePlanInlineProductParams, CreatePlanProduct},
-    subscription::{CreateSubscription, CreateSubscriptionItems, UpdateSubscription},
+    subscription::{
+        CancelSubscription, CreateSubscription, CreateSubscriptionItems, UpdateSubscription,
+    },
 };
 use stripe_core::{
     customer::{CreateCustomer, UpdateCustomer, UpdateCustomerInvoiceSettings},
@@ -401,6 +403,14 @@ impl Stripe {
     ) -> Result<Subscription, CallError> {
         let request = UpdateSubscription::new(subscription).cancel_at_period_end(true);
         self.send(&request, &format!("cancel-at-end-{subscription}"))
+            .await
+    }
+
+    /// Ends the subscription now: for one whose first payment never went
+    /// through, there is no period paid for to wait for.
+    pub async fn cancel_subscription(&self, subscription: &str) -> Result<Subscription, CallError> {
+        let request = CancelSubscription::new(subscription);
+        self.send(&request, &format!("cancel-now-{subscription}"))
             .await
     }
 }
