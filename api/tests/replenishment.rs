@@ -331,6 +331,72 @@ async fn an_out_of_stock_item_or_a_price_beyond_the_limit_notifies_and_follows_t
 }
 
 #[tokio::test]
+async fn paused_and_skipped_runs_and_a_due_time_that_has_its_run_make_no_order() {
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let paused = weekly(&address, &card, &[(&m.oak.variant, 1)], "retry");
+    let paused = schedule_id(app, &buyer.token, paused).await;
+    let skipped = weekly(&address, &card, &[(&m.tea.variant, 1)], "retry");
+    let skipped = schedule_id(app, &buyer.token, skipped).await;
+    let token = buyer.token.as_str();
+    let action = |id: &str, what: &str| {
+        let path = format!("/me/replenishments/{id}/{what}");
+        async move { call(app, token, Method::POST, &path, json!({})).await }
+    };
+    assert_eq!(action(&paused, "pause").await.status(), StatusCode::OK);
+    assert_eq!(action(&skipped, "skip-next").await.status(), StatusCode::OK);
+    // The skipped due time keeps its run; bring that due time (and the
+    // schedule with it) into the past, as if a replenisher had stopped
+    // between making the run and moving the schedule on.
+    let (skipped_due, _, _, reason) = runs(app, &skipped).await.remove(0);
+    assert_eq!(reason.as_deref(), Some("skipped_by_customer"));
+    // (In PostgreSQL's microseconds, to compare it when read back.)
+    let due = DateTime::from_timestamp_micros(Utc::now().timestamp_micros() - 1_000_000).unwrap();
+    sqlx::query("UPDATE replenishment_runs SET due_at = $2 WHERE schedule_id = $1::uuid AND due_at = $3")
+        .bind(&skipped)
+        .bind(due)
+        .bind(skipped_due)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE replenishment_schedules SET next_run_at = $2 WHERE id = $1::uuid")
+        .bind(&skipped)
+        .bind(due)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    make_due(app, &paused).await;
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_millis(200), 3));
+
+    // The replenisher moves the skipped schedule on past its due time ...
+    souk_testkit::wait_until("the skipped schedule to move on", PIPELINE_WAIT, || async {
+        next_run_at(&m, &skipped).await > Utc::now()
+    })
+    .await;
+    // ... without a second run or any order for it; the paused one is left.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = runs(app, &skipped).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0, got[0].1.as_str()), (due, "skipped"));
+    assert!(orders_of(&m, &skipped).await.is_empty());
+    assert!(runs(app, &paused).await.is_empty());
+    assert!(orders_of(&m, &paused).await.is_empty());
+    assert!(next_run_at(&m, &paused).await < Utc::now());
+
+    // Resumed, the paused one runs at its next due time, not the missed one.
+    assert_eq!(action(&paused, "resume").await.status(), StatusCode::OK);
+    assert!(next_run_at(&m, &paused).await > Utc::now());
+    make_due(app, &paused).await;
+    wait_run(&m, &paused, 1, "placed").await;
+    let orders = orders_of(&m, &paused).await;
+    assert_eq!(orders.len(), 1);
+    wait_for(app, &buyer.token, &orders[0].0.to_string(), "paid").await;
+    m.close().await;
+}
+
+#[tokio::test]
 async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
     let m = Market::open().await;
     let app = &m.app;
