@@ -9,8 +9,8 @@ use common::{
     catalog::{call, json_of},
     fields,
     orders::{
-        Market, PIPELINE_WAIT, add_to_cart, checkout, checkout_and_pay, customer, mails_about,
-        order, pay, seller_email, stock, wait_for,
+        Market, PIPELINE_WAIT, add_to_cart, assert_ledger_balances, checkout, checkout_and_pay,
+        customer, end_holds, mails_about, order, pay, posted, seller_email, stock, wait_for,
     },
     problem, signed_in, token_for,
 };
@@ -577,6 +577,71 @@ async fn admins_see_every_order_and_correct_a_status_with_a_reason() {
             Some("the carrier lost the parcel; not delivered")
         )
     );
+    // Moved back, its earning (posted at delivery) is not released even
+    // once its hold is over; delivered again, the hold starts over, and
+    // once released the delivery cannot be moved back.
+    posted(app, &format!("earning:{oak_part}"), 1).await;
+    sqlx::query("UPDATE seller_earnings SET available_at = now() - interval '1 second'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let released = "SELECT count(*) FROM seller_earnings WHERE released_at IS NOT NULL";
+    assert_eq!(
+        count(&app.db.pool, released).await,
+        0,
+        "not delivered: held"
+    );
+    json_of(
+        set_status(app, &oak.seller, &oak_part, json!({"status": "delivered"})).await,
+        StatusCode::OK,
+    )
+    .await;
+    posted(app, &format!("earning:{oak_part}"), 1).await;
+    wait_until("the hold to start over", PIPELINE_WAIT, || async {
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM seller_earnings WHERE available_at > now()",
+        )
+        .await
+            == 1
+    })
+    .await;
+    end_holds(app).await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM ledger_transactions WHERE kind = 'earning'"
+        )
+        .await,
+        1
+    );
+    let late = json!({"status": "shipped", "reason": "lost after all"});
+    let late = call(app, &root, Method::POST, &path, late).await;
+    assert_eq!(
+        fields(&problem(late, StatusCode::CONFLICT).await),
+        ["status"]
+    );
+    assert_ledger_balances(app).await;
+
+    // Shipped needs a carrier and tracking number, given or kept.
+    let other = customer(app).await;
+    add_to_cart(app, &other.token, &oak.variant, 1).await;
+    let other_part = part(&checkout_and_pay(app, stripe, &other.token).await, "oak");
+    let untracked = json!({"status": "shipped", "reason": "the seller forgot to mark it"});
+    let untracked = call(
+        app,
+        &root,
+        Method::POST,
+        &format!("/admin/seller-orders/{other_part}/status"),
+        untracked,
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(untracked, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["carrier", "tracking_number"]
+    );
+
     // A money status is not a correction.
     let refund = call(
         app,

@@ -276,7 +276,10 @@ async fn a_declined_first_payment_leaves_the_membership_without_benefits() {
             .fetch_one(&app.db.pool)
             .await
             .unwrap();
-    assert_eq!(m.stripe.subscription(&subscription).await["status"], "canceled");
+    assert_eq!(
+        m.stripe.subscription(&subscription).await["status"],
+        "canceled"
+    );
     let good = saved_card(&m, &buyer.token, CARD_OK).await;
     json_of(
         subscribe(app, &buyer.token, &plus["id"], &good).await,

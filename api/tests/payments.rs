@@ -248,6 +248,47 @@ async fn a_second_successful_payment_is_refunded_and_flagged() {
 }
 
 #[tokio::test]
+async fn a_payment_for_less_than_the_order_never_pays_it_and_goes_back() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let order_id = id(&checkout(app, &buyer.token).await);
+    let placed = wait_for(app, &buyer.token, &order_id, "awaiting_payment").await;
+    let total = placed["total_minor"].as_i64().unwrap();
+
+    // An intent made outside Souk, naming this order, for one unit.
+    let cheap = stripe.create_intent(&order_id, 100).await;
+    let cheap = cheap["id"].as_str().unwrap();
+    stripe.pay(cheap, CARD_OK).await.unwrap();
+    wait_until("the cheap payment refunded", PIPELINE_WAIT, || async {
+        stripe.refunds_of(cheap).await.len() == 1
+    })
+    .await;
+    assert_eq!(stripe.refunds_of(cheap).await[0]["amount"], 100);
+    let still = order(app, &buyer.token, &order_id).await;
+    assert_eq!(still["status"], "awaiting_payment", "{still}");
+    assert_eq!(stock(app, &oak.variant).await, (5, 1), "still only held");
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM payments WHERE flagged_reason LIKE '%amount or currency%'"
+        )
+        .await,
+        1
+    );
+
+    // The real payment still pays it.
+    pay(app, stripe, &buyer.token, &order_id, CARD_OK).await;
+    let paid = wait_for(app, &buyer.token, &order_id, "paid").await;
+    assert_eq!(paid["total_minor"], total);
+    assert_eq!(stock(app, &oak.variant).await, (4, 0));
+    market.close().await;
+}
+
+#[tokio::test]
 async fn a_cancel_racing_a_payment_ends_with_one_of_them_undone() {
     let app = spawn_app(&amqp_url()).await;
     let stripe = LocalStripe::start().await; // webhooks held back

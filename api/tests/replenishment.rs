@@ -353,13 +353,15 @@ async fn paused_and_skipped_runs_and_a_due_time_that_has_its_run_make_no_order()
     assert_eq!(reason.as_deref(), Some("skipped_by_customer"));
     // (In PostgreSQL's microseconds, to compare it when read back.)
     let due = DateTime::from_timestamp_micros(Utc::now().timestamp_micros() - 1_000_000).unwrap();
-    sqlx::query("UPDATE replenishment_runs SET due_at = $2 WHERE schedule_id = $1::uuid AND due_at = $3")
-        .bind(&skipped)
-        .bind(due)
-        .bind(skipped_due)
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE replenishment_runs SET due_at = $2 WHERE schedule_id = $1::uuid AND due_at = $3",
+    )
+    .bind(&skipped)
+    .bind(due)
+    .bind(skipped_due)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
     sqlx::query("UPDATE replenishment_schedules SET next_run_at = $2 WHERE id = $1::uuid")
         .bind(&skipped)
         .bind(due)

@@ -159,16 +159,16 @@ async fn fail(
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-    if to == OrderStatus::OutOfStock {
-        let change = Change::note(reason);
-        status::move_pending_parts(
-            tx,
-            order,
-            SellerOrderStatus::Cancelled,
-            Actor::System,
-            change,
-        )
-        .await?;
+    // Its seller orders follow: cancelled for good when stock was short;
+    // expired (no longer pending for the seller) when a late payment may
+    // still revive it.
+    let parts = match to {
+        OrderStatus::OutOfStock => Some(SellerOrderStatus::Cancelled),
+        OrderStatus::Expired => Some(SellerOrderStatus::Expired),
+        _ => None,
+    };
+    if let Some(parts) = parts {
+        status::move_pending_parts(tx, order, parts, Actor::System, Change::note(reason)).await?;
     }
     let extra = json!({ "status": to.as_str(), "reason": reason });
     notices::to_customer(tx, order, "order_failed", Some("order_failed"), extra, corr).await?;

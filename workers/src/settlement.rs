@@ -107,21 +107,37 @@ pub async fn sweep_releases(pool: PgPool, poll: Duration, shutdown: Cancellation
     }
 }
 
-/// Releases up to `limit` due earnings in one transaction; returns how many.
+/// Releases up to `limit` due earnings in one transaction, each in a
+/// savepoint of its own so that one that fails (logged, tried again on a
+/// later sweep) never holds back the rest; returns how many were released.
+/// Only seller orders still delivered are due: one an admin moved back
+/// waits for its next delivery.
 pub async fn release_batch(pool: &PgPool, limit: i64) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let due: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT seller_order_id FROM seller_earnings
-          WHERE released_at IS NULL AND available_at <= now()
-          ORDER BY available_at LIMIT $1
-          FOR UPDATE SKIP LOCKED",
+        "SELECT e.seller_order_id FROM seller_earnings e
+           JOIN seller_orders so ON so.id = e.seller_order_id
+          WHERE e.released_at IS NULL AND e.available_at <= now() AND so.status = 'delivered'
+          ORDER BY e.available_at LIMIT $1
+          FOR UPDATE OF e, so SKIP LOCKED",
     )
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
+    let mut released = 0;
     for seller_order in &due {
-        postings::release(&mut tx, *seller_order).await?;
+        let mut one = sqlx::Connection::begin(&mut *tx).await?;
+        match postings::release(&mut one, *seller_order).await {
+            Ok(_) => {
+                one.commit().await?;
+                released += 1;
+            }
+            Err(e) => {
+                tracing::warn!(%seller_order, error = %e, "release failed; will try again");
+                one.rollback().await?;
+            }
+        }
     }
     tx.commit().await?;
-    Ok(due.len())
+    Ok(released)
 }

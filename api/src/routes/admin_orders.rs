@@ -26,7 +26,7 @@ use crate::{
         admin::{Reason, audit, reason_error},
         catalog::{Page, Paging},
         orders::{self, OrderQuery},
-        seller_orders::{FulfilmentUpdate, fulfil},
+        seller_orders::{self, FulfilmentUpdate, fulfil},
     },
     state::AppState,
 };
@@ -221,12 +221,22 @@ impl Validate for StatusCorrection {
             ));
         }
         errors.extend(reason_error(&self.reason));
+        seller_orders::text(&mut errors, "carrier", &self.carrier, false, 100);
+        seller_orders::text(
+            &mut errors,
+            "tracking_number",
+            &self.tracking_number,
+            false,
+            100,
+        );
         errors
     }
 }
 
-/// Correct a seller order's fulfilment status, in either direction. The
-/// reason is kept with the change and in the audit log.
+/// Correct a seller order's fulfilment status, in either direction. Out of
+/// delivered only while the seller's earning is still held (its release
+/// waits for the next delivery); once released, money comes back by a
+/// refund. The reason is kept with the change and in the audit log.
 #[utoipa::path(
     post, path = "/admin/seller-orders/{id}/status", tag = "admin", security(("bearer" = [])),
     params(("id" = Uuid, Path)), request_body = StatusCorrection,
@@ -234,7 +244,8 @@ impl Validate for StatusCorrection {
         (status = 200, description = "the corrected seller order", body = SellerOrder),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such seller order", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "not a fulfilment step now (cancelled or refunded)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "not a fulfilment step, no reason, or shipped without carrier and tracking number", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not a fulfilment step now (cancelled or refunded), or delivered and its earning released", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn correct_status(
@@ -246,6 +257,45 @@ pub async fn correct_status(
 ) -> Result<Json<SellerOrder>, ApiError> {
     let reason = body.reason.trim();
     let mut tx = state.pool.begin().await?;
+    // The seller order locked first (settlement's sweep locks it too), then
+    // its earning read as committed: no release can slip in between.
+    let (carrier, tracking): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT carrier, tracking_number FROM seller_orders WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound)?;
+    // Shipped means a parcel the customer can follow, as for sellers: the
+    // carrier and tracking number given now or kept from before.
+    if body.status == SellerOrderStatus::Shipped {
+        let missing: Vec<FieldError> = [
+            ("carrier", body.carrier.as_deref().or(carrier.as_deref())),
+            (
+                "tracking_number",
+                body.tracking_number.as_deref().or(tracking.as_deref()),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_none_or(|v| v.trim().is_empty()))
+        .map(|(field, _)| FieldError::new(field, "is needed to ship"))
+        .collect();
+        if !missing.is_empty() {
+            return Err(ApiError::Validation(missing));
+        }
+    }
+    let released: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM seller_earnings WHERE seller_order_id = $1 AND released_at IS NOT NULL)",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if released && body.status != SellerOrderStatus::Delivered {
+        return Err(ApiError::Conflict(FieldError::new(
+            "status",
+            "delivered and its earning already released to the seller; refund instead",
+        )));
+    }
     let update = FulfilmentUpdate {
         status: body.status,
         carrier: body.carrier.clone(),

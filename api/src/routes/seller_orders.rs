@@ -128,7 +128,7 @@ pub struct FulfilmentUpdate {
     pub note: Option<String>,
 }
 
-fn text(
+pub(crate) fn text(
     errors: &mut Vec<FieldError>,
     field: &str,
     value: &Option<String>,

@@ -193,9 +193,41 @@ pub fn seller_and_commission(amount: i64, payout: i64, commission: i64) -> (i64,
     }
 }
 
+/// The seller's and the platform's shares of a refund of `amount` after
+/// `before` was refunded from the same seller order: shared as the refunds
+/// so far plus this one would be, less what the earlier ones took. So the
+/// shares of all the refunds add up to the split of their total, however
+/// many there were (no rounding piles up on one side).
+pub fn refund_shares(before: i64, amount: i64, payout: i64, commission: i64) -> (i64, i64) {
+    let (seller_after, platform_after) = seller_and_commission(before + amount, payout, commission);
+    let (seller_before, platform_before) = seller_and_commission(before, payout, commission);
+    (
+        seller_after - seller_before,
+        platform_after - platform_before,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_small_refunds_share_like_one_refund_of_their_total() {
+        // Split one at a time, every 1-unit refund would go to the seller.
+        assert_eq!(seller_and_commission(1, 4549, 450), (1, 0));
+        let (mut seller, mut platform) = (0, 0);
+        for before in 0..4999 {
+            let (s, p) = refund_shares(before, 1, 4549, 450);
+            assert_eq!(s + p, 1);
+            seller += s;
+            platform += p;
+        }
+        assert_eq!(
+            (seller, platform),
+            (4549, 450),
+            "all of it, shared as earned"
+        );
+    }
 
     #[test]
     fn a_refund_is_shared_like_the_earning_was() {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{Account, PostError, Posting, post, seller_and_commission};
+use super::{Account, PostError, Posting, post, refund_shares, seller_and_commission};
 
 /// A captured payment (including one later refunded as a duplicate): the
 /// customer's money comes into clearing.
@@ -74,16 +74,7 @@ pub async fn earning(
         return Ok(false);
     }
     // Refunds of this seller order already posted came out of clearing.
-    let refunded_before: i64 = sqlx::query_scalar(
-        "SELECT coalesce(-sum(e.amount_minor), 0)::bigint
-           FROM ledger_transactions t
-           JOIN ledger_entries e ON e.transaction_id = t.id
-           JOIN ledger_accounts a ON a.id = e.account_id
-          WHERE t.kind = 'refund' AND t.seller_order_id = $1 AND a.kind = 'payments_clearing'",
-    )
-    .bind(seller_order)
-    .fetch_one(&mut *conn)
-    .await?;
+    let refunded_before = refunded(conn, seller_order).await?;
     let (seller_back, platform_back) =
         seller_and_commission(refunded_before, part.payout_minor, part.commission_minor);
     let seller = part.payout_minor - seller_back;
@@ -102,7 +93,18 @@ pub async fn earning(
         ],
     };
     let posted = post(conn, posting).await?;
-    if posted {
+    if !posted {
+        // Delivered again after an admin moved it back: the hold starts
+        // over from this delivery (the earning itself stands, once).
+        sqlx::query(
+            "UPDATE seller_earnings SET available_at = greatest(available_at, now() + make_interval(secs => $2))
+              WHERE seller_order_id = $1 AND released_at IS NULL",
+        )
+        .bind(seller_order)
+        .bind(hold.as_secs_f64())
+        .execute(&mut *conn)
+        .await?;
+    } else {
         sqlx::query(
             "INSERT INTO seller_earnings (seller_order_id, shop_id, currency, amount_minor, available_at)
              VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
@@ -118,16 +120,33 @@ pub async fn earning(
     Ok(posted)
 }
 
-/// An earning whose hold has passed: pending becomes available.
+/// Money of `seller_order` refunded so far, as posted (a refund's legs
+/// always credit the refunds account with the whole amount).
+async fn refunded(conn: &mut PgConnection, seller_order: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(e.amount_minor), 0)::bigint
+           FROM ledger_transactions t
+           JOIN ledger_entries e ON e.transaction_id = t.id
+           JOIN ledger_accounts a ON a.id = e.account_id
+          WHERE t.kind = 'refund' AND t.seller_order_id = $1 AND a.kind = 'refunds'",
+    )
+    .bind(seller_order)
+    .fetch_one(conn)
+    .await
+}
+
+/// An earning whose hold has passed: pending becomes available. What is
+/// released is what the seller-pending account holds for this seller order
+/// (the earning less refunds since), summed from its entries.
 pub async fn release(conn: &mut PgConnection, seller_order: Uuid) -> Result<bool, PostError> {
-    let earning: Option<(Uuid, String, i64, bool)> = sqlx::query_as(
-        "SELECT shop_id, currency, amount_minor, released_at IS NOT NULL
+    let earning: Option<(Uuid, String, bool)> = sqlx::query_as(
+        "SELECT shop_id, currency, released_at IS NOT NULL
            FROM seller_earnings WHERE seller_order_id = $1 FOR UPDATE",
     )
     .bind(seller_order)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((shop, currency, amount, released)) = earning else {
+    let Some((shop, currency, released)) = earning else {
         return Ok(false);
     };
     if released {
@@ -137,6 +156,21 @@ pub async fn release(conn: &mut PgConnection, seller_order: Uuid) -> Result<bool
         .bind(seller_order)
         .execute(&mut *conn)
         .await?;
+    let amount: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(e.amount_minor), 0)::bigint
+           FROM ledger_transactions t
+           JOIN ledger_entries e ON e.transaction_id = t.id
+           JOIN ledger_accounts a ON a.id = e.account_id
+          WHERE t.seller_order_id = $1 AND a.kind = 'seller_pending' AND a.shop_id = $2",
+    )
+    .bind(seller_order)
+    .bind(shop)
+    .fetch_one(&mut *conn)
+    .await?;
+    if amount == 0 {
+        // Refunded in full while held: nothing is left to release.
+        return Ok(true);
+    }
     let posting = Posting {
         kind: "release",
         reference: format!("release:{seller_order}"),
@@ -204,8 +238,13 @@ pub async fn refund(conn: &mut PgConnection, refund: Uuid) -> Result<bool, PostE
     let Some(released) = earned else {
         return post(conn, posting).await;
     };
-    let (seller, platform) =
-        seller_and_commission(r.amount_minor, part.payout_minor, part.commission_minor);
+    let before = refunded(conn, seller_order).await?;
+    let (seller, platform) = refund_shares(
+        before,
+        r.amount_minor,
+        part.payout_minor,
+        part.commission_minor,
+    );
     let from = if released {
         Account::SellerAvailable(part.shop_id)
     } else {
@@ -216,16 +255,7 @@ pub async fn refund(conn: &mut PgConnection, refund: Uuid) -> Result<bool, PostE
         (Account::Commission, -platform),
         (Account::Refunds, r.amount_minor),
     ];
-    let posted = post(conn, posting).await?;
-    if posted && !released {
-        // What the hold will release shrinks by what went back.
-        sqlx::query("UPDATE seller_earnings SET amount_minor = amount_minor - $2 WHERE seller_order_id = $1")
-            .bind(seller_order)
-            .bind(seller)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(posted)
+    post(conn, posting).await
 }
 
 /// A withdrawal's steps: asked for, paid out, or turned down.

@@ -61,6 +61,7 @@ statuses!(
     /// One seller's part of an order, from payment to the customer's door.
     SellerOrderStatus {
         Pending => "pending",
+        Expired => "expired",
         Paid => "paid",
         Processing => "processing",
         Shipped => "shipped",
@@ -111,7 +112,8 @@ impl SellerOrderStatus {
         use SellerOrderStatus::*;
         matches!(
             (self, next),
-            (Pending, Paid | Cancelled)
+            (Pending, Paid | Cancelled | Expired)
+                | (Expired, Paid | Cancelled)
                 | (Paid, Processing | Shipped | Cancelled)
                 | (Processing, Shipped | Cancelled)
                 | (Shipped, Delivered)
@@ -249,8 +251,10 @@ pub async fn move_seller_order(
     }
     sqlx::query(
         "UPDATE seller_orders SET status = $2, updated_at = now(),
-                delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE delivered_at END,
-                shipped_at = CASE WHEN $2 = 'shipped' THEN now() ELSE shipped_at END
+                delivered_at = CASE WHEN $2 = 'delivered' THEN now()
+                                    WHEN $2 IN ('paid', 'processing', 'shipped') THEN NULL ELSE delivered_at END,
+                shipped_at = CASE WHEN $2 = 'shipped' THEN now()
+                                  WHEN $2 IN ('paid', 'processing') THEN NULL ELSE shipped_at END
           WHERE id = $1",
     )
     .bind(seller_order)
@@ -269,8 +273,9 @@ pub async fn move_seller_order(
     Ok(from)
 }
 
-/// Moves every pending seller order of `order` to `to` (paid with the
-/// order, or cancelled with it); returns the ones moved, in id order.
+/// Moves every unpaid (pending or expired) seller order of `order` to `to`
+/// (paid, expired or cancelled with the order); returns the ones moved, in
+/// id order.
 pub async fn move_pending_parts(
     conn: &mut PgConnection,
     order: Uuid,
@@ -279,9 +284,11 @@ pub async fn move_pending_parts(
     change: Change<'_>,
 ) -> Result<Vec<Uuid>, MoveError> {
     let parts: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM seller_orders WHERE order_id = $1 AND status = 'pending' ORDER BY id",
+        "SELECT id FROM seller_orders
+          WHERE order_id = $1 AND status IN ('pending', 'expired') AND status <> $2 ORDER BY id",
     )
     .bind(order)
+    .bind(to.as_str())
     .fetch_all(&mut *conn)
     .await?;
     for part in &parts {

@@ -54,6 +54,8 @@ pub struct Object {
     #[serde(default)]
     pub amount: Option<i64>,
     #[serde(default)]
+    pub currency: Option<String>,
+    #[serde(default)]
     pub metadata: HashMap<String, String>,
     #[serde(default)]
     pub last_payment_error: Option<serde_json::Value>,
@@ -183,7 +185,8 @@ async fn succeeded(tx: &mut PgConnection, intent: &Object, corr: &str) -> Result
             intent.id
         )));
     }
-    settle::payment_succeeded(tx, &order, &intent.id, amount, corr).await
+    let currency = intent.currency.as_deref();
+    settle::payment_succeeded(tx, &order, &intent.id, (amount, currency), corr).await
 }
 
 async fn failed(tx: &mut PgConnection, intent: &Object, corr: &str) -> Result<(), Failure> {

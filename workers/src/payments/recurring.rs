@@ -265,12 +265,11 @@ impl Payments {
     /// payment never went through (incomplete) has none, so it ends now and
     /// the customer may subscribe again at once.
     pub(super) async fn end_at_period_end(&self, membership: Uuid) -> Result<Answer, Failure> {
-        let row: Option<(Option<String>, String)> = sqlx::query_as(
-            "SELECT stripe_subscription_id, status FROM memberships WHERE id = $1",
-        )
-        .bind(membership)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(Option<String>, String)> =
+            sqlx::query_as("SELECT stripe_subscription_id, status FROM memberships WHERE id = $1")
+                .bind(membership)
+                .fetch_optional(&self.pool)
+                .await?;
         let Some((Some(subscription), status)) = row else {
             return Ok(Answer::Nothing);
         };

@@ -75,7 +75,7 @@ async fn record_payment(
     tx: &mut PgConnection,
     order: &LockedOrder,
     intent: &str,
-    amount: i64,
+    (amount, currency): (i64, &str),
     flagged: Option<&str>,
     corr: &str,
 ) -> Result<Uuid, sqlx::Error> {
@@ -88,7 +88,7 @@ async fn record_payment(
     .bind(order.id)
     .bind(intent)
     .bind(amount)
-    .bind(&order.currency)
+    .bind(currency.to_ascii_lowercase())
     .bind(flagged.is_some())
     .bind(flagged)
     .execute(&mut *tx)
@@ -99,12 +99,13 @@ async fn record_payment(
 }
 
 /// A successful charge of `intent` for `order`, whatever state the order is
-/// in: paid if it still can be, otherwise recorded and refunded.
+/// in: paid if it still can be, otherwise recorded and refunded. `paid` is
+/// the amount and currency charged (the currency when Stripe says it).
 pub async fn payment_succeeded(
     tx: &mut PgConnection,
     order: &LockedOrder,
     intent: &str,
-    amount: i64,
+    (amount, currency): (i64, Option<&str>),
     corr: &str,
 ) -> Result<(), Failure> {
     let seen: bool =
@@ -117,7 +118,17 @@ pub async fn payment_succeeded(
         return Ok(());
     }
     if refunds::order_payment(tx, order.id).await?.is_some() {
-        return duplicate(tx, order, intent, amount, corr).await;
+        let reason = "a second successful payment for an order already paid";
+        let paid = (amount, currency.unwrap_or(&order.currency));
+        return flagged(tx, order, intent, paid, reason, corr).await;
+    }
+    let wrong_currency = currency.is_some_and(|c| !c.eq_ignore_ascii_case(&order.currency));
+    if wrong_currency || order.total_minor.is_some_and(|total| total != amount) {
+        // Not what the order costs (an intent made elsewhere carrying this
+        // order's id): it never pays the order, and goes back.
+        let reason = "a payment whose amount or currency is not the order's";
+        let paid = (amount, currency.unwrap_or(&order.currency));
+        return flagged(tx, order, intent, paid, reason, corr).await;
     }
     use OrderStatus::*;
     match order.status() {
@@ -192,7 +203,7 @@ pub async fn paid(
     }
     inventory::sell(tx, &sold, &format!("sold: order {}", order.id)).await?;
     if let Some((intent, amount)) = payment {
-        record_payment(tx, order, intent, amount, None, corr).await?;
+        record_payment(tx, order, intent, (amount, &order.currency), None, corr).await?;
     }
     let data = json!({ "payment_intent_id": payment.map(|(intent, _)| intent) });
     let change = Change {
@@ -231,7 +242,7 @@ async fn unbuyable(
     reason: &str,
     corr: &str,
 ) -> Result<(), Failure> {
-    let payment = record_payment(tx, order, intent, amount, None, corr).await?;
+    let payment = record_payment(tx, order, intent, (amount, &order.currency), None, corr).await?;
     refund(tx, order.id, payment, None, amount, reason, corr).await?;
     sqlx::query("UPDATE orders SET failure_reason = $2, payment_intent_id = coalesce(payment_intent_id, $3) WHERE id = $1")
         .bind(order.id)
@@ -261,18 +272,19 @@ async fn unbuyable(
     Ok(())
 }
 
-/// A second successful payment of a paid order: refunded in full and
-/// flagged for admins.
-async fn duplicate(
+/// A payment that does not pay the order (a second one, or not the
+/// order's amount): recorded with the reason, refunded in full, flagged for
+/// admins.
+async fn flagged(
     tx: &mut PgConnection,
     order: &LockedOrder,
     intent: &str,
-    amount: i64,
+    (amount, currency): (i64, &str),
+    reason: &str,
     corr: &str,
 ) -> Result<(), Failure> {
-    let reason = "a second successful payment for an order already paid";
-    tracing::warn!(order = %order.id, intent, "duplicate payment; refunding it");
-    let payment = record_payment(tx, order, intent, amount, Some(reason), corr).await?;
+    tracing::warn!(order = %order.id, intent, reason, "payment not taken; refunding it");
+    let payment = record_payment(tx, order, intent, (amount, currency), Some(reason), corr).await?;
     refund(tx, order.id, payment, None, amount, reason, corr).await?;
     let data = json!({ "order_id": order.id, "payment_intent_id": intent, "reason": reason });
     notify::admins(tx, "payment_flagged", &data).await?;
