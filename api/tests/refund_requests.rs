@@ -10,7 +10,7 @@ use common::{
     fields,
     orders::{
         Market, PIPELINE_WAIT, assert_ledger_balances, checkout_and_pay, deliver, ledger_balance,
-        mails_about, part_of, posted, seller_email, stock,
+        mails_about, part_of, posted, seller_email, stock, wait_for,
     },
     problem, token_for,
 };
@@ -218,6 +218,53 @@ async fn an_approved_refund_reaches_stripe_and_the_ledger_once() {
     mails_about(&buyer.email, "Refund request approved", 1).await;
     mails_about(&buyer.email, "Refund of", 1).await;
     assert_ledger_balances(app).await;
+    market.close().await;
+}
+
+#[tokio::test]
+async fn a_seller_cancel_after_a_partial_refund_gives_back_only_the_rest() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let oak_part = part_of(&paid, "oak");
+    let path = format!("/admin/seller-orders/{oak_part}/refund");
+    let goodwill = json!({"amount_minor": 999, "reason": "late, goodwill"});
+    json_of(
+        call(app, &root, Method::POST, &path, goodwill).await,
+        StatusCode::OK,
+    )
+    .await;
+    // At once, whether or not Stripe has confirmed that refund yet.
+    let path = format!("/seller/orders/{oak_part}/cancel");
+    let cancel = json!({"reason": "cannot make it after all"});
+    json_of(
+        call(app, &oak.seller, Method::POST, &path, cancel).await,
+        StatusCode::OK,
+    )
+    .await;
+    wait_until("both refunds through", PIPELINE_WAIT, || async {
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refunds WHERE status = 'succeeded'",
+        )
+        .await
+            == 2
+    })
+    .await;
+    let total = paid["total_minor"].as_i64().unwrap();
+    let amounts: Vec<i64> =
+        sqlx::query_scalar("SELECT amount_minor FROM refunds ORDER BY created_at")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(amounts, vec![999, total - 999], "all of it, once");
+    let refunded = wait_for(app, &buyer.token, &id(&paid), "refunded").await;
+    assert_eq!(refunded["refunded_minor"], total);
     market.close().await;
 }
 

@@ -319,11 +319,8 @@ pub async fn cancel(
         Change::note(reason),
     )
     .await?;
-    let left: i64 =
-        sqlx::query_scalar("SELECT total_minor - refunded_minor FROM seller_orders WHERE id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
+    // Less any refund already on its way (a refund request approved, say).
+    let left = refunds::left_of(&mut tx, id).await?;
     let payment = refunds::order_payment(&mut tx, order)
         .await?
         .ok_or_else(|| anyhow::anyhow!("paid order {order} has no payment"))?;
@@ -334,9 +331,11 @@ pub async fn cancel(
         amount_minor: left,
         reason,
     };
-    refunds::request(&mut tx, refund, corr)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("refund of seller order {id} exceeds its payment"))?;
+    if left > 0 {
+        refunds::request(&mut tx, refund, corr)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("refund of seller order {id} exceeds its payment"))?;
+    }
     outbox::enqueue(
         &mut tx,
         &Envelope::new(

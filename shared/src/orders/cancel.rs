@@ -59,20 +59,19 @@ pub async fn cancel_order(
             "a {current} order can no longer be cancelled"
         )));
     }
-    let parts: Vec<(Uuid, String, i64)> = sqlx::query_as(
-        "SELECT id, status, total_minor - refunded_minor FROM seller_orders
-          WHERE order_id = $1 ORDER BY id FOR UPDATE",
+    let parts: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, status FROM seller_orders WHERE order_id = $1 ORDER BY id FOR UPDATE",
     )
     .bind(id)
     .fetch_all(&mut *tx)
     .await?;
-    let parts: Vec<(Uuid, SellerOrderStatus, i64)> = parts
+    let parts: Vec<(Uuid, SellerOrderStatus)> = parts
         .into_iter()
-        .filter_map(|(id, s, left)| SellerOrderStatus::parse(&s).map(|s| (id, s, left)))
+        .filter_map(|(id, s)| SellerOrderStatus::parse(&s).map(|s| (id, s)))
         .collect();
     if parts
         .iter()
-        .any(|(_, s, _)| matches!(s, SellerOrderStatus::Shipped | SellerOrderStatus::Delivered))
+        .any(|(_, s)| matches!(s, SellerOrderStatus::Shipped | SellerOrderStatus::Delivered))
     {
         return Err(CancelError::TooLate(
             "a seller has already shipped part of this order".into(),
@@ -86,7 +85,7 @@ pub async fn cancel_order(
         .await?;
     let payment = refunds::order_payment(tx, id).await?;
     let mut refunded = 0;
-    for (part, part_status, left) in parts {
+    for (part, part_status) in parts {
         if part_status == SellerOrderStatus::Cancelled || part_status == SellerOrderStatus::Refunded
         {
             continue;
@@ -100,6 +99,8 @@ pub async fn cancel_order(
         )
         .await?;
         if let Some(payment) = payment.filter(|_| current == OrderStatus::Paid) {
+            // Less any refund already on its way (a seller's or an admin's).
+            let left = refunds::left_of(tx, part).await?;
             let refund = Refund {
                 order: id,
                 payment,
@@ -107,7 +108,7 @@ pub async fn cancel_order(
                 amount_minor: left,
                 reason,
             };
-            if refunds::request(tx, refund, corr).await?.is_none() {
+            if left > 0 && refunds::request(tx, refund, corr).await?.is_none() {
                 return Err(CancelError::Overdrawn(part));
             }
             refunded += left;

@@ -59,6 +59,20 @@ pub async fn request(
     Ok(recorded)
 }
 
+/// What is left to give back of what was paid for `seller_order`: its
+/// total less every refund not failed (asked for, on its way, or done), so
+/// a refund still waiting for Stripe counts as given.
+pub async fn left_of(conn: &mut PgConnection, seller_order: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT so.total_minor - (SELECT coalesce(sum(r.amount_minor), 0) FROM refunds r
+                                   WHERE r.seller_order_id = so.id AND r.status <> 'failed')::bigint
+           FROM seller_orders so WHERE so.id = $1",
+    )
+    .bind(seller_order)
+    .fetch_one(conn)
+    .await
+}
+
 /// The payment that counts for `order` (not a duplicate), if it was paid.
 pub async fn order_payment(
     conn: &mut PgConnection,
