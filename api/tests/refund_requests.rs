@@ -234,11 +234,25 @@ async fn a_seller_cancel_after_a_partial_refund_gives_back_only_the_rest() {
     let oak_part = part_of(&paid, "oak");
     let path = format!("/admin/seller-orders/{oak_part}/refund");
     let goodwill = json!({"amount_minor": 999, "reason": "late, goodwill"});
-    json_of(
-        call(app, &root, Method::POST, &path, goodwill).await,
-        StatusCode::OK,
-    )
-    .await;
+    let refund = |body: Value| {
+        app.http
+            .post(format!("{}/api/v1{path}", app.base))
+            .bearer_auth(&root)
+            .header("Idempotency-Key", "goodwill-1")
+            .json(&body)
+            .send()
+    };
+    // Retried with the same key: one refund; the key with another refund: refused.
+    for _ in 0..2 {
+        let resp = refund(goodwill.clone()).await.unwrap();
+        json_of(resp, StatusCode::OK).await;
+    }
+    let other = refund(json!({"amount_minor": 500, "reason": "late, goodwill"}))
+        .await
+        .unwrap();
+    let other = problem(other, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&other), ["Idempotency-Key"]);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refunds").await, 1);
     // At once, whether or not Stripe has confirmed that refund yet.
     let path = format!("/seller/orders/{oak_part}/cancel");
     let cancel = json!({"reason": "cannot make it after all"});

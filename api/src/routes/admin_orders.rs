@@ -5,10 +5,11 @@
 use axum::{
     Json,
     extract::{Path, State},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use souk_shared::orders::{
     Actor, Change, SellerOrderStatus, cancel,
     refunds::{self, Refund},
@@ -25,6 +26,7 @@ use crate::{
     routes::{
         admin::{Reason, audit, reason_error},
         catalog::{Page, Paging},
+        checkout::idempotency_key,
         orders::{self, OrderQuery},
         seller_orders::{self, FulfilmentUpdate, fulfil},
     },
@@ -488,22 +490,27 @@ impl Validate for AdminRefund {
 /// fulfilment step; the seller's earnings are taken back in the ledger.
 #[utoipa::path(
     post, path = "/admin/seller-orders/{id}/refund", tag = "admin", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), request_body = AdminRefund,
+    params(("id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "the same key refunds once")),
+    request_body = AdminRefund,
     responses(
         (status = 200, description = "the seller order (the refund follows within seconds)", body = SellerOrder),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such seller order", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "not paid, or more than is left of what was paid", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no reason, a bad amount, or an Idempotency-Key used for another refund", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn refund(
     State(state): State<AppState>,
     admin: Admin,
     request_id: RequestId,
+    headers: HeaderMap,
     Path(id): Path<Uuid>,
     ValidJson(body): ValidJson<AdminRefund>,
 ) -> Result<Json<SellerOrder>, ApiError> {
     let reason = body.reason.trim();
+    let key = idempotency_key(&headers)?;
+    let hash = Sha256::digest(format!("{}\n{reason}", body.amount_minor)).to_vec();
     let mut tx = state.pool.begin().await?;
     let order: Option<Uuid> =
         sqlx::query_scalar("SELECT order_id FROM seller_orders WHERE id = $1")
@@ -516,6 +523,32 @@ pub async fn refund(
         .bind(order)
         .execute(&mut *tx)
         .await?;
+    if let Some(key) = &key {
+        // Under the order's lock, so a retry racing the first waits for it.
+        let earlier: Option<Option<Vec<u8>>> = sqlx::query_scalar(
+            "SELECT request_hash FROM refunds WHERE seller_order_id = $1 AND idempotency_key = $2",
+        )
+        .bind(id)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match earlier {
+            Some(stored) if stored.as_deref() == Some(hash.as_slice()) => {
+                drop(tx);
+                let mut conn = state.pool.acquire().await?;
+                return Ok(Json(
+                    order_views::seller_order(&mut conn, id, Scope::Admin).await?,
+                ));
+            }
+            Some(_) => {
+                return Err(ApiError::Validation(vec![FieldError::new(
+                    "Idempotency-Key",
+                    "this key was used for a different refund",
+                )]));
+            }
+            None => {}
+        }
+    }
     let payment = refunds::order_payment(&mut tx, order)
         .await?
         .ok_or_else(|| {
@@ -528,7 +561,7 @@ pub async fn refund(
         amount_minor: body.amount_minor,
         reason,
     };
-    refunds::request(&mut tx, request, &request_id.0)
+    let made = refunds::request(&mut tx, request, &request_id.0)
         .await?
         .ok_or_else(|| {
             ApiError::Conflict(FieldError::new(
@@ -536,6 +569,14 @@ pub async fn refund(
                 "more than is left of what was paid for this seller order",
             ))
         })?;
+    if key.is_some() {
+        sqlx::query("UPDATE refunds SET idempotency_key = $2, request_hash = $3 WHERE id = $1")
+            .bind(made)
+            .bind(&key)
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await?;
+    }
     audit(
         &mut tx,
         &admin,
