@@ -246,6 +246,60 @@ async fn checkout_refuses_what_cannot_be_bought_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_placed_order_keeps_the_lines_it_was_placed_with() {
+    let app = spawn_app(&amqp_url()).await;
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let buyer = customer(&app).await;
+    add_to_cart(&app, &buyer.token, &oak.variant, 2).await;
+    let placed = checkout(&app, &buyer.token).await;
+    let before = order(&app, &buyer.token, &id(&placed)).await["lines"].clone();
+
+    // The seller renames the product and raises its price afterwards.
+    let product: Uuid = sqlx::query_scalar("SELECT product_id FROM variants WHERE id = $1::uuid")
+        .bind(&oak.variant)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let renamed = json!({"title": "Oak board"});
+    let resp = call(
+        &app,
+        &oak.seller,
+        Method::PATCH,
+        &format!("/seller/products/{product}"),
+        renamed,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let dearer = json!({"price_minor": 9900});
+    let resp = call(
+        &app,
+        &oak.seller,
+        Method::PATCH,
+        &format!("/seller/variants/{}", oak.variant),
+        dearer,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let after = order(&app, &buyer.token, &id(&placed)).await["lines"].clone();
+    assert_eq!(after, before);
+    assert_eq!(after[0]["title"], "Walnut board");
+    assert_eq!(after[0]["unit_price_minor"], 4500);
+    // Nor can anything change or remove the snapshot underneath.
+    for sql in [
+        "UPDATE order_lines SET unit_price_minor = 1",
+        "DELETE FROM order_lines",
+        "UPDATE order_events SET note = 'rewritten'",
+    ] {
+        let refused = sqlx::query(sql).execute(&app.db.pool).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("append-only"),
+            "{sql}: {refused}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn checkout_with_the_same_idempotency_key_makes_one_order() {
     let app = spawn_app(&amqp_url()).await;
     let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
