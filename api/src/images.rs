@@ -183,7 +183,7 @@ impl Gallery {
         let (n, next): (i64, i32) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT (SELECT count(*) FROM {t} WHERE {c} = o.id),
                     (SELECT coalesce(max(position) + 1, 0) FROM {t} WHERE {c} = o.id)
-               FROM {o} o WHERE o.id = $1 FOR UPDATE",
+               FROM {o} o WHERE o.id = $1 FOR NO KEY UPDATE",
             t = self.table,
             c = self.owner_column,
             o = self.owner_table

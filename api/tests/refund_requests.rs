@@ -16,7 +16,13 @@ use common::{
 };
 use reqwest::{Method, StatusCode, multipart};
 use serde_json::{Value, json};
+use souk_shared::{
+    contracts::{RefundRequested, RefundSucceeded},
+    envelope::Envelope,
+    outbox,
+};
 use souk_testkit::{count, wait_until};
+use uuid::Uuid;
 
 fn id(v: &Value) -> String {
     v["id"].as_str().unwrap().to_string()
@@ -217,7 +223,129 @@ async fn an_approved_refund_reaches_stripe_and_the_ledger_once() {
     assert_eq!(seen[0]["refund_status"], "succeeded");
     mails_about(&buyer.email, "Refund request approved", 1).await;
     mails_about(&buyer.email, "Refund of", 1).await;
+    mails_about(&seller_email(app, "oak").await, "Refund of 45.00", 1).await;
+
+    // The refund's messages delivered again (copies with ids of their own):
+    // Stripe is not asked twice and the ledger posts it once.
+    let refund: Uuid = sqlx::query_scalar("SELECT id FROM refunds")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let mut tx = app.db.pool.begin().await.unwrap();
+    for _ in 0..3 {
+        let asked = Envelope::new(&RefundRequested { refund_id: refund }, "again");
+        outbox::enqueue(&mut tx, &asked).await.unwrap();
+        let done = Envelope::new(&RefundSucceeded { refund_id: refund }, "again");
+        outbox::enqueue(&mut tx, &done).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let copies = "SELECT count(*) FROM processed_messages WHERE message_id IN
+                    (SELECT id FROM outbox WHERE correlation_id = 'again')";
+    wait_until("every copy handled", PIPELINE_WAIT, || async {
+        count(&app.db.pool, copies).await >= 6
+    })
+    .await;
+    assert_eq!(stripe.refunds_of(&intent).await.len(), 1);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM ledger_transactions WHERE kind = 'refund'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        ledger_balance(app, "seller_pending", Some("oak")).await,
+        8599 - 4074
+    );
     assert_ledger_balances(app).await;
+    market.close().await;
+}
+
+#[tokio::test]
+async fn an_admin_can_overturn_a_sellers_rejection_with_a_reason() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = token_for(app, &admin(app).await).await;
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let oak_part = part_of(&paid, "oak");
+    deliver(app, &oak.seller, &oak_part).await;
+    let board = line(&paid, "Walnut board");
+    let body = json!({"line_id": board["id"], "reason": "arrived cracked"});
+    let path = format!("/orders/{}/refund-requests", id(&paid));
+    let request = json_of(
+        call(app, &buyer.token, Method::POST, &path, body).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let reject = format!("/seller/refund-requests/{}/reject", id(&request));
+    let rejected = json!({"reason": "it left the workshop whole"});
+    json_of(
+        call(app, &oak.seller, Method::POST, &reject, rejected).await,
+        StatusCode::OK,
+    )
+    .await;
+    // The seller cannot change its mind by approving now.
+    let approve = format!("/seller/refund-requests/{}/approve", id(&request));
+    let again = call(
+        app,
+        &oak.seller,
+        Method::POST,
+        &approve,
+        json!({"restock": false}),
+    )
+    .await;
+    problem(again, StatusCode::CONFLICT).await;
+
+    // The customer disputes it; an admin steps in, and must say why.
+    let step_in = format!("/admin/refund-requests/{}/approve", id(&request));
+    let silent = call(
+        app,
+        &root,
+        Method::POST,
+        &step_in,
+        json!({"restock": false}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(silent, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["note"]
+    );
+    let why = json!({"restock": false, "note": "the carrier's photos show the crack"});
+    let overturned = json_of(
+        call(app, &root, Method::POST, &step_in, why.clone()).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(overturned["status"], "approved");
+    let twice = call(app, &root, Method::POST, &step_in, why).await;
+    problem(twice, StatusCode::CONFLICT).await;
+    let reason: String =
+        sqlx::query_scalar("SELECT reason FROM audit_log WHERE action = 'refund_request.approved'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(reason, "the carrier's photos show the crack");
+    let intent = paid["payment"]["payment_intent_id"]
+        .as_str()
+        .map(str::to_string);
+    let intent = match intent {
+        Some(intent) => intent,
+        None => sqlx::query_scalar("SELECT payment_intent_id FROM orders")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap(),
+    };
+    wait_until("the refund at Stripe", PIPELINE_WAIT, || async {
+        stripe.refunds_of(&intent).await.len() == 1
+    })
+    .await;
+    assert_eq!(stripe.refunds_of(&intent).await[0]["amount"], 4500);
+    mails_about(&seller_email(app, "oak").await, "Refund request", 2).await;
+    mails_about(&buyer.email, "Refund request approved", 1).await;
     market.close().await;
 }
 
@@ -336,7 +464,7 @@ async fn a_refund_above_what_was_paid_is_refused() {
             &root,
             Method::POST,
             &approve,
-            json!({"restock": false}),
+            json!({"restock": false, "note": "the customer is right"}),
         )
         .await,
         StatusCode::CONFLICT,

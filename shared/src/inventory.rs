@@ -255,7 +255,7 @@ async fn count_sold(tx: &mut PgConnection, lines: &[Units], sign: i64) -> Result
         .unzip();
     // Product rows locked in id order first (ORDER BY applies before the
     // locks), as variants are: no two orders wait on each other in a circle.
-    // NO KEY UPDATE, like the UPDATE itself: a plain FOR UPDATE would also
+    // NO KEY UPDATE, like the UPDATE itself: a plain FOR NO KEY UPDATE would also
     // block every checkout's foreign-key check on these products.
     sqlx::query(
         "UPDATE products p SET sold_count = greatest(p.sold_count + d.n, 0)

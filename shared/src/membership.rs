@@ -102,7 +102,7 @@ pub async fn apply(
     correlation_id: &str,
 ) -> Result<Option<MembershipStatus>, sqlx::Error> {
     let row: Option<(String, Option<DateTime<Utc>>)> =
-        sqlx::query_as("SELECT status, status_at FROM memberships WHERE id = $1 FOR UPDATE")
+        sqlx::query_as("SELECT status, status_at FROM memberships WHERE id = $1 FOR NO KEY UPDATE")
             .bind(membership)
             .fetch_optional(&mut *conn)
             .await?;

@@ -39,8 +39,20 @@ pub struct TestDb {
     pub name: String,
 }
 
+/// Logs of the code under test go to the test's output (shown when it
+/// fails): warnings and errors, or what `RUST_LOG` asks for.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 impl TestDb {
     pub async fn new() -> Self {
+        capture_logs();
         let name = format!("souk_test_{}", short_id());
         let admin = pg_admin_url();
         let mut conn = PgConnection::connect(&admin)

@@ -155,7 +155,7 @@ impl Step {
                     AND o.status IN ('out_of_stock', 'payment_failed', 'expired')
                     AND r.id <> ALL($1)
                   LIMIT 1
-                  FOR UPDATE OF r, o SKIP LOCKED"
+                  FOR NO KEY UPDATE OF r, o SKIP LOCKED"
             }
         };
         sqlx::query_scalar(sql)
@@ -200,7 +200,7 @@ async fn lock_schedule(tx: &mut PgConnection, id: Uuid) -> Result<Schedule, sqlx
     sqlx::query_as(
         "SELECT id, customer_id, address_id, payment_method_id, currency, items, interval_days, cron,
                 on_failure, price_increase_limit_percent, status, next_run_at
-           FROM replenishment_schedules WHERE id = $1 FOR UPDATE",
+           FROM replenishment_schedules WHERE id = $1 FOR NO KEY UPDATE",
     )
     .bind(id)
     .fetch_one(&mut *tx)

@@ -94,7 +94,7 @@ async fn reserve(
     corr: &str,
 ) -> Result<(), Failure> {
     let state: Option<(String, String)> =
-        sqlx::query_as("SELECT status, stock FROM orders WHERE id = $1 FOR UPDATE")
+        sqlx::query_as("SELECT status, stock FROM orders WHERE id = $1 FOR NO KEY UPDATE")
             .bind(order)
             .fetch_optional(&mut *tx)
             .await?;
@@ -179,7 +179,7 @@ async fn fail(
 /// (the parts no seller has put back already).
 async fn give_back(tx: &mut PgConnection, order: Uuid, corr: &str) -> Result<(), Failure> {
     let stock: Option<String> =
-        sqlx::query_scalar("SELECT stock FROM orders WHERE id = $1 FOR UPDATE")
+        sqlx::query_scalar("SELECT stock FROM orders WHERE id = $1 FOR NO KEY UPDATE")
             .bind(order)
             .fetch_optional(&mut *tx)
             .await?;

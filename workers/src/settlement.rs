@@ -119,7 +119,7 @@ pub async fn release_batch(pool: &PgPool, limit: i64) -> anyhow::Result<usize> {
            JOIN seller_orders so ON so.id = e.seller_order_id
           WHERE e.released_at IS NULL AND e.available_at <= now() AND so.status = 'delivered'
           ORDER BY e.available_at LIMIT $1
-          FOR UPDATE OF e, so SKIP LOCKED",
+          FOR NO KEY UPDATE OF e, so SKIP LOCKED",
     )
     .bind(limit)
     .fetch_all(&mut *tx)

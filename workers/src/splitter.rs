@@ -75,7 +75,7 @@ impl Handler for OrderSplitter {
             "SELECT o.status, o.split_at IS NOT NULL AS split, o.discount_minor, o.membership_discount_minor,
                     o.free_shipping, c.shop_id AS coupon_shop
                FROM orders o LEFT JOIN coupons c ON c.id = o.coupon_id
-              WHERE o.id = $1 FOR UPDATE OF o",
+              WHERE o.id = $1 FOR NO KEY UPDATE OF o",
         )
         .bind(order_id)
         .fetch_optional(&mut *tx)

@@ -162,7 +162,7 @@ pub async fn set_role(
     }
     let mut tx = state.pool.begin().await?;
     let current: Option<(String, bool)> = sqlx::query_as(
-        "SELECT u.role, EXISTS (SELECT 1 FROM shops s WHERE s.owner_id = u.id) FROM users u WHERE u.id = $1 FOR UPDATE",
+        "SELECT u.role, EXISTS (SELECT 1 FROM shops s WHERE s.owner_id = u.id) FROM users u WHERE u.id = $1 FOR NO KEY UPDATE",
     )
     .bind(id)
     .fetch_optional(&mut *tx)
@@ -289,10 +289,11 @@ async fn decide_shop(
     corr: &str,
 ) -> Result<Json<AdminShop>, ApiError> {
     let mut tx = state.pool.begin().await?;
-    let shop: Option<Uuid> = sqlx::query_scalar("SELECT id FROM shops WHERE slug = $1 FOR UPDATE")
-        .bind(slug)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let shop: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM shops WHERE slug = $1 FOR NO KEY UPDATE")
+            .bind(slug)
+            .fetch_optional(&mut *tx)
+            .await?;
     let shop = shop.ok_or(ApiError::NotFound)?;
     let changed = sqlx::query(decision.sql)
         .bind(shop)

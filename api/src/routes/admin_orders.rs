@@ -262,7 +262,7 @@ pub async fn correct_status(
     // The seller order locked first (settlement's sweep locks it too), then
     // its earning read as committed: no release can slip in between.
     let (carrier, tracking): (Option<String>, Option<String>) = sqlx::query_as(
-        "SELECT carrier, tracking_number FROM seller_orders WHERE id = $1 FOR UPDATE",
+        "SELECT carrier, tracking_number FROM seller_orders WHERE id = $1 FOR NO KEY UPDATE",
     )
     .bind(id)
     .fetch_optional(&mut *tx)
@@ -519,7 +519,7 @@ pub async fn refund(
             .await?;
     let order = order.ok_or(ApiError::NotFound)?;
     // The order's row first: refunds are decided under it.
-    sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE")
+    sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR NO KEY UPDATE")
         .bind(order)
         .execute(&mut *tx)
         .await?;

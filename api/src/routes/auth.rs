@@ -491,7 +491,7 @@ pub async fn refresh(
                 u.role, u.suspended_at IS NULL AS active
            FROM refresh_tokens t JOIN users u ON u.id = t.user_id
           WHERE t.token_hash = $1
-          FOR UPDATE OF t",
+          FOR NO KEY UPDATE OF t",
     )
     .bind(secret::digest(&token))
     .fetch_optional(&mut *tx)

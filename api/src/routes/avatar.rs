@@ -49,7 +49,7 @@ pub async fn upload(
     images::store(&state, &key(caller.id, &file), png).await?;
     let previous: Option<String> = sqlx::query_scalar(
         "UPDATE users u SET avatar = $2, updated_at = now()
-           FROM (SELECT avatar FROM users WHERE id = $1 FOR UPDATE) old
+           FROM (SELECT avatar FROM users WHERE id = $1 FOR NO KEY UPDATE) old
           WHERE u.id = $1 RETURNING old.avatar",
     )
     .bind(caller.id)
@@ -70,7 +70,7 @@ pub async fn upload(
 pub async fn remove(State(state): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
     let previous: Option<String> = sqlx::query_scalar(
         "UPDATE users u SET avatar = NULL, updated_at = now()
-           FROM (SELECT avatar FROM users WHERE id = $1 FOR UPDATE) old
+           FROM (SELECT avatar FROM users WHERE id = $1 FOR NO KEY UPDATE) old
           WHERE u.id = $1 RETURNING old.avatar",
     )
     .bind(caller.id)

@@ -115,7 +115,7 @@ pub async fn checkout(
     let mut tx = state.pool.begin().await?;
     // Two checkouts of one cart queue here; the second then finds it empty
     // (or, with the same key, the first one's order).
-    sqlx::query("SELECT 1 FROM cart_items WHERE user_id = $1 FOR UPDATE")
+    sqlx::query("SELECT 1 FROM cart_items WHERE user_id = $1 FOR NO KEY UPDATE")
         .bind(caller.id)
         .execute(&mut *tx)
         .await?;

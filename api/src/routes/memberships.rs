@@ -283,7 +283,7 @@ async fn current(
            FROM memberships WHERE user_id = $1
           ORDER BY status IN ('requested', 'incomplete', 'active', 'past_due') DESC, created_at DESC
           LIMIT 1 {}",
-        if lock { "FOR UPDATE" } else { "" }
+        if lock { "FOR NO KEY UPDATE" } else { "" }
     )))
     .bind(user)
     .fetch_optional(&mut *conn)

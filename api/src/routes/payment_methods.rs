@@ -107,7 +107,7 @@ pub async fn start(
     caller.require_verified()?;
     let mut tx = state.pool.begin().await?;
     // Serializes this account's cards, so the cap holds under concurrency.
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
         .bind(caller.id)
         .execute(&mut *tx)
         .await?;
@@ -237,7 +237,7 @@ pub async fn remove(
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.pool.begin().await?;
     let locked: Option<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM payment_methods WHERE id = $1 AND user_id = $2 AND status <> 'removed' FOR UPDATE",
+        "SELECT id FROM payment_methods WHERE id = $1 AND user_id = $2 AND status <> 'removed' FOR NO KEY UPDATE",
     )
     .bind(id)
     .bind(caller.id)

@@ -166,7 +166,7 @@ pub async fn reorder(
     owned_product(&state, &seller, product).await?;
     let mut tx = state.pool.begin().await?;
     let mut current: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM product_images WHERE product_id = $1 FOR UPDATE")
+        sqlx::query_scalar("SELECT id FROM product_images WHERE product_id = $1 FOR NO KEY UPDATE")
             .bind(product)
             .fetch_all(&mut *tx)
             .await?;

@@ -578,7 +578,7 @@ pub async fn add_variant(
     // Locked, so two concurrent additions get distinct positions.
     let position: Option<i32> = sqlx::query_scalar(
         "SELECT (SELECT coalesce(max(position) + 1, 0) FROM variants WHERE product_id = p.id)
-           FROM products p WHERE p.id = $1 AND p.shop_id = $2 FOR UPDATE",
+           FROM products p WHERE p.id = $1 AND p.shop_id = $2 FOR NO KEY UPDATE",
     )
     .bind(id)
     .bind(seller.shop_id)

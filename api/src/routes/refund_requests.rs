@@ -272,12 +272,13 @@ pub async fn open(
 ) -> Result<(StatusCode, Json<RefundRequest>), ApiError> {
     let corr = request_id.0.as_str();
     let mut tx = state.pool.begin().await?;
-    let mine: Option<i32> =
-        sqlx::query_scalar("SELECT 1 FROM orders WHERE id = $1 AND customer_id = $2 FOR UPDATE")
-            .bind(order)
-            .bind(caller.id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let mine: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM orders WHERE id = $1 AND customer_id = $2 FOR NO KEY UPDATE",
+    )
+    .bind(order)
+    .bind(caller.id)
+    .fetch_optional(&mut *tx)
+    .await?;
     mine.ok_or(ApiError::NotFound)?;
     let line: Option<(Uuid, Uuid, String, i32, String, String)> = sqlx::query_as(
         "SELECT so.id, so.shop_id, so.status, l.quantity, l.title, l.variant_title
@@ -611,19 +612,32 @@ async fn decide(
     .await?;
     let (order, seller_order) = found.ok_or(ApiError::NotFound)?;
     // The order's row first: refunds are decided under it.
-    sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE")
+    sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR NO KEY UPDATE")
         .bind(order)
         .execute(&mut *tx)
         .await?;
-    let (status, amount, quantity, line, title): (String, i64, i32, Uuid, String) = sqlx::query_as(
-        "SELECT rr.status, rr.amount_minor, rr.quantity, rr.order_line_id, l.title
+    let (status, decided_role, amount, quantity, line, title): (
+        String,
+        Option<String>,
+        i64,
+        i32,
+        Uuid,
+        String,
+    ) = sqlx::query_as(
+        "SELECT rr.status, rr.decided_role, rr.amount_minor, rr.quantity, rr.order_line_id, l.title
            FROM refund_requests rr JOIN order_lines l ON l.id = rr.order_line_id
-          WHERE rr.id = $1 FOR UPDATE OF rr",
+          WHERE rr.id = $1 FOR NO KEY UPDATE OF rr",
     )
     .bind(id)
     .fetch_one(&mut *tx)
     .await?;
-    if status != "open" {
+    // A dispute: the customer disagrees with the seller's rejection, and an
+    // admin may overturn it (approve). Nothing else is decided twice.
+    let overturn = status == "rejected"
+        && decided_role.as_deref() == Some("seller")
+        && matches!(decider, Decider::Admin(_))
+        && approval.is_some();
+    if status != "open" && !overturn {
         return Err(ApiError::Conflict(FieldError::new(
             "status",
             format!("this request was already {status}"),
@@ -728,7 +742,7 @@ async fn decide(
                 corr,
             )
             .await?;
-            let why = note.as_deref().unwrap_or(decision);
+            let why = note.as_deref().unwrap_or_default();
             audit(
                 &mut tx,
                 admin,
@@ -816,14 +830,17 @@ pub async fn seller_reject(
     .await
 }
 
-/// Step in: approve a request (kept in the audit log).
+/// Step in: approve an open request, or overturn a seller's rejection (a
+/// dispute). The note is required: it is the reason kept in the audit log
+/// and told to both sides.
 #[utoipa::path(
     post, path = "/admin/refund-requests/{id}/approve", tag = "admin", security(("bearer" = [])),
     params(("id" = Uuid, Path)), request_body = Approval,
     responses(
         (status = 200, description = "approved; the refund follows within seconds", body = RefundRequest),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "already decided, or more than is left of what was paid", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already approved or decided by an admin, or more than is left of what was paid", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no note (the admin's reason)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn admin_approve(
@@ -833,6 +850,12 @@ pub async fn admin_approve(
     Path(id): Path<Uuid>,
     ValidJson(body): ValidJson<Approval>,
 ) -> Result<Json<RefundRequest>, ApiError> {
+    if body.note.as_deref().is_none_or(|n| n.trim().is_empty()) {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "note",
+            "give the reason for stepping in",
+        )]));
+    }
     let decider = Decider::Admin(admin);
     answer(
         &state,

@@ -295,7 +295,7 @@ async fn row(
 ) -> Result<Row, ApiError> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM replenishment_schedules WHERE id = $1 AND customer_id = $2 {}",
-        if lock { "FOR UPDATE" } else { "" }
+        if lock { "FOR NO KEY UPDATE" } else { "" }
     )))
     .bind(id)
     .bind(customer)
@@ -437,7 +437,7 @@ pub async fn create(
     let next_run_at = first_run(&cadence, body.starts_at)?;
     let mut tx = state.pool.begin().await?;
     // Serializes this customer's schedule changes, so the cap holds.
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
         .bind(caller.id)
         .execute(&mut *tx)
         .await?;

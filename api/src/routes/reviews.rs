@@ -328,7 +328,7 @@ pub async fn reply(
     let mut tx = state.pool.begin().await?;
     let found: Option<bool> = sqlx::query_scalar(
         "SELECT reply IS NOT NULL FROM reviews
-          WHERE id = $1 AND shop_id = $2 AND removed_at IS NULL FOR UPDATE",
+          WHERE id = $1 AND shop_id = $2 AND removed_at IS NULL FOR NO KEY UPDATE",
     )
     .bind(review)
     .bind(seller.shop_id)
@@ -373,7 +373,7 @@ pub async fn remove(
     let mut tx = state.pool.begin().await?;
     let found: Option<(Uuid, Uuid, i32, bool)> = sqlx::query_as(
         "SELECT product_id, shop_id, rating, removed_at IS NOT NULL FROM reviews
-          WHERE id = $1 FOR UPDATE",
+          WHERE id = $1 FOR NO KEY UPDATE",
     )
     .bind(review)
     .fetch_optional(&mut *tx)

@@ -298,7 +298,7 @@ pub async fn cancel(
     let order = order.ok_or(ApiError::NotFound)?;
     // The order's row first: refunds are decided under it.
     let order_status: String =
-        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
+        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR NO KEY UPDATE")
             .bind(order)
             .fetch_one(&mut *tx)
             .await?;

@@ -208,7 +208,7 @@ async fn account_for(tx: &mut PgConnection, identity: &Identity) -> Result<Uuid,
         }
     };
     let existing: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM users WHERE lower(email) = lower($1) FOR UPDATE")
+        sqlx::query_scalar("SELECT id FROM users WHERE lower(email) = lower($1) FOR NO KEY UPDATE")
             .bind(email)
             .fetch_optional(&mut *tx)
             .await?;

@@ -52,7 +52,7 @@ async fn lock_part(conn: &mut PgConnection, seller_order: Uuid) -> Result<Part, 
         "SELECT so.order_id, so.shop_id, so.status, so.payout_minor,
                 so.commission_minor, o.currency
            FROM seller_orders so JOIN orders o ON o.id = so.order_id
-          WHERE so.id = $1 FOR UPDATE OF so",
+          WHERE so.id = $1 FOR NO KEY UPDATE OF so",
     )
     .bind(seller_order)
     .fetch_one(conn)
@@ -141,7 +141,7 @@ async fn refunded(conn: &mut PgConnection, seller_order: Uuid) -> Result<i64, sq
 pub async fn release(conn: &mut PgConnection, seller_order: Uuid) -> Result<bool, PostError> {
     let earning: Option<(Uuid, String, bool)> = sqlx::query_as(
         "SELECT shop_id, currency, released_at IS NOT NULL
-           FROM seller_earnings WHERE seller_order_id = $1 FOR UPDATE",
+           FROM seller_earnings WHERE seller_order_id = $1 FOR NO KEY UPDATE",
     )
     .bind(seller_order)
     .fetch_optional(&mut *conn)
@@ -230,7 +230,7 @@ pub async fn refund(conn: &mut PgConnection, refund: Uuid) -> Result<bool, PostE
         return post(conn, posting).await;
     };
     let earned: Option<bool> = sqlx::query_scalar(
-        "SELECT released_at IS NOT NULL FROM seller_earnings WHERE seller_order_id = $1 FOR UPDATE",
+        "SELECT released_at IS NOT NULL FROM seller_earnings WHERE seller_order_id = $1 FOR NO KEY UPDATE",
     )
     .bind(seller_order)
     .fetch_optional(&mut *conn)

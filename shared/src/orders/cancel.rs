@@ -44,7 +44,7 @@ pub async fn cancel_order(
     corr: &str,
 ) -> Result<(), CancelError> {
     let current: Option<String> = sqlx::query_scalar(
-        "SELECT status FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR customer_id = $2) FOR UPDATE",
+        "SELECT status FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR customer_id = $2) FOR NO KEY UPDATE",
     )
     .bind(id)
     .bind(customer)
@@ -60,7 +60,7 @@ pub async fn cancel_order(
         )));
     }
     let parts: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT id, status FROM seller_orders WHERE order_id = $1 ORDER BY id FOR UPDATE",
+        "SELECT id, status FROM seller_orders WHERE order_id = $1 ORDER BY id FOR NO KEY UPDATE",
     )
     .bind(id)
     .fetch_all(&mut *tx)

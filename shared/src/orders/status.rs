@@ -193,7 +193,7 @@ pub async fn move_order(
     change: Change<'_>,
 ) -> Result<OrderStatus, MoveError> {
     let from: Option<String> =
-        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
+        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR NO KEY UPDATE")
             .bind(order)
             .fetch_optional(&mut *conn)
             .await?;
@@ -233,11 +233,12 @@ pub async fn move_seller_order(
     actor: Actor,
     change: Change<'_>,
 ) -> Result<SellerOrderStatus, MoveError> {
-    let row: Option<(Uuid, String)> =
-        sqlx::query_as("SELECT order_id, status FROM seller_orders WHERE id = $1 FOR UPDATE")
-            .bind(seller_order)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(Uuid, String)> = sqlx::query_as(
+        "SELECT order_id, status FROM seller_orders WHERE id = $1 FOR NO KEY UPDATE",
+    )
+    .bind(seller_order)
+    .fetch_optional(&mut *conn)
+    .await?;
     let (order, from) = row.ok_or(MoveError::NotFound)?;
     let from = SellerOrderStatus::parse(&from).ok_or(MoveError::NotFound)?;
     let allowed = from.may_become(to)

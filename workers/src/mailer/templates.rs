@@ -16,6 +16,8 @@ const NAMES: &[&str] = &[
     "order_update",
     "order_cancelled",
     "refund_issued",
+    "refund_failed",
+    "seller_refund_issued",
     "seller_new_order",
     "seller_order_cancelled",
     "withdrawal_requested",
@@ -134,6 +136,12 @@ impl Default for Templates {
             "refund_issued.subject.txt",
             "refund_issued.txt",
             "refund_issued.html",
+            "refund_failed.subject.txt",
+            "refund_failed.txt",
+            "refund_failed.html",
+            "seller_refund_issued.subject.txt",
+            "seller_refund_issued.txt",
+            "seller_refund_issued.html",
             "seller_new_order.subject.txt",
             "seller_new_order.txt",
             "seller_new_order.html",
@@ -276,6 +284,15 @@ mod tests {
             (
                 "refund_issued",
                 serde_json::json!({"amount_minor": 3199, "reason": "cancelled"}),
+            ),
+            (
+                "refund_failed",
+                serde_json::json!({"amount_minor": 3199, "reason": "cancelled"}),
+            ),
+            (
+                "seller_refund_issued",
+                serde_json::json!({"shop": "Oak", "seller_order": seller_order,
+                                   "amount_minor": 999, "reason": "cracked"}),
             ),
             (
                 "seller_new_order",

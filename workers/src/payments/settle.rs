@@ -46,7 +46,7 @@ pub async fn lock(tx: &mut PgConnection, order: Uuid) -> Result<Option<LockedOrd
     sqlx::query_as(
         "SELECT id, customer_id, status, stock, payment_intent_id, total_minor, currency, coupon_id,
                 payment_method_id
-           FROM orders WHERE id = $1 FOR UPDATE",
+           FROM orders WHERE id = $1 FOR NO KEY UPDATE",
     )
     .bind(order)
     .fetch_optional(tx)
@@ -345,7 +345,7 @@ pub async fn refund_answered(
     let r: Row = sqlx::query_as(
         "SELECT r.payment_id, r.seller_order_id, r.amount_minor, r.reason, r.status, p.duplicate
            FROM refunds r JOIN payments p ON p.id = r.payment_id
-          WHERE r.id = $1 FOR UPDATE OF r",
+          WHERE r.id = $1 FOR NO KEY UPDATE OF r",
     )
     .bind(refund)
     .fetch_one(&mut *tx)
@@ -369,6 +369,18 @@ pub async fn refund_answered(
                 .await?;
             let data = json!({ "order_id": order.id, "refund_id": refund, "reason": flag });
             notify::admins(tx, "refund_failed", &data).await?;
+            // The customer waits for that money: say it is delayed and an
+            // admin has it in hand.
+            let extra = json!({ "amount_minor": r.amount_minor, "reason": r.reason });
+            notices::to_customer(
+                tx,
+                order.id,
+                "refund_failed",
+                Some("refund_failed"),
+                extra,
+                corr,
+            )
+            .await?;
             return Ok(());
         }
     };
@@ -417,6 +429,11 @@ pub async fn refund_answered(
         }
     }
     let extra = json!({ "amount_minor": r.amount_minor, "reason": r.reason });
+    if let Some(part) = r.seller_order_id.filter(|_| !r.duplicate) {
+        // The seller's share of it comes out of their balance: they hear of it.
+        let template = "seller_refund_issued";
+        notices::to_seller(tx, part, template, "refund_issued", extra.clone(), corr).await?;
+    }
     notices::to_customer(tx, order.id, "refund_issued", None, extra, corr).await?;
     Ok(())
 }
