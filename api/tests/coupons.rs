@@ -221,6 +221,32 @@ async fn shop_and_platform_coupons_follow_every_rule() {
     .await;
     assert_eq!(listed.as_array().unwrap().len(), 5, "shop A's own only");
 
+    // An admin may disable any shop's coupon, saying why.
+    let root = common::token_for(&app, &common::admin(&app).await).await;
+    let theirs: Uuid = sqlx::query_scalar(
+        "SELECT id FROM coupons WHERE shop_id IS NOT NULL AND disabled_at IS NULL LIMIT 1",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let path = format!("/admin/coupons/{theirs}/disable");
+    let silent = call(&app, &root, Method::POST, &path, json!({"reason": " "})).await;
+    assert_eq!(
+        fields(&problem(silent, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["reason"]
+    );
+    let why = json!({"reason": "misleading: 90% off nothing"});
+    let resp = call(&app, &root, Method::POST, &path, why).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let reason: String = sqlx::query_scalar(
+        "SELECT reason FROM audit_log WHERE action = 'coupon.disable' AND target_id = $1",
+    )
+    .bind(theirs)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reason, "misleading: 90% off nothing");
+
     // Codes are unique regardless of case; bad coupons are refused by field.
     let resp = call(
         &app,

@@ -240,6 +240,24 @@ pub async fn parked_replay(
     ValidJson(body): ValidJson<Replay>,
 ) -> Result<Json<Replayed>, ApiError> {
     let group = group(&name)?;
+    // Messages are named by their id (the nil id for "all of them").
+    let target = body
+        .message_id
+        .as_deref()
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .unwrap_or(Uuid::nil());
+    // Audited before it is done (no transaction is held across the broker
+    // call): no replay ever happens without its entry.
+    let mut tx = state.pool.begin().await?;
+    audit(
+        &mut tx,
+        &admin,
+        &format!("parked.replay.{group}"),
+        ("message", target),
+        body.reason.trim(),
+    )
+    .await?;
+    tx.commit().await?;
     let conn = state.broker.connect().await.map_err(broker_down)?;
     let replayed = parked::replay(
         &conn,
@@ -250,23 +268,7 @@ pub async fn parked_replay(
     .await
     .map_err(broker_down)?;
     let _ = conn.close(200, "replayed".into()).await;
-    // Messages are named by their id (the nil id for "all of them").
-    let target = body
-        .message_id
-        .as_deref()
-        .and_then(|id| Uuid::parse_str(id).ok())
-        .unwrap_or(Uuid::nil());
-    let mut tx = state.pool.begin().await?;
-    let why = format!("{} ({replayed} replayed)", body.reason.trim());
-    audit(
-        &mut tx,
-        &admin,
-        &format!("parked.replay.{group}"),
-        ("message", target),
-        &why,
-    )
-    .await?;
-    tx.commit().await?;
+    tracing::info!(group, replayed, admin = %admin.0.id, "parked messages replayed");
     Ok(Json(Replayed { replayed }))
 }
 

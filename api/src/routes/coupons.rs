@@ -18,7 +18,7 @@ use crate::{
     auth::{Admin, Seller},
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
-    routes::admin::audit,
+    routes::admin::{Reason, audit},
     state::AppState,
 };
 
@@ -167,15 +167,22 @@ async fn list(state: &AppState, shop: Option<Uuid>) -> Result<Vec<CouponView>, A
     Ok(rows.into_iter().map(CouponView::from).collect())
 }
 
-/// Disables a coupon of `shop` (`None`: the platform's); other owners' are 404.
-async fn disable(
-    conn: &mut PgConnection,
-    shop: Option<Uuid>,
-    id: Uuid,
-) -> Result<StatusCode, ApiError> {
+/// Whose coupons a caller may disable.
+enum Owner {
+    /// A seller: its shop's only; others' are 404.
+    Shop(Uuid),
+    /// An admin: any, the platform's or a shop's.
+    Anyone,
+}
+
+async fn disable(conn: &mut PgConnection, owner: Owner, id: Uuid) -> Result<StatusCode, ApiError> {
+    let shop = match owner {
+        Owner::Shop(shop) => Some(shop),
+        Owner::Anyone => None,
+    };
     let done = sqlx::query(
         "UPDATE coupons SET disabled_at = coalesce(disabled_at, now())
-          WHERE id = $1 AND shop_id IS NOT DISTINCT FROM $2",
+          WHERE id = $1 AND ($2::uuid IS NULL OR shop_id = $2)",
     )
     .bind(id)
     .bind(shop)
@@ -233,7 +240,7 @@ pub async fn seller_disable(
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let mut conn = state.pool.acquire().await?;
-    disable(&mut conn, Some(seller.shop_id), id).await
+    disable(&mut conn, Owner::Shop(seller.shop_id), id).await
 }
 
 /// Create a platform coupon (the whole cart).
@@ -278,28 +285,32 @@ pub async fn admin_list(
     Ok(Json(list(&state, None).await?))
 }
 
-/// Stop a platform coupon from applying.
+/// Stop any coupon from applying, the platform's or a shop's (moderation),
+/// with the reason kept in the audit log.
 #[utoipa::path(
     post, path = "/admin/coupons/{id}/disable", tag = "admin", security(("bearer" = [])),
-    params(("id" = Uuid, Path)),
+    params(("id" = Uuid, Path)), request_body = Reason,
     responses(
         (status = 204, description = "disabled"),
-        (status = 404, description = "no such platform coupon", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such coupon", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no reason", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn admin_disable(
     State(state): State<AppState>,
     admin: Admin,
     Path(id): Path<Uuid>,
+    ValidJson(body): ValidJson<Reason>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.pool.begin().await?;
-    let done = disable(&mut tx, None, id).await?;
+    let done = disable(&mut tx, Owner::Anyone, id).await?;
     audit(
         &mut tx,
         &admin,
         "coupon.disable",
         ("coupon", id),
-        "platform coupon disabled",
+        body.reason.trim(),
     )
     .await?;
     tx.commit().await?;
