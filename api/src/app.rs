@@ -91,6 +91,7 @@ fn v1(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(addresses::set_default))
         .routes(routes!(admin::suspend))
         .routes(routes!(admin::unsuspend))
+        .routes(routes!(moderation::list))
         .routes(routes!(moderation::hide))
         .routes(routes!(moderation::unhide))
         .routes(routes!(moderation::create_category))

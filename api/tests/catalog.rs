@@ -479,6 +479,38 @@ async fn a_hidden_product_disappears_from_the_storefront_and_its_seller_sees_why
         .await,
         1
     );
+    // Admins find it among every product, hidden ones and drafts included.
+    let admin_list = |query: &'static str| {
+        let root = root.clone();
+        let app = &app;
+        async move {
+            json_of(
+                call(
+                    app,
+                    &root,
+                    Method::GET,
+                    &format!("/admin/products{query}"),
+                    json!({}),
+                )
+                .await,
+                StatusCode::OK,
+            )
+            .await
+        }
+    };
+    let hidden = admin_list("?hidden=true").await;
+    assert_eq!(hidden["total"], 1);
+    assert_eq!(hidden["items"][0]["id"], board);
+    assert_eq!(hidden["items"][0]["hidden_reason"], "counterfeit brand");
+    let found = admin_list("?q=walnut&hidden=true&status=active").await;
+    assert_eq!(found["total"], 1);
+    let all = admin_list("?per_page=100").await;
+    assert!(all["total"].as_i64().unwrap() >= 3, "{all}");
+    problem(
+        call(&app, &a, Method::GET, "/admin/products", json!({})).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
     let back = json!({"reason": "brand owner confirmed"});
     let resp = call(
         &app,

@@ -1,26 +1,115 @@
-//! Admins run the catalog: hide a product (with a reason its seller sees),
-//! show it again, and keep the category tree. Every action is audited.
+//! Admins run the catalog: find any product (drafts and hidden ones too),
+//! hide one (with a reason its seller sees), show it again, and keep the
+//! category tree. Every action is audited.
 
 use axum::{
     Json,
     extract::{Path, State},
     http::StatusCode,
 };
-use serde::Deserialize;
-use utoipa::ToSchema;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
     auth::Admin,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
+    extract::{ValidJson, ValidQuery, Validate},
     routes::{
         admin::{Reason, audit},
         auth::valid_slug,
-        catalog::Category,
+        catalog::{Category, Page, Paging},
+        products::ProductStatus,
     },
     state::AppState,
 };
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AdminProductQuery {
+    /// Words in the title, tags or description (web-search syntax).
+    pub q: Option<String>,
+    /// A shop's slug.
+    pub shop: Option<String>,
+    pub status: Option<ProductStatus>,
+    /// Only hidden (true) or only unhidden (false) products.
+    pub hidden: Option<bool>,
+    pub page: Option<u32>,
+    pub per_page: Option<u32>,
+}
+
+impl Validate for AdminProductQuery {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Paging::check(self.page, self.per_page);
+        if self.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
+            errors.push(FieldError::new("q", "at most 200 characters"));
+        }
+        errors
+    }
+}
+
+/// A product as admins see it: whatever its status or visibility.
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct AdminProduct {
+    pub id: Uuid,
+    pub title: String,
+    pub shop_slug: String,
+    pub status: String,
+    pub hidden_at: Option<DateTime<Utc>>,
+    pub hidden_reason: Option<String>,
+    pub variant_count: i64,
+    pub created_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+/// Every product, newest first: search and filter to moderate.
+#[utoipa::path(
+    get, path = "/admin/products", tag = "admin", security(("bearer" = [])), params(AdminProductQuery),
+    responses(
+        (status = 200, description = "a page of products", body = Page<AdminProduct>),
+        (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a parameter is invalid", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ValidQuery(query): ValidQuery<AdminProductQuery>,
+) -> Result<Json<Page<AdminProduct>>, ApiError> {
+    let paging = Paging::new(query.page, query.per_page);
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        product: AdminProduct,
+        total: i64,
+    }
+    let q = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT p.id, p.title, s.slug AS shop_slug, p.status, p.hidden_at, p.hidden_reason,
+                (SELECT count(*) FROM variants v WHERE v.product_id = p.id) AS variant_count,
+                p.created_at, p.published_at, count(*) OVER () AS total
+           FROM products p JOIN shops s ON s.id = p.shop_id
+          WHERE ($1::text IS NULL OR p.search @@ websearch_to_tsquery('english', $1))
+            AND ($2::text IS NULL OR s.slug = $2)
+            AND ($3::text IS NULL OR p.status = $3)
+            AND ($4::bool IS NULL OR (p.hidden_at IS NOT NULL) = $4)
+          ORDER BY p.created_at DESC, p.id DESC LIMIT $5 OFFSET $6",
+    )
+    .bind(q)
+    .bind(&query.shop)
+    .bind(query.status.map(ProductStatus::as_str))
+    .bind(query.hidden)
+    .bind(paging.limit())
+    .bind(paging.offset())
+    .fetch_all(&state.pool)
+    .await?;
+    let total = rows.first().map_or(0, |r| r.total);
+    Ok(Json(paging.page(
+        rows.into_iter().map(|r| r.product).collect(),
+        total,
+    )))
+}
 
 /// Hide a product from the storefront (moderation). Its seller sees why.
 #[utoipa::path(
