@@ -1,5 +1,6 @@
 //! Coupons: shop and platform scope, percent and fixed, minimum order,
-//! validity window, total and per-customer limits, counted once when paid.
+//! validity window, total and per-customer limits (orders in flight count),
+//! counted once when paid.
 
 mod common;
 
@@ -324,4 +325,79 @@ async fn a_use_is_counted_once_per_paid_order_up_to_the_total_limit() {
         count(&app.db.pool, "SELECT count(*) FROM coupon_redemptions").await,
         2
     );
+}
+
+#[tokio::test]
+async fn concurrent_checkouts_cannot_take_more_uses_than_a_coupon_has() {
+    use common::orders::{add_to_cart, checkout_request, customer, listing};
+    let app = spawn_app(&amqp_url()).await;
+    let oak = listing(&app, "oak", "Walnut board", 4500, 50).await;
+    let created = json_of(
+        call(
+            &app,
+            &oak.seller,
+            Method::POST,
+            "/seller/coupons",
+            json!({"code": "LASTONE", "percent_off": 20, "max_uses": 1}),
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(created["max_uses"], 1);
+    let mut buyers = vec![];
+    for _ in 0..8 {
+        let buyer = customer(&app).await;
+        add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
+        json_of(apply(&app, &buyer.token, "LASTONE").await, StatusCode::OK).await;
+        buyers.push(buyer);
+    }
+    // All at once, while no order is paid yet: one gets the coupon, the
+    // others are told it is used up (their carts are kept).
+    let answers = futures_util::future::join_all(
+        buyers
+            .iter()
+            .map(|b| checkout_request(&app, &b.token, None, json!({}))),
+    )
+    .await;
+    let mut placed = vec![];
+    for (i, resp) in answers.into_iter().enumerate() {
+        match resp.status() {
+            StatusCode::ACCEPTED => placed.push((i, resp.json::<Value>().await.unwrap())),
+            _ => {
+                let body = problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
+                assert_eq!(fields(&body), ["coupon"], "{body}");
+            }
+        }
+    }
+    assert_eq!(placed.len(), 1, "one order holds the coupon's only use");
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM orders WHERE coupon_id IS NOT NULL"
+        )
+        .await,
+        1
+    );
+
+    // That order is cancelled unpaid: its use is free again.
+    let (winner, order) = &placed[0];
+    let cancel = format!("/orders/{}/cancel", order["id"].as_str().unwrap());
+    let resp = call(
+        &app,
+        &buyers[*winner].token,
+        Method::POST,
+        &cancel,
+        json!({"reason": "changed my mind"}),
+    )
+    .await;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let next = buyers
+        .iter()
+        .enumerate()
+        .find(|(i, _)| i != winner)
+        .unwrap()
+        .1;
+    let resp = checkout_request(&app, &next.token, None, json!({})).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
 }

@@ -123,6 +123,25 @@ pub async fn customer_uses(
     .await
 }
 
+/// Orders not yet paid (nor dead) that carry the coupon: in all, and of
+/// `user`. Checkout counts them as uses, so concurrent checkouts cannot all
+/// take the last use; an order that dies frees its use by leaving these
+/// statuses, and a paid one is counted by [`redeem`] instead.
+pub async fn in_flight(
+    conn: &mut PgConnection,
+    coupon: Uuid,
+    user: Uuid,
+) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE customer_id = $2) FROM orders
+          WHERE coupon_id = $1 AND status IN ('pending', 'reserved', 'awaiting_payment', 'payment_failed')",
+    )
+    .bind(coupon)
+    .bind(user)
+    .fetch_one(conn)
+    .await
+}
+
 /// Counts one use of the coupon for a paid order, once however often it is
 /// called for that order. `false` when the coupon's total limit is already
 /// reached (the caller decides: the order was priced when it was valid).

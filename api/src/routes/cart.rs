@@ -231,7 +231,13 @@ async fn evaluate(
             .sum(),
         None => subtotal,
     };
-    let uses = coupons::customer_uses(conn, coupon.id, user).await?;
+    // Uses paid for, plus orders placed with it and not yet paid.
+    let (held, held_by_user) = coupons::in_flight(conn, coupon.id, user).await?;
+    let uses = coupons::customer_uses(conn, coupon.id, user).await? + held_by_user;
+    let coupon = Coupon {
+        uses: coupon.uses.saturating_add(i32::try_from(held).unwrap_or(i32::MAX)),
+        ..coupon
+    };
     let (discount_minor, problem) = match coupon.discount(Utc::now(), uses, eligible) {
         Ok(discount) => (discount, None),
         Err(refusal) => (0, Some(refusal.to_string())),

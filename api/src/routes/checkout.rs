@@ -119,6 +119,15 @@ pub async fn checkout(
         .bind(caller.id)
         .execute(&mut *tx)
         .await?;
+    // Checkouts with one coupon queue here too, so each counts the orders
+    // the others placed with it against its limits.
+    sqlx::query(
+        "SELECT 1 FROM coupons WHERE id = (SELECT coupon_id FROM cart_coupons WHERE user_id = $1)
+            FOR NO KEY UPDATE",
+    )
+    .bind(caller.id)
+    .execute(&mut *tx)
+    .await?;
     if let Some(key) = &key
         && let Some(id) = replay(&mut tx, caller.id, key, &hash).await?
     {
