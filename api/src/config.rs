@@ -27,6 +27,8 @@ pub struct ApiConfig {
     pub market: MarketConfig,
     /// How long public catalog answers are kept in the process.
     pub public_cache: std::time::Duration,
+    /// How often orders someone waits on are read.
+    pub order_watch: std::time::Duration,
 }
 
 impl ApiConfig {
@@ -42,6 +44,15 @@ impl ApiConfig {
             oidc: OidcConfig::from_env(env)?,
             market: MarketConfig::from_env(env)?,
             public_cache: env.millis("PUBLIC_CACHE_MS", 1_000)?,
+            order_watch: match env.millis("ORDER_WATCH_MS", 25)? {
+                zero if zero.is_zero() => {
+                    return Err(ConfigError {
+                        var: "ORDER_WATCH_MS".into(),
+                        reason: "must be at least 1".into(),
+                    });
+                }
+                period => period,
+            },
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod images;
 pub mod market_config;
 pub mod middleware;
 pub mod order_views;
+pub mod order_watch;
 pub mod ratelimit;
 pub mod routes;
 pub mod sealed;

@@ -35,7 +35,8 @@ async fn main() {
         config.market.clone(),
     )
     .with_oidc(config.oidc.clone().map(OidcClient::new))
-    .with_public_cache(config.public_cache);
+    .with_public_cache(config.public_cache)
+    .with_order_watch(config.order_watch);
     let app = router(state, config.body_limit, config.storage.image_max_bytes);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

@@ -9,6 +9,7 @@ use crate::{
     broker::BrokerProbe,
     http_cache::PublicCache,
     market_config::MarketConfig,
+    order_watch::OrderWatch,
     ratelimit::RateLimiter,
     storage::StorageConfig,
 };
@@ -32,6 +33,8 @@ pub struct AppState {
     pub market: Arc<MarketConfig>,
     /// Public catalog answers, kept briefly (off unless configured).
     pub public: PublicCache,
+    /// Requests waiting for an order to change.
+    pub orders: OrderWatch,
 }
 
 impl AppState {
@@ -45,6 +48,7 @@ impl AppState {
         market: MarketConfig,
     ) -> Self {
         Self {
+            orders: OrderWatch::new(pool.clone(), std::time::Duration::from_millis(25)),
             market: Arc::new(market),
             limiter,
             storage,
@@ -63,6 +67,12 @@ impl AppState {
     /// Keeps public catalog answers for `ttl` (zero: not at all).
     pub fn with_public_cache(mut self, ttl: std::time::Duration) -> Self {
         self.public = PublicCache::new(ttl);
+        self
+    }
+
+    /// Reads waited-on orders every `period` (`ORDER_WATCH_MS`).
+    pub fn with_order_watch(mut self, period: std::time::Duration) -> Self {
+        self.orders = OrderWatch::new(self.pool.clone(), period);
         self
     }
 

@@ -721,3 +721,67 @@ async fn an_unpaid_reservation_expires_releases_stock_and_cancels_the_intent() {
     mails_about(&buyer.email, "expired", 1).await;
     market.close().await;
 }
+
+#[tokio::test]
+async fn a_read_can_wait_until_the_order_moves() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let order_id = id(&checkout(app, &buyer.token).await);
+    let (token, order) = (buyer.token.as_str(), order_id.as_str());
+    let read = |query: String| {
+        let path = format!("/orders/{order}{query}");
+        async move { call(app, token, Method::GET, &path, json!({})).await }
+    };
+    // Held until the pipeline has made the PaymentIntent.
+    let awaiting = json_of(
+        read("?wait_for=awaiting_payment".into()).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(awaiting["status"], "awaiting_payment", "{awaiting}");
+    // A wait that runs out answers the order as it is.
+    let started = std::time::Instant::now();
+    let still = json_of(
+        read("?wait_for=paid&wait_ms=300".into()).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(still["status"], "awaiting_payment");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    // Held while the card is paid: answered once it is.
+    let (paid, _) = tokio::join!(read("?wait_for=paid&wait_ms=20000".into()), async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        pay(app, stripe, &buyer.token, &order_id, CARD_OK).await
+    });
+    assert_eq!(json_of(paid, StatusCode::OK).await["status"], "paid");
+    // A status it can no longer reach: answered at once.
+    let started = std::time::Instant::now();
+    let now = json_of(
+        read("?wait_for=awaiting_payment&wait_ms=20000".into()).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(now["status"], "paid");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // Bad waits are refused by field; another customer waits on nothing.
+    let bad = read("?wait_for=paid&wait_ms=60000".into()).await;
+    assert_eq!(
+        fields(&problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["wait_ms"]
+    );
+    let other = customer(app).await;
+    let theirs = call(
+        app,
+        &other.token,
+        Method::GET,
+        &format!("/orders/{order_id}?wait_for=paid"),
+        json!({}),
+    )
+    .await;
+    problem(theirs, StatusCode::NOT_FOUND).await;
+    market.close().await;
+}

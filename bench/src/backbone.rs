@@ -18,13 +18,18 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::{process::Child, sync::Mutex};
 use uuid::Uuid;
 
-use crate::sink::{GROUP, Tick};
+use crate::{
+    sink::{GROUP, Tick},
+    stats::{self, Figure},
+};
 
 pub struct Options {
     pub messages: u64,
     pub producers: u64,
     pub rate: u64,
     pub seconds: u64,
+    pub label: String,
+    pub run: u32,
 }
 
 const PREFIX: &str = "soukbench";
@@ -37,13 +42,16 @@ fn env(name: &str, default: &str) -> String {
 /// Commit times by message id, taken right after each commit returned.
 type Commits = Arc<Mutex<HashMap<Uuid, DateTime<Utc>>>>;
 
-pub async fn run(opts: Options) -> anyhow::Result<()> {
+/// Two figures: throughput (`B`, with its latency under that load) and
+/// latency at a fixed rate below saturation (`B-latency`).
+pub async fn run(opts: Options) -> anyhow::Result<Vec<Figure>> {
     let admin = env(
         "BENCH_ADMIN_DATABASE_URL",
         "postgres://postgres@127.0.0.1:5432/postgres",
     );
     let amqp_url = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
-    let db_url = fresh_database(&admin, "souk_bench").await?;
+    // A database of its own: never the one a running system uses.
+    let db_url = fresh_database(&admin, "souk_bench_backbone").await?;
     let pool = db::pool(&db_url, 32)?;
     db::migrate(&pool).await?;
     sqlx::query(
@@ -76,13 +84,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     ];
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    println!(
-        "# backbone benchmark ({cores} cores, {} producers)",
-        opts.producers
+    eprintln!(
+        "B: {} messages from {} producers, then {} msg/s for {} s",
+        opts.messages, opts.producers, opts.rate, opts.seconds
     );
+    let figure = |workload: &str, per_sec: f64, count: u64, (p50, p99): (f64, f64), notes| Figure {
+        workload: workload.into(),
+        label: opts.label.clone(),
+        run: opts.run,
+        at: stats::now(),
+        throughput: per_sec,
+        unit: "msg/s".into(),
+        count,
+        p50_ms: p50,
+        p99_ms: p99,
+        errors: 0,
+        rss_mib: vec![],
+        cores: stats::cores(),
+        notes,
+    };
 
     // Throughput: producers commit as fast as they can.
     let commits: Commits = Arc::default();
@@ -92,36 +112,46 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     wait_for_effects(&pool, opts.messages).await?;
     let (first_commit, last_effect) = span(&pool, &commits).await?;
     let total = (last_effect - first_commit).to_std()?.as_secs_f64();
-    let (p50, p99) = latencies(&pool, &commits).await?;
-    println!(
-        "throughput: {} messages in {:.2} s = {:.0} msg/s (producers alone: {:.0} commits/s); latency under that load p50 {:.1} ms, p99 {:.1} ms",
-        opts.messages,
-        total,
-        opts.messages as f64 / total,
-        opts.messages as f64 / produced_in.as_secs_f64(),
-        p50,
-        p99
+    let note = format!(
+        "producers alone: {:.0} commits/s",
+        opts.messages as f64 / produced_in.as_secs_f64()
     );
+    let mut figures = vec![figure(
+        "B",
+        opts.messages as f64 / total,
+        opts.messages,
+        latencies(&pool, &commits).await?,
+        vec![note],
+    )];
 
     // Latency at a fixed rate, below saturation.
     sqlx::query("TRUNCATE bench_effects").execute(&pool).await?;
     let paced: Commits = Arc::default();
     let n = opts.rate * opts.seconds;
+    let started = Instant::now();
     produce(&pool, &paced, n, opts.producers, Some(opts.rate)).await?;
     wait_for_effects(&pool, n).await?;
-    let (p50, p99) = latencies(&pool, &paced).await?;
-    println!(
-        "latency at {} msg/s for {} s: commit-to-effect p50 {:.1} ms, p99 {:.1} ms",
-        opts.rate, opts.seconds, p50, p99
-    );
+    let per_sec = n as f64 / started.elapsed().as_secs_f64();
+    let note = format!("paced at {} msg/s", opts.rate);
+    figures.push(figure(
+        "B-latency",
+        per_sec,
+        n,
+        latencies(&pool, &paced).await?,
+        vec![note],
+    ));
 
+    let mut rss = vec![];
     for (name, pid) in [
         ("outbox-relay", children[0].id()),
         ("bench-sink", children[1].id()),
     ] {
         if let Some(kib) = pid.and_then(peak_rss_kib) {
-            println!("peak RSS {name}: {:.1} MiB", kib as f64 / 1024.0);
+            rss.push((name.to_string(), kib as f64 / 1024.0));
         }
+    }
+    for f in &mut figures {
+        f.rss_mib = rss.clone();
     }
     for child in &mut children {
         if let Some(pid) = child.id() {
@@ -131,7 +161,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         let _ = child.wait().await;
     }
-    Ok(())
+    Ok(figures)
 }
 
 async fn fresh_database(admin: &str, name: &str) -> anyhow::Result<String> {

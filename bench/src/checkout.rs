@@ -6,8 +6,17 @@
 //! the paid orders in the database.
 //!
 //! ```text
-//! souk-bench checkout --api URL --stripe URL --database URL [--customers 32] [--seconds 60] [--poll-ms 20]
+//! souk-bench checkout --api URL --stripe URL --database URL [--customers 32] [--seconds 60] [--poll-ms MS]
 //! ```
+//!
+//! The customer's page waits for the order as a storefront should: each read
+//! is held by the API until the order moves (`wait_for`); with `--poll-ms`
+//! it asks again at that interval instead.
+//!
+//! The card is paid as Stripe.js pays it: a payment method made once per
+//! customer, attached to the order's intent, then the intent confirmed; so
+//! the same run works against localstripe (slowly) or the harness's fast
+//! stand-in (`souk-bench stripe`).
 
 use std::{
     collections::HashMap,
@@ -20,14 +29,25 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::{
+    procs,
+    stats::{self, Latencies},
+};
+
 pub struct Options {
     pub api: String,
     pub stripe: String,
+    /// The secret key the Stripe stand-in expects (localstripe checks one).
+    pub stripe_key: String,
     pub database: String,
     pub customers: usize,
     pub seconds: u64,
-    /// How often a customer's page asks whether the order is paid yet.
-    pub poll: Duration,
+    /// How a customer's page waits for the order to move: `None` holds the
+    /// request until it does (`wait_for`, as a storefront should); `Some`
+    /// asks again at that interval (how a naive storefront polls).
+    pub poll: Option<Duration>,
+    pub label: String,
+    pub run: u32,
 }
 
 const PASSWORD: &str = "bench-password-123";
@@ -96,8 +116,11 @@ struct Client {
     http: reqwest::Client,
     api: String,
     stripe: String,
+    stripe_key: String,
     token: String,
-    poll: Duration,
+    /// The customer's card at Stripe.
+    card: String,
+    poll: Option<Duration>,
 }
 
 impl Client {
@@ -125,18 +148,16 @@ impl Client {
         Ok(body)
     }
 
-    /// Polls the order until `pred` holds.
-    async fn until(
-        &self,
-        order: &str,
-        started: Instant,
-        pred: impl Fn(&Value) -> bool,
-    ) -> anyhow::Result<Value> {
+    /// Reads the order until it is `status`: held by the API until it gets
+    /// there (`wait_for`), or asked again every `poll`.
+    async fn until(&self, order: &str, started: Instant, status: &str) -> anyhow::Result<Value> {
+        let path = match self.poll {
+            None => format!("/orders/{order}?wait_for={status}&wait_ms=10000"),
+            Some(_) => format!("/orders/{order}"),
+        };
         loop {
-            let o = self
-                .call(reqwest::Method::GET, &format!("/orders/{order}"), None)
-                .await?;
-            if pred(&o) {
+            let o = self.call(reqwest::Method::GET, &path, None).await?;
+            if o["status"] == status {
                 return Ok(o);
             }
             if matches!(
@@ -147,10 +168,27 @@ impl Client {
             }
             anyhow::ensure!(
                 started.elapsed() < GIVE_UP,
-                "order {order} not paid in {GIVE_UP:?}"
+                "order {order} not {status} in {GIVE_UP:?}"
             );
-            tokio::time::sleep(self.poll).await;
+            if let Some(poll) = self.poll {
+                tokio::time::sleep(poll).await;
+            }
         }
+    }
+
+    /// A form POST to the Stripe stand-in, as the customer's browser makes it.
+    async fn stripe(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/{path}", self.stripe))
+            .basic_auth(&self.stripe_key, None::<&str>)
+            .form(form)
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        anyhow::ensure!(status.is_success(), "stripe {path}: {status} {body}");
+        Ok(body)
     }
 
     /// One whole checkout: cart, checkout, pay, paid.
@@ -173,27 +211,17 @@ impl Client {
             .call(reqwest::Method::POST, "/checkout", Some(json!({})))
             .await?;
         let id = order["id"].as_str().context("order id")?.to_string();
-        let awaiting = self
-            .until(&id, started, |o| o["status"] == "awaiting_payment")
-            .await?;
+        let awaiting = self.until(&id, started, "awaiting_payment").await?;
         let intent = awaiting["payment"]["payment_intent_id"]
             .as_str()
             .context("intent")?;
-        // Stripe.js confirming with the customer's card.
-        let confirmed = self
-            .http
-            .post(format!(
-                "{}/v1/payment_intents/{intent}/confirm",
-                self.stripe
-            ))
-            .send()
+        // Stripe.js: the customer's card on the intent, then confirmed.
+        let attach = [("payment_method", self.card.as_str())];
+        self.stripe(&format!("payment_intents/{intent}"), &attach)
             .await?;
-        anyhow::ensure!(
-            confirmed.status().is_success(),
-            "confirm: {}",
-            confirmed.status()
-        );
-        self.until(&id, started, |o| o["status"] == "paid").await?;
+        self.stripe(&format!("payment_intents/{intent}/confirm"), &[])
+            .await?;
+        self.until(&id, started, "paid").await?;
         Ok(())
     }
 }
@@ -204,15 +232,17 @@ fn two_distinct(n: usize) -> (usize, usize) {
     (a, b)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+/// A short unmeasured run, then fresh planner statistics: a database in
+/// service has both (fresh tables would leave plans that scan).
+pub async fn warm_up(opts: Options) -> anyhow::Result<()> {
+    let database = opts.database.clone();
+    run(opts).await?;
+    let pool = souk_shared::db::pool(&database, 1)?;
+    sqlx::query("ANALYZE").execute(&pool).await?;
+    Ok(())
 }
 
-pub async fn run(opts: Options) -> anyhow::Result<()> {
+pub async fn run(opts: Options) -> anyhow::Result<stats::Figure> {
     let pool = souk_shared::db::pool(&opts.database, 4)?;
     let emails = seed_customers(&pool, opts.customers).await?;
     let shelves = Arc::new(shelves(&pool).await?);
@@ -231,13 +261,28 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let token = session["access_token"]
             .as_str()
             .with_context(|| format!("sign-in: {session}"))?;
-        clients.push(Client {
+        let mut client = Client {
             http: http.clone(),
             api: opts.api.clone(),
             stripe: opts.stripe.clone(),
+            stripe_key: opts.stripe_key.clone(),
             token: token.to_string(),
+            card: String::new(),
             poll: opts.poll,
-        });
+        };
+        let card = [
+            ("type", "card"),
+            ("card[number]", "4242424242424242"),
+            ("card[exp_month]", "12"),
+            ("card[exp_year]", "2034"),
+            ("card[cvc]", "123"),
+        ];
+        let made = client.stripe("payment_methods", &card).await?;
+        client.card = made["id"]
+            .as_str()
+            .context("a payment method id")?
+            .to_string();
+        clients.push(client);
     }
     let paid_before: i64 = paid_count(&pool).await?;
     eprintln!(
@@ -265,42 +310,52 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             })
         })
         .collect();
-    let (mut times, mut errors) = (Vec::new(), Vec::new());
-    for task in tasks {
-        let (t, e) = task.await?;
-        times.extend(t);
-        errors.extend(e);
-    }
+    let ((times, errors), rss_mib) = procs::during(async {
+        let (mut times, mut errors) = (Vec::new(), Vec::new());
+        for task in tasks {
+            let (t, e) = task.await.unwrap_or_default();
+            times.extend(t);
+            errors.extend(e);
+        }
+        (times, errors)
+    })
+    .await;
     let elapsed = started.elapsed().as_secs_f64();
-    times.sort();
+    let times = Latencies::new(times);
+    // Orders still being paid when the time ran out are not counted: wait
+    // for them to settle before comparing with the database.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let paid_in_db = paid_count(&pool).await? - paid_before;
-    println!("paid orders        {}", times.len());
-    println!("orders/s           {:.1}", times.len() as f64 / elapsed);
-    println!(
-        "checkout p50       {:.0} ms",
-        percentile(&times, 50.0).as_secs_f64() * 1000.0
-    );
-    println!(
-        "checkout p99       {:.0} ms",
-        percentile(&times, 99.0).as_secs_f64() * 1000.0
-    );
-    println!("errors             {}", errors.len());
-    for e in errors.iter().take(5) {
-        println!("  {e}");
-    }
-    println!(
-        "paid in database   {paid_in_db} ({})",
-        if paid_in_db == times.len() as i64 {
-            "matches"
+    let mut notes: Vec<String> = errors.iter().take(3).cloned().collect();
+    let counted = times.len() as i64;
+    notes.push(format!(
+        "paid in the database: {paid_in_db} ({})",
+        if paid_in_db == counted {
+            "equals the orders counted"
         } else {
             "MISMATCH"
         }
-    );
+    ));
+    let figure = stats::Figure {
+        workload: "W2".into(),
+        label: opts.label,
+        run: opts.run,
+        at: stats::now(),
+        throughput: times.len() as f64 / elapsed,
+        unit: "paid orders/s".into(),
+        count: times.len() as u64,
+        p50_ms: times.ms(50.0),
+        p99_ms: times.ms(99.0),
+        errors: errors.len() as u64,
+        rss_mib,
+        cores: stats::cores(),
+        notes,
+    };
     anyhow::ensure!(
-        paid_in_db == times.len() as i64,
-        "counted and paid orders differ"
+        paid_in_db == counted,
+        "counted {counted} paid orders, the database has {paid_in_db}"
     );
-    Ok(())
+    Ok(figure)
 }
 
 async fn paid_count(pool: &PgPool) -> anyhow::Result<i64> {

@@ -155,6 +155,43 @@ async fn get_intent(State(s): State<StandIn>, Path(id): Path<String>) -> Respons
     }
 }
 
+/// A card, as Stripe.js makes one from what the customer typed.
+async fn create_payment_method(Form(form): Form<HashMap<String, String>>) -> Response {
+    let last4: String = form
+        .get("card[number]")
+        .map(|n| {
+            n.chars()
+                .rev()
+                .take(4)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect()
+        })
+        .unwrap_or_else(|| "4242".into());
+    Json(json!({
+        "id": format!("pm_{}", Uuid::now_v7().simple()), "object": "payment_method",
+        "type": "card", "card": {"brand": "visa", "last4": last4, "exp_month": 12, "exp_year": 2034},
+    }))
+    .into_response()
+}
+
+/// An intent updated with the card to pay it with.
+async fn update_intent(
+    State(s): State<StandIn>,
+    Path(id): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let mut store = s.store.lock().expect("not poisoned");
+    let Some(intent) = store.intents.get_mut(&id) else {
+        return refused("no such intent");
+    };
+    if let Some(pm) = form.get("payment_method") {
+        intent["payment_method"] = json!(pm);
+    }
+    Json(intent.clone()).into_response()
+}
+
 /// What Stripe.js does when the customer pays: the charge succeeds and the
 /// webhook follows.
 async fn confirm(State(s): State<StandIn>, Path(id): Path<String>) -> Response {
@@ -212,7 +249,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     let app = Router::new()
         .route("/v1/payment_intents", post(create_intent))
-        .route("/v1/payment_intents/{id}", get(get_intent))
+        .route(
+            "/v1/payment_intents/{id}",
+            get(get_intent).post(update_intent),
+        )
+        .route("/v1/payment_methods", post(create_payment_method))
         .route("/v1/payment_intents/{id}/confirm", post(confirm))
         .route("/v1/payment_intents/{id}/cancel", post(cancel))
         .route("/v1/refunds", post(refund))

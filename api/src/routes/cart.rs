@@ -235,7 +235,9 @@ async fn evaluate(
     let (held, held_by_user) = coupons::in_flight(conn, coupon.id, user).await?;
     let uses = coupons::customer_uses(conn, coupon.id, user).await? + held_by_user;
     let coupon = Coupon {
-        uses: coupon.uses.saturating_add(i32::try_from(held).unwrap_or(i32::MAX)),
+        uses: coupon
+            .uses
+            .saturating_add(i32::try_from(held).unwrap_or(i32::MAX)),
         ..coupon
     };
     let (discount_minor, problem) = match coupon.discount(Utc::now(), uses, eligible) {

@@ -91,20 +91,72 @@ pub async fn mine(
     Ok(Json(list(&state, Some(caller.id), None, &query).await?))
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct OrderWait {
+    /// Hold the answer until the order is in this status, or can no longer
+    /// get there (out of stock, cancelled...), or `wait_ms` has passed: a
+    /// storefront waits for `awaiting_payment` after checkout and for
+    /// `paid` after the card, without polling.
+    pub wait_for: Option<OrderStatus>,
+    /// How long to hold at most, in milliseconds: 1 to 30000 (10000).
+    pub wait_ms: Option<u32>,
+}
+
+/// The longest a request may be held.
+const MAX_WAIT_MS: u32 = 30_000;
+
+impl Validate for OrderWait {
+    fn validate(&self) -> Vec<FieldError> {
+        match self.wait_ms {
+            Some(ms) if ms == 0 || ms > MAX_WAIT_MS => vec![FieldError::new(
+                "wait_ms",
+                format!("must be 1 to {MAX_WAIT_MS}"),
+            )],
+            _ => vec![],
+        }
+    }
+}
+
 /// One of the caller's orders. While it awaits payment it carries the
-/// PaymentIntent's client secret for Stripe.js.
+/// PaymentIntent's client secret for Stripe.js. With `wait_for`, the
+/// answer comes when the order reaches that status (or cannot any more),
+/// or when `wait_ms` runs out: the order as it is then.
 #[utoipa::path(
-    get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])), params(("id" = Uuid, Path), OrderWait),
     responses(
         (status = 200, description = "the order", body = Order),
         (status = 404, description = "no such order of yours", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a bad wait_for or wait_ms", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<Uuid>,
+    ValidQuery(wait): ValidQuery<OrderWait>,
 ) -> Result<Json<Order>, ApiError> {
+    if let Some(target) = wait.wait_for {
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(wait.wait_ms.unwrap_or(10_000).into());
+        loop {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 AND customer_id = $2")
+                    .bind(id)
+                    .bind(caller.id)
+                    .fetch_optional(&state.pool)
+                    .await?;
+            let status = status
+                .as_deref()
+                .and_then(OrderStatus::parse)
+                .ok_or(ApiError::NotFound)?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if status == target || !status.can_reach(target) || left.is_zero() {
+                break;
+            }
+            state.orders.changed(id, status, left).await;
+        }
+    }
     let mut conn = state.pool.acquire().await?;
     Ok(Json(
         order_views::order(&mut conn, id, Scope::Customer(caller.id)).await?,

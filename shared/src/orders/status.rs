@@ -100,6 +100,25 @@ impl OrderStatus {
         self.may_become(Self::Cancelled)
     }
 
+    /// Whether `target` is this status or can still be reached from it
+    /// through the transitions above.
+    pub fn can_reach(self, target: Self) -> bool {
+        let mut seen = vec![self];
+        let mut next = vec![self];
+        while let Some(at) = next.pop() {
+            if at == target {
+                return true;
+            }
+            for &to in Self::ALL {
+                if at.may_become(to) && !seen.contains(&to) {
+                    seen.push(to);
+                    next.push(to);
+                }
+            }
+        }
+        false
+    }
+
     /// Unpaid and still able to be paid: the client secret is shown.
     pub fn payable(self) -> bool {
         matches!(self, Self::AwaitingPayment | Self::PaymentFailed)
@@ -395,6 +414,18 @@ mod tests {
             .collect();
         coded.sort();
         assert_eq!(documented, coded, "seller order diagram");
+    }
+
+    #[test]
+    fn reachability_follows_the_transitions() {
+        use OrderStatus::*;
+        assert!(Pending.can_reach(Paid));
+        assert!(Pending.can_reach(AwaitingPayment));
+        assert!(Expired.can_reach(Paid), "a late payment");
+        assert!(!OutOfStock.can_reach(Paid));
+        assert!(!Paid.can_reach(AwaitingPayment));
+        assert!(!Cancelled.can_reach(Paid));
+        assert!(Paid.can_reach(Paid));
     }
 
     #[test]
