@@ -14,6 +14,8 @@
 #
 #   bench/run.sh                      # the whole set (about 20 minutes)
 #   SECONDS_PER_RUN=10 RUNS=1 bench/run.sh   # a quick look
+#   bench/run.sh serve                # only start the system (seeded), for
+#                                     # one workload at a time or a profiler
 #
 # The mailer does not run: receipts and seller mails (3 per order) wait in
 # its queue, as behind a slow SMTP relay; relaying them is measured.
@@ -50,6 +52,7 @@ psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DA
 export DATABASE_URL="$PG/$DB" AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f AMQP_PREFIX=souk-bench
 export LOG_FORMAT=json RUST_LOG=warn JWT_SECRET=bench-secret-bench-secret-bench-secret
 export STRIPE_WEBHOOK_SECRET=$SECRET STRIPE_SECRET_KEY=sk_test_bench STRIPE_API_BASE="http://127.0.0.1:$STRIPE_PORT/"
+export PAYOUT_DETAILS_KEY=c291ay1iZW5jaC1wYXlvdXQta2V5LTMyLWJ5dGVzISE=
 # No rate limit in the way of many sign-ins and requests from one address.
 export LIMIT_SIGN_IN_PER_IP_MINUTE=1000000
 "$BIN/souk-admin" migrate
@@ -96,6 +99,13 @@ workers 1
 
 bench() { "$BIN/souk-bench" "$@" --runs "$RUNS" --out "$OUT"; }
 target=(--api "http://127.0.0.1:$API_PORT" --stripe "http://127.0.0.1:$STRIPE_PORT" --database "$DATABASE_URL")
+
+if [ "${1:-}" = serve ]; then
+  "$BIN/souk-bench" seed --database "$DATABASE_URL" --products "${PRODUCTS:-1000}"
+  echo "running; try: $BIN/souk-bench checkout ${target[*]} --runs 1 --seconds 20   (Ctrl-C stops)"
+  wait
+  exit 0
+fi
 
 log "1. the whole set, 1,000 products"
 bench all "${target[@]}" --products 1000 --seconds "$SECONDS_PER_RUN" --checkout-seconds "$CHECKOUT_SECONDS" \

@@ -785,3 +785,95 @@ async fn a_read_can_wait_until_the_order_moves() {
     problem(theirs, StatusCode::NOT_FOUND).await;
     market.close().await;
 }
+
+/// Two batches of reservations, each reserving an order on variants A and B
+/// and one on C and D, in opposite orders and slowly enough to interleave.
+/// Taking every lock first (`lock_batch`, as the runtime does for a batch)
+/// makes the second batch queue behind the first; without it they deadlock.
+#[tokio::test]
+async fn batches_of_reservations_sharing_stock_queue_instead_of_deadlocking() {
+    use souk_shared::{contracts::OrderSplit, envelope::Envelope};
+    use souk_workers::{
+        reserver::{ReserverConfig, StockReserver},
+        runtime::Handler,
+    };
+    let app = spawn_app(&amqp_url()).await;
+    let mut variants = vec![];
+    for (i, slug) in ["shop-a", "shop-b", "shop-c", "shop-d"].into_iter().enumerate() {
+        variants.push(
+            listing(&app, slug, &format!("Item {i}"), 1000, 100)
+                .await
+                .variant,
+        );
+    }
+    // Orders on {A, B}, {C, D}, {C, D}, {A, B}.
+    let mut orders = vec![];
+    for pair in [[0, 1], [2, 3], [2, 3], [0, 1]] {
+        let buyer = customer(&app).await;
+        for v in pair {
+            add_to_cart(&app, &buyer.token, &variants[v], 1).await;
+        }
+        let placed = checkout(&app, &buyer.token).await;
+        orders.push(Uuid::parse_str(placed["id"].as_str().unwrap()).unwrap());
+    }
+    let reserver = std::sync::Arc::new(StockReserver {
+        config: ReserverConfig {
+            reservation_ttl: std::time::Duration::from_secs(900),
+            expiry_poll: std::time::Duration::from_secs(60),
+        },
+    });
+    let batch = |first: Uuid, second: Uuid, start_ms: u64, lock_first: bool| {
+        let (pool, reserver) = (app.db.pool.clone(), reserver.clone());
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(start_ms)).await;
+            let msgs = [first, second].map(|o| Envelope::new(&OrderSplit { order_id: o }, "t"));
+            let mut tx = pool.begin().await.unwrap();
+            if lock_first {
+                reserver
+                    .lock_batch(&mut tx, &[&msgs[0], &msgs[1]])
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+            }
+            reserver
+                .apply(&mut tx, &msgs[0], ())
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            reserver
+                .apply(&mut tx, &msgs[1], ())
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            tx.commit().await.map_err(|e| e.to_string())
+        }
+    };
+    // Without taking the locks first: one of the two is a deadlock victim.
+    let (x, y) = tokio::join!(
+        batch(orders[0], orders[1], 0, false),
+        batch(orders[2], orders[3], 100, false)
+    );
+    let failed = [&x, &y].into_iter().filter(|r| r.is_err()).count();
+    assert_eq!(failed, 1, "{x:?} {y:?}");
+    assert!(format!("{x:?}{y:?}").contains("deadlock"), "{x:?} {y:?}");
+    sqlx::query("UPDATE orders SET status = 'pending', stock = 'none', reserved_until = NULL")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE variants SET reserved = 0")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+
+    // With them: the second batch waits for the first; both go through.
+    let (x, y) = tokio::join!(
+        batch(orders[0], orders[1], 0, true),
+        batch(orders[2], orders[3], 100, true)
+    );
+    assert!(x.is_ok() && y.is_ok(), "{x:?} {y:?}");
+    for v in &variants {
+        assert_eq!(
+            stock(&app, v).await,
+            (100, 2),
+            "each variant held by two orders"
+        );
+    }
+}

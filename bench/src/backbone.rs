@@ -52,7 +52,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Figure>> {
     let amqp_url = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
     // A database of its own: never the one a running system uses.
     let db_url = fresh_database(&admin, "souk_bench_backbone").await?;
-    let pool = db::pool(&db_url, 32)?;
+    // Small pools: this runs beside a whole system (bench/run.sh) within
+    // PostgreSQL's 100 connections.
+    let pool = db::pool(&db_url, u32::try_from(opts.producers)? + 2)?;
     db::migrate(&pool).await?;
     sqlx::query(
         "CREATE TABLE bench_effects (message_id uuid NOT NULL, applied_at timestamptz NOT NULL)",
@@ -79,8 +81,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Figure>> {
     topology::declare_group(&channel, &names, &group).await?;
 
     let mut children = vec![
-        spawn("outbox-relay", &[], &db_url, &amqp_url)?,
-        spawn("souk-bench", &["sink"], &db_url, &amqp_url)?,
+        spawn("outbox-relay", &[], &db_url, &amqp_url, 4)?,
+        spawn("souk-bench", &["sink"], &db_url, &amqp_url, 20)?,
     ];
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -181,7 +183,13 @@ async fn fresh_database(admin: &str, name: &str) -> anyhow::Result<String> {
 }
 
 /// Starts a sibling binary (from the same target directory) as its own process.
-fn spawn(bin: &str, args: &[&str], db_url: &str, amqp_url: &str) -> anyhow::Result<Child> {
+fn spawn(
+    bin: &str,
+    args: &[&str],
+    db_url: &str,
+    amqp_url: &str,
+    pool: u32,
+) -> anyhow::Result<Child> {
     let path = std::env::current_exe()?.with_file_name(bin);
     tokio::process::Command::new(&path)
         .args(args)
@@ -190,7 +198,7 @@ fn spawn(bin: &str, args: &[&str], db_url: &str, amqp_url: &str) -> anyhow::Resu
         .env("AMQP_PREFIX", PREFIX)
         .env("OPS_ADDR", "127.0.0.1:0")
         .env("RETRY_DELAYS_MS", RETRY_DELAYS)
-        .env("DATABASE_MAX_CONNECTIONS", env("BENCH_POOL", "24"))
+        .env("DATABASE_MAX_CONNECTIONS", pool.to_string())
         .env("CONSUMER_PREFETCH", env("BENCH_PREFETCH", "256"))
         .env("CONSUMER_CONCURRENCY", env("BENCH_CONCURRENCY", "16"))
         .env("RELAY_BATCH_SIZE", env("BENCH_RELAY_BATCH", "500"))

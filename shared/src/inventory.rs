@@ -151,6 +151,30 @@ fn in_lock_order(lines: &[Units]) -> Vec<Units> {
     lines
 }
 
+/// Locks the stock rows the orders' lines touch, variants then their
+/// products, each in id order: what a batch of stock changes takes first so
+/// that batches sharing variants queue instead of deadlocking.
+pub async fn lock_for_orders(tx: &mut PgConnection, orders: &[Uuid]) -> Result<(), sqlx::Error> {
+    if orders.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "SELECT 1 FROM variants WHERE id IN (SELECT variant_id FROM order_lines WHERE order_id = ANY($1))
+          ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(orders)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "SELECT 1 FROM products WHERE id IN (SELECT product_id FROM order_lines WHERE order_id = ANY($1))
+          ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(orders)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// Reserves every line or none: one conditional UPDATE per variant inside a
 /// savepoint, rolled back at the first variant that is short.
 pub async fn reserve(
@@ -255,7 +279,7 @@ async fn count_sold(tx: &mut PgConnection, lines: &[Units], sign: i64) -> Result
         .unzip();
     // Product rows locked in id order first (ORDER BY applies before the
     // locks), as variants are: no two orders wait on each other in a circle.
-    // NO KEY UPDATE, like the UPDATE itself: a plain FOR NO KEY UPDATE would also
+    // NO KEY UPDATE, like the UPDATE itself: a plain FOR UPDATE would also
     // block every checkout's foreign-key check on these products.
     sqlx::query(
         "UPDATE products p SET sold_count = greatest(p.sold_count + d.n, 0)

@@ -62,6 +62,37 @@ impl Handler for StockReserver {
         Ok(())
     }
 
+    async fn lock_batch(&self, tx: &mut PgConnection, msgs: &[&Envelope]) -> Result<(), Failure> {
+        let mut orders = vec![];
+        let mut parts = vec![];
+        for msg in msgs {
+            match msg.kind.as_str() {
+                "order.split" => orders.push(msg.payload::<OrderSplit>().map(|m| m.order_id)),
+                "order.cancelled" => {
+                    orders.push(msg.payload::<OrderCancelled>().map(|m| m.order_id))
+                }
+                "seller_order.cancelled" => parts.push(
+                    msg.payload::<SellerOrderCancelled>()
+                        .map(|m| m.seller_order_id),
+                ),
+                _ => {}
+            }
+        }
+        // A bad payload fails in `apply`, where it is parked on its own.
+        let mut orders: Vec<Uuid> = orders.into_iter().flatten().collect();
+        let parts: Vec<Uuid> = parts.into_iter().flatten().collect();
+        if !parts.is_empty() {
+            let of_parts: Vec<Uuid> =
+                sqlx::query_scalar("SELECT order_id FROM seller_orders WHERE id = ANY($1)")
+                    .bind(&parts)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            orders.extend(of_parts);
+        }
+        inventory::lock_for_orders(tx, &orders).await?;
+        Ok(())
+    }
+
     async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, _: ()) -> Result<(), Failure> {
         let corr = msg.correlation_id.as_str();
         match msg.kind.as_str() {

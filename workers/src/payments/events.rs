@@ -17,6 +17,7 @@ use serde_json::json;
 use souk_shared::{
     contracts::{PaymentMethodConfirmed, StripeEventReceived},
     envelope::Envelope,
+    inventory,
     membership::{self, MembershipStatus, News},
     notify,
     orders::{Actor, Change, OrderStatus, notices, status},
@@ -109,6 +110,33 @@ impl Handler for StripeEvents {
     ];
 
     async fn prepare(&self, _: &Envelope) -> Result<(), Failure> {
+        Ok(())
+    }
+
+    /// A payment sells its order's stock: a batch of payment events locks
+    /// all of it first (the orders named by the intents' metadata, or by
+    /// their stored intent id).
+    async fn lock_batch(&self, tx: &mut PgConnection, msgs: &[&Envelope]) -> Result<(), Failure> {
+        let events: Vec<String> = msgs
+            .iter()
+            .filter_map(|m| m.payload::<StripeEventReceived>().ok())
+            .map(|r| r.event_id)
+            .collect();
+        let orders: Vec<Uuid> = sqlx::query_scalar(
+            "WITH e AS (
+                 SELECT payload #>> '{data,object,metadata,order_id}' AS named,
+                        payload #>> '{data,object,id}' AS intent
+                   FROM stripe_events WHERE id = ANY($1) AND type LIKE 'payment_intent.%')
+             SELECT o.id FROM e JOIN orders o
+                 ON o.id = CASE WHEN e.named ~* '^[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}$'
+                                THEN e.named::uuid END
+             UNION
+             SELECT o.id FROM e JOIN orders o ON o.payment_intent_id = e.intent",
+        )
+        .bind(&events)
+        .fetch_all(&mut *tx)
+        .await?;
+        inventory::lock_for_orders(tx, &orders).await?;
         Ok(())
     }
 

@@ -153,6 +153,7 @@ async fn apply_batch<H: Handler>(
         prepared.push(handler.prepare(envelope).await?);
     }
     let mut tx = pool.begin().await?;
+    handler.lock_batch(&mut tx, envelopes).await?;
     let mut applied = Vec::with_capacity(envelopes.len());
     for (envelope, prepared) in envelopes.iter().zip(prepared) {
         if record_processed(&mut tx, H::GROUP, envelope).await? {

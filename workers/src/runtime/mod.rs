@@ -93,6 +93,21 @@ pub trait Handler: Send + Sync + 'static {
         msg: &Envelope,
     ) -> impl Future<Output = Result<Self::Prepared, Failure>> + Send;
 
+    /// First in the transaction of a batch (several messages applied
+    /// together), with all of them: a handler whose effects lock rows that
+    /// other messages share (stock) takes those locks here, all at once and
+    /// in one order. Each message alone locks its rows in order already;
+    /// across a batch only this keeps two batches from waiting on each
+    /// other in a circle.
+    fn lock_batch(
+        &self,
+        tx: &mut PgConnection,
+        msgs: &[&Envelope],
+    ) -> impl Future<Output = Result<(), Failure>> + Send {
+        let _ = (tx, msgs);
+        async { Ok(()) }
+    }
+
     fn apply(
         &self,
         tx: &mut PgConnection,
