@@ -21,20 +21,22 @@ pub async fn adjust(
     reason: &str,
     correlation_id: &str,
 ) -> Result<Option<i32>, sqlx::Error> {
-    let on_hand: Option<i32> = sqlx::query_scalar(
+    let changed: Option<(i32, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE variants SET on_hand = on_hand + $2
           WHERE id = $1 AND on_hand + $2 >= reserved
-         RETURNING on_hand",
-    )
+         RETURNING on_hand, {ALERT_DUE}"
+    )))
     .bind(variant)
     .bind(delta)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(on_hand) = on_hand else {
+    let Some((on_hand, alert_due)) = changed else {
         return Ok(None);
     };
     record(tx, variant, actor, delta, reason, on_hand).await?;
-    check_low_stock(tx, variant, correlation_id).await?;
+    if alert_due {
+        check_low_stock(tx, variant, correlation_id).await?;
+    }
     Ok(Some(on_hand))
 }
 
@@ -63,6 +65,10 @@ async fn record(
     .await?;
     Ok(())
 }
+
+/// Whether the low-stock flag no longer matches the stock (returned by each
+/// stock UPDATE, so [`check_low_stock`] runs only when it has work to do).
+const ALERT_DUE: &str = "low_stock_alerted <> (on_hand - reserved < low_stock_threshold)";
 
 /// After any change of a variant's stock or threshold: if available stock
 /// has just fallen below the threshold, tell the seller once (an in-app
@@ -145,9 +151,18 @@ pub async fn of_order(conn: &mut PgConnection, order: Uuid) -> Result<Vec<Units>
         .await
 }
 
+/// The lines by variant, in id order (the order rows are locked in), two
+/// lines of one variant taken together.
 fn in_lock_order(lines: &[Units]) -> Vec<Units> {
     let mut lines = lines.to_vec();
     lines.sort_by_key(|l| l.variant_id);
+    lines.dedup_by(|next, kept| {
+        let same = next.variant_id == kept.variant_id;
+        if same {
+            kept.quantity += next.quantity;
+        }
+        same
+    });
     lines
 }
 
@@ -184,16 +199,21 @@ pub async fn reserve(
 ) -> Result<Result<(), Short>, sqlx::Error> {
     let lines = in_lock_order(lines);
     let mut savepoint = tx.begin().await?;
+    let mut alerts = vec![];
     for line in &lines {
-        let done = sqlx::query(
+        let done: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "UPDATE variants SET reserved = reserved + $2
-              WHERE id = $1 AND on_hand - reserved >= $2",
-        )
+              WHERE id = $1 AND on_hand - reserved >= $2
+             RETURNING {ALERT_DUE}"
+        )))
         .bind(line.variant_id)
         .bind(line.quantity)
-        .execute(&mut *savepoint)
+        .fetch_optional(&mut *savepoint)
         .await?;
-        if done.rows_affected() == 0 {
+        if done == Some(true) {
+            alerts.push(line.variant_id);
+        }
+        if done.is_none() {
             savepoint.rollback().await?;
             // Read only to tell the customer; nothing is decided on it.
             let available: i32 = sqlx::query_scalar(
@@ -209,8 +229,8 @@ pub async fn reserve(
         }
     }
     savepoint.commit().await?;
-    for line in &lines {
-        check_low_stock(tx, line.variant_id, correlation_id).await?;
+    for variant in alerts {
+        check_low_stock(tx, variant, correlation_id).await?;
     }
     Ok(Ok(()))
 }
@@ -222,31 +242,52 @@ pub async fn release(
     correlation_id: &str,
 ) -> Result<(), sqlx::Error> {
     for line in in_lock_order(lines) {
-        sqlx::query("UPDATE variants SET reserved = reserved - $2 WHERE id = $1")
-            .bind(line.variant_id)
-            .bind(line.quantity)
-            .execute(&mut *tx)
-            .await?;
-        check_low_stock(tx, line.variant_id, correlation_id).await?;
+        let alert_due: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "UPDATE variants SET reserved = reserved - $2 WHERE id = $1 RETURNING {ALERT_DUE}"
+        )))
+        .bind(line.variant_id)
+        .bind(line.quantity)
+        .fetch_one(&mut *tx)
+        .await?;
+        if alert_due {
+            check_low_stock(tx, line.variant_id, correlation_id).await?;
+        }
     }
     Ok(())
 }
 
 /// Turns reserved units into sold ones: `on_hand` and `reserved` both drop,
 /// the history says which order took them and the products' sold counts grow.
+///
+/// Two statements for the whole order: the variants are locked in id order
+/// first, then one UPDATE sells every line and writes every line's history
+/// (the units were reserved, so `on_hand >= reserved` still holds).
 pub async fn sell(tx: &mut PgConnection, lines: &[Units], reason: &str) -> Result<(), sqlx::Error> {
-    for line in in_lock_order(lines) {
-        let on_hand: i32 = sqlx::query_scalar(
-            "UPDATE variants SET on_hand = on_hand - $2, reserved = reserved - $2
-              WHERE id = $1 RETURNING on_hand",
-        )
-        .bind(line.variant_id)
-        .bind(line.quantity)
-        .fetch_one(&mut *tx)
+    let lines = in_lock_order(lines);
+    let (variants, quantities): (Vec<Uuid>, Vec<i32>) =
+        lines.iter().map(|l| (l.variant_id, l.quantity)).unzip();
+    sqlx::query("SELECT 1 FROM variants WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(&variants)
+        .execute(&mut *tx)
         .await?;
-        record(tx, line.variant_id, None, -line.quantity, reason, on_hand).await?;
-    }
-    count_sold(tx, lines, 1).await
+    let history: Vec<Uuid> = lines.iter().map(|_| Uuid::now_v7()).collect();
+    sqlx::query(
+        // clock_timestamp(): taken under the row locks, as in `record`.
+        "WITH sold AS (
+             UPDATE variants v SET on_hand = v.on_hand - u.n, reserved = v.reserved - u.n
+               FROM unnest($1::uuid[], $2::int[], $3::uuid[]) AS u(id, n, entry)
+              WHERE v.id = u.id
+             RETURNING v.id, u.n, u.entry, v.on_hand)
+         INSERT INTO stock_adjustments (id, variant_id, actor_id, delta, reason, on_hand_after, created_at)
+         SELECT entry, id, NULL, -n, $4, on_hand, clock_timestamp() FROM sold",
+    )
+    .bind(&variants)
+    .bind(&quantities)
+    .bind(&history)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    count_sold(tx, &lines, 1).await
 }
 
 /// Puts sold units back on the shelf (a paid order or seller order was

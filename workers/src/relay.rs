@@ -98,7 +98,13 @@ async fn session(
                 let _ = conn.close(200, "shutting down".into()).await;
                 return Ok(());
             }
-            note = listener.recv() => { note?; }
+            note = listener.recv() => {
+                note?;
+                // Every wake-up already queued is answered by the one claim
+                // that follows (each was sent after its commit, so the claim
+                // sees those rows): one claim, not one per wake-up.
+                while listener.next_buffered().is_some() {}
+            }
             _ = tokio::time::sleep(settings.poll_interval) => {}
         }
         if !conn.status().connected() {
