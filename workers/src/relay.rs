@@ -26,6 +26,9 @@ pub struct RelaySettings {
     pub batch_size: i64,
     /// Fallback poll when no NOTIFY arrives (e.g. the listener reconnected).
     pub poll_interval: Duration,
+    /// After a wake-up, how long to let more commits arrive before claiming:
+    /// one claim for what several producers committed meanwhile.
+    pub coalesce: Duration,
     /// Published rows older than this are deleted.
     pub retention_hours: i64,
     pub connection_name: String,
@@ -104,6 +107,10 @@ async fn session(
                 // that follows (each was sent after its commit, so the claim
                 // sees those rows): one claim, not one per wake-up.
                 while listener.next_buffered().is_some() {}
+                if !settings.coalesce.is_zero() {
+                    tokio::time::sleep(settings.coalesce).await;
+                    while listener.next_buffered().is_some() {}
+                }
             }
             _ = tokio::time::sleep(settings.poll_interval) => {}
         }

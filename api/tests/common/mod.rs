@@ -400,6 +400,7 @@ impl Pipeline {
                 names: pipeline.names.clone(),
                 batch_size: 100,
                 poll_interval: Duration::from_secs(2),
+                coalesce: Duration::ZERO,
                 retention_hours: 24,
                 connection_name: format!("{prefix}.relay@test"),
             },

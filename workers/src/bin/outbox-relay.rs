@@ -16,6 +16,7 @@ async fn main() {
             names: p.config.names(),
             batch_size: p.env.or("RELAY_BATCH_SIZE", 500)?,
             poll_interval: p.env.millis("RELAY_POLL_MS", 5_000)?,
+            coalesce: p.env.millis("RELAY_COALESCE_MS", 2)?,
             retention_hours: p.env.or("OUTBOX_RETENTION_HOURS", 168)?,
             connection_name: connection_name(&p.config.common.amqp_prefix, "outbox-relay"),
         })

@@ -193,6 +193,7 @@ impl Harness {
             names: self.names.clone(),
             batch_size,
             poll_interval: Duration::from_secs(2),
+            coalesce: Duration::ZERO,
             retention_hours: 24,
             connection_name: format!("{}.relay@test", self.prefix),
         }
