@@ -101,7 +101,13 @@ struct Entry {
 pub struct PublicCache {
     ttl: Duration,
     store: Arc<RwLock<Store>>,
+    /// Counts (a list's total) by filters, kept as long as answers are.
+    counts: Arc<RwLock<HashMap<String, (i64, Instant)>>>,
 }
+
+/// Most counts kept; past that they are all forgotten (each is one query to
+/// make again).
+const MAX_COUNTS: usize = 10_000;
 
 #[derive(Default)]
 struct Store {
@@ -122,6 +128,7 @@ impl PublicCache {
         Self {
             ttl,
             store: Arc::default(),
+            counts: Arc::default(),
         }
     }
 
@@ -170,6 +177,29 @@ impl PublicCache {
         let response = made.respond(request);
         self.keep(key, made);
         Ok(response)
+    }
+
+    /// The count under `key`: kept, or made with `count` and kept.
+    pub async fn count<F, Fut>(&self, key: String, count: F) -> Result<i64, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<i64, ApiError>>,
+    {
+        if !self.ttl.is_zero()
+            && let Some((n, made)) = self.counts.read().expect("not poisoned").get(&key)
+            && made.elapsed() < self.ttl
+        {
+            return Ok(*n);
+        }
+        let n = count().await?;
+        if !self.ttl.is_zero() {
+            let mut counts = self.counts.write().expect("not poisoned");
+            if counts.len() >= MAX_COUNTS {
+                counts.clear();
+            }
+            counts.insert(key, (n, Instant::now()));
+        }
+        Ok(n)
     }
 
     fn keep(&self, key: String, answer: Answer) {

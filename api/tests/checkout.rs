@@ -799,7 +799,10 @@ async fn batches_of_reservations_sharing_stock_queue_instead_of_deadlocking() {
     };
     let app = spawn_app(&amqp_url()).await;
     let mut variants = vec![];
-    for (i, slug) in ["shop-a", "shop-b", "shop-c", "shop-d"].into_iter().enumerate() {
+    for (i, slug) in ["shop-a", "shop-b", "shop-c", "shop-d"]
+        .into_iter()
+        .enumerate()
+    {
         variants.push(
             listing(&app, slug, &format!("Item {i}"), 1000, 100)
                 .await

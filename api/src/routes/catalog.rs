@@ -211,21 +211,11 @@ struct SummaryRow {
 
 pub use souk_shared::catalog::VISIBLE;
 
-async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSummary>, ApiError> {
-    let paging = Paging::new(query.page, query.per_page);
-    let q = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
-    let sort = query.sort.unwrap_or_default();
-    // Prices and stock are aggregated over variants (with the sale in
-    // force). When neither a filter nor the sort needs them, the page is cut
-    // first and only its rows are priced: 20 aggregates instead of the whole
-    // catalog's.
-    let needs_prices = query.min_price.is_some()
-        || query.max_price.is_some()
-        || query.in_stock == Some(true)
-        || matches!(sort, Sort::PriceAsc | Sort::PriceDesc);
-    let order = format!(" ORDER BY {}, id DESC", sort.order_by());
-    // Only the filters given become SQL (values always bound), so each
-    // shape plans simply and its prepared statement is reused.
+/// `WITH [subtree,] matched AS (…` : the visible products the filters
+/// select (the CTE left open for what follows). Only the filters given
+/// become SQL (values always bound), so each shape plans simply and its
+/// prepared statement is reused.
+fn matched(query: &CatalogQuery, q: Option<&str>) -> QueryBuilder<Postgres> {
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("WITH ");
     if let Some(category) = &query.category {
         sql.push("RECURSIVE subtree AS (SELECT id FROM categories WHERE slug = ")
@@ -271,6 +261,23 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
             .push_bind(i64::from(stars))
             .push(" * p.rating_count");
     }
+    sql
+}
+
+async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSummary>, ApiError> {
+    let paging = Paging::new(query.page, query.per_page);
+    let q = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let sort = query.sort.unwrap_or_default();
+    // Prices and stock are aggregated over variants (with the sale in
+    // force). When neither a filter nor the sort needs them, the page is cut
+    // first and only its rows are priced: 20 aggregates instead of the whole
+    // catalog's.
+    let needs_prices = query.min_price.is_some()
+        || query.max_price.is_some()
+        || query.in_stock == Some(true)
+        || matches!(sort, Sort::PriceAsc | Sort::PriceDesc);
+    let order = format!(" ORDER BY {}, id DESC", sort.order_by());
+    let mut sql = matched(query, q);
     let priced = |source: &str| {
         format!(
             "SELECT m.*, a.price_from, a.on_sale, a.available,
@@ -284,6 +291,11 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
                       FROM variants_now v WHERE v.product_id = m.id) a"
         )
     };
+    // The total of the unpriced list is counted on its own (and kept as
+    // briefly as public answers are, per set of filters, whatever the page or
+    // sort): the page itself then stops after its rows instead of
+    // materializing every match to count them.
+    let mut counted = None;
     if needs_prices {
         sql.push(format!(
             "), priced AS ({}) SELECT *, count(*) OVER () AS total FROM priced WHERE true",
@@ -304,7 +316,22 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
             .push(" OFFSET ")
             .push_bind(paging.offset());
     } else {
-        sql.push("), paged AS (SELECT *, count(*) OVER () AS total FROM matched")
+        let key = format!(
+            "{:?}|{:?}|{:?}|{:?}",
+            q, query.category, query.shop, query.min_rating
+        );
+        counted = Some(
+            state
+                .public
+                .count(key, || async {
+                    let mut count = matched(query, q);
+                    count.push(") SELECT count(*) FROM matched");
+                    let n: i64 = count.build_query_scalar().fetch_one(&state.pool).await?;
+                    Ok(n)
+                })
+                .await?,
+        );
+        sql.push("), paged AS (SELECT *, 0::bigint AS total FROM matched")
             .push(&order)
             .push(" LIMIT ")
             .push_bind(paging.limit())
@@ -313,7 +340,7 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
             .push(format!(") {} {order}", priced("paged")));
     }
     let rows: Vec<SummaryRow> = sql.build_query_as().fetch_all(&state.pool).await?;
-    let total = rows.first().map_or(0, |r| r.total);
+    let total = counted.unwrap_or_else(|| rows.first().map_or(0, |r| r.total));
     let items = rows
         .into_iter()
         .map(|r| ProductSummary {
