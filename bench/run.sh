@@ -14,6 +14,8 @@
 #
 #   bench/run.sh                      # the whole set (about 20 minutes)
 #   SECONDS_PER_RUN=10 RUNS=1 bench/run.sh   # a quick look
+#   PHASES=4 bench/run.sh             # only some phases (their runs are
+#                                     # added to the day's file)
 #   bench/run.sh serve                # only start the system (seeded), for
 #                                     # one workload at a time or a profiler
 #
@@ -31,6 +33,7 @@ ensure_redis
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-30}
 CHECKOUT_SECONDS=${CHECKOUT_SECONDS:-60}
 RUNS=${RUNS:-2}
+PHASES=${PHASES:-1234}
 DB=souk_bench
 PG=postgres://postgres@127.0.0.1:5432
 TARGET=${CARGO_TARGET_DIR:-target}
@@ -41,7 +44,8 @@ SECRET=whsec_souk_bench_signing_secret
 OUT=${OUT:-bench/results/$(date -u +%F).jsonl}
 LOGS=${SOUK_RUN_DIR:-/tmp/souk-bench}
 mkdir -p "$LOGS" "$(dirname "$OUT")"
-rm -f "$OUT"
+[ "$PHASES" = 1234 ] && rm -f "$OUT"
+phase() { [[ $PHASES == *$1* ]]; }
 
 log "building (release)"
 cargo build --release -q -p souk-api -p souk-workers -p souk-bench
@@ -107,29 +111,38 @@ if [ "${1:-}" = serve ]; then
   exit 0
 fi
 
-log "1. the whole set, 1,000 products"
-bench all "${target[@]}" --products 1000 --seconds "$SECONDS_PER_RUN" --checkout-seconds "$CHECKOUT_SECONDS" \
-  --label "1,000 products"
+"$BIN/souk-bench" seed --database "$DATABASE_URL" --products 1000
+if phase 1; then
+  log "1. the whole set, 1,000 products"
+  bench all "${target[@]}" --products 1000 --seconds "$SECONDS_PER_RUN" --checkout-seconds "$CHECKOUT_SECONDS" \
+    --label "1,000 products"
+fi
 
-log "2. the catalog without the answer cache"
-api 0
-bench catalog "${target[@]}" --seconds "$SECONDS_PER_RUN" --label "1,000 products, no answer cache"
-bench catalog "${target[@]}" --seconds "$SECONDS_PER_RUN" --query walnut --label "1,000 products, no answer cache"
-api 1000
+if phase 2; then
+  log "2. the catalog without the answer cache"
+  api 0
+  bench catalog "${target[@]}" --seconds "$SECONDS_PER_RUN" --label "1,000 products, no answer cache"
+  bench catalog "${target[@]}" --seconds "$SECONDS_PER_RUN" --query walnut --label "1,000 products, no answer cache"
+  api 1000
+fi
 
-log "3. checkout with two processes of each worker"
-workers 2
-bench checkout "${target[@]}" --seconds "$CHECKOUT_SECONDS" --label "two processes of each worker"
-workers 1
+if phase 3; then
+  log "3. checkout with two processes of each worker"
+  workers 2
+  bench checkout "${target[@]}" --seconds "$CHECKOUT_SECONDS" --label "two processes of each worker"
+  workers 1
+fi
 
-log "4. the catalog with 100,000 products"
-"$BIN/souk-bench" seed --database "$DATABASE_URL" --products 100000
-for cache in 1000 0; do
-  api $cache
-  label="100,000 products"; [ $cache = 0 ] && label="$label, no answer cache"
-  bench catalog "${target[@]}" --seconds "$SECONDS_PER_RUN" --label "$label"
-  bench catalog "${target[@]}" --seconds "$SECONDS_PER_RUN" --query walnut --label "$label"
-done
+if phase 4; then
+  log "4. the catalog with 100,000 products"
+  "$BIN/souk-bench" seed --database "$DATABASE_URL" --products 100000
+  for cache in 1000 0; do
+    api $cache
+    label="100,000 products"; [ $cache = 0 ] && label="$label, no answer cache"
+    bench catalog "${target[@]}" --seconds "$SECONDS_PER_RUN" --label "$label"
+    bench catalog "${target[@]}" --seconds "$SECONDS_PER_RUN" --query walnut --label "$label"
+  done
+fi
 
 echo
 "$BIN/souk-bench" report "$OUT"

@@ -179,27 +179,26 @@ impl PublicCache {
         Ok(response)
     }
 
-    /// The count under `key`: kept, or made with `count` and kept.
-    pub async fn count<F, Fut>(&self, key: String, count: F) -> Result<i64, ApiError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<i64, ApiError>>,
-    {
-        if !self.ttl.is_zero()
-            && let Some((n, made)) = self.counts.read().expect("not poisoned").get(&key)
-            && made.elapsed() < self.ttl
-        {
-            return Ok(*n);
+    /// The count kept under `key`, while it is fresh.
+    pub fn kept_count(&self, key: &str) -> Option<i64> {
+        if self.ttl.is_zero() {
+            return None;
         }
-        let n = count().await?;
-        if !self.ttl.is_zero() {
-            let mut counts = self.counts.write().expect("not poisoned");
-            if counts.len() >= MAX_COUNTS {
-                counts.clear();
-            }
-            counts.insert(key, (n, Instant::now()));
+        let counts = self.counts.read().expect("not poisoned");
+        let (n, made) = counts.get(key)?;
+        (made.elapsed() < self.ttl).then_some(*n)
+    }
+
+    /// Keeps `n` as the count under `key` (not when nothing is cached).
+    pub fn keep_count(&self, key: String, n: i64) {
+        if self.ttl.is_zero() {
+            return;
         }
-        Ok(n)
+        let mut counts = self.counts.write().expect("not poisoned");
+        if counts.len() >= MAX_COUNTS {
+            counts.clear();
+        }
+        counts.insert(key, (n, Instant::now()));
     }
 
     fn keep(&self, key: String, answer: Answer) {

@@ -1066,3 +1066,54 @@ async fn public_answers_are_kept_for_the_configured_time_then_made_afresh() {
     let renewed = storefront(&app, &format!("/products/{id}")).await;
     assert_eq!(renewed["variants"][0]["price_now_minor"], 1500);
 }
+
+#[tokio::test]
+async fn the_list_shows_products_from_their_first_variant_and_counts_past_its_last_page() {
+    let app = spawn_app(&amqp_url()).await;
+    let (_, _, _) = shelf(&app).await;
+    let listed = storefront(&app, "/products").await["total"]
+        .as_i64()
+        .unwrap();
+
+    // An active product with no variant yet (written as an import would,
+    // straight to the table) has nothing to sell: not listed.
+    let bare: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO products (id, shop_id, title, description, status, published_at)
+         SELECT gen_random_uuid(), shop_id, 'Bare shelf', '', 'active', now()
+           FROM products LIMIT 1 RETURNING id",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let page = storefront(&app, "/products?per_page=100").await;
+    assert_eq!(page["total"], listed, "{page}");
+    assert!(!titles(&page).contains(&"Bare shelf"));
+
+    // Its first variant lists it.
+    sqlx::query(
+        "INSERT INTO variants (id, product_id, shop_id, sku, title, price_minor, on_hand)
+         SELECT gen_random_uuid(), id, shop_id, 'BARE-1', 'Default', 900, 3 FROM products WHERE id = $1",
+    )
+    .bind(bare)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let page = storefront(&app, "/products?per_page=100").await;
+    assert_eq!(page["total"], listed + 1, "{page}");
+    assert_eq!(titles(&page)[0], "Bare shelf", "newest first");
+    assert_eq!(page["items"][0]["price_from_minor"], 900);
+
+    // A page past the end is empty but still says how many there are, and
+    // each page holds the next rows in the list's order.
+    let past = storefront(&app, "/products?per_page=2&page=50").await;
+    assert_eq!(past["items"], json!([]));
+    assert_eq!(past["total"], listed + 1);
+    let mut walked = Vec::new();
+    for n in 1..=(listed + 2) / 2 {
+        let page = storefront(&app, &format!("/products?per_page=2&page={n}")).await;
+        assert_eq!(page["total"], listed + 1);
+        walked.extend(titles(&page).into_iter().map(str::to_owned));
+    }
+    let all = storefront(&app, "/products?per_page=100").await;
+    assert_eq!(walked, titles(&all));
+}

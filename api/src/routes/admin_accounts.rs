@@ -39,6 +39,7 @@ pub struct Account {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AccountQuery {
     /// Part of the email or the name.
@@ -218,6 +219,7 @@ pub enum ShopState {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ShopQuery {
     pub status: Option<ShopState>,

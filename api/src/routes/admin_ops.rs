@@ -27,6 +27,7 @@ use crate::{
 };
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
     /// The message type, e.g. `order.placed`, or a Stripe event type.
@@ -152,6 +153,7 @@ fn broker_down(e: lapin::Error) -> ApiError {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ParkedQuery {
     /// At most this many (1 to 100; 100 if absent).
@@ -285,6 +287,7 @@ pub struct AuditEntry {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// e.g. `user`, `shop`, `order`, `withdrawal`.

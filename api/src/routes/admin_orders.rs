@@ -34,6 +34,7 @@ use crate::{
 };
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AdminOrderQuery {
     pub status: Option<souk_shared::orders::OrderStatus>,
@@ -328,6 +329,7 @@ pub async fn correct_status(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PagingQuery {
     pub page: Option<u32>,

@@ -74,6 +74,7 @@ pub struct LedgerLine {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerQuery {
     pub page: Option<u32>,

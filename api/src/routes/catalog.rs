@@ -145,6 +145,7 @@ impl Sort {
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogQuery {
     /// Words to find in titles, tags and descriptions (web-search syntax:
@@ -210,11 +211,14 @@ struct SummaryRow {
 }
 
 pub use souk_shared::catalog::VISIBLE;
+use souk_shared::catalog::{LISTED, OPEN_SHOP};
 
-/// `WITH [subtree,] matched AS (…` : the visible products the filters
-/// select (the CTE left open for what follows). Only the filters given
-/// become SQL (values always bound), so each shape plans simply and its
-/// prepared statement is reused.
+/// `WITH [subtree,] matched AS NOT MATERIALIZED (…` : the visible
+/// products the filters select (the CTE left open for what follows). Only
+/// the filters given become SQL (values always bound), so each shape plans
+/// simply and its prepared statement is reused. The shops in good standing
+/// are a hashed set, so a list in `published_at` order walks
+/// `products_listed_order` alone (an index-only scan) however deep the page.
 fn matched(query: &CatalogQuery, q: Option<&str>) -> QueryBuilder<Postgres> {
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("WITH ");
     if let Some(category) = &query.category {
@@ -225,9 +229,9 @@ fn matched(query: &CatalogQuery, q: Option<&str>) -> QueryBuilder<Postgres> {
             );
     }
     sql.push(
-        "matched AS (
-             SELECT p.id, p.title, c.slug AS category, s.slug AS shop_slug, s.name AS shop_name,
-                    p.rating_sum, p.rating_count, p.sold_count, p.published_at, ",
+        "matched AS NOT MATERIALIZED (
+             SELECT p.id, p.shop_id, p.category_id, p.title, p.rating_sum, p.rating_count,
+                    p.sold_count, p.published_at, ",
     );
     match q {
         Some(q) => sql
@@ -239,12 +243,18 @@ fn matched(query: &CatalogQuery, q: Option<&str>) -> QueryBuilder<Postgres> {
     sql.push(format!(
         " AS rank
                FROM products p
-               JOIN shops s ON s.id = p.shop_id
-               JOIN users u ON u.id = s.owner_id
-               LEFT JOIN categories c ON c.id = p.category_id
-              WHERE {VISIBLE}
-                AND EXISTS (SELECT 1 FROM variants v WHERE v.product_id = p.id)"
+              WHERE {LISTED} AND p.has_variants
+                AND (p.shop_id IN (SELECT s.id FROM shops s JOIN users u ON u.id = s.owner_id
+                                    WHERE {OPEN_SHOP}"
     ));
+    if let Some(shop) = &query.shop {
+        sql.push(" AND s.slug = ").push_bind(shop.clone());
+    }
+    // `IS TRUE` keeps PostgreSQL from turning the IN into a join: it stays
+    // a hashed subplan, one hash probe per product whatever the number of
+    // shops (a semi-join rescanned the shops for every row: 27 ms instead
+    // of 8 for a page 50,000 rows deep).
+    sql.push(")) IS TRUE");
     if let Some(q) = q {
         sql.push(" AND p.search @@ websearch_to_tsquery('english', ")
             .push_bind(q.to_string())
@@ -252,9 +262,6 @@ fn matched(query: &CatalogQuery, q: Option<&str>) -> QueryBuilder<Postgres> {
     }
     if query.category.is_some() {
         sql.push(" AND p.category_id IN (SELECT id FROM subtree)");
-    }
-    if let Some(shop) = &query.shop {
-        sql.push(" AND s.slug = ").push_bind(shop.clone());
     }
     if let Some(stars) = query.min_rating {
         sql.push(" AND p.rating_count > 0 AND p.rating_sum >= ")
@@ -280,10 +287,13 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
     let mut sql = matched(query, q);
     let priced = |source: &str| {
         format!(
-            "SELECT m.*, a.price_from, a.on_sale, a.available,
+            "SELECT m.*, s.slug AS shop_slug, s.name AS shop_name, c.slug AS category,
+                    a.price_from, a.on_sale, a.available,
                     (SELECT i.file FROM product_images i WHERE i.product_id = m.id
                       ORDER BY i.position, i.id LIMIT 1) AS image_file
                FROM {source} m
+               JOIN shops s ON s.id = m.shop_id
+               LEFT JOIN categories c ON c.id = m.category_id
               CROSS JOIN LATERAL (
                     SELECT min(v.price_now_minor) AS price_from,
                            bool_or(v.price_now_minor < v.price_minor) AS on_sale,
@@ -291,11 +301,16 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
                       FROM variants_now v WHERE v.product_id = m.id) a"
         )
     };
-    // The total of the unpriced list is counted on its own (and kept as
-    // briefly as public answers are, per set of filters, whatever the page or
-    // sort): the page itself then stops after its rows instead of
-    // materializing every match to count them.
-    let mut counted = None;
+    // The unpriced list's total is kept per set of filters (whatever the
+    // page or sort) as briefly as public answers are: while it is kept the
+    // page stops after its rows; otherwise the same statement counts too.
+    let counted = format!(
+        "{:?}|{:?}|{:?}|{:?}",
+        q, query.category, query.shop, query.min_rating
+    );
+    let known = (!needs_prices)
+        .then(|| state.public.kept_count(&counted))
+        .flatten();
     if needs_prices {
         sql.push(format!(
             "), priced AS ({}) SELECT *, count(*) OVER () AS total FROM priced WHERE true",
@@ -316,31 +331,44 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
             .push(" OFFSET ")
             .push_bind(paging.offset());
     } else {
-        let key = format!(
-            "{:?}|{:?}|{:?}|{:?}",
-            q, query.category, query.shop, query.min_rating
-        );
-        counted = Some(
-            state
-                .public
-                .count(key, || async {
-                    let mut count = matched(query, q);
-                    count.push(") SELECT count(*) FROM matched");
-                    let n: i64 = count.build_query_scalar().fetch_one(&state.pool).await?;
-                    Ok(n)
-                })
-                .await?,
-        );
-        sql.push("), paged AS (SELECT *, 0::bigint AS total FROM matched")
-            .push(&order)
-            .push(" LIMIT ")
-            .push_bind(paging.limit())
-            .push(" OFFSET ")
-            .push_bind(paging.offset())
-            .push(format!(") {} {order}", priced("paged")));
+        // Only the sort's columns are read for the rows skipped; the page's
+        // own rows are read whole afterwards.
+        let total = if known.is_some() {
+            "0::bigint"
+        } else {
+            "(SELECT count(*) FROM matched)"
+        };
+        sql.push(format!(
+            "), paged AS (SELECT id, rank, {total} AS total FROM matched"
+        ))
+        .push(&order)
+        .push(" LIMIT ")
+        .push_bind(paging.limit())
+        .push(" OFFSET ")
+        .push_bind(paging.offset())
+        .push(format!(
+            "), page AS (SELECT p.id, p.shop_id, p.category_id, p.title, p.rating_sum,
+                                p.rating_count, p.sold_count, p.published_at, paged.rank, paged.total
+                           FROM paged JOIN products p ON p.id = paged.id)
+             {} {order}",
+            priced("page")
+        ));
     }
     let rows: Vec<SummaryRow> = sql.build_query_as().fetch_all(&state.pool).await?;
-    let total = counted.unwrap_or_else(|| rows.first().map_or(0, |r| r.total));
+    let total = match (known, rows.first()) {
+        (Some(n), _) => n,
+        (None, Some(row)) => row.total,
+        // Past the last page (or nothing matched): the total on its own.
+        (None, None) if paging.offset() > 0 && !needs_prices => {
+            let mut count = matched(query, q);
+            count.push(") SELECT count(*) FROM matched");
+            count.build_query_scalar().fetch_one(&state.pool).await?
+        }
+        (None, None) => 0,
+    };
+    if !needs_prices && known.is_none() {
+        state.public.keep_count(counted, total);
+    }
     let items = rows
         .into_iter()
         .map(|r| ProductSummary {

@@ -26,6 +26,7 @@ use crate::{
 };
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AdminProductQuery {
     /// Words in the title, tags or description (web-search syntax).

@@ -467,6 +467,7 @@ pub async fn serve_image(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RefundRequestQuery {
     /// `open`, `approved` or `rejected`.

@@ -18,14 +18,17 @@ use souk_shared::{
     replenishment::{Cadence, Item, MIN_GAP, Reason},
 };
 use sqlx::PgConnection;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
     auth::Customer,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
-    routes::payment_methods,
+    extract::{ValidJson, ValidQuery, Validate},
+    routes::{
+        catalog::{Page, Paging},
+        payment_methods,
+    },
     state::AppState,
 };
 
@@ -486,28 +489,83 @@ fn normalized(expr: &str) -> String {
     expr.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// The caller's schedules, newest first.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleStatus {
+    Active,
+    Paused,
+    Cancelled,
+}
+
+impl ScheduleStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Paused => "paused",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleQuery {
+    /// Only schedules in this status.
+    pub status: Option<ScheduleStatus>,
+    /// From 1.
+    pub page: Option<u32>,
+    /// 1 to 100; 20 if absent.
+    pub per_page: Option<u32>,
+}
+
+impl Validate for ScheduleQuery {
+    fn validate(&self) -> Vec<FieldError> {
+        Paging::check(self.page, self.per_page)
+    }
+}
+
+/// The caller's schedules: running and paused ones first, then cancelled
+/// ones, each newest first.
 #[utoipa::path(
-    get, path = "/me/replenishments", tag = "recurring", security(("bearer" = [])),
-    responses((status = 200, description = "the caller's schedules, cancelled ones included", body = Vec<Schedule>))
+    get, path = "/me/replenishments", tag = "recurring", security(("bearer" = [])), params(ScheduleQuery),
+    responses(
+        (status = 200, description = "a page of the caller's schedules, cancelled ones included", body = Page<Schedule>),
+        (status = 422, description = "bad paging or status", body = Problem, content_type = "application/problem+json"),
+    )
 )]
 pub async fn list(
     State(state): State<AppState>,
     Customer(caller): Customer,
-) -> Result<Json<Vec<Schedule>>, ApiError> {
+    ValidQuery(query): ValidQuery<ScheduleQuery>,
+) -> Result<Json<Page<Schedule>>, ApiError> {
+    let paging = Paging::new(query.page, query.per_page);
+    let status = query.status.map(ScheduleStatus::as_str);
     let mut conn = state.pool.acquire().await?;
-    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM replenishment_schedules WHERE customer_id = $1
-          ORDER BY status = 'cancelled', created_at DESC LIMIT 100"
+    // One statement: the page and (on every row) the total.
+    #[derive(sqlx::FromRow)]
+    struct Counted {
+        total: i64,
+        #[sqlx(flatten)]
+        row: Row,
+    }
+    let rows: Vec<Counted> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) OVER () AS total, {COLUMNS} FROM replenishment_schedules
+          WHERE customer_id = $1 AND ($2::text IS NULL OR status = $2)
+          ORDER BY status = 'cancelled', created_at DESC, id DESC LIMIT $3 OFFSET $4"
     )))
     .bind(caller.id)
+    .bind(status)
+    .bind(paging.limit())
+    .bind(paging.offset())
     .fetch_all(&mut *conn)
     .await?;
+    let total = rows.first().map_or(0, |r| r.total);
     let mut schedules = Vec::with_capacity(rows.len());
-    for row in rows {
-        schedules.push(view(&mut conn, row).await?);
+    for counted in rows {
+        schedules.push(view(&mut conn, counted.row).await?);
     }
-    Ok(Json(schedules))
+    Ok(Json(paging.page(schedules, total)))
 }
 
 /// One of the caller's schedules, with its next due times and latest runs.

@@ -411,6 +411,7 @@ async fn tell_seller(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct WithdrawalQuery {
     /// `requested`, `paid` or `rejected`.
