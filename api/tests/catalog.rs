@@ -1108,6 +1108,11 @@ async fn the_list_shows_products_from_their_first_variant_and_counts_past_its_la
     let past = storefront(&app, "/products?per_page=2&page=50").await;
     assert_eq!(past["items"], json!([]));
     assert_eq!(past["total"], listed + 1);
+    let past = storefront(&app, "/products?per_page=2&page=50&max_price=900").await;
+    assert_eq!(past["items"], json!([]));
+    let cheap = storefront(&app, "/products?per_page=100&max_price=900").await;
+    assert_eq!(past["total"], cheap["total"]);
+    assert!(titles(&cheap).contains(&"Bare shelf"));
     let mut walked = Vec::new();
     for n in 1..=(listed + 2) / 2 {
         let page = storefront(&app, &format!("/products?per_page=2&page={n}")).await;

@@ -271,6 +271,45 @@ fn matched(query: &CatalogQuery, q: Option<&str>) -> QueryBuilder<Postgres> {
     sql
 }
 
+/// Each row of `source` with its price in force, sale flag, stock, shop
+/// and main photo: `SELECT … FROM {source} m …`.
+fn priced(source: &str) -> String {
+    format!(
+        "SELECT m.*, s.slug AS shop_slug, s.name AS shop_name, c.slug AS category,
+                a.price_from, a.on_sale, a.available,
+                (SELECT i.file FROM product_images i WHERE i.product_id = m.id
+                  ORDER BY i.position, i.id LIMIT 1) AS image_file
+           FROM {source} m
+           JOIN shops s ON s.id = m.shop_id
+           LEFT JOIN categories c ON c.id = m.category_id
+          CROSS JOIN LATERAL (
+                SELECT min(v.price_now_minor) AS price_from,
+                       bool_or(v.price_now_minor < v.price_minor) AS on_sale,
+                       sum(greatest(v.available, 0))::bigint AS available
+                  FROM variants_now v WHERE v.product_id = m.id) a"
+    )
+}
+
+/// `SELECT {select} FROM` the matches priced and filtered by price and
+/// stock (the statement left open for an ORDER BY).
+fn priced_matches(query: &CatalogQuery, q: Option<&str>, select: &str) -> QueryBuilder<Postgres> {
+    let mut sql = matched(query, q);
+    sql.push(format!(
+        "), priced AS ({}) SELECT {select} FROM priced WHERE true",
+        priced("matched")
+    ));
+    if let Some(min) = query.min_price {
+        sql.push(" AND price_from >= ").push_bind(min);
+    }
+    if let Some(max) = query.max_price {
+        sql.push(" AND price_from <= ").push_bind(max);
+    }
+    if query.in_stock == Some(true) {
+        sql.push(" AND available > 0");
+    }
+    sql
+}
+
 async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSummary>, ApiError> {
     let paging = Paging::new(query.page, query.per_page);
     let q = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
@@ -284,23 +323,6 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
         || query.in_stock == Some(true)
         || matches!(sort, Sort::PriceAsc | Sort::PriceDesc);
     let order = format!(" ORDER BY {}, id DESC", sort.order_by());
-    let mut sql = matched(query, q);
-    let priced = |source: &str| {
-        format!(
-            "SELECT m.*, s.slug AS shop_slug, s.name AS shop_name, c.slug AS category,
-                    a.price_from, a.on_sale, a.available,
-                    (SELECT i.file FROM product_images i WHERE i.product_id = m.id
-                      ORDER BY i.position, i.id LIMIT 1) AS image_file
-               FROM {source} m
-               JOIN shops s ON s.id = m.shop_id
-               LEFT JOIN categories c ON c.id = m.category_id
-              CROSS JOIN LATERAL (
-                    SELECT min(v.price_now_minor) AS price_from,
-                           bool_or(v.price_now_minor < v.price_minor) AS on_sale,
-                           sum(greatest(v.available, 0))::bigint AS available
-                      FROM variants_now v WHERE v.product_id = m.id) a"
-        )
-    };
     // The unpriced list's total is kept per set of filters (whatever the
     // page or sort) as briefly as public answers are: while it is kept the
     // page stops after its rows; otherwise the same statement counts too.
@@ -311,28 +333,18 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
     let known = (!needs_prices)
         .then(|| state.public.kept_count(&counted))
         .flatten();
-    if needs_prices {
-        sql.push(format!(
-            "), priced AS ({}) SELECT *, count(*) OVER () AS total FROM priced WHERE true",
-            priced("matched")
-        ));
-        if let Some(min) = query.min_price {
-            sql.push(" AND price_from >= ").push_bind(min);
-        }
-        if let Some(max) = query.max_price {
-            sql.push(" AND price_from <= ").push_bind(max);
-        }
-        if query.in_stock == Some(true) {
-            sql.push(" AND available > 0");
-        }
+    let mut sql = if needs_prices {
+        let mut sql = priced_matches(query, q, "*, count(*) OVER () AS total");
         sql.push(&order)
             .push(" LIMIT ")
             .push_bind(paging.limit())
             .push(" OFFSET ")
             .push_bind(paging.offset());
+        sql
     } else {
         // Only the sort's columns are read for the rows skipped; the page's
         // own rows are read whole afterwards.
+        let mut sql = matched(query, q);
         let total = if known.is_some() {
             "0::bigint"
         } else {
@@ -353,15 +365,21 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
              {} {order}",
             priced("page")
         ));
-    }
+        sql
+    };
     let rows: Vec<SummaryRow> = sql.build_query_as().fetch_all(&state.pool).await?;
     let total = match (known, rows.first()) {
         (Some(n), _) => n,
         (None, Some(row)) => row.total,
         // Past the last page (or nothing matched): the total on its own.
-        (None, None) if paging.offset() > 0 && !needs_prices => {
-            let mut count = matched(query, q);
-            count.push(") SELECT count(*) FROM matched");
+        (None, None) if paging.offset() > 0 => {
+            let mut count = if needs_prices {
+                priced_matches(query, q, "count(*)")
+            } else {
+                let mut count = matched(query, q);
+                count.push(") SELECT count(*) FROM matched");
+                count
+            };
             count.build_query_scalar().fetch_one(&state.pool).await?
         }
         (None, None) => 0,
