@@ -1121,4 +1121,25 @@ async fn the_list_shows_products_from_their_first_variant_and_counts_past_its_la
     }
     let all = storefront(&app, "/products?per_page=100").await;
     assert_eq!(walked, titles(&all));
+
+    // Every sort, with and without words and filters, lists the same set.
+    for sort in [
+        "relevance",
+        "price_asc",
+        "price_desc",
+        "newest",
+        "rating",
+        "best_selling",
+    ] {
+        for extra in ["", "&q=wood", "&min_rating=1", "&in_stock=true"] {
+            let page =
+                storefront(&app, &format!("/products?per_page=100&sort={sort}{extra}")).await;
+            let mut got = titles(&page);
+            let same = storefront(&app, &format!("/products?per_page=100{extra}")).await;
+            let mut want = titles(&same);
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want, "sort={sort}{extra}");
+        }
+    }
 }

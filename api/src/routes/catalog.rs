@@ -343,7 +343,8 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
         sql
     } else {
         // Only the sort's columns are read for the rows skipped; the page's
-        // own rows are read whole afterwards.
+        // own rows are read whole afterwards (and sorted as one relation,
+        // so the sort's names cannot meet the shop's columns).
         let mut sql = matched(query, q);
         let total = if known.is_some() {
             "0::bigint"
@@ -362,7 +363,7 @@ async fn search(state: &AppState, query: &CatalogQuery) -> Result<Page<ProductSu
             "), page AS (SELECT p.id, p.shop_id, p.category_id, p.title, p.rating_sum,
                                 p.rating_count, p.sold_count, p.published_at, paged.rank, paged.total
                            FROM paged JOIN products p ON p.id = paged.id)
-             {} {order}",
+             SELECT * FROM ({}) priced {order}",
             priced("page")
         ));
         sql
