@@ -5,7 +5,7 @@
 mod common;
 
 use common::{
-    admin,
+    App, admin,
     catalog::{call, json_of},
     fields,
     orders::{
@@ -196,14 +196,7 @@ async fn an_approved_refund_reaches_stripe_and_the_ledger_once() {
     .await;
     assert_eq!(stripe.refunds_of(&intent).await[0]["amount"], 4500);
     posted(app, "refund:%", 1).await;
-    assert_eq!(
-        count(
-            &app.db.pool,
-            "SELECT count(*) FROM ledger_transactions WHERE kind = 'refund'"
-        )
-        .await,
-        1
-    );
+    assert_eq!(refund_postings(app).await, 1);
     // Earned 8599 (pending); 4500 back shared 4074 / 426.
     assert_eq!(
         ledger_balance(app, "seller_pending", Some("oak")).await,
@@ -246,14 +239,7 @@ async fn an_approved_refund_reaches_stripe_and_the_ledger_once() {
     })
     .await;
     assert_eq!(stripe.refunds_of(&intent).await.len(), 1);
-    assert_eq!(
-        count(
-            &app.db.pool,
-            "SELECT count(*) FROM ledger_transactions WHERE kind = 'refund'"
-        )
-        .await,
-        1
-    );
+    assert_eq!(refund_postings(app).await, 1);
     assert_eq!(
         ledger_balance(app, "seller_pending", Some("oak")).await,
         8599 - 4074
@@ -533,4 +519,13 @@ async fn a_refund_above_what_was_paid_is_refused() {
     )
     .await;
     market.close().await;
+}
+
+/// Refund transactions posted to the ledger.
+async fn refund_postings(app: &App) -> i64 {
+    count(
+        &app.db.pool,
+        "SELECT count(*) FROM ledger_transactions WHERE kind = 'refund'",
+    )
+    .await
 }

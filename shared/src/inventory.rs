@@ -173,20 +173,15 @@ pub async fn lock_for_orders(tx: &mut PgConnection, orders: &[Uuid]) -> Result<(
     if orders.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "SELECT 1 FROM variants WHERE id IN (SELECT variant_id FROM order_lines WHERE order_id = ANY($1))
-          ORDER BY id FOR NO KEY UPDATE",
-    )
-    .bind(orders)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "SELECT 1 FROM products WHERE id IN (SELECT product_id FROM order_lines WHERE order_id = ANY($1))
-          ORDER BY id FOR NO KEY UPDATE",
-    )
-    .bind(orders)
-    .execute(&mut *tx)
-    .await?;
+    for (table, column) in [("variants", "variant_id"), ("products", "product_id")] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT 1 FROM {table} WHERE id IN (SELECT {column} FROM order_lines WHERE order_id = ANY($1))
+              ORDER BY id FOR NO KEY UPDATE"
+        )))
+        .bind(orders)
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
 }
 
