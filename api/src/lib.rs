@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod http_cache;
+pub mod idempotency;
 pub mod images;
 pub mod market_config;
 pub mod middleware;

@@ -140,6 +140,27 @@ struct OrderRow {
     failure_reason: Option<String>,
     created_at: DateTime<Utc>,
     paid_at: Option<DateTime<Utc>>,
+    lines: Json<Vec<OrderLine>>,
+    parts: Json<Vec<PartRow>>,
+}
+
+/// A seller's part as [`order`] reads it, within the order's row.
+#[derive(Deserialize)]
+struct PartRow {
+    id: Uuid,
+    slug: String,
+    name: String,
+    status: String,
+    items_minor: i64,
+    discount_minor: i64,
+    shipping_minor: i64,
+    total_minor: i64,
+    refunded_minor: i64,
+    carrier: Option<String>,
+    tracking_number: Option<String>,
+    shipped_at: Option<DateTime<Utc>>,
+    delivered_at: Option<DateTime<Utc>>,
+    line_ids: Vec<Uuid>,
 }
 
 const LINE_COLUMNS: &str = "id, product_id, variant_id, title, variant_title, sku, unit_price_minor, \
@@ -154,55 +175,33 @@ pub async fn order(conn: &mut PgConnection, id: Uuid, scope: Scope) -> Result<Or
     if matches!(scope, Scope::Shop(_)) {
         return Err(ApiError::NotFound);
     }
-    let row: OrderRow = sqlx::query_as(
-        "SELECT id, status, currency, subtotal_minor, discount_minor, membership_discount_minor, free_shipping,
-                shipping_minor, total_minor, refunded_minor, coupon_code,
-                (SELECT schedule_id FROM replenishment_runs r WHERE r.id = replenishment_run_id)
+    // One statement: the order's row with its lines and seller parts
+    // gathered as JSON, so reading an order is one round trip.
+    let row: OrderRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT o.id, o.status, o.currency, o.subtotal_minor, o.discount_minor, o.membership_discount_minor,
+                o.free_shipping, o.shipping_minor, o.total_minor, o.refunded_minor, o.coupon_code,
+                (SELECT schedule_id FROM replenishment_runs r WHERE r.id = o.replenishment_run_id)
                     AS replenishment_schedule_id,
-                shipping_address, payment_intent_id, client_secret, reserved_until, failure_reason,
-                created_at, paid_at
-           FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR customer_id = $2)",
-    )
+                o.shipping_address, o.payment_intent_id, o.client_secret, o.reserved_until, o.failure_reason,
+                o.created_at, o.paid_at,
+                (SELECT coalesce(json_agg(l ORDER BY l.shop_id, l.id), '[]')
+                   FROM (SELECT {LINE_COLUMNS}, shop_id FROM order_lines WHERE order_id = o.id) l) AS lines,
+                (SELECT coalesce(json_agg(p ORDER BY p.name, p.id), '[]')
+                   FROM (SELECT so.id, s.slug, s.name, so.status, so.items_minor, so.discount_minor,
+                                so.shipping_minor, so.total_minor, so.refunded_minor, so.carrier,
+                                so.tracking_number, so.shipped_at, so.delivered_at,
+                                array(SELECT l.id FROM order_lines l
+                                       WHERE l.order_id = so.order_id AND l.shop_id = so.shop_id
+                                       ORDER BY l.id) AS line_ids
+                           FROM seller_orders so JOIN shops s ON s.id = so.shop_id
+                          WHERE so.order_id = o.id) p) AS parts
+           FROM orders o WHERE o.id = $1 AND ($2::uuid IS NULL OR o.customer_id = $2)"
+    )))
     .bind(id)
     .bind(scope.customer())
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(ApiError::NotFound)?;
-    let lines: Vec<OrderLine> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {LINE_COLUMNS} FROM order_lines WHERE order_id = $1 ORDER BY shop_id, id"
-    )))
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await?;
-    #[derive(sqlx::FromRow)]
-    struct PartRow {
-        id: Uuid,
-        slug: String,
-        name: String,
-        status: String,
-        items_minor: i64,
-        discount_minor: i64,
-        shipping_minor: i64,
-        total_minor: i64,
-        refunded_minor: i64,
-        carrier: Option<String>,
-        tracking_number: Option<String>,
-        shipped_at: Option<DateTime<Utc>>,
-        delivered_at: Option<DateTime<Utc>>,
-        line_ids: Vec<Uuid>,
-    }
-    let parts: Vec<PartRow> = sqlx::query_as(
-        "SELECT so.id, s.slug, s.name, so.status, so.items_minor, so.discount_minor, so.shipping_minor,
-                so.total_minor, so.refunded_minor, so.carrier, so.tracking_number, so.shipped_at,
-                so.delivered_at,
-                array(SELECT l.id FROM order_lines l WHERE l.order_id = so.order_id AND l.shop_id = so.shop_id
-                       ORDER BY l.id) AS line_ids
-           FROM seller_orders so JOIN shops s ON s.id = so.shop_id
-          WHERE so.order_id = $1 ORDER BY s.name, so.id",
-    )
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await?;
     let status_now = status(OrderStatus::parse, &row.status)?;
     let payment = match (&row.payment_intent_id, &row.client_secret, scope) {
         (Some(intent), Some(secret), Scope::Customer(_)) if status_now.payable() => {
@@ -213,7 +212,9 @@ pub async fn order(conn: &mut PgConnection, id: Uuid, scope: Scope) -> Result<Or
         }
         _ => None,
     };
-    let seller_orders = parts
+    let seller_orders = row
+        .parts
+        .0
         .into_iter()
         .map(|p| {
             Ok(SellerPart {
@@ -250,7 +251,7 @@ pub async fn order(conn: &mut PgConnection, id: Uuid, scope: Scope) -> Result<Or
         coupon_code: row.coupon_code,
         replenishment_schedule_id: row.replenishment_schedule_id,
         shipping_address: row.shipping_address.0,
-        lines,
+        lines: row.lines.0,
         seller_orders,
         payment,
         reserved_until: row

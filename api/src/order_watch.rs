@@ -20,10 +20,10 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-/// A parked request: the status it saw, and how to wake it.
+/// A parked request: the status it saw, and how to wake it with the new one.
 struct Waiter {
     seen: OrderStatus,
-    wake: oneshot::Sender<()>,
+    wake: oneshot::Sender<OrderStatus>,
 }
 
 #[derive(Clone)]
@@ -48,9 +48,14 @@ impl OrderWatch {
         }
     }
 
-    /// Returns once `order` is no longer `seen` (as the watcher reads it), or
-    /// after `timeout`, whichever comes first.
-    pub async fn changed(&self, order: Uuid, seen: OrderStatus, timeout: Duration) {
+    /// The status `order` moved to from `seen` (as the watcher reads it), or
+    /// `None` after `timeout`, whichever comes first.
+    pub async fn changed(
+        &self,
+        order: Uuid,
+        seen: OrderStatus,
+        timeout: Duration,
+    ) -> Option<OrderStatus> {
         self.started.call_once(|| {
             let task = self.clone();
             tokio::spawn(task.run());
@@ -63,9 +68,9 @@ impl OrderWatch {
             .or_default()
             .push(Waiter { seen, wake });
         self.notify.notify_one();
-        let _ = tokio::time::timeout(timeout, woken).await;
         // A waiter that timed out is dropped at the next read (its receiver
         // is gone), so nothing needs removing here.
+        tokio::time::timeout(timeout, woken).await.ok()?.ok()
     }
 
     async fn run(self) {
@@ -106,7 +111,7 @@ impl OrderWatch {
                         waiters.drain(..).partition(|w| w.seen != status);
                     *waiters = still;
                     for w in moved {
-                        let _ = w.wake.send(());
+                        let _ = w.wake.send(status);
                     }
                 }
             }

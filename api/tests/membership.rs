@@ -26,6 +26,24 @@ async fn subscribe(app: &common::App, token: &str, plan: &Value, card: &str) -> 
     call(app, token, Method::POST, "/me/membership", body).await
 }
 
+/// `POST /me/membership` with an `Idempotency-Key`.
+async fn subscribe_keyed(
+    app: &common::App,
+    token: &str,
+    plan: &Value,
+    card: &str,
+    key: &str,
+) -> reqwest::Response {
+    app.http
+        .post(format!("{}/api/v1/me/membership", app.base))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .json(&json!({"plan_id": plan, "payment_method_id": card}))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The Stripe id of a saved card.
 async fn stripe_card(app: &common::App, card: &str) -> String {
     sqlx::query_scalar("SELECT stripe_payment_method_id FROM payment_methods WHERE id = $1::uuid")
@@ -400,12 +418,40 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     )
     .await;
 
-    // One membership at a time; the card it charges cannot be removed.
-    json_of(
-        subscribe(app, &ann.token, &plus["id"], &anns_card).await,
+    // One membership at a time; a retry with the same key answers the same
+    // one (and asks Stripe for nothing more), the key with another request
+    // is refused; the card it charges cannot be removed.
+    let first = json_of(
+        subscribe_keyed(app, &ann.token, &plus["id"], &anns_card, "join-1").await,
         StatusCode::ACCEPTED,
     )
     .await;
+    let retried = json_of(
+        subscribe_keyed(app, &ann.token, &plus["id"], &anns_card, "join-1").await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    assert_eq!(retried["id"], first["id"]);
+    let p = problem(
+        subscribe_keyed(
+            app,
+            &ann.token,
+            &json!(Uuid::now_v7()),
+            &anns_card,
+            "join-1",
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["Idempotency-Key"]);
+    let made: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE envelope->>'type' = 'membership.requested'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(made, 1, "one subscription asked of Stripe");
     let p = problem(
         subscribe(app, &ann.token, &plus["id"], &anns_card).await,
         StatusCode::CONFLICT,

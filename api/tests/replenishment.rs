@@ -144,7 +144,7 @@ async fn two_replenishers_and_a_restart_make_exactly_one_order_per_due_time() {
     souk_testkit::wait_until("the replenisher to be mid-run", PIPELINE_WAIT, || async {
         souk_testkit::count(
             &app.db.pool,
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO orders%'",
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH placed AS%'",
         )
         .await
             > 0
@@ -650,6 +650,48 @@ async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
         .await
         .unwrap();
     assert_eq!(kept, 1);
+
+    // A create retried with its Idempotency-Key answers the same schedule,
+    // the key with another request is refused, and keys are each customer's
+    // own.
+    let keyed = |token: String, body: Value| async move {
+        app.http
+            .post(format!("{}/api/v1/me/replenishments", app.base))
+            .bearer_auth(token)
+            .header("Idempotency-Key", "weekly-1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    };
+    let bobs = weekly(&bobs_address, &bobs_card, &[(&m.oak.variant, 1)], "skip");
+    let first = json_of(
+        keyed(bob.token.clone(), bobs.clone()).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let again = json_of(
+        keyed(bob.token.clone(), bobs.clone()).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(again["id"], first["id"]);
+    let mut other = bobs.clone();
+    other["on_failure"] = json!("retry");
+    let p = problem(
+        keyed(bob.token.clone(), other).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["Idempotency-Key"]);
+    let anns = weekly(&anns_address, &anns_card, &[(&m.oak.variant, 1)], "skip");
+    let hers = json_of(keyed(ann.token.clone(), anns).await, StatusCode::CREATED).await;
+    assert_ne!(hers["id"], first["id"]);
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM replenishment_schedules")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 3);
     m.close().await;
 }
 

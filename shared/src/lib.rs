@@ -2,6 +2,7 @@
 //! the message envelope and contracts, the outbox and the AMQP topology.
 
 pub mod amqp;
+pub mod audit;
 pub mod catalog;
 pub mod config;
 pub mod contracts;

@@ -41,22 +41,10 @@ pub(crate) async fn audit(
     tx: &mut PgConnection,
     admin: &Admin,
     action: &str,
-    (target_type, target_id): (&str, Uuid),
+    target: (&str, Uuid),
     reason: &str,
 ) -> Result<(), ApiError> {
-    sqlx::query(
-        "INSERT INTO audit_log (id, actor_id, action, target_type, target_id, reason)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(Uuid::now_v7())
-    .bind(admin.0.id)
-    .bind(action)
-    .bind(target_type)
-    .bind(target_id)
-    .bind(reason)
-    .execute(tx)
-    .await?;
-    Ok(())
+    Ok(souk_shared::audit::record(tx, admin.0.id, action, target, reason).await?)
 }
 
 /// Suspend an account: its access tokens stop working at once and all its

@@ -9,7 +9,6 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use souk_shared::orders::{
     Actor, Change, SellerOrderStatus, cancel,
     refunds::{self, Refund},
@@ -21,12 +20,12 @@ use crate::{
     auth::Admin,
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, ValidQuery, Validate},
+    idempotency::{self, Key, Keyed},
     middleware::RequestId,
     order_views::{self, Order, OrderSummary, Scope, SellerOrder, TrackingEvent},
     routes::{
         admin::{Reason, audit, reason_error},
         catalog::{Page, Paging},
-        checkout::idempotency_key,
         orders::{self, OrderQuery},
         seller_orders::{self, FulfilmentUpdate, fulfil},
     },
@@ -466,7 +465,7 @@ pub async fn cancel(
     get(State(state), admin, Path(id)).await
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminRefund {
     /// At most what is left of what was paid for the seller order.
@@ -511,8 +510,7 @@ pub async fn refund(
     ValidJson(body): ValidJson<AdminRefund>,
 ) -> Result<Json<SellerOrder>, ApiError> {
     let reason = body.reason.trim();
-    let key = idempotency_key(&headers)?;
-    let hash = Sha256::digest(format!("{}\n{reason}", body.amount_minor)).to_vec();
+    let key = Key::from_request(&headers, &body)?;
     let mut tx = state.pool.begin().await?;
     let order: Option<Uuid> =
         sqlx::query_scalar("SELECT order_id FROM seller_orders WHERE id = $1")
@@ -525,31 +523,17 @@ pub async fn refund(
         .bind(order)
         .execute(&mut *tx)
         .await?;
-    if let Some(key) = &key {
-        // Under the order's lock, so a retry racing the first waits for it.
-        let earlier: Option<Option<Vec<u8>>> = sqlx::query_scalar(
-            "SELECT request_hash FROM refunds WHERE seller_order_id = $1 AND idempotency_key = $2",
-        )
-        .bind(id)
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        match earlier {
-            Some(stored) if stored.as_deref() == Some(hash.as_slice()) => {
-                drop(tx);
-                let mut conn = state.pool.acquire().await?;
-                return Ok(Json(
-                    order_views::seller_order(&mut conn, id, Scope::Admin).await?,
-                ));
-            }
-            Some(_) => {
-                return Err(ApiError::Validation(vec![FieldError::new(
-                    "Idempotency-Key",
-                    "this key was used for a different refund",
-                )]));
-            }
-            None => {}
-        }
+    // Under the order's lock, so a retry racing the first waits for it.
+    if let Some(key) = &key
+        && idempotency::earlier(&mut tx, Keyed::Refunds, id, key)
+            .await?
+            .is_some()
+    {
+        drop(tx);
+        let mut conn = state.pool.acquire().await?;
+        return Ok(Json(
+            order_views::seller_order(&mut conn, id, Scope::Admin).await?,
+        ));
     }
     let payment = refunds::order_payment(&mut tx, order)
         .await?
@@ -571,11 +555,11 @@ pub async fn refund(
                 "more than is left of what was paid for this seller order",
             ))
         })?;
-    if key.is_some() {
+    if let Some(key) = &key {
         sqlx::query("UPDATE refunds SET idempotency_key = $2, request_hash = $3 WHERE id = $1")
             .bind(made)
-            .bind(&key)
-            .bind(&hash)
+            .bind(&key.key)
+            .bind(&key.hash)
             .execute(&mut *tx)
             .await?;
     }

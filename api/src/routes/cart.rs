@@ -11,7 +11,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use souk_shared::{
     coupons::{self, Coupon},
-    orders::place,
+    orders::place::{ACTIVE_MEMBERSHIP, BENEFIT_COLUMNS, Benefit},
 };
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -69,6 +69,9 @@ pub struct ShopGroup {
 /// The coupon on the cart and what it takes off now.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AppliedCoupon {
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub id: Uuid,
     pub code: String,
     /// The shop whose items it applies to; absent for a platform coupon
     /// (the whole cart).
@@ -96,6 +99,10 @@ pub struct Cart {
     pub item_count: i64,
     /// Whether every line can be bought as it is.
     pub ready_for_checkout: bool,
+    /// For checkout: the membership the discount and free shipping come from.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub benefit: Option<Benefit>,
 }
 
 /// The caller's cart as it stands now.
@@ -179,19 +186,34 @@ pub async fn load_in(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<Cart, 
             .sum();
     }
     let subtotal: i64 = shops.iter().map(|g| g.subtotal_minor).sum();
-    let stored: Option<Coupon> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {} FROM coupons WHERE id = (SELECT coupon_id FROM cart_coupons WHERE user_id = $1)",
-        coupons::COLUMNS
+    // The membership's benefit and which coupon is on the cart, in one read.
+    let (membership_id, free_shipping, percent_off, coupon_id): (
+        Option<Uuid>,
+        Option<bool>,
+        Option<i32>,
+        Option<Uuid>,
+    ) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {BENEFIT_COLUMNS}, (SELECT coupon_id FROM cart_coupons WHERE user_id = $1)
+           FROM (SELECT) one LEFT JOIN ({ACTIVE_MEMBERSHIP}) ON true"
     )))
     .bind(user)
-    .fetch_optional(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    let coupon = match stored {
-        Some(c) => Some(evaluate(conn, c, user, &shops, subtotal).await?),
+    let benefit = Benefit::from_row((membership_id, free_shipping, percent_off));
+    let coupon = match coupon_id {
+        Some(id) => {
+            let stored: Coupon = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {} FROM coupons WHERE id = $1",
+                coupons::COLUMNS
+            )))
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+            Some(evaluate(conn, stored, user, &shops, subtotal).await?)
+        }
         None => None,
     };
     let discount = coupon.as_ref().map_or(0, |c| c.discount_minor);
-    let benefit = place::benefit(conn, user).await?;
     let membership_discount = benefit.map_or(0, |b| b.discount(subtotal - discount));
     let lines = || shops.iter().flat_map(|g| &g.lines);
     Ok(Cart {
@@ -199,6 +221,7 @@ pub async fn load_in(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<Cart, 
         coupon,
         membership_discount_minor: membership_discount,
         free_shipping: benefit.is_some_and(|b| b.free_shipping),
+        benefit,
         total_minor: subtotal - discount - membership_discount,
         item_count: lines().map(|l| i64::from(l.quantity)).sum(),
         ready_for_checkout: lines().next().is_some() && lines().all(|l| l.problem.is_none()),
@@ -245,6 +268,7 @@ async fn evaluate(
         Err(refusal) => (0, Some(refusal.to_string())),
     };
     Ok(AppliedCoupon {
+        id: coupon.id,
         code: coupon.code,
         shop,
         discount_minor,
@@ -367,19 +391,25 @@ impl Validate for NewCartItem {
     }
 }
 
-/// Units of a variant the storefront can sell now; `None` if it cannot be
-/// sold at all.
-async fn sellable(state: &AppState, variant: Uuid) -> Result<Option<i32>, ApiError> {
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT greatest(v.available, 0) FROM variants_now v
+/// The units of the variant `$n` the storefront can sell now, as a query
+/// (no row if it cannot be sold at all).
+fn sellable_sql(variant_param: &str) -> String {
+    format!(
+        "SELECT greatest(v.available, 0) AS available FROM variants_now v
            JOIN products p ON p.id = v.product_id
            JOIN shops s ON s.id = p.shop_id
            JOIN users u ON u.id = s.owner_id
-          WHERE v.id = $1 AND {VISIBLE}"
-    )))
-    .bind(variant)
-    .fetch_optional(&state.pool)
-    .await?)
+          WHERE v.id = {variant_param} AND {VISIBLE}"
+    )
+}
+
+/// Units of a variant the storefront can sell now; `None` if it cannot be
+/// sold at all.
+async fn sellable(state: &AppState, variant: Uuid) -> Result<Option<i32>, ApiError> {
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sellable_sql("$1")))
+        .bind(variant)
+        .fetch_optional(&state.pool)
+        .await?)
 }
 
 fn too_many(available: i32) -> ApiError {
@@ -403,29 +433,37 @@ pub async fn add(
     caller: Caller,
     ValidJson(body): ValidJson<NewCartItem>,
 ) -> Result<Json<Cart>, ApiError> {
-    let available = sellable(&state, body.variant_id).await?.ok_or_else(|| {
+    // One statement: what can be sold now, and the line merged only if the
+    // cart then holds no more than that, judged on the line as it is when
+    // its row is locked (a refused add writes nothing).
+    let (available, quantity): (Option<i32>, Option<i32>) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "WITH sellable AS ({}),
+             merged AS (
+                 INSERT INTO cart_items (user_id, variant_id, quantity)
+                 SELECT $1, $2, least($3, $4) FROM sellable WHERE least($3, $4) <= available
+                 ON CONFLICT (user_id, variant_id)
+                 DO UPDATE SET quantity = least(cart_items.quantity + $3, $4)
+                  WHERE least(cart_items.quantity + $3, $4) <= (SELECT available FROM sellable)
+                 RETURNING quantity)
+             SELECT (SELECT available FROM sellable), (SELECT quantity FROM merged)",
+            sellable_sql("$2")
+        )))
+        .bind(caller.id)
+        .bind(body.variant_id)
+        .bind(body.quantity)
+        .bind(MAX_QUANTITY)
+        .fetch_one(&state.pool)
+        .await?;
+    let available = available.ok_or_else(|| {
         ApiError::Validation(vec![FieldError::new(
             "variant_id",
             "no such variant for sale",
         )])
     })?;
-    let mut tx = state.pool.begin().await?;
-    let quantity: i32 = sqlx::query_scalar(
-        "INSERT INTO cart_items (user_id, variant_id, quantity) VALUES ($1, $2, $3)
-         ON CONFLICT (user_id, variant_id)
-         DO UPDATE SET quantity = least(cart_items.quantity + excluded.quantity, $4)
-         RETURNING quantity",
-    )
-    .bind(caller.id)
-    .bind(body.variant_id)
-    .bind(body.quantity)
-    .bind(MAX_QUANTITY)
-    .fetch_one(&mut *tx)
-    .await?;
-    if quantity > available {
+    if quantity.is_none() {
         return Err(too_many(available));
     }
-    tx.commit().await?;
     Ok(Json(load(&state, caller.id).await?))
 }
 

@@ -13,9 +13,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use souk_shared::orders::place;
-use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -23,13 +21,12 @@ use crate::{
     auth::Customer,
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
+    idempotency::{self, Key, Keyed},
     middleware::RequestId,
     order_views::{self, Order, Scope},
     routes::cart::{self, LineProblem},
     state::AppState,
 };
-
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 #[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -42,48 +39,6 @@ pub struct CheckoutRequest {
 impl Validate for CheckoutRequest {
     fn validate(&self) -> Vec<FieldError> {
         vec![]
-    }
-}
-
-/// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
-pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
-        return Ok(None);
-    };
-    raw.to_str()
-        .ok()
-        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
-        .map(|k| Some(k.to_string()))
-        .ok_or_else(|| {
-            ApiError::Validation(vec![FieldError::new(
-                "Idempotency-Key",
-                "must be 1 to 255 visible ASCII characters",
-            )])
-        })
-}
-
-/// The order an earlier request with this key made, if the request was the
-/// same; a different request with the key is refused.
-async fn replay(
-    conn: &mut PgConnection,
-    customer: Uuid,
-    key: &str,
-    hash: &[u8],
-) -> Result<Option<Uuid>, ApiError> {
-    let earlier: Option<(Uuid, Option<Vec<u8>>)> = sqlx::query_as(
-        "SELECT id, request_hash FROM orders WHERE customer_id = $1 AND idempotency_key = $2",
-    )
-    .bind(customer)
-    .bind(key)
-    .fetch_optional(conn)
-    .await?;
-    match earlier {
-        None => Ok(None),
-        Some((id, stored)) if stored.as_deref() == Some(hash) => Ok(Some(id)),
-        Some(_) => Err(ApiError::Validation(vec![FieldError::new(
-            "Idempotency-Key",
-            "this key was used for a different checkout request",
-        )])),
     }
 }
 
@@ -109,8 +64,7 @@ pub async fn checkout(
     ValidJson(body): ValidJson<CheckoutRequest>,
 ) -> Result<(StatusCode, Json<Order>), ApiError> {
     caller.require_verified()?;
-    let key = idempotency_key(&headers)?;
-    let hash = Sha256::digest(serde_json::to_vec(&body).expect("serializes")).to_vec();
+    let key = Key::from_request(&headers, &body)?;
 
     let mut tx = state.pool.begin().await?;
     // Two checkouts of one cart queue here; the second then finds it empty
@@ -129,7 +83,7 @@ pub async fn checkout(
     .execute(&mut *tx)
     .await?;
     if let Some(key) = &key
-        && let Some(id) = replay(&mut tx, caller.id, key, &hash).await?
+        && let Some(id) = idempotency::earlier(&mut tx, Keyed::Orders, caller.id, key).await?
     {
         drop(tx);
         return answer(&state, id, caller.id).await;
@@ -173,12 +127,6 @@ pub async fn checkout(
             };
             ApiError::Validation(vec![FieldError::new("address_id", message)])
         })?;
-    let coupon_id: Option<Uuid> =
-        sqlx::query_scalar("SELECT coupon_id FROM cart_coupons WHERE user_id = $1")
-            .bind(caller.id)
-            .fetch_optional(&mut *tx)
-            .await?;
-
     let lines = cart
         .shops
         .iter()
@@ -195,35 +143,31 @@ pub async fn checkout(
             })
         })
         .collect();
-    let coupon = match (&cart.coupon, coupon_id) {
-        (Some(c), Some(id)) => Some(place::AppliedCoupon {
-            id,
-            code: c.code.clone(),
-            discount_minor: c.discount_minor,
-        }),
-        _ => None,
-    };
+    let coupon = cart.coupon.as_ref().map(|c| place::AppliedCoupon {
+        id: c.id,
+        code: c.code.clone(),
+        discount_minor: c.discount_minor,
+    });
     let order = place::NewOrder {
         customer: caller.id,
         currency: state.market.currency.clone(),
         lines,
         coupon,
-        benefit: place::benefit(&mut tx, caller.id).await?,
+        benefit: cart.benefit,
         shipping_address: address,
-        idempotency: key.map(|key| (key, hash)),
+        idempotency: key.map(|k| (k.key, k.hash)),
         payment_method: None,
         replenishment_run: None,
         correlation_id: request_id.0,
     };
     let id = place::place(&mut tx, order).await?;
-    sqlx::query("DELETE FROM cart_items WHERE user_id = $1")
-        .bind(caller.id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM cart_coupons WHERE user_id = $1")
-        .bind(caller.id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "WITH emptied AS (DELETE FROM cart_items WHERE user_id = $1)
+         DELETE FROM cart_coupons WHERE user_id = $1",
+    )
+    .bind(caller.id)
+    .execute(&mut *tx)
+    .await?;
     state.commit_with_messages(tx).await?;
     answer(&state, id, caller.id).await
 }

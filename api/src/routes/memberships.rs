@@ -8,7 +8,7 @@
 use axum::{
     Json,
     extract::{Path, State},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,7 @@ use crate::{
     auth::{Admin, Customer},
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
+    idempotency::{self, Key, Keyed},
     middleware::RequestId,
     routes::admin::{Reason, audit},
     state::AppState,
@@ -224,7 +225,7 @@ pub async fn plans(State(state): State<AppState>) -> Result<Json<Vec<Plan>>, Api
     Ok(Json(plans))
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubscribeRequest {
     pub plan_id: Uuid,
@@ -265,6 +266,20 @@ async fn current(
     user: Uuid,
     lock: bool,
 ) -> Result<Option<Membership>, ApiError> {
+    read(conn, Which::Current(user), lock).await
+}
+
+enum Which {
+    /// The account's live membership, else the latest that ended.
+    Current(Uuid),
+    Id(Uuid),
+}
+
+async fn read(
+    conn: &mut PgConnection,
+    which: Which,
+    lock: bool,
+) -> Result<Option<Membership>, ApiError> {
     #[derive(sqlx::FromRow)]
     struct Row {
         id: Uuid,
@@ -277,15 +292,19 @@ async fn current(
         failure: Option<String>,
         created_at: DateTime<Utc>,
     }
+    let (filter, id) = match which {
+        Which::Current(user) => ("user_id = $1", user),
+        Which::Id(id) => ("id = $1", id),
+    };
     let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, plan_id, status, payment_method_id, cancel_at_period_end, cancel_requested_at,
                 current_period_end, failure, created_at
-           FROM memberships WHERE user_id = $1
+           FROM memberships WHERE {filter}
           ORDER BY status IN ('requested', 'incomplete', 'active', 'past_due') DESC, created_at DESC
           LIMIT 1 {}",
         if lock { "FOR NO KEY UPDATE" } else { "" }
     )))
-    .bind(user)
+    .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -314,21 +333,38 @@ async fn current(
 /// worker makes the subscription at Stripe, and the status follows.
 #[utoipa::path(
     post, path = "/me/membership", tag = "recurring", security(("bearer" = [])), request_body = SubscribeRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe: the same key answers the same membership")),
     responses(
         (status = 202, description = "requested", body = Membership),
         (status = 403, description = "not a customer, or the email is not verified", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "a membership that has not ended already", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "no such open plan, or no such saved card", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no such open plan, no such saved card, or an Idempotency-Key used for another request", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn subscribe(
     State(state): State<AppState>,
     Customer(caller): Customer,
     request_id: RequestId,
+    headers: HeaderMap,
     ValidJson(body): ValidJson<SubscribeRequest>,
 ) -> Result<(StatusCode, Json<Membership>), ApiError> {
     caller.require_verified()?;
+    let key = Key::from_request(&headers, &body)?;
     let mut tx = state.pool.begin().await?;
+    // This customer's subscribe requests queue here, so a retry finds what
+    // the first one made.
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(caller.id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(key) = &key
+        && let Some(id) = idempotency::earlier(&mut tx, Keyed::Memberships, caller.id, key).await?
+    {
+        let earlier = read(&mut tx, Which::Id(id), false)
+            .await?
+            .expect("just found");
+        return Ok((StatusCode::ACCEPTED, Json(earlier)));
+    }
     let open: Option<String> =
         sqlx::query_scalar("SELECT status FROM membership_plans WHERE id = $1")
             .bind(body.plan_id)
@@ -344,12 +380,15 @@ pub async fn subscribe(
         .await?;
     let id = Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO memberships (id, user_id, plan_id, payment_method_id) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO memberships (id, user_id, plan_id, payment_method_id, idempotency_key, request_hash)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(id)
     .bind(caller.id)
     .bind(body.plan_id)
     .bind(body.payment_method_id)
+    .bind(key.as_ref().map(|k| &k.key))
+    .bind(key.as_ref().map(|k| &k.hash))
     .execute(&mut *tx)
     .await?;
     let requested = MembershipRequested { membership_id: id };

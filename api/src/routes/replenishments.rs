@@ -9,7 +9,7 @@
 use axum::{
     Json,
     extract::{Path, State},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
 };
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,7 @@ use crate::{
     auth::Customer,
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, ValidQuery, Validate},
+    idempotency::{self, Key, Keyed},
     routes::{
         catalog::{Page, Paging},
         payment_methods,
@@ -40,7 +41,7 @@ const NEXT_RUNS: usize = 5;
 /// Past runs shown.
 const RECENT_RUNS: i64 = 10;
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemInput {
     pub variant_id: Uuid,
@@ -71,7 +72,7 @@ fn default_limit() -> i32 {
     10
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSchedule {
     pub items: Vec<ItemInput>,
@@ -422,18 +423,21 @@ fn first_run(
 /// Schedule a recurring order.
 #[utoipa::path(
     post, path = "/me/replenishments", tag = "recurring", security(("bearer" = [])), request_body = NewSchedule,
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe: the same key answers the same schedule")),
     responses(
-        (status = 201, description = "scheduled", body = Schedule),
+        (status = 201, description = "scheduled (or, for a retried key, scheduled before)", body = Schedule),
         (status = 403, description = "not a customer, or the email is not verified", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "a field is invalid: an item not for sale, a bad cadence, an address or card not the caller's, too many schedules", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is invalid: an item not for sale, a bad cadence, an address or card not the caller's, too many schedules, or an Idempotency-Key used for another request", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create(
     State(state): State<AppState>,
     Customer(caller): Customer,
+    headers: HeaderMap,
     ValidJson(body): ValidJson<NewSchedule>,
 ) -> Result<(StatusCode, Json<Schedule>), ApiError> {
     caller.require_verified()?;
+    let key = Key::from_request(&headers, &body)?;
     let cadence = cadence(body.interval_days, body.cron.as_deref())
         .map_err(|e| ApiError::Validation(vec![e]))?
         .expect("validated");
@@ -444,6 +448,12 @@ pub async fn create(
         .bind(caller.id)
         .execute(&mut *tx)
         .await?;
+    if let Some(key) = &key
+        && let Some(id) = idempotency::earlier(&mut tx, Keyed::Schedules, caller.id, key).await?
+    {
+        let earlier = show(&mut tx, caller.id, id).await?;
+        return Ok((StatusCode::CREATED, earlier));
+    }
     let kept: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM replenishment_schedules WHERE customer_id = $1 AND status <> 'cancelled'",
     )
@@ -463,8 +473,8 @@ pub async fn create(
     sqlx::query(
         "INSERT INTO replenishment_schedules (id, customer_id, address_id, payment_method_id, currency, items,
                                              interval_days, cron, on_failure, price_increase_limit_percent,
-                                             next_run_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                                             next_run_at, idempotency_key, request_hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(id)
     .bind(caller.id)
@@ -477,6 +487,8 @@ pub async fn create(
     .bind(body.on_failure.as_str())
     .bind(body.price_increase_limit_percent)
     .bind(next_run_at)
+    .bind(key.as_ref().map(|k| &k.key))
+    .bind(key.as_ref().map(|k| &k.hash))
     .execute(&mut *tx)
     .await?;
     let created = show(&mut tx, caller.id, id).await?;

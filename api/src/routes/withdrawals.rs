@@ -26,11 +26,11 @@ use crate::{
     auth::{Admin, Seller},
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, ValidQuery, Validate},
+    idempotency::{self, Key, Keyed},
     middleware::RequestId,
     routes::{
         admin::{Reason, audit},
         catalog::{Page, Paging},
-        checkout::idempotency_key,
     },
     sealed::{self, Sealed},
     state::AppState,
@@ -222,7 +222,7 @@ pub struct Withdrawal {
 
 const COLUMNS: &str = "id, amount_minor, currency, status, holder_name, iban_last4, decision_reason, created_at, decided_at";
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WithdrawalRequest {
     pub amount_minor: i64,
@@ -278,7 +278,7 @@ pub async fn request(
     ValidJson(body): ValidJson<WithdrawalRequest>,
 ) -> Result<(StatusCode, Json<Withdrawal>), ApiError> {
     seller.caller.require_verified()?;
-    let key = idempotency_key(&headers)?;
+    let key = Key::from_request(&headers, &body)?;
     let shop = seller.shop_id;
     let field =
         |message: String| ApiError::Validation(vec![FieldError::new("amount_minor", message)]);
@@ -295,26 +295,16 @@ pub async fn request(
         .bind(available)
         .execute(&mut *tx)
         .await?;
-    if let Some(key) = &key {
-        let earlier: Option<Withdrawal> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM withdrawals WHERE shop_id = $1 AND idempotency_key = $2"
+    if let Some(key) = &key
+        && let Some(id) = idempotency::earlier(&mut tx, Keyed::Withdrawals, shop, key).await?
+    {
+        let earlier = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM withdrawals WHERE id = $1"
         )))
-        .bind(shop)
-        .bind(key)
-        .fetch_optional(&mut *tx)
+        .bind(id)
+        .fetch_one(&mut *tx)
         .await?;
-        match earlier {
-            Some(w) if w.amount_minor == body.amount_minor => {
-                return Ok((StatusCode::CREATED, Json(w)));
-            }
-            Some(_) => {
-                return Err(ApiError::Validation(vec![FieldError::new(
-                    "Idempotency-Key",
-                    "this key was used for a different withdrawal",
-                )]));
-            }
-            None => {}
-        }
+        return Ok((StatusCode::CREATED, Json(earlier)));
     }
     shop_may_withdraw(&mut tx, shop).await?;
     if body.amount_minor < state.market.withdrawal_min_minor {
@@ -355,8 +345,9 @@ pub async fn request(
     }
     let id = Uuid::now_v7();
     let withdrawal: Withdrawal = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO withdrawals (id, shop_id, requested_by, amount_minor, currency, iban_last4, holder_name, idempotency_key)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+        "INSERT INTO withdrawals (id, shop_id, requested_by, amount_minor, currency, iban_last4, holder_name,
+                                  idempotency_key, request_hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
     )))
     .bind(id)
     .bind(shop)
@@ -365,7 +356,8 @@ pub async fn request(
     .bind(&state.market.currency)
     .bind(&last4)
     .bind(&holder)
-    .bind(&key)
+    .bind(key.as_ref().map(|k| &k.key))
+    .bind(key.as_ref().map(|k| &k.hash))
     .fetch_one(&mut *tx)
     .await?;
     postings::withdrawal(&mut tx, id, WithdrawalStep::Hold)

@@ -7,7 +7,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{contracts::OrderPlaced, envelope::Envelope, orders::status, outbox};
+use crate::{contracts::OrderPlaced, envelope::Envelope, outbox};
 
 /// A line as it is bought: snapshots of the names and the price now.
 #[derive(Debug, Clone)]
@@ -75,12 +75,27 @@ pub async fn place(tx: &mut PgConnection, order: NewOrder) -> Result<Uuid, sqlx:
         .benefit
         .map_or(0, |b| b.discount(subtotal - coupon_discount));
     let (key, hash) = order.idempotency.clone().unzip();
+    let lines = &order.lines;
+    // The order, its lines and the first event of its history (placed, by
+    // its customer; every later move is `status`'s) in one statement: one
+    // round trip, the foreign keys checked at its end.
     sqlx::query(
-        "INSERT INTO orders (id, customer_id, status, currency, subtotal_minor, discount_minor, coupon_id,
-                             coupon_code, shipping_address, idempotency_key, request_hash, correlation_id,
-                             membership_id, membership_discount_minor, free_shipping, payment_method_id,
-                             replenishment_run_id)
-         VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        "WITH placed AS (
+             INSERT INTO orders (id, customer_id, status, currency, subtotal_minor, discount_minor, coupon_id,
+                                 coupon_code, shipping_address, idempotency_key, request_hash, correlation_id,
+                                 membership_id, membership_discount_minor, free_shipping, payment_method_id,
+                                 replenishment_run_id)
+             VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)),
+         lines AS (
+             INSERT INTO order_lines (id, order_id, shop_id, product_id, variant_id, title, variant_title, sku,
+                                      unit_price_minor, quantity)
+             SELECT u.id, $1, u.shop_id, u.product_id, u.variant_id, u.title, u.variant_title, u.sku, u.price,
+                    u.quantity
+               FROM unnest($17::uuid[], $18::uuid[], $19::uuid[], $20::uuid[], $21::text[], $22::text[],
+                           $23::text[], $24::bigint[], $25::int[])
+                    AS u(id, shop_id, product_id, variant_id, title, variant_title, sku, price, quantity))
+         INSERT INTO order_events (id, order_id, subject, to_status, actor_id, actor_role)
+         VALUES ($26, $1, 'order', 'pending', $2, 'customer')",
     )
     .bind(id)
     .bind(order.customer)
@@ -98,18 +113,6 @@ pub async fn place(tx: &mut PgConnection, order: NewOrder) -> Result<Uuid, sqlx:
     .bind(order.benefit.is_some_and(|b| b.free_shipping))
     .bind(order.payment_method)
     .bind(order.replenishment_run)
-    .execute(&mut *tx)
-    .await?;
-    let lines = &order.lines;
-    sqlx::query(
-        "INSERT INTO order_lines (id, order_id, shop_id, product_id, variant_id, title, variant_title, sku,
-                                 unit_price_minor, quantity)
-         SELECT u.id, $1, u.shop_id, u.product_id, u.variant_id, u.title, u.variant_title, u.sku, u.price, u.quantity
-           FROM unnest($2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::text[],
-                       $9::bigint[], $10::int[])
-                AS u(id, shop_id, product_id, variant_id, title, variant_title, sku, price, quantity)",
-    )
-    .bind(id)
     .bind(lines.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
     .bind(lines.iter().map(|l| l.shop_id).collect::<Vec<_>>())
     .bind(lines.iter().map(|l| l.product_id).collect::<Vec<_>>())
@@ -119,9 +122,9 @@ pub async fn place(tx: &mut PgConnection, order: NewOrder) -> Result<Uuid, sqlx:
     .bind(lines.iter().map(|l| l.sku.clone()).collect::<Vec<_>>())
     .bind(lines.iter().map(|l| l.unit_price_minor).collect::<Vec<_>>())
     .bind(lines.iter().map(|l| l.quantity).collect::<Vec<_>>())
+    .bind(Uuid::now_v7())
     .execute(&mut *tx)
     .await?;
-    status::placed(tx, id, order.customer).await?;
     let placed = Envelope::new(&OrderPlaced { order_id: id }, order.correlation_id);
     outbox::enqueue(tx, &placed).await?;
     Ok(id)
@@ -146,21 +149,34 @@ pub async fn shipping_address(
     .await
 }
 
+/// The account `$1`'s active membership with its plan, as a join over
+/// `memberships m` and `membership_plans p`: no row if it has none.
+pub const ACTIVE_MEMBERSHIP: &str = "memberships m JOIN membership_plans p
+      ON p.id = m.plan_id AND m.user_id = $1 AND m.status = 'active'";
+
+/// The benefit's columns over [`ACTIVE_MEMBERSHIP`], for [`Benefit::from_row`].
+pub const BENEFIT_COLUMNS: &str = "m.id, p.free_shipping, p.percent_off";
+
+impl Benefit {
+    /// From [`BENEFIT_COLUMNS`], each null where there is no membership.
+    pub fn from_row(
+        (id, free_shipping, percent_off): (Option<Uuid>, Option<bool>, Option<i32>),
+    ) -> Option<Self> {
+        Some(Self {
+            membership_id: id?,
+            free_shipping: free_shipping?,
+            percent_off: percent_off?,
+        })
+    }
+}
+
 /// The benefits of the account's membership, if it is active now.
 pub async fn benefit(conn: &mut PgConnection, user: Uuid) -> Result<Option<Benefit>, sqlx::Error> {
-    let row: Option<(Uuid, bool, i32)> = sqlx::query_as(
-        "SELECT m.id, p.free_shipping, p.percent_off
-           FROM memberships m JOIN membership_plans p ON p.id = m.plan_id
-          WHERE m.user_id = $1 AND m.status = 'active'",
+    let row: Option<(Option<Uuid>, Option<bool>, Option<i32>)> = sqlx::query_as(
+        sqlx::AssertSqlSafe(format!("SELECT {BENEFIT_COLUMNS} FROM {ACTIVE_MEMBERSHIP}")),
     )
     .bind(user)
     .fetch_optional(conn)
     .await?;
-    Ok(
-        row.map(|(membership_id, free_shipping, percent_off)| Benefit {
-            membership_id,
-            free_shipping,
-            percent_off,
-        }),
-    )
+    Ok(row.and_then(Benefit::from_row))
 }

@@ -317,24 +317,6 @@ pub async fn move_pending_parts(
     Ok(parts)
 }
 
-/// Starts an order's event trail: placed, by its customer.
-pub async fn placed(
-    conn: &mut PgConnection,
-    order: Uuid,
-    customer: Uuid,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO order_events (id, order_id, subject, to_status, actor_id, actor_role)
-         VALUES ($1, $2, 'order', 'pending', $3, 'customer')",
-    )
-    .bind(Uuid::now_v7())
-    .bind(order)
-    .bind(customer)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 async fn append(
     conn: &mut PgConnection,
     order: Uuid,

@@ -6,14 +6,18 @@
 //! souk-admin demo-data                       (once; accounts share DEMO_PASSWORD)
 //! souk-admin create-admin <email> <name>     (password from SOUK_ADMIN_PASSWORD, else stdin)
 //! souk-admin parked list <group> [--limit N]
-//! souk-admin parked replay <group> [<message-id> | --all]
+//! souk-admin parked replay <group> (<message-id> | --all) --as <admin-email> --reason <why>
 //! ```
+//!
+//! A replay is an admin action like any other: it names the admin who asks
+//! and why, and is kept in the audit log before it is done, as the API's
+//! replay is. The first admin's creation is kept there too.
 
 use souk_shared::{
-    amqp,
+    amqp, audit,
     config::{CommonConfig, Env, exit_on_error},
     db, parked, password,
-    topology::Names,
+    topology::{self, Names},
 };
 use souk_workers::demo;
 
@@ -22,7 +26,7 @@ const USAGE: &str = "usage:
   souk-admin demo-data
   souk-admin create-admin <email> <name>   (password from SOUK_ADMIN_PASSWORD, else stdin)
   souk-admin parked list <group> [--limit N]
-  souk-admin parked replay <group> (<message-id> | --all)";
+  souk-admin parked replay <group> (<message-id> | --all) --as <admin-email> --reason <why>";
 
 #[tokio::main]
 async fn main() {
@@ -71,6 +75,7 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
             let pool = db::pool(&config.database_url, 2)?;
             let hash = password::hash(password).await?;
             let id = uuid::Uuid::now_v7();
+            let mut tx = pool.begin().await?;
             sqlx::query(
                 "INSERT INTO users (id, email, password_hash, name, role, email_verified_at)
                  VALUES ($1, $2, $3, $4, 'admin', now())",
@@ -79,7 +84,7 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
             .bind(email.trim())
             .bind(hash.as_str())
             .bind(name.trim())
-            .execute(&pool)
+            .execute(&mut *tx)
             .await
             .map_err(
                 |e| match e.as_database_error().and_then(|d| d.constraint()) {
@@ -89,6 +94,9 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
                     _ => e.into(),
                 },
             )?;
+            let why = "created with souk-admin create-admin";
+            audit::record(&mut tx, id, "user.create_admin", ("user", id), why).await?;
+            tx.commit().await?;
             println!("admin {email} created ({id})");
         }
         ["parked", "list", group, rest @ ..] => {
@@ -106,11 +114,43 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
                 names.parking_queue(group)
             );
         }
-        ["parked", "replay", group, which] => {
-            let id = match *which {
-                "--all" => None,
-                id => Some(id),
+        ["parked", "replay", group, which, rest @ ..] => {
+            let (email, reason) = match rest {
+                ["--as", email, "--reason", reason] | ["--reason", reason, "--as", email] => {
+                    (*email, reason.trim())
+                }
+                _ => anyhow::bail!(USAGE),
             };
+            anyhow::ensure!(
+                (1..=500).contains(&reason.chars().count()),
+                "the reason must be 1 to 500 characters"
+            );
+            let group = topology::GROUPS
+                .iter()
+                .find(|g| g.name == *group)
+                .map(|g| g.name)
+                .ok_or_else(|| anyhow::anyhow!("no consumer group {group}"))?;
+            let (id, target) = match *which {
+                "--all" => (None, uuid::Uuid::nil()),
+                id => (
+                    Some(id),
+                    uuid::Uuid::parse_str(id)
+                        .map_err(|_| anyhow::anyhow!("{id} is not a message id"))?,
+                ),
+            };
+            let pool = db::pool(&config.database_url, 2)?;
+            let admin: Option<uuid::Uuid> = sqlx::query_scalar(
+                "SELECT id FROM users
+                  WHERE lower(email) = lower($1) AND role = 'admin' AND suspended_at IS NULL",
+            )
+            .bind(email)
+            .fetch_optional(&pool)
+            .await?;
+            let admin = admin.ok_or_else(|| anyhow::anyhow!("no admin account {email}"))?;
+            // Kept before it is done: no replay happens without its entry.
+            let action = format!("parked.replay.{group}");
+            let mut conn = pool.acquire().await?;
+            audit::record(&mut conn, admin, &action, ("message", target), reason).await?;
             let conn = amqp::connect(&config.amqp_url, "souk-admin").await?;
             let n = parked::replay(&conn, &names, group, id).await?;
             println!("replayed {n} message(s) to {}", names.queue(group));

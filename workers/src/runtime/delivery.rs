@@ -23,16 +23,6 @@ pub enum Applied {
     Before,
 }
 
-async fn already_processed(pool: &PgPool, group: &str, envelope: &Envelope) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM processed_messages WHERE consumer = $1 AND message_id = $2)",
-    )
-    .bind(group)
-    .bind(envelope.id)
-    .fetch_one(pool)
-    .await
-}
-
 /// Records the message as processed by `group`; false if it already was.
 /// A concurrent transaction recording the same message blocks here until it
 /// ends, so exactly one of them gets `true`.
@@ -53,26 +43,50 @@ async fn record_processed(
     Ok(done.rows_affected() == 1)
 }
 
-/// Takes the lease on a message, unless another consumer holds a live one.
+/// What taking the lease found.
+#[derive(Debug, PartialEq, Eq)]
+enum Claim {
+    /// This consumer holds the lease now.
+    Taken,
+    /// Another consumer holds a live one.
+    Held,
+    /// The message was processed before: nothing to do, no lease taken.
+    Done,
+}
+
+/// Takes the lease on a message, unless it was processed before or another
+/// consumer holds a live lease: one round trip for both questions. A holder
+/// finishing meanwhile commits its processed row with its lease's removal,
+/// so a lease taken on a message its snapshot saw unprocessed can at worst
+/// repeat `prepare` (every outside call carries an idempotency key); the
+/// processed row still lets only one transaction apply it.
 async fn claim(
     pool: &PgPool,
     group: &str,
     envelope: &Envelope,
     lease: Duration,
-) -> sqlx::Result<bool> {
-    let claimed: Option<i32> = sqlx::query_scalar(
-        "INSERT INTO message_claims (consumer, message_id, claimed_until)
-         VALUES ($1, $2, now() + make_interval(secs => $3))
-         ON CONFLICT (consumer, message_id) DO UPDATE SET claimed_until = EXCLUDED.claimed_until
-         WHERE message_claims.claimed_until < now()
-         RETURNING 1",
+) -> sqlx::Result<Claim> {
+    let (done, taken): (bool, bool) = sqlx::query_as(
+        "WITH done AS (
+             SELECT EXISTS (SELECT 1 FROM processed_messages WHERE consumer = $1 AND message_id = $2) AS yes),
+         taken AS (
+             INSERT INTO message_claims (consumer, message_id, claimed_until)
+             SELECT $1, $2, now() + make_interval(secs => $3) FROM done WHERE NOT done.yes
+             ON CONFLICT (consumer, message_id) DO UPDATE SET claimed_until = EXCLUDED.claimed_until
+             WHERE message_claims.claimed_until < now()
+             RETURNING 1)
+         SELECT (SELECT yes FROM done), EXISTS (SELECT 1 FROM taken)",
     )
     .bind(group)
     .bind(envelope.id)
     .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(claimed.is_some())
+    Ok(match (done, taken) {
+        (true, _) => Claim::Done,
+        (false, true) => Claim::Taken,
+        (false, false) => Claim::Held,
+    })
 }
 
 async fn release(conn: &mut PgConnection, group: &str, envelope: &Envelope) -> sqlx::Result<()> {
@@ -97,12 +111,16 @@ pub async fn apply_once<H: Handler>(
     envelope: &Envelope,
 ) -> Result<Applied, Failure> {
     let lease = handler.prepare_lease();
-    if let Some(lease) = lease
-        && !claim(pool, H::GROUP, envelope, lease).await?
-    {
-        return Err(Failure::transient(anyhow::anyhow!(
-            "another consumer is handling this message"
-        )));
+    if let Some(lease) = lease {
+        match claim(pool, H::GROUP, envelope, lease).await? {
+            Claim::Taken => {}
+            Claim::Done => return Ok(Applied::Before),
+            Claim::Held => {
+                return Err(Failure::transient(anyhow::anyhow!(
+                    "another consumer is handling this message"
+                )));
+            }
+        }
     }
     let outcome = prepare_and_apply(pool, handler, envelope, lease.is_some()).await;
     if lease.is_some() && !matches!(outcome, Ok(Applied::Now)) {
@@ -119,12 +137,6 @@ async fn prepare_and_apply<H: Handler>(
     envelope: &Envelope,
     claimed: bool,
 ) -> Result<Applied, Failure> {
-    // Only worth a round trip when `prepare` makes an outside call. Checked
-    // after the claim: a holder that just finished has committed its
-    // processed row before its claim disappeared.
-    if claimed && already_processed(pool, H::GROUP, envelope).await? {
-        return Ok(Applied::Before);
-    }
     let prepared = handler.prepare(envelope).await?;
 
     let mut tx = pool.begin().await?;
