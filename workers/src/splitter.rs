@@ -125,33 +125,33 @@ impl Handler for OrderSplitter {
             },
         };
         let parts = pricing::split(inputs, discount);
-        for part in &parts {
-            sqlx::query(
-                "INSERT INTO seller_orders (id, order_id, shop_id, status, items_minor, discount_minor,
-                                            shipping_minor, total_minor, commission_bps,
-                                            commission_minor, payout_minor)
-                 VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(Uuid::now_v7())
-            .bind(order_id)
-            .bind(part.shop_id)
-            .bind(part.items_minor)
-            .bind(part.discount_minor)
-            .bind(part.shipping_minor)
-            .bind(part.total_minor)
-            .bind(part.commission_bps)
-            .bind(part.commission_minor)
-            .bind(part.payout_minor)
-            .execute(&mut *tx)
-            .await?;
-        }
         let shipping: i64 = parts.iter().map(|p| p.shipping_minor).sum();
         let total: i64 = parts.iter().map(|p| p.total_minor).sum();
+        let column = |f: fn(&pricing::ShopSplit) -> i64| parts.iter().map(f).collect::<Vec<_>>();
+        // Every seller order and the order's totals in one statement.
         sqlx::query(
-            "UPDATE orders SET shipping_minor = $2, total_minor = $3, split_at = now(), updated_at = now()
+            "WITH parts AS (
+                 INSERT INTO seller_orders (id, order_id, shop_id, status, items_minor, discount_minor,
+                                            shipping_minor, total_minor, commission_bps,
+                                            commission_minor, payout_minor)
+                 SELECT u.id, $1, u.shop_id, 'pending', u.items, u.discount, u.shipping, u.total,
+                        u.commission_bps, u.commission, u.payout
+                   FROM unnest($2::uuid[], $3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[],
+                               $7::bigint[], $8::int[], $9::bigint[], $10::bigint[])
+                        AS u(id, shop_id, items, discount, shipping, total, commission_bps, commission, payout))
+             UPDATE orders SET shipping_minor = $11, total_minor = $12, split_at = now(), updated_at = now()
               WHERE id = $1",
         )
         .bind(order_id)
+        .bind(parts.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+        .bind(parts.iter().map(|p| p.shop_id).collect::<Vec<_>>())
+        .bind(column(|p| p.items_minor))
+        .bind(column(|p| p.discount_minor))
+        .bind(column(|p| p.shipping_minor))
+        .bind(column(|p| p.total_minor))
+        .bind(parts.iter().map(|p| p.commission_bps).collect::<Vec<_>>())
+        .bind(column(|p| p.commission_minor))
+        .bind(column(|p| p.payout_minor))
         .bind(shipping)
         .bind(total)
         .execute(&mut *tx)

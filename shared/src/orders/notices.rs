@@ -10,57 +10,61 @@ use uuid::Uuid;
 
 use crate::notify;
 
-/// The order as a mail shows it: its lines, money and shipping address; for
-/// a seller (`shop`), only that shop's lines and the address.
-async fn order_data(
-    conn: &mut PgConnection,
-    order: Uuid,
-    shop: Option<Uuid>,
-) -> Result<Value, sqlx::Error> {
-    let lines: Vec<(String, String, String, i32, i64)> = sqlx::query_as(
-        "SELECT title, variant_title, sku, quantity, unit_price_minor FROM order_lines
-          WHERE order_id = $1 AND ($2::uuid IS NULL OR shop_id = $2)
-          ORDER BY shop_id, id",
+/// The order's columns a mail shows, over `orders o`: its money, shipping
+/// address and lines (as JSON); for a seller (over `seller_orders so`) only
+/// that shop's lines.
+fn order_columns(seller: bool) -> String {
+    let shop = if seller {
+        "l.shop_id = so.shop_id"
+    } else {
+        "true"
+    };
+    format!(
+        "o.currency, o.subtotal_minor, o.discount_minor, o.shipping_minor, o.total_minor,
+         o.refunded_minor, o.shipping_address,
+         (SELECT coalesce(json_agg(json_build_object(
+                     'title', l.title, 'variant_title', l.variant_title, 'sku', l.sku,
+                     'quantity', l.quantity, 'unit_price_minor', l.unit_price_minor,
+                     'line_total_minor', l.unit_price_minor * l.quantity) ORDER BY l.shop_id, l.id), '[]')
+            FROM order_lines l WHERE l.order_id = o.id AND {shop}) AS lines"
     )
-    .bind(order)
-    .bind(shop)
-    .fetch_all(&mut *conn)
-    .await?;
-    let head: (String, i64, i64, Option<i64>, Option<i64>, i64, Value) = sqlx::query_as(
-        "SELECT currency, subtotal_minor, discount_minor, shipping_minor, total_minor, refunded_minor,
-                shipping_address
-           FROM orders WHERE id = $1",
-    )
-    .bind(order)
-    .fetch_one(&mut *conn)
-    .await?;
-    let (currency, subtotal, discount, shipping, total, refunded, address) = head;
-    let lines: Vec<Value> = lines
-        .into_iter()
-        .map(|(title, variant_title, sku, quantity, unit)| {
-            json!({
-                "title": title, "variant_title": variant_title, "sku": sku, "quantity": quantity,
-                "unit_price_minor": unit, "line_total_minor": unit * i64::from(quantity),
-            })
+}
+
+/// What [`order_columns`] reads.
+#[derive(sqlx::FromRow)]
+struct OrderColumns {
+    currency: String,
+    subtotal_minor: i64,
+    discount_minor: i64,
+    shipping_minor: Option<i64>,
+    total_minor: Option<i64>,
+    refunded_minor: i64,
+    shipping_address: Value,
+    lines: Value,
+}
+
+impl OrderColumns {
+    /// The order as a mail shows it; a seller sees its own lines and the
+    /// address, never the rest of the order's money.
+    fn data(self, order: Uuid, seller: bool) -> Value {
+        if seller {
+            return json!({
+                "id": order, "currency": self.currency, "lines": self.lines,
+                "address": self.shipping_address,
+            });
+        }
+        json!({
+            "id": order,
+            "currency": self.currency,
+            "lines": self.lines,
+            "subtotal_minor": self.subtotal_minor,
+            "discount_minor": self.discount_minor,
+            "shipping_minor": self.shipping_minor.unwrap_or(0),
+            "total_minor": self.total_minor.unwrap_or(self.subtotal_minor - self.discount_minor),
+            "refunded_minor": self.refunded_minor,
+            "address": self.shipping_address,
         })
-        .collect();
-    if shop.is_some() {
-        // A seller sees its own lines, never the rest of the order's money.
-        return Ok(
-            json!({ "id": order, "currency": currency, "lines": lines, "address": address }),
-        );
     }
-    Ok(json!({
-        "id": order,
-        "currency": currency,
-        "lines": lines,
-        "subtotal_minor": subtotal,
-        "discount_minor": discount,
-        "shipping_minor": shipping.unwrap_or(0),
-        "total_minor": total.unwrap_or(subtotal - discount),
-        "refunded_minor": refunded,
-        "address": address,
-    }))
 }
 
 fn merge(mut base: Value, extra: Value) -> Value {
@@ -80,13 +84,26 @@ pub async fn to_customer(
     extra: Value,
     correlation_id: &str,
 ) -> Result<(), sqlx::Error> {
-    let (user, email, name): (Uuid, String, String) = sqlx::query_as(
-        "SELECT u.id, u.email, u.name FROM orders o JOIN users u ON u.id = o.customer_id WHERE o.id = $1",
-    )
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        user_id: Uuid,
+        email: String,
+        name: String,
+        #[sqlx(flatten)]
+        order: OrderColumns,
+    }
+    // The customer and the order in one read.
+    let r: Row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT u.id AS user_id, u.email, u.name, {}
+           FROM orders o JOIN users u ON u.id = o.customer_id WHERE o.id = $1",
+        order_columns(false)
+    )))
     .bind(order)
     .fetch_one(&mut *conn)
     .await?;
-    let data = json!({ "name": name, "order": order_data(conn, order, None).await? });
+    let user = r.user_id;
+    let email = r.email;
+    let data = json!({ "name": r.name, "order": r.order.data(order, false) });
     let data = merge(data, extra);
     if let Some(kind) = in_app {
         let note = json!({ "order_id": order, "template": template, "reason": data.get("reason") });
@@ -108,22 +125,26 @@ pub async fn to_seller(
     #[derive(sqlx::FromRow)]
     struct Row {
         order_id: Uuid,
-        shop_id: Uuid,
         shop_name: String,
         owner_id: Uuid,
         email: String,
         name: String,
         status: String,
-        total_minor: i64,
+        part_total: i64,
         commission_minor: i64,
         payout_minor: i64,
+        #[sqlx(flatten)]
+        order: OrderColumns,
     }
-    let r: Row = sqlx::query_as(
-        "SELECT so.order_id, so.shop_id, s.name AS shop_name, u.id AS owner_id, u.email, u.name,
-                so.status, so.total_minor, so.commission_minor, so.payout_minor
+    // The seller, its part and the order in one read.
+    let r: Row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT so.order_id, s.name AS shop_name, u.id AS owner_id, u.email, u.name,
+                so.status, so.total_minor AS part_total, so.commission_minor, so.payout_minor, {}
            FROM seller_orders so JOIN shops s ON s.id = so.shop_id JOIN users u ON u.id = s.owner_id
+           JOIN orders o ON o.id = so.order_id
           WHERE so.id = $1",
-    )
+        order_columns(true)
+    )))
     .bind(seller_order)
     .fetch_one(&mut *conn)
     .await?;
@@ -131,10 +152,10 @@ pub async fn to_seller(
         "name": r.name,
         "shop": r.shop_name,
         "seller_order": {
-            "id": seller_order, "status": r.status, "total_minor": r.total_minor,
+            "id": seller_order, "status": r.status, "total_minor": r.part_total,
             "commission_minor": r.commission_minor, "payout_minor": r.payout_minor,
         },
-        "order": order_data(conn, r.order_id, Some(r.shop_id)).await?,
+        "order": r.order.data(r.order_id, true),
     });
     let data = merge(data, extra);
     let note =

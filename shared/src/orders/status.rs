@@ -227,13 +227,9 @@ pub async fn move_order(
         }
         .into());
     }
-    sqlx::query("UPDATE orders SET status = $2, updated_at = now() WHERE id = $1")
-        .bind(order)
-        .bind(to.as_str())
-        .execute(&mut *conn)
-        .await?;
-    append(
+    record(
         conn,
+        "UPDATE orders SET status = $2, updated_at = now() WHERE id = $1",
         order,
         None,
         (from.as_str(), to.as_str()),
@@ -269,20 +265,14 @@ pub async fn move_seller_order(
         }
         .into());
     }
-    sqlx::query(
+    record(
+        conn,
         "UPDATE seller_orders SET status = $2, updated_at = now(),
                 delivered_at = CASE WHEN $2 = 'delivered' THEN now()
                                     WHEN $2 IN ('paid', 'processing', 'shipped') THEN NULL ELSE delivered_at END,
                 shipped_at = CASE WHEN $2 = 'shipped' THEN now()
                                   WHEN $2 IN ('paid', 'processing') THEN NULL ELSE shipped_at END
           WHERE id = $1",
-    )
-    .bind(seller_order)
-    .bind(to.as_str())
-    .execute(&mut *conn)
-    .await?;
-    append(
-        conn,
         order,
         Some(seller_order),
         (from.as_str(), to.as_str()),
@@ -317,8 +307,11 @@ pub async fn move_pending_parts(
     Ok(parts)
 }
 
-async fn append(
+/// Applies a move checked by the caller: `update` (the row `$1` to the
+/// status `$2`) and its order event, in one statement.
+async fn record(
     conn: &mut PgConnection,
+    update: &str,
     order: Uuid,
     seller_order: Option<Uuid>,
     (from, to): (&str, &str),
@@ -330,11 +323,14 @@ async fn append(
     if change.correction {
         data["correction"] = serde_json::json!(true);
     }
-    sqlx::query(
-        "INSERT INTO order_events (id, order_id, seller_order_id, subject, from_status, to_status,
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "WITH moved AS ({update})
+         INSERT INTO order_events (id, order_id, seller_order_id, subject, from_status, to_status,
                                    actor_id, actor_role, note, data)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
+         VALUES ($3, $4, $5, $6, $7, $2, $8, $9, $10, $11)"
+    )))
+    .bind(seller_order.unwrap_or(order))
+    .bind(to)
     .bind(Uuid::now_v7())
     .bind(order)
     .bind(seller_order)
@@ -344,7 +340,6 @@ async fn append(
         "order"
     })
     .bind(from)
-    .bind(to)
     .bind(actor_id)
     .bind(role)
     .bind(change.note)
