@@ -215,6 +215,13 @@ async fn two_concurrent_withdrawals_never_take_more_than_the_balance() {
         1
     );
     assert_eq!(again["status"], "requested");
+    // The key with another amount is refused, naming the header.
+    let reused = problem(
+        withdraw(app, &oak.seller, 5000, Some(winner)).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&reused), ["Idempotency-Key"]);
     // One open at a time.
     let second_open = problem(
         withdraw(app, &oak.seller, 1000, None).await,
