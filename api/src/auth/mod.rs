@@ -188,6 +188,17 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// Locks the account's row for the rest of `tx`: the account's requests
+/// that count or look up each other's writes (address and card caps,
+/// schedule caps, a retried subscribe) queue here instead of racing.
+pub async fn serialize_account(tx: &mut sqlx::PgConnection, user: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(user)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
 /// A caller who is an admin. Admin handlers take this instead of [`Caller`],
 /// so none can forget the check; anyone else gets 403.
 #[derive(Debug, Clone)]

@@ -193,10 +193,7 @@ pub async fn create(
     let mut tx = state.pool.begin().await?;
     // Serializes this account's address changes, so the count and the
     // "first address is the default" rule hold under concurrent requests.
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(caller.id)
-        .execute(&mut *tx)
-        .await?;
+    crate::auth::serialize_account(&mut tx, caller.id).await?;
     let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM addresses WHERE user_id = $1")
         .bind(caller.id)
         .fetch_one(&mut *tx)

@@ -353,10 +353,7 @@ pub async fn subscribe(
     let mut tx = state.pool.begin().await?;
     // This customer's subscribe requests queue here, so a retry finds what
     // the first one made.
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(caller.id)
-        .execute(&mut *tx)
-        .await?;
+    crate::auth::serialize_account(&mut tx, caller.id).await?;
     if let Some(key) = &key
         && let Some(id) = idempotency::earlier(&mut tx, Keyed::Memberships, caller.id, key).await?
     {

@@ -107,10 +107,7 @@ pub async fn start(
     caller.require_verified()?;
     let mut tx = state.pool.begin().await?;
     // Serializes this account's cards, so the cap holds under concurrency.
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(caller.id)
-        .execute(&mut *tx)
-        .await?;
+    crate::auth::serialize_account(&mut tx, caller.id).await?;
     let kept: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM payment_methods WHERE user_id = $1 AND status IN ('pending', 'active')",
     )

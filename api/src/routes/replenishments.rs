@@ -444,10 +444,7 @@ pub async fn create(
     let next_run_at = first_run(&cadence, body.starts_at)?;
     let mut tx = state.pool.begin().await?;
     // Serializes this customer's schedule changes, so the cap holds.
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(caller.id)
-        .execute(&mut *tx)
-        .await?;
+    crate::auth::serialize_account(&mut tx, caller.id).await?;
     if let Some(key) = &key
         && let Some(id) = idempotency::earlier(&mut tx, Keyed::Schedules, caller.id, key).await?
     {
