@@ -14,6 +14,8 @@ use common::{
     },
     token_for,
 };
+use std::time::Duration;
+
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use souk_shared::{contracts::SellerOrderDelivered, envelope::Envelope, outbox};
@@ -199,11 +201,148 @@ async fn every_ledger_transaction_balances_after_orders_deliveries_refunds_and_w
         ),
         (Some(1525), Some(0))
     );
-    // The ledger is append-only.
-    let edit = sqlx::query("UPDATE ledger_entries SET amount_minor = amount_minor + 1")
-        .execute(&app.db.pool)
-        .await;
-    assert!(edit.is_err(), "entries cannot be changed");
+    // The ledger is append-only: its rows can be neither changed nor
+    // removed, one at a time or all at once; nor can the accounts they
+    // belong to, nor the audit log of who decided what.
+    let rows = |sql: &'static str| count(&app.db.pool, sql);
+    let before = (
+        rows("SELECT count(*) FROM ledger_entries").await,
+        rows("SELECT count(*) FROM ledger_transactions").await,
+        rows("SELECT count(*) FROM ledger_accounts").await,
+        rows("SELECT count(*) FROM audit_log").await,
+    );
+    assert!(
+        before.0 > 0 && before.1 > 0 && before.2 > 0 && before.3 > 0,
+        "{before:?}"
+    );
+    for (sql, table) in [
+        (
+            "UPDATE ledger_entries SET amount_minor = amount_minor + 1",
+            "ledger_entries",
+        ),
+        ("DELETE FROM ledger_entries", "ledger_entries"),
+        ("TRUNCATE ledger_entries", "ledger_entries"),
+        (
+            "UPDATE ledger_transactions SET description = 'edited'",
+            "ledger_transactions",
+        ),
+        ("DELETE FROM ledger_transactions", "ledger_transactions"),
+        // CASCADE, so that no foreign key refuses it first.
+        ("TRUNCATE ledger_transactions CASCADE", "ledger_"),
+        (
+            "UPDATE ledger_accounts SET kind = 'payouts' WHERE kind = 'commission'",
+            "ledger_accounts",
+        ),
+        ("DELETE FROM audit_log", "audit_log"),
+    ] {
+        let error = refused(app, sql).await;
+        assert!(
+            error.contains("append-only") && error.contains(table),
+            "{sql}: {error}"
+        );
+    }
+    let after = (
+        rows("SELECT count(*) FROM ledger_entries").await,
+        rows("SELECT count(*) FROM ledger_transactions").await,
+        rows("SELECT count(*) FROM ledger_accounts").await,
+        rows("SELECT count(*) FROM audit_log").await,
+    );
+    assert_eq!(after, before);
+    assert_eq!(
+        ledger_balance(app, "commission", None).await,
+        900 + 300 - 426
+    );
+    market.close().await;
+}
+
+/// Runs `sql` in a transaction of its own, rolled back whatever happens;
+/// returns the database's refusal (and fails if there is none).
+async fn refused(app: &common::App, sql: &'static str) -> String {
+    let mut tx = app.db.pool.begin().await.unwrap();
+    let result = sqlx::query(sql).execute(&mut *tx).await;
+    tx.rollback().await.unwrap();
+    match result {
+        Ok(done) => panic!("{sql} went through ({} rows)", done.rows_affected()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn earnings_stay_pending_for_the_whole_hold_then_become_available() {
+    // Short enough to wait out, long enough for many 200 ms sweeps inside it.
+    const HOLD: Duration = Duration::from_secs(5);
+    let market = Market::open_with_hold(HOLD).await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
+    posted(app, "earning:%", 1).await;
+
+    // A second of sweeps (five or so) goes by: the earning is still held.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (released, left): (bool, f64) = sqlx::query_as(
+        "SELECT released_at IS NOT NULL, extract(epoch FROM available_at - now())::float8
+           FROM seller_earnings",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        left > 0.0,
+        "the hold ran out before it was checked ({left} s)"
+    );
+    assert!(!released, "released {left} s before its hold ends");
+    let balance = json_of(
+        call(app, &oak.seller, Method::GET, "/seller/balance", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (
+            balance["pending_minor"].as_i64(),
+            balance["available_minor"].as_i64()
+        ),
+        (Some(4549), Some(0)),
+        "{balance}"
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM ledger_transactions WHERE kind = 'release'"
+        )
+        .await,
+        0
+    );
+
+    // Once the hold is over the sweep releases it, by itself.
+    wait_until("the earning released", PIPELINE_WAIT, || async {
+        ledger_balance(app, "seller_available", Some("oak")).await == 4549
+    })
+    .await;
+    assert_eq!(ledger_balance(app, "seller_pending", Some("oak")).await, 0);
+    // The hold was the configured one, counted from the delivery (at the
+    // latest from the earning's posting), and the release came after it.
+    let (from_delivery, from_earning, after_hold): (f64, f64, bool) = sqlx::query_as(
+        "SELECT extract(epoch FROM e.available_at - so.delivered_at)::float8,
+                extract(epoch FROM e.available_at - t.created_at)::float8,
+                r.created_at >= e.available_at AND e.released_at >= e.available_at
+           FROM seller_earnings e
+           JOIN seller_orders so ON so.id = e.seller_order_id
+           JOIN ledger_transactions t ON t.reference = 'earning:' || e.seller_order_id
+           JOIN ledger_transactions r ON r.reference = 'release:' || e.seller_order_id",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let hold = HOLD.as_secs_f64();
+    assert!(
+        from_delivery >= hold - 0.001 && from_earning <= hold + 0.001,
+        "held for {from_delivery} s after delivery, {from_earning} s after posting"
+    );
+    assert!(after_hold, "released before the hold was over");
+    assert_ledger_balances(app).await;
     market.close().await;
 }
 
