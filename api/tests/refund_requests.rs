@@ -335,6 +335,127 @@ async fn an_admin_can_overturn_a_sellers_rejection_with_a_reason() {
     market.close().await;
 }
 
+/// After a seller's rejection the customer may ask again; if the seller
+/// approves the second request, an admin overturning the first must not
+/// refund (or restock) the same units twice.
+#[tokio::test]
+async fn a_line_is_refunded_once_however_its_requests_are_decided() {
+    let market = Market::open().await;
+    let Market {
+        app,
+        stripe,
+        oak,
+        tea,
+        ..
+    } = &market;
+    let root = token_for(app, &admin(app).await).await;
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
+    let board = line(&paid, "Walnut board");
+    let path = format!("/orders/{}/refund-requests", id(&paid));
+    let ask = json!({"line_id": board["id"], "reason": "arrived cracked"});
+    let first = json_of(
+        call(app, &buyer.token, Method::POST, &path, ask.clone()).await,
+        StatusCode::CREATED,
+    )
+    .await;
+
+    // Another shop's seller sees none of oak's requests.
+    for (token, total) in [(&oak.seller, 1), (&tea.seller, 0)] {
+        let listed = json_of(
+            call(
+                app,
+                token,
+                Method::GET,
+                "/seller/refund-requests",
+                json!({}),
+            )
+            .await,
+            StatusCode::OK,
+        )
+        .await;
+        assert_eq!(listed["total"], total, "{listed}");
+    }
+
+    let reject = format!("/seller/refund-requests/{}/reject", id(&first));
+    json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::POST,
+            &reject,
+            json!({"reason": "left whole"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let second = json_of(
+        call(app, &buyer.token, Method::POST, &path, ask).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let approve = format!("/seller/refund-requests/{}/approve", id(&second));
+    json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::POST,
+            &approve,
+            json!({"restock": true}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let (on_hand, _) = stock(app, &oak.variant).await;
+
+    let step_in = format!("/admin/refund-requests/{}/approve", id(&first));
+    let overturn = json!({"restock": true, "note": "the carrier's photos show the crack"});
+    let refused = problem(
+        call(app, &root, Method::POST, &step_in, overturn).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&refused), ["quantity"]);
+    let mine = json_of(
+        call(app, &buyer.token, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    let statuses: Vec<_> = mine
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (id(r), r["status"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(
+        statuses.contains(&(id(&first), "rejected".into())),
+        "{mine}"
+    );
+    assert!(
+        statuses.contains(&(id(&second), "approved".into())),
+        "{mine}"
+    );
+
+    let intent: String = sqlx::query_scalar("SELECT payment_intent_id FROM orders")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    wait_until("the refund at Stripe", PIPELINE_WAIT, || async {
+        stripe.refunds_of(&intent).await.len() == 1
+    })
+    .await;
+    posted(app, "refund:%", 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(stripe.refunds_of(&intent).await.len(), 1);
+    assert_eq!(refund_postings(app).await, 1);
+    assert_eq!(stock(app, &oak.variant).await.0, on_hand);
+    assert_ledger_balances(app).await;
+    market.close().await;
+}
+
 #[tokio::test]
 async fn a_seller_cancel_after_a_partial_refund_gives_back_only_the_rest() {
     let market = Market::open().await;

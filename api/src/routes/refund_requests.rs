@@ -617,15 +617,22 @@ async fn decide(
         .bind(order)
         .execute(&mut *tx)
         .await?;
-    let (status, decided_role, amount, quantity, line, title): (
+    // `units_left`: the line's units not yet refunded by another approved
+    // request. A customer may ask again after a seller's rejection, so an
+    // admin overturning that rejection must not refund the same units twice.
+    let (status, decided_role, amount, quantity, variant, title, units, units_left): (
         String,
         Option<String>,
         i64,
         i32,
         Uuid,
         String,
+        i32,
+        i64,
     ) = sqlx::query_as(
-        "SELECT rr.status, rr.decided_role, rr.amount_minor, rr.quantity, rr.order_line_id, l.title
+        "SELECT rr.status, rr.decided_role, rr.amount_minor, rr.quantity, l.variant_id, l.title, l.quantity,
+                l.quantity - (SELECT coalesce(sum(o.quantity), 0) FROM refund_requests o
+                               WHERE o.order_line_id = rr.order_line_id AND o.status = 'approved' AND o.id <> rr.id)
            FROM refund_requests rr JOIN order_lines l ON l.id = rr.order_line_id
           WHERE rr.id = $1 FOR NO KEY UPDATE OF rr",
     )
@@ -659,6 +666,15 @@ async fn decide(
         (None, reason) => reason.map(str::to_string),
     };
     if let Some(approval) = approval {
+        if i64::from(quantity) > units_left {
+            return Err(ApiError::Conflict(FieldError::new(
+                "quantity",
+                format!(
+                    "{} of {units} units of this line are left to refund; another request already refunded the rest",
+                    units_left.max(0)
+                ),
+            )));
+        }
         let payment = refunds::order_payment(&mut tx, order)
             .await?
             .ok_or_else(|| anyhow::anyhow!("a shipped order {order} without a payment"))?;
@@ -680,18 +696,13 @@ async fn decide(
                 })?,
         );
         if approval.restock {
-            let variant: Uuid =
-                sqlx::query_scalar("SELECT variant_id FROM order_lines WHERE id = $1")
-                    .bind(line)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            let units = [Units {
+            let returned = [Units {
                 variant_id: variant,
                 quantity,
             }];
             inventory::restock(
                 &mut tx,
-                &units,
+                &returned,
                 &format!("returned: refund request {id}"),
                 corr,
             )
@@ -840,7 +851,7 @@ pub async fn seller_reject(
     responses(
         (status = 200, description = "approved; the refund follows within seconds", body = RefundRequest),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "already approved or decided by an admin, or more than is left of what was paid", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already approved or decided by an admin, the line's units already refunded by another request, or more than is left of what was paid", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "no note (the admin's reason)", body = Problem, content_type = "application/problem+json"),
     )
 )]
