@@ -9,8 +9,8 @@ use common::{
     catalog::{call, json_of},
     fields,
     orders::{
-        Market, assert_ledger_balances, checkout_and_pay, deliver, end_holds, mails_about, part_of,
-        posted, seller_email,
+        Customer, Market, assert_ledger_balances, checkout_and_pay, deliver, end_holds,
+        ledger_balance, mails_about, part_of, posted, seller_email,
     },
     problem, token_for,
 };
@@ -41,8 +41,9 @@ async fn balance(app: &App, seller: &str) -> Value {
 }
 
 /// Oak sells two boards, delivers them and waits out the hold: 9000 + 499
-/// shipping less 900 commission is available (8599).
-async fn earned(market: &Market) {
+/// shipping less 900 commission is available (8599). Returns the buyer and
+/// the paid order.
+async fn earned(market: &Market) -> (Customer, Value) {
     let Market {
         app, stripe, oak, ..
     } = market;
@@ -64,6 +65,22 @@ async fn earned(market: &Market) {
         StatusCode::OK,
     )
     .await;
+    (buyer, paid)
+}
+
+/// The seller's balance as (pending, available, withdrawing).
+async fn balances(app: &App, seller: &str) -> (i64, i64, i64) {
+    let b = balance(app, seller).await;
+    let minor = |field: &str| {
+        b[field]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{field} in {b}"))
+    };
+    (
+        minor("pending_minor"),
+        minor("available_minor"),
+        minor("withdrawing_minor"),
+    )
 }
 
 #[tokio::test]
@@ -238,17 +255,114 @@ async fn two_concurrent_withdrawals_never_take_more_than_the_balance() {
 async fn an_admin_pays_or_turns_down_a_withdrawal_and_the_seller_is_told() {
     let market = Market::open().await;
     earned(&market).await;
-    let Market { app, oak, tea, .. } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let Market {
+        app,
+        stripe,
+        oak,
+        tea,
+        ..
+    } = &market;
+    let root_email = admin(app).await;
+    let root = token_for(app, &root_email).await;
     let oak_email = seller_email(app, "oak").await;
+    // A board more, delivered and still held: oak has money pending too.
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let held = checkout_and_pay(app, stripe, &buyer.token).await;
+    deliver(app, &oak.seller, &part_of(&held, "oak")).await;
+    posted(app, "earning:%", 2).await;
 
     let w = json_of(
-        withdraw(app, &oak.seller, 5000, None).await,
+        withdraw(app, &oak.seller, 5000, Some("oak-tab")).await,
         StatusCode::CREATED,
     )
     .await;
     let id = w["id"].as_str().unwrap();
+    // The admins hear that money waits on their decision, by mail and in-app.
+    let to_admin = mails_about(&root_email, "asks to withdraw", 1).await;
+    assert!(to_admin[0].text.contains(id), "{}", to_admin[0].text);
+    let notices = json_of(
+        call(app, &root, Method::GET, "/me/notifications", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert!(
+        notices.to_string().contains("withdrawal_requested"),
+        "{notices}"
+    );
+
+    // While oak has money in all three balances, entries and an open
+    // withdrawal, tea sees none of it: its balance, ledger and withdrawals
+    // are its own.
+    assert_eq!(balances(app, &oak.seller).await, (4549, 3599, 5000));
+    assert_eq!(balances(app, &tea.seller).await, (0, 0, 0));
+    let ledger_of = |seller: &str| {
+        let seller = seller.to_string();
+        async move {
+            json_of(
+                call(app, &seller, Method::GET, "/seller/ledger", json!({})).await,
+                StatusCode::OK,
+            )
+            .await
+        }
+    };
+    let oak_ledger = ledger_of(&oak.seller).await;
+    assert_eq!(
+        oak_ledger["total"], 6,
+        "earning, release (two legs), earning, hold (two legs): {oak_ledger}"
+    );
+    let tea_ledger = ledger_of(&tea.seller).await;
+    assert_eq!(tea_ledger["total"], 0, "{tea_ledger}");
+    assert_eq!(tea_ledger["items"], json!([]));
+    let withdrawals_of = |seller: &str| {
+        let seller = seller.to_string();
+        async move {
+            json_of(
+                call(app, &seller, Method::GET, "/seller/withdrawals", json!({})).await,
+                StatusCode::OK,
+            )
+            .await
+        }
+    };
+    assert_eq!(withdrawals_of(&oak.seller).await["total"], 1);
+    let tea_list = withdrawals_of(&tea.seller).await;
+    assert_eq!(tea_list["total"], 0, "{tea_list}");
+    assert_eq!(tea_list["items"], json!([]));
+    // Tea's withdrawals are checked against tea's balance (nothing), and
+    // oak's Idempotency-Key and amount, sent by tea, are tea's own request,
+    // never oak's withdrawal answered back.
+    let details = json!({"holder_name": "Tea Shop", "iban": "GB82WEST12345698765432"});
+    json_of(
+        call(
+            app,
+            &tea.seller,
+            Method::PUT,
+            "/seller/payout-details",
+            details,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    for key in [None, Some("oak-tab")] {
+        let amount = if key.is_some() { 5000 } else { 1000 };
+        let refused = withdraw(app, &tea.seller, amount, key).await;
+        let refused = problem(refused, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(fields(&refused), ["amount_minor"], "{refused}");
+        assert!(!refused.to_string().contains(id), "{refused}");
+    }
+    // There is no seller route to one withdrawal; the admin's is closed to sellers.
+    for path in ["/admin/withdrawals", &format!("/admin/withdrawals/{id}")] {
+        problem(
+            call(app, &tea.seller, Method::GET, path, json!({})).await,
+            StatusCode::FORBIDDEN,
+        )
+        .await;
+    }
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM withdrawals").await,
+        1
+    );
+
     let queue = json_of(
         call(
             app,
@@ -334,71 +448,136 @@ async fn an_admin_pays_or_turns_down_a_withdrawal_and_the_seller_is_told() {
     )
     .await;
     assert_eq!(paid["status"], "paid");
-    let after = balance(app, &oak.seller).await;
     assert_eq!(
-        (
-            after["available_minor"].as_i64(),
-            after["withdrawing_minor"].as_i64()
-        ),
-        (Some(0), Some(0))
+        balances(app, &oak.seller).await,
+        (4549, 0, 0),
+        "paid out; the second board still held"
     );
     mails_about(&oak_email, "paid", 1).await;
-    let history = json_of(
+    let history = withdrawals_of(&oak.seller).await;
+    assert_eq!(history["total"], 2);
+    assert_eq!(history["items"][0]["iban_last4"], "3000");
+    // Still nothing of oak's shows to tea.
+    assert_eq!(balances(app, &tea.seller).await, (0, 0, 0));
+    assert_eq!(ledger_of(&tea.seller).await["total"], 0);
+    assert_eq!(withdrawals_of(&tea.seller).await["total"], 0);
+    assert_ledger_balances(app).await;
+    market.close().await;
+}
+
+#[tokio::test]
+async fn a_refund_after_a_payout_leaves_the_balance_negative_until_later_earnings_net_it() {
+    let market = Market::open().await;
+    let (buyer, paid) = earned(&market).await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+
+    // Oak takes out everything it has (8599), and it is paid.
+    let w = json_of(
+        withdraw(app, &oak.seller, 8599, None).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let path = format!("/admin/withdrawals/{}/approve", w["id"].as_str().unwrap());
+    let body = json!({"reason": "sent by SEPA"});
+    json_of(
+        call(app, &root, Method::POST, &path, body).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(balances(app, &oak.seller).await, (0, 0, 0));
+
+    // Then one board comes back: 4500 shared like the earning (8599 : 900,
+    // largest remainder) takes 4074 from oak's available balance, which has
+    // nothing left, and 426 from the commission.
+    let line = paid["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["title"] == "Walnut board")
+        .unwrap();
+    let path = format!("/orders/{}/refund-requests", paid["id"].as_str().unwrap());
+    let body = json!({"line_id": line["id"], "quantity": 1, "reason": "arrived cracked"});
+    let request = json_of(
+        call(app, &buyer.token, Method::POST, &path, body).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(request["amount_minor"], 4500);
+    let path = format!(
+        "/seller/refund-requests/{}/approve",
+        request["id"].as_str().unwrap()
+    );
+    json_of(
         call(
             app,
             &oak.seller,
-            Method::GET,
-            "/seller/withdrawals",
-            json!({}),
+            Method::POST,
+            &path,
+            json!({"restock": true}),
         )
         .await,
         StatusCode::OK,
     )
     .await;
-    assert_eq!(history["total"], 2);
-    assert_eq!(history["items"][0]["iban_last4"], "3000");
-
-    // Another seller sees none of it: its balance, ledger and withdrawals are its own.
-    let tea_balance = balance(app, &tea.seller).await;
+    posted(app, "refund:%", 1).await;
+    assert_eq!(balances(app, &oak.seller).await, (0, -4074, 0));
     assert_eq!(
-        (
-            tea_balance["available_minor"].as_i64(),
-            tea_balance["pending_minor"].as_i64()
-        ),
-        (Some(0), Some(0))
+        ledger_balance(app, "seller_available", Some("oak")).await,
+        -4074
     );
-    let tea_ledger = json_of(
-        call(app, &tea.seller, Method::GET, "/seller/ledger", json!({})).await,
-        StatusCode::OK,
-    )
-    .await;
-    assert_eq!(tea_ledger["total"], 0);
-    let oak_ledger = json_of(
-        call(app, &oak.seller, Method::GET, "/seller/ledger", json!({})).await,
-        StatusCode::OK,
-    )
-    .await;
-    assert!(oak_ledger["total"].as_i64().unwrap() >= 5);
-    let tea_list = json_of(
-        call(
-            app,
-            &tea.seller,
-            Method::GET,
-            "/seller/withdrawals",
-            json!({}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
-    assert_eq!(tea_list["total"], 0);
-    for path in ["/admin/withdrawals", &format!("/admin/withdrawals/{id}")] {
-        problem(
-            call(app, &tea.seller, Method::GET, path, json!({})).await,
-            StatusCode::FORBIDDEN,
+    assert_eq!(ledger_balance(app, "commission", None).await, 900 - 426);
+
+    // Below zero, nothing can be withdrawn: not the minimum, not less.
+    for amount in [WITHDRAWAL_MIN_MINOR, WITHDRAWAL_MIN_MINOR - 1, 1] {
+        let refused = problem(
+            withdraw(app, &oak.seller, amount, None).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
         )
         .await;
+        assert_eq!(fields(&refused), ["amount_minor"], "{amount}: {refused}");
     }
+
+    // Two more boards delivered: while they are held, pending money does
+    // not make up for it ...
+    let again = market.shopper(&[(oak, 2)]).await;
+    let again = checkout_and_pay(app, stripe, &again.token).await;
+    deliver(app, &oak.seller, &part_of(&again, "oak")).await;
+    posted(app, "earning:%", 2).await;
+    assert_eq!(balances(app, &oak.seller).await, (8599, -4074, 0));
+    let refused = problem(
+        withdraw(app, &oak.seller, WITHDRAWAL_MIN_MINOR, None).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&refused), ["amount_minor"]);
+    // ... once released they net the debt: 8599 - 4074 = 4525 available.
+    end_holds(app).await;
+    assert_eq!(balances(app, &oak.seller).await, (0, 4525, 0));
+    assert_eq!(
+        ledger_balance(app, "seller_available", Some("oak")).await,
+        4525
+    );
+    let too_big = problem(
+        withdraw(app, &oak.seller, 4526, None).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&too_big), ["amount_minor"]);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM withdrawals").await,
+        1,
+        "only the first one was ever made"
+    );
+    json_of(
+        withdraw(app, &oak.seller, 4525, None).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(balances(app, &oak.seller).await, (0, 0, 4525));
     assert_ledger_balances(app).await;
     market.close().await;
 }

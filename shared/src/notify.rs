@@ -44,12 +44,39 @@ pub async fn in_app(
 /// Adds an in-app notification of `kind` for every admin (something needs
 /// a person: a flagged payment, a refund Stripe refused).
 pub async fn admins(conn: &mut PgConnection, kind: &str, data: &Value) -> Result<(), sqlx::Error> {
-    let admins: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM users WHERE role = 'admin' AND suspended_at IS NULL")
-            .fetch_all(&mut *conn)
-            .await?;
-    for admin in admins {
+    for (admin, _, _) in active_admins(conn).await? {
         in_app(conn, admin, kind, data).await?;
     }
     Ok(())
+}
+
+/// As [`admins`], and a mail `template` to each (`data` with the admin's
+/// `name`): for what waits on an admin's decision, which an in-app notice
+/// alone would leave unseen until someone opens the console.
+pub async fn admins_by_mail(
+    conn: &mut PgConnection,
+    kind: &str,
+    template: &str,
+    data: &Value,
+    correlation_id: &str,
+) -> Result<(), sqlx::Error> {
+    for (admin, address, name) in active_admins(conn).await? {
+        in_app(conn, admin, kind, data).await?;
+        let mut mail = data.clone();
+        if let Value::Object(fields) = &mut mail {
+            fields.insert("name".into(), Value::String(name));
+        }
+        email(conn, &address, template, mail, correlation_id).await?;
+    }
+    Ok(())
+}
+
+async fn active_admins(
+    conn: &mut PgConnection,
+) -> Result<Vec<(Uuid, String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, email, name FROM users WHERE role = 'admin' AND suspended_at IS NULL",
+    )
+    .fetch_all(&mut *conn)
+    .await
 }

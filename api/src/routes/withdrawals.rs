@@ -363,7 +363,7 @@ pub async fn request(
     postings::withdrawal(&mut tx, id, WithdrawalStep::Hold)
         .await
         .map_err(anyhow::Error::from)?;
-    tell_seller(
+    let shop_name = tell_seller(
         &mut tx,
         &withdrawal,
         shop,
@@ -371,10 +371,17 @@ pub async fn request(
         &request_id.0,
     )
     .await?;
-    notify::admins(
+    // Money waits on an admin's decision: they hear of it by mail too.
+    let data = json!({
+        "withdrawal_id": id, "shop_id": shop, "shop": shop_name,
+        "amount_minor": withdrawal.amount_minor, "currency": withdrawal.currency,
+    });
+    notify::admins_by_mail(
         &mut tx,
         "withdrawal_requested",
-        &json!({ "withdrawal_id": id, "shop_id": shop }),
+        "admin_withdrawal_requested",
+        &data,
+        &request_id.0,
     )
     .await?;
     state.commit_with_messages(tx).await?;
@@ -387,7 +394,7 @@ async fn tell_seller(
     shop: Uuid,
     template: &str,
     corr: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<String, sqlx::Error> {
     let (email, name, shop_name, owner): (String, String, String, Uuid) = sqlx::query_as(
         "SELECT u.email, u.name, s.name, u.id FROM shops s JOIN users u ON u.id = s.owner_id WHERE s.id = $1",
     )
@@ -399,7 +406,8 @@ async fn tell_seller(
         "currency": w.currency, "iban_last4": w.iban_last4, "reason": w.decision_reason,
     });
     notify::in_app(conn, owner, template, &data).await?;
-    notify::email(conn, &email, template, data, corr).await
+    notify::email(conn, &email, template, data, corr).await?;
+    Ok(shop_name)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

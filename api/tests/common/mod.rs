@@ -513,3 +513,44 @@ impl Pipeline {
         }
     }
 }
+
+impl Pipeline {
+    /// Starts a settlement process that holds earnings for `hold` (instead
+    /// of [`SETTLEMENT_HOLD`]), for tests that wait a hold out for real.
+    pub fn run_settlement_holding(&mut self, app: &App, hold: Duration) {
+        let config = SettlementConfig {
+            hold,
+            release_poll: Duration::from_millis(200),
+        };
+        let pool = app.db.pool.clone();
+        let sweep =
+            settlement::sweep_releases(pool.clone(), config.release_poll, self.shutdown.clone());
+        self.tasks.push(tokio::spawn(sweep));
+        let prefix = self.prefix.clone();
+        self.run(&prefix, pool, Settlement { config });
+    }
+}
+
+impl orders::Market {
+    /// [`orders::Market::open`], but its only settlement process holds
+    /// earnings for `hold`.
+    pub async fn open_with_hold(hold: Duration) -> Self {
+        let app = spawn_app(&amqp_url()).await;
+        let stripe = orders::stripe_for(&app).await;
+        let workers = Workers {
+            settlement: false,
+            ..Workers::ALL
+        };
+        let mut pipeline = Pipeline::with(&app, &amqp_url(), Some(&stripe), workers);
+        pipeline.run_settlement_holding(&app, hold);
+        let oak = orders::listing(&app, "oak", "Walnut board", 4500, 5).await;
+        let tea = orders::listing(&app, "tea", "Teapot", 3000, 5).await;
+        Self {
+            app,
+            stripe,
+            pipeline,
+            oak,
+            tea,
+        }
+    }
+}

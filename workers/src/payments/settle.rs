@@ -377,10 +377,23 @@ pub async fn refund_answered(
                 order.id,
                 "refund_failed",
                 Some("refund_failed"),
-                extra,
+                extra.clone(),
                 corr,
             )
             .await?;
+            // The seller whose part it was hears too: the customer may come
+            // to them, and nothing has left their balance.
+            if let Some(part) = r.seller_order_id {
+                notices::to_seller(
+                    tx,
+                    part,
+                    "seller_refund_failed",
+                    "refund_failed",
+                    extra,
+                    corr,
+                )
+                .await?;
+            }
             return Ok(());
         }
     };
