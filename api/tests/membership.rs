@@ -16,7 +16,7 @@ use common::{
     fields,
     orders::{Market, add_to_cart, checkout, customer, mails_about, pay, wait_for},
     problem,
-    recurring::{applied, plan, poll, saved_card, stripe_event},
+    recurring::{applied, notifications, plan, poll, saved_card, stripe_event},
     token_for,
 };
 
@@ -162,6 +162,26 @@ async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_on
     // A member: 10% off and free shipping, in the cart and in the order.
     add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
     assert_eq!(cart_benefit(&m, &buyer.token).await, (450, true));
+    // Still "active" but past its paid period by more than the three days'
+    // grace (the ending's webhook lost): no benefit; inside the grace, it holds.
+    let period_end = |ago: &'static str| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE memberships SET current_period_end = now() - interval '{ago}'"
+            )))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    period_end("4 days").await;
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
+    assert_eq!(membership(&m, &buyer.token).await["benefits_active"], false);
+    period_end("2 days").await;
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (450, true));
+    assert_eq!(membership(&m, &buyer.token).await["benefits_active"], true);
+    period_end("-30 days").await;
     let placed = checkout(app, &buyer.token).await;
     let id = placed["id"].as_str().unwrap();
     let member_order = wait_for(app, &buyer.token, id, "awaiting_payment").await;
@@ -305,6 +325,124 @@ async fn a_declined_first_payment_leaves_the_membership_without_benefits() {
     )
     .await;
     wait_status(&m, &buyer.token, "active").await;
+    m.close().await;
+}
+
+#[tokio::test]
+async fn signed_subscription_and_invoice_webhooks_alone_move_a_membership_through_its_states() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let admin = token_for(app, &admin(app).await).await;
+    let plus = plan(
+        app,
+        &admin,
+        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month",
+               "free_shipping": true, "percent_off": 10}),
+    )
+    .await;
+    let buyer = customer(app).await;
+    let card = saved_card(&m, &buyer.token, CARD_OK).await;
+    add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
+
+    // A membership whose subscription Stripe has made (its id is known)
+    // but whose status nothing has said yet. It is written as the API
+    // would, without the message that asks the payments worker to
+    // subscribe: nothing calls Stripe for it, so only the webhooks below
+    // can move it.
+    let id = Uuid::now_v7();
+    let subscription = format!("sub_{}", id.simple());
+    sqlx::query(
+        "INSERT INTO memberships (id, user_id, plan_id, payment_method_id, stripe_subscription_id)
+         VALUES ($1, $2, $3::uuid, $4::uuid, $5)",
+    )
+    .bind(id)
+    .bind(buyer.id)
+    .bind(plus["id"].as_str().unwrap())
+    .bind(&card)
+    .bind(&subscription)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let requested = membership(&m, &buyer.token).await;
+    assert_eq!(requested["id"], id.to_string());
+    assert_eq!(requested["status"], "requested", "nothing moved it yet");
+    let t = now() + 60;
+
+    // The first invoice fails: incomplete, no benefit.
+    let first = json!({"id": format!("in_{}", id.simple()), "object": "invoice",
+                       "subscription": subscription, "billing_reason": "subscription_create",
+                       "status": "open"});
+    stripe_event(app, "invoice.payment_failed", first.clone(), t).await;
+    let incomplete = membership(&m, &buyer.token).await;
+    assert_eq!(incomplete["status"], "incomplete", "{incomplete}");
+    assert_eq!(incomplete["benefits_active"], false);
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
+    mails_about(
+        &buyer.email,
+        "Souk Plus membership is waiting for payment",
+        1,
+    )
+    .await;
+
+    // Stripe's subscription update says it is paid now: active.
+    let period_end = t + 30 * 86400;
+    let sub = |status: &str| {
+        json!({"id": subscription, "object": "subscription", "status": status,
+               "cancel_at_period_end": false, "current_period_end": period_end,
+               "metadata": {"membership_id": id}})
+    };
+    stripe_event(app, "customer.subscription.updated", sub("active"), t + 1).await;
+    let active = membership(&m, &buyer.token).await;
+    assert_eq!(active["status"], "active", "{active}");
+    assert_eq!(active["benefits_active"], true);
+    let end: chrono::DateTime<chrono::Utc> = active["current_period_end"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(end.timestamp(), period_end, "{active}");
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (450, true));
+    mails_about(&buyer.email, "Souk Plus membership is active", 1).await;
+
+    // A first-invoice failure delivered after that never takes an active
+    // membership back to incomplete (nor past due).
+    stripe_event(app, "invoice.payment_failed", first, t + 2).await;
+    assert_eq!(membership(&m, &buyer.token).await["status"], "active");
+
+    // The subscription update says a renewal is past due: no benefit. Found
+    // by the subscription's id alone this time (no metadata).
+    let mut overdue = sub("past_due");
+    overdue["metadata"] = json!({});
+    stripe_event(app, "customer.subscription.updated", overdue, t + 3).await;
+    let past_due = membership(&m, &buyer.token).await;
+    assert_eq!(past_due["status"], "past_due", "{past_due}");
+    assert_eq!(past_due["benefits_active"], false);
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
+    mails_about(&buyer.email, "Souk Plus membership payment failed", 1).await;
+
+    // Paid after all: active again.
+    stripe_event(app, "customer.subscription.updated", sub("active"), t + 4).await;
+    assert_eq!(membership(&m, &buyer.token).await["status"], "active");
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (450, true));
+
+    // Each move told the member in the app, in order; the ignored event
+    // told nothing.
+    let told = notifications(app, &buyer.token, "membership_update", 4).await;
+    let moves: Vec<_> = told
+        .iter()
+        .rev()
+        .map(|n| n["data"]["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        moves,
+        ["incomplete", "active", "past_due", "active"],
+        "{told:?}"
+    );
+    assert!(
+        told.iter()
+            .all(|n| n["data"]["membership_id"] == id.to_string())
+    );
     m.close().await;
 }
 

@@ -16,6 +16,7 @@ use souk_shared::{
     contracts::{MembershipCancelRequested, MembershipPlanCreated, MembershipRequested},
     envelope::Envelope,
     membership::MembershipStatus,
+    orders::place::BENEFITS_APPLY,
     outbox,
 };
 use sqlx::PgConnection;
@@ -247,7 +248,8 @@ pub struct Membership {
     pub plan: Plan,
     pub status: MembershipStatus,
     pub payment_method_id: Uuid,
-    /// Whether the plan's benefits apply to orders placed now.
+    /// Whether the plan's benefits apply to orders placed now: active and
+    /// no more than three days past `current_period_end`.
     pub benefits_active: bool,
     /// It ends when the current period does.
     pub cancel_at_period_end: bool,
@@ -291,6 +293,7 @@ async fn read(
         current_period_end: Option<DateTime<Utc>>,
         failure: Option<String>,
         created_at: DateTime<Utc>,
+        benefits_active: bool,
     }
     let (filter, id) = match which {
         Which::Current(user) => ("user_id = $1", user),
@@ -298,8 +301,8 @@ async fn read(
     };
     let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, plan_id, status, payment_method_id, cancel_at_period_end, cancel_requested_at,
-                current_period_end, failure, created_at
-           FROM memberships WHERE {filter}
+                current_period_end, failure, created_at, {BENEFITS_APPLY} AS benefits_active
+           FROM memberships m WHERE {filter}
           ORDER BY status IN ('requested', 'incomplete', 'active', 'past_due') DESC, created_at DESC
           LIMIT 1 {}",
         if lock { "FOR NO KEY UPDATE" } else { "" }
@@ -318,7 +321,7 @@ async fn read(
     Ok(Some(Membership {
         id: row.id,
         plan,
-        benefits_active: status == MembershipStatus::Active,
+        benefits_active: row.benefits_active,
         status,
         payment_method_id: row.payment_method_id,
         cancel_at_period_end: row.cancel_at_period_end,

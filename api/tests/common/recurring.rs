@@ -200,3 +200,25 @@ pub async fn make_due(app: &App, schedule: &str) {
         .await
         .unwrap();
 }
+
+/// The caller's in-app notifications of `kind` (`GET /me/notifications`),
+/// newest first, once there are at least `n`.
+pub async fn notifications(app: &App, token: &str, kind: &str, n: usize) -> Vec<Value> {
+    let of_kind = |page: &Value| -> Vec<Value> {
+        page["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter(|i| i["kind"] == kind)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let page = poll(app, token, "/me/notifications?per_page=100", |page| {
+        of_kind(page).len() >= n
+    })
+    .await;
+    of_kind(&page)
+}

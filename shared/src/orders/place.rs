@@ -149,10 +149,26 @@ pub async fn shipping_address(
     .await
 }
 
-/// The account `$1`'s active membership with its plan, as a join over
-/// `memberships m` and `membership_plans p`: no row if it has none.
-pub const ACTIVE_MEMBERSHIP: &str = "memberships m JOIN membership_plans p
-      ON p.id = m.plan_id AND m.user_id = $1 AND m.status = 'active'";
+/// Whether the membership `m`'s benefits apply now: it is active and inside
+/// its paid period, with three days' grace for the renewal's webhook, so
+/// were `customer.subscription.deleted` lost the benefit still ends when the
+/// period Stripe was paid for does. (A macro, so both constants below are
+/// one literal.)
+macro_rules! benefits_apply {
+    () => {
+        "m.status = 'active' AND (m.current_period_end IS NULL OR m.current_period_end > now() - interval '3 days')"
+    };
+}
+
+/// [`benefits_apply!`] as a boolean column over `memberships m`.
+pub const BENEFITS_APPLY: &str = benefits_apply!();
+
+/// The account `$1`'s membership with its plan while its benefits apply, as
+/// a join over `memberships m` and `membership_plans p`: no row if none.
+pub const ACTIVE_MEMBERSHIP: &str = concat!(
+    "memberships m JOIN membership_plans p ON p.id = m.plan_id AND m.user_id = $1 AND ",
+    benefits_apply!()
+);
 
 /// The benefit's columns over [`ACTIVE_MEMBERSHIP`], for [`Benefit::from_row`].
 pub const BENEFIT_COLUMNS: &str = "m.id, p.free_shipping, p.percent_off";
