@@ -93,12 +93,16 @@ pub async fn earning(
         ],
     };
     let posted = post(conn, posting).await?;
+    // The hold runs from the delivery, not from when this message is handled,
+    // so another copy of the same delivery cannot push the payout back.
     if !posted {
         // Delivered again after an admin moved it back: the hold starts
-        // over from this delivery (the earning itself stands, once).
+        // over from that delivery (the earning itself stands, once).
         sqlx::query(
-            "UPDATE seller_earnings SET available_at = greatest(available_at, now() + make_interval(secs => $2))
-              WHERE seller_order_id = $1 AND released_at IS NULL",
+            "UPDATE seller_earnings e
+                SET available_at = greatest(e.available_at, coalesce(so.delivered_at, now()) + make_interval(secs => $2))
+               FROM seller_orders so
+              WHERE e.seller_order_id = $1 AND so.id = $1 AND e.released_at IS NULL",
         )
         .bind(seller_order)
         .bind(hold.as_secs_f64())
@@ -107,7 +111,8 @@ pub async fn earning(
     } else {
         sqlx::query(
             "INSERT INTO seller_earnings (seller_order_id, shop_id, currency, amount_minor, available_at)
-             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+             SELECT $1, $2, $3, $4, coalesce(so.delivered_at, now()) + make_interval(secs => $5)
+               FROM seller_orders so WHERE so.id = $1",
         )
         .bind(seller_order)
         .bind(part.shop_id)

@@ -206,13 +206,14 @@ async fn succeeded(tx: &mut PgConnection, intent: &Object, corr: &str) -> Result
         tracing::warn!(intent = %intent.id, "a payment for no order of ours");
         return Ok(());
     };
-    let amount = intent.amount.or(order.total_minor).unwrap_or(0);
-    if amount <= 0 {
+    // What Stripe says was paid, never what we expected: an event without it
+    // is parked for an admin rather than taken as the order's total.
+    let Some(amount) = intent.amount.filter(|a| *a > 0) else {
         return Err(Failure::permanent(anyhow::anyhow!(
             "intent {} carries no amount",
             intent.id
         )));
-    }
+    };
     let currency = intent.currency.as_deref();
     settle::payment_succeeded(tx, &order, &intent.id, (amount, currency), corr).await
 }
