@@ -9,8 +9,9 @@ use common::{
     catalog::{call, json_of},
     fields,
     orders::{
-        Market, add_product, add_to_cart, checkout, checkout_request, customer, listing,
-        mails_about, order, pay, post_event, seller_email, stock, stripe_for, wait_for,
+        Market, add_product, add_to_cart, assert_ledger_balances, checkout, checkout_request,
+        customer, ledger_balance, listing, mails_about, order, pay, post_event, posted,
+        seller_email, sent, sent_of, settled_mails, stock, stripe_for, wait_for,
     },
     problem, spawn_app,
 };
@@ -18,6 +19,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use souk_testkit::{
     amqp_url, count,
+    mail::mails_to,
     stripe::{CARD_DECLINED, CARD_OK, LocalStripe, WEBHOOK_SECRET, event, now},
     wait_until,
 };
@@ -132,6 +134,30 @@ async fn the_full_path_pays_a_two_shop_order_once_and_mails_everyone() {
         .await,
         2
     );
+    // Exactly those, once the pipeline is quiet: one receipt, one new-order
+    // mail per seller, each sent once to the sink; no other mail about it.
+    let mails = settled_mails(&app).await;
+    assert_eq!(sent(&mails, &buyer.email, "order_receipt"), 1, "{mails:?}");
+    for slug in ["oak", "tea"] {
+        let to = seller_email(&app, slug).await;
+        assert_eq!(
+            sent(&mails, &to, "seller_new_order"),
+            1,
+            "{slug}: {mails:?}"
+        );
+    }
+    assert_eq!(sent_of(&mails, "order_receipt"), 1, "{mails:?}");
+    assert_eq!(sent_of(&mails, "seller_new_order"), 2, "{mails:?}");
+    let about_orders: Vec<_> = mails
+        .keys()
+        .filter(|(_, template)| template != "verify_email")
+        .collect();
+    assert_eq!(about_orders.len(), 3, "no other mail: {mails:?}");
+    assert_eq!(
+        mails_to(&buyer.email).await.len(),
+        1,
+        "the buyer gets one mail"
+    );
 
     // The timeline so far: placed, reserved, awaiting payment, paid.
     let timeline = json_of(
@@ -155,6 +181,317 @@ async fn the_full_path_pays_a_two_shop_order_once_and_mails_everyone() {
         .collect();
     assert_eq!(steps, ["pending", "reserved", "awaiting_payment", "paid"]);
     pipeline.stop().await;
+}
+
+/// An order of two shops' items whose second line (in the order the
+/// reserver takes variants, by id) is short when the reserver gets to it:
+/// the first line is reserved inside the savepoint, then rolled back, so
+/// the order fails as out of stock with nothing held on either variant.
+#[tokio::test]
+async fn an_order_with_one_short_line_reserves_none_of_its_lines() {
+    let app = spawn_app(&amqp_url()).await;
+    let stripe = stripe_for(&app).await;
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
+    // The reserver takes variants in id order: the teapot is the second
+    // one, so the board is reserved before the teapot is found short.
+    assert!(
+        Uuid::parse_str(&oak.variant).unwrap() < Uuid::parse_str(&tea.variant).unwrap(),
+        "the short variant must be reserved last for this test to mean anything"
+    );
+    let buyer = customer(&app).await;
+    add_to_cart(&app, &buyer.token, &oak.variant, 2).await;
+    add_to_cart(&app, &buyer.token, &tea.variant, 3).await;
+    // Placed while there is stock for both; no pipeline runs yet, so the
+    // order waits in the outbox.
+    let placed = checkout(&app, &buyer.token).await;
+    let order_id = id(&placed);
+    assert_eq!(placed["status"], "pending");
+
+    // The tea shop sells three elsewhere before the reserver sees the order.
+    sqlx::query("UPDATE variants SET on_hand = 2 WHERE id = $1")
+        .bind(Uuid::parse_str(&tea.variant).unwrap())
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let pipeline = Pipeline::checkout(&app, &stripe);
+
+    let failed = wait_for(&app, &buyer.token, &order_id, "out_of_stock").await;
+    assert_eq!(failed["failure_reason"], "only 2 of Teapot (Default) left");
+    assert!(failed["payment"].is_null());
+    let parts = failed["seller_orders"].as_array().unwrap();
+    assert_eq!(parts.len(), 2, "split before the reservation: {failed}");
+    assert!(parts.iter().all(|p| p["status"] == "cancelled"), "{failed}");
+
+    // The customer is told why, once.
+    let mail = mails_about(&buyer.email, "could not complete", 1).await;
+    assert!(
+        mail[0].text.contains("only 2 of Teapot (Default) left"),
+        "{}",
+        mail[0].text
+    );
+    assert!(
+        mail[0].text.contains("not been charged"),
+        "{}",
+        mail[0].text
+    );
+    let mails = settled_mails(&app).await;
+    assert_eq!(sent(&mails, &buyer.email, "order_failed"), 1, "{mails:?}");
+    assert_eq!(mails_to(&buyer.email).await.len(), 1, "{mails:?}");
+    for template in ["order_receipt", "seller_new_order", "low_stock"] {
+        assert_eq!(sent_of(&mails, template), 0, "{template}: {mails:?}");
+    }
+
+    // Nothing held on either variant, nothing sold, nothing charged; checked
+    // once the pipeline is quiet, so a late effect would have shown.
+    assert_eq!(
+        stock(&app, &oak.variant).await,
+        (5, 0),
+        "the board is not held"
+    );
+    assert_eq!(
+        stock(&app, &tea.variant).await,
+        (2, 0),
+        "the teapots are not held"
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM stock_adjustments WHERE reason LIKE 'sold:%'"
+        )
+        .await,
+        0
+    );
+    let (stock_state, reserved_until): (String, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT stock, reserved_until FROM orders WHERE id = $1")
+            .bind(Uuid::parse_str(&order_id).unwrap())
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((stock_state.as_str(), reserved_until), ("none", None));
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM outbox WHERE routing_key = 'stock.reserved'"
+        )
+        .await,
+        0
+    );
+    assert!(
+        stripe.intents_for(&order_id).await.is_empty(),
+        "no PaymentIntent"
+    );
+    let steps: Vec<String> = sqlx::query_scalar(
+        "SELECT to_status FROM order_events WHERE order_id = $1 AND subject = 'order' ORDER BY created_at, id",
+    )
+    .bind(Uuid::parse_str(&order_id).unwrap())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(steps, ["pending", "out_of_stock"]);
+
+    // All the stock is still on sale: another customer buys every unit.
+    let next = customer(&app).await;
+    add_to_cart(&app, &next.token, &oak.variant, 5).await;
+    add_to_cart(&app, &next.token, &tea.variant, 2).await;
+    let second = id(&checkout(&app, &next.token).await);
+    wait_for(&app, &next.token, &second, "awaiting_payment").await;
+    assert_eq!(stock(&app, &oak.variant).await, (5, 5));
+    assert_eq!(stock(&app, &tea.variant).await, (2, 2));
+    pipeline.stop().await;
+}
+
+/// A platform coupon on a two-shop cart, from the cart to the paid order:
+/// the discount shared by the shops in proportion to their items (largest
+/// remainder), every total following from it, one redemption once paid.
+#[tokio::test]
+async fn a_platform_coupon_is_shared_by_the_shops_and_redeemed_once_when_paid() {
+    let market = Market::open().await;
+    let Market {
+        app,
+        stripe,
+        oak,
+        tea,
+        ..
+    } = &market;
+    let root = common::token_for(app, &common::admin(app).await).await;
+    let coupon = json_of(
+        call(
+            app,
+            &root,
+            Method::POST,
+            "/admin/coupons",
+            json!({"code": "SPRING", "amount_off_minor": 1001}),
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let coupon_id = Uuid::parse_str(coupon["id"].as_str().unwrap()).unwrap();
+    // Oak's items 2 × 45.00, tea's 30.00: 120.00 in all.
+    let buyer = market.shopper(&[(oak, 2), (tea, 1)]).await;
+    let cart = json_of(
+        call(
+            app,
+            &buyer.token,
+            Method::PUT,
+            "/cart/coupon",
+            json!({"code": "spring"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(cart["coupon"]["discount_minor"], 1001, "{cart}");
+    assert_eq!(cart["total_minor"], 12000 - 1001);
+
+    let placed = checkout(app, &buyer.token).await;
+    let order_id = id(&placed);
+    assert_eq!(placed["subtotal_minor"], 12000);
+    assert_eq!(placed["discount_minor"], 1001);
+    assert_eq!(placed["coupon_code"], "SPRING");
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM cart_coupons").await,
+        0,
+        "checkout takes the coupon off the cart"
+    );
+    let awaiting = wait_for(app, &buyer.token, &order_id, "awaiting_payment").await;
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM coupon_redemptions").await,
+        0,
+        "not counted before it is paid"
+    );
+    pay(app, stripe, &buyer.token, &order_id, CARD_OK).await;
+    let paid = wait_for(app, &buyer.token, &order_id, "paid").await;
+
+    // 1001 × 9000/12000 = 750.75 and × 3000/12000 = 250.25: oak's larger
+    // remainder takes the unit left over.
+    let (oak_share, tea_share) = (751, 250);
+    let ship = SHIPPING_FLAT_MINOR;
+    let total = 12000 - 1001 + 2 * ship;
+    assert_eq!(awaiting["total_minor"], total, "priced before payment");
+    assert_eq!(paid["total_minor"], total);
+    assert_eq!(paid["discount_minor"], 1001);
+    assert_eq!(paid["shipping_minor"], 2 * ship);
+    let part = |slug: &str| {
+        paid["seller_orders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["shop"]["slug"] == slug)
+            .unwrap_or_else(|| panic!("no {slug} part: {paid}"))
+            .clone()
+    };
+    let (oak_part, tea_part) = (part("oak"), part("tea"));
+    for (p, items, share) in [(&oak_part, 9000, oak_share), (&tea_part, 3000, tea_share)] {
+        assert_eq!(p["status"], "paid");
+        assert_eq!(p["items_minor"], items);
+        assert_eq!(p["discount_minor"], share, "{p}");
+        assert_eq!(p["shipping_minor"], ship);
+        assert_eq!(p["total_minor"], items - share + ship, "{p}");
+    }
+    assert_eq!(
+        oak_part["discount_minor"].as_i64().unwrap() + tea_part["discount_minor"].as_i64().unwrap(),
+        paid["discount_minor"].as_i64().unwrap(),
+        "the shares add up to the order's discount"
+    );
+    assert_eq!(
+        oak_part["total_minor"].as_i64().unwrap() + tea_part["total_minor"].as_i64().unwrap(),
+        total,
+        "the parts add up to what the customer pays"
+    );
+    // Commission on items less the share, rounded down; the seller keeps the rest.
+    let money: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT s.slug, so.discount_minor, so.total_minor, so.commission_minor, so.payout_minor
+           FROM seller_orders so JOIN shops s ON s.id = so.shop_id ORDER BY s.slug",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        money,
+        [
+            (
+                "oak".to_string(),
+                oak_share,
+                9000 - oak_share + ship,
+                824,
+                9000 - oak_share + ship - 824
+            ),
+            (
+                "tea".to_string(),
+                tea_share,
+                3000 - tea_share + ship,
+                275,
+                3000 - tea_share + ship - 275
+            ),
+        ]
+    );
+
+    // Stripe charged the discounted total, once; the ledger took it in.
+    let intents = stripe.intents_for(&order_id).await;
+    assert_eq!(intents.len(), 1);
+    assert_eq!(intents[0]["amount"], total);
+    let charged: i64 = sqlx::query_scalar("SELECT amount_minor FROM payments WHERE order_id = $1")
+        .bind(Uuid::parse_str(&order_id).unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(charged, total);
+    posted(app, "payment:%", 1).await;
+    assert_ledger_balances(app).await;
+    assert_eq!(ledger_balance(app, "customer_funds", None).await, -total);
+
+    // The mails, exactly: the receipt shows the discount; each seller's
+    // new-order mail its own total.
+    let mails = settled_mails(app).await;
+    assert_eq!(sent(&mails, &buyer.email, "order_receipt"), 1, "{mails:?}");
+    assert_eq!(sent_of(&mails, "order_receipt"), 1, "{mails:?}");
+    assert_eq!(sent_of(&mails, "seller_new_order"), 2, "{mails:?}");
+    let receipt = mails_about(&buyer.email, "is paid", 1).await;
+    assert!(
+        receipt[0].subject.contains("119.97 EUR"),
+        "{}",
+        receipt[0].subject
+    );
+    assert!(
+        receipt[0].text.contains("-10.01 EUR"),
+        "{}",
+        receipt[0].text
+    );
+    for (slug, amount) in [("oak", "87.48 EUR"), ("tea", "32.49 EUR")] {
+        let to = seller_email(app, slug).await;
+        assert_eq!(
+            sent(&mails, &to, "seller_new_order"),
+            1,
+            "{slug}: {mails:?}"
+        );
+        let mail = mails_about(&to, "New paid order", 1).await;
+        assert!(
+            mail[0].subject.contains(amount),
+            "{slug}: {}",
+            mail[0].subject
+        );
+    }
+
+    // One use counted, by this customer for this order, however often the
+    // pipeline delivered the payment.
+    let redemptions: Vec<(Uuid, Uuid, Uuid)> =
+        sqlx::query_as("SELECT coupon_id, order_id, user_id FROM coupon_redemptions")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        redemptions,
+        [(coupon_id, Uuid::parse_str(&order_id).unwrap(), buyer.id)]
+    );
+    let uses: i32 = sqlx::query_scalar("SELECT uses FROM coupons WHERE id = $1")
+        .bind(coupon_id)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(uses, 1);
+    market.close().await;
 }
 
 #[tokio::test]
@@ -458,6 +795,19 @@ async fn fifty_checkouts_for_the_last_unit_make_exactly_one_paid_order() {
         let mail = mails_about(&buyers[*i].email, "could not complete", 1).await;
         assert!(mail[0].text.contains("is out of stock"), "{}", mail[0].text);
     }
+    // Each told once: one receipt, one new-order mail, one failure per loser.
+    let mails = settled_mails(&app).await;
+    assert_eq!(sent(&mails, &buyers[*winner].email, "order_receipt"), 1);
+    assert_eq!(sent_of(&mails, "order_receipt"), 1, "{mails:?}");
+    assert_eq!(sent_of(&mails, "seller_new_order"), 1, "{mails:?}");
+    for (i, _) in placed.iter().filter(|(i, _)| i != winner) {
+        assert_eq!(
+            sent(&mails, &buyers[*i].email, "order_failed"),
+            1,
+            "{mails:?}"
+        );
+    }
+    assert_eq!(sent_of(&mails, "order_failed"), n - 1, "{mails:?}");
     pipeline.stop().await;
 }
 
@@ -504,14 +854,13 @@ async fn the_same_webhook_three_times_applies_once() {
         1
     );
     assert_eq!(stock(app, &oak.variant).await, (3, 0), "sold once");
-    assert_eq!(
-        count(
-            &app.db.pool,
-            "SELECT count(*) FROM email_log WHERE template = 'order_receipt'"
-        )
-        .await,
-        1
-    );
+    // Mailed once: the receipt, and the seller's new-order mail.
+    let mails = settled_mails(app).await;
+    assert_eq!(sent(&mails, &buyer.email, "order_receipt"), 1, "{mails:?}");
+    assert_eq!(sent_of(&mails, "order_receipt"), 1, "{mails:?}");
+    let seller = seller_email(app, "oak").await;
+    assert_eq!(sent(&mails, &seller, "seller_new_order"), 1, "{mails:?}");
+    assert_eq!(sent_of(&mails, "seller_new_order"), 1, "{mails:?}");
     market.close().await;
 }
 
@@ -684,6 +1033,9 @@ async fn a_declined_card_can_be_retried_with_another() {
     );
     wait_for(app, &buyer.token, &order_id, "paid").await;
     assert_eq!(stock(app, &oak.variant).await, (4, 0));
+    let mails = settled_mails(app).await;
+    assert_eq!(sent(&mails, &buyer.email, "payment_failed"), 1, "{mails:?}");
+    assert_eq!(sent(&mails, &buyer.email, "order_receipt"), 1, "{mails:?}");
     market.close().await;
 }
 
@@ -719,6 +1071,9 @@ async fn an_unpaid_reservation_expires_releases_stock_and_cancels_the_intent() {
     )
     .await;
     mails_about(&buyer.email, "expired", 1).await;
+    let mails = settled_mails(app).await;
+    assert_eq!(sent(&mails, &buyer.email, "order_failed"), 1, "{mails:?}");
+    assert_eq!(mails_to(&buyer.email).await.len(), 1, "{mails:?}");
     market.close().await;
 }
 

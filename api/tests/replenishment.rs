@@ -5,7 +5,11 @@
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use reqwest::{Method, StatusCode};
@@ -14,7 +18,10 @@ use souk_testkit::{
     bin_path,
     stripe::{CARD_DECLINED, CARD_OK},
 };
-use tokio::process::{Child, Command};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
 use uuid::Uuid;
 
 use common::{
@@ -22,22 +29,111 @@ use common::{
     fields,
     orders::{Market, PIPELINE_WAIT, listing, mails_about, stock, wait_for},
     problem,
-    recurring::{customer_with_card, make_due, replenisher, runs, schedule, schedule_id},
+    recurring::{
+        customer_with_card, make_due, notifications, replenisher, runs, schedule, schedule_id,
+    },
 };
 
-/// A replenisher process, as operators run it.
-fn replenisher_process(m: &Market) -> Child {
-    Command::new(bin_path("replenisher"))
-        .env("DATABASE_URL", &m.app.db.url)
-        .env("AMQP_URL", souk_testkit::amqp_url())
-        .env("AMQP_PREFIX", &m.pipeline.prefix)
-        .env("OPS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .env("REPLENISH_POLL_MS", "50")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the replenisher starts")
+/// A replenisher process, as operators run it, logging JSON to a pipe the
+/// test reads, its database sessions named `name` (`application_name`).
+struct Replenisher {
+    name: String,
+    child: Child,
+    logs: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Replenisher {
+    fn start(m: &Market, name: &str) -> Self {
+        let mut child = Command::new(bin_path("replenisher"))
+            .env(
+                "DATABASE_URL",
+                format!("{}?application_name={name}", m.app.db.url),
+            )
+            .env("AMQP_URL", souk_testkit::amqp_url())
+            .env("AMQP_PREFIX", &m.pipeline.prefix)
+            .env("OPS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "warn,souk_workers=info")
+            .env("LOG_FORMAT", "json")
+            .env("REPLENISH_POLL_MS", "50")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the replenisher starts");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let kept = logs.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(line) = serde_json::from_str::<Value>(&line) {
+                    kept.lock().unwrap().push(line);
+                }
+            }
+        });
+        Self {
+            name: name.to_string(),
+            child,
+            logs,
+        }
+    }
+
+    /// Log lines whose message is `message`.
+    fn logged(&self, message: &str) -> Vec<Value> {
+        let logs = self.logs.lock().unwrap();
+        logs.iter()
+            .filter(|l| l["message"] == message)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until its `/health/ready` (on the port it logged) answers 200.
+    async fn ready(&self) {
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
+        loop {
+            let started = self.logged("started; /metrics and /health/* are up");
+            if let Some(addr) = started.first().and_then(|l| l["ops_addr"].as_str()) {
+                let ready = http.get(format!("http://{addr}/health/ready")).send().await;
+                if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never became ready: {:?}",
+                self.name,
+                self.logs.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The schedules it logged an order placed for.
+    fn placed(&self) -> Vec<String> {
+        self.logged("replenishment order placed")
+            .iter()
+            .map(|l| l["schedule"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// Sessions of this test's database (tests run side by side) waiting on a
+/// lock in a statement starting with `statement`, by `application_name`.
+async fn waiting_in(m: &Market, statement: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'
+            AND starts_with(query, $1)
+          ORDER BY application_name",
+    )
+    .bind(statement)
+    .fetch_all(&m.app.db.pool)
+    .await
+    .unwrap()
 }
 
 /// A schedule of `items` (variant, quantity), weekly, first due in a day.
@@ -95,25 +191,50 @@ async fn next_run_at(m: &Market, schedule: &str) -> DateTime<Utc> {
 
 #[tokio::test]
 async fn two_replenishers_and_a_restart_make_exactly_one_order_per_due_time() {
+    const SCHEDULES: usize = 10;
     let m = Market::open().await;
     let app = &m.app;
     let rice = listing(app, "rice", "Basmati rice", 500, 100).await;
     let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
     let mut ids = vec![];
-    for _ in 0..8 {
+    for _ in 0..SCHEDULES {
         let rice = weekly(&address, &card, &[(&rice.variant, 1)], "skip");
         ids.push(schedule_id(app, &buyer.token, rice).await);
     }
 
-    // Two replenishers, every schedule due at once.
-    let mut a = replenisher_process(&m);
-    let mut b = replenisher_process(&m);
+    // Two replenishers, both up before anything is due.
+    let mut a = Replenisher::start(&m, "replenisher-a");
+    let mut b = Replenisher::start(&m, "replenisher-b");
+    a.ready().await;
+    b.ready().await;
+    // Every schedule due at once, with the customer's row held (the
+    // order's key refers to it): whichever claims a schedule first is held
+    // at its order's insert with that schedule locked, so the other must
+    // claim another. Neither can take every schedule in one poll.
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+        .bind(buyer.id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
     sqlx::query("UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second'")
         .execute(&app.db.pool)
         .await
         .unwrap();
+    souk_testkit::wait_until(
+        "both replenishers to be mid-run at once",
+        PIPELINE_WAIT,
+        || async { waiting_in(&m, "WITH placed AS").await == ["replenisher-a", "replenisher-b"] },
+    )
+    .await;
+    holder.rollback().await.unwrap();
     for id in &ids {
-        let got = wait_run(&m, id, 1, "placed").await;
+        wait_run(&m, id, 1, "placed").await;
+    }
+    // Let both poll a while more before counting.
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    for id in &ids {
+        let got = runs(app, id).await;
         assert_eq!(got.len(), 1, "one run per due time: {got:?}");
         let orders = orders_of(&m, id).await;
         assert_eq!(orders.len(), 1, "one order per due time: {orders:?}");
@@ -121,13 +242,27 @@ async fn two_replenishers_and_a_restart_make_exactly_one_order_per_due_time() {
         assert_eq!(order["replenishment_schedule_id"], id.as_str());
         assert!(next_run_at(&m, id).await > Utc::now() + chrono::Duration::days(6));
     }
+    // Both placed orders, and between them each schedule's exactly once.
+    let (by_a, by_b) = (a.placed(), b.placed());
+    assert!(
+        !by_a.is_empty() && !by_b.is_empty(),
+        "both placed runs: a {by_a:?}, b {by_b:?}"
+    );
+    let mut placed = [by_a, by_b].concat();
+    placed.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(
+        placed, expected,
+        "each schedule placed once, by one of them"
+    );
     assert_eq!(
         stock(app, &rice.variant).await,
-        (92, 0),
-        "8 sold, nothing left held"
+        (100 - SCHEDULES as i32, 0),
+        "{SCHEDULES} sold, nothing left held"
     );
-    a.kill().await.unwrap();
-    b.kill().await.unwrap();
+    a.kill().await;
+    b.kill().await;
 
     // A replenisher killed mid-run: it is held at its order's insert (the
     // test locks the customer's row, which the order's key refers to).
@@ -140,21 +275,16 @@ async fn two_replenishers_and_a_restart_make_exactly_one_order_per_due_time() {
         .unwrap();
     make_due(app, target).await;
     let due = next_run_at(&m, target).await;
-    let mut victim = replenisher_process(&m);
+    let mut victim = Replenisher::start(&m, "replenisher-victim");
     souk_testkit::wait_until("the replenisher to be mid-run", PIPELINE_WAIT, || async {
-        souk_testkit::count(
-            &app.db.pool,
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH placed AS%'",
-        )
-        .await
-            > 0
+        waiting_in(&m, "WITH placed AS").await == ["replenisher-victim"]
     })
     .await;
-    victim.kill().await.unwrap();
+    victim.kill().await;
     holder.rollback().await.unwrap();
 
     // Nothing of the killed run stayed; a new replenisher makes it once.
-    let _fresh = replenisher_process(&m);
+    let _fresh = Replenisher::start(&m, "replenisher-fresh");
     let got = wait_run(&m, target, 2, "placed").await;
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(
@@ -210,6 +340,40 @@ async fn a_declined_off_session_payment_notifies_the_customer_and_follows_the_sc
         "{}",
         gave_up[0].text
     );
+    // And in the app: each attempt's outcome, newest first.
+    let told = notifications(app, &retrying.token, "replenishment_failed", 2).await;
+    let seen: Vec<_> = told
+        .iter()
+        .map(|n| {
+            let d = &n["data"];
+            (
+                d["schedule_id"].as_str(),
+                d["reason"].as_str(),
+                d["outcome"].as_str(),
+                d["attempt"].as_i64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                Some(retry.as_str()),
+                Some("payment_declined"),
+                Some("failed"),
+                Some(2)
+            ),
+            (
+                Some(retry.as_str()),
+                Some("payment_declined"),
+                Some("retrying"),
+                Some(1)
+            ),
+        ],
+        "{told:?}"
+    );
+    assert!(told[1]["data"]["retry_at"].is_string(), "{told:?}");
+    assert!(told[0]["data"]["retry_at"].is_null(), "{told:?}");
 
     // Skip: declined once, that delivery skipped, the next one stands.
     let got = wait_run(&m, &skip, 1, "skipped").await;
@@ -223,6 +387,23 @@ async fn a_declined_off_session_payment_notifies_the_customer_and_follows_the_sc
     let skipped = mails_about(&skipping.email, "scheduled order was not placed", 1).await;
     assert!(skipped[0].text.contains("skipped"), "{}", skipped[0].text);
     assert!(next_run_at(&m, &skip).await > Utc::now() + chrono::Duration::days(6));
+    let told = notifications(app, &skipping.token, "replenishment_failed", 1).await;
+    assert_eq!(told.len(), 1, "{told:?}");
+    let d = &told[0]["data"];
+    assert_eq!(
+        (
+            d["schedule_id"].as_str(),
+            d["reason"].as_str(),
+            d["outcome"].as_str()
+        ),
+        (
+            Some(skip.as_str()),
+            Some("payment_declined"),
+            Some("skipped")
+        ),
+        "{d}"
+    );
+    assert!(d["next_run_at"].is_string(), "{d}");
     // Nor can it be re-timed to run again at once.
     let again = call(
         app,
@@ -327,6 +508,171 @@ async fn an_out_of_stock_item_or_a_price_beyond_the_limit_notifies_and_follows_t
         told.iter().any(|m| m.text.contains("now costs 3400")),
         "{told:?}"
     );
+    m.close().await;
+}
+
+#[tokio::test]
+async fn an_item_sold_out_after_its_order_was_placed_notifies_the_customer_and_follows_the_policy()
+{
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (retrying, retry_card, retry_address) = customer_with_card(&m, CARD_OK).await;
+    let (skipping, skip_card, skip_address) = customer_with_card(&m, CARD_OK).await;
+    let retry = weekly(&retry_address, &retry_card, &[(&m.oak.variant, 2)], "retry");
+    let retry = schedule_id(app, &retrying.token, retry).await;
+    let skip = weekly(&skip_address, &skip_card, &[(&m.tea.variant, 2)], "skip");
+    let skip = schedule_id(app, &skipping.token, skip).await;
+    // Retries come an hour later (the test brings one forward).
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_secs(3600), 3));
+
+    // A sale elsewhere holds both variants' rows: the orders are placed
+    // (their lines' keys only share the rows) and the reserver waits.
+    let variants: Vec<Uuid> = [&m.oak.variant, &m.tea.variant]
+        .iter()
+        .map(|v| Uuid::parse_str(v).unwrap())
+        .collect();
+    let mut sale = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM variants WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(&variants)
+        .execute(&mut *sale)
+        .await
+        .unwrap();
+    make_due(app, &retry).await;
+    make_due(app, &skip).await;
+    wait_run(&m, &retry, 1, "placed").await;
+    wait_run(&m, &skip, 1, "placed").await;
+    assert_eq!(orders_of(&m, &retry).await.len(), 1);
+    assert_eq!(orders_of(&m, &skip).await.len(), 1);
+    souk_testkit::wait_until(
+        "the reserver to wait for the stock",
+        PIPELINE_WAIT,
+        || async { !waiting_in(&m, "SELECT 1 FROM variants").await.is_empty() },
+    )
+    .await;
+    // That sale takes the stock: 1 board left of the 2 wanted, no teapot.
+    sqlx::query(
+        "UPDATE variants SET on_hand = CASE WHEN id = $1 THEN 1 ELSE 0 END WHERE id = ANY($2)",
+    )
+    .bind(variants[0])
+    .bind(&variants)
+    .execute(&mut *sale)
+    .await
+    .unwrap();
+    sale.commit().await.unwrap();
+
+    // Retry: the order is out of stock, the run waits for its retry.
+    let got = wait_run(&m, &retry, 1, "retrying").await;
+    assert_eq!((got[0].2, got[0].3.as_deref()), (1, Some("out_of_stock")));
+    let (first, status) = orders_of(&m, &retry).await.remove(0);
+    assert_eq!(status, "out_of_stock");
+    let order = wait_for(app, &retrying.token, &first.to_string(), "out_of_stock").await;
+    assert!(
+        order["failure_reason"]
+            .as_str()
+            .unwrap()
+            .contains("only 1 of Walnut board"),
+        "{order}"
+    );
+    let retry_at: DateTime<Utc> =
+        sqlx::query_scalar("SELECT retry_at FROM replenishment_runs WHERE schedule_id = $1::uuid")
+            .bind(&retry)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(
+        retry_at > Utc::now() + chrono::Duration::minutes(50)
+            && retry_at < Utc::now() + chrono::Duration::minutes(61),
+        "retried after the hour asked: {retry_at}"
+    );
+    assert!(next_run_at(&m, &retry).await > Utc::now() + chrono::Duration::days(6));
+    let delayed = mails_about(&retrying.email, "scheduled order is delayed", 1).await;
+    assert!(
+        delayed[0].text.contains("only 1 of Walnut board"),
+        "{}",
+        delayed[0].text
+    );
+    assert!(delayed[0].text.contains("try again"), "{}", delayed[0].text);
+    let told = notifications(app, &retrying.token, "replenishment_failed", 1).await;
+    let d = &told[0]["data"];
+    assert_eq!(
+        (
+            d["schedule_id"].as_str(),
+            d["reason"].as_str(),
+            d["outcome"].as_str(),
+            d["attempt"].as_i64()
+        ),
+        (
+            Some(retry.as_str()),
+            Some("out_of_stock"),
+            Some("retrying"),
+            Some(1)
+        ),
+        "{d}"
+    );
+    let told_at: DateTime<Utc> = d["retry_at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        (told_at - retry_at).abs() < chrono::Duration::milliseconds(1),
+        "told the retry's time: {d}"
+    );
+
+    // Skip: the run is skipped, the next due time stands.
+    let got = wait_run(&m, &skip, 1, "skipped").await;
+    assert_eq!((got[0].2, got[0].3.as_deref()), (1, Some("out_of_stock")));
+    let orders = orders_of(&m, &skip).await;
+    assert_eq!(orders.len(), 1);
+    assert_eq!(orders[0].1, "out_of_stock");
+    assert!(next_run_at(&m, &skip).await > Utc::now() + chrono::Duration::days(6));
+    let skipped = mails_about(&skipping.email, "scheduled order was not placed", 1).await;
+    assert!(skipped[0].text.contains("Teapot"), "{}", skipped[0].text);
+    assert!(skipped[0].text.contains("skipped"), "{}", skipped[0].text);
+    let told = notifications(app, &skipping.token, "replenishment_failed", 1).await;
+    let d = &told[0]["data"];
+    assert_eq!(
+        (
+            d["schedule_id"].as_str(),
+            d["reason"].as_str(),
+            d["outcome"].as_str()
+        ),
+        (Some(skip.as_str()), Some("out_of_stock"), Some("skipped")),
+        "{d}"
+    );
+    // Nothing was held for either.
+    assert_eq!(stock(app, &m.oak.variant).await, (1, 0));
+    assert_eq!(stock(app, &m.tea.variant).await, (0, 0));
+
+    // Restocked and the retry's time come: a second order, paid.
+    let restock = call(
+        app,
+        &m.oak.seller,
+        Method::POST,
+        &format!("/seller/variants/{}/stock-adjustments", m.oak.variant),
+        json!({"delta": 5, "reason": "delivery"}),
+    )
+    .await;
+    assert!(restock.status().is_success());
+    sqlx::query(
+        "UPDATE replenishment_runs SET retry_at = now() - interval '1 second' WHERE schedule_id = $1::uuid",
+    )
+    .bind(&retry)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let got = wait_run(&m, &retry, 1, "placed").await;
+    assert_eq!(
+        (got.len(), got[0].2),
+        (1, 2),
+        "placed on its retry: {got:?}"
+    );
+    let orders = orders_of(&m, &retry).await;
+    assert_eq!(orders.len(), 2, "{orders:?}");
+    assert_eq!(orders[0], (first, "out_of_stock".to_string()));
+    let paid = wait_for(app, &retrying.token, &orders[1].0.to_string(), "paid").await;
+    assert_eq!(paid["total_minor"], 2 * 4500 + 499);
+    // The skipped one stays skipped.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(runs(app, &skip).await.len(), 1);
+    assert_eq!(orders_of(&m, &skip).await.len(), 1);
     m.close().await;
 }
 

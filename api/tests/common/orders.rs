@@ -397,3 +397,103 @@ pub async fn end_holds(app: &App) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// How long the pipeline must stay unchanged before [`settled_mails`]
+/// counts: longer than a retry's first delay, so a duplicate would show.
+pub const QUIET: Duration = Duration::from_millis(1500);
+
+/// The mails the pipeline sent, counted by (recipient, template) from
+/// `email_log`, once it has gone quiet: every outbox row published, every
+/// mail asked for (`notify.email`) sent and logged, and nothing new written
+/// for [`QUIET`]. So a duplicate mail (a second request or a second send)
+/// has had its chance to appear, and the counts can be asserted exactly.
+///
+/// Also checks the SMTP sink against the log: each recipient got exactly
+/// the mails logged for it, subject by subject (a second SMTP send of one
+/// logged message would show there, not in the log).
+pub async fn settled_mails(app: &App) -> std::collections::BTreeMap<(String, String), i64> {
+    let snapshot = || async {
+        let row: (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox),
+                    (SELECT count(*) FROM outbox WHERE published_at IS NULL),
+                    (SELECT count(*) FROM outbox o WHERE o.routing_key = 'notify.email'
+                        AND NOT EXISTS (SELECT 1 FROM email_log l WHERE l.message_id = o.id)),
+                    (SELECT count(*) FROM email_log)",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        row
+    };
+    let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
+    let mut last = snapshot().await;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = snapshot().await;
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if now.1 == 0 && now.2 == 0 && since.elapsed() >= QUIET {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pipeline never went quiet: (outbox, unpublished, mails not sent, sent) = {now:?}"
+        );
+    }
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT recipient, template, subject FROM email_log")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    // The sink, read once: per recipient, the subjects it received.
+    let sink: Vec<Mail> = reqwest::get(format!("{}/api/email", souk_testkit::mail::maildev_url()))
+        .await
+        .expect("maildev answers")
+        .json()
+        .await
+        .expect("maildev's /email is a JSON list");
+    let mut by_recipient: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (to, _, subject) in &rows {
+        by_recipient
+            .entry(to.to_lowercase())
+            .or_default()
+            .push(subject.clone());
+    }
+    for (to, mut logged) in by_recipient {
+        let mut received: Vec<String> = sink
+            .iter()
+            .filter(|m| m.to.iter().any(|a| a.address.eq_ignore_ascii_case(&to)))
+            .map(|m| m.subject.clone())
+            .collect();
+        logged.sort();
+        received.sort();
+        assert_eq!(received, logged, "mails received by {to} vs logged");
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for (to, template, _) in rows {
+        *counts.entry((to, template)).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// How many of `mails` (from [`settled_mails`]) went to `to` from `template`.
+pub fn sent(
+    mails: &std::collections::BTreeMap<(String, String), i64>,
+    to: &str,
+    template: &str,
+) -> i64 {
+    mails
+        .get(&(to.to_string(), template.to_string()))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// How many of `mails` (from [`settled_mails`]) came from `template`, to anyone.
+pub fn sent_of(mails: &std::collections::BTreeMap<(String, String), i64>, template: &str) -> i64 {
+    mails
+        .iter()
+        .filter(|((_, t), _)| t == template)
+        .map(|(_, n)| n)
+        .sum()
+}
