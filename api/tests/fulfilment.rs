@@ -17,6 +17,8 @@ use common::{
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use souk_testkit::{count, stripe::CARD_OK, wait_until};
+use std::time::Duration;
+use uuid::Uuid;
 
 fn id(v: &Value) -> String {
     v["id"].as_str().unwrap().to_string()
@@ -736,6 +738,316 @@ async fn a_shops_terms_set_its_shipping_and_commission() {
             part["commission_minor"].as_i64()
         ),
         (Some(550), Some(247))
+    );
+    market.close().await;
+}
+
+/// A count about one order (`$1`).
+async fn of_order(app: &App, sql: &'static str, order: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(Uuid::parse_str(order).unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// The mails `to` was sent from `template` (the mailer logs each send once).
+async fn mails(app: &App, to: &str, template: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM email_log WHERE recipient = $1 AND template = $2")
+        .bind(to)
+        .bind(template)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Every mail `to` was sent, whatever the template.
+async fn all_mails(app: &App, to: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM email_log WHERE recipient = $1")
+        .bind(to)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Waits until the pipeline has gone quiet: every outbox row published,
+/// every mail asked for sent and logged, no refund still waiting for
+/// Stripe, and nothing new written or consumed for a while (longer than a
+/// retry's first delay), so a duplicate effect has had its chance to show.
+async fn settle(app: &App) {
+    const QUIET: Duration = Duration::from_millis(1500);
+    let snapshot = || async {
+        let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox),
+                    (SELECT count(*) FROM outbox WHERE published_at IS NULL),
+                    (SELECT count(*) FROM outbox o WHERE o.routing_key = 'notify.email'
+                        AND NOT EXISTS (SELECT 1 FROM email_log l WHERE l.message_id = o.id)),
+                    (SELECT count(*) FROM email_log),
+                    (SELECT count(*) FROM processed_messages),
+                    (SELECT count(*) FROM refunds WHERE status = 'requested')",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        row
+    };
+    let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
+    let mut last = snapshot().await;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = snapshot().await;
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if now.1 == 0 && now.2 == 0 && now.5 == 0 && since.elapsed() >= QUIET {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pipeline never went quiet: (outbox, unpublished, mails unsent, mails, processed, refunds asked) = {now:?}"
+        );
+    }
+}
+
+async fn intent_of(app: &App, order: &str) -> String {
+    sqlx::query_scalar("SELECT payment_intent_id FROM orders WHERE id = $1")
+        .bind(Uuid::parse_str(order).unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// The seller-order steps of the order's timeline, as `to_status by actor_role`.
+async fn steps(app: &App, token: &str, order: &str) -> Vec<String> {
+    let timeline = json_of(
+        call(
+            app,
+            token,
+            Method::GET,
+            &format!("/orders/{order}/tracking"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    timeline
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject"] == "seller_order")
+        .map(|e| {
+            format!(
+                "{} by {}",
+                e["to_status"].as_str().unwrap(),
+                e["actor_role"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_customer_cancelling_while_the_seller_prepares_it_is_refunded_once_but_not_once_shipped()
+{
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 2).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let (order_id, oak_part) = (id(&paid), part(&paid, "oak"));
+    let total = paid["total_minor"].as_i64().unwrap();
+    assert_eq!(stock(app, &oak.variant).await, (3, 0), "sold");
+    let processing = json_of(
+        set_status(app, &oak.seller, &oak_part, json!({"status": "processing"})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(processing["status"], "processing");
+
+    // Still allowed: nothing has shipped.
+    let path = format!("/orders/{order_id}/cancel");
+    let cancelled = json_of(
+        call(
+            app,
+            &buyer.token,
+            Method::POST,
+            &path,
+            json!({"reason": "ordered the wrong size"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(cancelled["status"], "cancelled");
+    let refunded = wait_for(app, &buyer.token, &order_id, "refunded").await;
+    settle(app).await;
+    let after = order(app, &buyer.token, &order_id).await;
+    assert_eq!(after["status"], "refunded", "{refunded}");
+    assert_eq!(after["refunded_minor"], total);
+    assert_eq!(after["seller_orders"][0]["status"], "refunded");
+    assert_eq!(after["seller_orders"][0]["refunded_minor"], total);
+    // The money reached Stripe once, in full.
+    let intent = intent_of(app, &order_id).await;
+    let refunds = stripe.refunds_of(&intent).await;
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0]["amount"], total);
+    let recorded = "SELECT count(*) FROM refunds WHERE order_id = $1";
+    assert_eq!(of_order(app, recorded, &order_id).await, 1);
+    // Both units back on the shelf, once.
+    assert_eq!(stock(app, &oak.variant).await, (5, 0));
+    let returned = "SELECT count(*) FROM stock_adjustments WHERE reason = 'returned: order ' || $1::text || ' cancelled'";
+    assert_eq!(of_order(app, returned, &order_id).await, 1);
+    assert_eq!(
+        steps(app, &buyer.token, &order_id).await,
+        [
+            "paid by system",
+            "processing by seller",
+            "cancelled by customer",
+            "refunded by system"
+        ]
+    );
+    // The seller is told not to ship it; the customer of the refund, once.
+    let seller = seller_email(app, "oak").await;
+    assert_eq!(mails(app, &seller, "seller_order_cancelled").await, 1);
+    assert_eq!(mails(app, &buyer.email, "order_cancelled").await, 1);
+    assert_eq!(mails(app, &buyer.email, "refund_issued").await, 1);
+    // Nor can the seller go on with it.
+    let ship = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM9"});
+    let ship = set_status(app, &oak.seller, &oak_part, ship).await;
+    assert_eq!(
+        fields(&problem(ship, StatusCode::CONFLICT).await),
+        ["status"]
+    );
+
+    // Once shipped, a cancel is refused, naming the status, and changes nothing.
+    let other = customer(app).await;
+    add_to_cart(app, &other.token, &oak.variant, 1).await;
+    let paid = checkout_and_pay(app, stripe, &other.token).await;
+    let (other_order, other_part) = (id(&paid), part(&paid, "oak"));
+    let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM10"});
+    json_of(
+        set_status(app, &oak.seller, &other_part, shipped).await,
+        StatusCode::OK,
+    )
+    .await;
+    let path = format!("/orders/{other_order}/cancel");
+    let late = problem(
+        call(app, &other.token, Method::POST, &path, json!({})).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&late), ["status"], "{late}");
+    assert!(
+        late["errors"][0]["message"]
+            .as_str()
+            .or(late["detail"].as_str())
+            .is_some_and(|m| m.contains("shipped")),
+        "{late}"
+    );
+    settle(app).await;
+    let still = order(app, &other.token, &other_order).await;
+    assert_eq!(still["status"], "paid");
+    assert_eq!(still["refunded_minor"], 0);
+    assert_eq!(still["seller_orders"][0]["status"], "shipped");
+    let other_intent = intent_of(app, &other_order).await;
+    assert!(stripe.refunds_of(&other_intent).await.is_empty());
+    assert_eq!(of_order(app, recorded, &other_order).await, 0);
+    let cancels = "SELECT count(*) FROM outbox WHERE routing_key = 'order.cancelled'
+                    AND envelope #>> '{payload,order_id}' = $1::text";
+    assert_eq!(of_order(app, cancels, &other_order).await, 0);
+    assert_eq!(stock(app, &oak.variant).await, (4, 0), "still sold");
+    assert_eq!(mails(app, &other.email, "order_cancelled").await, 0);
+    market.close().await;
+}
+
+#[tokio::test]
+async fn the_customer_is_mailed_when_the_seller_starts_and_when_an_admin_corrects_the_status() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let (order_id, oak_part) = (id(&paid), part(&paid, "oak"));
+
+    json_of(
+        set_status(app, &oak.seller, &oak_part, json!({"status": "processing"})).await,
+        StatusCode::OK,
+    )
+    .await;
+    let mail = mails_about(&buyer.email, "Your order from Shop: processing", 1).await;
+    assert!(
+        mail[0].text.contains("is preparing its part of your order")
+            && mail[0].text.contains(&order_id),
+        "{}",
+        mail[0].text
+    );
+    let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM77"});
+    json_of(
+        set_status(app, &oak.seller, &oak_part, shipped).await,
+        StatusCode::OK,
+    )
+    .await;
+    mails_about(&buyer.email, "on its way", 1).await;
+
+    // Marked shipped by mistake (the parcel never left): an admin puts it
+    // back to processing, and the customer hears of it.
+    let body =
+        json!({"status": "processing", "reason": "marked shipped by mistake; still being packed"});
+    let corrected = json_of(
+        call(
+            app,
+            &root,
+            Method::POST,
+            &format!("/admin/seller-orders/{oak_part}/status"),
+            body,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(corrected["status"], "processing");
+    let mail = mails_about(&buyer.email, "Your order from Shop: processing", 2).await;
+    assert!(
+        mail.iter()
+            .all(|m| m.text.contains("is preparing its part of your order")),
+        "{mail:?}"
+    );
+
+    // Exactly one mail per step: the receipt, processing, shipped, the
+    // correction; nothing twice, nothing else.
+    settle(app).await;
+    assert_eq!(mails(app, &buyer.email, "order_receipt").await, 1);
+    assert_eq!(mails(app, &buyer.email, "order_update").await, 3);
+    assert_eq!(all_mails(app, &buyer.email).await, 4);
+    let subjects: Vec<String> = sqlx::query_scalar(
+        "SELECT subject FROM email_log WHERE recipient = $1 AND template = 'order_update' ORDER BY sent_at",
+    )
+    .bind(&buyer.email)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        subjects,
+        [
+            "Your order from Shop: processing",
+            "Your order from Shop is on its way",
+            "Your order from Shop: processing",
+        ]
+    );
+    assert_eq!(
+        steps(app, &buyer.token, &order_id).await,
+        [
+            "paid by system",
+            "processing by seller",
+            "shipped by seller",
+            "processing by admin"
+        ]
     );
     market.close().await;
 }

@@ -3,6 +3,9 @@
 //! cancel racing a payment. Stripe is localstripe; where a case needs an
 //! event at a moment localstripe would not send it, the test holds the
 //! webhooks back and posts localstripe's own event later, signed.
+//! Also: an unpaid order cancelled (its intent cancelled at Stripe), a
+//! cancel fired together with its payment's webhook, and one webhook event
+//! posted three times at once.
 
 mod common;
 
@@ -22,6 +25,7 @@ use souk_testkit::{
     stripe::{CARD_OK, LocalStripe, WEBHOOK_SECRET, now},
     wait_until,
 };
+use std::time::Duration;
 use uuid::Uuid;
 
 fn id(order: &Value) -> String {
@@ -355,5 +359,337 @@ async fn a_cancel_racing_a_payment_ends_with_one_of_them_undone() {
         .await,
         2
     );
+    pipeline.stop().await;
+}
+
+/// A count about one order (`$1`).
+async fn of_order(app: &App, sql: &'static str, order: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(Uuid::parse_str(order).unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// The mails `to` was sent from `template` (the mailer logs each send once).
+async fn mails(app: &App, to: &str, template: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM email_log WHERE recipient = $1 AND template = $2")
+        .bind(to)
+        .bind(template)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Waits until the pipeline has gone quiet: every outbox row published,
+/// every mail asked for sent and logged, no refund still waiting for
+/// Stripe, and nothing new written or consumed for a while (longer than a
+/// retry's first delay), so a duplicate effect has had its chance to show.
+async fn settle(app: &App) {
+    const QUIET: Duration = Duration::from_millis(1500);
+    let snapshot = || async {
+        let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox),
+                    (SELECT count(*) FROM outbox WHERE published_at IS NULL),
+                    (SELECT count(*) FROM outbox o WHERE o.routing_key = 'notify.email'
+                        AND NOT EXISTS (SELECT 1 FROM email_log l WHERE l.message_id = o.id)),
+                    (SELECT count(*) FROM email_log),
+                    (SELECT count(*) FROM processed_messages),
+                    (SELECT count(*) FROM refunds WHERE status = 'requested')",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        row
+    };
+    let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
+    let mut last = snapshot().await;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = snapshot().await;
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if now.1 == 0 && now.2 == 0 && now.5 == 0 && since.elapsed() >= QUIET {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pipeline never went quiet: (outbox, unpublished, mails unsent, mails, processed, refunds asked) = {now:?}"
+        );
+    }
+}
+
+/// The event localstripe made when `intent` was charged, once it has.
+async fn charged_event_soon(stripe: &LocalStripe, intent: &str) -> Value {
+    wait_until("localstripe's payment event", PIPELINE_WAIT, || async {
+        stripe
+            .events("payment_intent.succeeded")
+            .await
+            .iter()
+            .any(|e| e["data"]["object"]["id"] == intent)
+    })
+    .await;
+    charged_event(stripe, intent).await
+}
+
+async fn cancel_order(app: &App, token: &str, order: &str) -> reqwest::Response {
+    call(
+        app,
+        token,
+        Method::POST,
+        &format!("/orders/{order}/cancel"),
+        json!({"reason": "changed my mind"}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn cancelling_an_unpaid_order_releases_its_stock_and_cancels_its_intent() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 2).await;
+    let order_id = id(&checkout(app, &buyer.token).await);
+    let awaiting = wait_for(app, &buyer.token, &order_id, "awaiting_payment").await;
+    let intent = awaiting["payment"]["payment_intent_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        stripe.intent(&intent).await["status"],
+        "requires_payment_method"
+    );
+    assert_eq!(stock(app, &oak.variant).await, (5, 2), "held for the order");
+
+    let cancelled = json_of(
+        cancel_order(app, &buyer.token, &order_id).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(cancelled["status"], "cancelled");
+    assert!(
+        cancelled["payment"].is_null(),
+        "no client secret for a cancelled order: {cancelled}"
+    );
+    wait_until("the intent cancelled at Stripe", PIPELINE_WAIT, || async {
+        stripe.intent(&intent).await["status"] == "canceled"
+    })
+    .await;
+    wait_until("the stock released", PIPELINE_WAIT, || async {
+        stock(app, &oak.variant).await == (5, 0)
+    })
+    .await;
+    // The storefront's Stripe.js can no longer charge it.
+    assert!(stripe.pay(&intent, CARD_OK).await.is_err());
+
+    settle(app).await;
+    let after = order(app, &buyer.token, &order_id).await;
+    assert_eq!(after["status"], "cancelled");
+    assert_eq!(after["refunded_minor"], 0);
+    assert!(
+        after["seller_orders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "cancelled"),
+        "{after}"
+    );
+    assert_eq!(stock(app, &oak.variant).await, (5, 0));
+    assert_eq!(
+        stripe.intents_for(&order_id).await.len(),
+        1,
+        "no new intent"
+    );
+    let payments = "SELECT count(*) FROM payments WHERE order_id = $1";
+    assert_eq!(of_order(app, payments, &order_id).await, 0);
+    let refunds = "SELECT count(*) FROM refunds WHERE order_id = $1";
+    assert_eq!(of_order(app, refunds, &order_id).await, 0);
+    assert_eq!(mails(app, &buyer.email, "order_cancelled").await, 1);
+    assert_eq!(mails(app, &buyer.email, "order_receipt").await, 0);
+    market.close().await;
+}
+
+/// An awaiting-payment order whose card was charged at Stripe; the
+/// customer's cancel and the signed `payment_intent.succeeded` are fired
+/// together (the cancel `delay` after the webhook, to cover both orders of
+/// arrival at the worker). Whichever wins, exactly one coherent outcome:
+/// the money comes back once, in full, and the stock is exactly as before.
+#[tokio::test]
+async fn a_cancel_and_its_payment_webhook_fired_together_end_in_one_coherent_outcome() {
+    let app = spawn_app(&amqp_url()).await;
+    let stripe = LocalStripe::start().await; // webhooks held back
+    let pipeline = Pipeline::checkout(&app, &stripe);
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let mut outcomes = vec![];
+    for delay_ms in [0, 0, 5, 15, 30, 60, 120] {
+        let buyer = customer(&app).await;
+        add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
+        let order_id = id(&checkout(&app, &buyer.token).await);
+        let intent = pay(&app, &stripe, &buyer.token, &order_id, CARD_OK).await;
+        let event = charged_event_soon(&stripe, &intent).await;
+        assert_eq!(stock(&app, &oak.variant).await, (5, 1));
+
+        let (cancelled, hook) = tokio::join!(
+            async {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                cancel_order(&app, &buyer.token, &order_id).await
+            },
+            post_event(&app, &event, WEBHOOK_SECRET, now()),
+        );
+        // A paid order not yet shipped may be cancelled too: the cancel is
+        // accepted whichever came first.
+        let cancelled = json_of(cancelled, StatusCode::OK).await;
+        assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+        assert_eq!(json_of(hook, StatusCode::OK).await["stored"], true);
+
+        let done = wait_for(&app, &buyer.token, &order_id, "refunded").await;
+        settle(&app).await;
+        let done_now = order(&app, &buyer.token, &order_id).await;
+        assert_eq!(done_now["status"], "refunded", "stays refunded: {done_now}");
+        let total = done["total_minor"].as_i64().unwrap();
+        assert_eq!(done_now["refunded_minor"], total);
+
+        // Money: charged once, given back once, in full.
+        let intent_now = stripe.intent(&intent).await;
+        assert_eq!(intent_now["status"], "succeeded", "the charge stands");
+        let refunds = stripe.refunds_of(&intent).await;
+        assert_eq!(refunds.len(), 1, "one refund at Stripe: {refunds:?}");
+        assert_eq!(refunds[0]["amount"], total);
+        let recorded = "SELECT count(*) FROM refunds WHERE order_id = $1 AND status = 'succeeded'";
+        assert_eq!(of_order(&app, recorded, &order_id).await, 1);
+        let all_refunds = "SELECT count(*) FROM refunds WHERE order_id = $1";
+        assert_eq!(of_order(&app, all_refunds, &order_id).await, 1);
+        let payments = "SELECT count(*) FROM payments WHERE order_id = $1 AND NOT duplicate";
+        assert_eq!(of_order(&app, payments, &order_id).await, 1);
+        let flagged = "SELECT count(*) FROM payments WHERE order_id = $1 AND duplicate";
+        assert_eq!(of_order(&app, flagged, &order_id).await, 0);
+        assert_eq!(stripe.intents_for(&order_id).await.len(), 1);
+
+        // Stock: exactly as before the order, nothing held.
+        assert_eq!(stock(&app, &oak.variant).await, (5, 0));
+
+        // Which one won, and everything else agrees with it.
+        let paid_first = of_order(
+            &app,
+            "SELECT count(*) FROM order_events WHERE order_id = $1 AND subject = 'order' AND to_status = 'paid'",
+            &order_id,
+        )
+        .await
+            == 1;
+        let sold = of_order(
+            &app,
+            "SELECT count(*) FROM stock_adjustments WHERE reason = 'sold: order ' || $1::text",
+            &order_id,
+        )
+        .await;
+        let part = done_now["seller_orders"][0]["status"].clone();
+        if paid_first {
+            // Paid, then cancelled: the sale was made and undone.
+            assert_eq!(sold, 1, "sold once");
+            assert_eq!(part, "refunded", "{done_now}");
+            assert_eq!(mails(&app, &buyer.email, "order_receipt").await, 1);
+            assert_eq!(mails(&app, &buyer.email, "order_failed").await, 0);
+        } else {
+            // Cancelled first: the late payment never sold anything.
+            assert_eq!(sold, 0, "never sold");
+            assert_eq!(part, "cancelled", "{done_now}");
+            assert_eq!(mails(&app, &buyer.email, "order_receipt").await, 0);
+            assert_eq!(mails(&app, &buyer.email, "order_failed").await, 1);
+        }
+        assert_eq!(mails(&app, &buyer.email, "order_cancelled").await, 1);
+        assert_eq!(mails(&app, &buyer.email, "refund_issued").await, 1);
+        outcomes.push((delay_ms, paid_first));
+    }
+    eprintln!("(cancel delay ms, paid before the cancel): {outcomes:?}");
+    common::orders::assert_ledger_balances(&app).await;
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn one_webhook_event_posted_three_times_at_once_pays_the_order_once() {
+    let app = spawn_app(&amqp_url()).await;
+    let stripe = LocalStripe::start().await; // webhooks held back
+    let pipeline = Pipeline::checkout(&app, &stripe);
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let buyer = customer(&app).await;
+    add_to_cart(&app, &buyer.token, &oak.variant, 2).await;
+    let order_id = id(&checkout(&app, &buyer.token).await);
+    let intent = pay(&app, &stripe, &buyer.token, &order_id, CARD_OK).await;
+    let event = charged_event_soon(&stripe, &intent).await;
+    // Nothing has told Souk yet.
+    assert_eq!(
+        order(&app, &buyer.token, &order_id).await["status"],
+        "awaiting_payment"
+    );
+
+    let t = now();
+    let (a, b, c) = tokio::join!(
+        post_event(&app, &event, WEBHOOK_SECRET, t),
+        post_event(&app, &event, WEBHOOK_SECRET, t),
+        post_event(&app, &event, WEBHOOK_SECRET, t),
+    );
+    let mut stored = vec![];
+    for resp in [a, b, c] {
+        stored.push(
+            json_of(resp, StatusCode::OK).await["stored"]
+                .as_bool()
+                .unwrap(),
+        );
+    }
+    stored.sort();
+    assert_eq!(stored, [false, false, true], "stored once");
+
+    wait_for(&app, &buyer.token, &order_id, "paid").await;
+    settle(&app).await;
+    let event_id = event["id"].as_str().unwrap();
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM stripe_events WHERE id = $1")
+        .bind(event_id)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM outbox WHERE routing_key = 'stripe.event'"
+        )
+        .await,
+        1,
+        "announced once"
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM processed_messages WHERE consumer = 'stripe-events'"
+        )
+        .await,
+        1,
+        "applied once"
+    );
+    let payments = "SELECT count(*) FROM payments WHERE order_id = $1";
+    assert_eq!(of_order(&app, payments, &order_id).await, 1, "one payment");
+    let events = "SELECT count(*) FROM order_events WHERE order_id = $1 AND subject = 'order' AND to_status = 'paid'";
+    assert_eq!(of_order(&app, events, &order_id).await, 1);
+    assert_eq!(
+        mails(&app, &buyer.email, "order_receipt").await,
+        1,
+        "one receipt"
+    );
+    let seller = common::orders::seller_email(&app, "oak").await;
+    assert_eq!(mails(&app, &seller, "seller_new_order").await, 1);
+    // Stock committed once: two units sold, nothing still held.
+    assert_eq!(stock(&app, &oak.variant).await, (3, 0));
+    let sold = "SELECT count(*) FROM stock_adjustments WHERE reason = 'sold: order ' || $1::text";
+    assert_eq!(of_order(&app, sold, &order_id).await, 1);
+    assert!(
+        stripe.refunds_of(&intent).await.is_empty(),
+        "nothing refunded"
+    );
+    let paid = order(&app, &buyer.token, &order_id).await;
+    assert_eq!(paid["status"], "paid");
+    assert_eq!(paid["refunded_minor"], 0);
     pipeline.stop().await;
 }
