@@ -13,8 +13,8 @@ use common::{
     App, Pipeline, Workers, admin,
     catalog::{call, json_of},
     orders::{
-        Market, PIPELINE_WAIT, add_to_cart, checkout, customer, listing, mails_about, order, pay,
-        post_event, stock, stripe_for, wait_for,
+        Market, PIPELINE_WAIT, add_to_cart, checkout, customer, listing, mails_about, mails_logged,
+        order, pay, post_event, settle, stock, stripe_for, wait_for,
     },
     spawn_app, token_for,
 };
@@ -371,55 +371,6 @@ async fn of_order(app: &App, sql: &'static str, order: &str) -> i64 {
         .unwrap()
 }
 
-/// The mails `to` was sent from `template` (the mailer logs each send once).
-async fn mails(app: &App, to: &str, template: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM email_log WHERE recipient = $1 AND template = $2")
-        .bind(to)
-        .bind(template)
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap()
-}
-
-/// Waits until the pipeline has gone quiet: every outbox row published,
-/// every mail asked for sent and logged, no refund still waiting for
-/// Stripe, and nothing new written or consumed for a while (longer than a
-/// retry's first delay), so a duplicate effect has had its chance to show.
-async fn settle(app: &App) {
-    const QUIET: Duration = Duration::from_millis(1500);
-    let snapshot = || async {
-        let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM outbox),
-                    (SELECT count(*) FROM outbox WHERE published_at IS NULL),
-                    (SELECT count(*) FROM outbox o WHERE o.routing_key = 'notify.email'
-                        AND NOT EXISTS (SELECT 1 FROM email_log l WHERE l.message_id = o.id)),
-                    (SELECT count(*) FROM email_log),
-                    (SELECT count(*) FROM processed_messages),
-                    (SELECT count(*) FROM refunds WHERE status = 'requested')",
-        )
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-        row
-    };
-    let deadline = tokio::time::Instant::now() + PIPELINE_WAIT;
-    let mut last = snapshot().await;
-    let mut since = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = snapshot().await;
-        if now != last {
-            (last, since) = (now, tokio::time::Instant::now());
-        } else if now.1 == 0 && now.2 == 0 && now.5 == 0 && since.elapsed() >= QUIET {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the pipeline never went quiet: (outbox, unpublished, mails unsent, mails, processed, refunds asked) = {now:?}"
-        );
-    }
-}
-
 /// The event localstripe made when `intent` was charged, once it has.
 async fn charged_event_soon(stripe: &LocalStripe, intent: &str) -> Value {
     wait_until("localstripe's payment event", PIPELINE_WAIT, || async {
@@ -507,8 +458,8 @@ async fn cancelling_an_unpaid_order_releases_its_stock_and_cancels_its_intent() 
     assert_eq!(of_order(app, payments, &order_id).await, 0);
     let refunds = "SELECT count(*) FROM refunds WHERE order_id = $1";
     assert_eq!(of_order(app, refunds, &order_id).await, 0);
-    assert_eq!(mails(app, &buyer.email, "order_cancelled").await, 1);
-    assert_eq!(mails(app, &buyer.email, "order_receipt").await, 0);
+    assert_eq!(mails_logged(app, &buyer.email, "order_cancelled").await, 1);
+    assert_eq!(mails_logged(app, &buyer.email, "order_receipt").await, 0);
     market.close().await;
 }
 
@@ -590,17 +541,17 @@ async fn a_cancel_and_its_payment_webhook_fired_together_end_in_one_coherent_out
             // Paid, then cancelled: the sale was made and undone.
             assert_eq!(sold, 1, "sold once");
             assert_eq!(part, "refunded", "{done_now}");
-            assert_eq!(mails(&app, &buyer.email, "order_receipt").await, 1);
-            assert_eq!(mails(&app, &buyer.email, "order_failed").await, 0);
+            assert_eq!(mails_logged(&app, &buyer.email, "order_receipt").await, 1);
+            assert_eq!(mails_logged(&app, &buyer.email, "order_failed").await, 0);
         } else {
             // Cancelled first: the late payment never sold anything.
             assert_eq!(sold, 0, "never sold");
             assert_eq!(part, "cancelled", "{done_now}");
-            assert_eq!(mails(&app, &buyer.email, "order_receipt").await, 0);
-            assert_eq!(mails(&app, &buyer.email, "order_failed").await, 1);
+            assert_eq!(mails_logged(&app, &buyer.email, "order_receipt").await, 0);
+            assert_eq!(mails_logged(&app, &buyer.email, "order_failed").await, 1);
         }
-        assert_eq!(mails(&app, &buyer.email, "order_cancelled").await, 1);
-        assert_eq!(mails(&app, &buyer.email, "refund_issued").await, 1);
+        assert_eq!(mails_logged(&app, &buyer.email, "order_cancelled").await, 1);
+        assert_eq!(mails_logged(&app, &buyer.email, "refund_issued").await, 1);
         outcomes.push((delay_ms, paid_first));
     }
     eprintln!("(cancel delay ms, paid before the cancel): {outcomes:?}");
@@ -674,12 +625,12 @@ async fn one_webhook_event_posted_three_times_at_once_pays_the_order_once() {
     let events = "SELECT count(*) FROM order_events WHERE order_id = $1 AND subject = 'order' AND to_status = 'paid'";
     assert_eq!(of_order(&app, events, &order_id).await, 1);
     assert_eq!(
-        mails(&app, &buyer.email, "order_receipt").await,
+        mails_logged(&app, &buyer.email, "order_receipt").await,
         1,
         "one receipt"
     );
     let seller = common::orders::seller_email(&app, "oak").await;
-    assert_eq!(mails(&app, &seller, "seller_new_order").await, 1);
+    assert_eq!(mails_logged(&app, &seller, "seller_new_order").await, 1);
     // Stock committed once: two units sold, nothing still held.
     assert_eq!(stock(&app, &oak.variant).await, (3, 0));
     let sold = "SELECT count(*) FROM stock_adjustments WHERE reason = 'sold: order ' || $1::text";

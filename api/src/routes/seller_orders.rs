@@ -188,6 +188,8 @@ pub async fn fulfil(
         ..change
     };
     let note = change.note.map(str::to_string);
+    // An admin's correction is signed by the platform, not by the shop.
+    let correction = change.correction;
     status::move_seller_order(tx, seller_order, body.status, actor, change).await?;
     let (order, shop): (Uuid, String) = sqlx::query_as(
         "UPDATE seller_orders so
@@ -200,8 +202,9 @@ pub async fn fulfil(
     .bind(tracking)
     .fetch_one(&mut *tx)
     .await?;
+    let note_from = if correction { "the Souk team" } else { shop.as_str() };
     let extra = json!({
-        "shop": shop, "status": body.status, "note": note,
+        "shop": shop, "status": body.status, "note": note, "note_from": note_from,
         "carrier": carrier, "tracking_number": tracking, "refund_minor": null,
     });
     notices::to_customer(tx, order, "order_update", Some("order_update"), extra, corr).await?;
@@ -352,7 +355,7 @@ pub async fn cancel(
         .fetch_one(&mut *tx)
         .await?;
     let extra = json!({
-        "shop": shop, "status": SellerOrderStatus::Cancelled, "note": reason,
+        "shop": shop, "status": SellerOrderStatus::Cancelled, "note": reason, "note_from": shop,
         "carrier": null, "tracking_number": null, "refund_minor": left,
     });
     notices::to_customer(

@@ -398,27 +398,25 @@ pub async fn end_holds(app: &App) {
     }
 }
 
-/// How long the pipeline must stay unchanged before [`settled_mails`]
-/// counts: longer than a retry's first delay, so a duplicate would show.
+/// How long the pipeline must stay unchanged before [`settle`] returns:
+/// longer than a retry's first delay, so a duplicate would show.
 pub const QUIET: Duration = Duration::from_millis(1500);
 
-/// The mails the pipeline sent, counted by (recipient, template) from
-/// `email_log`, once it has gone quiet: every outbox row published, every
-/// mail asked for (`notify.email`) sent and logged, and nothing new written
-/// for [`QUIET`]. So a duplicate mail (a second request or a second send)
-/// has had its chance to appear, and the counts can be asserted exactly.
-///
-/// Also checks the SMTP sink against the log: each recipient got exactly
-/// the mails logged for it, subject by subject (a second SMTP send of one
-/// logged message would show there, not in the log).
-pub async fn settled_mails(app: &App) -> std::collections::BTreeMap<(String, String), i64> {
+/// Waits until the pipeline has gone quiet: every outbox row published,
+/// every mail asked for (`notify.email`) sent and logged, no refund still
+/// waiting for Stripe, and nothing new written or consumed for [`QUIET`],
+/// so a duplicate effect has had its chance to show and counts can be
+/// asserted exactly.
+pub async fn settle(app: &App) {
     let snapshot = || async {
-        let row: (i64, i64, i64, i64) = sqlx::query_as(
+        let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM outbox),
                     (SELECT count(*) FROM outbox WHERE published_at IS NULL),
                     (SELECT count(*) FROM outbox o WHERE o.routing_key = 'notify.email'
                         AND NOT EXISTS (SELECT 1 FROM email_log l WHERE l.message_id = o.id)),
-                    (SELECT count(*) FROM email_log)",
+                    (SELECT count(*) FROM email_log),
+                    (SELECT count(*) FROM processed_messages),
+                    (SELECT count(*) FROM refunds WHERE status = 'requested')",
         )
         .fetch_one(&app.db.pool)
         .await
@@ -433,14 +431,34 @@ pub async fn settled_mails(app: &App) -> std::collections::BTreeMap<(String, Str
         let now = snapshot().await;
         if now != last {
             (last, since) = (now, tokio::time::Instant::now());
-        } else if now.1 == 0 && now.2 == 0 && since.elapsed() >= QUIET {
-            break;
+        } else if now.1 == 0 && now.2 == 0 && now.5 == 0 && since.elapsed() >= QUIET {
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the pipeline never went quiet: (outbox, unpublished, mails not sent, sent) = {now:?}"
+            "the pipeline never went quiet: (outbox, unpublished, mails unsent, mails, processed, refunds asked) = {now:?}"
         );
     }
+}
+
+/// The mails `to` was sent from `template` (the mailer logs each send once).
+pub async fn mails_logged(app: &App, to: &str, template: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM email_log WHERE recipient = $1 AND template = $2")
+        .bind(to)
+        .bind(template)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// The mails the pipeline sent, counted by (recipient, template) from
+/// `email_log`, once it has [`settle`]d.
+///
+/// Also checks the SMTP sink against the log: each recipient got exactly
+/// the mails logged for it, subject by subject (a second SMTP send of one
+/// logged message would show there, not in the log).
+pub async fn settled_mails(app: &App) -> std::collections::BTreeMap<(String, String), i64> {
+    settle(app).await;
     let rows: Vec<(String, String, String)> =
         sqlx::query_as("SELECT recipient, template, subject FROM email_log")
             .fetch_all(&app.db.pool)

@@ -282,7 +282,7 @@ mod tests {
             ),
             (
                 "order_update",
-                serde_json::json!({"shop": "Oak", "status": "shipped", "note": null,
+                serde_json::json!({"shop": "Oak", "status": "shipped", "note": null, "note_from": "Oak",
                                                 "carrier": "DHL", "tracking_number": "123", "refund_minor": null}),
             ),
             (
