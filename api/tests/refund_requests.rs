@@ -5,14 +5,17 @@
 mod common;
 
 use common::{
-    App, admin,
+    App, Pipeline, Workers, admin,
     catalog::{call, json_of},
     fields,
     orders::{
         Market, PIPELINE_WAIT, assert_ledger_balances, checkout_and_pay, deliver, ledger_balance,
-        mails_about, part_of, posted, seller_email, stock, wait_for,
+        listing, mails_about, part_of, posted, seller_email, sent, sent_of, settled_mails, stock,
+        stripe_for, wait_for,
     },
-    problem, token_for,
+    problem,
+    stripe_proxy::StripeProxy,
+    token_for,
 };
 use reqwest::{Method, StatusCode, multipart};
 use serde_json::{Value, json};
@@ -22,6 +25,12 @@ use souk_shared::{
     outbox,
 };
 use souk_testkit::{count, wait_until};
+use souk_workers::{
+    ops::Readiness,
+    payments::{Payments, PaymentsConfig, stripe_api::StripeConfig},
+    runtime::{self, ConsumerSettings},
+};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 fn id(v: &Value) -> String {
@@ -649,4 +658,228 @@ async fn refund_postings(app: &App) -> i64 {
         "SELECT count(*) FROM ledger_transactions WHERE kind = 'refund'",
     )
     .await
+}
+
+/// Stripe refusing a refund (a 400, as for a charge already disputed): the
+/// refund fails with Stripe's reason and nothing else pretends it went
+/// through. The payment is flagged for admins; the customer hears it is
+/// delayed; the seller of that part is mailed and told in-app; admins are
+/// told in-app; no refund is posted to the ledger.
+#[tokio::test]
+async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
+    const REFUSED: &str = "Charge ch_souk has already been disputed.";
+    let app = common::spawn_app(&souk_testkit::amqp_url()).await;
+    let stripe = stripe_for(&app).await;
+    // Everything but the payments worker, which talks to Stripe through the proxy.
+    let workers = Workers {
+        payments: false,
+        ..Workers::ALL
+    };
+    let pipeline = Pipeline::with(&app, &souk_testkit::amqp_url(), Some(&stripe), workers);
+    let proxy = StripeProxy::start(&stripe.url).await;
+    proxy.refuse(Method::POST, "/v1/refunds", REFUSED);
+    let payments = payments_through(&app, &pipeline, &proxy.url);
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
+    let market = Market {
+        app,
+        stripe,
+        pipeline,
+        oak,
+        tea,
+    };
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let root_id: Uuid = sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
+        .bind(&root)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let seller_id: Uuid = sqlx::query_scalar("SELECT owner_id FROM shops WHERE slug = 'oak'")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let order = id(&paid);
+    deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
+    posted(app, "earning:%", 1).await;
+    let board = line(&paid, "Walnut board");
+    let path = format!("/orders/{order}/refund-requests");
+    let body = json!({"line_id": board["id"], "reason": "arrived cracked"});
+    let request = json_of(
+        call(app, &buyer.token, Method::POST, &path, body).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let approve = format!("/seller/refund-requests/{}/approve", id(&request));
+    let approved = json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::POST,
+            &approve,
+            json!({"restock": false}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(approved["status"], "approved");
+
+    wait_until("the refund to fail", PIPELINE_WAIT, || async {
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refunds WHERE status <> 'requested'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let mails = settled_mails(app).await;
+
+    // The refund: failed, with Stripe's own words; asked once (a refusal is
+    // not retried) and never made at Stripe.
+    let (status, failure): (String, Option<String>) =
+        sqlx::query_as("SELECT status, failure FROM refunds")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), failure.as_deref()),
+        ("failed", Some(REFUSED))
+    );
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refunds").await, 1);
+    assert_eq!(proxy.seen_to(Method::POST, "/v1/refunds").len(), 1);
+    let intent: String = sqlx::query_scalar("SELECT payment_intent_id FROM orders")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stripe.refunds_of(&intent).await.len(), 0);
+    let seen = json_of(
+        call(app, &buyer.token, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(seen[0]["refund_status"], "failed", "{seen}");
+
+    // The payment is flagged for admins, with the reason.
+    let flags: Vec<Option<String>> = sqlx::query_scalar("SELECT flagged_reason FROM payments")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(flags.len(), 1);
+    let flag = flags[0].clone().expect("the payment is flagged");
+    assert!(flag.contains(REFUSED), "{flag}");
+
+    // Who hears of it: the customer (mail and in-app), the seller of that
+    // part (mail and in-app), the admins (in-app); each once.
+    assert_eq!(sent(&mails, &buyer.email, "refund_failed"), 1, "{mails:?}");
+    assert_eq!(sent_of(&mails, "refund_failed"), 1, "{mails:?}");
+    let oak_email = seller_email(app, "oak").await;
+    assert_eq!(
+        sent(&mails, &oak_email, "seller_refund_failed"),
+        1,
+        "{mails:?}"
+    );
+    assert_eq!(sent_of(&mails, "seller_refund_failed"), 1, "{mails:?}");
+    for template in ["refund_issued", "seller_refund_issued"] {
+        assert_eq!(sent_of(&mails, template), 0, "{mails:?}");
+    }
+    assert_eq!(mails_about(&buyer.email, "is delayed", 1).await.len(), 1);
+    assert_eq!(mails_about(&oak_email, "is delayed", 1).await.len(), 1);
+    let notices = |user: Uuid| async move {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM notifications WHERE user_id = $1 AND kind = 'refund_failed'",
+        )
+        .bind(user)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        n
+    };
+    assert_eq!(notices(buyer.id).await, 1, "the customer's notice");
+    assert_eq!(notices(seller_id).await, 1, "the seller's notice");
+    assert_eq!(notices(root_id).await, 1, "the admin's notice");
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM notifications WHERE kind = 'refund_failed'"
+        )
+        .await,
+        3
+    );
+
+    // Nothing came back out of the ledger: the earning stands, all balanced.
+    assert_eq!(refund_postings(app).await, 0);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM ledger_transactions WHERE reference LIKE 'refund:%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        ledger_balance(app, "seller_pending", Some("oak")).await,
+        4549
+    );
+    assert_ledger_balances(app).await;
+    let (refunded, status): (i64, String) =
+        sqlx::query_as("SELECT refunded_minor, status FROM orders")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((refunded, status.as_str()), (0, "paid"));
+
+    payments.stop().await;
+    market.close().await;
+}
+
+/// A payments consumer in the test, calling Stripe at `stripe_base` (a
+/// proxy) instead of the pipeline's localstripe.
+struct PaymentsTask {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PaymentsTask {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(20), self.task).await;
+    }
+}
+
+fn payments_through(app: &App, pipeline: &Pipeline, stripe_base: &str) -> PaymentsTask {
+    let config = PaymentsConfig {
+        stripe: StripeConfig {
+            secret_key: souk_testkit::stripe::SECRET_KEY.into(),
+            api_base: stripe_base.into(),
+            timeout: std::time::Duration::from_secs(10),
+        },
+        lease: std::time::Duration::from_secs(30),
+    };
+    let handler = Payments::new(&config, app.db.pool.clone()).unwrap();
+    let settings = ConsumerSettings {
+        amqp_url: souk_testkit::amqp_url(),
+        names: pipeline.names.clone(),
+        prefetch: 8,
+        concurrency: 4,
+        batch: 8,
+        // The pipeline's retry delays: its relay declared these queues.
+        retry_delays_ms: vec![200, 1000],
+        connection_name: format!("{}.payments-via-proxy@test", pipeline.prefix),
+        processed_retention: std::time::Duration::from_secs(3600),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(runtime::run(
+        handler,
+        app.db.pool.clone(),
+        settings,
+        Readiness::default(),
+        shutdown.clone(),
+    ));
+    PaymentsTask { shutdown, task }
 }

@@ -544,10 +544,22 @@ async fn an_item_sold_out_after_its_order_was_placed_notifies_the_customer_and_f
     wait_run(&m, &skip, 1, "placed").await;
     assert_eq!(orders_of(&m, &retry).await.len(), 1);
     assert_eq!(orders_of(&m, &skip).await.len(), 1);
+    // The reserver waits either in its batch lock (several orders in one
+    // batch) or in a reservation's UPDATE (one order alone).
     souk_testkit::wait_until(
         "the reserver to wait for the stock",
         PIPELINE_WAIT,
-        || async { !waiting_in(&m, "SELECT 1 FROM variants").await.is_empty() },
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND query ~ '(SELECT 1 FROM|UPDATE) variants'",
+            )
+            .fetch_one(&m.app.db.pool)
+            .await
+            .unwrap();
+            waiting > 0
+        },
     )
     .await;
     // That sale takes the stock: 1 board left of the 2 wanted, no teapot.

@@ -202,7 +202,11 @@ pub async fn fulfil(
     .bind(tracking)
     .fetch_one(&mut *tx)
     .await?;
-    let note_from = if correction { "the Souk team" } else { shop.as_str() };
+    let note_from = if correction {
+        "the Souk team"
+    } else {
+        shop.as_str()
+    };
     let extra = json!({
         "shop": shop, "status": body.status, "note": note, "note_from": note_from,
         "carrier": carrier, "tracking_number": tracking, "refund_minor": null,

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod orders;
 pub mod recurring;
+pub mod stripe_proxy;
 
 use std::{net::SocketAddr, time::Duration};
 
