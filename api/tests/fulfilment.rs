@@ -10,8 +10,8 @@ use common::{
     fields,
     orders::{
         Market, PIPELINE_WAIT, add_to_cart, assert_ledger_balances, checkout, checkout_and_pay,
-        customer, end_holds, mails_about, mails_logged, order, pay, posted, seller_email, settle,
-        stock, wait_for,
+        customer, end_holds, mails_about, mails_logged, of_order, order, pay, posted, seller_email,
+        settle, stock, wait_for,
     },
     problem, signed_in, token_for,
 };
@@ -740,15 +740,6 @@ async fn a_shops_terms_set_its_shipping_and_commission() {
         (Some(550), Some(247))
     );
     market.close().await;
-}
-
-/// A count about one order (`$1`).
-async fn of_order(app: &App, sql: &'static str, order: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .bind(Uuid::parse_str(order).unwrap())
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap()
 }
 
 /// Every mail `to` was sent, whatever the template.

@@ -150,10 +150,9 @@ async fn a_payments_worker_killed_mid_call_loses_nothing_and_charges_once() {
 /// the answer). The replacement asks again with the same idempotency key;
 /// real Stripe would answer with the first intent, localstripe (which
 /// ignores keys) makes a second. Either way the order must be paid once,
-/// one payment counted, and no other intent for the order left open to be
-/// paid at Stripe.
+/// one payment counted, and only the stored intent offered to the customer.
 #[tokio::test]
-async fn a_payments_worker_killed_after_stripe_made_the_intent_leaves_none_open() {
+async fn a_payments_worker_killed_after_stripe_made_the_intent_charges_once() {
     let app = spawn_app(&amqp_url()).await;
     let stripe = stripe_for(&app).await;
     let pipeline = Pipeline::with(

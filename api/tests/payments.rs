@@ -14,7 +14,7 @@ use common::{
     catalog::{call, json_of},
     orders::{
         Market, PIPELINE_WAIT, add_to_cart, checkout, customer, listing, mails_about, mails_logged,
-        order, pay, post_event, settle, stock, stripe_for, wait_for,
+        of_order, order, pay, post_event, settle, stock, stripe_for, wait_for,
     },
     spawn_app, token_for,
 };
@@ -360,15 +360,6 @@ async fn a_cancel_racing_a_payment_ends_with_one_of_them_undone() {
         2
     );
     pipeline.stop().await;
-}
-
-/// A count about one order (`$1`).
-async fn of_order(app: &App, sql: &'static str, order: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .bind(Uuid::parse_str(order).unwrap())
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap()
 }
 
 /// The event localstripe made when `intent` was charged, once it has.

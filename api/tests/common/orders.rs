@@ -441,6 +441,15 @@ pub async fn settle(app: &App) {
     }
 }
 
+/// A count about one order (`$1`).
+pub async fn of_order(app: &App, sql: &'static str, order: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(Uuid::parse_str(order).unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
 /// The mails `to` was sent from `template` (the mailer logs each send once).
 pub async fn mails_logged(app: &App, to: &str, template: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM email_log WHERE recipient = $1 AND template = $2")
