@@ -10,7 +10,8 @@ use std::{process::Stdio, time::Duration};
 use common::{
     Pipeline, Workers,
     orders::{
-        PIPELINE_WAIT, add_to_cart, checkout, customer, listing, pay, stock, stripe_for, wait_for,
+        Customer, Listing, PIPELINE_WAIT, add_to_cart, checkout, customer, listing, pay, stock,
+        stripe_for, wait_for,
     },
     spawn_app,
     stripe_proxy::StripeProxy,
@@ -19,7 +20,7 @@ use reqwest::Method;
 use souk_testkit::{
     amqp_url, bin_path, broker, count,
     proxy::Tarpit,
-    stripe::{CARD_OK, SECRET_KEY},
+    stripe::{CARD_OK, LocalStripe, SECRET_KEY},
     wait_until,
 };
 use tokio::process::{Child, Command};
@@ -51,8 +52,9 @@ async fn kill9(child: &mut Child) {
     child.wait().await.expect("reaped");
 }
 
-#[tokio::test]
-async fn a_payments_worker_killed_mid_call_loses_nothing_and_charges_once() {
+/// The API and the pipeline without its payments worker (each test runs
+/// the real binary itself), and a customer with a walnut board in the cart.
+async fn a_board_in_a_cart() -> (common::App, LocalStripe, Pipeline, Listing, Customer) {
     let app = spawn_app(&amqp_url()).await;
     let stripe = stripe_for(&app).await;
     let pipeline = Pipeline::with(
@@ -67,6 +69,12 @@ async fn a_payments_worker_killed_mid_call_loses_nothing_and_charges_once() {
     let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
     let buyer = customer(&app).await;
     add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
+    (app, stripe, pipeline, oak, buyer)
+}
+
+#[tokio::test]
+async fn a_payments_worker_killed_mid_call_loses_nothing_and_charges_once() {
+    let (app, stripe, pipeline, oak, buyer) = a_board_in_a_cart().await;
 
     // The first payments process takes the order's stock.reserved message and
     // hangs calling a Stripe that never answers; then it is killed.
@@ -153,20 +161,7 @@ async fn a_payments_worker_killed_mid_call_loses_nothing_and_charges_once() {
 /// one payment counted, and only the stored intent offered to the customer.
 #[tokio::test]
 async fn a_payments_worker_killed_after_stripe_made_the_intent_charges_once() {
-    let app = spawn_app(&amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let pipeline = Pipeline::with(
-        &app,
-        &amqp_url(),
-        Some(&stripe),
-        Workers {
-            payments: false,
-            ..Workers::ALL
-        },
-    );
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let buyer = customer(&app).await;
-    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
+    let (app, stripe, pipeline, oak, buyer) = a_board_in_a_cart().await;
 
     let proxy = StripeProxy::start(&stripe.url).await;
     proxy.hold(Method::POST, "/v1/payment_intents");
