@@ -94,21 +94,24 @@ pub struct News {
 }
 
 /// Applies news to a membership under its row lock; returns the status it
-/// moved to, if it moved. The member is told of each move.
+/// moved to, if it moved. The member is told of each move, and when Stripe
+/// confirms that the membership ends with its period.
 pub async fn apply(
     conn: &mut PgConnection,
     membership: Uuid,
     news: News,
     correlation_id: &str,
 ) -> Result<Option<MembershipStatus>, sqlx::Error> {
-    let row: Option<(String, Option<DateTime<Utc>>)> =
-        sqlx::query_as("SELECT status, status_at FROM memberships WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(membership)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some((status, last)) = row else {
+    let row: Option<(String, Option<DateTime<Utc>>, bool)> = sqlx::query_as(
+        "SELECT status, status_at, cancel_at_period_end FROM memberships WHERE id = $1 FOR NO KEY UPDATE",
+    )
+    .bind(membership)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((status, last, was_ending)) = row else {
         return Ok(None);
     };
+    let now_ending = !was_ending && news.cancel_at_period_end == Some(true);
     if let (Some(at), Some(last)) = (news.at, last)
         && at < last
     {
@@ -128,6 +131,9 @@ pub async fn apply(
     .execute(&mut *conn)
     .await?;
     let Some(next) = news.status.filter(|next| current.may_become(*next)) else {
+        if now_ending {
+            tell(conn, membership, json!({}), correlation_id).await?;
+        }
         return Ok(None);
     };
     sqlx::query("UPDATE memberships SET status = $2 WHERE id = $1")
@@ -135,35 +141,75 @@ pub async fn apply(
         .bind(next.as_str())
         .execute(&mut *conn)
         .await?;
-    tell(conn, membership, next, correlation_id).await?;
+    tell(conn, membership, json!({}), correlation_id).await?;
     Ok(Some(next))
 }
 
+/// Stripe confirmed that the membership ends with its period (the answer to
+/// Souk's cancel call): recorded whatever older news said, and the member
+/// told, once.
+pub async fn confirm_ending(
+    conn: &mut PgConnection,
+    membership: Uuid,
+    correlation_id: &str,
+) -> Result<(), sqlx::Error> {
+    let changed = sqlx::query(
+        "UPDATE memberships SET cancel_at_period_end = true, updated_at = now()
+          WHERE id = $1 AND NOT cancel_at_period_end",
+    )
+    .bind(membership)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if changed == 1 {
+        tell(conn, membership, json!({}), correlation_id).await?;
+    }
+    Ok(())
+}
+
+/// Stripe refused to end the membership the member asked to cancel: it
+/// goes on (and renews), so they must hear it, not only see it in the app.
+pub async fn tell_cancel_refused(
+    conn: &mut PgConnection,
+    membership: Uuid,
+    reason: &str,
+    correlation_id: &str,
+) -> Result<(), sqlx::Error> {
+    let note = json!({ "cancel_failed": reason });
+    tell(conn, membership, note, correlation_id).await
+}
+
+/// Mails the member and notifies them in the app of their membership as it
+/// now stands, with `note`'s fields added.
 async fn tell(
     conn: &mut PgConnection,
     membership: Uuid,
-    status: MembershipStatus,
+    note: serde_json::Value,
     correlation_id: &str,
 ) -> Result<(), sqlx::Error> {
-    let (user, email, name, plan, cancel_at_period_end, period_end): (
+    let (user, email, name, plan, status, cancel_at_period_end, period_end): (
         Uuid,
+        String,
         String,
         String,
         String,
         bool,
         Option<DateTime<Utc>>,
     ) = sqlx::query_as(
-        "SELECT u.id, u.email, u.name, p.name, m.cancel_at_period_end, m.current_period_end
+        "SELECT u.id, u.email, u.name, p.name, m.status, m.cancel_at_period_end, m.current_period_end
            FROM memberships m JOIN users u ON u.id = m.user_id JOIN membership_plans p ON p.id = m.plan_id
           WHERE m.id = $1",
     )
     .bind(membership)
     .fetch_one(&mut *conn)
     .await?;
-    let data = json!({
-        "name": name, "plan": plan, "status": status.as_str(), "membership_id": membership,
+    let mut data = json!({
+        "name": name, "plan": plan, "status": status, "membership_id": membership,
         "cancel_at_period_end": cancel_at_period_end, "current_period_end": period_end,
     });
+    if let (Some(data), serde_json::Value::Object(note)) = (data.as_object_mut(), note) {
+        data.extend(note);
+    }
     notify::in_app(conn, user, "membership_update", &data).await?;
     notify::email(conn, &email, "membership_update", data, correlation_id).await
 }

@@ -352,6 +352,14 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{status}: {e}"));
             assert!(r.subject.contains("Plus"), "{status}: {}", r.subject);
         }
+        let refused = serde_json::json!({
+            "name": "Ann", "plan": "Plus", "status": "active", "membership_id": "m-1",
+            "cancel_at_period_end": false, "current_period_end": null,
+            "cancel_failed": "No such subscription",
+        });
+        let r = t.render("membership_update", &refused).unwrap();
+        assert!(r.subject.contains("not cancelled"), "{}", r.subject);
+        assert!(r.text.contains("No such subscription"), "{}", r.text);
         for (outcome, retry_at) in [
             ("retrying", serde_json::json!("2026-11-27T09:00:00Z")),
             ("skipped", serde_json::Value::Null),

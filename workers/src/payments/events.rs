@@ -26,9 +26,12 @@ use souk_shared::{
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::settle;
+use super::{settle, stripe_api};
 use crate::runtime::{Failure, Handler};
 
+/// An event's envelope. Its object is read only for the types Souk uses:
+/// Stripe sends others whose objects have no id (localstripe's
+/// `balance.available`), and those must be acknowledged, not parked.
 #[derive(Debug, Deserialize)]
 pub struct Event {
     pub id: String,
@@ -42,7 +45,19 @@ pub struct Event {
 
 #[derive(Debug, Deserialize)]
 pub struct EventData {
-    pub object: Object,
+    pub object: serde_json::Value,
+}
+
+impl Event {
+    fn object(&self) -> Result<Object, Failure> {
+        Object::deserialize(&self.data.object).map_err(|e| {
+            Failure::permanent(anyhow::anyhow!(
+                "unreadable {} object in event {}: {e}",
+                self.kind,
+                self.id
+            ))
+        })
+    }
 }
 
 /// The event's object: a PaymentIntent, refund, SetupIntent, subscription
@@ -66,6 +81,8 @@ pub struct Object {
     pub cancel_at_period_end: Option<bool>,
     #[serde(default)]
     pub current_period_end: Option<i64>,
+    #[serde(default)]
+    pub items: Option<stripe_api::SubscriptionItems>,
     /// An invoice's subscription: top level in older API versions, under
     /// `parent.subscription_details` in newer ones.
     #[serde(default)]
@@ -161,10 +178,10 @@ impl Handler for StripeEvents {
         })?;
         let corr = msg.correlation_id.as_str();
         match event.kind.as_str() {
-            "payment_intent.succeeded" => succeeded(tx, &event.data.object, corr).await,
-            "payment_intent.payment_failed" => failed(tx, &event.data.object, corr).await,
+            "payment_intent.succeeded" => succeeded(tx, &event.object()?, corr).await,
+            "payment_intent.payment_failed" => failed(tx, &event.object()?, corr).await,
             "refund.failed" | "refund.updated" | "charge.refund.updated" => {
-                refund_changed(tx, &event.data.object).await
+                refund_changed(tx, &event.object()?).await
             }
             "customer.subscription.created"
             | "customer.subscription.updated"
@@ -172,7 +189,7 @@ impl Handler for StripeEvents {
             "invoice.payment_succeeded" | "invoice.paid" | "invoice.payment_failed" => {
                 invoice_settled(tx, &event, corr).await
             }
-            "setup_intent.succeeded" => setup_succeeded(tx, &event.data.object, corr).await,
+            "setup_intent.succeeded" => setup_succeeded(tx, &event.object()?, corr).await,
             other => {
                 tracing::debug!(event = %event.id, kind = other, "event not used");
                 Ok(())
@@ -337,7 +354,7 @@ async fn subscription_changed(
     event: &Event,
     corr: &str,
 ) -> Result<(), Failure> {
-    let sub = &event.data.object;
+    let sub = &event.object()?;
     let Some(membership) =
         membership_of(tx, sub.metadata_id("membership_id"), Some(&sub.id)).await?
     else {
@@ -361,8 +378,7 @@ async fn subscription_changed(
     let news = News {
         status,
         cancel_at_period_end: sub.cancel_at_period_end,
-        current_period_end: sub
-            .current_period_end
+        current_period_end: stripe_api::period_end(sub.current_period_end, sub.items.as_ref())
             .and_then(|t| chrono::DateTime::from_timestamp(t, 0)),
         at: event_time(event),
     };
@@ -374,7 +390,7 @@ async fn subscription_changed(
 /// first payment leaves it incomplete, a renewal makes it past due while
 /// Stripe retries.
 async fn invoice_settled(tx: &mut PgConnection, event: &Event, corr: &str) -> Result<(), Failure> {
-    let invoice = &event.data.object;
+    let invoice = &event.object()?;
     let Some(membership) = membership_of(tx, None, invoice.invoice_subscription()).await? else {
         // Not a membership's, or the subscription is not stored yet: its
         // creation answer and `customer.subscription.*` carry the status.

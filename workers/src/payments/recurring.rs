@@ -312,7 +312,7 @@ fn news(subscription: &Subscription, asked_at: DateTime<Utc>) -> News {
         status: MembershipStatus::from_stripe(&subscription.status),
         cancel_at_period_end: subscription.cancel_at_period_end,
         current_period_end: subscription
-            .current_period_end
+            .period_end()
             .and_then(|t| DateTime::from_timestamp(t, 0)),
         at: Some(asked_at),
     }
@@ -418,14 +418,13 @@ pub async fn record(tx: &mut PgConnection, answer: Recurring, corr: &str) -> Res
             subscription,
             asked_at,
         } => {
-            // Confirmed whatever else Stripe said since: it only ever ends.
-            sqlx::query(
-                "UPDATE memberships SET cancel_at_period_end = true, failure = NULL WHERE id = $1",
-            )
-            .bind(membership)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query("UPDATE memberships SET failure = NULL WHERE id = $1")
+                .bind(membership)
+                .execute(&mut *tx)
+                .await?;
             membership::apply(tx, membership, news(&subscription, asked_at), corr).await?;
+            // Confirmed whatever else Stripe said since: it only ever ends.
+            membership::confirm_ending(tx, membership, corr).await?;
         }
         Recurring::EndedNow {
             membership,
@@ -449,6 +448,7 @@ pub async fn record(tx: &mut PgConnection, answer: Recurring, corr: &str) -> Res
             .bind(format!("Stripe did not cancel the membership: {message}"))
             .execute(&mut *tx)
             .await?;
+            membership::tell_cancel_refused(tx, membership, &message, corr).await?;
         }
     }
     Ok(())

@@ -146,6 +146,37 @@ pub struct Subscription {
     pub cancel_at_period_end: Option<bool>,
     #[serde(default)]
     pub current_period_end: Option<i64>,
+    #[serde(default)]
+    pub items: Option<SubscriptionItems>,
+}
+
+impl Subscription {
+    pub fn period_end(&self) -> Option<i64> {
+        period_end(self.current_period_end, self.items.as_ref())
+    }
+}
+
+/// A subscription's items. Since API version 2025-03-31 Stripe keeps the
+/// billing period on each item, not on the subscription; older versions
+/// (and localstripe) keep it on the subscription.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SubscriptionItems {
+    #[serde(default)]
+    pub data: Vec<SubscriptionItem>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubscriptionItem {
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
+}
+
+/// When a subscription's paid period ends: its items' (the latest, for a
+/// subscription of several), else the subscription's own field.
+pub fn period_end(subscription: Option<i64>, items: Option<&SubscriptionItems>) -> Option<i64> {
+    items
+        .and_then(|i| i.data.iter().filter_map(|i| i.current_period_end).max())
+        .or(subscription)
 }
 
 /// How often a membership renews.
