@@ -136,6 +136,7 @@ fn v1(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(balance::entries))
         .routes(routes!(withdrawals::get_details, withdrawals::set_details))
         .routes(routes!(withdrawals::request, withdrawals::mine))
+        .routes(routes!(withdrawals::one_of_mine))
         .routes(routes!(withdrawals::all))
         .routes(routes!(withdrawals::to_pay))
         .routes(routes!(withdrawals::approve))

@@ -290,3 +290,51 @@ fn the_api_refuses_to_start_with_a_bad_setting_and_names_it() {
         );
     }
 }
+
+/// A malformed id in the URL is a problem naming the parameter (by its name
+/// in the route, for routes with several), never axum's plain-text 400.
+#[tokio::test]
+async fn a_malformed_id_in_the_path_is_a_problem_naming_the_parameter() {
+    let app = spawn_app(&amqp_url()).await;
+    let customer = common::signed_in(&app, None).await;
+    let seller = common::verified_seller(&app, "shop-a").await;
+    let id = uuid::Uuid::now_v7();
+    let cases = [
+        (
+            reqwest::Method::GET,
+            "/api/v1/orders/nope".to_string(),
+            &customer,
+            "id",
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/api/v1/seller/products/nope/images/{id}"),
+            &seller,
+            "id",
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/api/v1/seller/products/{id}/images/nope"),
+            &seller,
+            "image",
+        ),
+    ];
+    for (method, path, token, field) in cases {
+        let resp = app
+            .http
+            .request(method, format!("{}{path}", app.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let body = problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(body["errors"][0]["field"], field, "{path}: {body}");
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("nope"),
+            "{body}"
+        );
+    }
+}

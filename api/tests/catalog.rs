@@ -410,6 +410,22 @@ async fn search_ranks_by_field_and_filters_combine() {
     let tree = storefront(&app, "/categories").await;
     assert_eq!(tree[0]["slug"], "home");
     assert_eq!(tree[0]["children"][0]["slug"], "kitchen");
+    // Each category is an admin's action, kept with the admin's reason.
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'category.create' AND reason = 'new range'"
+        )
+        .await,
+        2
+    );
+    let root = common::token_for(&app, &common::admin(&app).await).await;
+    let body = json!({"name": "Garden", "slug": "garden"});
+    let resp = call(&app, &root, Method::POST, "/admin/categories", body).await;
+    assert_eq!(
+        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["reason"]
+    );
 
     for (query, field) in [
         ("per_page=1000", "per_page"),

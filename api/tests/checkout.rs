@@ -321,7 +321,7 @@ async fn a_platform_coupon_is_shared_by_the_shops_and_redeemed_once_when_paid() 
             &root,
             Method::POST,
             "/admin/coupons",
-            json!({"code": "SPRING", "amount_off_minor": 1001}),
+            json!({"code": "SPRING", "amount_off_minor": 1001, "reason": "spring sale"}),
         )
         .await,
         StatusCode::CREATED,

@@ -106,10 +106,10 @@ async fn shop_and_platform_coupons_follow_every_rule() {
         json!({"code": "CSHOP", "percent_off": 50}),
     )
     .await;
-    make(
+    let welcome = make(
         &root,
         "/admin/coupons",
-        json!({"code": "WELCOME", "amount_off_minor": 10000}),
+        json!({"code": "WELCOME", "amount_off_minor": 10000, "reason": "launch week"}),
     )
     .await;
 
@@ -247,6 +247,39 @@ async fn shop_and_platform_coupons_follow_every_rule() {
     .await
     .unwrap();
     assert_eq!(reason, "misleading: 90% off nothing");
+    let reason: String = sqlx::query_scalar(
+        "SELECT reason FROM audit_log WHERE action = 'coupon.create' AND target_id = $1",
+    )
+    .bind(Uuid::parse_str(welcome["id"].as_str().unwrap()).unwrap())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reason, "launch week", "the admin's own words");
+    // An admin's coupon says why; a shop's is no admin action.
+    let resp = call(
+        &app,
+        &root,
+        Method::POST,
+        "/admin/coupons",
+        json!({"code": "NOWHY", "percent_off": 5}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["reason"]
+    );
+    let resp = call(
+        &app,
+        &b,
+        Method::POST,
+        "/seller/coupons",
+        json!({"code": "BWHY", "percent_off": 5, "reason": "because"}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["reason"]
+    );
 
     // Codes are unique regardless of case; bad coupons are refused by field.
     let resp = call(

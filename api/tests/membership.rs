@@ -114,7 +114,7 @@ async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_on
     let plus = plan(
         app,
         &admin,
-        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month",
+        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "reason": "launch",
                "free_shipping": true, "percent_off": 10}),
     )
     .await;
@@ -235,6 +235,10 @@ async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_on
     .await;
     assert_eq!(ending["status"], "active");
     assert_eq!(ending["benefits_active"], true);
+    // The member hears that it is cancelled and until when it lasts (once,
+    // though Stripe's answer and its webhook both say so).
+    let told = mails_about(&buyer.email, "Souk Plus membership ends with its period", 1).await;
+    assert!(told[0].text.contains("will not renew"), "{}", told[0].text);
     assert_eq!(
         m.stripe.subscription(&subscription).await["cancel_at_period_end"],
         true
@@ -242,6 +246,13 @@ async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_on
     // Asking again is answered with the same.
     let again = cancel_membership(app, &buyer.token).await;
     assert_eq!(again["cancel_at_period_end"], true);
+    common::orders::settle(app).await;
+    let ends = "Souk Plus membership ends with its period";
+    assert_eq!(
+        mails_about(&buyer.email, ends, 1).await.len(),
+        1,
+        "told once"
+    );
 
     // The period ends: Stripe deletes the subscription.
     let ended = json!({"id": subscription, "object": "subscription", "status": "canceled",
@@ -281,7 +292,7 @@ async fn a_declined_first_payment_leaves_the_membership_without_benefits() {
     let plus = plan(
         app,
         &admin,
-        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "percent_off": 5}),
+        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "percent_off": 5, "reason": "launch"}),
     )
     .await;
     let buyer = customer(app).await;
@@ -337,7 +348,7 @@ async fn signed_subscription_and_invoice_webhooks_alone_move_a_membership_throug
     let plus = plan(
         app,
         &admin,
-        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month",
+        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "reason": "launch",
                "free_shipping": true, "percent_off": 10}),
     )
     .await;
@@ -422,9 +433,26 @@ async fn signed_subscription_and_invoice_webhooks_alone_move_a_membership_throug
     assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
     mails_about(&buyer.email, "Souk Plus membership payment failed", 1).await;
 
-    // Paid after all: active again.
-    stripe_event(app, "customer.subscription.updated", sub("active"), t + 4).await;
-    assert_eq!(membership(&m, &buyer.token).await["status"], "active");
+    // Paid after all: active again, for a new period. This update comes in
+    // Stripe's current shape (API 2025-03-31 on): the period is on the
+    // subscription's items, not on the subscription.
+    let next_end = period_end + 30 * 86400;
+    let mut renewed = sub("active");
+    renewed
+        .as_object_mut()
+        .unwrap()
+        .remove("current_period_end");
+    renewed["items"] = json!({"object": "list", "data": [
+        {"id": "si_1", "object": "subscription_item", "current_period_end": next_end}]});
+    stripe_event(app, "customer.subscription.updated", renewed, t + 4).await;
+    let renewed = membership(&m, &buyer.token).await;
+    assert_eq!(renewed["status"], "active");
+    let end: chrono::DateTime<chrono::Utc> = renewed["current_period_end"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(end.timestamp(), next_end, "{renewed}");
     assert_eq!(cart_benefit(&m, &buyer.token).await, (450, true));
 
     // Each move told the member in the app, in order; the ignored event
@@ -455,7 +483,7 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     let plus = plan(
         app,
         &admin,
-        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "year", "free_shipping": true}),
+        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "year", "free_shipping": true, "reason": "launch"}),
     )
     .await;
     let ann = customer(app).await;
@@ -511,20 +539,34 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
             &admin,
             Method::POST,
             "/admin/membership-plans",
-            json!({"name": "Nothing", "amount_minor": 100, "interval": "month"}),
+            json!({"name": "Nothing", "amount_minor": 100, "interval": "month", "reason": "test"}),
         )
         .await,
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
     assert_eq!(fields(&p), ["percent_off"]);
+    // An admin's action says why (the audit log keeps it).
     let p = problem(
         call(
             app,
             &admin,
             Method::POST,
             "/admin/membership-plans",
-            json!({"name": "", "amount_minor": 0, "interval": "week", "percent_off": 5}),
+            json!({"name": "Why", "amount_minor": 100, "interval": "month", "percent_off": 5, "reason": " "}),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["reason"]);
+    let p = problem(
+        call(
+            app,
+            &admin,
+            Method::POST,
+            "/admin/membership-plans",
+            json!({"name": "", "amount_minor": 0, "interval": "week", "percent_off": 5, "reason": "test"}),
         )
         .await,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -621,6 +663,12 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     .await;
     assert!(refused["cancel_requested_at"].is_null(), "{refused}");
     assert_eq!(refused["cancel_at_period_end"], false);
+    let told = mails_about(&ann.email, "membership was not cancelled", 1).await;
+    assert!(
+        told[0].text.contains("Please ask again"),
+        "{}",
+        told[0].text
+    );
     let again = cancel_membership(app, &ann.token).await;
     assert!(again["cancel_requested_at"].is_string(), "{again}");
 

@@ -465,6 +465,66 @@ async fn a_line_is_refunded_once_however_its_requests_are_decided() {
     market.close().await;
 }
 
+/// Three boards paid 12,500 after a 10.00 shop coupon: refunded one at a
+/// time, they give back 4,166 + 4,167 + 4,167, the whole line, not three
+/// times a rounded-down third (12,498).
+#[tokio::test]
+async fn one_unit_at_a_time_a_line_gives_back_exactly_what_was_paid() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let coupon = json!({"code": "OAK10", "amount_off_minor": 1000});
+    json_of(
+        call(app, &oak.seller, Method::POST, "/seller/coupons", coupon).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let buyer = market.shopper(&[(oak, 3)]).await;
+    let applied = json!({"code": "OAK10"});
+    json_of(
+        call(app, &buyer.token, Method::PUT, "/cart/coupon", applied).await,
+        StatusCode::OK,
+    )
+    .await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
+    let board = line(&paid, "Walnut board");
+    let path = format!("/orders/{}/refund-requests", id(&paid));
+    let mut amounts = vec![];
+    for _ in 0..3 {
+        let ask = json!({"line_id": board["id"], "quantity": 1, "reason": "warped"});
+        let asked = json_of(
+            call(app, &buyer.token, Method::POST, &path, ask).await,
+            StatusCode::CREATED,
+        )
+        .await;
+        amounts.push(asked["amount_minor"].as_i64().unwrap());
+        let approve = format!("/seller/refund-requests/{}/approve", id(&asked));
+        json_of(
+            call(
+                app,
+                &oak.seller,
+                Method::POST,
+                &approve,
+                json!({"restock": false}),
+            )
+            .await,
+            StatusCode::OK,
+        )
+        .await;
+    }
+    assert_eq!(amounts, [4166, 4167, 4167]);
+    assert_eq!(
+        amounts.iter().sum::<i64>(),
+        3 * 4500 - 1000,
+        "the line's whole amount"
+    );
+    posted(app, "refund:%", 3).await;
+    assert_ledger_balances(app).await;
+    market.close().await;
+}
+
 #[tokio::test]
 async fn a_seller_cancel_after_a_partial_refund_gives_back_only_the_rest() {
     let market = Market::open().await;

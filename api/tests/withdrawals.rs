@@ -16,7 +16,7 @@ use common::{
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use souk_testkit::count;
+use souk_testkit::{count, mail::Mail};
 
 const IBAN: &str = "DE89 3704 0044 0532 0130 00";
 
@@ -350,7 +350,23 @@ async fn an_admin_pays_or_turns_down_a_withdrawal_and_the_seller_is_told() {
         assert_eq!(fields(&refused), ["amount_minor"], "{refused}");
         assert!(!refused.to_string().contains(id), "{refused}");
     }
-    // There is no seller route to one withdrawal; the admin's is closed to sellers.
+    // Oak reads its withdrawal; to tea it does not exist; the admin's
+    // routes are closed to sellers.
+    let one = format!("/seller/withdrawals/{id}");
+    let mine = json_of(
+        call(app, &oak.seller, Method::GET, &one, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (mine["status"].as_str(), mine["amount_minor"].as_i64()),
+        (Some("requested"), Some(5000))
+    );
+    problem(
+        call(app, &tea.seller, Method::GET, &one, json!({})).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
     for path in ["/admin/withdrawals", &format!("/admin/withdrawals/{id}")] {
         problem(
             call(app, &tea.seller, Method::GET, path, json!({})).await,
@@ -376,12 +392,26 @@ async fn an_admin_pays_or_turns_down_a_withdrawal_and_the_seller_is_told() {
     )
     .await;
     assert_eq!(queue["total"], 1);
-    let to_pay = json_of(
+    // The sealed account is read only with a reason, kept in the audit log.
+    let p = problem(
         call(
             app,
             &root,
             Method::GET,
             &format!("/admin/withdrawals/{id}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["reason"]);
+    let to_pay = json_of(
+        call(
+            app,
+            &root,
+            Method::GET,
+            &format!("/admin/withdrawals/{id}?reason=paying%20it%20by%20bank%20transfer"),
             json!({}),
         )
         .await,
@@ -392,7 +422,7 @@ async fn an_admin_pays_or_turns_down_a_withdrawal_and_the_seller_is_told() {
     assert_eq!(
         count(
             &app.db.pool,
-            "SELECT count(*) FROM audit_log WHERE action = 'withdrawal.read_payout_details'"
+            "SELECT count(*) FROM audit_log WHERE action = 'withdrawal.read_payout_details' AND reason = 'paying it by bank transfer'"
         )
         .await,
         1
@@ -578,6 +608,160 @@ async fn a_refund_after_a_payout_leaves_the_balance_negative_until_later_earning
     )
     .await;
     assert_eq!(balances(app, &oak.seller).await, (0, 0, 4525));
+    assert_ledger_balances(app).await;
+    market.close().await;
+}
+
+/// The full account an admin is shown to pay withdrawal `id` (the read is
+/// kept in the audit log).
+async fn to_pay(app: &App, admin: &str, id: &str) -> Value {
+    json_of(
+        call(
+            app,
+            admin,
+            Method::GET,
+            &format!("/admin/withdrawals/{id}?reason=paying%20it"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await
+}
+
+/// The "withdrawal paid" mails to `to`, once there are `n` of them (other
+/// mails, such as a new paid order, may say "paid" too).
+async fn paid_mails(to: &str, n: usize) -> Vec<Mail> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let found: Vec<Mail> = mails_about(to, "paid", 0)
+            .await
+            .into_iter()
+            .filter(|m| m.subject.starts_with("Withdrawal of") && m.subject.ends_with(" paid"))
+            .collect();
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {n} withdrawal-paid mail(s) to {to}; got {found:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_open_withdrawal_is_paid_to_the_account_it_was_requested_to() {
+    let market = Market::open().await;
+    earned(&market).await;
+    let Market { app, oak, .. } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    let oak_email = seller_email(app, "oak").await;
+
+    // Oak asks for 5000 to Layla Oak's account ending 3000 ...
+    let first = json_of(
+        withdraw(app, &oak.seller, 5000, None).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let first_id = first["id"].as_str().unwrap();
+    assert_eq!(
+        (first["holder_name"].as_str(), first["iban_last4"].as_str()),
+        (Some("Layla Oak"), Some("3000"))
+    );
+    // ... then the payout details change to another holder and IBAN.
+    let other = json!({"holder_name": "Mallory Taker", "iban": "GB82 WEST 1234 5698 7654 32"});
+    let changed = json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::PUT,
+            "/seller/payout-details",
+            other,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(changed["iban_masked"], "GB** **** **** 5432");
+
+    // The open withdrawal is still paid where it was asked to be paid.
+    let shown = to_pay(app, &root, first_id).await;
+    assert_eq!(shown["iban"], "DE89370400440532013000", "{shown}");
+    assert_eq!(shown["holder_name"], "Layla Oak", "{shown}");
+    assert_eq!(shown["withdrawal"]["iban_last4"], "3000", "{shown}");
+    // The schema will not let an open withdrawal lose its account.
+    let stripped = sqlx::query(
+        "UPDATE withdrawals SET iban_ciphertext = NULL, iban_nonce = NULL WHERE status = 'requested'",
+    )
+    .execute(&app.db.pool)
+    .await;
+    assert!(stripped.is_err(), "an open withdrawal without an account");
+
+    json_of(
+        call(
+            app,
+            &root,
+            Method::POST,
+            &format!("/admin/withdrawals/{first_id}/approve"),
+            json!({"reason": "sent by SEPA"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let paid = paid_mails(&oak_email, 1).await;
+    assert_eq!(paid.len(), 1, "{paid:?}");
+    assert!(paid[0].text.contains("ending 3000"), "{}", paid[0].text);
+    assert!(!paid[0].text.contains("5432"), "{}", paid[0].text);
+
+    // A withdrawal asked for after the change goes to the new account.
+    let second = json_of(
+        withdraw(app, &oak.seller, 3599, None).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let second_id = second["id"].as_str().unwrap();
+    assert_eq!(
+        (
+            second["holder_name"].as_str(),
+            second["iban_last4"].as_str()
+        ),
+        (Some("Mallory Taker"), Some("5432"))
+    );
+    let shown = to_pay(app, &root, second_id).await;
+    assert_eq!(shown["iban"], "GB82WEST12345698765432", "{shown}");
+    assert_eq!(shown["holder_name"], "Mallory Taker", "{shown}");
+    // The first one, paid, still names the account it went to.
+    let again = to_pay(app, &root, first_id).await;
+    assert_eq!(again["iban"], "DE89370400440532013000", "{again}");
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'withdrawal.read_payout_details' AND reason = 'paying it'"
+        )
+        .await,
+        3
+    );
+    json_of(
+        call(
+            app,
+            &root,
+            Method::POST,
+            &format!("/admin/withdrawals/{second_id}/approve"),
+            json!({"reason": "sent by SEPA"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let paid = paid_mails(&oak_email, 2).await;
+    assert_eq!(paid.len(), 2, "{paid:?}");
+    assert!(
+        paid.iter().any(|m| m.text.contains("ending 5432")),
+        "{paid:?}"
+    );
     assert_ledger_balances(app).await;
     market.close().await;
 }

@@ -1,11 +1,7 @@
 //! The caller's address book. Every query is scoped to the caller, so
 //! another account's address answers 404, never its data.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
@@ -15,7 +11,7 @@ use uuid::Uuid;
 use crate::{
     auth::Caller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
+    extract::{Path, ValidJson, Validate},
     state::AppState,
 };
 

@@ -1,23 +1,23 @@
 //! Admin actions on accounts. Each is written to the audit log in the same
 //! transaction as the change, with who, what, when and why.
 
-use axum::{
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{extract::State, http::StatusCode};
 use serde::Deserialize;
 use sqlx::PgConnection;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
     auth::Admin,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
+    extract::{Path, ValidJson, Validate},
     state::AppState,
 };
 
-#[derive(Debug, Deserialize, ToSchema)]
+/// A reason: the body of an admin's change, or the query of an admin's read
+/// of something sealed (a payout account).
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Reason {
     /// Why; kept with the change (and shown to whom it concerns: the account

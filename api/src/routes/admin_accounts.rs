@@ -2,10 +2,7 @@
 //! role, approving new sellers' shops, suspending and reinstating shops.
 //! Every change is kept in the audit log with who, what, when and why.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-};
+use axum::{Json, extract::State};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -16,7 +13,7 @@ use uuid::Uuid;
 use crate::{
     auth::{Admin, Role},
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     middleware::RequestId,
     routes::{
         admin::{Reason, audit, reason_error},

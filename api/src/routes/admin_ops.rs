@@ -2,10 +2,7 @@
 //! message the outbox carried), Stripe's webhook events, the parking queues
 //! (list and replay), and the audit log itself.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-};
+use axum::{Json, extract::State};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::{
@@ -18,7 +15,7 @@ use uuid::Uuid;
 use crate::{
     auth::Admin,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     routes::{
         admin::{audit, reason_error},
         catalog::{Page, Paging},

@@ -4,7 +4,7 @@
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::State,
     http::{HeaderMap, StatusCode},
 };
 use chrono::{DateTime, Utc};
@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::{
     auth::Admin,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     idempotency::{self, Key, Keyed},
     middleware::RequestId,
     order_views::{self, Order, OrderSummary, Scope, SellerOrder, TrackingEvent},

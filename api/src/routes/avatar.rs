@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    extract::{Multipart, Path, State},
+    extract::{Multipart, State},
     http::StatusCode,
     response::Response,
 };
@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::{
     auth::Caller,
     error::{ApiError, Problem},
+    extract::Path,
     images,
     routes::{auth::Account, me},
     state::AppState,

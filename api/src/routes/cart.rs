@@ -2,11 +2,7 @@
 //! The client sends variants and quantities only; prices and availability
 //! are read from the database every time the cart is shown.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use souk_shared::{
@@ -19,7 +15,7 @@ use uuid::Uuid;
 use crate::{
     auth::Caller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
+    extract::{Path, ValidJson, Validate},
     routes::catalog::{ShopRef, VISIBLE},
     state::AppState,
 };

@@ -4,7 +4,7 @@
 //! Public reads carry an `ETag` and answer `304` when unchanged.
 
 use axum::{
-    extract::{OriginalUri, Path, State},
+    extract::{OriginalUri, State},
     http::HeaderMap,
     response::Response,
 };
@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::{
     error::{ApiError, FieldError, Problem},
-    extract::{ValidQuery, Validate},
+    extract::{Path, ValidQuery, Validate},
     routes::product_images::{self, ProductImage},
     state::AppState,
 };

@@ -161,11 +161,22 @@ pub async fn checkout(
         correlation_id: request_id.0,
     };
     let id = place::place(&mut tx, order).await?;
+    // Clears what was ordered, not the whole cart: an item added from
+    // another tab while this ran (a new row, not locked above) stays for
+    // the next order instead of vanishing unordered; so does a coupon
+    // applied meanwhile.
+    let ordered: Vec<Uuid> = cart
+        .shops
+        .iter()
+        .flat_map(|g| g.lines.iter().map(|l| l.variant_id))
+        .collect();
     sqlx::query(
-        "WITH emptied AS (DELETE FROM cart_items WHERE user_id = $1)
-         DELETE FROM cart_coupons WHERE user_id = $1",
+        "WITH emptied AS (DELETE FROM cart_items WHERE user_id = $1 AND variant_id = ANY($2))
+         DELETE FROM cart_coupons WHERE user_id = $1 AND coupon_id IS NOT DISTINCT FROM $3",
     )
     .bind(caller.id)
+    .bind(&ordered)
+    .bind(cart.coupon.as_ref().map(|c| c.id))
     .execute(&mut *tx)
     .await?;
     state.commit_with_messages(tx).await?;

@@ -2,11 +2,7 @@
 //! platform. One set of rules for both (`souk_shared::coupons`); a use is
 //! counted once, when an order that used it is paid.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::coupons::{self, Coupon};
@@ -17,8 +13,8 @@ use uuid::Uuid;
 use crate::{
     auth::{Admin, Seller},
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
-    routes::admin::{Reason, audit},
+    extract::{Path, ValidJson, Validate},
+    routes::admin::{Reason, audit, reason_error},
     state::AppState,
 };
 
@@ -40,6 +36,10 @@ pub struct NewCoupon {
     pub max_uses: Option<i32>,
     /// Paid orders that may use it, per customer.
     pub max_uses_per_customer: Option<i32>,
+    /// Why a platform coupon is made, kept in the audit log: required when
+    /// an admin makes one, refused from a seller (a shop's coupons are not
+    /// admin actions).
+    pub reason: Option<String>,
 }
 
 impl Validate for NewCoupon {
@@ -208,6 +208,12 @@ pub async fn seller_create(
     seller: Seller,
     ValidJson(body): ValidJson<NewCoupon>,
 ) -> Result<(StatusCode, Json<CouponView>), ApiError> {
+    if body.reason.is_some() {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "reason",
+            "only an admin's platform coupon takes a reason",
+        )]));
+    }
     let mut conn = state.pool.acquire().await?;
     let coupon = create(&mut conn, Some(seller.shop_id), seller.caller.id, body).await?;
     Ok((StatusCode::CREATED, Json(coupon)))
@@ -258,15 +264,18 @@ pub async fn admin_create(
     admin: Admin,
     ValidJson(body): ValidJson<NewCoupon>,
 ) -> Result<(StatusCode, Json<CouponView>), ApiError> {
+    let reason = body.reason.clone().unwrap_or_default();
+    if let Some(missing) = reason_error(&reason) {
+        return Err(ApiError::Validation(vec![missing]));
+    }
     let mut tx = state.pool.begin().await?;
     let coupon = create(&mut tx, None, admin.0.id, body).await?;
-    let what = format!("platform coupon {}", coupon.code);
     audit(
         &mut tx,
         &admin,
         "coupon.create",
         ("coupon", coupon.id),
-        &what,
+        reason.trim(),
     )
     .await?;
     tx.commit().await?;

@@ -7,7 +7,7 @@
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::State,
     http::{HeaderMap, StatusCode},
 };
 use chrono::{DateTime, Utc};
@@ -26,10 +26,10 @@ use uuid::Uuid;
 use crate::{
     auth::{Admin, Customer},
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
+    extract::{Path, ValidJson, Validate},
     idempotency::{self, Key, Keyed},
     middleware::RequestId,
-    routes::admin::{Reason, audit},
+    routes::admin::{Reason, audit, reason_error},
     state::AppState,
 };
 
@@ -53,11 +53,13 @@ pub struct NewPlan {
     /// Taken off members' orders (after any coupon), 0 to 100.
     #[serde(default)]
     pub percent_off: i32,
+    /// Why the plan is offered; kept in the audit log.
+    pub reason: String,
 }
 
 impl Validate for NewPlan {
     fn validate(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
+        let mut errors: Vec<FieldError> = reason_error(&self.reason).into_iter().collect();
         let n = self.name.trim().chars().count();
         if n == 0 || n > 100 {
             errors.push(FieldError::new("name", "must be 1 to 100 characters"));
@@ -145,13 +147,12 @@ pub async fn create_plan(
     .bind(admin.0.id)
     .fetch_one(&mut *tx)
     .await?;
-    let what = format!("membership plan {}", created.name);
     audit(
         &mut tx,
         &admin,
         "membership_plan.create",
         ("membership_plan", id),
-        &what,
+        body.reason.trim(),
     )
     .await?;
     let made = MembershipPlanCreated { plan_id: id };

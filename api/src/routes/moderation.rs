@@ -2,11 +2,7 @@
 //! hide one (with a reason its seller sees), show it again, and keep the
 //! category tree. Every action is audited.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -15,9 +11,9 @@ use uuid::Uuid;
 use crate::{
     auth::Admin,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     routes::{
-        admin::{Reason, audit},
+        admin::{Reason, audit, reason_error},
         auth::valid_slug,
         catalog::{Category, Page, Paging},
         products::ProductStatus,
@@ -194,11 +190,13 @@ pub struct NewCategory {
     pub parent: Option<String>,
     #[serde(default)]
     pub position: i32,
+    /// Why it is added; kept in the audit log.
+    pub reason: String,
 }
 
 impl Validate for NewCategory {
     fn validate(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
+        let mut errors: Vec<FieldError> = reason_error(&self.reason).into_iter().collect();
         let n = self.name.trim().chars().count();
         if n == 0 || n > 100 {
             errors.push(FieldError::new("name", "must be 1 to 100 characters"));
@@ -252,8 +250,8 @@ pub async fn create_category(
     .bind(body.position)
     .execute(&mut *tx)
     .await?;
-    let what = format!("new category {}", body.slug);
-    audit(&mut tx, &admin, "category.create", ("category", id), &what).await?;
+    let why = body.reason.trim();
+    audit(&mut tx, &admin, "category.create", ("category", id), why).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,

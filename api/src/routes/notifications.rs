@@ -1,10 +1,6 @@
 //! In-app notifications (low stock, new orders, ...), newest first.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -13,7 +9,7 @@ use uuid::Uuid;
 use crate::{
     auth::Caller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidQuery, Validate},
+    extract::{Path, ValidQuery, Validate},
     routes::catalog::{Page, Paging},
     state::AppState,
 };

@@ -2,10 +2,7 @@
 //! can be paid), the tracking timeline, and cancelling. Every query is
 //! scoped to the caller: another customer's order is a 404.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-};
+use axum::{Json, extract::State};
 use serde::Deserialize;
 use souk_shared::orders::{Actor, OrderStatus, cancel};
 use utoipa::{IntoParams, ToSchema};
@@ -14,7 +11,7 @@ use uuid::Uuid;
 use crate::{
     auth::Caller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     middleware::RequestId,
     order_views::{self, Order, OrderSummary, Scope, TrackingEvent},
     routes::catalog::{Page, Paging},

@@ -6,11 +6,7 @@
 //! worker keep the card. Every query is scoped to the caller: another
 //! account's card answers 404.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::{
@@ -25,6 +21,7 @@ use uuid::Uuid;
 use crate::{
     auth::Customer,
     error::{ApiError, FieldError, Problem},
+    extract::Path,
     middleware::RequestId,
     state::AppState,
 };

@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    extract::{Multipart, Path, State},
+    extract::{Multipart, State},
     http::StatusCode,
     response::Response,
 };
@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::{
     auth::Seller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
+    extract::{Path, ValidJson, Validate},
     images::{self, Gallery},
     routes::products::{SellerProduct, load},
     state::AppState,

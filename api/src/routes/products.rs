@@ -1,11 +1,7 @@
 //! Sellers manage their shop's products and variants. Every query is scoped
 //! by the seller's shop: another shop's product is a 404, drafts included.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::inventory;
@@ -16,7 +12,7 @@ use uuid::Uuid;
 use crate::{
     auth::Seller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     middleware::RequestId,
     routes::{
         catalog::{Page, Paging},

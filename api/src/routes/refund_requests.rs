@@ -8,7 +8,7 @@
 
 use axum::{
     Json,
-    extract::{Multipart, Path, State},
+    extract::{Multipart, State},
     http::StatusCode,
     response::Response,
 };
@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::{
     auth::{Admin, Caller, Role, Seller},
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     images::Gallery,
     middleware::RequestId,
     routes::{
@@ -217,9 +217,12 @@ impl Validate for NewRefundRequest {
     }
 }
 
-/// What `quantity` units of a line were paid: the line's total less its
-/// share of the seller order's discount (shared by line totals, largest
-/// remainder), pro rata for part of the line (rounded down).
+/// What the first `quantity` units of a line were paid: the line's total
+/// less its share of the seller order's discount (shared by line totals,
+/// largest remainder), pro rata for part of the line (rounded down). A
+/// request is priced as what its units bring that to, less what the line's
+/// other live requests already take, so one unit at a time still adds up
+/// to the line's whole amount (333 + 333 + 334 of 1000), never more.
 async fn paid_for(
     conn: &mut PgConnection,
     seller_order: Uuid,
@@ -259,7 +262,7 @@ async fn paid_for(
     responses(
         (status = 201, description = "opened; the seller is told", body = RefundRequest),
         (status = 404, description = "no such order of yours", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "not shipped yet, or a request for this line is open", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not shipped yet, a request for this line is open, or nothing was paid for these units", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "not a line of the order, or more units than are left", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -300,9 +303,9 @@ pub async fn open(
             ),
         )));
     }
-    let asked: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(quantity), 0)::bigint FROM refund_requests
-          WHERE order_line_id = $1 AND status IN ('open', 'approved')",
+    let (asked, taken): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(quantity), 0)::bigint, coalesce(sum(amount_minor), 0)::bigint
+           FROM refund_requests WHERE order_line_id = $1 AND status IN ('open', 'approved')",
     )
     .bind(body.line_id)
     .fetch_one(&mut *tx)
@@ -315,7 +318,14 @@ pub async fn open(
             format!("{left} of {units} units of this line can still be asked for"),
         )]));
     }
-    let amount = paid_for(&mut tx, seller_order, body.line_id, quantity).await?;
+    let units_after = (asked + i64::from(quantity)) as i32;
+    let amount = paid_for(&mut tx, seller_order, body.line_id, units_after).await? - taken;
+    if amount < 1 {
+        return Err(ApiError::Conflict(FieldError::new(
+            "quantity",
+            "nothing was paid for these units (the order's discounts covered them)",
+        )));
+    }
     let id = Uuid::now_v7();
     let inserted = sqlx::query(
         "INSERT INTO refund_requests (id, order_id, seller_order_id, order_line_id, shop_id, customer_id, quantity,

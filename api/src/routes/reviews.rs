@@ -5,7 +5,7 @@
 
 use axum::{
     Json,
-    extract::{Multipart, Path, State},
+    extract::{Multipart, State},
     http::{HeaderMap, StatusCode},
     response::Response,
 };
@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::{
     auth::{Admin, Caller, Seller},
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     http_cache::cached_json,
     images::Gallery,
     routes::{

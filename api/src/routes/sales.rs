@@ -2,11 +2,7 @@
 //! start and an end. The catalog and the cart use it while it runs (the
 //! `variants_now` view is the one place that decides the price in force).
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -15,7 +11,7 @@ use uuid::Uuid;
 use crate::{
     auth::Seller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
+    extract::{Path, ValidJson, Validate},
     routes::products::owned_variant,
     state::AppState,
 };

@@ -3,10 +3,7 @@
 //! delivered; each step mailed to the customer and kept in the order's
 //! timeline) and cancelling its own part with a refund of that part.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-};
+use axum::{Json, extract::State};
 use serde::Deserialize;
 use serde_json::json;
 use souk_shared::{
@@ -26,7 +23,7 @@ use uuid::Uuid;
 use crate::{
     auth::Seller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     middleware::RequestId,
     order_views::{self, Scope, SellerOrder, SellerOrderSummary},
     routes::{

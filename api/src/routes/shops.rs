@@ -1,11 +1,6 @@
 //! Shops: a public page per shop, changed only by the seller who owns it.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::HeaderMap,
-    response::Response,
-};
+use axum::{Json, extract::State, http::HeaderMap, response::Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -14,7 +9,7 @@ use uuid::Uuid;
 use crate::{
     auth::Caller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, Validate},
+    extract::{Path, ValidJson, Validate},
     http_cache::cached_json,
     routes::{catalog::Rating, support::valid_email},
     state::AppState,

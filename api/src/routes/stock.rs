@@ -1,10 +1,6 @@
 //! Sellers adjust a variant's stock with a reason; every adjustment is kept.
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::inventory;
@@ -14,7 +10,7 @@ use uuid::Uuid;
 use crate::{
     auth::Seller,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     middleware::RequestId,
     routes::{
         catalog::{Page, Paging},

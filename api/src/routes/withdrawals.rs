@@ -4,11 +4,13 @@
 //! (available → withdrawing); paying moves it out (→ payouts), turning it
 //! down gives it back. Requests lock the shop's available account, so
 //! concurrent ones can never take more than the balance, and a shop has at
-//! most one open request.
+//! most one open request. A request keeps the account it was made to
+//! (sealed on its own row, like the payout details): changing the payout
+//! details afterwards never redirects money already asked for.
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::State,
     http::{HeaderMap, StatusCode},
 };
 use chrono::{DateTime, Utc};
@@ -25,7 +27,7 @@ use uuid::Uuid;
 use crate::{
     auth::{Admin, Seller},
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     idempotency::{self, Key, Keyed},
     middleware::RequestId,
     routes::{
@@ -124,15 +126,27 @@ async fn stored(conn: &mut PgConnection, shop: Uuid) -> Result<Option<Stored>, s
     .await
 }
 
+/// A sealed account number in the clear. Both the payout details and each
+/// withdrawal's copy of them are bound to the shop's id, so a withdrawal's
+/// account opens only for the shop that asked for it.
+fn open_iban(
+    state: &AppState,
+    shop: Uuid,
+    ciphertext: &[u8],
+    nonce: &[u8],
+) -> Result<String, ApiError> {
+    let sealed = Sealed {
+        ciphertext: ciphertext.to_vec(),
+        nonce: nonce.to_vec(),
+    };
+    sealed::open(&state.market.payout_details_key, &sealed, shop.as_bytes())
+        .ok_or_else(|| anyhow::anyhow!("an account number of shop {shop} does not decrypt").into())
+}
+
 impl Stored {
-    /// The account number in the clear, for masking or for paying.
+    /// The account number in the clear, for masking.
     fn iban(&self, state: &AppState, shop: Uuid) -> Result<String, ApiError> {
-        let sealed = Sealed {
-            ciphertext: self.iban_ciphertext.clone(),
-            nonce: self.iban_nonce.clone(),
-        };
-        sealed::open(&state.market.payout_details_key, &sealed, shop.as_bytes())
-            .ok_or_else(|| anyhow::anyhow!("payout details of shop {shop} do not decrypt").into())
+        open_iban(state, shop, &self.iban_ciphertext, &self.iban_nonce)
     }
 }
 
@@ -161,6 +175,11 @@ pub async fn get_details(
 }
 
 /// Set where withdrawals are paid. The account number is stored encrypted.
+///
+/// The new details apply to withdrawals requested from now on. A withdrawal
+/// that is already open keeps the account (holder and IBAN) it was requested
+/// to and is paid there, whatever the details say later; to have it paid
+/// elsewhere, ask for it to be turned down and request it again.
 #[utoipa::path(
     put, path = "/seller/payout-details", tag = "seller", security(("bearer" = [])),
     request_body = PayoutDetailsInput,
@@ -313,12 +332,15 @@ pub async fn request(
             state.market.withdrawal_min_minor
         )));
     }
-    let details: Option<(String, String)> =
-        sqlx::query_as("SELECT holder_name, iban_last4 FROM payout_details WHERE shop_id = $1")
-            .bind(shop)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let (holder, last4) = details.ok_or_else(|| {
+    // The account as it is now, in one read: the request keeps it (still
+    // sealed), so a later change of the details cannot redirect this money.
+    let details: Option<(String, String, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT holder_name, iban_last4, iban_ciphertext, iban_nonce FROM payout_details WHERE shop_id = $1",
+    )
+    .bind(shop)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (holder, last4, ciphertext, nonce) = details.ok_or_else(|| {
         ApiError::Validation(vec![FieldError::new(
             "payout_details",
             "set your payout details first",
@@ -346,8 +368,8 @@ pub async fn request(
     let id = Uuid::now_v7();
     let withdrawal: Withdrawal = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO withdrawals (id, shop_id, requested_by, amount_minor, currency, iban_last4, holder_name,
-                                  idempotency_key, request_hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
+                                  iban_ciphertext, iban_nonce, idempotency_key, request_hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {COLUMNS}"
     )))
     .bind(id)
     .bind(shop)
@@ -356,6 +378,8 @@ pub async fn request(
     .bind(&state.market.currency)
     .bind(&last4)
     .bind(&holder)
+    .bind(&ciphertext)
+    .bind(&nonce)
     .bind(key.as_ref().map(|k| &k.key))
     .bind(key.as_ref().map(|k| &k.hash))
     .fetch_one(&mut *tx)
@@ -476,6 +500,30 @@ pub async fn mine(
     Ok(Json(list(&state, Some(seller.shop_id), &query).await?))
 }
 
+/// One of the shop's withdrawals (another shop's is not found).
+#[utoipa::path(
+    get, path = "/seller/withdrawals/{id}", tag = "seller", security(("bearer" = [])),
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "the withdrawal", body = Withdrawal),
+        (status = 404, description = "no such withdrawal of this shop", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn one_of_mine(
+    State(state): State<AppState>,
+    seller: Seller,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Withdrawal>, ApiError> {
+    let found: Option<Withdrawal> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM withdrawals WHERE id = $1 AND shop_id = $2"
+    )))
+    .bind(id)
+    .bind(seller.shop_id)
+    .fetch_optional(&state.pool)
+    .await?;
+    Ok(Json(found.ok_or(ApiError::NotFound)?))
+}
+
 /// Every shop's withdrawals, newest first (`status=requested`: the queue to pay).
 #[utoipa::path(
     get, path = "/admin/withdrawals", tag = "admin", security(("bearer" = [])), params(WithdrawalQuery),
@@ -493,27 +541,37 @@ pub async fn all(
 }
 
 /// A withdrawal with the full account number to pay it to (reading it is
-/// kept in the audit log).
+/// kept in the audit log): the account it was requested to, not the shop's
+/// payout details of today.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WithdrawalToPay {
     pub withdrawal: Withdrawal,
     pub shop: String,
+    /// The holder as at the request.
     pub holder_name: String,
+    /// The account as at the request, in full.
     pub iban: String,
 }
 
+/// A withdrawal and the full account to pay it to: the one it was requested
+/// to, even if the shop's payout details changed since. The account is sealed
+/// at rest, so reading it takes a reason (`?reason=`), kept in the audit log.
 #[utoipa::path(
-    get, path = "/admin/withdrawals/{id}", tag = "admin", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    get, path = "/admin/withdrawals/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path), Reason),
     responses(
         (status = 200, description = "the withdrawal and where to pay it", body = WithdrawalToPay),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such withdrawal", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "decided before withdrawals kept their account: it is not on record", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no reason given", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn to_pay(
     State(state): State<AppState>,
     admin: Admin,
     Path(id): Path<Uuid>,
+    ValidQuery(why): ValidQuery<Reason>,
 ) -> Result<Json<WithdrawalToPay>, ApiError> {
     let mut tx = state.pool.begin().await?;
     let withdrawal: Withdrawal = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -523,23 +581,32 @@ pub async fn to_pay(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound)?;
-    let (shop_id, shop): (Uuid, String) = sqlx::query_as(
-        "SELECT s.id, s.slug FROM withdrawals w JOIN shops s ON s.id = w.shop_id WHERE w.id = $1",
-    )
-    .bind(id)
-    .fetch_one(&mut *tx)
-    .await?;
-    let details = stored(&mut tx, shop_id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("shop {shop_id} withdrew without payout details"))?;
-    let iban = details.iban(&state, shop_id)?;
-    let holder_name = details.holder_name;
+    // The withdrawal's own sealed account, never the payout details as they
+    // are now: those may have changed since it was requested.
+    let (shop_id, shop, ciphertext, nonce): (Uuid, String, Option<Vec<u8>>, Option<Vec<u8>>) =
+        sqlx::query_as(
+            "SELECT s.id, s.slug, w.iban_ciphertext, w.iban_nonce
+               FROM withdrawals w JOIN shops s ON s.id = w.shop_id WHERE w.id = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    // Only withdrawals decided before the account was kept on them lack it
+    // (the schema requires it of every open one).
+    let (Some(ciphertext), Some(nonce)) = (ciphertext, nonce) else {
+        return Err(ApiError::Conflict(FieldError::new(
+            "withdrawal",
+            "this withdrawal was decided before withdrawals kept their account; it is not on record",
+        )));
+    };
+    let iban = open_iban(&state, shop_id, &ciphertext, &nonce)?;
+    let holder_name = withdrawal.holder_name.clone();
     audit(
         &mut tx,
         &admin,
         "withdrawal.read_payout_details",
         ("withdrawal", id),
-        "to pay it",
+        why.reason.trim(),
     )
     .await?;
     tx.commit().await?;

@@ -71,7 +71,7 @@ pub async fn shelf(app: &App) -> (String, String, Value) {
     let root = admin(app).await;
     let root = token_for(app, &root).await;
     for (name, slug, parent) in [("Home", "home", None), ("Kitchen", "kitchen", Some("home"))] {
-        let body = json!({"name": name, "slug": slug, "parent": parent});
+        let body = json!({"name": name, "slug": slug, "parent": parent, "reason": "new range"});
         json_of(
             call(app, &root, Method::POST, "/admin/categories", body).await,
             StatusCode::CREATED,
