@@ -181,6 +181,28 @@ async fn wait_run(
     }
 }
 
+/// Waits until the stock reserver waits for a variant's row the test holds:
+/// either in its batch lock (several orders in one batch) or in a
+/// reservation's UPDATE (one order alone).
+async fn reserver_waits_for_stock(m: &Market) {
+    souk_testkit::wait_until(
+        "the reserver to wait for the stock",
+        PIPELINE_WAIT,
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND query ~ '(SELECT 1 FROM|UPDATE) variants'",
+            )
+            .fetch_one(&m.app.db.pool)
+            .await
+            .unwrap();
+            waiting > 0
+        },
+    )
+    .await;
+}
+
 async fn next_run_at(m: &Market, schedule: &str) -> DateTime<Utc> {
     sqlx::query_scalar("SELECT next_run_at FROM replenishment_schedules WHERE id = $1::uuid")
         .bind(schedule)
@@ -544,24 +566,7 @@ async fn an_item_sold_out_after_its_order_was_placed_notifies_the_customer_and_f
     wait_run(&m, &skip, 1, "placed").await;
     assert_eq!(orders_of(&m, &retry).await.len(), 1);
     assert_eq!(orders_of(&m, &skip).await.len(), 1);
-    // The reserver waits either in its batch lock (several orders in one
-    // batch) or in a reservation's UPDATE (one order alone).
-    souk_testkit::wait_until(
-        "the reserver to wait for the stock",
-        PIPELINE_WAIT,
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'
-                    AND query ~ '(SELECT 1 FROM|UPDATE) variants'",
-            )
-            .fetch_one(&m.app.db.pool)
-            .await
-            .unwrap();
-            waiting > 0
-        },
-    )
-    .await;
+    reserver_waits_for_stock(&m).await;
     // That sale takes the stock: 1 board left of the 2 wanted, no teapot.
     sqlx::query(
         "UPDATE variants SET on_hand = CASE WHEN id = $1 THEN 1 ELSE 0 END WHERE id = ANY($2)",
@@ -949,6 +954,10 @@ async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
         (json!({"cron": "0 9 * *", "interval_days": null}), "cron"),
         (json!({"cron": "0 9 * * 1", "interval_days": null}), "cron"),
         (
+            json!({"cron": "0 9 1 * MON", "interval_days": null}),
+            "cron",
+        ),
+        (
             json!({"cron": "*/10 * * * *", "interval_days": null}),
             "cron",
         ),
@@ -1111,5 +1120,270 @@ async fn an_order_that_expired_unpaid_is_never_followed_by_another_and_suspended
     );
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(orders_of(&m, &id).await.len(), 1);
+    m.close().await;
+}
+
+#[tokio::test]
+async fn a_schedule_re_timed_onto_a_skipped_due_time_places_that_delivery_after_all() {
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let id = schedule_id(
+        app,
+        &buyer.token,
+        weekly(&address, &card, &[(&m.tea.variant, 1)], "skip"),
+    )
+    .await;
+    let token = buyer.token.as_str();
+    let path = format!("/me/replenishments/{id}");
+    let change = |body: Value| {
+        let path = path.clone();
+        async move {
+            json_of(
+                call(app, token, Method::PATCH, &path, body).await,
+                StatusCode::OK,
+            )
+            .await
+        }
+    };
+    let skipped = json_of(
+        call(
+            app,
+            token,
+            Method::POST,
+            &format!("{path}/skip-next"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let due = skipped["runs"][0]["due_at"].clone();
+    assert_eq!(skipped["runs"][0]["reason"], "skipped_by_customer");
+    // A change that leaves the timing alone keeps the skip.
+    let kept = change(json!({"price_increase_limit_percent": 20})).await;
+    assert_eq!(kept["runs"][0]["due_at"], due);
+    assert_eq!(kept["next_runs"], skipped["next_runs"]);
+
+    // Re-timed onto the skipped due time: the customer wants it after all,
+    // so it is shown as coming and the skip is gone.
+    let back = change(json!({"starts_at": due})).await;
+    assert_eq!(back["next_runs"][0], due);
+    assert_eq!(back["runs"], json!([]), "{back}");
+
+    // That due time comes (every time of the schedule moved back alike):
+    // its order is placed and paid.
+    let mut tx = app.db.pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE replenishment_runs r SET due_at = r.due_at - (s.next_run_at - now() + interval '1 second')
+           FROM replenishment_schedules s WHERE s.id = r.schedule_id AND s.id = $1::uuid",
+    )
+    .bind(&id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second' WHERE id = $1::uuid",
+    )
+    .bind(&id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_secs(3600), 3));
+    let got = wait_run(&m, &id, 1, "placed").await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let orders = orders_of(&m, &id).await;
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    wait_for(app, token, &orders[0].0.to_string(), "paid").await;
+
+    // So for a later due time of the new timing: daily, from two days
+    // before the skipped day, lands on it again.
+    let mut daily = weekly(&address, &card, &[(&m.oak.variant, 1)], "skip");
+    let skipped_day = Utc::now() + chrono::Duration::days(3);
+    daily["interval_days"] = json!(1);
+    daily["starts_at"] = json!(skipped_day);
+    let daily = schedule_id(app, token, daily).await;
+    let path = format!("/me/replenishments/{daily}");
+    let skipped = json_of(
+        call(
+            app,
+            token,
+            Method::POST,
+            &format!("{path}/skip-next"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let due: DateTime<Utc> = serde_json::from_value(skipped["runs"][0]["due_at"].clone()).unwrap();
+    let earlier = json_of(
+        call(
+            app,
+            token,
+            Method::PATCH,
+            &path,
+            json!({"starts_at": due - chrono::Duration::days(2)}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let next: Vec<DateTime<Utc>> = serde_json::from_value(earlier["next_runs"].clone()).unwrap();
+    assert_eq!(next[2], due);
+    assert_eq!(earlier["runs"], json!([]), "{earlier}");
+    m.close().await;
+}
+
+#[tokio::test]
+async fn a_run_failing_after_its_schedule_was_paused_or_cancelled_is_skipped_and_says_so() {
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (ann, anns_card, anns_address) = customer_with_card(&m, CARD_OK).await;
+    let (bob, bobs_card, bobs_address) = customer_with_card(&m, CARD_OK).await;
+    let paused = weekly(&anns_address, &anns_card, &[(&m.oak.variant, 2)], "retry");
+    let paused = schedule_id(app, &ann.token, paused).await;
+    let cancelled = weekly(&bobs_address, &bobs_card, &[(&m.tea.variant, 2)], "retry");
+    let cancelled = schedule_id(app, &bob.token, cancelled).await;
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_secs(3600), 3));
+
+    // Both orders placed, their reservations held up by a sale elsewhere.
+    let variants: Vec<Uuid> = [&m.oak.variant, &m.tea.variant]
+        .iter()
+        .map(|v| Uuid::parse_str(v).unwrap())
+        .collect();
+    let mut sale = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM variants WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(&variants)
+        .execute(&mut *sale)
+        .await
+        .unwrap();
+    make_due(app, &paused).await;
+    make_due(app, &cancelled).await;
+    wait_run(&m, &paused, 1, "placed").await;
+    wait_run(&m, &cancelled, 1, "placed").await;
+    reserver_waits_for_stock(&m).await;
+    // Meanwhile the customers pause and cancel, then the sale takes it all.
+    for (who, id, what) in [(&ann, &paused, "pause"), (&bob, &cancelled, "cancel")] {
+        let path = format!("/me/replenishments/{id}/{what}");
+        let resp = call(app, &who.token, Method::POST, &path, json!({})).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    sqlx::query("UPDATE variants SET on_hand = 0 WHERE id = ANY($1)")
+        .bind(&variants)
+        .execute(&mut *sale)
+        .await
+        .unwrap();
+    sale.commit().await.unwrap();
+
+    // Retry policy or not, no retry is promised: the run is skipped at
+    // once, and the mail says why.
+    for (who, id, status) in [(&ann, &paused, "paused"), (&bob, &cancelled, "cancelled")] {
+        let got = wait_run(&m, id, 1, "skipped").await;
+        assert_eq!((got[0].2, got[0].3.as_deref()), (1, Some("out_of_stock")));
+        let shown = json_of(
+            call(
+                app,
+                &who.token,
+                Method::GET,
+                &format!("/me/replenishments/{id}"),
+                json!({}),
+            )
+            .await,
+            StatusCode::OK,
+        )
+        .await;
+        assert!(shown["runs"][0]["retry_at"].is_null(), "{shown}");
+        let told = mails_about(&who.email, "scheduled order was not placed", 1).await;
+        assert!(
+            told[0]
+                .text
+                .contains(&format!("skipped, since the schedule is {status}")),
+            "{}",
+            told[0].text
+        );
+        assert!(!told[0].text.contains("try again"), "{}", told[0].text);
+        let told = notifications(app, &who.token, "replenishment_failed", 1).await;
+        let d = &told[0]["data"];
+        assert_eq!(
+            (d["outcome"].as_str(), d["schedule_status"].as_str()),
+            (Some("skipped"), Some(status)),
+            "{d}"
+        );
+        assert!(d["retry_at"].is_null() && d["next_run_at"].is_null(), "{d}");
+        let mails = souk_testkit::mail::mails_to(&who.email).await;
+        assert!(
+            !mails.iter().any(|m| m.subject.contains("delayed")),
+            "{mails:?}"
+        );
+    }
+    // And no retry comes later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in [&paused, &cancelled] {
+        assert_eq!(runs(app, id).await.len(), 1);
+        assert_eq!(orders_of(&m, id).await.len(), 1);
+    }
+    m.close().await;
+}
+
+#[tokio::test]
+async fn changing_a_schedules_items_keeps_the_reference_prices_of_those_it_had() {
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    // One teapot at 30.00, within 10% of that.
+    let teapot = weekly(&address, &card, &[(&m.tea.variant, 1)], "skip");
+    let id = schedule_id(app, &buyer.token, teapot).await;
+    let raise = call(
+        app,
+        &m.tea.seller,
+        Method::PATCH,
+        &format!("/seller/variants/{}", m.tea.variant),
+        json!({"price_minor": 3400}),
+    )
+    .await;
+    assert!(raise.status().is_success());
+
+    // Two teapots and a new board: the teapot's reference stays 30.00, the
+    // board takes its price now.
+    let changed = json_of(
+        call(
+            app,
+            &buyer.token,
+            Method::PATCH,
+            &format!("/me/replenishments/{id}"),
+            json!({"items": [{"variant_id": m.tea.variant, "quantity": 2},
+                             {"variant_id": m.oak.variant, "quantity": 1}]}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        changed["items"],
+        json!([
+            {"variant_id": m.tea.variant, "quantity": 2, "reference_price_minor": 3000},
+            {"variant_id": m.oak.variant, "quantity": 1, "reference_price_minor": 4500},
+        ])
+    );
+
+    // So the limit still holds against 30.00: 34.00 is beyond it.
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_secs(3600), 3));
+    make_due(app, &id).await;
+    let got = wait_run(&m, &id, 1, "skipped").await;
+    assert_eq!(got[0].3.as_deref(), Some("price_changed"));
+    assert!(orders_of(&m, &id).await.is_empty());
+    let told = mails_about(&buyer.email, "scheduled order was not placed", 1).await;
+    assert!(
+        told[0]
+            .text
+            .contains("now costs 3400 (minor units), up from 3000"),
+        "{}",
+        told[0].text
+    );
     m.close().await;
 }

@@ -42,8 +42,19 @@ impl Cadence {
     /// of week), in UTC. Days of the week must be named (`MON-FRI`): cron
     /// dialects number them differently (the `cron` crate counts Sunday as
     /// 1, Unix cron as 0), and a number would silently pick the wrong day.
+    /// Nor may it restrict both the day of the month and the day of the
+    /// week: Unix cron runs when either matches, the `cron` crate only when
+    /// both do, so `0 9 1 * MON` would mean something else than written.
     pub fn cron(expr: &str) -> Result<Self, String> {
         let cadence = Self::parse_cron(expr)?;
+        let fields: Vec<&str> = expr.split_whitespace().collect();
+        let any = |f: &str| f == "*" || f == "?";
+        if !any(fields[2]) && !any(fields[4]) {
+            return Err(
+                "restrict the day of the month or the day of the week, not both (use * for one)"
+                    .into(),
+            );
+        }
         // Too frequent anywhere in the next runs (e.g. `*/5 * * * *`)? The
         // gaps are between due times only: how soon the first one is does
         // not matter.
@@ -240,6 +251,12 @@ mod tests {
                 .unwrap_err()
                 .contains("not a valid")
         );
+        assert!(
+            Cadence::cron("0 9 1 * MON")
+                .unwrap_err()
+                .contains("not both")
+        );
+        assert!(Cadence::cron("0 9 1 * *").is_ok());
         assert!(Cadence::every_days(0).is_err());
     }
 

@@ -472,7 +472,9 @@ async fn order_for(
 /// Applies the schedule's policy to a run that failed, and tells the
 /// customer: `retry` tries again after `retry_after` (up to the attempts
 /// allowed, and only where waiting can help); `skip` waits for the next due
-/// time.
+/// time. A schedule paused or cancelled since the order was placed skips
+/// the run whatever its policy: a retry would only be skipped when it came
+/// (see [`retry_due`]), so promising one would be a promise broken.
 async fn failed(
     tx: &mut PgConnection,
     config: &ReplenisherConfig,
@@ -482,7 +484,7 @@ async fn failed(
     reason: Reason,
     detail: &str,
 ) -> anyhow::Result<()> {
-    let retry = schedule.on_failure == "retry";
+    let retry = schedule.status == "active" && schedule.on_failure == "retry";
     let retry_at = (retry && reason.retryable() && attempt < config.max_attempts)
         .then(|| Utc::now() + config.retry_after);
     let status = match (retry_at, retry) {
@@ -519,6 +521,7 @@ async fn failed(
         "reason": reason.as_str(),
         "detail": detail,
         "outcome": status,
+        "schedule_status": schedule.status,
         "attempt": attempt,
         "retry_at": retry_at,
         "next_run_at": (schedule.status == "active").then_some(next_run_at),

@@ -8,7 +8,7 @@
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::State,
     http::{HeaderMap, StatusCode},
 };
 use chrono::{DateTime, Duration, Utc};
@@ -24,7 +24,7 @@ use uuid::Uuid;
 use crate::{
     auth::Customer,
     error::{ApiError, FieldError, Problem},
-    extract::{ValidJson, ValidQuery, Validate},
+    extract::{Path, ValidJson, ValidQuery, Validate},
     idempotency::{self, Key, Keyed},
     routes::{
         catalog::{Page, Paging},
@@ -101,7 +101,8 @@ pub struct NewSchedule {
 }
 
 /// A change to a schedule: only the fields given change. New items take
-/// their price now as the reference for the limit.
+/// their price now as the reference for the limit; items already in the
+/// schedule keep theirs.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleChange {
@@ -353,9 +354,14 @@ async fn show(
     Ok(Json(view(conn, row).await?))
 }
 
-/// The items with their prices now (the reference for the price limit);
-/// 422 naming each item that is not for sale.
-async fn priced(conn: &mut PgConnection, items: &[ItemInput]) -> Result<Vec<Item>, ApiError> {
+/// The items with their references for the price limit: a variant already
+/// in `kept` keeps its reference, a new one takes its price now; 422 naming
+/// each item that is not for sale.
+async fn priced(
+    conn: &mut PgConnection,
+    items: &[ItemInput],
+    kept: &[Item],
+) -> Result<Vec<Item>, ApiError> {
     let offers: Vec<(Uuid, i64, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT v.id, v.price_now_minor, ({VISIBLE}) FROM variants_now v
            JOIN products p ON p.id = v.product_id
@@ -376,7 +382,7 @@ async fn priced(conn: &mut PgConnection, items: &[ItemInput]) -> Result<Vec<Item
             Some((_, price, _)) => priced.push(Item {
                 variant_id: item.variant_id,
                 quantity: item.quantity,
-                reference_price_minor: *price,
+                reference_price_minor: reference(kept, item.variant_id, *price),
             }),
             None => errors.push(FieldError::new(
                 format!("items[{i}].variant_id"),
@@ -389,6 +395,16 @@ async fn priced(conn: &mut PgConnection, items: &[ItemInput]) -> Result<Vec<Item
     } else {
         Err(ApiError::Validation(errors))
     }
+}
+
+/// The reference for the price limit of `variant`, priced `now`. One the
+/// schedule already had stays: re-pricing it with every change (a quantity,
+/// say) would let the reference follow the price up, and the customer's
+/// limit would no longer hold against the price they chose at.
+fn reference(kept: &[Item], variant: Uuid, now: i64) -> i64 {
+    kept.iter()
+        .find(|k| k.variant_id == variant)
+        .map_or(now, |k| k.reference_price_minor)
 }
 
 async fn require_address(
@@ -463,7 +479,7 @@ pub async fn create(
             format!("at most {MAX_SCHEDULES} schedules; cancel one first"),
         )]));
     }
-    let items = priced(&mut tx, &body.items).await?;
+    let items = priced(&mut tx, &body.items, &[]).await?;
     require_address(&mut tx, caller.id, body.address_id).await?;
     payment_methods::require_active(&mut tx, caller.id, body.payment_method_id).await?;
     let id = Uuid::now_v7();
@@ -626,7 +642,9 @@ pub async fn update(
     let row = row(&mut tx, caller.id, id, true).await?;
     refuse_if_cancelled(&row)?;
     let items = match &body.items {
-        Some(items) => Some(sqlx::types::Json(priced(&mut tx, items).await?)),
+        Some(items) => Some(sqlx::types::Json(
+            priced(&mut tx, items, &row.items.0).await?,
+        )),
         None => None,
     };
     if let Some(address) = body.address_id {
@@ -682,9 +700,64 @@ pub async fn update(
     .bind(body.price_increase_limit_percent)
     .execute(&mut *tx)
     .await?;
+    unskip_landed_on(&mut tx, caller.id, id).await?;
     let changed = show(&mut tx, caller.id, id).await?;
     tx.commit().await?;
     Ok(changed)
+}
+
+/// Drops the customer's skips of due times that the schedule's timing (new,
+/// or resumed) lands on again. The schedule shows those times as coming,
+/// and a due time has one run: a skipped run kept there would make the
+/// replenisher place nothing at that time, and tell no one. The latest word
+/// wins: re-timing onto a skipped time asks for that delivery after all.
+async fn unskip_landed_on(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    id: Uuid,
+) -> Result<(), ApiError> {
+    // Read back as stored (in microseconds), as the replenisher will.
+    let row = row(conn, customer, id, false).await?;
+    let skipped: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT due_at FROM replenishment_runs
+          WHERE schedule_id = $1 AND reason = $2 AND due_at >= $3 ORDER BY due_at",
+    )
+    .bind(id)
+    .bind(Reason::SkippedByCustomer.as_str())
+    .bind(row.next_run_at)
+    .fetch_all(&mut *conn)
+    .await?;
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    let landed = landed_on(&row.cadence()?, row.next_run_at, &skipped);
+    sqlx::query(
+        "DELETE FROM replenishment_runs WHERE schedule_id = $1 AND reason = $2 AND due_at = ANY($3)",
+    )
+    .bind(id)
+    .bind(Reason::SkippedByCustomer.as_str())
+    .bind(landed)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Those of `times` (ascending) that are due times of `cadence` from `next`
+/// on, walking the due times once.
+fn landed_on(
+    cadence: &Cadence,
+    next: DateTime<Utc>,
+    times: &[DateTime<Utc>],
+) -> Vec<DateTime<Utc>> {
+    let mut due = std::iter::successors(Some(next), |t| cadence.after(*t)).peekable();
+    times
+        .iter()
+        .copied()
+        .filter(|t| {
+            while due.next_if(|d| d < t).is_some() {}
+            due.peek() == Some(t)
+        })
+        .collect()
 }
 
 /// What a status action does to a locked schedule.
@@ -754,6 +827,9 @@ async fn act(
     .bind(next_run_at)
     .execute(&mut *tx)
     .await?;
+    if matches!(action, Action::Resume) {
+        unskip_landed_on(&mut tx, customer, id).await?;
+    }
     let changed = show(&mut tx, customer, id).await?;
     tx.commit().await?;
     Ok(changed)
@@ -828,4 +904,23 @@ pub async fn cancel(
     Path(id): Path<Uuid>,
 ) -> Result<Json<Schedule>, ApiError> {
     act(&state, caller.id, id, Action::Cancel).await
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn only_skips_on_the_due_times_are_landed_on() {
+        let at = |d: u32, h: u32| Utc.with_ymd_and_hms(2026, 11, d, h, 0, 0).unwrap();
+        let daily = Cadence::every_days(1).unwrap();
+        let skipped = [at(1, 9), at(3, 9), at(3, 10), at(9, 9)];
+        assert_eq!(landed_on(&daily, at(2, 9), &skipped), [at(3, 9), at(9, 9)]);
+        let mondays = Cadence::cron("0 9 * * MON").unwrap();
+        // 2 and 9 November 2026 are Mondays.
+        assert_eq!(landed_on(&mondays, at(2, 9), &skipped), [at(9, 9)]);
+        assert!(landed_on(&mondays, at(2, 9), &[]).is_empty());
+    }
 }
