@@ -689,3 +689,66 @@ async fn an_event_of_an_unused_type_is_acknowledged_whatever_its_object() {
     );
     pipeline.stop().await;
 }
+
+/// A refund Stripe accepted and then failed (the card was closed): the
+/// customer hears it is delayed, the payment is flagged for an admin, and
+/// Stripe's two events saying so (`refund.failed`, `refund.updated`) do it
+/// once. The refund stands in the books: the money is still owed to them.
+#[tokio::test]
+async fn a_refund_that_fails_after_stripe_accepted_it_is_flagged_and_told_once() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let paid = common::orders::checkout_and_pay(app, stripe, &buyer.token).await;
+    let order_id = id(&paid);
+    assert_eq!(
+        cancel_order(app, &buyer.token, &order_id).await.status(),
+        StatusCode::OK
+    );
+    let done = "SELECT count(*) FROM refunds WHERE order_id = $1 AND status = 'succeeded'";
+    wait_until("the refund at Stripe", PIPELINE_WAIT, || async {
+        of_order(app, done, &order_id).await == 1
+    })
+    .await;
+    let stripe_refund: String = sqlx::query_scalar("SELECT stripe_refund_id FROM refunds")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+
+    let failed = json!({"id": stripe_refund, "object": "refund", "status": "failed",
+                        "failure_reason": "expired_or_canceled_card", "amount": 4500});
+    for (n, kind) in ["refund.failed", "refund.updated"].into_iter().enumerate() {
+        let event = souk_testkit::stripe::event(&format!("evt_refund_{n}"), kind, failed.clone());
+        deliver(app, &event).await;
+    }
+    let told = mails_about(&buyer.email, "is delayed", 1).await;
+    assert!(told[0].text.contains("49.99 EUR"), "{}", told[0].text);
+    settle(app).await;
+    assert_eq!(
+        mails_about(&buyer.email, "is delayed", 1).await.len(),
+        1,
+        "told once"
+    );
+    let flag: Option<String> = sqlx::query_scalar("SELECT flagged_reason FROM payments")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(flag.unwrap().contains("expired_or_canceled_card"));
+    let admin_told = "SELECT count(*) FROM notifications n JOIN users u ON u.id = n.user_id
+                       WHERE u.email = $1 AND n.kind = 'refund_failed'";
+    let admin_told: i64 = sqlx::query_scalar(admin_told)
+        .bind(&root)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(admin_told, 1);
+    let failure: Option<String> = sqlx::query_scalar("SELECT failure FROM refunds")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(failure.unwrap().contains("after it was accepted"));
+    market.close().await;
+}

@@ -181,7 +181,7 @@ impl Handler for StripeEvents {
             "payment_intent.succeeded" => succeeded(tx, &event.object()?, corr).await,
             "payment_intent.payment_failed" => failed(tx, &event.object()?, corr).await,
             "refund.failed" | "refund.updated" | "charge.refund.updated" => {
-                refund_changed(tx, &event.object()?).await
+                refund_changed(tx, &event.object()?, corr).await
             }
             "customer.subscription.created"
             | "customer.subscription.updated"
@@ -290,8 +290,12 @@ async fn failed(tx: &mut PgConnection, intent: &Object, corr: &str) -> Result<()
 }
 
 /// A refund Stripe accepted and later failed (a closed card, say): the
-/// money did not go back, so a person has to look.
-async fn refund_changed(tx: &mut PgConnection, refund: &Object) -> Result<(), Failure> {
+/// money did not go back to the card. It is still owed to the customer, so
+/// the refund and its ledger posting stand (the seller's share was rightly
+/// taken back); the payment is flagged for an admin to pay it another way,
+/// and the customer is told it is delayed. Stripe says so in more than one
+/// event (`refund.failed`, `refund.updated`): the first one does this.
+async fn refund_changed(tx: &mut PgConnection, refund: &Object, corr: &str) -> Result<(), Failure> {
     if refund.status.as_deref() != Some("failed") {
         return Ok(());
     }
@@ -299,16 +303,27 @@ async fn refund_changed(tx: &mut PgConnection, refund: &Object) -> Result<(), Fa
         .failure_reason
         .clone()
         .unwrap_or_else(|| "unknown".into());
-    let found: Option<(Uuid, Uuid)> = sqlx::query_as(
-        "UPDATE refunds SET failure = $2 WHERE stripe_refund_id = $1 RETURNING order_id, payment_id",
+    let found: Option<(Uuid, Uuid, i64, String)> = sqlx::query_as(
+        "UPDATE refunds SET failure = $2 WHERE stripe_refund_id = $1 AND failure IS NULL
+         RETURNING order_id, payment_id, amount_minor, reason",
     )
     .bind(&refund.id)
     .bind(format!("failed at Stripe after it was accepted: {reason}"))
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((order, payment)) = found else {
+    let Some((order, payment, amount, why)) = found else {
         return Ok(());
     };
+    let extra = json!({ "amount_minor": amount, "reason": why });
+    notices::to_customer(
+        tx,
+        order,
+        "refund_failed",
+        Some("refund_failed"),
+        extra,
+        corr,
+    )
+    .await?;
     let flag = format!("refund {} failed at Stripe: {reason}", refund.id);
     sqlx::query("UPDATE payments SET flagged_reason = $2 WHERE id = $1")
         .bind(payment)
