@@ -16,7 +16,9 @@ use common::{
         Market, PIPELINE_WAIT, add_to_cart, checkout, customer, listing, mails_about, mails_logged,
         of_order, order, pay, post_event, settle, stock, stripe_for, wait_for,
     },
-    spawn_app, token_for,
+    spawn_app,
+    stripe_proxy::{StripeProxy, payments_through},
+    token_for,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -751,4 +753,55 @@ async fn a_refund_that_fails_after_stripe_accepted_it_is_flagged_and_told_once()
         .unwrap();
     assert!(failure.unwrap().contains("after it was accepted"));
     market.close().await;
+}
+
+/// Stripe refuses to open a PaymentIntent for the order (here: an amount
+/// below its minimum). No retry can help, so the order is cancelled at once
+/// with Stripe's reason, its stock released and the customer told, instead
+/// of holding the stock until the reservation expires; the admins hear of
+/// it, the platform's to fix.
+#[tokio::test]
+async fn an_order_stripe_will_not_open_a_payment_for_is_cancelled_at_once_and_says_why() {
+    const REFUSED: &str = "Amount must be at least 0.50 eur";
+    let app = spawn_app(&amqp_url()).await;
+    let stripe = stripe_for(&app).await;
+    let workers = Workers {
+        payments: false,
+        ..Workers::ALL
+    };
+    let pipeline = Pipeline::with(&app, &amqp_url(), Some(&stripe), workers);
+    let proxy = StripeProxy::start(&stripe.url).await;
+    proxy.refuse(Method::POST, "/v1/payment_intents", REFUSED);
+    let payments = payments_through(&app, &pipeline, &proxy.url);
+    let root = admin(&app).await;
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let buyer = customer(&app).await;
+    add_to_cart(&app, &buyer.token, &oak.variant, 2).await;
+    let order_id = id(&checkout(&app, &buyer.token).await);
+
+    let cancelled = wait_for(&app, &buyer.token, &order_id, "cancelled").await;
+    assert!(
+        cancelled["failure_reason"]
+            .as_str()
+            .unwrap()
+            .contains(REFUSED),
+        "{cancelled}"
+    );
+    wait_until("the stock released", PIPELINE_WAIT, || async {
+        stock(&app, &oak.variant).await == (5, 0)
+    })
+    .await;
+    let told = mails_about(&buyer.email, "is cancelled", 1).await;
+    assert!(told[0].text.contains(REFUSED), "{}", told[0].text);
+    let flagged = "SELECT count(*) FROM notifications n JOIN users u ON u.id = n.user_id
+                    WHERE u.email = $1 AND n.kind = 'payment_refused'";
+    let flagged: i64 = sqlx::query_scalar(flagged)
+        .bind(&root)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(flagged, 1);
+    assert!(stripe.intents_for(&order_id).await.is_empty());
+    payments.stop().await;
+    pipeline.stop().await;
 }

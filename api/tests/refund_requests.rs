@@ -14,7 +14,7 @@ use common::{
         stripe_for, wait_for,
     },
     problem,
-    stripe_proxy::StripeProxy,
+    stripe_proxy::{StripeProxy, payments_through},
     token_for,
 };
 use reqwest::{Method, StatusCode, multipart};
@@ -25,12 +25,6 @@ use souk_shared::{
     outbox,
 };
 use souk_testkit::{count, wait_until};
-use souk_workers::{
-    ops::Readiness,
-    payments::{Payments, PaymentsConfig, stripe_api::StripeConfig},
-    runtime::{self, ConsumerSettings},
-};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 fn id(v: &Value) -> String {
@@ -896,50 +890,4 @@ async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
 
     payments.stop().await;
     market.close().await;
-}
-
-/// A payments consumer in the test, calling Stripe at `stripe_base` (a
-/// proxy) instead of the pipeline's localstripe.
-struct PaymentsTask {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl PaymentsTask {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(20), self.task).await;
-    }
-}
-
-fn payments_through(app: &App, pipeline: &Pipeline, stripe_base: &str) -> PaymentsTask {
-    let config = PaymentsConfig {
-        stripe: StripeConfig {
-            secret_key: souk_testkit::stripe::SECRET_KEY.into(),
-            api_base: stripe_base.into(),
-            timeout: std::time::Duration::from_secs(10),
-        },
-        lease: std::time::Duration::from_secs(30),
-    };
-    let handler = Payments::new(&config, app.db.pool.clone()).unwrap();
-    let settings = ConsumerSettings {
-        amqp_url: souk_testkit::amqp_url(),
-        names: pipeline.names.clone(),
-        prefetch: 8,
-        concurrency: 4,
-        batch: 8,
-        // The pipeline's retry delays: its relay declared these queues.
-        retry_delays_ms: vec![200, 1000],
-        connection_name: format!("{}.payments-via-proxy@test", pipeline.prefix),
-        processed_retention: std::time::Duration::from_secs(3600),
-    };
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(runtime::run(
-        handler,
-        app.db.pool.clone(),
-        settings,
-        Readiness::default(),
-        shutdown.clone(),
-    ));
-    PaymentsTask { shutdown, task }
 }

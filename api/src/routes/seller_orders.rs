@@ -325,18 +325,20 @@ pub async fn cancel(
     )
     .await?;
     // Less any refund already on its way (a refund request approved, say).
+    // An order with nothing to pay (a 100 % coupon) has no payment and
+    // nothing to give back.
     let left = refunds::left_of(&mut tx, id).await?;
-    let payment = refunds::order_payment(&mut tx, order)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("paid order {order} has no payment"))?;
-    let refund = Refund {
-        order,
-        payment,
-        seller_order: Some(id),
-        amount_minor: left,
-        reason,
-    };
     if left > 0 {
+        let payment = refunds::order_payment(&mut tx, order)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("paid order {order} has no payment"))?;
+        let refund = Refund {
+            order,
+            payment,
+            seller_order: Some(id),
+            amount_minor: left,
+            reason,
+        };
         refunds::request(&mut tx, refund, corr)
             .await?
             .ok_or_else(|| anyhow::anyhow!("refund of seller order {id} exceeds its payment"))?;

@@ -258,3 +258,53 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     }
     response.body(Body::from(bytes)).unwrap()
 }
+
+/// A payments consumer in the test, calling Stripe at `stripe_base` (a
+/// proxy) instead of the pipeline's localstripe.
+pub struct PaymentsTask {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PaymentsTask {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(20), self.task).await;
+    }
+}
+
+pub fn payments_through(
+    app: &super::App,
+    pipeline: &super::Pipeline,
+    stripe_base: &str,
+) -> PaymentsTask {
+    let config = souk_workers::payments::PaymentsConfig {
+        stripe: souk_workers::payments::stripe_api::StripeConfig {
+            secret_key: souk_testkit::stripe::SECRET_KEY.into(),
+            api_base: stripe_base.into(),
+            timeout: std::time::Duration::from_secs(10),
+        },
+        lease: std::time::Duration::from_secs(30),
+    };
+    let handler = souk_workers::payments::Payments::new(&config, app.db.pool.clone()).unwrap();
+    let settings = souk_workers::runtime::ConsumerSettings {
+        amqp_url: souk_testkit::amqp_url(),
+        names: pipeline.names.clone(),
+        prefetch: 8,
+        concurrency: 4,
+        batch: 8,
+        // The pipeline's retry delays: its relay declared these queues.
+        retry_delays_ms: vec![200, 1000],
+        connection_name: format!("{}.payments-via-proxy@test", pipeline.prefix),
+        processed_retention: std::time::Duration::from_secs(3600),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(souk_workers::runtime::run(
+        handler,
+        app.db.pool.clone(),
+        settings,
+        souk_workers::ops::Readiness::default(),
+        shutdown.clone(),
+    ));
+    PaymentsTask { shutdown, task }
+}

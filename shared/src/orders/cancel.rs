@@ -98,8 +98,13 @@ pub async fn cancel_order(
             Change::note(reason),
         )
         .await?;
-        if let Some(payment) = payment.filter(|_| current == OrderStatus::Paid) {
-            // Less any refund already on its way (a seller's or an admin's).
+        if current != OrderStatus::Paid {
+            continue;
+        }
+        // Less any refund already on its way (a seller's or an admin's). An
+        // order with nothing to pay (a 100 % coupon) has no payment, but
+        // its sellers must still hear not to ship it.
+        if let Some(payment) = payment {
             let left = refunds::left_of(tx, part).await?;
             let refund = Refund {
                 order: id,
@@ -112,17 +117,17 @@ pub async fn cancel_order(
                 return Err(CancelError::Overdrawn(part));
             }
             refunded += left;
-            let extra = json!({ "reason": reason });
-            notices::to_seller(
-                tx,
-                part,
-                "seller_order_cancelled",
-                "order_cancelled",
-                extra,
-                corr,
-            )
-            .await?;
         }
+        let extra = json!({ "reason": reason });
+        notices::to_seller(
+            tx,
+            part,
+            "seller_order_cancelled",
+            "order_cancelled",
+            extra,
+            corr,
+        )
+        .await?;
     }
     outbox::enqueue(tx, &Envelope::new(&OrderCancelled { order_id: id }, corr)).await?;
     let extra = json!({ "reason": reason, "refund_minor": refunded });

@@ -87,6 +87,12 @@ pub enum Answer {
         order: Uuid,
         message: String,
     },
+    /// Stripe refused to open a PaymentIntent for the order at all (an
+    /// amount below its minimum, a currency the account does not take).
+    Unpayable {
+        order: Uuid,
+        message: String,
+    },
     Recurring(recurring::Recurring),
 }
 
@@ -143,12 +149,22 @@ impl Payments {
                 }
             }
             (Some(amount), ..) => {
-                let intent = self
+                match self
                     .stripe
                     .create_intent(order, amount, &row.currency)
                     .await
-                    .map_err(failure)?;
-                Ok(Answer::Intent { order, intent })
+                {
+                    Ok(intent) => Ok(Answer::Intent { order, intent }),
+                    // The request itself is refused: no retry can help, so
+                    // the order ends now, its stock released, instead of
+                    // holding it until the reservation expires. (Other 4xx,
+                    // such as a bad key, are Souk's to fix: parked.)
+                    Err(CallError::Refused {
+                        status: 400 | 402,
+                        message,
+                    }) => Ok(Answer::Unpayable { order, message }),
+                    Err(e) => Err(failure(e)),
+                }
             }
             (None, ..) => Err(Failure::permanent(anyhow::anyhow!(
                 "order {order} was never split"
@@ -211,6 +227,7 @@ impl Handler for Payments {
     const BINDINGS: &'static [&'static str] = topology::PAYMENTS.bindings;
     const EMITS: &'static [&'static str] = &[
         "notify.email",
+        "order.cancelled",
         "payment.intent_cancel_requested",
         "payment.captured",
         "refund.succeeded",
@@ -302,6 +319,15 @@ impl Handler for Payments {
                 };
                 if locked.status() == OrderStatus::Reserved {
                     settle::declined_off_session(tx, order, &message).await?;
+                }
+                Ok(())
+            }
+            Answer::Unpayable { order, message } => {
+                let Some(locked) = settle::lock(tx, order).await? else {
+                    return Ok(());
+                };
+                if locked.status() == OrderStatus::Reserved {
+                    settle::unpayable(tx, order, &message, corr).await?;
                 }
                 Ok(())
             }

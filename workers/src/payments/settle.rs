@@ -9,7 +9,7 @@ use souk_shared::{
     envelope::Envelope,
     inventory, notify,
     orders::{
-        Actor, Change, OrderStatus, SellerOrderStatus, notices,
+        Actor, Change, OrderStatus, SellerOrderStatus, cancel, notices,
         refunds::{self, Refund},
         status,
     },
@@ -68,6 +68,24 @@ pub async fn declined_off_session(
         .bind(format!("the saved card was declined: {message}"))
         .execute(&mut *tx)
         .await?;
+    Ok(())
+}
+
+/// Stripe would not open a PaymentIntent for the order: it is cancelled
+/// with Stripe's reason (its stock released, the customer told why), and
+/// the admins hear of it, since it is usually the platform's to fix (a
+/// minimum amount, a currency).
+pub async fn unpayable(
+    tx: &mut PgConnection,
+    order: Uuid,
+    message: &str,
+    corr: &str,
+) -> Result<(), Failure> {
+    tracing::warn!(%order, message, "Stripe refused the order's PaymentIntent; cancelling it");
+    let reason = format!("the payment could not be set up: {message}");
+    cancel::cancel_order(tx, order, None, Actor::System, &reason, corr).await?;
+    let data = json!({ "order_id": order, "reason": reason });
+    notify::admins(tx, "payment_refused", &data).await?;
     Ok(())
 }
 

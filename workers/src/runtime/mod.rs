@@ -63,6 +63,16 @@ impl From<souk_shared::orders::MoveError> for Failure {
     }
 }
 
+impl From<souk_shared::orders::cancel::CancelError> for Failure {
+    fn from(e: souk_shared::orders::cancel::CancelError) -> Self {
+        use souk_shared::orders::{MoveError, cancel::CancelError};
+        match e {
+            CancelError::Db(e) | CancelError::Move(MoveError::Db(e)) => e.into(),
+            other => Self::Permanent(other.into()),
+        }
+    }
+}
+
 /// A consumer group's message handler.
 ///
 /// Work is split in two so that no database transaction is ever held across
