@@ -256,30 +256,22 @@ async fn shop_and_platform_coupons_follow_every_rule() {
     .unwrap();
     assert_eq!(reason, "launch week", "the admin's own words");
     // An admin's coupon says why; a shop's is no admin action.
-    let resp = call(
-        &app,
-        &root,
-        Method::POST,
-        "/admin/coupons",
-        json!({"code": "NOWHY", "percent_off": 5}),
-    )
-    .await;
-    assert_eq!(
-        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
-        ["reason"]
-    );
-    let resp = call(
-        &app,
-        &b,
-        Method::POST,
-        "/seller/coupons",
-        json!({"code": "BWHY", "percent_off": 5, "reason": "because"}),
-    )
-    .await;
-    assert_eq!(
-        fields(&problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await),
-        ["reason"]
-    );
+    for (token, path, body) in [
+        (
+            &root,
+            "/admin/coupons",
+            json!({"code": "NOWHY", "percent_off": 5}),
+        ),
+        (
+            &b,
+            "/seller/coupons",
+            json!({"code": "BWHY", "percent_off": 5, "reason": "because"}),
+        ),
+    ] {
+        let resp = call(&app, token, Method::POST, path, body).await;
+        let refused = problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(fields(&refused), ["reason"], "{path}");
+    }
 
     // Codes are unique regardless of case; bad coupons are refused by field.
     let resp = call(

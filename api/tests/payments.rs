@@ -48,6 +48,19 @@ async fn deliver(app: &App, event: &Value) {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// How many in-app notices of `kind` the account `email` has.
+async fn notices_of(app: &App, email: &str, kind: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM notifications n JOIN users u ON u.id = n.user_id
+          WHERE u.email = $1 AND n.kind = $2",
+    )
+    .bind(email)
+    .bind(kind)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+}
+
 /// Moves the order's reservation into the past; the sweep expires it.
 async fn run_out(app: &App, order: &str) {
     sqlx::query("UPDATE orders SET reserved_until = now() - interval '1 second' WHERE id = $1")
@@ -739,14 +752,7 @@ async fn a_refund_that_fails_after_stripe_accepted_it_is_flagged_and_told_once()
         .await
         .unwrap();
     assert!(flag.unwrap().contains("expired_or_canceled_card"));
-    let admin_told = "SELECT count(*) FROM notifications n JOIN users u ON u.id = n.user_id
-                       WHERE u.email = $1 AND n.kind = 'refund_failed'";
-    let admin_told: i64 = sqlx::query_scalar(admin_told)
-        .bind(&root)
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-    assert_eq!(admin_told, 1);
+    assert_eq!(notices_of(app, &root, "refund_failed").await, 1);
     let failure: Option<String> = sqlx::query_scalar("SELECT failure FROM refunds")
         .fetch_one(&app.db.pool)
         .await
@@ -793,14 +799,7 @@ async fn an_order_stripe_will_not_open_a_payment_for_is_cancelled_at_once_and_sa
     .await;
     let told = mails_about(&buyer.email, "is cancelled", 1).await;
     assert!(told[0].text.contains(REFUSED), "{}", told[0].text);
-    let flagged = "SELECT count(*) FROM notifications n JOIN users u ON u.id = n.user_id
-                    WHERE u.email = $1 AND n.kind = 'payment_refused'";
-    let flagged: i64 = sqlx::query_scalar(flagged)
-        .bind(&root)
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-    assert_eq!(flagged, 1);
+    assert_eq!(notices_of(&app, &root, "payment_refused").await, 1);
     assert!(stripe.intents_for(&order_id).await.is_empty());
     payments.stop().await;
     pipeline.stop().await;

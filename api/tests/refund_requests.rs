@@ -40,6 +40,17 @@ fn line<'a>(order: &'a Value, title: &str) -> &'a Value {
         .unwrap()
 }
 
+/// The seller approves `request`, putting the item back in stock or not.
+async fn seller_approves(app: &App, seller: &str, request: &Value, restock: bool) -> Value {
+    let approve = format!("/seller/refund-requests/{}/approve", id(request));
+    let body = json!({ "restock": restock });
+    json_of(
+        call(app, seller, Method::POST, &approve, body).await,
+        StatusCode::OK,
+    )
+    .await
+}
+
 /// A tiny valid PNG.
 fn png() -> Vec<u8> {
     let mut bytes = Vec::new();
@@ -399,19 +410,7 @@ async fn a_line_is_refunded_once_however_its_requests_are_decided() {
         StatusCode::CREATED,
     )
     .await;
-    let approve = format!("/seller/refund-requests/{}/approve", id(&second));
-    json_of(
-        call(
-            app,
-            &oak.seller,
-            Method::POST,
-            &approve,
-            json!({"restock": true}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    seller_approves(app, &oak.seller, &second, true).await;
     let (on_hand, _) = stock(app, &oak.variant).await;
 
     let step_in = format!("/admin/refund-requests/{}/approve", id(&first));
@@ -494,19 +493,7 @@ async fn one_unit_at_a_time_a_line_gives_back_exactly_what_was_paid() {
         )
         .await;
         amounts.push(asked["amount_minor"].as_i64().unwrap());
-        let approve = format!("/seller/refund-requests/{}/approve", id(&asked));
-        json_of(
-            call(
-                app,
-                &oak.seller,
-                Method::POST,
-                &approve,
-                json!({"restock": false}),
-            )
-            .await,
-            StatusCode::OK,
-        )
-        .await;
+        seller_approves(app, &oak.seller, &asked, false).await;
     }
     assert_eq!(amounts, [4166, 4167, 4167]);
     assert_eq!(
@@ -768,19 +755,7 @@ async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
         StatusCode::CREATED,
     )
     .await;
-    let approve = format!("/seller/refund-requests/{}/approve", id(&request));
-    let approved = json_of(
-        call(
-            app,
-            &oak.seller,
-            Method::POST,
-            &approve,
-            json!({"restock": false}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let approved = seller_approves(app, &oak.seller, &request, false).await;
     assert_eq!(approved["status"], "approved");
 
     wait_until("the refund to fail", PIPELINE_WAIT, || async {

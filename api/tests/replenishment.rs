@@ -27,7 +27,7 @@ use uuid::Uuid;
 use common::{
     catalog::{call, json_of},
     fields,
-    orders::{Market, PIPELINE_WAIT, listing, mails_about, stock, wait_for},
+    orders::{Customer, Market, PIPELINE_WAIT, listing, mails_about, stock, wait_for},
     problem,
     recurring::{
         customer_with_card, make_due, notifications, replenisher, runs, schedule, schedule_id,
@@ -178,6 +178,56 @@ async fn wait_run(
             "run {n} of {schedule} never became {status}: {got:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two customers' weekly runs made due and placed, one of 2 boards (its
+/// schedule's policy `first`), one of 2 teapots (`second`), while a sale
+/// elsewhere holds both variants' rows: the orders exist (their lines' keys
+/// only share the rows) and the reserver waits for the sale, which the test
+/// then ends as it likes. Retries come an hour later (a test brings one
+/// forward).
+struct HeldRuns {
+    first: (Customer, String),
+    second: (Customer, String),
+    variants: Vec<Uuid>,
+    sale: sqlx::Transaction<'static, sqlx::Postgres>,
+}
+
+async fn runs_held_by_a_sale(m: &mut Market, first: &str, second: &str) -> HeldRuns {
+    let mut held = Vec::new();
+    for (variant, policy) in [(&m.oak.variant, first), (&m.tea.variant, second)] {
+        let (who, card, address) = customer_with_card(m, CARD_OK).await;
+        let body = weekly(&address, &card, &[(variant.as_str(), 2)], policy);
+        let id = schedule_id(&m.app, &who.token, body).await;
+        held.push((who, id));
+    }
+    m.pipeline
+        .run_replenisher(&m.app, replenisher(Duration::from_secs(3600), 3));
+    let variants: Vec<Uuid> = [&m.oak.variant, &m.tea.variant]
+        .iter()
+        .map(|v| Uuid::parse_str(v).unwrap())
+        .collect();
+    let mut sale = m.app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM variants WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(&variants)
+        .execute(&mut *sale)
+        .await
+        .unwrap();
+    for (_, id) in &held {
+        make_due(&m.app, id).await;
+    }
+    for (_, id) in &held {
+        wait_run(m, id, 1, "placed").await;
+    }
+    reserver_waits_for_stock(m).await;
+    let second = held.pop().unwrap();
+    let first = held.pop().unwrap();
+    HeldRuns {
+        first,
+        second,
+        variants,
+        sale,
     }
 }
 
@@ -537,36 +587,15 @@ async fn an_out_of_stock_item_or_a_price_beyond_the_limit_notifies_and_follows_t
 async fn an_item_sold_out_after_its_order_was_placed_notifies_the_customer_and_follows_the_policy()
 {
     let mut m = Market::open().await;
+    let HeldRuns {
+        first: (retrying, retry),
+        second: (skipping, skip),
+        variants,
+        mut sale,
+    } = runs_held_by_a_sale(&mut m, "retry", "skip").await;
     let app = &m.app;
-    let (retrying, retry_card, retry_address) = customer_with_card(&m, CARD_OK).await;
-    let (skipping, skip_card, skip_address) = customer_with_card(&m, CARD_OK).await;
-    let retry = weekly(&retry_address, &retry_card, &[(&m.oak.variant, 2)], "retry");
-    let retry = schedule_id(app, &retrying.token, retry).await;
-    let skip = weekly(&skip_address, &skip_card, &[(&m.tea.variant, 2)], "skip");
-    let skip = schedule_id(app, &skipping.token, skip).await;
-    // Retries come an hour later (the test brings one forward).
-    m.pipeline
-        .run_replenisher(app, replenisher(Duration::from_secs(3600), 3));
-
-    // A sale elsewhere holds both variants' rows: the orders are placed
-    // (their lines' keys only share the rows) and the reserver waits.
-    let variants: Vec<Uuid> = [&m.oak.variant, &m.tea.variant]
-        .iter()
-        .map(|v| Uuid::parse_str(v).unwrap())
-        .collect();
-    let mut sale = app.db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM variants WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(&variants)
-        .execute(&mut *sale)
-        .await
-        .unwrap();
-    make_due(app, &retry).await;
-    make_due(app, &skip).await;
-    wait_run(&m, &retry, 1, "placed").await;
-    wait_run(&m, &skip, 1, "placed").await;
     assert_eq!(orders_of(&m, &retry).await.len(), 1);
     assert_eq!(orders_of(&m, &skip).await.len(), 1);
-    reserver_waits_for_stock(&m).await;
     // That sale takes the stock: 1 board left of the 2 wanted, no teapot.
     sqlx::query(
         "UPDATE variants SET on_hand = CASE WHEN id = $1 THEN 1 ELSE 0 END WHERE id = ANY($2)",
@@ -1136,28 +1165,11 @@ async fn a_schedule_re_timed_onto_a_skipped_due_time_places_that_delivery_after_
     .await;
     let token = buyer.token.as_str();
     let path = format!("/me/replenishments/{id}");
-    let change = |body: Value| {
-        let path = path.clone();
-        async move {
-            json_of(
-                call(app, token, Method::PATCH, &path, body).await,
-                StatusCode::OK,
-            )
-            .await
-        }
+    let ok = |method: Method, path: String, body: Value| async move {
+        json_of(call(app, token, method, &path, body).await, StatusCode::OK).await
     };
-    let skipped = json_of(
-        call(
-            app,
-            token,
-            Method::POST,
-            &format!("{path}/skip-next"),
-            json!({}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let change = |body: Value| ok(Method::PATCH, path.clone(), body);
+    let skipped = ok(Method::POST, format!("{path}/skip-next"), json!({})).await;
     let due = skipped["runs"][0]["due_at"].clone();
     assert_eq!(skipped["runs"][0]["reason"], "skipped_by_customer");
     // A change that leaves the timing alone keeps the skip.
@@ -1205,30 +1217,13 @@ async fn a_schedule_re_timed_onto_a_skipped_due_time_places_that_delivery_after_
     daily["interval_days"] = json!(1);
     daily["starts_at"] = json!(skipped_day);
     let daily = schedule_id(app, token, daily).await;
-    let path = format!("/me/replenishments/{daily}");
-    let skipped = json_of(
-        call(
-            app,
-            token,
-            Method::POST,
-            &format!("{path}/skip-next"),
-            json!({}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let daily_path = format!("/me/replenishments/{daily}");
+    let skipped = ok(Method::POST, format!("{daily_path}/skip-next"), json!({})).await;
     let due: DateTime<Utc> = serde_json::from_value(skipped["runs"][0]["due_at"].clone()).unwrap();
-    let earlier = json_of(
-        call(
-            app,
-            token,
-            Method::PATCH,
-            &path,
-            json!({"starts_at": due - chrono::Duration::days(2)}),
-        )
-        .await,
-        StatusCode::OK,
+    let earlier = ok(
+        Method::PATCH,
+        daily_path,
+        json!({"starts_at": due - chrono::Duration::days(2)}),
     )
     .await;
     let next: Vec<DateTime<Utc>> = serde_json::from_value(earlier["next_runs"].clone()).unwrap();
@@ -1240,32 +1235,14 @@ async fn a_schedule_re_timed_onto_a_skipped_due_time_places_that_delivery_after_
 #[tokio::test]
 async fn a_run_failing_after_its_schedule_was_paused_or_cancelled_is_skipped_and_says_so() {
     let mut m = Market::open().await;
-    let app = &m.app;
-    let (ann, anns_card, anns_address) = customer_with_card(&m, CARD_OK).await;
-    let (bob, bobs_card, bobs_address) = customer_with_card(&m, CARD_OK).await;
-    let paused = weekly(&anns_address, &anns_card, &[(&m.oak.variant, 2)], "retry");
-    let paused = schedule_id(app, &ann.token, paused).await;
-    let cancelled = weekly(&bobs_address, &bobs_card, &[(&m.tea.variant, 2)], "retry");
-    let cancelled = schedule_id(app, &bob.token, cancelled).await;
-    m.pipeline
-        .run_replenisher(app, replenisher(Duration::from_secs(3600), 3));
-
     // Both orders placed, their reservations held up by a sale elsewhere.
-    let variants: Vec<Uuid> = [&m.oak.variant, &m.tea.variant]
-        .iter()
-        .map(|v| Uuid::parse_str(v).unwrap())
-        .collect();
-    let mut sale = app.db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM variants WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(&variants)
-        .execute(&mut *sale)
-        .await
-        .unwrap();
-    make_due(app, &paused).await;
-    make_due(app, &cancelled).await;
-    wait_run(&m, &paused, 1, "placed").await;
-    wait_run(&m, &cancelled, 1, "placed").await;
-    reserver_waits_for_stock(&m).await;
+    let HeldRuns {
+        first: (ann, paused),
+        second: (bob, cancelled),
+        variants,
+        mut sale,
+    } = runs_held_by_a_sale(&mut m, "retry", "retry").await;
+    let app = &m.app;
     // Meanwhile the customers pause and cancel, then the sale takes it all.
     for (who, id, what) in [(&ann, &paused, "pause"), (&bob, &cancelled, "cancel")] {
         let path = format!("/me/replenishments/{id}/{what}");
