@@ -685,6 +685,21 @@ async fn an_open_withdrawal_is_paid_to_the_account_it_was_requested_to() {
     )
     .await;
     assert_eq!(changed["iban_masked"], "GB** **** **** 5432");
+    // The shop's owner hears of the change (the first set-up was no change).
+    let told = mails_about(&oak_email, "payout account", 1).await;
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].text.contains("GB** **** **** 5432"),
+        "{}",
+        told[0].text
+    );
+    assert!(
+        told[0]
+            .text
+            .contains("still paid to the account it was requested to"),
+        "{}",
+        told[0].text
+    );
 
     // The open withdrawal is still paid where it was asked to be paid.
     let shown = to_pay(app, &root, first_id).await;

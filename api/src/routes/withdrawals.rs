@@ -179,7 +179,9 @@ pub async fn get_details(
 /// The new details apply to withdrawals requested from now on. A withdrawal
 /// that is already open keeps the account (holder and IBAN) it was requested
 /// to and is paid there, whatever the details say later; to have it paid
-/// elsewhere, ask for it to be turned down and request it again.
+/// elsewhere, ask for it to be turned down and request it again. A change
+/// of existing details is mailed to the shop's owner (who may not be the
+/// one who made it, if the account was taken over).
 #[utoipa::path(
     put, path = "/seller/payout-details", tag = "seller", security(("bearer" = [])),
     request_body = PayoutDetailsInput,
@@ -191,6 +193,7 @@ pub async fn get_details(
 pub async fn set_details(
     State(state): State<AppState>,
     seller: Seller,
+    request_id: RequestId,
     ValidJson(body): ValidJson<PayoutDetailsInput>,
 ) -> Result<Json<PayoutDetails>, ApiError> {
     seller.caller.require_verified()?;
@@ -201,21 +204,49 @@ pub async fn set_details(
         &iban,
         seller.shop_id.as_bytes(),
     );
-    let updated_at: DateTime<Utc> = sqlx::query_scalar(
+    let mut tx = state.pool.begin().await?;
+    // `xmax <> 0`: the row was there before (a change, not the first set-up).
+    let (updated_at, changed): (DateTime<Utc>, bool) = sqlx::query_as(
         "INSERT INTO payout_details (shop_id, holder_name, iban_ciphertext, iban_nonce, iban_last4)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (shop_id) DO UPDATE SET holder_name = excluded.holder_name,
              iban_ciphertext = excluded.iban_ciphertext, iban_nonce = excluded.iban_nonce,
              iban_last4 = excluded.iban_last4, updated_at = now()
-         RETURNING updated_at",
+         RETURNING updated_at, xmax <> 0",
     )
     .bind(seller.shop_id)
     .bind(body.holder_name.trim())
     .bind(&sealed.ciphertext)
     .bind(&sealed.nonce)
     .bind(&last4)
-    .fetch_one(&state.pool)
+    .fetch_one(&mut *tx)
     .await?;
+    if changed {
+        let (email, name, shop, owner, open): (String, String, String, Uuid, i64) =
+            sqlx::query_as(
+                "SELECT u.email, u.name, s.name, u.id,
+                        (SELECT count(*) FROM withdrawals w WHERE w.shop_id = s.id AND w.status = 'requested')
+                   FROM shops s JOIN users u ON u.id = s.owner_id WHERE s.id = $1",
+            )
+            .bind(seller.shop_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let data = json!({
+            "name": name, "shop": shop, "holder_name": body.holder_name.trim(),
+            "iban_masked": masked(&iban[..2], &last4), "changed_at": updated_at,
+            "open_withdrawals": open,
+        });
+        notify::in_app(&mut tx, owner, "payout_details_changed", &data).await?;
+        notify::email(
+            &mut tx,
+            &email,
+            "payout_details_changed",
+            data,
+            &request_id.0,
+        )
+        .await?;
+    }
+    state.commit_with_messages(tx).await?;
     Ok(Json(PayoutDetails {
         holder_name: body.holder_name.trim().to_string(),
         iban_masked: masked(&iban[..2], &last4),
