@@ -371,8 +371,12 @@ pub async fn seller_order(
         commission_minor: r.commission_minor,
         payout_minor: r.payout_minor,
         refunded_minor: r.refunded_minor,
-        // A seller learns where to ship only once there is something to ship.
-        shipping_address: r.paid_at.map(|_| r.shipping_address.0),
+        // A seller learns where to ship only once there is something to
+        // ship, and no longer once its part is called off.
+        shipping_address: (r.paid_at.is_some()
+            && (scope.shop().is_none()
+                || SellerOrderStatus::parse(&r.status).is_some_and(|s| s.is_fulfilment())))
+        .then_some(r.shipping_address.0),
         carrier: r.carrier,
         tracking_number: r.tracking_number,
         created_at: r.created_at,

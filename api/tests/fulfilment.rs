@@ -183,6 +183,21 @@ async fn a_seller_sees_the_address_only_once_the_order_is_paid() {
         paid["payout_minor"],
         paid["total_minor"].as_i64().unwrap() - paid["commission_minor"].as_i64().unwrap()
     );
+    // Called off, there is nothing to ship: the address is gone again.
+    let cancel = format!("{path}/cancel");
+    let body = json!({"reason": "out of walnut"});
+    json_of(
+        call(app, &oak.seller, Method::POST, &cancel, body).await,
+        StatusCode::OK,
+    )
+    .await;
+    let cancelled = json_of(
+        call(app, &oak.seller, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(cancelled["status"], "cancelled");
+    assert!(cancelled["shipping_address"].is_null(), "{cancelled}");
     market.close().await;
 }
 
@@ -578,6 +593,36 @@ async fn admins_see_every_order_and_correct_a_status_with_a_reason() {
             Some("admin"),
             Some("the carrier lost the parcel; not delivered")
         )
+    );
+    // The parcel on record is what the timeline shows again (none was given).
+    assert_eq!(
+        (
+            correction["carrier"].as_str(),
+            correction["tracking_number"].as_str()
+        ),
+        (Some("Amana"), Some("AM1")),
+        "{correction}"
+    );
+    assert_eq!(corrected["tracking_number"], "AM1");
+
+    // A correction moves between the fulfilment steps only: an unpaid part
+    // is no admin's to call paid (that is the order's payment).
+    let other = customer(app).await;
+    add_to_cart(app, &other.token, &oak.variant, 1).await;
+    let unpaid = id(&checkout(app, &other.token).await);
+    let awaiting = wait_for(app, &other.token, &unpaid, "awaiting_payment").await;
+    let pending = part(&awaiting, "oak");
+    let refused = call(
+        app,
+        &root,
+        Method::POST,
+        &format!("/admin/seller-orders/{pending}/status"),
+        json!({"status": "paid", "reason": "the customer says they paid"}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(refused, StatusCode::CONFLICT).await),
+        ["status"]
     );
     // Moved back, its earning (posted at delivery) is not released even
     // once its hold is over; delivered again, the hold starts over, and

@@ -177,8 +177,30 @@ pub async fn fulfil(
     change: Change<'_>,
     corr: &str,
 ) -> Result<(), ApiError> {
-    let carrier = body.carrier.as_deref().map(str::trim);
-    let tracking = body.tracking_number.as_deref().map(str::trim);
+    // The parcel as it now stands: what is given, else what was on record
+    // (a correction back to shipped keeps the carrier and number it had),
+    // so the timeline and the mail show what the customer can follow.
+    let (order, shop, carrier, tracking): (Uuid, String, Option<String>, Option<String>) =
+        sqlx::query_as(
+            "UPDATE seller_orders so
+                SET carrier = coalesce($2, so.carrier), tracking_number = coalesce($3, so.tracking_number)
+               FROM shops s WHERE so.id = $1 AND s.id = so.shop_id
+             RETURNING so.order_id, s.name, so.carrier, so.tracking_number",
+        )
+        .bind(seller_order)
+        .bind(body.carrier.as_deref().map(str::trim))
+        .bind(body.tracking_number.as_deref().map(str::trim))
+        .fetch_one(&mut *tx)
+        .await?;
+    let shipping = matches!(
+        body.status,
+        SellerOrderStatus::Shipped | SellerOrderStatus::Delivered
+    );
+    let (carrier, tracking) = if shipping {
+        (carrier, tracking)
+    } else {
+        (None, None)
+    };
     let data = json!({ "carrier": carrier, "tracking_number": tracking });
     let change = Change {
         data: Some(data),
@@ -188,17 +210,6 @@ pub async fn fulfil(
     // An admin's correction is signed by the platform, not by the shop.
     let correction = change.correction;
     status::move_seller_order(tx, seller_order, body.status, actor, change).await?;
-    let (order, shop): (Uuid, String) = sqlx::query_as(
-        "UPDATE seller_orders so
-            SET carrier = coalesce($2, so.carrier), tracking_number = coalesce($3, so.tracking_number)
-           FROM shops s WHERE so.id = $1 AND s.id = so.shop_id
-         RETURNING so.order_id, s.name",
-    )
-    .bind(seller_order)
-    .bind(carrier)
-    .bind(tracking)
-    .fetch_one(&mut *tx)
-    .await?;
     let note_from = if correction {
         "the Souk team"
     } else {

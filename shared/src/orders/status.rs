@@ -256,8 +256,13 @@ pub async fn move_seller_order(
     .await?;
     let (order, from) = row.ok_or(MoveError::NotFound)?;
     let from = SellerOrderStatus::parse(&from).ok_or(MoveError::NotFound)?;
-    let allowed = from.may_become(to)
-        || (change.correction && from != to && from.is_fulfilment() && to.is_fulfilment());
+    // A correction moves between fulfilment steps only, never by the table:
+    // `pending -> paid` there is the order's payment, not an admin's say.
+    let allowed = if change.correction {
+        from != to && from.is_fulfilment() && to.is_fulfilment()
+    } else {
+        from.may_become(to)
+    };
     if !allowed {
         return Err(Refused {
             from: from.to_string(),
@@ -270,7 +275,7 @@ pub async fn move_seller_order(
         "UPDATE seller_orders SET status = $2, updated_at = now(),
                 delivered_at = CASE WHEN $2 = 'delivered' THEN now()
                                     WHEN $2 IN ('paid', 'processing', 'shipped') THEN NULL ELSE delivered_at END,
-                shipped_at = CASE WHEN $2 = 'shipped' THEN now()
+                shipped_at = CASE WHEN $2 = 'shipped' THEN coalesce(shipped_at, now())
                                   WHEN $2 IN ('paid', 'processing') THEN NULL ELSE shipped_at END
           WHERE id = $1",
         order,
