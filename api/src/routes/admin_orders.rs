@@ -318,6 +318,19 @@ pub async fn correct_status(
         &request_id.0,
     )
     .await?;
+    if body.status != SellerOrderStatus::Delivered {
+        // Not delivered after all: the earning waits for the next delivery,
+        // whose message sets its hold anew. Until then no release sweep may
+        // take it, however long ago its first hold ended (the sweep could
+        // otherwise run between a re-delivery and its message).
+        sqlx::query(
+            "UPDATE seller_earnings SET available_at = 'infinity'
+              WHERE seller_order_id = $1 AND released_at IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
     let action = format!("seller_order.status.{}", body.status);
     audit(&mut tx, &admin, &action, ("seller_order", id), reason).await?;
     state.commit_with_messages(tx).await?;

@@ -96,13 +96,16 @@ pub async fn earning(
     // The hold runs from the delivery, not from when this message is handled,
     // so another copy of the same delivery cannot push the payout back.
     if !posted {
-        // Delivered again after an admin moved it back: the hold starts
-        // over from that delivery (the earning itself stands, once).
+        // Delivered again after an admin moved it back (which left it
+        // waiting, `infinity`): the hold starts over from that delivery
+        // (the earning itself stands, once).
         sqlx::query(
             "UPDATE seller_earnings e
-                SET available_at = greatest(e.available_at, coalesce(so.delivered_at, now()) + make_interval(secs => $2))
-               FROM seller_orders so
-              WHERE e.seller_order_id = $1 AND so.id = $1 AND e.released_at IS NULL",
+                SET available_at = CASE WHEN e.available_at = 'infinity' THEN d.at
+                                        ELSE greatest(e.available_at, d.at) END
+               FROM (SELECT coalesce(delivered_at, now()) + make_interval(secs => $2) AS at
+                       FROM seller_orders WHERE id = $1) d
+              WHERE e.seller_order_id = $1 AND e.released_at IS NULL",
         )
         .bind(seller_order)
         .bind(hold.as_secs_f64())
