@@ -293,11 +293,12 @@ async fn admins_read_the_event_log_and_replay_parked_messages() {
     let pipeline = Pipeline::start(&app, &amqp_url());
     let root = admin(&app).await;
     let root = token_for(&app, &root).await;
-    // A mail no template exists for: the mailer parks it.
+    // A mail no template exists for: the mailer parks it. It carries a
+    // one-time link, which no admin view may show.
     let mail = EmailRequested {
         to: "nobody@example.com".into(),
         template: "no_such_template".into(),
-        data: json!({}),
+        data: json!({"link": "https://souk.test/reset-password?token=live-secret"}),
     };
     let envelope = Envelope::new(&mail, "admin-test");
     let mut tx = app.db.pool.begin().await.unwrap();
@@ -317,6 +318,7 @@ async fn admins_read_the_event_log_and_replay_parked_messages() {
     )
     .await;
     assert_eq!(events["items"][0]["type"], "notify.email");
+    assert!(!events.to_string().contains("live-secret"), "{events}");
     let list = || async {
         json_of(
             call(&app, &root, Method::GET, "/admin/parked/mailer", json!({})).await,
@@ -330,6 +332,8 @@ async fn admins_read_the_event_log_and_replay_parked_messages() {
     .await;
     let parked: Value = list().await;
     assert_eq!(parked[0]["message_id"], envelope.id.to_string());
+    assert!(!parked.to_string().contains("live-secret"), "{parked}");
+    assert!(parked[0]["body"].as_str().unwrap().contains("[redacted]"));
     assert!(
         parked[0]["error"]
             .as_str()
@@ -350,6 +354,20 @@ async fn admins_read_the_event_log_and_replay_parked_messages() {
     )
     .await;
 
+    // A message id that is not one is refused, never taken for "all".
+    let bad = json!({"message_id": "not-an-id", "reason": "template deployed"});
+    let bad = call(
+        &app,
+        &root,
+        Method::POST,
+        "/admin/parked/mailer/replay",
+        bad,
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["message_id"]
+    );
     let body = json!({"message_id": envelope.id.to_string(), "reason": "template deployed"});
     let replayed = json_of(
         call(

@@ -780,3 +780,56 @@ async fn an_open_withdrawal_is_paid_to_the_account_it_was_requested_to() {
     assert_ledger_balances(app).await;
     market.close().await;
 }
+
+/// A shop suspended after it asked for a withdrawal is not paid out: the
+/// approval is refused (nothing leaves the ledger); the request can be
+/// turned down, its money back in the balance, or paid once reinstated.
+#[tokio::test]
+async fn a_suspended_shops_open_withdrawal_is_not_paid() {
+    let market = Market::open().await;
+    earned(&market).await;
+    let Market { app, oak, .. } = &market;
+    let root = token_for(app, &admin(app).await).await;
+    let w = json_of(
+        withdraw(app, &oak.seller, 5000, None).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let id = w["id"].as_str().unwrap();
+    let suspend = json!({"reason": "chargebacks under review"});
+    let resp = call(
+        app,
+        &root,
+        Method::POST,
+        "/admin/shops/oak/suspend",
+        suspend,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let approve = format!("/admin/withdrawals/{id}/approve");
+    let why = json!({"reason": "paid by transfer"});
+    let refused = call(app, &root, Method::POST, &approve, why.clone()).await;
+    let refused = problem(refused, StatusCode::CONFLICT).await;
+    assert_eq!(fields(&refused), ["status"]);
+    assert!(refused.to_string().contains("suspended"), "{refused}");
+    let payouts = "SELECT count(*) FROM ledger_transactions WHERE kind = 'withdrawal_paid'";
+    assert_eq!(count(&app.db.pool, payouts).await, 0, "nothing paid out");
+
+    let resp = call(
+        app,
+        &root,
+        Method::POST,
+        "/admin/shops/oak/unsuspend",
+        json!({"reason": "cleared"}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let paid = json_of(
+        call(app, &root, Method::POST, &approve, why).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(paid["status"], "paid");
+    market.close().await;
+}

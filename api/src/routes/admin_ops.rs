@@ -42,6 +42,31 @@ impl Validate for EventQuery {
     }
 }
 
+/// What an admin reading the event log or a parking queue must not see:
+/// the one-time links of sign-up and password-reset mails (a live token
+/// would let its reader take the account) and PaymentIntents' client
+/// secrets (only the order's owner sees those). Replaced wherever they sit.
+fn redact(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(fields) => {
+            for (key, field) in fields.iter_mut() {
+                let secret = key == "client_secret"
+                    || key == "token"
+                    || key.ends_with("_token")
+                    || (key == "link" && field.as_str().is_some_and(|l| l.contains("token=")));
+                if secret && !field.is_null() {
+                    *field = Value::String("[redacted]".into());
+                } else {
+                    redact(field);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
 /// A message the outbox carried.
 #[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct Event {
@@ -83,6 +108,8 @@ pub async fn events(
     .bind(paging.offset())
     .fetch_all(&state.pool)
     .await?;
+    let mut items = items;
+    items.iter_mut().for_each(|e| redact(&mut e.envelope));
     let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM outbox WHERE {filter}"
     )))
@@ -117,7 +144,7 @@ pub async fn stripe_events(
     ValidQuery(query): ValidQuery<EventQuery>,
 ) -> Result<Json<Page<StripeEvent>>, ApiError> {
     let paging = Paging::new(query.page, query.per_page);
-    let items: Vec<StripeEvent> = sqlx::query_as(
+    let mut items: Vec<StripeEvent> = sqlx::query_as(
         "SELECT id, type AS kind, payload, received_at FROM stripe_events
           WHERE $1::text IS NULL OR type = $1 ORDER BY received_at DESC, id DESC LIMIT $2 OFFSET $3",
     )
@@ -126,6 +153,7 @@ pub async fn stripe_events(
     .bind(paging.offset())
     .fetch_all(&state.pool)
     .await?;
+    items.iter_mut().for_each(|e| redact(&mut e.payload));
     let total: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM stripe_events WHERE $1::text IS NULL OR type = $1",
     )
@@ -197,15 +225,23 @@ pub async fn parked_list(
     .await
     .map_err(broker_down)?;
     let _ = conn.close(200, "listed".into()).await;
+    let mut messages = messages;
+    for message in &mut messages {
+        if let Ok(mut body) = serde_json::from_str::<serde_json::Value>(&message.body) {
+            redact(&mut body);
+            message.body = body.to_string();
+        }
+    }
     Ok(Json(messages))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Replay {
-    /// One message by its id; every parked message of the group if absent.
+    /// One message by its id (a UUID: a malformed one is refused, never
+    /// read as "all"); every parked message of the group if absent.
     #[serde(default)]
-    pub message_id: Option<String>,
+    pub message_id: Option<Uuid>,
     /// Why (the fix that makes it go through now); kept in the audit log.
     pub reason: String,
 }
@@ -229,6 +265,7 @@ pub struct Replayed {
         (status = 200, description = "how many went back", body = Replayed),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such consumer group", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no reason, or a message id that is not one", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "the broker is not reachable", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -240,11 +277,7 @@ pub async fn parked_replay(
 ) -> Result<Json<Replayed>, ApiError> {
     let group = group(&name)?;
     // Messages are named by their id (the nil id for "all of them").
-    let target = body
-        .message_id
-        .as_deref()
-        .and_then(|id| Uuid::parse_str(id).ok())
-        .unwrap_or(Uuid::nil());
+    let target = body.message_id.unwrap_or(Uuid::nil());
     // Audited before it is done (no transaction is held across the broker
     // call): no replay ever happens without its entry.
     let mut tx = state.pool.begin().await?;
@@ -262,7 +295,7 @@ pub async fn parked_replay(
         &conn,
         state.broker.names(),
         group,
-        body.message_id.as_deref(),
+        body.message_id.map(|id| id.to_string()).as_deref(),
     )
     .await
     .map_err(broker_down)?;
@@ -339,4 +372,30 @@ pub async fn audit_log(
     .fetch_one(&state.pool)
     .await?;
     Ok(Json(paging.page(items, total)))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn one_time_links_and_client_secrets_are_redacted_wherever_they_sit() {
+        let mut envelope = json!({
+            "type": "notify.email",
+            "payload": {"to": "ann@example.com", "template": "reset_password",
+                        "data": {"name": "Ann", "link": "https://shop/reset?token=abc", "expires": "1 hour"}},
+            "items": [{"client_secret": "pi_1_secret_x", "refresh_token": "r", "amount": 5}],
+        });
+        super::redact(&mut envelope);
+        assert_eq!(envelope["payload"]["data"]["link"], "[redacted]");
+        assert_eq!(envelope["payload"]["data"]["name"], "Ann");
+        assert_eq!(envelope["payload"]["to"], "ann@example.com");
+        assert_eq!(envelope["items"][0]["client_secret"], "[redacted]");
+        assert_eq!(envelope["items"][0]["refresh_token"], "[redacted]");
+        assert_eq!(envelope["items"][0]["amount"], 5);
+        // A link without a token (an order's page) is no secret.
+        let mut mail = json!({"link": "https://shop/orders/1"});
+        super::redact(&mut mail);
+        assert_eq!(mail["link"], "https://shop/orders/1");
+    }
 }

@@ -693,6 +693,22 @@ async fn decide(
             ApiError::NotFound
         });
     };
+    // A shop suspended since it asked (fraud, say) is not paid out: its
+    // request may only be turned down, or paid once it is reinstated.
+    if paid {
+        let suspended: bool = sqlx::query_scalar(
+            "SELECT suspended_at IS NOT NULL FROM shops WHERE id = $1 FOR SHARE",
+        )
+        .bind(shop)
+        .fetch_one(&mut *tx)
+        .await?;
+        if suspended {
+            return Err(ApiError::Conflict(FieldError::new(
+                "status",
+                "the shop is suspended: turn the withdrawal down, or reinstate the shop first",
+            )));
+        }
+    }
     postings::withdrawal(&mut tx, id, step)
         .await
         .map_err(anyhow::Error::from)?;
@@ -724,7 +740,7 @@ struct WithdrawalWithShop {
     responses(
         (status = 200, description = "paid", body = Withdrawal),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "already decided", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already decided, or the shop is suspended", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn approve(
