@@ -45,6 +45,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Validate> FromRequest<S> for ValidJso
                 _ => ApiError::MalformedJson(e.body_text()),
             })?;
         let value = parse::<T>(&bytes)?;
+        refuse_nul_in_json(&bytes)?;
         let errors = value.validate();
         if errors.is_empty() {
             Ok(Self(value))
@@ -65,12 +66,61 @@ impl<S: Send + Sync, T: DeserializeOwned + Validate> FromRequestParts<S> for Val
         let query = parts.uri.query().unwrap_or_default();
         let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
         let value: T = located(serde_path_to_error::deserialize(de))?;
+        if let Some((key, _)) =
+            form_urlencoded::parse(query.as_bytes()).find(|(_, v)| v.contains('\0'))
+        {
+            return Err(ApiError::Validation(vec![nul(key.into_owned())]));
+        }
         let errors = value.validate();
         if errors.is_empty() {
             Ok(Self(value))
         } else {
             Err(ApiError::Validation(errors))
         }
+    }
+}
+
+/// PostgreSQL keeps no NUL character in text, so one would fail the write
+/// as a 500: it is refused up front, naming the field that carries it.
+fn nul(field: String) -> FieldError {
+    FieldError::new(field, "must not contain NUL characters")
+}
+
+/// A JSON body can only carry a NUL as the escape `\u0000`: only then is
+/// it read again to find the field (a rare case, so the common one costs a
+/// scan of the bytes).
+fn refuse_nul_in_json(bytes: &[u8]) -> Result<(), ApiError> {
+    if !bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return Ok(());
+    }
+    fn find(value: &serde_json::Value, path: String) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) => s.contains('\0').then_some(path),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| find(v, format!("{path}[{i}]"))),
+            serde_json::Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+                find(
+                    v,
+                    if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    },
+                )
+            }),
+            _ => None,
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+    match find(&value, String::new()) {
+        Some(path) => Err(ApiError::Validation(vec![nul(if path.is_empty() {
+            "body".into()
+        } else {
+            path
+        })])),
+        None => Ok(()),
     }
 }
 

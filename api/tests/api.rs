@@ -338,3 +338,25 @@ async fn a_malformed_id_in_the_path_is_a_problem_naming_the_parameter() {
         );
     }
 }
+
+/// PostgreSQL keeps no NUL in text: one in a body field or a query
+/// parameter is refused naming it, not a 500 from the write.
+#[tokio::test]
+async fn a_nul_character_is_refused_naming_its_field() {
+    let app = spawn_app(&amqp_url()).await;
+    let mut bad = request("ann@example.com");
+    bad["message"] = json!("where is\u{0}my order?");
+    let body = problem(
+        app.post("/api/v1/support-requests", &bad).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(body["errors"][0]["field"], "message", "{body}");
+    assert_eq!(written(&app).await, (0, 0));
+    let body = problem(
+        app.get("/api/v1/products?q=oak%00").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(body["errors"][0]["field"], "q", "{body}");
+}
