@@ -453,3 +453,56 @@ async fn an_admin_cancels_an_order_with_a_reason() {
     );
     market.close().await;
 }
+
+/// Two admins demoting each other at the same moment: the accounts' rows
+/// queue, and the second finds it is no longer an admin. Run several
+/// times, each way round: there is always exactly one admin left.
+#[tokio::test]
+async fn two_admins_removing_each_other_at_once_leave_one_admin() {
+    let app = spawn_app(&amqp_url()).await;
+    for round in 0..4 {
+        let (a, b) = (admin(&app).await, admin(&app).await);
+        let ids: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT id FROM users WHERE email = ANY($1) ORDER BY email = $2")
+                .bind([&a, &b])
+                .bind(&b)
+                .fetch_all(&app.db.pool)
+                .await
+                .unwrap();
+        let (a_id, b_id) = (ids[0], ids[1]);
+        let (a, b) = (token_for(&app, &a).await, token_for(&app, &b).await);
+        let demote = json!({"role": "customer", "reason": "handing over"});
+        let suspend = json!({"reason": "handing over"});
+        let role_path = format!("/admin/users/{b_id}/role");
+        let suspend_path = format!("/admin/users/{a_id}/suspend");
+        let a_demotes_b = call(&app, &a, Method::PUT, &role_path, demote);
+        let b_suspends_a = call(&app, &b, Method::POST, &suspend_path, suspend);
+        let (one, other) = if round % 2 == 0 {
+            tokio::join!(a_demotes_b, b_suspends_a)
+        } else {
+            let (x, y) = tokio::join!(b_suspends_a, a_demotes_b);
+            (y, x)
+        };
+        let done = [one.status(), other.status()];
+        assert_eq!(
+            done.iter().filter(|s| s.is_success()).count(),
+            1,
+            "round {round}: {done:?}"
+        );
+        // The loser is refused: no longer an admin (403), or suspended
+        // already, its token dead (401).
+        assert!(
+            done.iter()
+                .any(|s| matches!(*s, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED)),
+            "round {round}: {done:?}"
+        );
+        let active: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM users WHERE id = ANY($1) AND role = 'admin' AND suspended_at IS NULL",
+        )
+        .bind([a_id, b_id])
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(active, 1, "round {round}");
+    }
+}

@@ -37,6 +37,35 @@ impl Validate for Reason {
     }
 }
 
+/// Locks the acting admin's and the target account's rows, in id order (two
+/// admins acting on each other queue instead of deadlocking), and checks the
+/// actor is still an active admin. Of two admins demoting or suspending each
+/// other at once, the second then finds it is no longer one: the platform is
+/// never left without an admin by a race.
+pub(crate) async fn lock_actor_and_target(
+    tx: &mut PgConnection,
+    admin: &Admin,
+    target: Uuid,
+) -> Result<(), ApiError> {
+    let rows: Vec<(Uuid, String, bool)> = sqlx::query_as(
+        "SELECT id, role, suspended_at IS NOT NULL FROM users
+          WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind([admin.0.id, target])
+    .fetch_all(&mut *tx)
+    .await?;
+    let still_admin = rows
+        .iter()
+        .any(|(id, role, suspended)| *id == admin.0.id && role == "admin" && !suspended);
+    if !still_admin {
+        return Err(ApiError::ForbiddenBecause(FieldError::new(
+            "role",
+            "your account is no longer an active admin",
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) async fn audit(
     tx: &mut PgConnection,
     admin: &Admin,
@@ -73,6 +102,7 @@ pub async fn suspend(
     }
     let reason = body.reason.trim();
     let mut tx = state.pool.begin().await?;
+    lock_actor_and_target(&mut tx, &admin, id).await?;
     let found = sqlx::query(
         "UPDATE users SET suspended_at = coalesce(suspended_at, now()), suspended_reason = $2, updated_at = now()
           WHERE id = $1",

@@ -16,7 +16,7 @@ use crate::{
     extract::{Path, ValidJson, ValidQuery, Validate},
     middleware::RequestId,
     routes::{
-        admin::{Reason, audit, reason_error},
+        admin::{Reason, audit, lock_actor_and_target, reason_error},
         catalog::{Page, Paging},
     },
     state::AppState,
@@ -159,6 +159,7 @@ pub async fn set_role(
         )]));
     }
     let mut tx = state.pool.begin().await?;
+    lock_actor_and_target(&mut tx, &admin, id).await?;
     let current: Option<(String, bool)> = sqlx::query_as(
         "SELECT u.role, EXISTS (SELECT 1 FROM shops s WHERE s.owner_id = u.id) FROM users u WHERE u.id = $1 FOR NO KEY UPDATE",
     )
