@@ -804,3 +804,57 @@ async fn an_order_stripe_will_not_open_a_payment_for_is_cancelled_at_once_and_sa
     payments.stop().await;
     pipeline.stop().await;
 }
+
+/// Stripe's word that a refund failed can come before the payments worker
+/// recorded Stripe's answer to it (a retry, a crashed peer's lease): the
+/// event is tried again, not dropped, and applies once the answer is in.
+#[tokio::test]
+async fn a_refund_failure_before_its_answer_is_recorded_is_applied_once_it_is() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let paid = common::orders::checkout_and_pay(app, stripe, &buyer.token).await;
+    let order_id = Uuid::parse_str(&id(&paid)).unwrap();
+    // An approved refund whose Stripe answer is not recorded yet (written
+    // as the API would, but without the message: nothing calls Stripe).
+    let refund = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO refunds (id, order_id, payment_id, amount_minor, reason)
+         SELECT $1, $2, id, 1000, 'arrived damaged' FROM payments WHERE order_id = $2",
+    )
+    .bind(refund)
+    .bind(order_id)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let failed = json!({"id": "re_early", "object": "refund", "status": "failed",
+                        "failure_reason": "lost_or_stolen_card", "amount": 1000,
+                        "metadata": {"refund_id": refund, "order_id": order_id}});
+    deliver(
+        app,
+        &souk_testkit::stripe::event("evt_early", "refund.failed", failed),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let flagged = "SELECT count(*) FROM payments WHERE flagged_reason IS NOT NULL";
+    assert_eq!(count(&app.db.pool, flagged).await, 0, "nothing to flag yet");
+
+    // The answer is recorded: the event's next try applies it.
+    sqlx::query(
+        "UPDATE refunds SET status = 'succeeded', stripe_refund_id = 're_early' WHERE id = $1",
+    )
+    .bind(refund)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    wait_until("the failure applied", PIPELINE_WAIT, || async {
+        count(&app.db.pool, flagged).await == 1
+    })
+    .await;
+    mails_about(&buyer.email, "is delayed", 1).await;
+    assert_eq!(notices_of(app, &root, "refund_failed").await, 1);
+    market.close().await;
+}

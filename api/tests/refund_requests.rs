@@ -866,3 +866,85 @@ async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
     payments.stop().await;
     market.close().await;
 }
+
+/// A unit back on the shelf through an approved refund request is not put
+/// back again when its seller order is later called off: 2 boards sold, 1
+/// returned and restocked, the part moved back from shipped by an admin and
+/// cancelled by its seller: the stock ends where it began, not one over.
+#[tokio::test]
+async fn a_unit_restocked_by_a_refund_request_is_not_restocked_again_on_cancel() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = token_for(app, &admin(app).await).await;
+    let buyer = market.shopper(&[(oak, 2)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let part = part_of(&paid, "oak");
+    let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM1"});
+    json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::POST,
+            &format!("/seller/orders/{part}/status"),
+            shipped,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(stock(app, &oak.variant).await, (3, 0));
+    let board = line(&paid, "Walnut board");
+    let path = format!("/orders/{}/refund-requests", id(&paid));
+    let ask = json!({"line_id": board["id"], "quantity": 1, "reason": "one was cracked"});
+    let asked = json_of(
+        call(app, &buyer.token, Method::POST, &path, ask).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    seller_approves(app, &oak.seller, &asked, true).await;
+    assert_eq!(stock(app, &oak.variant).await, (4, 0));
+
+    let back = json!({"status": "processing", "reason": "the parcel never left the depot"});
+    json_of(
+        call(
+            app,
+            &root,
+            Method::POST,
+            &format!("/admin/seller-orders/{part}/status"),
+            back,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let cancel = json!({"reason": "cannot send the other board"});
+    json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::POST,
+            &format!("/seller/orders/{part}/cancel"),
+            cancel,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    wait_until("the part's stock returned", PIPELINE_WAIT, || async {
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM seller_orders WHERE stock_returned_at IS NOT NULL",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        stock(app, &oak.variant).await,
+        (5, 0),
+        "each unit back once"
+    );
+    market.close().await;
+}

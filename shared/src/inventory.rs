@@ -1,8 +1,9 @@
 //! Stock changes shared by the API (seller adjustments) and the workers
 //! (reservations, sales): each is one conditional UPDATE, never a read then
 //! a write, so concurrent changes cannot break `on_hand >= reserved >= 0`.
-//! Variants are always locked in id order, so two orders sharing variants
-//! never wait on each other in a circle.
+//! Locks are taken in one order everywhere: an order's row before its
+//! stock, and several orders, variants or products each in id order
+//! ([`lock_for_orders`]), so no two paths wait on each other in a circle.
 
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
@@ -166,13 +167,21 @@ fn in_lock_order(lines: &[Units]) -> Vec<Units> {
     lines
 }
 
-/// Locks the stock rows the orders' lines touch, variants then their
-/// products, each in id order: what a batch of stock changes takes first so
-/// that batches sharing variants queue instead of deadlocking.
+/// Locks the orders, then the stock rows their lines touch (variants, then
+/// their products), each in id order: what a batch of stock changes (and the
+/// expiry sweep) takes first so that batches sharing variants queue instead
+/// of deadlocking. Orders come first because every single-order path (a
+/// payment, a cancel, a refund's restock) locks its order and then its
+/// stock: a batch holding stock while it waits for an order would close a
+/// circle with one of them.
 pub async fn lock_for_orders(tx: &mut PgConnection, orders: &[Uuid]) -> Result<(), sqlx::Error> {
     if orders.is_empty() {
         return Ok(());
     }
+    sqlx::query("SELECT 1 FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(orders)
+        .execute(&mut *tx)
+        .await?;
     for (table, column) in [("variants", "variant_id"), ("products", "product_id")] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT 1 FROM {table} WHERE id IN (SELECT {column} FROM order_lines WHERE order_id = ANY($1))

@@ -261,8 +261,16 @@ async fn restock_seller_order(
     let Some((order, shop)) = part else {
         return Ok(());
     };
+    // Less the units already back on the shelf through an approved refund
+    // request that restocked them: each sold unit returns once.
     let sold: Vec<Units> = sqlx::query_as(
-        "SELECT variant_id, quantity FROM order_lines WHERE order_id = $1 AND shop_id = $2",
+        "SELECT variant_id, quantity FROM (
+             SELECT l.variant_id,
+                    (l.quantity - coalesce((SELECT sum(r.quantity) FROM refund_requests r
+                                             WHERE r.order_line_id = l.id AND r.status = 'approved'
+                                               AND r.restock), 0))::int AS quantity
+               FROM order_lines l WHERE l.order_id = $1 AND l.shop_id = $2) left_to_return
+          WHERE quantity > 0",
     )
     .bind(order)
     .bind(shop)
@@ -308,11 +316,16 @@ pub async fn expire_batch(pool: &PgPool, limit: i64) -> anyhow::Result<usize> {
           WHERE stock = 'reserved' AND status IN ('reserved', 'awaiting_payment', 'payment_failed')
             AND reserved_until < now()
           ORDER BY reserved_until LIMIT $1
-          FOR UPDATE SKIP LOCKED",
+          FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
+    // The whole batch's stock in id order before any release, as a batch of
+    // reservations takes it: released order by order, the variants would be
+    // taken out of order and could close a circle with a sale or a batch.
+    let ids: Vec<Uuid> = due.iter().map(|(id, _)| *id).collect();
+    inventory::lock_for_orders(&mut tx, &ids).await?;
     for (order, corr) in &due {
         let held = inventory::of_order(&mut tx, *order).await?;
         sqlx::query("UPDATE orders SET stock = 'released' WHERE id = $1 AND stock = 'reserved'")

@@ -312,6 +312,22 @@ async fn refund_changed(tx: &mut PgConnection, refund: &Object, corr: &str) -> R
     .fetch_optional(&mut *tx)
     .await?;
     let Some((order, payment, amount, why)) = found else {
+        // Stripe's news may come before the payments worker recorded its
+        // answer (it retries, or waits out a crashed peer's lease): a
+        // refund of ours (by its metadata) with no Stripe id yet is tried
+        // again later rather than its failure dropped.
+        let unanswered: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM refunds WHERE id = $1 AND status = 'requested')",
+        )
+        .bind(refund.metadata_id("refund_id"))
+        .fetch_one(&mut *tx)
+        .await?;
+        if unanswered {
+            return Err(Failure::transient(anyhow::anyhow!(
+                "refund {} failed at Stripe before its answer was recorded; trying again",
+                refund.id
+            )));
+        }
         return Ok(());
     };
     let extra = json!({ "amount_minor": amount, "reason": why });
