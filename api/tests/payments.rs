@@ -61,6 +61,14 @@ async fn notices_of(app: &App, email: &str, kind: &str) -> i64 {
     .unwrap()
 }
 
+/// An admin (their email) to be told, and a customer who has paid for a board.
+async fn an_admin_and_a_paid_board(market: &Market) -> (String, common::orders::Customer, Value) {
+    let root = admin(&market.app).await;
+    let buyer = market.shopper(&[(&market.oak, 1)]).await;
+    let paid = common::orders::checkout_and_pay(&market.app, &market.stripe, &buyer.token).await;
+    (root, buyer, paid)
+}
+
 /// Moves the order's reservation into the past; the sweep expires it.
 async fn run_out(app: &App, order: &str) {
     sqlx::query("UPDATE orders SET reserved_until = now() - interval '1 second' WHERE id = $1")
@@ -712,12 +720,8 @@ async fn an_event_of_an_unused_type_is_acknowledged_whatever_its_object() {
 #[tokio::test]
 async fn a_refund_that_fails_after_stripe_accepted_it_is_flagged_and_told_once() {
     let market = Market::open().await;
-    let Market {
-        app, stripe, oak, ..
-    } = &market;
-    let root = admin(app).await;
-    let buyer = market.shopper(&[(oak, 1)]).await;
-    let paid = common::orders::checkout_and_pay(app, stripe, &buyer.token).await;
+    let app = &market.app;
+    let (root, buyer, paid) = an_admin_and_a_paid_board(&market).await;
     let order_id = id(&paid);
     assert_eq!(
         cancel_order(app, &buyer.token, &order_id).await.status(),
@@ -811,12 +815,8 @@ async fn an_order_stripe_will_not_open_a_payment_for_is_cancelled_at_once_and_sa
 #[tokio::test]
 async fn a_refund_failure_before_its_answer_is_recorded_is_applied_once_it_is() {
     let market = Market::open().await;
-    let Market {
-        app, stripe, oak, ..
-    } = &market;
-    let root = admin(app).await;
-    let buyer = market.shopper(&[(oak, 1)]).await;
-    let paid = common::orders::checkout_and_pay(app, stripe, &buyer.token).await;
+    let app = &market.app;
+    let (root, buyer, paid) = an_admin_and_a_paid_board(&market).await;
     let order_id = Uuid::parse_str(&id(&paid)).unwrap();
     // An approved refund whose Stripe answer is not recorded yet (written
     // as the API would, but without the message: nothing calls Stripe).
