@@ -68,6 +68,16 @@ async fn earned(market: &Market) -> (Customer, Value) {
     (buyer, paid)
 }
 
+/// An admin's decision on withdrawal `id` (`approve` or `reject`), taken.
+async fn decide(app: &App, admin: &str, id: &str, decision: &str, reason: &str) -> Value {
+    let path = format!("/admin/withdrawals/{id}/{decision}");
+    json_of(
+        call(app, admin, Method::POST, &path, json!({ "reason": reason })).await,
+        StatusCode::OK,
+    )
+    .await
+}
+
 /// The seller's balance as (pending, available, withdrawing).
 async fn balances(app: &App, seller: &str) -> (i64, i64, i64) {
     let b = balance(app, seller).await;
@@ -428,19 +438,8 @@ async fn an_admin_pays_or_turns_down_a_withdrawal_and_the_seller_is_told() {
         1
     );
 
-    let reason = json!({"reason": "the account holder does not match the shop"});
-    let rejected = json_of(
-        call(
-            app,
-            &root,
-            Method::POST,
-            &format!("/admin/withdrawals/{id}/reject"),
-            reason,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let why = "the account holder does not match the shop";
+    let rejected = decide(app, &root, id, "reject", why).await;
     assert_eq!(rejected["status"], "rejected");
     assert_eq!(
         balance(app, &oak.seller).await["available_minor"],
@@ -465,18 +464,7 @@ async fn an_admin_pays_or_turns_down_a_withdrawal_and_the_seller_is_told() {
     )
     .await;
     let id = w["id"].as_str().unwrap();
-    let paid = json_of(
-        call(
-            app,
-            &root,
-            Method::POST,
-            &format!("/admin/withdrawals/{id}/approve"),
-            json!({"reason": "sent by SEPA"}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let paid = decide(app, &root, id, "approve", "sent by SEPA").await;
     assert_eq!(paid["status"], "paid");
     assert_eq!(
         balances(app, &oak.seller).await,
@@ -511,11 +499,12 @@ async fn a_refund_after_a_payout_leaves_the_balance_negative_until_later_earning
         StatusCode::CREATED,
     )
     .await;
-    let path = format!("/admin/withdrawals/{}/approve", w["id"].as_str().unwrap());
-    let body = json!({"reason": "sent by SEPA"});
-    json_of(
-        call(app, &root, Method::POST, &path, body).await,
-        StatusCode::OK,
+    decide(
+        app,
+        &root,
+        w["id"].as_str().unwrap(),
+        "approve",
+        "sent by SEPA",
     )
     .await;
     assert_eq!(balances(app, &oak.seller).await, (0, 0, 0));
@@ -714,18 +703,7 @@ async fn an_open_withdrawal_is_paid_to_the_account_it_was_requested_to() {
     .await;
     assert!(stripped.is_err(), "an open withdrawal without an account");
 
-    json_of(
-        call(
-            app,
-            &root,
-            Method::POST,
-            &format!("/admin/withdrawals/{first_id}/approve"),
-            json!({"reason": "sent by SEPA"}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    decide(app, &root, first_id, "approve", "sent by SEPA").await;
     let paid = paid_mails(&oak_email, 1).await;
     assert_eq!(paid.len(), 1, "{paid:?}");
     assert!(paid[0].text.contains("ending 3000"), "{}", paid[0].text);
@@ -759,18 +737,7 @@ async fn an_open_withdrawal_is_paid_to_the_account_it_was_requested_to() {
         .await,
         3
     );
-    json_of(
-        call(
-            app,
-            &root,
-            Method::POST,
-            &format!("/admin/withdrawals/{second_id}/approve"),
-            json!({"reason": "sent by SEPA"}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    decide(app, &root, second_id, "approve", "sent by SEPA").await;
     let paid = paid_mails(&oak_email, 2).await;
     assert_eq!(paid.len(), 2, "{paid:?}");
     assert!(
