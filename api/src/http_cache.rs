@@ -165,15 +165,12 @@ impl PublicCache {
                 return Ok(entry.answer.respond(request));
             }
         }
-        let made = match make().await {
-            Ok(value) => Answer::of(&value),
-            Err(e) => {
-                if let Some(entry) = kept {
-                    entry.refreshing.store(false, Ordering::Release);
-                }
-                return Err(e);
-            }
-        };
+        // However this request ends (an error, or dropped because its
+        // client went away mid-query), the kept entry is open for the next
+        // request to remake: otherwise every reader got the stale answer
+        // for all its usable periods.
+        let _refresh = RefreshGuard(kept);
+        let made = Answer::of(&make().await?);
         let response = made.respond(request);
         self.keep(key, made);
         Ok(response)
@@ -222,6 +219,17 @@ impl PublicCache {
     }
 }
 
+/// Clears the kept entry's "being remade" mark when dropped.
+struct RefreshGuard(Option<Arc<Entry>>);
+
+impl Drop for RefreshGuard {
+    fn drop(&mut self) {
+        if let Some(entry) = &self.0 {
+            entry.refreshing.store(false, Ordering::Release);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
@@ -259,5 +267,33 @@ mod tests {
         ask(off.clone()).await;
         ask(off).await;
         assert_eq!(made.load(Ordering::SeqCst), 4, "off: made every time");
+    }
+
+    #[tokio::test]
+    async fn a_remake_abandoned_midway_lets_the_next_request_remake() {
+        let cache = PublicCache::new(Duration::from_millis(50));
+        let key = || "/products?page=2".to_string();
+        let headers = HeaderMap::new();
+        let answer = |n: u32| cache.answer(&headers, key(), move || async move { Ok(n) });
+        answer(1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Stale: this request remakes it, and its client goes away meanwhile.
+        let abandoned = cache.answer(&headers, key(), || {
+            std::future::pending::<Result<u32, ApiError>>()
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), abandoned)
+                .await
+                .is_err()
+        );
+        let body = |r: Response| async move {
+            let bytes = axum::body::to_bytes(r.into_body(), 1024).await.unwrap();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        assert_eq!(
+            body(answer(2).await.unwrap()).await,
+            "2",
+            "remade, not the stale answer"
+        );
     }
 }

@@ -79,7 +79,13 @@ pub async fn normalise(
         let image = reader
             .decode()
             .map_err(|_| invalid(field, "is not a readable image"))?;
-        let image = image.resize(size, size, FilterType::Lanczos3);
+        // Shrunk to fit the box, never enlarged: a small photo enlarged is
+        // only a bigger file.
+        let image = if image.width() > size || image.height() > size {
+            image.resize(size, size, FilterType::Lanczos3)
+        } else {
+            image
+        };
         let mut out = Cursor::new(Vec::new());
         image
             .write_to(&mut out, ImageFormat::Png)
@@ -158,6 +164,10 @@ pub struct Gallery {
     /// Shown only to some people (the caller checks who): never kept by
     /// shared caches.
     pub private: bool,
+    /// When an image may be served at all, as SQL over the image row `i`
+    /// and its owner `o`: a removed review's photos or a product hidden by
+    /// moderation stop being served, though their files stay stored.
+    pub shown: &'static str,
 }
 
 impl Gallery {
@@ -223,13 +233,32 @@ impl Gallery {
         if !valid_file(file) {
             return Err(ApiError::NotFound);
         }
-        let mut response = serve(state, &self.key(owner, file)).await?;
-        if self.private {
-            response.headers_mut().insert(
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("private, max-age=3600"),
-            );
+        let shown: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT EXISTS (SELECT 1 FROM {table} i JOIN {owner_table} o ON o.id = i.{owner}
+                             WHERE i.{owner} = $1 AND i.file = $2 AND {shown})",
+            table = self.table,
+            owner_table = self.owner_table,
+            owner = self.owner_column,
+            shown = self.shown,
+        )))
+        .bind(owner)
+        .bind(file)
+        .fetch_one(&state.pool)
+        .await?;
+        if !shown {
+            return Err(ApiError::NotFound);
         }
+        let mut response = serve(state, &self.key(owner, file)).await?;
+        // An hour, not forever: an image taken down (a removed review, a
+        // hidden product) leaves shared caches within it.
+        let cache = if self.private {
+            "private, max-age=3600"
+        } else {
+            "public, max-age=3600"
+        };
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
         Ok(response)
     }
 }

@@ -84,6 +84,68 @@ async fn the_first_address_is_the_default_and_there_is_only_ever_one() {
     assert_eq!(book[0]["default"], true);
 }
 
+/// Two tabs making different addresses the default at once: both answer,
+/// and exactly one address is the default after every round.
+#[tokio::test]
+async fn concurrent_default_changes_leave_exactly_one_default() {
+    let app = spawn_app(&amqp_url()).await;
+    let ann = signed_in(&app, None).await;
+    let mut ids = Vec::new();
+    for city in ["Berlin", "Hamburg", "Munich"] {
+        let made: Value = call(
+            &app,
+            &ann,
+            Method::POST,
+            "/me/addresses",
+            Some(address(city)),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        ids.push(made["id"].as_str().unwrap().to_string());
+    }
+    for round in 0..10 {
+        let (a, b, gone) = (
+            &ids[(round + 1) % 3],
+            &ids[(round + 2) % 3],
+            &ids[round % 3],
+        );
+        let set = format!("/me/addresses/{a}/default");
+        let edit = format!("/me/addresses/{b}");
+        let delete = format!("/me/addresses/{gone}");
+        let mut moved = address("Hamburg");
+        moved["default"] = json!(true);
+        let (one, two, three) = tokio::join!(
+            call(&app, &ann, Method::POST, &set, None),
+            call(&app, &ann, Method::PUT, &edit, Some(moved)),
+            call(&app, &ann, Method::DELETE, &delete, None),
+        );
+        assert_eq!(one.status(), StatusCode::OK, "round {round}");
+        assert_eq!(two.status(), StatusCode::OK, "round {round}");
+        assert_eq!(three.status(), StatusCode::NO_CONTENT, "round {round}");
+        let defaults = count(
+            &app.db.pool,
+            "SELECT count(*) FROM addresses WHERE is_default",
+        )
+        .await;
+        assert_eq!(defaults, 1, "round {round}");
+        // The deleted one comes back, so the next round has three again.
+        let made: Value = call(
+            &app,
+            &ann,
+            Method::POST,
+            "/me/addresses",
+            Some(address("Köln")),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        ids[round % 3] = made["id"].as_str().unwrap().to_string();
+    }
+}
+
 #[tokio::test]
 async fn another_customers_address_is_not_found_and_left_untouched() {
     let app = spawn_app(&amqp_url()).await;

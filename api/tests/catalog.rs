@@ -250,6 +250,30 @@ async fn concurrent_stock_changes_never_break_on_hand_above_reserved() {
     assert_eq!(history["items"][0]["on_hand_after"], 5);
     let page = storefront(&app, &format!("/products/{id}")).await;
     assert_eq!(page["sold_out"], true);
+
+    // Adding is capped as well: near the ceiling the next addition is a 409
+    // naming `delta` (it had overflowed the column as a 500), nothing written.
+    sqlx::query("UPDATE variants SET on_hand = 999999990")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let add = |delta: i32| {
+        call(
+            &app,
+            &a,
+            Method::POST,
+            &path,
+            json!({"delta": delta, "reason": "restock"}),
+        )
+    };
+    json_of(add(10).await, StatusCode::CREATED).await;
+    let over = problem(add(1).await, StatusCode::CONFLICT).await;
+    assert_eq!(fields(&over), ["delta"]);
+    let on_hand: i32 = sqlx::query_scalar("SELECT on_hand FROM variants")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(on_hand, 1_000_000_000);
 }
 
 #[tokio::test]
@@ -697,6 +721,31 @@ async fn a_sale_price_applies_only_inside_its_window() {
     .await;
     assert_eq!(cart["total_minor"], 1600);
 
+    // The regular price cut below the running sale: the lower one applies,
+    // and it is no longer a sale (a sale never charges above the price).
+    let variant_path = format!("/seller/variants/{variant}");
+    let regular = |price: i64| {
+        call(
+            &app,
+            &a,
+            Method::PATCH,
+            &variant_path,
+            json!({ "price_minor": price }),
+        )
+    };
+    json_of(regular(500).await, StatusCode::OK).await;
+    let page = storefront(&app, &format!("/products/{id}")).await;
+    assert_eq!(page["variants"][0]["price_now_minor"], 500);
+    let listed = storefront(&app, "/products").await;
+    assert_eq!(listed["items"][0]["on_sale"], false);
+    let cart = json_of(
+        call(&app, &customer, Method::GET, "/cart", json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(cart["total_minor"], 1000);
+    json_of(regular(1000).await, StatusCode::OK).await;
+
     // Ended (moved into the past): back to the regular price.
     sqlx::query("UPDATE sale_prices SET starts_at = now() - interval '2 hours', ends_at = now() - interval '1 second' WHERE id = $1")
         .bind(uuid::Uuid::parse_str(running["id"].as_str().unwrap()).unwrap())
@@ -1030,6 +1079,37 @@ async fn product_photos_are_sniffed_re_encoded_ordered_and_served() {
             .unwrap()
             .len(),
         1
+    );
+
+    // The small photo was kept at its size, not enlarged to the box.
+    let side = format!("{}{main}", app.base);
+    let small = app
+        .http
+        .get(&side)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let decoded = image::load_from_memory_with_format(&small, image::ImageFormat::Png).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (300, 300));
+
+    // A product hidden by moderation stops serving its photos too.
+    let root = common::token_for(&app, &common::admin(&app).await).await;
+    let hide = json!({"reason": "counterfeit brand"});
+    let resp = call(
+        &app,
+        &root,
+        Method::POST,
+        &format!("/admin/products/{id}/hide"),
+        hide,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.http.get(&side).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
     );
 }
 

@@ -177,6 +177,14 @@ async fn the_seller_replies_once_and_an_admin_can_remove_a_review() {
         .await
         .unwrap();
     assert_eq!(served.headers()["content-type"], "image/png");
+    let photo_status = || async {
+        app.http
+            .get(format!("{}{photo}", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
 
     let reason = json!({"reason": "abusive language"});
     let remove = format!("/admin/reviews/{id}/remove");
@@ -208,6 +216,8 @@ async fn the_seller_replies_once_and_an_admin_can_remove_a_review() {
         .await,
         1
     );
+    // Its photo is taken down with it.
+    assert_eq!(photo_status().await, StatusCode::NOT_FOUND);
     // Still Ann's one review of it.
     problem(review(&app, &ann, board, 5).await, StatusCode::CONFLICT).await;
 }

@@ -11,9 +11,15 @@ use uuid::Uuid;
 
 use crate::notify;
 
+/// The most a seller may keep on hand of one variant. Far above any real
+/// shelf, and far enough below `i32::MAX` that the system's own restocks
+/// (units of cancelled or refunded orders coming back) never overflow.
+pub const MAX_ON_HAND: i32 = 1_000_000_000;
+
 /// Adds `delta` (negative to remove) to a variant's `on_hand` and records
 /// the change with who and why. `None` when it would leave less on hand than
-/// is reserved; nothing is written then.
+/// is reserved, or (for a person's change) more than [`MAX_ON_HAND`];
+/// nothing is written then.
 pub async fn adjust(
     tx: &mut PgConnection,
     variant: Uuid,
@@ -24,11 +30,13 @@ pub async fn adjust(
 ) -> Result<Option<i32>, sqlx::Error> {
     let changed: Option<(i32, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE variants SET on_hand = on_hand + $2
-          WHERE id = $1 AND on_hand + $2 >= reserved
+          WHERE id = $1 AND on_hand::bigint + $2 >= reserved
+            AND on_hand::bigint + $2 <= CASE WHEN $3::uuid IS NULL THEN 2147483647 ELSE {MAX_ON_HAND} END
          RETURNING on_hand, {ALERT_DUE}"
     )))
     .bind(variant)
     .bind(delta)
+    .bind(actor)
     .fetch_optional(&mut *tx)
     .await?;
     let Some((on_hand, alert_due)) = changed else {

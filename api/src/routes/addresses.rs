@@ -117,6 +117,20 @@ async fn fetch(conn: &mut PgConnection, caller: &Caller, id: Uuid) -> Result<Add
     .ok_or(ApiError::NotFound)
 }
 
+/// A transaction holding the caller's address book: every change to it
+/// queues behind the others, so the cap, "the first address is the
+/// default" and "one default" hold under concurrent requests (two tabs
+/// making different addresses the default would otherwise both pass the
+/// unsetting and one trip the one-default index).
+async fn address_book(
+    state: &AppState,
+    caller: &Caller,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    crate::auth::serialize_account(&mut tx, caller.id).await?;
+    Ok(tx)
+}
+
 /// Makes `id` the caller's only default address.
 async fn make_default(conn: &mut PgConnection, caller: &Caller, id: Uuid) -> Result<(), ApiError> {
     sqlx::query(
@@ -186,10 +200,7 @@ pub async fn create(
     caller: Caller,
     ValidJson(body): ValidJson<AddressInput>,
 ) -> Result<(StatusCode, Json<Address>), ApiError> {
-    let mut tx = state.pool.begin().await?;
-    // Serializes this account's address changes, so the count and the
-    // "first address is the default" rule hold under concurrent requests.
-    crate::auth::serialize_account(&mut tx, caller.id).await?;
+    let mut tx = address_book(&state, &caller).await?;
     let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM addresses WHERE user_id = $1")
         .bind(caller.id)
         .fetch_one(&mut *tx)
@@ -232,7 +243,7 @@ pub async fn update(
     Path(id): Path<Uuid>,
     ValidJson(body): ValidJson<AddressInput>,
 ) -> Result<Json<Address>, ApiError> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = address_book(&state, &caller).await?;
     let query = sqlx::query(
         "UPDATE addresses SET full_name = $3, line1 = $4, line2 = $5, city = $6, region = $7,
                 postal_code = $8, country = $9, phone = $10, updated_at = now()
@@ -266,7 +277,7 @@ pub async fn set_default(
     caller: Caller,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Address>, ApiError> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = address_book(&state, &caller).await?;
     fetch(&mut tx, &caller, id).await?; // 404 before touching anything
     make_default(&mut tx, &caller, id).await?;
     let address = fetch(&mut tx, &caller, id).await?;
@@ -288,7 +299,7 @@ pub async fn delete(
     caller: Caller,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = address_book(&state, &caller).await?;
     let was_default: Option<bool> = sqlx::query_scalar(
         "DELETE FROM addresses WHERE id = $1 AND user_id = $2 RETURNING is_default",
     )

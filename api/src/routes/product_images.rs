@@ -29,6 +29,7 @@ const PHOTOS: Gallery = Gallery {
     size: 1600,
     max_images: 10,
     private: false,
+    shown: "o.hidden_at IS NULL",
 };
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

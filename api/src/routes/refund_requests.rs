@@ -50,6 +50,7 @@ const PHOTOS: Gallery = Gallery {
     size: 1600,
     max_images: 5,
     private: true,
+    shown: "true",
 };
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -37,6 +37,7 @@ const PHOTOS: Gallery = Gallery {
     size: 1200,
     max_images: 4,
     private: false,
+    shown: "o.removed_at IS NULL",
 };
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -3,7 +3,7 @@
 use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use souk_shared::inventory;
+use souk_shared::inventory::{self, MAX_ON_HAND};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -73,7 +73,7 @@ pub struct Stock {
     responses(
         (status = 201, description = "adjusted", body = Stock),
         (status = 404, description = "no such variant in this shop", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "would leave less on hand than is reserved", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "would leave less on hand than is reserved, or more than the most a variant may hold", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "a field is invalid", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -97,10 +97,13 @@ pub async fn adjust(
     )
     .await?;
     if done.is_none() {
-        return Err(ApiError::Conflict(FieldError::new(
-            "delta",
-            "would leave less stock on hand than is reserved for orders",
-        )));
+        // Adding can only break the ceiling; removing only the reservations.
+        let why = if body.delta > 0 {
+            format!("would leave more than {MAX_ON_HAND} on hand")
+        } else {
+            "would leave less stock on hand than is reserved for orders".into()
+        };
+        return Err(ApiError::Conflict(FieldError::new("delta", why)));
     }
     let stock: Stock = sqlx::query_as(
         "SELECT id AS variant_id, on_hand, reserved, on_hand - reserved AS available
