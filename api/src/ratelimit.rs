@@ -28,8 +28,9 @@ pub struct Limits {
     pub forgot_per_ip: Limit,
     pub forgot_per_email: Limit,
     pub resend_per_account: Limit,
-    /// Failed sign-ins of one account before each further one locks it for a
-    /// doubling time (1 s, 2 s, 4 s … up to 5 minutes).
+    /// Failed sign-ins of one account (or wrong current passwords given to
+    /// `POST /me/password` by one account) before each further one locks it
+    /// for a doubling time (1 s, 2 s, 4 s … up to 5 minutes).
     pub failures_before_lock: u32,
     /// Proxies (load balancers) whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
@@ -56,7 +57,7 @@ impl Limits {
 }
 
 const MAX_LOCK: Duration = Duration::from_secs(300);
-/// How long failed sign-ins are remembered.
+/// How long failed attempts are remembered.
 const FAILURE_MEMORY: Duration = Duration::from_secs(900);
 
 #[derive(Clone)]
@@ -113,10 +114,11 @@ impl RateLimiter {
         }
     }
 
-    /// 429 while the account is locked after failed sign-ins.
-    pub async fn check_lock(&self, email: &str) -> Result<(), ApiError> {
+    /// 429 while `id` is locked after failed attempts in `scope` (`sign-in`
+    /// by email, `password` by account).
+    pub async fn check_lock(&self, scope: &str, id: &str) -> Result<(), ApiError> {
         let mut redis = self.redis.clone();
-        let ttl: redis::RedisResult<i64> = redis.pttl(self.key("lock", "sign-in", email)).await;
+        let ttl: redis::RedisResult<i64> = redis.pttl(self.key("lock", scope, id)).await;
         match ttl {
             Ok(ms) if ms > 0 => Err(ApiError::TooManyRequests {
                 retry_after: (ms as u64).div_ceil(1000),
@@ -125,13 +127,10 @@ impl RateLimiter {
         }
     }
 
-    /// Remembers a failed sign-in; past the threshold, locks the account for
-    /// a time that doubles with each further failure.
-    pub async fn record_failure(&self, email: &str) {
-        let (fails, lock) = (
-            self.key("fail", "sign-in", email),
-            self.key("lock", "sign-in", email),
-        );
+    /// Remembers a failed attempt; past the threshold, locks `id` in `scope`
+    /// for a time that doubles with each further failure.
+    pub async fn record_failure(&self, scope: &str, id: &str) {
+        let (fails, lock) = (self.key("fail", scope, id), self.key("lock", scope, id));
         let mut redis = self.redis.clone();
         let count: redis::RedisResult<(u32, bool)> = redis::pipe()
             .atomic()
@@ -147,14 +146,11 @@ impl RateLimiter {
         }
     }
 
-    /// Forgets failed sign-ins after a successful one.
-    pub async fn clear_failures(&self, email: &str) {
+    /// Forgets failed attempts after a successful one.
+    pub async fn clear_failures(&self, scope: &str, id: &str) {
         let mut redis = self.redis.clone();
         let _: redis::RedisResult<()> = redis
-            .del(&[
-                self.key("fail", "sign-in", email),
-                self.key("lock", "sign-in", email),
-            ])
+            .del(&[self.key("fail", scope, id), self.key("lock", scope, id)])
             .await;
     }
 }

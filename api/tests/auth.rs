@@ -324,20 +324,72 @@ async fn tampered_expired_unsigned_and_foreign_tokens_are_refused() {
     .await;
 }
 
-/// The token in the link of the newest mail to `to` whose subject is `subject`.
-async fn mailed_token(to: &str, subject: &str) -> String {
-    wait_until("the mail", WAIT, || async {
-        mails_to(to).await.iter().any(|m| m.subject == subject)
+/// The tokens in the links of the first `n` mails to `to` whose subject is
+/// `subject`, oldest first.
+async fn mailed_tokens(to: &str, subject: &str, n: usize) -> Vec<String> {
+    wait_until("the mails", WAIT, || async {
+        mails_to(to)
+            .await
+            .iter()
+            .filter(|m| m.subject == subject)
+            .count()
+            >= n
     })
     .await;
     let mails = mails_to(to).await;
-    let mail = mails.iter().rev().find(|m| m.subject == subject).unwrap();
-    let link = mail
-        .text
-        .split_whitespace()
-        .find(|w| w.contains("?token="))
-        .expect("a link");
-    link.split("token=").nth(1).unwrap().to_string()
+    let tokens: Vec<String> = mails
+        .iter()
+        .filter(|m| m.subject == subject)
+        .map(|mail| {
+            let link = mail
+                .text
+                .split_whitespace()
+                .find(|w| w.contains("?token="))
+                .expect("a link");
+            link.split("token=").nth(1).unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(tokens.len(), n, "{tokens:?}");
+    tokens
+}
+
+/// The token in the link of the only mail to `to` whose subject is `subject`.
+async fn mailed_token(to: &str, subject: &str) -> String {
+    mailed_tokens(to, subject, 1).await.remove(0)
+}
+
+const RESET_MAIL: &str = "Reset your Souk password";
+
+async fn forgot(app: &App, email: &str) {
+    let resp = app
+        .post("/api/v1/auth/forgot-password", &json!({"email": email}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+}
+
+async fn reset(app: &App, token: &str, password: &str) -> reqwest::Response {
+    app.post(
+        "/api/v1/auth/reset-password",
+        &json!({"token": token, "new_password": password}),
+    )
+    .await
+}
+
+/// Waits into the next whole second: access tokens carry their issue time
+/// in whole seconds, so only a token from an earlier second than an
+/// account's "every session ends" is told apart from the ones after it.
+async fn next_second() {
+    let into = chrono::Utc::now().timestamp_subsec_millis() as u64;
+    tokio::time::sleep(std::time::Duration::from_millis(
+        1010u64.saturating_sub(into),
+    ))
+    .await;
+}
+
+async fn me_status(app: &App, session: &Value) -> StatusCode {
+    app.get_with_token("/api/v1/me", session["access_token"].as_str().unwrap())
+        .await
+        .status()
 }
 
 #[tokio::test]
@@ -360,7 +412,7 @@ async fn a_forgotten_password_is_reset_by_the_mailed_link_once_and_ends_every_se
     assert_eq!(known.status(), StatusCode::ACCEPTED);
     assert_eq!(resp.text().await.unwrap(), known.text().await.unwrap());
 
-    let token = mailed_token(&email, "Reset your Souk password").await;
+    let token = mailed_token(&email, RESET_MAIL).await;
     assert!(mails_to(&stranger).await.is_empty());
     let reset = |token: String, password: &'static str| async move {
         api.post(
@@ -475,4 +527,130 @@ async fn signing_out_everywhere_ends_every_session() {
         StatusCode::UNAUTHORIZED,
     )
     .await;
+}
+
+#[tokio::test]
+async fn an_access_token_from_before_a_password_reset_is_refused_after_it() {
+    let app = spawn_app(&amqp_url()).await;
+    let pipeline = Pipeline::start(&app, &amqp_url());
+    let email = registered(&app).await;
+    let before = session(&app, &email).await;
+    assert_eq!(me_status(&app, &before).await, StatusCode::OK);
+
+    next_second().await;
+    forgot(&app, &email).await;
+    let token = mailed_token(&email, RESET_MAIL).await;
+    assert_eq!(
+        reset(&app, &token, "a brand new password").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let refused = app
+        .get_with_token("/api/v1/me", before["access_token"].as_str().unwrap())
+        .await;
+    problem(refused, StatusCode::UNAUTHORIZED).await;
+
+    // A session started right after, within the same second, works.
+    let resp = sign_in(&app, &email, "a brand new password").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let after: Value = resp.json().await.unwrap();
+    assert_eq!(me_status(&app, &after).await, StatusCode::OK);
+    pipeline.stop().await;
+}
+
+#[tokio::test]
+async fn a_reset_or_a_password_change_voids_every_other_reset_link() {
+    let app = spawn_app(&amqp_url()).await;
+    let pipeline = Pipeline::start(&app, &amqp_url());
+    let email = registered(&app).await;
+
+    forgot(&app, &email).await;
+    forgot(&app, &email).await;
+    let links = mailed_tokens(&email, RESET_MAIL, 2).await;
+    assert_eq!(
+        reset(&app, &links[0], "a brand new password")
+            .await
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    let refused = problem(
+        reset(&app, &links[1], "the attackers password").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&refused), ["token"]);
+    assert_eq!(
+        sign_in(&app, &email, "a brand new password").await.status(),
+        StatusCode::OK
+    );
+
+    // A link mailed before a password change is void after it.
+    forgot(&app, &email).await;
+    let third = mailed_tokens(&email, RESET_MAIL, 3).await.remove(2);
+    let here = session_with(&app, &email, "a brand new password").await;
+    let resp = app
+        .http
+        .post(format!("{}/api/v1/me/password", app.base))
+        .bearer_auth(here["access_token"].as_str().unwrap())
+        .json(&json!({"current_password": "a brand new password", "new_password": "changed again, by me"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let refused = problem(
+        reset(&app, &third, "the attackers password").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&refused), ["token"]);
+    assert_eq!(
+        sign_in(&app, &email, "changed again, by me").await.status(),
+        StatusCode::OK
+    );
+    pipeline.stop().await;
+}
+
+async fn session_with(app: &App, email: &str, password: &str) -> Value {
+    let resp = sign_in(app, email, password).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_password_change_or_signing_out_everywhere_ends_access_tokens_too() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let here = session(&app, &email).await;
+    let elsewhere = session(&app, &email).await;
+
+    next_second().await;
+    let resp = app
+        .http
+        .post(format!("{}/api/v1/me/password", app.base))
+        .bearer_auth(here["access_token"].as_str().unwrap())
+        .json(&json!({"current_password": PASSWORD, "new_password": "a brand new password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let fresh: Value = resp.json().await.unwrap();
+    assert_eq!(me_status(&app, &elsewhere).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(me_status(&app, &here).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        me_status(&app, &fresh).await,
+        StatusCode::OK,
+        "the session the change answered with goes on"
+    );
+
+    next_second().await;
+    let resp = app
+        .http
+        .post(format!("{}/api/v1/auth/sign-out-everywhere", app.base))
+        .bearer_auth(fresh["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert_eq!(me_status(&app, &fresh).await, StatusCode::UNAUTHORIZED);
+    let again = session_with(&app, &email, "a brand new password").await;
+    assert_eq!(me_status(&app, &again).await, StatusCode::OK);
 }

@@ -255,3 +255,123 @@ async fn from_an_untrusted_peer_x_forwarded_for_is_ignored() {
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+async fn change_password(app: &App, token: &str, current: &str) -> reqwest::Response {
+    app.http
+        .post(format!("{}/api/v1/me/password", app.base))
+        .bearer_auth(token)
+        .json(&json!({"current_password": current, "new_password": "a brand new password"}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn wrong_current_passwords_lock_password_changes_for_a_growing_time() {
+    let app = spawn_app_with(
+        &amqp_url(),
+        &redis_url(),
+        Limits {
+            failures_before_lock: 2,
+            ..loose_limits()
+        },
+    )
+    .await;
+    let email = unique_address();
+    register(&app, &email).await;
+    let session: Value = sign_in(&app, &email, PASSWORD).await.json().await.unwrap();
+    let token = session["access_token"].as_str().unwrap();
+
+    for _ in 0..2 {
+        problem(
+            change_password(&app, token, "a guess").await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+    }
+    // Locked for 1 s, even with the right password.
+    let locked = change_password(&app, token, PASSWORD).await;
+    assert_eq!(retry_after(&locked), 1);
+    problem(locked, StatusCode::TOO_MANY_REQUESTS).await;
+    // The lock is on changing the password, not on signing in.
+    assert_eq!(
+        sign_in(&app, &email, PASSWORD).await.status(),
+        StatusCode::OK
+    );
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    problem(
+        change_password(&app, token, "another guess").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    let locked = change_password(&app, token, PASSWORD).await;
+    assert_eq!(retry_after(&locked), 2, "the lock doubles");
+    problem(locked, StatusCode::TOO_MANY_REQUESTS).await;
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        change_password(&app, token, PASSWORD).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn password_resets_are_limited_per_address_and_a_bad_token_is_refused_as_before() {
+    let app = spawn_app_with(
+        &amqp_url(),
+        &redis_url(),
+        Limits {
+            forgot_per_ip: limit(1),
+            ..loose_limits()
+        },
+    )
+    .await;
+    let body = json!({"token": "not-a-token-we-mailed", "new_password": "a brand new password"});
+    let reset = || app.post("/api/v1/auth/reset-password", &body);
+    let refused = problem(reset().await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(refused["errors"][0]["field"], "token");
+    assert_eq!(
+        refused["errors"][0]["message"],
+        "is unknown, used or expired"
+    );
+    let limited = reset().await;
+    assert!(retry_after(&limited) > 0);
+    problem(limited, StatusCode::TOO_MANY_REQUESTS).await;
+    // Its own budget: asking for a link is counted apart.
+    assert_eq!(
+        app.post(
+            "/api/v1/auth/forgot-password",
+            &json!({"email": unique_address()})
+        )
+        .await
+        .status(),
+        StatusCode::ACCEPTED
+    );
+}
+
+#[tokio::test]
+async fn starting_single_sign_on_is_limited_per_address() {
+    // No provider configured: the limit is met before anything else.
+    let app = spawn_app_with(
+        &amqp_url(),
+        &redis_url(),
+        Limits {
+            sign_in_per_ip: limit(1),
+            ..loose_limits()
+        },
+    )
+    .await;
+    let empty = json!({});
+    let start = || app.post("/api/v1/auth/oidc/start", &empty);
+    problem(start().await, StatusCode::NOT_FOUND).await;
+    let limited = start().await;
+    assert!(retry_after(&limited) > 0);
+    problem(limited, StatusCode::TOO_MANY_REQUESTS).await;
+    // Counted apart from password sign-ins from the same address.
+    problem(
+        sign_in(&app, &unique_address(), PASSWORD).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+}

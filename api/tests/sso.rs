@@ -3,14 +3,15 @@
 
 mod common;
 
-use common::{App, PASSWORD, fields, problem, spawn_app, spawn_app_with_sso};
+use common::{App, PASSWORD, Pipeline, WAIT, fields, problem, spawn_app, spawn_app_with_sso};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use souk_api::auth::oidc::OidcConfig;
 use souk_testkit::{
     amqp_url, count,
-    mail::unique_address,
+    mail::{mails_to, unique_address},
     oidc::{Forgery, OidcProvider, Redirect, User},
+    wait_until,
 };
 
 const CLIENT: &str = "souk-storefront";
@@ -94,22 +95,141 @@ async fn a_new_identity_gets_a_verified_customer_account_and_keeps_it() {
     );
 }
 
-#[tokio::test]
-async fn an_existing_account_is_linked_by_a_verified_email() {
-    let (app, provider) = setup().await;
-    let email = unique_address();
-    let registered: Value = app
+async fn register(app: &App, email: &str, name: &str) -> Value {
+    let resp = app
         .post(
             "/api/v1/auth/register",
-            &json!({"email": email, "password": PASSWORD, "name": "Omar"}),
+            &json!({"email": email, "password": PASSWORD, "name": name}),
         )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    resp.json().await.unwrap()
+}
+
+async fn sign_in(app: &App, email: &str, password: &str) -> reqwest::Response {
+    app.post(
+        "/api/v1/auth/sign-in",
+        &json!({"email": email, "password": password}),
+    )
+    .await
+}
+
+async fn password_session(app: &App, email: &str) -> Value {
+    let resp = sign_in(app, email, PASSWORD).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.unwrap()
+}
+
+async fn refresh(app: &App, session: &Value) -> StatusCode {
+    app.post(
+        "/api/v1/auth/refresh",
+        &json!({"refresh_token": session["refresh_token"]}),
+    )
+    .await
+    .status()
+}
+
+async fn me_status(app: &App, session: &Value) -> StatusCode {
+    app.get_with_token("/api/v1/me", session["access_token"].as_str().unwrap())
         .await
-        .json()
+        .status()
+}
+
+/// Waits into the next whole second: access tokens carry their issue time
+/// in whole seconds, so only a token from an earlier second than an
+/// account's "every session ends" is told apart from the ones after it.
+async fn next_second() {
+    let into = chrono::Utc::now().timestamp_subsec_millis() as u64;
+    tokio::time::sleep(std::time::Duration::from_millis(
+        1010u64.saturating_sub(into),
+    ))
+    .await;
+}
+
+const RESET_MAIL: &str = "Reset your Souk password";
+
+/// The reset links mailed to `to` so far, once there are `n`.
+async fn reset_links(to: &str, n: usize) -> Vec<String> {
+    wait_until("the reset mails", WAIT, || async {
+        mails_to(to)
+            .await
+            .iter()
+            .filter(|m| m.subject == RESET_MAIL)
+            .count()
+            >= n
+    })
+    .await;
+    mails_to(to)
+        .await
+        .iter()
+        .filter(|m| m.subject == RESET_MAIL)
+        .map(|m| {
+            let link = m.text.split_whitespace().find(|w| w.contains("?token="));
+            link.unwrap().split("token=").nth(1).unwrap().to_string()
+        })
+        .collect()
+}
+
+async fn forgot(app: &App, email: &str) {
+    let resp = app
+        .post("/api/v1/auth/forgot-password", &json!({"email": email}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+}
+
+async fn reset(app: &App, token: &str, password: &str) -> StatusCode {
+    app.post(
+        "/api/v1/auth/reset-password",
+        &json!({"token": token, "new_password": password}),
+    )
+    .await
+    .status()
+}
+
+#[tokio::test]
+async fn a_verified_account_is_linked_by_a_verified_email_and_keeps_its_password() {
+    let (app, provider) = setup().await;
+    let email = unique_address();
+    let registered = register(&app, &email, "Omar").await;
+    sqlx::query("UPDATE users SET email_verified_at = now()")
+        .execute(&app.db.pool)
         .await
         .unwrap();
-    assert_eq!(registered["email_verified"], false);
+    let before = password_session(&app, &email).await;
+    next_second().await;
 
     // The provider's address differs only in case.
+    provider.sign_in_as(User::verified("sub-omar", &email.to_uppercase(), "Omar"));
+    let me = sso_me(&app, &provider).await;
+    assert_eq!(me["id"], registered["id"]);
+    assert_eq!(me["email_verified"], true);
+
+    // The owner proved the address before: the password and the sessions
+    // are theirs and stay.
+    assert_eq!(
+        sign_in(&app, &email, PASSWORD).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(me_status(&app, &before).await, StatusCode::OK);
+    assert_eq!(refresh(&app, &before).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn linking_an_unverified_account_takes_it_from_whoever_registered_the_address() {
+    let (app, provider) = setup().await;
+    let pipeline = Pipeline::start(&app, &amqp_url());
+    // A squatter registers the victim's address with a password of theirs
+    // (and never verifies it, having no access to the mailbox), signs in and
+    // asks for a reset link (mailed to the victim, but let's be thorough).
+    let email = unique_address();
+    let registered = register(&app, &email, "Omar").await;
+    assert_eq!(registered["email_verified"], false);
+    let squatter = password_session(&app, &email).await;
+    forgot(&app, &email).await;
+    let old_link = reset_links(&email, 1).await.remove(0);
+
+    // The real owner signs in with the provider, which vouches for the address.
+    next_second().await;
     provider.sign_in_as(User::verified("sub-omar", &email.to_uppercase(), "Omar"));
     let me = sso_me(&app, &provider).await;
     assert_eq!(me["id"], registered["id"]);
@@ -118,14 +238,38 @@ async fn an_existing_account_is_linked_by_a_verified_email() {
         "the provider proved the address"
     );
 
-    // The password still works too.
-    let resp = app
-        .post(
-            "/api/v1/auth/sign-in",
-            &json!({"email": email, "password": PASSWORD}),
-        )
-        .await;
-    assert_eq!(resp.status(), StatusCode::OK);
+    // Everything the squatter had is gone: password, sessions, reset link.
+    problem(
+        sign_in(&app, &email, PASSWORD).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(refresh(&app, &squatter).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(me_status(&app, &squatter).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        reset(&app, &old_link, "the squatters new password").await,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let hash: Option<String> = sqlx::query_scalar("SELECT password_hash FROM users")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(hash, None);
+
+    // The owner can still give the account a password, by a reset.
+    forgot(&app, &email).await;
+    let link = reset_links(&email, 2).await.remove(1);
+    assert_eq!(
+        reset(&app, &link, "the owners own password").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        sign_in(&app, &email, "the owners own password")
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    pipeline.stop().await;
 }
 
 #[tokio::test]

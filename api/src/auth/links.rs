@@ -94,6 +94,30 @@ pub async fn send_now(
     Ok(())
 }
 
+/// The answer for a token that is unknown, used or expired: a 422 naming
+/// the `token` field.
+fn not_live() -> ApiError {
+    ApiError::Validation(vec![crate::error::FieldError::new(
+        "token",
+        "is unknown, used or expired",
+    )])
+}
+
+/// Fails as [`consume`] would if the token is not live, without using it up:
+/// a cheap look first, so a made-up token costs no expensive work (such as
+/// hashing a new password) before it is refused.
+pub async fn check(pool: &sqlx::PgPool, purpose: Purpose, token: &str) -> Result<(), ApiError> {
+    let live: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM user_tokens
+          WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now())",
+    )
+    .bind(secret::digest(token))
+    .bind(purpose.name())
+    .fetch_one(pool)
+    .await?;
+    if live { Ok(()) } else { Err(not_live()) }
+}
+
 /// Uses up a token and returns the user it was for; a token that is
 /// unknown, used or expired is a 422 naming the `token` field.
 pub async fn consume(
@@ -110,10 +134,24 @@ pub async fn consume(
     .bind(purpose.name())
     .fetch_optional(tx)
     .await?;
-    user.ok_or_else(|| {
-        ApiError::Validation(vec![crate::error::FieldError::new(
-            "token",
-            "is unknown, used or expired",
-        )])
-    })
+    user.ok_or_else(not_live)
+}
+
+/// Uses up every outstanding `purpose` link of `user`, in the caller's
+/// transaction: once the password has changed (or the account changed
+/// hands), an older reset mail must not set it again.
+pub async fn revoke_all(
+    tx: &mut PgConnection,
+    purpose: Purpose,
+    user: Uuid,
+) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE user_tokens SET used_at = now()
+          WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",
+    )
+    .bind(user)
+    .bind(purpose.name())
+    .execute(tx)
+    .await?;
+    Ok(())
 }

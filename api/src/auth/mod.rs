@@ -168,16 +168,21 @@ impl FromRequestParts<AppState> for Caller {
             .jwt
             .verify(token.trim())
             .ok_or(ApiError::Unauthorized)?;
-        // Read on every request, so a suspension or a role change takes
-        // effect at once rather than when the token expires.
-        let account: Option<(String, bool, bool)> = sqlx::query_as(
-            "SELECT role, suspended_at IS NULL, email_verified_at IS NOT NULL FROM users WHERE id = $1",
+        // Read on every request, so a suspension, a role change or the end
+        // of every session (a password change or reset, signing out
+        // everywhere) takes effect at once rather than when the token
+        // expires. `iat` and `sessions_valid_after` are both whole seconds.
+        let account: Option<(String, bool, bool, bool)> = sqlx::query_as(
+            "SELECT role, suspended_at IS NULL, email_verified_at IS NOT NULL,
+                    coalesce(sessions_valid_after <= to_timestamp($2::float8), true)
+               FROM users WHERE id = $1",
         )
         .bind(claims.sub)
+        .bind(claims.iat)
         .fetch_optional(&state.pool)
         .await?;
         match account {
-            Some((role, true, email_verified)) => Ok(Self {
+            Some((role, true, email_verified, true)) => Ok(Self {
                 id: claims.sub,
                 role: Role::parse(&role).ok_or(ApiError::Unauthorized)?,
                 via_cookie,
@@ -186,6 +191,33 @@ impl FromRequestParts<AppState> for Caller {
             _ => Err(ApiError::Unauthorized),
         }
     }
+}
+
+/// Ends every session of `user` in `tx`: each refresh-token family is
+/// revoked, and access tokens issued before this second stop working.
+/// Access tokens issued from now on (such as the new session a password
+/// change answers with) keep working.
+pub async fn end_all_sessions(tx: &mut sqlx::PgConnection, user: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(user)
+    .execute(&mut *tx)
+    .await?;
+    // The time comes from this process's clock, the one `Jwt::issue` stamps
+    // `iat` with, so the new token this request may go on to issue is never
+    // "older" than the cut-off even if the database's clock runs ahead.
+    // Truncated to the second as `iat` is; never moved back.
+    sqlx::query(
+        "UPDATE users SET sessions_valid_after =
+                greatest(sessions_valid_after, to_timestamp($2::float8))
+          WHERE id = $1",
+    )
+    .bind(user)
+    .bind(Utc::now().timestamp())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// Locks the account's row for the rest of `tx`: the account's requests

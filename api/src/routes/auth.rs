@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::{
     auth::{
-        Caller, Role, cookies,
+        Caller, Role, cookies, end_all_sessions,
         links::{self, Purpose},
         password, secret,
     },
@@ -26,6 +26,10 @@ use crate::{
 };
 
 const MIN_PASSWORD: usize = 10;
+/// Lockout scopes: failed sign-ins by email, wrong current passwords given
+/// to a password change by account.
+const SIGN_IN: &str = "sign-in";
+const PASSWORD_CHANGE: &str = "password";
 const MAX_PASSWORD: usize = 128;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -363,7 +367,7 @@ pub async fn sign_in(
         .limiter
         .hit("sign-in-ip", &ip.0, state.limiter.limits.sign_in_per_ip)
         .await?;
-    state.limiter.check_lock(email).await?;
+    state.limiter.check_lock(SIGN_IN, email).await?;
     let found: Option<(Uuid, Option<String>, String, bool)> = sqlx::query_as(
         "SELECT id, password_hash, role, suspended_at IS NULL FROM users WHERE lower(email) = lower($1)",
     )
@@ -376,11 +380,11 @@ pub async fn sign_in(
     let (id, role) = match found {
         Some((id, _, role, true)) if matches => (id, role),
         _ => {
-            state.limiter.record_failure(email).await;
+            state.limiter.record_failure(SIGN_IN, email).await;
             return Err(ApiError::Unauthorized);
         }
     };
-    state.limiter.clear_failures(email).await;
+    state.limiter.clear_failures(SIGN_IN, email).await;
     let role = Role::parse(&role).ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
     let mut tx = state.pool.begin().await?;
     let session = open_session(&mut tx, &state, id, role, None).await?;
@@ -593,19 +597,9 @@ fn check_new_password(errors: &mut Vec<FieldError>, field: &str, password: &str)
     }
 }
 
-/// Revokes every refresh-token family of `user`: all sessions end.
-async fn end_all_sessions(tx: &mut PgConnection, user: Uuid) -> Result<(), ApiError> {
-    sqlx::query(
-        "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
-    )
-    .bind(user)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
 /// Stores a new password hash (computed before the transaction: hashing
-/// takes tens of milliseconds) and ends every session.
+/// takes tens of milliseconds), ends every session and voids every reset
+/// link still in a mailbox.
 async fn set_password(
     tx: &mut PgConnection,
     user: Uuid,
@@ -616,10 +610,12 @@ async fn set_password(
         .bind(hash.as_str())
         .execute(&mut *tx)
         .await?;
-    end_all_sessions(tx, user).await
+    links::revoke_all(tx, Purpose::ResetPassword, user).await?;
+    Ok(end_all_sessions(tx, user).await?)
 }
 
-/// Sign out everywhere: every refresh token of the caller stops working.
+/// Sign out everywhere: every refresh token of the caller, and every access
+/// token issued before this, stops working.
 #[utoipa::path(
     post, path = "/auth/sign-out-everywhere", tag = "auth", security(("bearer" = [])),
     responses(
@@ -657,13 +653,15 @@ impl Validate for PasswordChange {
 }
 
 /// Change the caller's password. Every other session ends; the answer is a
-/// new session for this one.
+/// new session for this one. Wrong current passwords lock the account's
+/// changes for a growing time, as failed sign-ins do.
 #[utoipa::path(
     post, path = "/me/password", tag = "account", security(("bearer" = [])), request_body = PasswordChange,
     responses(
         (status = 200, description = "changed; a new session", body = Session),
         (status = 401, description = "not signed in", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "wrong current password or weak new one", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many wrong current passwords; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn change_password(
@@ -671,17 +669,29 @@ pub async fn change_password(
     caller: Caller,
     ValidJson(body): ValidJson<PasswordChange>,
 ) -> Result<(HeaderMap, Json<Session>), ApiError> {
+    // A stolen access token must not become a way to guess the password
+    // (and so take the account over) at the speed of the API.
+    let account = caller.id.to_string();
+    state.limiter.check_lock(PASSWORD_CHANGE, &account).await?;
     let stored: Option<String> =
         sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
             .bind(caller.id)
             .fetch_one(&state.pool)
             .await?;
     if !password::verify(body.current_password, stored).await? {
+        state
+            .limiter
+            .record_failure(PASSWORD_CHANGE, &account)
+            .await;
         return Err(ApiError::Validation(vec![FieldError::new(
             "current_password",
             "is not your password",
         )]));
     }
+    state
+        .limiter
+        .clear_failures(PASSWORD_CHANGE, &account)
+        .await;
     let hash = password::hash(body.new_password).await?;
     let mut tx = state.pool.begin().await?;
     set_password(&mut tx, caller.id, hash).await?;
@@ -775,12 +785,22 @@ impl Validate for ResetPassword {
     responses(
         (status = 204, description = "password changed"),
         (status = 422, description = "unknown, used or expired token, or weak password", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many attempts from this address; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn reset_password(
     State(state): State<AppState>,
+    ip: ClientIp,
     ValidJson(body): ValidJson<ResetPassword>,
 ) -> Result<StatusCode, ApiError> {
+    // The reset flow's per-address budget, as for asking for the link.
+    state
+        .limiter
+        .hit("reset-ip", &ip.0, state.limiter.limits.forgot_per_ip)
+        .await?;
+    // Hashing costs tens of milliseconds of CPU: only for a live token. It
+    // is checked again, and used up, in the transaction below.
+    links::check(&state.pool, Purpose::ResetPassword, &body.token).await?;
     let hash = password::hash(body.new_password).await?;
     let mut tx = state.pool.begin().await?;
     let user = links::consume(&mut tx, Purpose::ResetPassword, &body.token).await?;

@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use crate::{
     auth::{
-        Role,
+        Role, end_all_sessions,
+        links::{self, Purpose},
         oidc::{Identity, OidcClient, OidcError},
         secret,
     },
@@ -65,10 +66,21 @@ fn provider_failed(e: OidcError) -> ApiError {
     responses(
         (status = 200, description = "send the browser to authorization_url", body = SsoStart),
         (status = 404, description = "single sign-on is not configured", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many sign-ins started from this address; see Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "the identity provider could not be reached", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn start(State(state): State<AppState>) -> Result<Json<SsoStart>, ApiError> {
+pub async fn start(
+    State(state): State<AppState>,
+    ip: ClientIp,
+) -> Result<Json<SsoStart>, ApiError> {
+    // Each start writes a row and may call the provider: without a budget
+    // one client could fill `oidc_logins` or get us throttled there. The
+    // sign-in budget per address, counted apart from the callbacks.
+    state
+        .limiter
+        .hit("sso-start-ip", &ip.0, state.limiter.limits.sign_in_per_ip)
+        .await?;
     let oidc = client(&state)?;
     let authorization = oidc.authorize().await.map_err(provider_failed)?;
     // Abandoned sign-ins are swept as new ones start.
@@ -207,13 +219,29 @@ async fn account_for(tx: &mut PgConnection, identity: &Identity) -> Result<Uuid,
             )));
         }
     };
-    let existing: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM users WHERE lower(email) = lower($1) FOR NO KEY UPDATE")
-            .bind(email)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let existing: Option<(Uuid, bool)> = sqlx::query_as(
+        "SELECT id, email_verified_at IS NOT NULL FROM users
+          WHERE lower(email) = lower($1) FOR NO KEY UPDATE",
+    )
+    .bind(email)
+    .fetch_optional(&mut *tx)
+    .await?;
     let user = match existing {
-        Some(user) => {
+        Some((user, verified)) => {
+            if !verified {
+                // Nobody ever proved this address for the account, so its
+                // password may be a squatter's, set before the real owner
+                // came along: it goes, with every session and reset link
+                // of the account. The owner can set a password by reset.
+                sqlx::query(
+                    "UPDATE users SET password_hash = NULL, updated_at = now() WHERE id = $1",
+                )
+                .bind(user)
+                .execute(&mut *tx)
+                .await?;
+                links::revoke_all(tx, Purpose::ResetPassword, user).await?;
+                end_all_sessions(tx, user).await?;
+            }
             // The provider proved the address, so it counts as verified here.
             sqlx::query(
                 "UPDATE users SET email_verified_at = coalesce(email_verified_at, now()),
