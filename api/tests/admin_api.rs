@@ -394,13 +394,46 @@ async fn admins_read_the_event_log_and_replay_parked_messages() {
         StatusCode::OK,
     )
     .await;
-    assert_eq!(log["items"][0]["action"], "parked.replay.mailer");
+    // Newest first: what the replay did, after what was asked and why.
+    assert_eq!(log["items"][0]["action"], "parked.replay.mailer.done");
+    assert_eq!(log["items"][0]["reason"], "1 message(s) replayed");
+    assert_eq!(log["items"][1]["action"], "parked.replay.mailer");
     // Still no template: it comes back to the parking queue, attempts reset.
     wait_until("the replayed mail to be parked again", WAIT, || async {
         list().await.as_array().is_some_and(|p| p.len() == 1)
     })
     .await;
     pipeline.stop().await;
+}
+
+/// The broker down: the replay answers 502, and the audit log keeps both
+/// the request and that it did not happen.
+#[tokio::test]
+async fn a_replay_the_broker_refuses_is_kept_as_failed() {
+    let app = spawn_app("amqp://guest:guest@127.0.0.1:9/souk-test").await;
+    let root = token_for(&app, &admin(&app).await).await;
+    let body = json!({"reason": "template deployed"});
+    let resp = call(
+        &app,
+        &root,
+        Method::POST,
+        "/admin/parked/mailer/replay",
+        body,
+    )
+    .await;
+    problem(resp, StatusCode::BAD_GATEWAY).await;
+    let kept: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, reason FROM audit_log ORDER BY id")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert_eq!(
+        kept[0],
+        ("parked.replay.mailer".into(), "template deployed".into())
+    );
+    assert_eq!(kept[1].0, "parked.replay.mailer.failed");
+    assert!(kept[1].1.starts_with("not replayed: "), "{kept:?}");
 }
 
 #[tokio::test]

@@ -125,3 +125,37 @@ pub async fn replay(
     channel.close(200, "replayed".into()).await?;
     Ok(replayed)
 }
+
+/// A replay as the admin action it is: kept in the audit log before it is
+/// done (`parked.replay.<group>`, so none happens without its entry), and
+/// what it did kept after it (`parked.replay.<group>.done` with the count,
+/// or `.failed` with the error), so the log tells an operator whether the
+/// messages went back, not only that someone asked. `replay` connects and
+/// replays; its own error is handed back unchanged.
+pub async fn audited_replay<E: std::fmt::Display>(
+    pool: &sqlx::PgPool,
+    admin: uuid::Uuid,
+    group: &str,
+    message_id: Option<uuid::Uuid>,
+    reason: &str,
+    replay: impl std::future::Future<Output = Result<usize, E>>,
+) -> Result<Result<usize, E>, sqlx::Error> {
+    let action = format!("parked.replay.{group}");
+    let target = ("message", message_id.unwrap_or(uuid::Uuid::nil()));
+    let mut conn = pool.acquire().await?;
+    crate::audit::record(&mut conn, admin, &action, target, reason).await?;
+    let outcome = replay.await;
+    let (suffix, said) = match &outcome {
+        Ok(n) => ("done", format!("{n} message(s) replayed")),
+        Err(e) => ("failed", format!("not replayed: {e}")),
+    };
+    crate::audit::record(
+        &mut conn,
+        admin,
+        &format!("{action}.{suffix}"),
+        target,
+        &said,
+    )
+    .await?;
+    Ok(outcome)
+}

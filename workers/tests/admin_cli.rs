@@ -184,4 +184,8 @@ async fn a_replay_from_the_command_line_is_kept_in_the_audit_log_with_its_admin_
             "the SMTP relay is back".to_string()
         )]
     );
+    // And what it did, after it.
+    let outcome = entries("parked.replay.mailer.done").await;
+    assert_eq!(outcome.len(), 1, "{outcome:?}");
+    assert_eq!(outcome[0].3, "1 message(s) replayed");
 }

@@ -277,29 +277,28 @@ pub async fn parked_replay(
 ) -> Result<Json<Replayed>, ApiError> {
     let group = group(&name)?;
     // Messages are named by their id (the nil id for "all of them").
-    let target = body.message_id.unwrap_or(Uuid::nil());
-    // Audited before it is done (no transaction is held across the broker
-    // call): no replay ever happens without its entry.
-    let mut tx = state.pool.begin().await?;
-    audit(
-        &mut tx,
-        &admin,
-        &format!("parked.replay.{group}"),
-        ("message", target),
-        body.reason.trim(),
-    )
-    .await?;
-    tx.commit().await?;
-    let conn = state.broker.connect().await.map_err(broker_down)?;
-    let replayed = parked::replay(
-        &conn,
-        state.broker.names(),
+    let replay = async {
+        let conn = state.broker.connect().await?;
+        let replayed = parked::replay(
+            &conn,
+            state.broker.names(),
+            group,
+            body.message_id.map(|id| id.to_string()).as_deref(),
+        )
+        .await?;
+        let _ = conn.close(200, "replayed".into()).await;
+        Ok::<_, lapin::Error>(replayed)
+    };
+    let replayed = parked::audited_replay(
+        &state.pool,
+        admin.0.id,
         group,
-        body.message_id.map(|id| id.to_string()).as_deref(),
+        body.message_id,
+        body.reason.trim(),
+        replay,
     )
-    .await
+    .await?
     .map_err(broker_down)?;
-    let _ = conn.close(200, "replayed".into()).await;
     tracing::info!(group, replayed, admin = %admin.0.id, "parked messages replayed");
     Ok(Json(Replayed { replayed }))
 }

@@ -10,8 +10,9 @@
 //! ```
 //!
 //! A replay is an admin action like any other: it names the admin who asks
-//! and why, and is kept in the audit log before it is done, as the API's
-//! replay is. The first admin's creation is kept there too.
+//! and why, and is kept in the audit log before it is done and its outcome
+//! after it, as the API's replay is. The first admin's creation is kept
+//! there too.
 
 use souk_shared::{
     amqp, audit,
@@ -147,12 +148,12 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
             .fetch_optional(&pool)
             .await?;
             let admin = admin.ok_or_else(|| anyhow::anyhow!("no admin account {email}"))?;
-            // Kept before it is done: no replay happens without its entry.
-            let action = format!("parked.replay.{group}");
-            let mut conn = pool.acquire().await?;
-            audit::record(&mut conn, admin, &action, ("message", target), reason).await?;
-            let conn = amqp::connect(&config.amqp_url, "souk-admin").await?;
-            let n = parked::replay(&conn, &names, group, id).await?;
+            let replay = async {
+                let conn = amqp::connect(&config.amqp_url, "souk-admin").await?;
+                parked::replay(&conn, &names, group, id).await
+            };
+            let target = (target != uuid::Uuid::nil()).then_some(target);
+            let n = parked::audited_replay(&pool, admin, group, target, reason, replay).await??;
             println!("replayed {n} message(s) to {}", names.queue(group));
         }
         _ => anyhow::bail!(USAGE),
