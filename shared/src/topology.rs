@@ -6,6 +6,7 @@
 //! {prefix}.{group}.retry.Nms quorum queue per delay: TTL N ms, then dead-letters
 //!                            back to {prefix}.{group} (no delayed-message plugin)
 //! {prefix}.{group}.parked    quorum queue for messages that used every attempt
+//! {prefix}.unrouted          quorum queue for outbox messages no queue was bound for
 //! ```
 //!
 //! A message that keeps crashing its consumer (never acked nor retried) is
@@ -43,6 +44,11 @@ impl Names {
     }
     pub fn parking_queue(&self, group: &str) -> String {
         format!("{}.{group}.parked", self.prefix)
+    }
+    /// Where the relay puts an outbox message no queue is bound for, so it
+    /// is kept for an operator instead of marked published and lost.
+    pub fn unrouted_queue(&self) -> String {
+        format!("{}.unrouted", self.prefix)
     }
 }
 

@@ -5,11 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, Recorded, Recorder};
+use common::{Harness, Leased, Overlap, Recorded, Recorder};
 use lapin::options::BasicGetOptions;
-use souk_shared::{amqp, envelope::Envelope, parked};
+use souk_shared::{amqp, envelope::Envelope, outbox, parked};
 use souk_testkit::{amqp_url, broker, count, proxy::Proxy, wait_until};
-use souk_workers::runtime::{Applied, apply_once};
+use souk_workers::runtime::{Applied, Failure, apply_once};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -461,4 +461,296 @@ async fn old_processed_records_are_forgotten_and_recent_ones_kept() {
         ]
     );
     h.finish(vec![]).await;
+}
+
+const CLAIMS: &str = "SELECT count(*) FROM message_claims";
+
+/// Runs `apply_once` on its own task, as a second consumer would.
+fn apply_elsewhere(
+    h: &Harness,
+    handler: &Leased,
+    msg: &Envelope,
+) -> tokio::task::JoinHandle<Result<Applied, Failure>> {
+    let (pool, handler, msg) = (h.db.pool.clone(), handler.clone(), msg.clone());
+    tokio::spawn(async move { apply_once(&pool, &handler, &msg).await })
+}
+
+#[tokio::test]
+async fn a_copy_claiming_while_the_holder_commits_finds_it_processed_and_does_not_prepare_again() {
+    let h = Harness::new().await;
+    let pool = &h.db.pool;
+    let handler = Leased::new(Duration::from_secs(30));
+    let msg = Envelope::new(&Recorded::key("raced"), "c");
+    // Copy A holds the claim and is committing: its processed row and the
+    // claim's removal are written but not committed yet.
+    sqlx::query(
+        "INSERT INTO message_claims (consumer, message_id, claimed_until)
+         VALUES ('recorder', $1, now() + interval '1 minute')",
+    )
+    .bind(msg.id)
+    .execute(pool)
+    .await
+    .unwrap();
+    let mut a = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO processed_messages (consumer, message_id, attempt) VALUES ('recorder', $1, 0)",
+    )
+    .bind(msg.id)
+    .execute(&mut *a)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM message_claims WHERE message_id = $1")
+        .bind(msg.id)
+        .execute(&mut *a)
+        .await
+        .unwrap();
+
+    // Copy B asks meanwhile: its snapshot has the message unprocessed, and
+    // its claim waits for A's transaction.
+    let b = apply_elsewhere(&h, &handler, &msg);
+    wait_until("B's claim to wait for A", WAIT, || async {
+        count(
+            pool,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    a.commit().await.unwrap();
+
+    assert_eq!(b.await.unwrap().unwrap(), Applied::Before);
+    assert_eq!(handler.prepares(), 0, "B did not repeat the outside call");
+    assert_eq!(count(pool, CLAIMS).await, 0, "nor kept a claim");
+    h.finish(vec![]).await;
+}
+
+#[tokio::test]
+async fn a_database_failure_after_an_outside_call_retries_the_transaction_not_the_call() {
+    let h = Harness::new().await;
+    let pool = &h.db.pool;
+    let handler = Leased::new(Duration::from_secs(30));
+    handler
+        .db_failures
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let msg = Envelope::new(&Recorded::key("hiccup"), "c");
+    assert_eq!(
+        apply_once(pool, &handler, &msg).await.unwrap(),
+        Applied::Now
+    );
+    assert_eq!(handler.prepares(), 1, "one outside call");
+    assert_eq!(handler.applies(), 3, "its effect written on the third try");
+    assert_eq!(h.effects_for("hiccup").await, 1);
+    assert_eq!(count(pool, CLAIMS).await, 0);
+
+    // A database that stays down: a few tries, then the message fails as before.
+    let down = Leased::new(Duration::from_secs(30));
+    down.db_failures
+        .store(100, std::sync::atomic::Ordering::SeqCst);
+    let msg = Envelope::new(&Recorded::key("down"), "c");
+    let outcome = apply_once(pool, &down, &msg).await;
+    assert!(matches!(outcome, Err(Failure::Transient(_))), "{outcome:?}");
+    assert_eq!((down.prepares(), down.applies()), (1, 3));
+    assert_eq!(count(pool, CLAIMS).await, 0, "the claim is given back");
+
+    // A handler's own refusal is not tried again.
+    let refusing = Leased {
+        apply_refuses: true,
+        ..Leased::new(Duration::from_secs(30))
+    };
+    let msg = Envelope::new(&Recorded::key("refused"), "c");
+    let outcome = apply_once(pool, &refusing, &msg).await;
+    assert!(matches!(outcome, Err(Failure::Permanent(_))), "{outcome:?}");
+    assert_eq!((refusing.prepares(), refusing.applies()), (1, 1));
+    h.finish(vec![]).await;
+}
+
+#[tokio::test]
+async fn a_copy_held_by_another_consumer_waits_without_using_up_its_attempts() {
+    let h = Harness::new().await;
+    let msg = Envelope::new(&Recorded::key("held"), "c");
+    // Another consumer holds the message for 1.5 s: several times what the
+    // retry delays (100 ms, 200 ms) would allow before parking it.
+    sqlx::query(
+        "INSERT INTO message_claims (consumer, message_id, claimed_until)
+         VALUES ('recorder', $1, now() + interval '1.5 seconds')",
+    )
+    .bind(msg.id)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let handler = Leased::new(Duration::from_secs(30));
+    let (consumer, _) = h.spawn_handler(handler.clone(), h.consumer_settings(&amqp_url(), 2));
+    h.publish(&msg).await;
+
+    // Once the other's lease ran out this copy takes over.
+    wait_until("the held message's effect", WAIT, || async {
+        h.effects_for("held").await == 1
+    })
+    .await;
+    assert_eq!(
+        h.ready(&h.names.parking_queue("recorder")).await,
+        0,
+        "never parked"
+    );
+    let attempt: i32 =
+        sqlx::query_scalar("SELECT attempt FROM processed_messages WHERE message_id = $1")
+            .bind(msg.id)
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempt, 0, "waiting for the holder used no attempt");
+    assert_eq!(handler.prepares(), 1);
+    h.finish(vec![consumer]).await;
+}
+
+#[tokio::test]
+async fn a_holder_whose_lease_was_taken_over_leaves_the_new_holders_claim_alone() {
+    let h = Harness::new().await;
+    let pool = &h.db.pool;
+    // A's lease runs out while it is still preparing, which then fails.
+    let slow = Leased {
+        prepare_sleep: Duration::from_millis(800),
+        prepare_fails: true,
+        ..Leased::new(Duration::from_millis(200))
+    };
+    let msg = Envelope::new(&Recorded::key("taken-over"), "c");
+    let a = apply_elsewhere(&h, &slow, &msg);
+    wait_until("A's claim", WAIT, || async {
+        count(pool, CLAIMS).await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B takes the expired claim over, as `claim` does.
+    let taken = sqlx::query(
+        "UPDATE message_claims SET claimed_until = now() + interval '1 minute'
+          WHERE message_id = $1 AND claimed_until < now()",
+    )
+    .bind(msg.id)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(taken.rows_affected(), 1, "A's lease had run out");
+
+    let outcome = a.await.unwrap();
+    assert!(matches!(outcome, Err(Failure::Transient(_))), "{outcome:?}");
+    assert_eq!(
+        count(pool, CLAIMS).await,
+        1,
+        "A gave back only its own claim, not B's"
+    );
+    h.finish(vec![]).await;
+}
+
+#[tokio::test]
+async fn after_a_reconnect_the_lost_sessions_messages_still_count_against_the_concurrency() {
+    let h = Harness::new().await;
+    let overlap = Overlap::default();
+    let mut settings = h.consumer_settings(&amqp_url(), 1);
+    settings.batch = 1;
+    let (consumer, readiness) = h.spawn_handler(overlap.clone(), settings);
+    let slow = Recorded {
+        key: "slow".into(),
+        sleep_ms: 2000,
+        ..Default::default()
+    };
+    h.publish(&Envelope::new(&slow, "c")).await;
+    wait_until("the consumer to be busy", WAIT, || async {
+        overlap.now() == 1
+    })
+    .await;
+
+    // The connection goes; the message in hand is still being handled, and
+    // the broker hands its copy to the next session.
+    let closed = broker::close_connections_named(&format!("{}.recorder@", h.prefix)).await;
+    assert_eq!(closed, 1);
+    wait_until("the first handling to finish", WAIT, || async {
+        h.effects_for("slow").await == 1
+    })
+    .await;
+    assert!(readiness.broker(), "the consumer reconnected meanwhile");
+    assert_eq!(
+        overlap.most(),
+        1,
+        "the new session waited for the old one's slot (concurrency 1)"
+    );
+    h.finish(vec![consumer]).await;
+}
+
+#[tokio::test]
+async fn a_relay_draining_a_backlog_stops_on_shutdown_without_finishing_it() {
+    let h = Harness::new().await;
+    const N: i64 = 2000;
+    let mut tx = h.db.pool.begin().await.unwrap();
+    for i in 0..N {
+        let e = Envelope::new(&Recorded::key(&format!("d{i}")), "c");
+        outbox::enqueue(&mut tx, &e).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let relay = h.spawn_relay(&amqp_url(), 1);
+    let published = "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL";
+    wait_until("the relay to be under way", WAIT, || async {
+        count(&h.db.pool, published).await > 0
+    })
+    .await;
+    h.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), relay)
+        .await
+        .expect("the relay stops soon")
+        .unwrap();
+    let done = count(&h.db.pool, published).await;
+    assert!(done < N, "stopped mid-backlog ({done} of {N} published)");
+    h.finish(vec![]).await;
+}
+
+#[tokio::test]
+async fn a_message_no_queue_is_bound_for_is_kept_in_the_unrouted_queue() {
+    let h = Harness::new().await;
+    let mut lost = Envelope::new(&Recorded::key("lost"), "c");
+    lost.kind = "nobody.listens".into();
+    let mut tx = h.db.pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &lost).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = h.spawn_relay(&amqp_url(), 10);
+
+    let unrouted = h.names.unrouted_queue();
+    wait_until("the message in the unrouted queue", WAIT, || async {
+        h.ready(&unrouted).await == 1
+    })
+    .await;
+    wait_until("its row to be marked published", WAIT, || async {
+        count(
+            &h.db.pool,
+            "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let channel = h.amqp.create_channel().await.unwrap();
+    let got = channel
+        .basic_get(unrouted.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message");
+    let props = &got.delivery.properties;
+    assert_eq!(
+        Envelope::from_bytes(&got.delivery.data).unwrap().id,
+        lost.id
+    );
+    assert_eq!(
+        props.message_id().as_ref().map(|s| s.to_string()),
+        Some(lost.id.to_string())
+    );
+    let error = amqp::header_str(props, amqp::ERROR_HEADER).unwrap_or_default();
+    assert!(error.contains("nobody.listens"), "{error}");
+    assert_eq!(
+        amqp::header_str(props, amqp::ORIGIN_HEADER),
+        Some(h.names.events_exchange())
+    );
+    let _ = channel
+        .queue_delete(unrouted.as_str().into(), Default::default())
+        .await;
+    h.finish(vec![relay]).await;
 }

@@ -59,8 +59,8 @@ async fn a_mailer_killed_while_sending_loses_nothing_and_the_mail_goes_out_once(
     let settings = |smtp: u16| {
         vec![
             ("SMTP_PORT", smtp.to_string()),
-            ("SMTP_TIMEOUT_MS", "60000".to_string()),
-            ("MAILER_LEASE_MS", "1500".to_string()),
+            ("SMTP_TIMEOUT_MS", "2000".to_string()),
+            ("MAILER_LEASE_MS", "4000".to_string()),
             ("RETRY_DELAYS_MS", delays.clone()),
         ]
     };

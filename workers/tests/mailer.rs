@@ -193,3 +193,26 @@ async fn a_mail_that_can_never_be_sent_is_parked_at_once_with_the_reason() {
     assert!(mails_to(&to).await.is_empty());
     finish(h, vec![task], &delays).await;
 }
+
+#[test]
+fn a_mailer_whose_lease_would_run_out_mid_send_refuses_to_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailer"))
+        .current_dir(std::env::temp_dir())
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        )
+        .env("AMQP_URL", amqp_url())
+        .env("OPS_ADDR", "127.0.0.1:0")
+        .env("SMTP_TIMEOUT_MS", "10000")
+        .env("MAILER_LEASE_MS", "15000")
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("MAILER_LEASE_MS") && stderr.contains("SMTP_TIMEOUT_MS"),
+        "{stderr}"
+    );
+}

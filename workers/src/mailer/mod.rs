@@ -47,7 +47,7 @@ pub struct MailerConfig {
 
 impl MailerConfig {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        Ok(Self {
+        let config = Self {
             smtp_host: env.or("SMTP_HOST", "127.0.0.1".to_string())?,
             smtp_port: env.or("SMTP_PORT", 1025)?,
             smtp_username: env.or("SMTP_USERNAME", String::new()).map(non_empty)?,
@@ -58,7 +58,29 @@ impl MailerConfig {
             )?,
             timeout: env.millis("SMTP_TIMEOUT_MS", 10_000)?,
             lease: env.millis("MAILER_LEASE_MS", 30_000)?,
-        })
+        };
+        config.check_lease()?;
+        Ok(config)
+    }
+
+    /// The lease must outlast a send: if it ran out while this mailer still
+    /// waits on a slow SMTP server, a copy of the message would take it over
+    /// and send the mail again. A send is several steps (connect, greeting,
+    /// EHLO, MAIL, RCPT, DATA), each allowed `timeout`: a lease of at least
+    /// twice the timeout covers one step stalling to its limit plus the rest.
+    pub fn check_lease(&self) -> Result<(), ConfigError> {
+        if self.lease < self.timeout * 2 {
+            return Err(ConfigError {
+                var: "MAILER_LEASE_MS".into(),
+                reason: format!(
+                    "must be at least twice SMTP_TIMEOUT_MS ({} ms), so another mailer \
+                     cannot take over a message whose mail is still being sent; it is {} ms",
+                    self.timeout.as_millis(),
+                    self.lease.as_millis()
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -74,6 +96,7 @@ pub struct Mailer {
 }
 
 /// What `prepare` hands to `apply`: the mail that was sent.
+#[derive(Debug, Clone)]
 pub struct Sent {
     to: String,
     template: String,
@@ -129,6 +152,10 @@ impl Handler for Mailer {
         Some(self.lease)
     }
 
+    fn copy_prepared(&self, sent: &Sent) -> Option<Sent> {
+        Some(sent.clone())
+    }
+
     async fn prepare(&self, msg: &Envelope) -> Result<Sent, Failure> {
         let req: EmailRequested = msg.payload().map_err(Failure::permanent)?;
         let (message, subject) = self.compose(msg, &req)?;
@@ -166,5 +193,32 @@ impl Handler for Mailer {
         .execute(tx)
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(timeout_ms: u64, lease_ms: u64) -> MailerConfig {
+        MailerConfig {
+            smtp_host: "127.0.0.1".into(),
+            smtp_port: 1025,
+            smtp_username: None,
+            smtp_password: None,
+            from: "Souk <no-reply@souk.test>".parse().unwrap(),
+            timeout: Duration::from_millis(timeout_ms),
+            lease: Duration::from_millis(lease_ms),
+        }
+    }
+
+    #[test]
+    fn the_lease_must_outlast_a_send() {
+        assert!(config(10_000, 30_000).check_lease().is_ok(), "the defaults");
+        assert!(config(10_000, 20_000).check_lease().is_ok());
+        let e = config(10_000, 15_000).check_lease().unwrap_err();
+        assert_eq!(e.var, "MAILER_LEASE_MS");
+        assert!(e.reason.contains("10000 ms"), "{}", e.reason);
+        assert!(config(60_000, 1_500).check_lease().is_err());
     }
 }

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use lapin::{
     Channel,
     message::Delivery,
@@ -21,6 +22,10 @@ pub enum Applied {
     Now,
     /// The message had been processed before; nothing was done.
     Before,
+    /// Another consumer holds a live lease on the message (a copy of it is
+    /// being handled right now): nothing was done. Not a failure of this
+    /// message: the caller tries it again later without counting an attempt.
+    Held,
 }
 
 /// Records the message as processed by `group`; false if it already was.
@@ -43,11 +48,23 @@ async fn record_processed(
     Ok(done.rows_affected() == 1)
 }
 
+async fn is_processed(pool: &PgPool, group: &str, envelope: &Envelope) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM processed_messages WHERE consumer = $1 AND message_id = $2)",
+    )
+    .bind(group)
+    .bind(envelope.id)
+    .fetch_one(pool)
+    .await
+}
+
 /// What taking the lease found.
 #[derive(Debug, PartialEq, Eq)]
 enum Claim {
-    /// This consumer holds the lease now.
-    Taken,
+    /// This consumer holds the lease now, until the time given: that value
+    /// identifies its claim (a later holder's ends later), so it releases
+    /// only its own.
+    Taken(DateTime<Utc>),
     /// Another consumer holds a live one.
     Held,
     /// The message was processed before: nothing to do, no lease taken.
@@ -55,18 +72,24 @@ enum Claim {
 }
 
 /// Takes the lease on a message, unless it was processed before or another
-/// consumer holds a live lease: one round trip for both questions. A holder
-/// finishing meanwhile commits its processed row with its lease's removal,
-/// so a lease taken on a message its snapshot saw unprocessed can at worst
-/// repeat `prepare` (every outside call carries an idempotency key); the
-/// processed row still lets only one transaction apply it.
+/// consumer holds a live lease.
+///
+/// Both questions are asked in one statement, so a processed message costs
+/// one round trip. But that statement sees the processed rows of one
+/// snapshot, taken before its insert may wait on a holder's claim: a holder
+/// that commits its processed row (and deletes its claim) meanwhile lets the
+/// insert through with the old snapshot still saying "not processed". So a
+/// taken lease is followed by a second look in a new statement (a new
+/// snapshot, which sees that commit), and given back if the message was
+/// processed after all: otherwise this copy would repeat `prepare` (send the
+/// mail again).
 async fn claim(
     pool: &PgPool,
     group: &str,
     envelope: &Envelope,
     lease: Duration,
 ) -> sqlx::Result<Claim> {
-    let (done, taken): (bool, bool) = sqlx::query_as(
+    let (done, taken): (bool, Option<DateTime<Utc>>) = sqlx::query_as(
         "WITH done AS (
              SELECT EXISTS (SELECT 1 FROM processed_messages WHERE consumer = $1 AND message_id = $2) AS yes),
          taken AS (
@@ -74,29 +97,51 @@ async fn claim(
              SELECT $1, $2, now() + make_interval(secs => $3) FROM done WHERE NOT done.yes
              ON CONFLICT (consumer, message_id) DO UPDATE SET claimed_until = EXCLUDED.claimed_until
              WHERE message_claims.claimed_until < now()
-             RETURNING 1)
-         SELECT (SELECT yes FROM done), EXISTS (SELECT 1 FROM taken)",
+             RETURNING claimed_until)
+         SELECT (SELECT yes FROM done), (SELECT claimed_until FROM taken)",
     )
     .bind(group)
     .bind(envelope.id)
     .bind(lease.as_secs_f64())
     .fetch_one(pool)
     .await?;
-    Ok(match (done, taken) {
-        (true, _) => Claim::Done,
-        (false, true) => Claim::Taken,
-        (false, false) => Claim::Held,
-    })
+    let until = match (done, taken) {
+        (true, _) => return Ok(Claim::Done),
+        (false, None) => return Ok(Claim::Held),
+        (false, Some(until)) => until,
+    };
+    if is_processed(pool, group, envelope).await? {
+        let mut conn = pool.acquire().await?;
+        release(&mut conn, group, envelope, until).await?;
+        return Ok(Claim::Done);
+    }
+    Ok(Claim::Taken(until))
 }
 
-async fn release(conn: &mut PgConnection, group: &str, envelope: &Envelope) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM message_claims WHERE consumer = $1 AND message_id = $2")
-        .bind(group)
-        .bind(envelope.id)
-        .execute(conn)
-        .await?;
+/// Deletes this holder's claim: the one ending at `until`. A holder whose
+/// lease expired (and was taken over) finds nothing to delete and leaves the
+/// new holder's claim alone.
+async fn release(
+    conn: &mut PgConnection,
+    group: &str,
+    envelope: &Envelope,
+    until: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "DELETE FROM message_claims WHERE consumer = $1 AND message_id = $2 AND claimed_until = $3",
+    )
+    .bind(group)
+    .bind(envelope.id)
+    .bind(until)
+    .execute(conn)
+    .await?;
     Ok(())
 }
+
+/// How often the apply transaction is tried after a `prepare` under a
+/// lease succeeded, and the first pause between tries (doubling).
+const APPLY_TRIES: u32 = 3;
+const APPLY_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// Applies `envelope` through `handler` at most once per consumer group.
 ///
@@ -104,51 +149,111 @@ async fn release(conn: &mut PgConnection, group: &str, envelope: &Envelope) -> s
 /// a concurrent duplicate blocks on its primary key until the first commits,
 /// then finds the row and backs off. Handlers with a [`Handler::prepare_lease`]
 /// also claim the message before `prepare`, so a duplicate handled at the same
-/// time never repeats the outside call.
+/// time never repeats the outside call: it gets [`Applied::Held`].
 pub async fn apply_once<H: Handler>(
     pool: &PgPool,
     handler: &H,
     envelope: &Envelope,
 ) -> Result<Applied, Failure> {
-    let lease = handler.prepare_lease();
-    if let Some(lease) = lease {
-        match claim(pool, H::GROUP, envelope, lease).await? {
-            Claim::Taken => {}
-            Claim::Done => return Ok(Applied::Before),
-            Claim::Held => {
-                return Err(Failure::transient(anyhow::anyhow!(
-                    "another consumer is handling this message"
-                )));
-            }
+    let Some(lease) = handler.prepare_lease() else {
+        let prepared = handler.prepare(envelope).await?;
+        return apply_tx(pool, handler, envelope, None, prepared)
+            .await
+            .map_err(|(failure, _)| failure);
+    };
+    let until = match claim(pool, H::GROUP, envelope, lease).await? {
+        Claim::Taken(until) => until,
+        Claim::Done => return Ok(Applied::Before),
+        Claim::Held => return Ok(Applied::Held),
+    };
+    let outcome = prepare_and_apply(pool, handler, envelope, until).await;
+    if !matches!(outcome, Ok(Applied::Now)) {
+        // Let a retry take it at once. (On success the claim went with the
+        // commit.) If even this fails, the lease simply runs out.
+        let released = async {
+            let mut conn = pool.acquire().await?;
+            release(&mut conn, H::GROUP, envelope, until).await
+        };
+        if let Err(e) = released.await {
+            warn!(group = H::GROUP, error = %e, "could not release a claim; it will expire");
         }
-    }
-    let outcome = prepare_and_apply(pool, handler, envelope, lease.is_some()).await;
-    if lease.is_some() && !matches!(outcome, Ok(Applied::Now)) {
-        // Let a retry take it at once. (On success the claim went with the commit.)
-        let mut conn = pool.acquire().await?;
-        release(&mut conn, H::GROUP, envelope).await?;
     }
     outcome
 }
 
+/// `prepare` under the lease ending at `until`, then the apply transaction.
+/// Once `prepare` made its outside call, giving the message up over a
+/// database hiccup would have its retry make the call again (send the mail
+/// twice): the transaction is tried again in place, with the same prepared
+/// value, a few times first.
 async fn prepare_and_apply<H: Handler>(
     pool: &PgPool,
     handler: &H,
     envelope: &Envelope,
-    claimed: bool,
+    until: DateTime<Utc>,
 ) -> Result<Applied, Failure> {
-    let prepared = handler.prepare(envelope).await?;
+    let mut prepared = handler.prepare(envelope).await?;
+    let mut pause = APPLY_RETRY_PAUSE;
+    let mut tries = 1;
+    loop {
+        let spare = handler.copy_prepared(&prepared);
+        let (failure, back) = match apply_tx(pool, handler, envelope, Some(until), prepared).await {
+            Ok(applied) => return Ok(applied),
+            Err(failed) => failed,
+        };
+        match back.or(spare) {
+            Some(again) if tries < APPLY_TRIES && is_database(&failure) => {
+                warn!(
+                    group = H::GROUP,
+                    error = %failure.error(),
+                    tries,
+                    "the effect of a prepared message could not be written; trying again"
+                );
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                tries += 1;
+                prepared = again;
+            }
+            _ => return Err(failure),
+        }
+    }
+}
 
-    let mut tx = pool.begin().await?;
-    if !record_processed(&mut tx, H::GROUP, envelope).await? {
-        return Ok(Applied::Before);
+/// A failure from the database itself (connection lost, pool exhausted,
+/// serialization failure): worth trying the same transaction again at once.
+/// A handler's own refusal, transient or not, is not.
+fn is_database(failure: &Failure) -> bool {
+    matches!(failure, Failure::Transient(e) if e.downcast_ref::<sqlx::Error>().is_some())
+}
+
+/// One apply transaction: the processed row, the handler's effect and (for a
+/// claimed message) the claim's removal, committed together. A failure before
+/// `apply` took the prepared value hands it back, so it can be tried again.
+async fn apply_tx<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    envelope: &Envelope,
+    claim: Option<DateTime<Utc>>,
+    prepared: H::Prepared,
+) -> Result<Applied, (Failure, Option<H::Prepared>)> {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return Err((e.into(), Some(prepared))),
+    };
+    match record_processed(&mut tx, H::GROUP, envelope).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(Applied::Before),
+        Err(e) => return Err((e.into(), Some(prepared))),
     }
-    handler.apply(&mut tx, envelope, prepared).await?;
-    if claimed {
-        release(&mut tx, H::GROUP, envelope).await?;
-    }
-    tx.commit().await?;
-    Ok(Applied::Now)
+    let effect = async move {
+        handler.apply(&mut tx, envelope, prepared).await?;
+        if let Some(until) = claim {
+            release(&mut tx, H::GROUP, envelope, until).await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Now)
+    };
+    effect.await.map_err(|failure| (failure, None))
 }
 
 /// Applies several messages in one transaction: one commit instead of one
@@ -229,6 +334,7 @@ pub(super) async fn process_batch<H: Handler>(ctx: &Context<H>, deliveries: Vec<
                 let outcome = match outcome {
                     Applied::Now => "applied",
                     Applied::Before => "duplicate",
+                    Applied::Held => unreachable!("batches are only for handlers without a lease"),
                 };
                 metrics::counter!("souk_messages_total", "group" => H::GROUP, "outcome" => outcome)
                     .increment(1);
@@ -329,6 +435,7 @@ pub(super) async fn process<H: Handler>(ctx: &Context<H>, delivery: Delivery) {
                 settle(&delivery, true).await;
                 "duplicate"
             }
+            Ok(Applied::Held) => defer(ctx, &delivery, envelope.clone()).await,
             Err(failure) => route_failure(ctx, &delivery, envelope.clone(), failure).await,
         }
     }
@@ -376,6 +483,44 @@ async fn route_failure<H: Handler>(
     }
     settle(delivery, sent.is_ok()).await;
     outcome
+}
+
+/// Sends a message another consumer holds the lease on to the retry queue
+/// of its current attempt, with its attempt unchanged: the copy being handled
+/// is no failure of this one, so however long it takes this copy never uses
+/// up its attempts and is never parked for it (a parked copy, replayed after
+/// the processed record was purged, would be applied a second time). When it
+/// comes back the holder has finished (it is acked as a duplicate) or died
+/// (its lease ran out and this copy takes over).
+async fn defer<H: Handler>(
+    ctx: &Context<H>,
+    delivery: &Delivery,
+    envelope: Envelope,
+) -> &'static str {
+    let delays = &ctx.retry_delays_ms;
+    let Some(&delay_ms) = delays.get(envelope.attempt as usize).or(delays.last()) else {
+        // No retry queues at all: nowhere to wait but the failure path.
+        let failure =
+            Failure::transient(anyhow::anyhow!("another consumer is handling this message"));
+        return route_failure(ctx, delivery, envelope, failure).await;
+    };
+    tracing::info!(
+        delay_ms,
+        "another consumer holds this message; will look again"
+    );
+    let queue = ctx.names.retry_queue(H::GROUP, delay_ms);
+    let headers = amqp::string_header(
+        FieldTable::default(),
+        amqp::ERROR_HEADER,
+        "another consumer is handling this message",
+    );
+    let headers = amqp::string_header(headers, amqp::ORIGIN_HEADER, &ctx.names.queue(H::GROUP));
+    let sent = amqp::send_envelope(&ctx.publisher, &queue, &envelope, headers).await;
+    if let Err(e) = &sent {
+        warn!(error = %e, "could not republish a held message; requeueing it");
+    }
+    settle(delivery, sent.is_ok()).await;
+    "held"
 }
 
 /// Acks the delivery, or nacks it back onto its queue.

@@ -103,6 +103,18 @@ pub trait Handler: Send + Sync + 'static {
         msg: &Envelope,
     ) -> impl Future<Output = Result<Self::Prepared, Failure>> + Send;
 
+    /// A copy of what `prepare` returned, for handlers with a lease whose
+    /// `Prepared` can be cloned (return `Some(prepared.clone())`). When the
+    /// apply transaction fails on the database after `apply` took the value,
+    /// the runtime retries the transaction in place with the copy instead of
+    /// giving the message up and repeating the outside call on its retry.
+    /// `None` (the default): only failures before `apply` took the value are
+    /// retried in place.
+    fn copy_prepared(&self, prepared: &Self::Prepared) -> Option<Self::Prepared> {
+        let _ = prepared;
+        None
+    }
+
     /// First in the transaction of a batch (several messages applied
     /// together), with all of them: a handler whose effects lock rows that
     /// other messages share (stock) takes those locks here, all at once and

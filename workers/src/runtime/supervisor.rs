@@ -65,22 +65,22 @@ pub async fn run<H: Handler>(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
-    let handler = Arc::new(handler);
-    let outbox = souk_shared::outbox::Waker::spawn(pool.clone());
     let housekeeping =
         super::retention::spawn_hourly(pool.clone(), H::GROUP, settings.processed_retention);
+    let lasting = Lasting {
+        handler: Arc::new(handler),
+        outbox: souk_shared::outbox::Waker::spawn(pool.clone()),
+        pool,
+        // One set of slots for the consumer's whole life, not one per
+        // session: the tasks of a session whose connection was lost still
+        // run (their acks will fail and the broker redeliver), and they keep
+        // their slots, so the next session never has more than
+        // `concurrency` messages in hand in all.
+        slots: Arc::new(Semaphore::new(settings.concurrency)),
+    };
     let mut backoff = Backoff(Backoff::FIRST);
     while !shutdown.is_cancelled() {
-        let result = session(
-            &handler,
-            &pool,
-            &outbox,
-            &settings,
-            &readiness,
-            &mut backoff,
-            &shutdown,
-        )
-        .await;
+        let result = session(&lasting, &settings, &readiness, &mut backoff, &shutdown).await;
         readiness.set_broker(false);
         match result {
             Ok(()) => break,
@@ -98,11 +98,18 @@ pub async fn run<H: Handler>(
     info!(group = H::GROUP, "consumer stopped");
 }
 
+/// What outlives a session: kept by [`run`] across reconnects.
+struct Lasting<H> {
+    handler: Arc<H>,
+    pool: PgPool,
+    outbox: souk_shared::outbox::Waker,
+    /// Permits for the messages in hand, `concurrency` in all.
+    slots: Arc<Semaphore>,
+}
+
 /// One connection's lifetime. `Ok` means a clean shutdown; `Err` a lost broker.
 async fn session<H: Handler>(
-    handler: &Arc<H>,
-    pool: &PgPool,
-    outbox: &souk_shared::outbox::Waker,
+    lasting: &Lasting<H>,
     settings: &ConsumerSettings,
     readiness: &Readiness,
     backoff: &mut Backoff,
@@ -135,6 +142,12 @@ async fn session<H: Handler>(
     backoff.reset();
 
     let depth = spawn_depth_gauge(publisher.clone(), queue.clone());
+    let Lasting {
+        handler,
+        pool,
+        outbox,
+        slots,
+    } = lasting;
     let ctx = Arc::new(delivery::Context {
         handler: handler.clone(),
         pool: pool.clone(),
@@ -143,7 +156,6 @@ async fn session<H: Handler>(
         publisher,
         outbox: outbox.clone(),
     });
-    let slots = Arc::new(Semaphore::new(settings.concurrency));
 
     // Handlers with an outside call take messages one at a time (each under
     // its own lease); the others take whatever is waiting, up to the batch size.
@@ -186,7 +198,7 @@ async fn session<H: Handler>(
     };
     depth.abort();
     if result.is_ok() {
-        drain(&channel, &conn, &slots, settings).await;
+        drain(&channel, &conn, slots, settings).await;
     }
     result
 }

@@ -384,3 +384,127 @@ pub async fn tapped(
         }
     }
 }
+
+/// The recorder's group as a handler with an outside call: it holds a lease
+/// while it prepares, counts its prepares (the outside calls), and can be
+/// made to sleep in `prepare` or to fail its transaction.
+#[derive(Clone, Default)]
+pub struct Leased {
+    pub lease: Duration,
+    /// How long each `prepare` takes.
+    pub prepare_sleep: Duration,
+    /// `prepare` sleeps, then fails transiently.
+    pub prepare_fails: bool,
+    /// The next this many `apply`s fail on the database.
+    pub db_failures: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// Every `apply` fails permanently.
+    pub apply_refuses: bool,
+    pub prepares: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    pub applies: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Leased {
+    pub fn new(lease: Duration) -> Self {
+        Self {
+            lease,
+            ..Default::default()
+        }
+    }
+
+    pub fn prepares(&self) -> u32 {
+        self.prepares.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn applies(&self) -> u32 {
+        self.applies.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Handler for Leased {
+    /// Which prepare this was (1, 2, ...).
+    type Prepared = u32;
+    const GROUP: &'static str = Recorder::GROUP;
+    const BINDINGS: &'static [&'static str] = Recorder::BINDINGS;
+
+    fn prepare_lease(&self) -> Option<Duration> {
+        Some(self.lease)
+    }
+
+    async fn prepare(&self, _: &Envelope) -> Result<u32, Failure> {
+        use std::sync::atomic::Ordering;
+        let n = self.prepares.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(self.prepare_sleep).await;
+        if self.prepare_fails {
+            return Err(Failure::transient(anyhow::anyhow!(
+                "planned prepare failure"
+            )));
+        }
+        Ok(n)
+    }
+
+    fn copy_prepared(&self, n: &u32) -> Option<u32> {
+        Some(*n)
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, _: u32) -> Result<(), Failure> {
+        use std::sync::atomic::Ordering;
+        self.applies.fetch_add(1, Ordering::SeqCst);
+        if self.apply_refuses {
+            return Err(Failure::permanent(anyhow::anyhow!("planned refusal")));
+        }
+        let fail = self
+            .db_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            // A real error from the database, as a dropped connection gives.
+            sqlx::query("SELECT 1 / 0").execute(&mut *tx).await?;
+        }
+        Recorder.apply(tx, msg, ()).await
+    }
+}
+
+/// The recorder's group, counting how many messages it has in hand at once:
+/// each `prepare` sleeps the message's `sleep_ms` (outside any transaction,
+/// before the duplicate check, so a redelivered copy counts too).
+#[derive(Clone, Default)]
+pub struct Overlap {
+    now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Overlap {
+    pub fn now(&self) -> usize {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// The most it ever had in hand at once.
+    pub fn most(&self) -> usize {
+        self.most.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Handler for Overlap {
+    type Prepared = ();
+    const GROUP: &'static str = Recorder::GROUP;
+    const BINDINGS: &'static [&'static str] = Recorder::BINDINGS;
+
+    async fn prepare(&self, msg: &Envelope) -> Result<(), Failure> {
+        use std::sync::atomic::Ordering;
+        let r: Recorded = msg.payload().map_err(Failure::permanent)?;
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(r.sleep_ms)).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, msg: &Envelope, _: ()) -> Result<(), Failure> {
+        sqlx::query("INSERT INTO effects (message_id, key, attempt) VALUES ($1, $2, $3)")
+            .bind(msg.id)
+            .bind(msg.payload::<Recorded>().map_err(Failure::permanent)?.key)
+            .bind(msg.attempt as i32)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+}
