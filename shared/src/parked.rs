@@ -14,6 +14,21 @@ use lapin::{
 };
 use serde::Serialize;
 
+/// The name under which operators list and replay the relay's unrouted
+/// queue (outbox messages no queue was bound for) as if it were a group's
+/// parking queue. Replaying one publishes it to the events exchange again,
+/// by its type: once the missing binding exists it reaches its consumers.
+pub const UNROUTED: &str = "unrouted";
+
+/// The queue parked messages of `group` (or [`UNROUTED`]) wait in.
+fn shelf(names: &Names, group: &str) -> String {
+    if group == UNROUTED {
+        names.unrouted_queue()
+    } else {
+        names.parking_queue(group)
+    }
+}
+
 /// A parked message as an operator sees it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ParkedMessage {
@@ -60,7 +75,7 @@ pub async fn list(
     limit: usize,
 ) -> Result<Vec<ParkedMessage>, lapin::Error> {
     let channel = conn.create_channel().await?;
-    let queue = names.parking_queue(group);
+    let queue = shelf(names, group);
     let mut out = Vec::new();
     while out.len() < limit {
         match channel
@@ -76,8 +91,10 @@ pub async fn list(
     Ok(out)
 }
 
-/// Sends parked messages of `group` back to its main queue: the one with
-/// `message_id`, or all of them when `None`. Returns how many were replayed.
+/// Sends parked messages of `group` back to its main queue (unrouted ones
+/// to the events exchange): the one with `message_id`, or all of them when
+/// `None`. Returns how many were replayed; an unrouted message that still
+/// has no queue to go to stays where it is.
 pub async fn replay(
     conn: &Connection,
     names: &Names,
@@ -85,7 +102,7 @@ pub async fn replay(
     message_id: Option<&str>,
 ) -> Result<usize, lapin::Error> {
     let channel = amqp::confirm_channel(conn).await?;
-    let queue = names.parking_queue(group);
+    let queue = shelf(names, group);
     let main = names.queue(group);
     // Look at each message at most once, even those we put back.
     let mut remaining = depth(&channel, &queue).await?;
@@ -118,7 +135,19 @@ pub async fn replay(
             .properties
             .clone()
             .with_headers(FieldTable::default());
-        amqp::send_to_queue(&channel, &main, &body, props).await?;
+        if group == UNROUTED {
+            let kind = delivery.properties.kind().as_ref().map(|k| k.to_string());
+            let exchange = names.events_exchange();
+            let routing_key = kind.unwrap_or_default();
+            let confirm = amqp::publish(&channel, &exchange, &routing_key, &body, props)
+                .await?
+                .await?;
+            if confirm.is_nack() || confirm.take_message().is_some() {
+                continue; // still nowhere to go (or refused): it stays, unacked
+            }
+        } else {
+            amqp::send_to_queue(&channel, &main, &body, props).await?;
+        }
         delivery.ack(BasicAckOptions::default()).await?;
         replayed += 1;
     }

@@ -728,29 +728,64 @@ async fn a_message_no_queue_is_bound_for_is_kept_in_the_unrouted_queue() {
             == 1
     })
     .await;
+    // Operators list it like a parked message (the queue is left as it was).
+    let listed = parked::list(&h.amqp, &h.names, parked::UNROUTED, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].message_id, Some(lost.id.to_string()));
+    assert_eq!(listed[0].kind.as_deref(), Some("nobody.listens"));
+    let error = listed[0].error.clone().unwrap_or_default();
+    assert!(error.contains("nobody.listens"), "{error}");
+    // Replayed while still nothing takes it: it stays.
+    let replayed = parked::replay(&h.amqp, &h.names, parked::UNROUTED, None)
+        .await
+        .unwrap();
+    assert_eq!(replayed, 0);
+    assert_eq!(h.ready(&unrouted).await, 1);
+    // Once a queue is bound for its type, the replay delivers it there.
     let channel = h.amqp.create_channel().await.unwrap();
+    let bound = format!("{}.late", h.prefix);
+    channel
+        .queue_declare(
+            bound.as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            bound.as_str().into(),
+            h.names.events_exchange().as_str().into(),
+            "nobody.listens".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let replayed = parked::replay(&h.amqp, &h.names, parked::UNROUTED, None)
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    assert_eq!(h.ready(&unrouted).await, 0);
+    wait_until("the replayed message in the bound queue", WAIT, || async {
+        h.ready(&bound).await == 1
+    })
+    .await;
     let got = channel
-        .basic_get(unrouted.as_str().into(), BasicGetOptions { no_ack: true })
+        .basic_get(bound.as_str().into(), BasicGetOptions { no_ack: true })
         .await
         .unwrap()
         .expect("the message");
-    let props = &got.delivery.properties;
     assert_eq!(
         Envelope::from_bytes(&got.delivery.data).unwrap().id,
         lost.id
     );
-    assert_eq!(
-        props.message_id().as_ref().map(|s| s.to_string()),
-        Some(lost.id.to_string())
-    );
-    let error = amqp::header_str(props, amqp::ERROR_HEADER).unwrap_or_default();
-    assert!(error.contains("nobody.listens"), "{error}");
-    assert_eq!(
-        amqp::header_str(props, amqp::ORIGIN_HEADER),
-        Some(h.names.events_exchange())
-    );
-    let _ = channel
-        .queue_delete(unrouted.as_str().into(), Default::default())
-        .await;
+    for queue in [&unrouted, &bound] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
     h.finish(vec![relay]).await;
 }

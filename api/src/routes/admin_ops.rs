@@ -164,11 +164,13 @@ pub async fn stripe_events(
 }
 
 /// A consumer group Souk runs, or 404.
+/// A consumer group's name, or `unrouted` for the relay's unrouted queue.
 fn group(name: &str) -> Result<&'static str, ApiError> {
     topology::GROUPS
         .iter()
-        .find(|g| g.name == name)
         .map(|g| g.name)
+        .chain([parked::UNROUTED])
+        .find(|g| *g == name)
         .ok_or(ApiError::NotFound)
 }
 
@@ -197,10 +199,11 @@ impl Validate for ParkedQuery {
 }
 
 /// The messages parked in a consumer group's parking queue, oldest first,
-/// with the error that parked each. The queue is left as it was.
+/// with the error that parked each (`unrouted`: the outbox messages no
+/// queue was bound for). The queue is left as it was.
 #[utoipa::path(
     get, path = "/admin/parked/{group}", tag = "admin", security(("bearer" = [])),
-    params(("group" = String, Path, description = "e.g. `mailer`, `payments`"), ParkedQuery),
+    params(("group" = String, Path, description = "e.g. `mailer`, `payments`, or `unrouted`"), ParkedQuery),
     responses(
         (status = 200, description = "the parked messages", body = Vec<ParkedMessage>),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
@@ -257,7 +260,9 @@ pub struct Replayed {
     pub replayed: usize,
 }
 
-/// Send parked messages back to their group's queue, attempts reset.
+/// Send parked messages back to their group's queue, attempts reset
+/// (`unrouted` ones to the events exchange by their type; one that still
+/// has no queue stays).
 #[utoipa::path(
     post, path = "/admin/parked/{group}/replay", tag = "admin", security(("bearer" = [])),
     params(("group" = String, Path)), request_body = Replay,

@@ -9,6 +9,9 @@
 //! souk-admin parked replay <group> (<message-id> | --all) --as <admin-email> --reason <why>
 //! ```
 //!
+//! `<group>` is a consumer group, or `unrouted` for the outbox messages no
+//! queue was bound for (replayed to the events exchange by their type).
+//!
 //! A replay is an admin action like any other: it names the admin who asks
 //! and why, and is kept in the audit log before it is done and its outcome
 //! after it, as the API's replay is. The first admin's creation is kept
@@ -128,8 +131,9 @@ async fn run(config: &CommonConfig, args: &[&str]) -> anyhow::Result<()> {
             );
             let group = topology::GROUPS
                 .iter()
-                .find(|g| g.name == *group)
                 .map(|g| g.name)
+                .chain([parked::UNROUTED])
+                .find(|g| g == group)
                 .ok_or_else(|| anyhow::anyhow!("no consumer group {group}"))?;
             let (id, target) = match *which {
                 "--all" => (None, uuid::Uuid::nil()),
