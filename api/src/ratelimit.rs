@@ -28,6 +28,11 @@ pub struct Limits {
     pub forgot_per_ip: Limit,
     pub forgot_per_email: Limit,
     pub resend_per_account: Limit,
+    /// The public contact form mails a confirmation to the address it is
+    /// given: budgets per client and per address keep it from being a way
+    /// to send mail from our domain to anyone.
+    pub support_per_ip: Limit,
+    pub support_per_email: Limit,
     /// Failed sign-ins of one account (or wrong current passwords given to
     /// `POST /me/password` by one account) before each further one locks it
     /// for a doubling time (1 s, 2 s, 4 s … up to 5 minutes).
@@ -50,6 +55,8 @@ impl Limits {
             forgot_per_ip: per("LIMIT_FORGOT_PER_IP_HOUR", 20, 3600)?,
             forgot_per_email: per("LIMIT_FORGOT_PER_EMAIL_HOUR", 3, 3600)?,
             resend_per_account: per("LIMIT_RESEND_PER_ACCOUNT_HOUR", 3, 3600)?,
+            support_per_ip: per("LIMIT_SUPPORT_PER_IP_HOUR", 10, 3600)?,
+            support_per_email: per("LIMIT_SUPPORT_PER_EMAIL_HOUR", 3, 3600)?,
             failures_before_lock: env.or("SIGN_IN_FAILURES_BEFORE_LOCK", 3)?,
             trusted_proxies: TrustedProxies(env.list("TRUSTED_PROXIES", &[])?),
         })

@@ -133,6 +133,44 @@ async fn registrations_and_reset_requests_are_limited_and_the_refused_ones_write
     );
 }
 
+/// The public contact form mails the address it is given: it is budgeted
+/// per address and per client, and a refused request writes nothing.
+#[tokio::test]
+async fn the_contact_form_cannot_mail_an_address_or_from_a_client_without_limit() {
+    let limits = Limits {
+        support_per_email: limit(1),
+        support_per_ip: limit(3),
+        ..loose_limits()
+    };
+    let app = spawn_app_with(&amqp_url(), &redis_url(), limits).await;
+    let app = &app;
+    let write = |email: String| async move {
+        let body = json!({"email": email, "name": "Ann", "subject": "Hello", "message": "Where is my order?"});
+        app.post("/api/v1/support-requests", &body).await
+    };
+    let victim = unique_address();
+    assert_eq!(write(victim.clone()).await.status(), StatusCode::CREATED);
+    // The same address again, however it is spelt: refused.
+    let again = write(victim.to_uppercase()).await;
+    assert!(retry_after(&again) > 0);
+    problem(again, StatusCode::TOO_MANY_REQUESTS).await;
+    // Another address from this client: once more, then the client's budget is spent.
+    assert_eq!(write(unique_address()).await.status(), StatusCode::CREATED);
+    problem(write(unique_address()).await, StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM support_requests").await,
+        2
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM outbox WHERE routing_key = 'notify.email'"
+        )
+        .await,
+        2
+    );
+}
+
 #[tokio::test]
 async fn a_verification_link_can_be_resent_a_limited_number_of_times() {
     let app = spawn_app_with(

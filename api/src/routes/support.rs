@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
+    client_ip::ClientIp,
     error::{ApiError, FieldError},
     extract::{ValidJson, Validate},
     middleware::RequestId,
@@ -94,15 +95,32 @@ impl Validate for NewSupportRequest {
         (status = 400, description = "malformed JSON", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 415, description = "not JSON", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "a field is invalid", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many requests from this client or to this address; see Retry-After", body = crate::error::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create(
     State(state): State<AppState>,
     request_id: RequestId,
+    ip: ClientIp,
     ValidJson(body): ValidJson<NewSupportRequest>,
 ) -> Result<(StatusCode, Json<SupportRequest>), ApiError> {
     let id = Uuid::now_v7();
     let email = body.email.trim().to_string();
+    // Anyone may write in, and the confirmation goes to the address given:
+    // without budgets the form would mail anyone, as often as asked.
+    let limits = &state.limiter.limits;
+    state
+        .limiter
+        .hit("support-ip", &ip.0, limits.support_per_ip)
+        .await?;
+    state
+        .limiter
+        .hit(
+            "support-email",
+            &email.to_lowercase(),
+            limits.support_per_email,
+        )
+        .await?;
     let mut tx = state.pool.begin().await?;
     let created_at: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO support_requests (id, email, name, subject, message, correlation_id)

@@ -97,6 +97,8 @@ pub fn loose_limits() -> Limits {
         forgot_per_ip: limit,
         forgot_per_email: limit,
         resend_per_account: limit,
+        support_per_ip: limit,
+        support_per_email: limit,
         failures_before_lock: 1000,
         trusted_proxies: Default::default(),
     }
