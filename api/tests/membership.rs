@@ -740,3 +740,99 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     .await;
     m.close().await;
 }
+
+/// The cancel requests (`membership.cancel_requested`) sent so far.
+async fn cancel_requests(app: &common::App) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE routing_key = 'membership.cancel_requested'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_stuck_cancel_is_sent_again_and_a_cancelled_membership_has_no_grace_after_its_period() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let admin = token_for(app, &admin(app).await).await;
+    let plus = plan(
+        app,
+        &admin,
+        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "reason": "launch",
+               "free_shipping": true, "percent_off": 10}),
+    )
+    .await;
+    let buyer = customer(app).await;
+    let card = saved_card(&m, &buyer.token, CARD_OK).await;
+    let joined = subscribe(app, &buyer.token, &plus["id"], &card).await;
+    assert_eq!(joined.status(), StatusCode::ACCEPTED);
+    wait_status(&m, &buyer.token, "active").await;
+    common::orders::settle(app).await;
+
+    // A cancel whose request never reached Stripe (its message parked while
+    // Stripe was down): asked moments ago, asking again waits for it ...
+    let stuck = |ago: &'static str| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE memberships SET cancel_requested_at = now() - interval '{ago}'"
+            )))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    stuck("1 minute").await;
+    let waiting = cancel_membership(app, &buyer.token).await;
+    assert_eq!(waiting["cancel_at_period_end"], false);
+    assert_eq!(
+        cancel_requests(app).await,
+        0,
+        "a request in flight is not sent twice"
+    );
+    // ... but one unanswered for long is sent again, and Stripe confirms it.
+    stuck("10 minutes").await;
+    let again = cancel_membership(app, &buyer.token).await;
+    let asked: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(again["cancel_requested_at"].clone()).unwrap();
+    assert!(
+        asked > chrono::Utc::now() - chrono::Duration::minutes(1),
+        "{again}"
+    );
+    assert_eq!(cancel_requests(app).await, 1);
+    let ending = poll(app, &buyer.token, "/me/membership", |v| {
+        v["cancel_at_period_end"] == true
+    })
+    .await;
+    assert_eq!(ending["status"], "active");
+    assert_eq!(ending["benefits_active"], true);
+    mails_about(&buyer.email, "Souk Plus membership ends with its period", 1).await;
+    common::orders::settle(app).await;
+
+    // No renewal is coming, so no grace waits for one: the benefit ends
+    // with the period paid for, though the deletion's webhook is not in.
+    let period_end = |ago: &'static str| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE memberships SET current_period_end = now() - interval '{ago}'"
+            )))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
+    period_end("-1 hour").await;
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (450, true));
+    period_end("1 hour").await;
+    assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
+    let after = membership(&m, &buyer.token).await;
+    assert_eq!(
+        (after["status"].as_str(), after["benefits_active"].as_bool()),
+        (Some("active"), Some(false)),
+        "{after}"
+    );
+    m.close().await;
+}

@@ -1111,15 +1111,15 @@ async fn an_order_that_expired_unpaid_is_never_followed_by_another_and_suspended
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(runs(app, &id).await.is_empty(), "no run while suspended");
 
-    // Reinstated, with Stripe unable to charge (the card is gone there): the
-    // order is reserved but never paid, and its reservation runs out.
-    sqlx::query(
-        "UPDATE payment_methods SET stripe_payment_method_id = 'pm_gone' WHERE id = $1::uuid",
-    )
-    .bind(&card)
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
+    // Reinstated, with the payments worker unable to get to Stripe in time
+    // (held before its first read, the Stripe customers' table being
+    // locked): the order is reserved but never charged, and its reservation
+    // runs out.
+    let mut slow = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE stripe_customers IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *slow)
+        .await
+        .unwrap();
     sqlx::query("UPDATE users SET suspended_at = NULL WHERE id = $1")
         .bind(buyer.id)
         .execute(&app.db.pool)
@@ -1137,6 +1137,8 @@ async fn an_order_that_expired_unpaid_is_never_followed_by_another_and_suspended
     .await
     .unwrap();
     wait_for(app, &buyer.token, &order, "expired").await;
+    // Stripe reached at last: the order is over, nothing is charged.
+    slow.rollback().await.unwrap();
 
     // Retry policy or not, no second order: a late payment may still come.
     let got = wait_run(&m, &id, 1, "failed").await;
@@ -1210,25 +1212,61 @@ async fn a_schedule_re_timed_onto_a_skipped_due_time_places_that_delivery_after_
     assert_eq!(orders.len(), 1, "{orders:?}");
     wait_for(app, token, &orders[0].0.to_string(), "paid").await;
 
-    // So for a later due time of the new timing: daily, from two days
-    // before the skipped day, lands on it again.
+    // Only the time re-timed onto is asked for again. Daily, two days
+    // skipped: re-timed onto the first, the second stays skipped and is not
+    // shown as coming; re-timed to two days before them, both stay skipped.
     let mut daily = weekly(&address, &card, &[(&m.oak.variant, 1)], "skip");
-    let skipped_day = Utc::now() + chrono::Duration::days(3);
     daily["interval_days"] = json!(1);
-    daily["starts_at"] = json!(skipped_day);
+    daily["starts_at"] = json!(Utc::now() + chrono::Duration::days(3));
     let daily = schedule_id(app, token, daily).await;
     let daily_path = format!("/me/replenishments/{daily}");
+    ok(Method::POST, format!("{daily_path}/skip-next"), json!({})).await;
     let skipped = ok(Method::POST, format!("{daily_path}/skip-next"), json!({})).await;
-    let due: DateTime<Utc> = serde_json::from_value(skipped["runs"][0]["due_at"].clone()).unwrap();
+    let times = |v: &Value| -> Vec<DateTime<Utc>> { serde_json::from_value(v.clone()).unwrap() };
+    let at = |v: &Value| -> DateTime<Utc> { serde_json::from_value(v.clone()).unwrap() };
+    let day = chrono::Duration::days(1);
+    // (Runs newest first.)
+    let first = at(&skipped["runs"][1]["due_at"]);
+    assert_eq!(at(&skipped["runs"][0]["due_at"]), first + day);
+    let onto_first = ok(
+        Method::PATCH,
+        daily_path.clone(),
+        json!({"starts_at": first}),
+    )
+    .await;
+    let next = times(&onto_first["next_runs"]);
+    assert_eq!(
+        next[..3],
+        [first, first + day * 2, first + day * 3],
+        "{onto_first}"
+    );
+    let runs_left = onto_first["runs"].as_array().unwrap();
+    assert_eq!(runs_left.len(), 1, "{onto_first}");
+    assert_eq!(at(&runs_left[0]["due_at"]), first + day);
+    assert_eq!(runs_left[0]["reason"], "skipped_by_customer");
+    // Skip the first again (the next run is then past both skips), then
+    // re-time to two days before them.
+    let again = ok(Method::POST, format!("{daily_path}/skip-next"), json!({})).await;
+    assert_eq!(times(&again["next_runs"])[0], first + day * 2, "{again}");
     let earlier = ok(
         Method::PATCH,
         daily_path,
-        json!({"starts_at": due - chrono::Duration::days(2)}),
+        json!({"starts_at": first - day * 2}),
     )
     .await;
-    let next: Vec<DateTime<Utc>> = serde_json::from_value(earlier["next_runs"].clone()).unwrap();
-    assert_eq!(next[2], due);
-    assert_eq!(earlier["runs"], json!([]), "{earlier}");
+    let next = times(&earlier["next_runs"]);
+    assert_eq!(
+        next,
+        [
+            first - day * 2,
+            first - day,
+            first + day * 2,
+            first + day * 3,
+            first + day * 4
+        ],
+        "{earlier}"
+    );
+    assert_eq!(earlier["runs"].as_array().unwrap().len(), 2, "{earlier}");
     m.close().await;
 }
 
@@ -1361,6 +1399,280 @@ async fn changing_a_schedules_items_keeps_the_reference_prices_of_those_it_had()
             .contains("now costs 3400 (minor units), up from 3000"),
         "{}",
         told[0].text
+    );
+    m.close().await;
+}
+
+/// The Stripe PaymentIntent an order has, if any.
+async fn intent_of(m: &Market, order: Uuid) -> Option<String> {
+    sqlx::query_scalar("SELECT payment_intent_id FROM orders WHERE id = $1")
+        .bind(order)
+        .fetch_one(&m.app.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_card_still_to_be_charged_for_an_order_cannot_be_removed_and_a_removed_one_is_never_charged()
+ {
+    let mut m = Market::open().await;
+    // Both orders placed on their schedules' cards, not reserved yet.
+    let HeldRuns {
+        first: (ann, id),
+        second: _,
+        variants: _,
+        sale,
+    } = runs_held_by_a_sale(&mut m, "skip", "skip").await;
+    let app = &m.app;
+    let card_a: Uuid = sqlx::query_scalar(
+        "SELECT payment_method_id FROM replenishment_schedules WHERE id = $1::uuid",
+    )
+    .bind(&id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    // Ann moves the schedule to another card and removes the first: refused
+    // while the order placed on it is still to be charged.
+    let card_b = common::recurring::saved_card(&m, &ann.token, CARD_OK).await;
+    let moved = call(
+        app,
+        &ann.token,
+        Method::PATCH,
+        &format!("/me/replenishments/{id}"),
+        json!({"payment_method_id": card_b}),
+    )
+    .await;
+    assert_eq!(moved.status(), StatusCode::OK);
+    let refused = problem(
+        call(
+            app,
+            &ann.token,
+            Method::DELETE,
+            &format!("/me/payment-methods/{card_a}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&refused), ["id"]);
+    let (order, _) = orders_of(&m, &id).await.remove(0);
+    assert!(
+        refused.to_string().contains(&order.to_string()),
+        "names the order: {refused}"
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM payment_methods WHERE id = $1")
+        .bind(card_a)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "active", "nothing written");
+
+    // A card no longer active when the order comes to be charged (removed
+    // by a request that raced the order) is not charged: the order is
+    // declined, and the run follows its policy.
+    sqlx::query("UPDATE payment_methods SET status = 'removed' WHERE id = $1")
+        .bind(card_a)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    sale.commit().await.unwrap();
+    let got = wait_run(&m, &id, 1, "skipped").await;
+    assert_eq!(got[0].3.as_deref(), Some("payment_declined"));
+    wait_for(app, &ann.token, &order.to_string(), "cancelled").await;
+    let told = notifications(app, &ann.token, "replenishment_failed", 1).await;
+    let detail = told[0]["data"]["detail"].as_str().unwrap();
+    assert!(detail.contains("removed"), "says why: {detail}");
+    assert_eq!(intent_of(&m, order).await, None, "nothing asked of Stripe");
+    let told = mails_about(&ann.email, "scheduled order was not placed", 1).await;
+    assert!(told[0].text.contains("skipped"), "{}", told[0].text);
+    m.close().await;
+}
+
+#[tokio::test]
+async fn a_card_gone_at_stripe_is_a_decline_the_customer_hears_of_and_the_policy_follows() {
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let retry = weekly(&address, &card, &[(&m.oak.variant, 1)], "retry");
+    let id = schedule_id(app, &buyer.token, retry).await;
+    // Detached at Stripe behind Souk's back: Stripe has no such card.
+    sqlx::query(
+        "UPDATE payment_methods SET stripe_payment_method_id = 'pm_gone' WHERE id = $1::uuid",
+    )
+    .bind(&card)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_millis(300), 2));
+    make_due(app, &id).await;
+
+    // Nothing was charged, so it is a decline like any other: each order
+    // cancelled, the run retried, then given up.
+    let got = wait_run(&m, &id, 1, "failed").await;
+    assert_eq!(
+        (got[0].2, got[0].3.as_deref()),
+        (2, Some("payment_declined"))
+    );
+    let orders = orders_of(&m, &id).await;
+    assert_eq!(orders.len(), 2, "one order per attempt: {orders:?}");
+    for (order, _) in &orders {
+        let order = wait_for(app, &buyer.token, &order.to_string(), "cancelled").await;
+        assert!(
+            order["failure_reason"]
+                .as_str()
+                .unwrap()
+                .contains("declined"),
+            "{order}"
+        );
+    }
+    let delayed = mails_about(&buyer.email, "scheduled order is delayed", 1).await;
+    assert!(delayed[0].text.contains("declined"), "{}", delayed[0].text);
+    let told = notifications(app, &buyer.token, "replenishment_failed", 2).await;
+    let outcomes: Vec<_> = told
+        .iter()
+        .map(|n| (n["data"]["reason"].as_str(), n["data"]["outcome"].as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (Some("payment_declined"), Some("failed")),
+            (Some("payment_declined"), Some("retrying"))
+        ]
+    );
+    souk_testkit::wait_until("the stock to be released", PIPELINE_WAIT, || async {
+        stock(app, &m.oak.variant).await == (5, 0)
+    })
+    .await;
+    m.close().await;
+}
+
+#[tokio::test]
+async fn a_retry_is_promised_only_before_the_next_due_time_and_never_makes_a_second_order() {
+    let mut m = Market::open().await;
+    let app = &m.app;
+    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    // 6 wanted of 5 in stock, retried 25 hours later: past a daily
+    // schedule's next run, before a weekly one's.
+    let mut daily = weekly(&address, &card, &[(&m.oak.variant, 6)], "retry");
+    daily["interval_days"] = json!(1);
+    let daily = schedule_id(app, &buyer.token, daily).await;
+    let weekly_id = schedule_id(
+        app,
+        &buyer.token,
+        weekly(&address, &card, &[(&m.tea.variant, 6)], "retry"),
+    )
+    .await;
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_secs(25 * 3600), 3));
+    make_due(app, &daily).await;
+    make_due(app, &weekly_id).await;
+
+    // Daily: no retry after tomorrow's run, which is that delivery anyway:
+    // given up now, and the customer told so.
+    let got = wait_run(&m, &daily, 1, "failed").await;
+    assert_eq!((got[0].2, got[0].3.as_deref()), (1, Some("out_of_stock")));
+    let gave_up = mails_about(&buyer.email, "scheduled order was not placed", 1).await;
+    assert!(
+        gave_up[0].text.contains("given this delivery up"),
+        "{}",
+        gave_up[0].text
+    );
+    let told = notifications(app, &buyer.token, "replenishment_failed", 2).await;
+    let of_daily = told
+        .iter()
+        .find(|n| n["data"]["schedule_id"] == daily.as_str())
+        .unwrap();
+    assert_eq!(of_daily["data"]["outcome"], "failed", "{of_daily}");
+    assert!(of_daily["data"]["retry_at"].is_null(), "{of_daily}");
+
+    // Weekly: retrying. Should the retry still be waiting when the next due
+    // time comes (no replenisher ran meanwhile), that run is the delivery
+    // and the retry is given up: one order, not two.
+    wait_run(&m, &weekly_id, 1, "retrying").await;
+    let restock = call(
+        app,
+        &m.tea.seller,
+        Method::POST,
+        &format!("/seller/variants/{}/stock-adjustments", m.tea.variant),
+        json!({"delta": 5, "reason": "delivery"}),
+    )
+    .await;
+    assert!(restock.status().is_success());
+    let mut tx = app.db.pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE replenishment_runs SET retry_at = now() - interval '1 second' WHERE schedule_id = $1::uuid",
+    )
+    .bind(&weekly_id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second' WHERE id = $1::uuid",
+    )
+    .bind(&weekly_id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    wait_run(&m, &weekly_id, 2, "placed").await;
+    let got = wait_run(&m, &weekly_id, 1, "failed").await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let orders = orders_of(&m, &weekly_id).await;
+    assert_eq!(orders.len(), 1, "one order for the two: {orders:?}");
+    wait_for(app, &buyer.token, &orders[0].0.to_string(), "paid").await;
+    m.close().await;
+}
+
+#[tokio::test]
+async fn an_overdue_schedule_lists_its_due_run_then_the_times_after_now() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let id = schedule_id(
+        app,
+        &buyer.token,
+        weekly(&address, &card, &[(&m.tea.variant, 1)], "skip"),
+    )
+    .await;
+    // No replenisher has run for eight days: the due run comes at the next
+    // poll, and the replenisher then moves on to the first time after now.
+    let due = DateTime::from_timestamp_micros(
+        (Utc::now() - chrono::Duration::days(8)).timestamp_micros(),
+    )
+    .unwrap();
+    sqlx::query("UPDATE replenishment_schedules SET next_run_at = $2 WHERE id = $1::uuid")
+        .bind(&id)
+        .bind(due)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let shown = json_of(
+        call(
+            app,
+            &buyer.token,
+            Method::GET,
+            &format!("/me/replenishments/{id}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let next: Vec<DateTime<Utc>> = serde_json::from_value(shown["next_runs"].clone()).unwrap();
+    let week = chrono::Duration::weeks(1);
+    assert_eq!(
+        next,
+        [
+            due,
+            due + week * 2,
+            due + week * 3,
+            due + week * 4,
+            due + week * 5
+        ],
+        "{shown}"
     );
     m.close().await;
 }

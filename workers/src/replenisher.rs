@@ -258,11 +258,18 @@ async fn retry_due(
     config: &ReplenisherConfig,
     run: Uuid,
 ) -> anyhow::Result<()> {
-    let (schedule, attempts): (Uuid, i32) =
-        sqlx::query_as("SELECT schedule_id, attempt FROM replenishment_runs WHERE id = $1")
-            .bind(run)
-            .fetch_one(&mut *tx)
-            .await?;
+    let (schedule, attempts, due_at, reason, detail): (
+        Uuid,
+        i32,
+        DateTime<Utc>,
+        Option<String>,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT schedule_id, attempt, due_at, reason, detail FROM replenishment_runs WHERE id = $1",
+    )
+    .bind(run)
+    .fetch_one(&mut *tx)
+    .await?;
     let schedule = lock_schedule(tx, schedule).await?;
     if schedule.status != "active" {
         // The customer no longer wants it.
@@ -273,6 +280,27 @@ async fn retry_due(
         .execute(&mut *tx)
         .await?;
         return Ok(());
+    }
+    // A retry is promised only before the next due time, but one that
+    // waited (no replenisher ran for a while) can find the next delivery's
+    // time come: that one stands, and this run is given up. (A later run
+    // still ahead is a skip the customer asked for, not a delivery.)
+    let superseded: bool = sqlx::query_scalar(
+        "SELECT $3 <= now() OR EXISTS (SELECT 1 FROM replenishment_runs
+                                        WHERE schedule_id = $1 AND due_at > $2 AND due_at <= now())",
+    )
+    .bind(schedule.id)
+    .bind(due_at)
+    .bind(schedule.next_run_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    if superseded {
+        let reason = reason
+            .as_deref()
+            .and_then(Reason::parse)
+            .unwrap_or(Reason::Unpaid);
+        let detail = detail.unwrap_or_default();
+        return failed(tx, config, &schedule, run, attempts, reason, &detail, false).await;
     }
     attempt(tx, config, &schedule, run, attempts + 1).await
 }
@@ -315,7 +343,7 @@ async fn follow_up(
         cancel::cancel_order(tx, order, None, Actor::System, fallback, &corr).await?;
     }
     let detail = failure.unwrap_or_else(|| fallback.to_string());
-    failed(tx, config, &schedule, run, attempts, reason, &detail).await
+    failed(tx, config, &schedule, run, attempts, reason, &detail, true).await
 }
 
 /// What an attempt found: an order placed, or why not.
@@ -361,7 +389,7 @@ async fn attempt(
             tracing::info!(schedule = %schedule.id, %run, %order, attempt, "replenishment order placed");
         }
         Outcome::Failed(reason, detail) => {
-            failed(tx, config, schedule, run, attempt, reason, &detail).await?;
+            failed(tx, config, schedule, run, attempt, reason, &detail, true).await?;
         }
     }
     Ok(())
@@ -380,12 +408,15 @@ async fn order_for(
         let detail = "the schedule's shipping address was deleted".to_string();
         return Ok(Outcome::Failed(Reason::NoAddress, detail));
     };
-    let card: Option<String> =
-        sqlx::query_scalar("SELECT status FROM payment_methods WHERE id = $1 AND user_id = $2")
-            .bind(schedule.payment_method_id)
-            .bind(schedule.customer_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    // Share-locked: a removal of the card waits for this order to be
+    // committed and then refuses, having seen it (or this sees it removed).
+    let card: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM payment_methods WHERE id = $1 AND user_id = $2 FOR SHARE",
+    )
+    .bind(schedule.payment_method_id)
+    .bind(schedule.customer_id)
+    .fetch_optional(&mut *tx)
+    .await?;
     if card.as_deref() != Some("active") {
         let detail = "the schedule's saved card was removed".to_string();
         return Ok(Outcome::Failed(Reason::NoCard, detail));
@@ -471,10 +502,14 @@ async fn order_for(
 
 /// Applies the schedule's policy to a run that failed, and tells the
 /// customer: `retry` tries again after `retry_after` (up to the attempts
-/// allowed, and only where waiting can help); `skip` waits for the next due
-/// time. A schedule paused or cancelled since the order was placed skips
-/// the run whatever its policy: a retry would only be skipped when it came
-/// (see [`retry_due`]), so promising one would be a promise broken.
+/// allowed, only where waiting can help, and only while that is before the
+/// schedule's next due time: the next run is the next delivery, and a retry
+/// after it would make two orders where the customer wanted one); `skip`
+/// waits for the next due time. A schedule paused or cancelled since the
+/// order was placed skips the run whatever its policy: a retry would only
+/// be skipped when it came (see [`retry_due`]), so promising one would be a
+/// promise broken. `may_retry` false gives the run up whatever the policy.
+#[allow(clippy::too_many_arguments)]
 async fn failed(
     tx: &mut PgConnection,
     config: &ReplenisherConfig,
@@ -483,21 +518,32 @@ async fn failed(
     attempt: i32,
     reason: Reason,
     detail: &str,
+    may_retry: bool,
 ) -> anyhow::Result<()> {
     let retry = schedule.status == "active" && schedule.on_failure == "retry";
-    let retry_at = (retry && reason.retryable() && attempt < config.max_attempts)
-        .then(|| Utc::now() + config.retry_after);
+    // The schedule as it is now: a due run has moved it on already.
+    let next_run_at: DateTime<Utc> =
+        sqlx::query_scalar("SELECT next_run_at FROM replenishment_schedules WHERE id = $1")
+            .bind(schedule.id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let retry_at = Some(Utc::now() + config.retry_after).filter(|at| {
+        may_retry
+            && retry
+            && reason.retryable()
+            && attempt < config.max_attempts
+            && *at < next_run_at
+    });
     let status = match (retry_at, retry) {
         (Some(_), _) => "retrying",
         (None, true) => "failed",
         (None, false) => "skipped",
     };
-    let (run_status, due_at, next_run_at): (String, DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
-        "UPDATE replenishment_runs r SET status = $2, reason = $3, detail = $4, attempt = $5, retry_at = $6,
+    let (run_status, due_at): (String, DateTime<Utc>) = sqlx::query_as(
+        "UPDATE replenishment_runs SET status = $2, reason = $3, detail = $4, attempt = $5, retry_at = $6,
                 updated_at = now()
-           FROM replenishment_schedules s
-          WHERE r.id = $1 AND s.id = r.schedule_id
-         RETURNING r.status, r.due_at, s.next_run_at",
+          WHERE id = $1
+         RETURNING status, due_at",
     )
     .bind(run)
     .bind(status)

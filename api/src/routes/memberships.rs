@@ -250,7 +250,8 @@ pub struct Membership {
     pub status: MembershipStatus,
     pub payment_method_id: Uuid,
     /// Whether the plan's benefits apply to orders placed now: active and
-    /// no more than three days past `current_period_end`.
+    /// no more than three days past `current_period_end` (not past it at
+    /// all once `cancel_at_period_end`: no renewal is coming).
     pub benefits_active: bool,
     /// It ends when the current period does.
     pub cancel_at_period_end: bool,
@@ -421,9 +422,15 @@ pub async fn mine(
     ))
 }
 
+/// How long a cancel request waits for Stripe's confirmation before a
+/// repeated cancel asks again.
+const CANCEL_RETRY_AFTER: chrono::Duration = chrono::Duration::minutes(5);
+
 /// Cancel the membership at the end of the period paid for; its benefits
 /// last until then. An incomplete membership (first payment not through)
 /// ends at once. Answers 202: Stripe confirms through the payments worker.
+/// Asked again while a request is unconfirmed, it is sent again once that
+/// request is a few minutes old.
 #[utoipa::path(
     post, path = "/me/membership/cancel", tag = "recurring", security(("bearer" = [])),
     responses(
@@ -451,7 +458,13 @@ pub async fn cancel(
         }
         _ => {}
     }
-    if membership.cancel_at_period_end || membership.cancel_requested_at.is_some() {
+    // A request still in flight is not asked again; one Stripe has not
+    // confirmed for a while (its message parked after Stripe stayed down)
+    // is, or the member could never cancel.
+    let in_flight = membership
+        .cancel_requested_at
+        .is_some_and(|at| at > Utc::now() - CANCEL_RETRY_AFTER);
+    if membership.cancel_at_period_end || in_flight {
         return Ok((StatusCode::ACCEPTED, Json(membership)));
     }
     sqlx::query(

@@ -213,14 +213,16 @@ pub async fn confirm(
 
 /// Remove a card: it is detached at Stripe, which charges it no more.
 /// Refused while a membership or a replenishment schedule still charges
-/// it: change those first.
+/// it, or an order placed on it is not paid yet (a replenishment placed
+/// before its schedule moved to another card): change those first, or wait
+/// for that order.
 #[utoipa::path(
     delete, path = "/me/payment-methods/{id}", tag = "recurring", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses(
         (status = 204, description = "removed"),
         (status = 404, description = "no such card of the caller", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "a membership or schedule uses it", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "a membership, a schedule or an unpaid order uses it", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn remove(
@@ -238,11 +240,17 @@ pub async fn remove(
     .fetch_optional(&mut *tx)
     .await?;
     locked.ok_or(ApiError::NotFound)?;
-    let (membership, schedules): (bool, bool) = sqlx::query_as(
+    // The replenisher reads the card share-locked before placing an order
+    // on it, so an order placed concurrently is committed (and seen here)
+    // before this lock is granted, or sees the card removed.
+    let (membership, schedules, order): (bool, bool, Option<Uuid>) = sqlx::query_as(
         "SELECT EXISTS (SELECT 1 FROM memberships WHERE payment_method_id = $1
                           AND status IN ('requested', 'incomplete', 'active', 'past_due')),
                 EXISTS (SELECT 1 FROM replenishment_schedules WHERE payment_method_id = $1
-                          AND status <> 'cancelled')",
+                          AND status <> 'cancelled'),
+                (SELECT id FROM orders WHERE payment_method_id = $1 AND paid_at IS NULL
+                    AND status IN ('pending', 'reserved', 'awaiting_payment')
+                  ORDER BY created_at LIMIT 1)",
     )
     .bind(id)
     .fetch_one(&mut *tx)
@@ -256,6 +264,14 @@ pub async fn remove(
         return Err(ApiError::Conflict(FieldError::new(
             "id",
             format!("{what} is charged to this card; change or cancel it first"),
+        )));
+    }
+    if let Some(order) = order {
+        return Err(ApiError::Conflict(FieldError::new(
+            "id",
+            format!(
+                "order {order} is still to be charged to this card; remove it once that order is paid or ended"
+            ),
         )));
     }
     sqlx::query(

@@ -255,7 +255,8 @@ pub struct Schedule {
     pub on_failure: FailurePolicy,
     pub price_increase_limit_percent: i32,
     pub currency: String,
-    /// The next due times; empty unless active.
+    /// The next due times (an overdue one first), without those the
+    /// customer skipped; empty unless active.
     pub next_runs: Vec<DateTime<Utc>>,
     /// The latest runs, newest first.
     pub runs: Vec<Run>,
@@ -309,6 +310,42 @@ async fn row(
     .ok_or(ApiError::NotFound)
 }
 
+/// The due times coming, as the replenisher will meet them: an overdue one
+/// first (the next poll runs it, and moves on to the first due time after
+/// now, not the missed ones), then the cadence's. Times the customer
+/// skipped are left out: nothing is placed at them.
+async fn next_runs(conn: &mut PgConnection, row: &Row) -> Result<Vec<DateTime<Utc>>, ApiError> {
+    let cadence = row.cadence()?;
+    let skipped: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT due_at FROM replenishment_runs WHERE schedule_id = $1 AND reason = $2 AND due_at >= $3",
+    )
+    .bind(row.id)
+    .bind(Reason::SkippedByCustomer.as_str())
+    .bind(row.next_run_at)
+    .fetch_all(&mut *conn)
+    .await?;
+    let now = Utc::now();
+    let (overdue, from) = if row.next_run_at <= now {
+        (
+            Some(row.next_run_at),
+            cadence.next_after(row.next_run_at, now),
+        )
+    } else {
+        (None, Some(row.next_run_at))
+    };
+    let coming = from
+        .into_iter()
+        .flat_map(|from| std::iter::successors(Some(from), |t| cadence.after(*t)));
+    Ok(overdue
+        .into_iter()
+        .chain(coming)
+        // Bounded: each skipped time hides at most one due time.
+        .take(NEXT_RUNS + skipped.len())
+        .filter(|t| !skipped.contains(t))
+        .take(NEXT_RUNS)
+        .collect())
+}
+
 async fn view(conn: &mut PgConnection, row: Row) -> Result<Schedule, ApiError> {
     let runs: Vec<Run> = sqlx::query_as(
         "SELECT id, due_at, status, attempt, reason, detail, order_id, retry_at FROM replenishment_runs
@@ -316,10 +353,10 @@ async fn view(conn: &mut PgConnection, row: Row) -> Result<Schedule, ApiError> {
     )
     .bind(row.id)
     .bind(RECENT_RUNS)
-    .fetch_all(conn)
+    .fetch_all(&mut *conn)
     .await?;
     let next_runs = if row.status == "active" {
-        row.cadence()?.upcoming(row.next_run_at, NEXT_RUNS)
+        next_runs(conn, &row).await?
     } else {
         vec![]
     };
@@ -700,64 +737,31 @@ pub async fn update(
     .bind(body.price_increase_limit_percent)
     .execute(&mut *tx)
     .await?;
-    unskip_landed_on(&mut tx, caller.id, id).await?;
+    unskip_next(&mut tx, id).await?;
     let changed = show(&mut tx, caller.id, id).await?;
     tx.commit().await?;
     Ok(changed)
 }
 
-/// Drops the customer's skips of due times that the schedule's timing (new,
-/// or resumed) lands on again. The schedule shows those times as coming,
-/// and a due time has one run: a skipped run kept there would make the
-/// replenisher place nothing at that time, and tell no one. The latest word
-/// wins: re-timing onto a skipped time asks for that delivery after all.
-async fn unskip_landed_on(
-    conn: &mut PgConnection,
-    customer: Uuid,
-    id: Uuid,
-) -> Result<(), ApiError> {
-    // Read back as stored (in microseconds), as the replenisher will.
-    let row = row(conn, customer, id, false).await?;
-    let skipped: Vec<DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT due_at FROM replenishment_runs
-          WHERE schedule_id = $1 AND reason = $2 AND due_at >= $3 ORDER BY due_at",
-    )
-    .bind(id)
-    .bind(Reason::SkippedByCustomer.as_str())
-    .bind(row.next_run_at)
-    .fetch_all(&mut *conn)
-    .await?;
-    if skipped.is_empty() {
-        return Ok(());
-    }
-    let landed = landed_on(&row.cadence()?, row.next_run_at, &skipped);
+/// Drops the customer's skip of the schedule's next due time, should its
+/// timing (new, or resumed) land on one. The schedule shows that time as
+/// the next run, and a due time has one run: a skipped run kept there would
+/// make the replenisher place nothing at that time, and tell no one. The
+/// latest word wins: re-timing onto a skipped time asks for that delivery
+/// after all. Skips of later due times stand (the schedule leaves them out
+/// of its next runs): the customer asked for those deliveries to be skipped
+/// and moving the next run asked nothing about them.
+async fn unskip_next(conn: &mut PgConnection, id: Uuid) -> Result<(), ApiError> {
+    // Compared as stored (in microseconds), as the replenisher will.
     sqlx::query(
-        "DELETE FROM replenishment_runs WHERE schedule_id = $1 AND reason = $2 AND due_at = ANY($3)",
+        "DELETE FROM replenishment_runs r USING replenishment_schedules s
+          WHERE s.id = $1 AND r.schedule_id = s.id AND r.reason = $2 AND r.due_at = s.next_run_at",
     )
     .bind(id)
     .bind(Reason::SkippedByCustomer.as_str())
-    .bind(landed)
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
-
-/// Those of `times` (ascending) that are due times of `cadence` from `next`
-/// on, walking the due times once.
-fn landed_on(
-    cadence: &Cadence,
-    next: DateTime<Utc>,
-    times: &[DateTime<Utc>],
-) -> Vec<DateTime<Utc>> {
-    let mut due = std::iter::successors(Some(next), |t| cadence.after(*t)).peekable();
-    times
-        .iter()
-        .copied()
-        .filter(|t| {
-            while due.next_if(|d| d < t).is_some() {}
-            due.peek() == Some(t)
-        })
-        .collect()
 }
 
 /// What a status action does to a locked schedule.
@@ -812,10 +816,27 @@ async fn act(
             .bind(Reason::SkippedByCustomer.as_str())
             .execute(&mut *tx)
             .await?;
-            let next = row
-                .cadence()?
+            let cadence = row.cadence()?;
+            let mut next = cadence
                 .next_after(row.next_run_at, now)
                 .unwrap_or(row.next_run_at);
+            // Past the times skipped already: the next run is one that
+            // will be placed, so skipping it again skips another delivery.
+            let skipped: Vec<DateTime<Utc>> = sqlx::query_scalar(
+                "SELECT due_at FROM replenishment_runs
+                  WHERE schedule_id = $1 AND reason = $2 AND due_at > $3",
+            )
+            .bind(id)
+            .bind(Reason::SkippedByCustomer.as_str())
+            .bind(row.next_run_at)
+            .fetch_all(&mut *tx)
+            .await?;
+            while skipped.contains(&next) {
+                match cadence.after(next) {
+                    Some(after) => next = after,
+                    None => break,
+                }
+            }
             ("active", next)
         }
     };
@@ -828,7 +849,7 @@ async fn act(
     .execute(&mut *tx)
     .await?;
     if matches!(action, Action::Resume) {
-        unskip_landed_on(&mut tx, customer, id).await?;
+        unskip_next(&mut tx, id).await?;
     }
     let changed = show(&mut tx, customer, id).await?;
     tx.commit().await?;
@@ -904,23 +925,4 @@ pub async fn cancel(
     Path(id): Path<Uuid>,
 ) -> Result<Json<Schedule>, ApiError> {
     act(&state, caller.id, id, Action::Cancel).await
-}
-
-#[cfg(test)]
-mod tests {
-    use chrono::TimeZone;
-
-    use super::*;
-
-    #[test]
-    fn only_skips_on_the_due_times_are_landed_on() {
-        let at = |d: u32, h: u32| Utc.with_ymd_and_hms(2026, 11, d, h, 0, 0).unwrap();
-        let daily = Cadence::every_days(1).unwrap();
-        let skipped = [at(1, 9), at(3, 9), at(3, 10), at(9, 9)];
-        assert_eq!(landed_on(&daily, at(2, 9), &skipped), [at(3, 9), at(9, 9)]);
-        let mondays = Cadence::cron("0 9 * * MON").unwrap();
-        // 2 and 9 November 2026 are Mondays.
-        assert_eq!(landed_on(&mondays, at(2, 9), &skipped), [at(9, 9)]);
-        assert!(landed_on(&mondays, at(2, 9), &[]).is_empty());
-    }
 }

@@ -152,11 +152,12 @@ pub async fn shipping_address(
 /// Whether the membership `m`'s benefits apply now: it is active and inside
 /// its paid period, with three days' grace for the renewal's webhook, so
 /// were `customer.subscription.deleted` lost the benefit still ends when the
-/// period Stripe was paid for does. (A macro, so both constants below are
-/// one literal.)
+/// period Stripe was paid for does. A membership cancelled at the period's
+/// end has no renewal to wait for: its benefits end with the period. (A
+/// macro, so both constants below are one literal.)
 macro_rules! benefits_apply {
     () => {
-        "m.status = 'active' AND (m.current_period_end IS NULL OR m.current_period_end > now() - interval '3 days')"
+        "m.status = 'active' AND (m.current_period_end IS NULL OR m.current_period_end > now() - CASE WHEN m.cancel_at_period_end THEN interval '0' ELSE interval '3 days' END)"
     };
 }
 

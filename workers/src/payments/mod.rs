@@ -113,12 +113,19 @@ impl Payments {
             payment_intent_id: Option<String>,
             customer: Option<String>,
             card: Option<String>,
+            /// The order names a saved card (charged off session).
+            saved_card: bool,
         }
+        // Only a card still active is charged: one removed after the order
+        // was placed (the schedule moved to another card meanwhile) was
+        // detached at Stripe or is about to be, and the customer asked for
+        // it to be charged no more.
         let row: Option<Row> = sqlx::query_as(
             "SELECT o.status, o.total_minor, o.currency, o.payment_intent_id,
-                    c.stripe_customer_id AS customer, pm.stripe_payment_method_id AS card
+                    c.stripe_customer_id AS customer, pm.stripe_payment_method_id AS card,
+                    o.payment_method_id IS NOT NULL AS saved_card
                FROM orders o
-               LEFT JOIN payment_methods pm ON pm.id = o.payment_method_id
+               LEFT JOIN payment_methods pm ON pm.id = o.payment_method_id AND pm.status = 'active'
                LEFT JOIN stripe_customers c ON c.user_id = o.customer_id
               WHERE o.id = $1",
         )
@@ -133,6 +140,12 @@ impl Payments {
         }
         match (row.total_minor, row.customer, row.card) {
             (Some(0), ..) => Ok(Answer::Free { order }),
+            // Its saved card was removed: declined as Stripe would decline
+            // it, so the order ends and the run follows its policy.
+            (Some(_), _, None) if row.saved_card => Ok(Answer::Declined {
+                order,
+                message: "it was removed from the account".into(),
+            }),
             // A saved card: charged at once, off session.
             (Some(amount), Some(customer), Some(card)) => {
                 match self
@@ -141,8 +154,13 @@ impl Payments {
                     .await
                 {
                     Ok(intent) => Ok(Answer::Intent { order, intent }),
+                    // Declined (402), or a card Stripe no longer has for
+                    // the customer (400/404 "No such PaymentMethod", say
+                    // detached at Stripe): nothing was charged and no retry
+                    // of this request can help, so it is a decline the
+                    // customer hears of, not a message parked for Souk.
                     Err(CallError::Refused {
-                        status: 402,
+                        status: 400 | 402 | 404,
                         message,
                     }) => Ok(Answer::Declined { order, message }),
                     Err(e) => Err(failure(e)),

@@ -289,7 +289,9 @@ impl Stripe {
 
     /// Charges a saved card for an order, off session (a replenishment): the
     /// intent is created and confirmed at once. A declined card comes back as
-    /// [`CallError::Refused`] with status 402.
+    /// [`CallError::Refused`] with status 402; a card Stripe no longer has for
+    /// the customer (detached) with 400 or 404: the caller treats all three
+    /// as a decline.
     pub async fn charge_off_session(
         &self,
         order: Uuid,
