@@ -173,6 +173,16 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T>
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         use axum::extract::{RawPathParams, rejection::PathRejection};
+        // A slug with a NUL (`/shops/a%00b`) would reach PostgreSQL, which
+        // refuses NUL in text: a 500 for what is bad input, as in bodies.
+        if let Ok(raw) = RawPathParams::from_request_parts(parts, state).await
+            && let Some((name, _)) = raw.iter().find(|(_, value)| value.contains('\0'))
+        {
+            return Err(ApiError::Validation(vec![FieldError::new(
+                name,
+                "must not contain a NUL character",
+            )]));
+        }
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(value)) => Ok(Self(value)),
             Err(PathRejection::FailedToDeserializePathParams(e)) => {

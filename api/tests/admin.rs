@@ -198,6 +198,20 @@ async fn a_suspension_ends_access_at_once_is_audited_and_can_be_lifted() {
         count(&app.db.pool, "SELECT count(*) FROM audit_log").await,
         2
     );
+    // Lifting it again: nothing to lift, and no entry saying there was.
+    let again = call(
+        &app,
+        Some(&admin_token),
+        Method::POST,
+        &lift,
+        json!({"reason": "resolved"}),
+    )
+    .await;
+    problem(again, StatusCode::CONFLICT).await;
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM audit_log").await,
+        2
+    );
 }
 
 #[tokio::test]

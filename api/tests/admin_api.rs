@@ -215,6 +215,40 @@ async fn new_sellers_wait_for_approval_and_a_suspended_shop_leaves_the_storefron
     )
     .await;
     assert_eq!(waiting["items"][0]["slug"], "fresh");
+    // A shop suspended before it was approved is not waiting for approval.
+    signed_in(&app, Some("banned")).await;
+    sqlx::query(
+        "UPDATE shops SET suspended_at = now(), suspended_reason = 'fraud' WHERE slug = 'banned'",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let shops = |status: &'static str| {
+        let root = root.clone();
+        let app = &app;
+        async move {
+            let page = json_of(
+                call(
+                    app,
+                    &root,
+                    Method::GET,
+                    &format!("/admin/shops?status={status}"),
+                    json!({}),
+                )
+                .await,
+                StatusCode::OK,
+            )
+            .await;
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["slug"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(shops("pending").await, ["fresh"]);
+    assert_eq!(shops("suspended").await, ["banned"]);
 
     let approve = json!({"reason": "documents checked"});
     json_of(

@@ -359,4 +359,11 @@ async fn a_nul_character_is_refused_naming_its_field() {
     )
     .await;
     assert_eq!(body["errors"][0]["field"], "q", "{body}");
+    // And in a path parameter (a slug), public or not.
+    let body = problem(
+        app.get("/api/v1/shops/a%00b").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(body["errors"][0]["field"], "slug", "{body}");
 }

@@ -544,6 +544,10 @@ async fn a_hidden_product_disappears_from_the_storefront_and_its_seller_sees_why
     assert_eq!(hidden["items"][0]["hidden_reason"], "counterfeit brand");
     let found = admin_list("?q=walnut&hidden=true&status=active").await;
     assert_eq!(found["total"], 1);
+    // Past the last page: no items, the total still counted.
+    let beyond = admin_list("?hidden=true&page=3").await;
+    assert_eq!(beyond["items"], json!([]));
+    assert_eq!(beyond["total"], 1);
     let all = admin_list("?per_page=100").await;
     assert!(all["total"].as_i64().unwrap() >= 3, "{all}");
     problem(

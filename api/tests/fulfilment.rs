@@ -84,11 +84,25 @@ async fn a_seller_ships_and_delivers_and_the_customer_follows_it() {
     assert_eq!(shipped["tracking_number"], "AM123456MA");
     let mail = mails_about(&buyer.email, "on its way", 1).await;
     assert!(mail[0].text.contains("AM123456MA"), "{}", mail[0].text);
-    json_of(
-        set_status(app, &oak.seller, &oak_part, json!({"status": "delivered"})).await,
+    // A blank carrier with the delivery keeps the one on record; the note
+    // reaches the customer's in-app notification too.
+    let delivered =
+        json!({"status": "delivered", "carrier": "  ", "note": "left with the neighbour"});
+    let delivered = json_of(
+        set_status(app, &oak.seller, &oak_part, delivered).await,
         StatusCode::OK,
     )
     .await;
+    assert_eq!(delivered["carrier"], "Amana");
+    let why: Option<String> = sqlx::query_scalar(
+        "SELECT data->>'reason' FROM notifications WHERE user_id = $1 AND kind = 'order_update'
+          ORDER BY created_at DESC, id DESC LIMIT 1",
+    )
+    .bind(buyer.id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(why.as_deref(), Some("left with the neighbour"));
     mails_about(&buyer.email, "was delivered", 1).await;
 
     // The customer's timeline shows each step, with the tracking number.

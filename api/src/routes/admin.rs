@@ -133,6 +133,7 @@ pub async fn suspend(
         (status = 204, description = "active again"),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such account", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the account is not suspended", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn unsuspend(
@@ -142,15 +143,30 @@ pub async fn unsuspend(
     ValidJson(body): ValidJson<Reason>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.pool.begin().await?;
-    let found = sqlx::query(
+    // As for a suspension: an admin demoted or suspended meanwhile cannot.
+    lock_actor_and_target(&mut tx, &admin, id).await?;
+    let found: Option<bool> =
+        sqlx::query_scalar("SELECT suspended_at IS NOT NULL FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match found {
+        None => return Err(ApiError::NotFound),
+        // Nothing to lift: no change, and no audit entry saying there was.
+        Some(false) => {
+            return Err(ApiError::Conflict(FieldError::new(
+                "id",
+                "the account is not suspended",
+            )));
+        }
+        Some(true) => {}
+    }
+    sqlx::query(
         "UPDATE users SET suspended_at = NULL, suspended_reason = NULL, updated_at = now() WHERE id = $1",
     )
     .bind(id)
     .execute(&mut *tx)
     .await?;
-    if found.rows_affected() == 0 {
-        return Err(ApiError::NotFound);
-    }
     audit(
         &mut tx,
         &admin,

@@ -253,7 +253,7 @@ pub async fn shops(
     // Fixed SQL chosen from a closed set.
     let filter = match query.status {
         None => "true",
-        Some(ShopState::Pending) => "s.approved_at IS NULL",
+        Some(ShopState::Pending) => "s.approved_at IS NULL AND s.suspended_at IS NULL",
         Some(ShopState::Active) => "s.approved_at IS NOT NULL AND s.suspended_at IS NULL",
         Some(ShopState::Suspended) => "s.suspended_at IS NOT NULL",
     };

@@ -56,6 +56,21 @@ impl Paging {
     pub fn offset(self) -> i64 {
         i64::from(self.page - 1) * i64::from(self.per_page)
     }
+    /// The total of a page read with `count(*) OVER ()`, which every row
+    /// of the page carries (`on_rows`, the first one's). A page past the
+    /// last has no row to carry it: then `count`, the same filter counted
+    /// on its own, is asked (a future: only run then).
+    pub async fn total(
+        self,
+        on_rows: Option<i64>,
+        count: impl Future<Output = Result<i64, sqlx::Error>>,
+    ) -> Result<i64, sqlx::Error> {
+        match on_rows {
+            Some(n) => Ok(n),
+            None if self.offset() > 0 => count.await,
+            None => Ok(0),
+        }
+    }
     pub fn page<T>(self, items: Vec<T>, total: i64) -> Page<T> {
         Page {
             items,

@@ -82,26 +82,35 @@ pub async fn list(
         total: i64,
     }
     let q = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT p.id, p.title, s.slug AS shop_slug, p.status, p.hidden_at, p.hidden_reason,
-                (SELECT count(*) FROM variants v WHERE v.product_id = p.id) AS variant_count,
-                p.created_at, p.published_at, count(*) OVER () AS total
-           FROM products p JOIN shops s ON s.id = p.shop_id
+    // The filter, for the page and (past its last page) the count alone.
+    const MATCHED: &str = "FROM products p JOIN shops s ON s.id = p.shop_id
           WHERE ($1::text IS NULL OR p.search @@ websearch_to_tsquery('english', $1))
             AND ($2::text IS NULL OR s.slug = $2)
             AND ($3::text IS NULL OR p.status = $3)
-            AND ($4::bool IS NULL OR (p.hidden_at IS NOT NULL) = $4)
-          ORDER BY p.created_at DESC, p.id DESC LIMIT $5 OFFSET $6",
-    )
+            AND ($4::bool IS NULL OR (p.hidden_at IS NOT NULL) = $4)";
+    let status = query.status.map(ProductStatus::as_str);
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT p.id, p.title, s.slug AS shop_slug, p.status, p.hidden_at, p.hidden_reason,
+                (SELECT count(*) FROM variants v WHERE v.product_id = p.id) AS variant_count,
+                p.created_at, p.published_at, count(*) OVER () AS total
+           {MATCHED}
+          ORDER BY p.created_at DESC, p.id DESC LIMIT $5 OFFSET $6"
+    )))
     .bind(q)
     .bind(&query.shop)
-    .bind(query.status.map(ProductStatus::as_str))
+    .bind(status)
     .bind(query.hidden)
     .bind(paging.limit())
     .bind(paging.offset())
     .fetch_all(&state.pool)
     .await?;
-    let total = rows.first().map_or(0, |r| r.total);
+    let count = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) {MATCHED}")))
+        .bind(q)
+        .bind(&query.shop)
+        .bind(status)
+        .bind(query.hidden)
+        .fetch_one(&state.pool);
+    let total = paging.total(rows.first().map(|r| r.total), count).await?;
     Ok(Json(paging.page(
         rows.into_iter().map(|r| r.product).collect(),
         total,

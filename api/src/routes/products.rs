@@ -353,18 +353,23 @@ pub async fn list(
     let status = query.status.map(ProductStatus::as_str);
     let paging = Paging::new(query.page, query.per_page);
     let (ids, total): (Vec<Uuid>, i64) = {
-        let rows: Vec<(Uuid, i64)> = sqlx::query_as(
-            "SELECT id, count(*) OVER () FROM products
-              WHERE shop_id = $1 AND ($2::text IS NULL OR status = $2)
-              ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4",
-        )
+        const MATCHED: &str =
+            "FROM products WHERE shop_id = $1 AND ($2::text IS NULL OR status = $2)";
+        let rows: Vec<(Uuid, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, count(*) OVER () {MATCHED}
+              ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4"
+        )))
         .bind(seller.shop_id)
         .bind(status)
         .bind(paging.limit())
         .bind(paging.offset())
         .fetch_all(&state.pool)
         .await?;
-        let total = rows.first().map_or(0, |r| r.1);
+        let count = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) {MATCHED}")))
+            .bind(seller.shop_id)
+            .bind(status)
+            .fetch_one(&state.pool);
+        let total = paging.total(rows.first().map(|r| r.1), count).await?;
         (rows.into_iter().map(|r| r.0).collect(), total)
     };
     let mut items = Vec::with_capacity(ids.len());

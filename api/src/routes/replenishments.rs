@@ -604,16 +604,18 @@ pub async fn list(
     let paging = Paging::new(query.page, query.per_page);
     let status = query.status.map(ScheduleStatus::as_str);
     let mut conn = state.pool.acquire().await?;
-    // One statement: the page and (on every row) the total.
+    // One statement: the page and (on every row) the total; past the last
+    // page, the count alone.
     #[derive(sqlx::FromRow)]
     struct Counted {
         total: i64,
         #[sqlx(flatten)]
         row: Row,
     }
+    const MATCHED: &str = "FROM replenishment_schedules
+          WHERE customer_id = $1 AND ($2::text IS NULL OR status = $2)";
     let rows: Vec<Counted> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) OVER () AS total, {COLUMNS} FROM replenishment_schedules
-          WHERE customer_id = $1 AND ($2::text IS NULL OR status = $2)
+        "SELECT count(*) OVER () AS total, {COLUMNS} {MATCHED}
           ORDER BY status = 'cancelled', created_at DESC, id DESC LIMIT $3 OFFSET $4"
     )))
     .bind(caller.id)
@@ -622,7 +624,11 @@ pub async fn list(
     .bind(paging.offset())
     .fetch_all(&mut *conn)
     .await?;
-    let total = rows.first().map_or(0, |r| r.total);
+    let count = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) {MATCHED}")))
+        .bind(caller.id)
+        .bind(status)
+        .fetch_one(&state.pool);
+    let total = paging.total(rows.first().map(|r| r.total), count).await?;
     let mut schedules = Vec::with_capacity(rows.len());
     for counted in rows {
         schedules.push(view(&mut conn, counted.row).await?);

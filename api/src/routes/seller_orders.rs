@@ -188,8 +188,15 @@ pub async fn fulfil(
              RETURNING so.order_id, s.name, so.carrier, so.tracking_number",
         )
         .bind(seller_order)
-        .bind(body.carrier.as_deref().map(str::trim))
-        .bind(body.tracking_number.as_deref().map(str::trim))
+        // A blank value is no value: it keeps what is on record rather
+        // than erasing the parcel's carrier or number.
+        .bind(body.carrier.as_deref().map(str::trim).filter(|s| !s.is_empty()))
+        .bind(
+            body.tracking_number
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty()),
+        )
         .fetch_one(&mut *tx)
         .await?;
     let shipping = matches!(

@@ -106,7 +106,10 @@ pub async fn to_customer(
     let data = json!({ "name": r.name, "order": r.order.data(order, false) });
     let data = merge(data, extra);
     if let Some(kind) = in_app {
-        let note = json!({ "order_id": order, "template": template, "reason": data.get("reason") });
+        // Why, whoever gave it: a cancel's reason, or the note a seller or an
+        // admin wrote with a fulfilment change.
+        let why = data.get("reason").or(data.get("note"));
+        let note = json!({ "order_id": order, "template": template, "reason": why });
         notify::in_app(conn, user, kind, &note).await?;
     }
     notify::email(conn, &email, template, data, correlation_id).await
