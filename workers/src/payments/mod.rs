@@ -66,6 +66,7 @@ impl Payments {
 }
 
 /// What a Stripe call came back with, for `apply` to record.
+#[derive(Clone)]
 pub enum Answer {
     /// Nothing was called: the message found nothing to do.
     Nothing,
@@ -253,6 +254,13 @@ impl Handler for Payments {
 
     fn prepare_lease(&self) -> Option<Duration> {
         Some(self.lease)
+    }
+
+    /// Stripe's answer is kept for the in-place retry of its write: Stripe
+    /// would give the same answer again (idempotency keys), at the cost of
+    /// another round trip to it.
+    fn copy_prepared(&self, answer: &Answer) -> Option<Answer> {
+        Some(answer.clone())
     }
 
     async fn prepare(&self, msg: &Envelope) -> Result<Answer, Failure> {

@@ -15,6 +15,7 @@ use super::{
 use crate::runtime::Failure;
 
 /// What a recurring-commerce call came back with.
+#[derive(Clone)]
 pub enum Recurring {
     PlanMade {
         plan: Uuid,
