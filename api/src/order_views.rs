@@ -188,8 +188,15 @@ pub async fn order(conn: &mut PgConnection, id: Uuid, scope: Scope) -> Result<Or
                    FROM (SELECT {LINE_COLUMNS}, shop_id FROM order_lines WHERE order_id = o.id) l) AS lines,
                 (SELECT coalesce(json_agg(p ORDER BY p.name, p.id), '[]')
                    FROM (SELECT so.id, s.slug, s.name, so.status, so.items_minor, so.discount_minor,
-                                so.shipping_minor, so.total_minor, so.refunded_minor, so.carrier,
-                                so.tracking_number, so.shipped_at, so.delivered_at,
+                                so.shipping_minor, so.total_minor, so.refunded_minor,
+                                -- A parcel the customer can follow only while
+                                -- there is one: a part corrected back to
+                                -- processing keeps its carrier on record (for
+                                -- shipping it again), not on show.
+                                CASE WHEN so.status IN ('shipped', 'delivered') THEN so.carrier END AS carrier,
+                                CASE WHEN so.status IN ('shipped', 'delivered') THEN so.tracking_number END
+                                  AS tracking_number,
+                                so.shipped_at, so.delivered_at,
                                 array(SELECT l.id FROM order_lines l
                                        WHERE l.order_id = so.order_id AND l.shop_id = so.shop_id
                                        ORDER BY l.id) AS line_ids

@@ -1016,6 +1016,13 @@ async fn the_customer_is_mailed_when_the_seller_starts_and_when_an_admin_correct
     )
     .await;
     assert_eq!(corrected["status"], "processing");
+    // The customer no longer sees a parcel to follow; the seller keeps its
+    // record (to ship it again).
+    let seen = common::orders::order(app, &buyer.token, &order_id).await;
+    let seen_part = seen["seller_orders"][0].clone();
+    assert_eq!(seen_part["carrier"], Value::Null, "{seen_part}");
+    assert_eq!(seen_part["tracking_number"], Value::Null, "{seen_part}");
+    assert_eq!(corrected["carrier"], "Amana");
     let mail = mails_about(&buyer.email, "Your order from Shop: processing", 2).await;
     assert!(
         mail.iter()
