@@ -2,9 +2,11 @@
 //!
 //! Fixed windows: each hit increments `{prefix}:rl:{scope}:{key}`, which
 //! expires with its window; past the limit the answer is 429 with
-//! `Retry-After`. Failed sign-ins also arm a growing lock per account. If
-//! Redis is unreachable the limits are skipped (and logged): an outage of
-//! the limiter must not take sign-in down with it.
+//! `Retry-After`. Guesses at a password are also counted before they are
+//! checked and, past a threshold, each needs a lock of its own that grows
+//! (see [`RateLimiter::attempt`]). If Redis is unreachable the limits are
+//! skipped (and logged): an outage of the limiter must not take sign-in
+//! down with it.
 
 use std::time::Duration;
 
@@ -33,10 +35,17 @@ pub struct Limits {
     /// to send mail from our domain to anyone.
     pub support_per_ip: Limit,
     pub support_per_email: Limit,
-    /// Failed sign-ins of one account (or wrong current passwords given to
-    /// `POST /me/password` by one account) before each further one locks it
-    /// for a doubling time (1 s, 2 s, 4 s … up to 5 minutes).
+    /// Failed sign-ins to one account from one client (or wrong current
+    /// passwords given to `POST /me/password` by one account) that lock
+    /// it: for 1 s after the last of them, then for a doubling time after
+    /// each further one (2 s, 4 s … up to 5 minutes). Per client, so a
+    /// stranger who knows an email cannot lock its owner out by guessing.
     pub failures_before_lock: u32,
+    /// Failed sign-ins to one account from all clients together before the
+    /// same doubling lock applies to everyone: guesses spread over many
+    /// addresses stay bounded. Higher than `failures_before_lock`, so only
+    /// a distributed attack reaches it; a password reset lifts it.
+    pub failures_before_account_lock: u32,
     /// Proxies (load balancers) whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
 }
@@ -58,6 +67,7 @@ impl Limits {
             support_per_ip: per("LIMIT_SUPPORT_PER_IP_HOUR", 10, 3600)?,
             support_per_email: per("LIMIT_SUPPORT_PER_EMAIL_HOUR", 3, 3600)?,
             failures_before_lock: env.or("SIGN_IN_FAILURES_BEFORE_LOCK", 3)?,
+            failures_before_account_lock: env.or("SIGN_IN_FAILURES_BEFORE_ACCOUNT_LOCK", 20)?,
             trusted_proxies: TrustedProxies(env.list("TRUSTED_PROXIES", &[])?),
         })
     }
@@ -121,43 +131,99 @@ impl RateLimiter {
         }
     }
 
-    /// 429 while `id` is locked after failed attempts in `scope` (`sign-in`
-    /// by email, `password` by account).
-    pub async fn check_lock(&self, scope: &str, id: &str) -> Result<(), ApiError> {
+    /// Counts one guess at a secret against every guard, before the guess
+    /// is checked; 429 (with `Retry-After`) while any guard is locked.
+    ///
+    /// The first `threshold - 1` attempts in a guard's memory pass freely;
+    /// from the `threshold`-th on, an attempt passes only by taking the
+    /// guard's lock itself, for 1 s, 2 s, 4 s … (up to 5 minutes). All of it
+    /// is one Redis script, so concurrent guesses cannot all slip past a
+    /// check made before the first of them failed: whatever the
+    /// concurrency, at most `threshold` guesses are checked before the
+    /// first lock and one per lock after it. Refused attempts are not
+    /// counted, so waiting out a lock costs only the next doubling.
+    /// A success must [`clear`](Self::clear) the guards, which also lifts
+    /// the lock it took.
+    pub async fn attempt(&self, guards: &[Guard]) -> Result<(), ApiError> {
+        let mut script = redis::cmd("EVAL");
+        script.arg(ATTEMPT).arg(guards.len() * 2);
+        for guard in guards {
+            script
+                .arg(self.key("fail", guard.scope, &guard.id))
+                .arg(self.key("lock", guard.scope, &guard.id));
+        }
+        script
+            .arg(FAILURE_MEMORY.as_secs())
+            .arg(MAX_LOCK.as_millis() as u64);
+        for guard in guards {
+            script.arg(guard.threshold);
+        }
         let mut redis = self.redis.clone();
-        let ttl: redis::RedisResult<i64> = redis.pttl(self.key("lock", scope, id)).await;
-        match ttl {
+        let locked: redis::RedisResult<i64> = script.query_async(&mut redis).await;
+        match locked {
             Ok(ms) if ms > 0 => Err(ApiError::TooManyRequests {
                 retry_after: (ms as u64).div_ceil(1000),
             }),
-            _ => Ok(()),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let scope = guards.first().map_or("", |g| g.scope);
+                tracing::warn!(error = %e, scope, "lockout unavailable; attempt allowed");
+                Ok(())
+            }
         }
     }
 
-    /// Remembers a failed attempt; past the threshold, locks `id` in `scope`
-    /// for a time that doubles with each further failure.
-    pub async fn record_failure(&self, scope: &str, id: &str) {
-        let (fails, lock) = (self.key("fail", scope, id), self.key("lock", scope, id));
+    /// Forgets the failed attempts counted by `guards`, and lifts their
+    /// locks: after a success, or once the owner has proved who they are
+    /// some other way (a password reset).
+    pub async fn clear(&self, guards: &[Guard]) {
+        let keys: Vec<String> = guards
+            .iter()
+            .flat_map(|g| {
+                [
+                    self.key("fail", g.scope, &g.id),
+                    self.key("lock", g.scope, &g.id),
+                ]
+            })
+            .collect();
         let mut redis = self.redis.clone();
-        let count: redis::RedisResult<(u32, bool)> = redis::pipe()
-            .atomic()
-            .incr(&fails, 1)
-            .expire(&fails, FAILURE_MEMORY.as_secs() as i64)
-            .query_async(&mut redis)
-            .await;
-        let Ok((count, _)) = count else { return };
-        if count >= self.limits.failures_before_lock {
-            let doubling = count - self.limits.failures_before_lock;
-            let wait = Duration::from_secs(1u64 << doubling.min(16)).min(MAX_LOCK);
-            let _: redis::RedisResult<()> = redis.pset_ex(&lock, 1, wait.as_millis() as u64).await;
+        if let Err(e) = redis.del::<_, ()>(keys).await {
+            tracing::warn!(error = %e, "could not clear failed attempts");
         }
-    }
-
-    /// Forgets failed attempts after a successful one.
-    pub async fn clear_failures(&self, scope: &str, id: &str) {
-        let mut redis = self.redis.clone();
-        let _: redis::RedisResult<()> = redis
-            .del(&[self.key("fail", scope, id), self.key("lock", scope, id)])
-            .await;
     }
 }
+
+/// One count of failed guesses at a secret: of `id` in `scope` (such as
+/// sign-ins to an email from one client), locked from the `threshold`-th
+/// attempt on.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    pub scope: &'static str,
+    pub id: String,
+    pub threshold: u32,
+}
+
+/// KEYS: a failure counter and its lock for each guard; ARGV: how long
+/// failures are remembered (s), the longest lock (ms), then each guard's
+/// threshold. Returns the longest remaining lock in ms (nothing counted),
+/// or 0 when the attempt may go ahead (counted, and any lock it needed
+/// taken). Checking and taking in one script is what keeps a burst of
+/// guesses from all passing an empty lock.
+const ATTEMPT: &str = r#"
+local wait = 0
+for i = 2, #KEYS, 2 do
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl > wait then wait = ttl end
+end
+if wait > 0 then return wait end
+for i = 1, #KEYS, 2 do
+  local n = redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+  local over = n - tonumber(ARGV[2 + (i + 1) / 2])
+  if over >= 0 then
+    local ms = math.min(1000 * 2 ^ math.min(over, 16), tonumber(ARGV[2]))
+    redis.call('SET', KEYS[i + 1], 1, 'PX', math.floor(ms))
+  end
+end
+return 0
+"#;

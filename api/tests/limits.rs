@@ -1,18 +1,25 @@
 //! Abuse limits: 429 with Retry-After, counted in Redis; a growing lock
-//! after failed sign-ins; and sign-in still works when Redis is down.
+//! after failed sign-ins, per client and (later) per account, that bursts
+//! cannot slip past and a password reset lifts; and sign-in still works
+//! when Redis is down.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{App, loose_limits, problem, redis_url, spawn_app_with};
+use common::{App, Pipeline, WAIT, loose_limits, problem, redis_url, spawn_app_with};
+use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use souk_api::{
     client_ip::TrustedProxies,
     ratelimit::{Limit, Limits},
 };
-use souk_testkit::{amqp_url, count, free_port, mail::unique_address};
+use souk_testkit::{
+    amqp_url, count, free_port,
+    mail::{mails_to, unique_address},
+    wait_until,
+};
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -217,28 +224,252 @@ async fn with_redis_down_the_limits_step_aside_rather_than_lock_everyone_out() {
     let strict = Limits {
         register_per_ip: limit(0),
         sign_in_per_ip: limit(0),
+        failures_before_lock: 1,
+        failures_before_account_lock: 1,
         ..loose_limits()
     };
     let app = spawn_app_with(&amqp_url(), &nowhere, strict).await;
     let email = unique_address();
     assert_eq!(register(&app, &email).await.status(), StatusCode::CREATED);
+    // The lockout steps aside too: a wrong password is just wrong.
+    problem(
+        sign_in(&app, &email, "wrong password").await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
     assert_eq!(
         sign_in(&app, &email, PASSWORD).await.status(),
         StatusCode::OK
     );
 }
 
-/// Signs in (with a wrong password) as if from `client`, through the proxy
-/// that forwarded it.
-async fn sign_in_via(app: &App, forwarded_for: &str) -> StatusCode {
+/// Signs in as if from `forwarded_for`, through the proxy that forwarded it.
+async fn sign_in_from(
+    app: &App,
+    forwarded_for: &str,
+    email: &str,
+    password: &str,
+) -> reqwest::Response {
     app.http
         .post(format!("{}/api/v1/auth/sign-in", app.base))
         .header("x-forwarded-for", forwarded_for)
-        .json(&json!({"email": unique_address(), "password": "wrong password"}))
+        .json(&json!({"email": email, "password": password}))
         .send()
         .await
         .unwrap()
+}
+
+/// Signs in (with a wrong password) as if from `client`, through the proxy
+/// that forwarded it.
+async fn sign_in_via(app: &App, forwarded_for: &str) -> StatusCode {
+    sign_in_from(app, forwarded_for, &unique_address(), "wrong password")
+        .await
         .status()
+}
+
+/// The test client connects from 127.0.0.1, made the trusted "load
+/// balancer", so each request can name its own client.
+fn behind_proxy(limits: Limits) -> Limits {
+    Limits {
+        trusted_proxies: TrustedProxies(vec!["127.0.0.0/8".parse().unwrap()]),
+        ..limits
+    }
+}
+
+#[tokio::test]
+async fn a_stranger_guessing_locks_out_the_stranger_and_not_the_owner() {
+    let limits = behind_proxy(Limits {
+        failures_before_lock: 3,
+        failures_before_account_lock: 20,
+        ..loose_limits()
+    });
+    let app = spawn_app_with(&amqp_url(), &redis_url(), limits).await;
+    let email = unique_address();
+    register(&app, &email).await;
+    let stranger = "198.51.100.66";
+    for _ in 0..3 {
+        let guess = sign_in_from(&app, stranger, &email, "a guess").await;
+        problem(guess, StatusCode::UNAUTHORIZED).await;
+    }
+    // The stranger is locked out, even with the right password…
+    let locked = sign_in_from(&app, stranger, &email, PASSWORD).await;
+    assert_eq!(retry_after(&locked), 1);
+    problem(locked, StatusCode::TOO_MANY_REQUESTS).await;
+    // …however the email is spelt…
+    let locked = sign_in_from(&app, stranger, &email.to_uppercase(), PASSWORD).await;
+    problem(locked, StatusCode::TOO_MANY_REQUESTS).await;
+    // …while the owner, elsewhere, signs in.
+    let owner = sign_in_from(&app, "203.0.113.5", &email, PASSWORD).await;
+    assert_eq!(owner.status(), StatusCode::OK);
+    // And the owner's success lifts nothing of the stranger's lock.
+    let still = sign_in_from(&app, stranger, &email, PASSWORD).await;
+    problem(still, StatusCode::TOO_MANY_REQUESTS).await;
+}
+
+#[tokio::test]
+async fn guesses_spread_over_many_clients_lock_the_account_for_everyone() {
+    let limits = behind_proxy(Limits {
+        failures_before_lock: 3,
+        failures_before_account_lock: 5,
+        ..loose_limits()
+    });
+    let app = spawn_app_with(&amqp_url(), &redis_url(), limits).await;
+    let email = unique_address();
+    register(&app, &email).await;
+    // Two guesses from each client: none reaches its own lock.
+    for i in 0..5 {
+        let client = format!("198.51.100.{}", 10 + i / 2);
+        let guess = sign_in_from(&app, &client, &email, "a guess").await;
+        problem(guess, StatusCode::UNAUTHORIZED).await;
+    }
+    // But together they lock the account, for the owner too…
+    let owner = "203.0.113.5";
+    let locked = sign_in_from(&app, owner, &email, PASSWORD).await;
+    assert_eq!(retry_after(&locked), 1);
+    problem(locked, StatusCode::TOO_MANY_REQUESTS).await;
+    // …for a doubling time, one guess (from anywhere) per lock.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let guess = sign_in_from(&app, "198.51.100.99", &email, "a guess").await;
+    problem(guess, StatusCode::UNAUTHORIZED).await;
+    let locked = sign_in_from(&app, owner, &email, PASSWORD).await;
+    assert_eq!(retry_after(&locked), 2, "the lock doubles");
+    problem(locked, StatusCode::TOO_MANY_REQUESTS).await;
+    // Once it is over, the owner signs in, and the count starts again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let signed_in = sign_in_from(&app, owner, &email, PASSWORD).await;
+    assert_eq!(signed_in.status(), StatusCode::OK);
+    let guess = sign_in_from(&app, "198.51.100.100", &email, "a guess").await;
+    problem(guess, StatusCode::UNAUTHORIZED).await;
+    let signed_in = sign_in_from(&app, owner, &email, PASSWORD).await;
+    assert_eq!(signed_in.status(), StatusCode::OK);
+}
+
+/// How many of `guesses`, all sent at once, were checked (401) and how
+/// many refused unchecked (429); nothing else is an answer.
+async fn burst(guesses: Vec<impl Future<Output = reqwest::Response>>) -> (usize, usize) {
+    let answers: Vec<StatusCode> = join_all(guesses).await.iter().map(|r| r.status()).collect();
+    let checked = answers
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let refused = answers
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(checked + refused, answers.len(), "{answers:?}");
+    (checked, refused)
+}
+
+#[tokio::test]
+async fn a_burst_of_concurrent_guesses_gets_no_more_checked_than_the_threshold_allows() {
+    let limits = behind_proxy(Limits {
+        failures_before_lock: 3,
+        failures_before_account_lock: 5,
+        ..loose_limits()
+    });
+    let app = spawn_app_with(&amqp_url(), &redis_url(), limits).await;
+
+    // From one client: its own threshold holds.
+    let email = unique_address();
+    register(&app, &email).await;
+    let guesses = (0..20)
+        .map(|i| {
+            sign_in_from(
+                &app,
+                "198.51.100.1",
+                &email,
+                if i % 2 == 0 { "a" } else { "b" },
+            )
+        })
+        .collect();
+    let (checked, refused) = burst(guesses).await;
+    assert!((1..=4).contains(&checked), "{checked} guesses were checked");
+    assert!(refused >= 16);
+    // The lock is a wait, not a ban: the owner there gets in after it.
+    let locked = sign_in_from(&app, "198.51.100.1", &email, PASSWORD).await;
+    let wait = retry_after(&locked);
+    problem(locked, StatusCode::TOO_MANY_REQUESTS).await;
+    tokio::time::sleep(Duration::from_millis(wait * 1000 + 100)).await;
+    let signed_in = sign_in_from(&app, "198.51.100.1", &email, PASSWORD).await;
+    assert_eq!(signed_in.status(), StatusCode::OK);
+
+    // From twenty clients at once: the account's threshold holds.
+    let email = unique_address();
+    register(&app, &email).await;
+    let clients: Vec<String> = (0..20).map(|i| format!("198.51.100.{}", 100 + i)).collect();
+    let guesses = clients
+        .iter()
+        .map(|client| sign_in_from(&app, client, &email, "a guess"))
+        .collect();
+    let (checked, refused) = burst(guesses).await;
+    assert!((1..=6).contains(&checked), "{checked} guesses were checked");
+    assert!(refused >= 14);
+}
+
+/// The token in the link of the password-reset mail to `to`.
+async fn mailed_reset_token(to: &str) -> String {
+    const SUBJECT: &str = "Reset your Souk password";
+    wait_until("the reset mail", WAIT, || async {
+        mails_to(to).await.iter().any(|m| m.subject == SUBJECT)
+    })
+    .await;
+    let mails = mails_to(to).await;
+    let mail = mails.iter().find(|m| m.subject == SUBJECT).unwrap();
+    let link = mail
+        .text
+        .split_whitespace()
+        .find(|w| w.contains("?token="))
+        .expect("a link");
+    link.split("token=").nth(1).unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_password_reset_forgets_the_failed_sign_ins_of_its_account() {
+    // The owner's own client reaches both thresholds.
+    let limits = Limits {
+        failures_before_lock: 3,
+        failures_before_account_lock: 3,
+        ..loose_limits()
+    };
+    let app = spawn_app_with(&amqp_url(), &redis_url(), limits).await;
+    let pipeline = Pipeline::start(&app, &amqp_url());
+    let email = unique_address();
+    register(&app, &email).await;
+    let forgot = app
+        .post("/api/v1/auth/forgot-password", &json!({"email": email}))
+        .await;
+    assert_eq!(forgot.status(), StatusCode::ACCEPTED);
+    let token = mailed_reset_token(&email).await;
+
+    for _ in 0..3 {
+        problem(
+            sign_in(&app, &email, "was it this").await,
+            StatusCode::UNAUTHORIZED,
+        )
+        .await;
+    }
+    problem(
+        sign_in(&app, &email, PASSWORD).await,
+        StatusCode::TOO_MANY_REQUESTS,
+    )
+    .await;
+    let new = "a brand new password";
+    let reset = app
+        .post(
+            "/api/v1/auth/reset-password",
+            &json!({"token": token, "new_password": new}),
+        )
+        .await;
+    assert_eq!(reset.status(), StatusCode::NO_CONTENT);
+    // Forgotten, not merely expired: a slip now is the first of a new count
+    // (remembered, it would be past the threshold and take a lock).
+    problem(
+        sign_in(&app, &email, "a slip").await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(sign_in(&app, &email, new).await.status(), StatusCode::OK);
+    pipeline.stop().await;
 }
 
 #[tokio::test]

@@ -21,14 +21,17 @@ use crate::{
     error::{ApiError, FieldError, Problem},
     extract::{ValidJson, Validate},
     middleware::RequestId,
+    ratelimit::{Guard, Limits},
     routes::support::valid_email,
     state::AppState,
 };
 
 const MIN_PASSWORD: usize = 10;
-/// Lockout scopes: failed sign-ins by email, wrong current passwords given
-/// to a password change by account.
+/// Lockout scopes: failed sign-ins by email and client, and by email from
+/// every client; wrong current passwords given to a password change by
+/// account.
 const SIGN_IN: &str = "sign-in";
+const SIGN_IN_ACCOUNT: &str = "sign-in-account";
 const PASSWORD_CHANGE: &str = "password";
 const MAX_PASSWORD: usize = 128;
 
@@ -348,7 +351,30 @@ pub(crate) async fn open_session(
     })
 }
 
-/// Sign in with email and password.
+/// What a password sign-in to `email` from `client` is counted against:
+/// that pair, soon locked, so a stranger's guesses lock out the stranger
+/// and not the owner elsewhere; and the email from every client, locked
+/// later, so guesses spread over many addresses stay bounded.
+fn sign_in_guards(limits: &Limits, email: &str, client: &str) -> [Guard; 2] {
+    [
+        // Client first: an address holds no `/`, so no other pair can
+        // spell the same key.
+        Guard {
+            scope: SIGN_IN,
+            id: format!("{client}/{email}"),
+            threshold: limits.failures_before_lock,
+        },
+        Guard {
+            scope: SIGN_IN_ACCOUNT,
+            id: email.to_string(),
+            threshold: limits.failures_before_account_lock,
+        },
+    ]
+}
+
+/// Sign in with email and password. Failed attempts lock the email for a
+/// growing time: from the client that made them, and, after many more,
+/// from every client.
 #[utoipa::path(
     post, path = "/auth/sign-in", tag = "auth", request_body = SignIn,
     responses(
@@ -367,7 +393,10 @@ pub async fn sign_in(
         .limiter
         .hit("sign-in-ip", &ip.0, state.limiter.limits.sign_in_per_ip)
         .await?;
-    state.limiter.check_lock(SIGN_IN, email).await?;
+    // Counted before the (slow) check, so a burst of guesses cannot all
+    // pass a lock that none of them has set yet.
+    let guards = sign_in_guards(&state.limiter.limits, email, &ip.0);
+    state.limiter.attempt(&guards).await?;
     let found: Option<(Uuid, Option<String>, String, bool)> = sqlx::query_as(
         "SELECT id, password_hash, role, suspended_at IS NULL FROM users WHERE lower(email) = lower($1)",
     )
@@ -379,12 +408,9 @@ pub async fn sign_in(
     let matches = password::verify(body.password, stored).await?;
     let (id, role) = match found {
         Some((id, _, role, true)) if matches => (id, role),
-        _ => {
-            state.limiter.record_failure(SIGN_IN, email).await;
-            return Err(ApiError::Unauthorized);
-        }
+        _ => return Err(ApiError::Unauthorized),
     };
-    state.limiter.clear_failures(SIGN_IN, email).await;
+    state.limiter.clear(&guards).await;
     let role = Role::parse(&role).ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
     let mut tx = state.pool.begin().await?;
     let session = open_session(&mut tx, &state, id, role, None).await?;
@@ -671,27 +697,24 @@ pub async fn change_password(
 ) -> Result<(HeaderMap, Json<Session>), ApiError> {
     // A stolen access token must not become a way to guess the password
     // (and so take the account over) at the speed of the API.
-    let account = caller.id.to_string();
-    state.limiter.check_lock(PASSWORD_CHANGE, &account).await?;
+    let guards = [Guard {
+        scope: PASSWORD_CHANGE,
+        id: caller.id.to_string(),
+        threshold: state.limiter.limits.failures_before_lock,
+    }];
+    state.limiter.attempt(&guards).await?;
     let stored: Option<String> =
         sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
             .bind(caller.id)
             .fetch_one(&state.pool)
             .await?;
     if !password::verify(body.current_password, stored).await? {
-        state
-            .limiter
-            .record_failure(PASSWORD_CHANGE, &account)
-            .await;
         return Err(ApiError::Validation(vec![FieldError::new(
             "current_password",
             "is not your password",
         )]));
     }
-    state
-        .limiter
-        .clear_failures(PASSWORD_CHANGE, &account)
-        .await;
+    state.limiter.clear(&guards).await;
     let hash = password::hash(body.new_password).await?;
     let mut tx = state.pool.begin().await?;
     set_password(&mut tx, caller.id, hash).await?;
@@ -779,7 +802,8 @@ impl Validate for ResetPassword {
 }
 
 /// Set a new password with the token from a reset mail (single use); every
-/// session of the account ends.
+/// session of the account ends, and failed sign-ins to it are forgotten
+/// (those from this client, and those from all clients together).
 #[utoipa::path(
     post, path = "/auth/reset-password", tag = "auth", request_body = ResetPassword,
     responses(
@@ -804,7 +828,16 @@ pub async fn reset_password(
     let hash = password::hash(body.new_password).await?;
     let mut tx = state.pool.begin().await?;
     let user = links::consume(&mut tx, Purpose::ResetPassword, &body.token).await?;
+    let email: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await?;
     set_password(&mut tx, user, hash).await?;
     tx.commit().await?;
+    // Whoever reset it holds the mailbox: the owner, who must not stay
+    // locked out by guesses (theirs, or a distributed attack's). Locks of
+    // other clients are theirs to wait out.
+    let guards = sign_in_guards(&state.limiter.limits, email.trim(), &ip.0);
+    state.limiter.clear(&guards).await;
     Ok(StatusCode::NO_CONTENT)
 }

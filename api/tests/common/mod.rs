@@ -100,6 +100,7 @@ pub fn loose_limits() -> Limits {
         support_per_ip: limit,
         support_per_email: limit,
         failures_before_lock: 1000,
+        failures_before_account_lock: 1000,
         trusted_proxies: Default::default(),
     }
 }
