@@ -159,11 +159,12 @@ async fn every_ledger_transaction_balances_after_orders_deliveries_refunds_and_w
     // Every transaction balances, and so does the whole ledger.
     posted(app, "payment:%", 3).await;
     assert_ledger_balances(app).await;
-    // The refund of one board (4500) shared like the earning: 4500 × 8599/9499
-    // and × 900/9499, largest remainder: seller 4074, commission 426.
+    // The refund of one board (4500) comes out of the items: the platform
+    // keeps 10 % of the 4500 of items left (450) and gives back the other
+    // 450; seller 4050. Shipping takes no part in the commission.
     assert_eq!(
         ledger_balance(app, "seller_available", Some("oak")).await,
-        8599 - 4074 - 3000
+        8599 - 4050 - 3000
     );
     assert_eq!(
         ledger_balance(app, "seller_available", Some("tea")).await,
@@ -173,7 +174,7 @@ async fn every_ledger_transaction_balances_after_orders_deliveries_refunds_and_w
     assert_eq!(ledger_balance(app, "seller_withdrawing", None).await, 0);
     assert_eq!(
         ledger_balance(app, "commission", None).await,
-        900 + 300 - 426
+        900 + 300 - 450
     );
     assert_eq!(
         ledger_balance(app, "customer_funds", None).await,
@@ -199,7 +200,7 @@ async fn every_ledger_transaction_balances_after_orders_deliveries_refunds_and_w
             oak_balance["available_minor"].as_i64(),
             oak_balance["withdrawing_minor"].as_i64()
         ),
-        (Some(1525), Some(0))
+        (Some(1549), Some(0))
     );
     // The ledger is append-only: its rows can be neither changed nor
     // removed, one at a time or all at once; nor can the accounts they
@@ -250,7 +251,7 @@ async fn every_ledger_transaction_balances_after_orders_deliveries_refunds_and_w
     assert_eq!(after, before);
     assert_eq!(
         ledger_balance(app, "commission", None).await,
-        900 + 300 - 426
+        900 + 300 - 450
     );
     market.close().await;
 }
@@ -420,6 +421,76 @@ async fn settlement_credits_each_delivery_once_under_redelivery_and_two_processe
         ledger_balance(app, "seller_available", Some("oak")).await,
         4549
     );
+    assert_ledger_balances(app).await;
+    market.close().await;
+}
+
+#[tokio::test]
+async fn a_refund_gives_back_only_the_commission_on_the_items_it_takes_back() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    // Two boards (9000 of items, 10 %: commission 900) and 499 shipping.
+    let buyer = market.shopper(&[(oak, 2)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let part = part_of(&paid, "oak");
+    let status = format!("/seller/orders/{part}/status");
+    let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM1"});
+    post(app, &oak.seller, &status, shipped).await;
+
+    // One board comes back while shipped: out of clearing, nothing earned yet.
+    let line = paid["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["title"] == "Walnut board")
+        .unwrap();
+    let path = format!("/orders/{}/refund-requests", id(&paid));
+    let body = json!({"line_id": line["id"], "quantity": 1, "reason": "arrived cracked"});
+    let request = json_of(
+        call(app, &buyer.token, Method::POST, &path, body).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let approve = format!("/seller/refund-requests/{}/approve", id(&request));
+    post(app, &oak.seller, &approve, json!({"restock": false})).await;
+    posted(app, "refund:%", 1).await;
+
+    // Delivered: the earning nets that refund as the items it took back.
+    // 4500 of items are left, so the platform keeps 450 (not 474, as a
+    // share of the whole part with shipping would leave it), the seller
+    // 4500 + 499 - 450 = 4549.
+    post(app, &oak.seller, &status, json!({"status": "delivered"})).await;
+    posted(app, "earning:%", 1).await;
+    assert_eq!(
+        ledger_balance(app, "seller_pending", Some("oak")).await,
+        4549
+    );
+    assert_eq!(ledger_balance(app, "commission", None).await, 450);
+
+    // The other board, then the shipping, given back by an admin: the board
+    // takes the 450 of commission left, the shipping none of it.
+    let refund = format!("/admin/seller-orders/{part}/refund");
+    let board = json!({"amount_minor": 4500, "reason": "second board cracked too"});
+    post(app, &root, &refund, board).await;
+    posted(app, "refund:%", 2).await;
+    assert_eq!(
+        ledger_balance(app, "seller_pending", Some("oak")).await,
+        499
+    );
+    assert_eq!(ledger_balance(app, "commission", None).await, 0);
+    let shipping = json!({"amount_minor": 499, "reason": "shipping back too"});
+    post(app, &root, &refund, shipping).await;
+    posted(app, "refund:%", 3).await;
+    assert_eq!(
+        ledger_balance(app, "seller_pending", Some("oak")).await,
+        0,
+        "the shipping, all the seller's, comes back from the seller alone"
+    );
+    assert_eq!(ledger_balance(app, "commission", None).await, 0);
     assert_ledger_balances(app).await;
     market.close().await;
 }

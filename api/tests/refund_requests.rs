@@ -211,12 +211,13 @@ async fn an_approved_refund_reaches_stripe_and_the_ledger_once() {
     assert_eq!(stripe.refunds_of(&intent).await[0]["amount"], 4500);
     posted(app, "refund:%", 1).await;
     assert_eq!(refund_postings(app).await, 1);
-    // Earned 8599 (pending); 4500 back shared 4074 / 426.
+    // Earned 8599 (pending); 4500 of items back: 4050 from oak, the 450 of
+    // commission on them from the platform.
     assert_eq!(
         ledger_balance(app, "seller_pending", Some("oak")).await,
-        8599 - 4074
+        8599 - 4050
     );
-    assert_eq!(ledger_balance(app, "commission", None).await, 900 - 426);
+    assert_eq!(ledger_balance(app, "commission", None).await, 900 - 450);
     assert_eq!(
         stock(app, &oak.variant).await,
         (4, 0),
@@ -256,7 +257,7 @@ async fn an_approved_refund_reaches_stripe_and_the_ledger_once() {
     assert_eq!(refund_postings(app).await, 1);
     assert_eq!(
         ledger_balance(app, "seller_pending", Some("oak")).await,
-        8599 - 4074
+        8599 - 4050
     );
     assert_ledger_balances(app).await;
     market.close().await;
@@ -862,6 +863,58 @@ async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
             .await
             .unwrap();
     assert_eq!((refunded, status.as_str()), (0, "paid"));
+
+    // Nothing went back, so the board is still the customer's to ask for:
+    // the approved request whose refund failed no longer counts its unit.
+    let again = json_of(
+        call(
+            app,
+            &buyer.token,
+            Method::POST,
+            &path,
+            json!({"line_id": board["id"], "reason": "arrived cracked, still"}),
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(
+        (again["quantity"].as_i64(), again["amount_minor"].as_i64()),
+        (Some(1), Some(4500))
+    );
+    // The seller turns it down; an admin overturns that, now that Stripe
+    // takes refunds again: the failed one took no unit of the line back.
+    let reject = format!("/seller/refund-requests/{}/reject", id(&again));
+    json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::POST,
+            &reject,
+            json!({"reason": "left whole"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    proxy.pass_through();
+    let root_token = token_for(app, &root).await;
+    let step_in = format!("/admin/refund-requests/{}/approve", id(&again));
+    let overturn = json!({"restock": false, "note": "the carrier's photos show the crack"});
+    json_of(
+        call(app, &root_token, Method::POST, &step_in, overturn).await,
+        StatusCode::OK,
+    )
+    .await;
+    posted(app, "refund:%", 1).await;
+    assert_eq!(stripe.refunds_of(&intent).await.len(), 1);
+    // The board back, its 450 of commission with it: shipping stays oak's.
+    assert_eq!(
+        ledger_balance(app, "seller_pending", Some("oak")).await,
+        499
+    );
+    assert_eq!(ledger_balance(app, "commission", None).await, 0);
+    assert_ledger_balances(app).await;
 
     payments.stop().await;
     market.close().await;

@@ -5,14 +5,16 @@
 mod common;
 
 use common::{
-    App, WITHDRAWAL_MIN_MINOR, admin,
+    App, Pipeline, WITHDRAWAL_MIN_MINOR, Workers, admin,
     catalog::{call, json_of},
     fields,
     orders::{
         Customer, Market, assert_ledger_balances, checkout_and_pay, deliver, end_holds,
-        ledger_balance, mails_about, part_of, posted, seller_email,
+        ledger_balance, listing, mails_about, part_of, posted, seller_email, stripe_for,
     },
-    problem, token_for,
+    problem,
+    stripe_proxy::payments_through,
+    token_for,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -66,6 +68,34 @@ async fn earned(market: &Market) -> (Customer, Value) {
     )
     .await;
     (buyer, paid)
+}
+
+/// The buyer asks for one board (4500) of `paid` back and the seller
+/// approves it: the refund goes to Stripe.
+async fn return_one_board(app: &App, buyer: &Customer, seller: &str, paid: &Value) {
+    let line = paid["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["title"] == "Walnut board")
+        .unwrap();
+    let path = format!("/orders/{}/refund-requests", paid["id"].as_str().unwrap());
+    let body = json!({"line_id": line["id"], "quantity": 1, "reason": "arrived cracked"});
+    let request = json_of(
+        call(app, &buyer.token, Method::POST, &path, body).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(request["amount_minor"], 4500);
+    let path = format!(
+        "/seller/refund-requests/{}/approve",
+        request["id"].as_str().unwrap()
+    );
+    json_of(
+        call(app, seller, Method::POST, &path, json!({"restock": true})).await,
+        StatusCode::OK,
+    )
+    .await;
 }
 
 /// An admin's decision on withdrawal `id` (`approve` or `reject`), taken.
@@ -509,46 +539,17 @@ async fn a_refund_after_a_payout_leaves_the_balance_negative_until_later_earning
     .await;
     assert_eq!(balances(app, &oak.seller).await, (0, 0, 0));
 
-    // Then one board comes back: 4500 shared like the earning (8599 : 900,
-    // largest remainder) takes 4074 from oak's available balance, which has
-    // nothing left, and 426 from the commission.
-    let line = paid["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["title"] == "Walnut board")
-        .unwrap();
-    let path = format!("/orders/{}/refund-requests", paid["id"].as_str().unwrap());
-    let body = json!({"line_id": line["id"], "quantity": 1, "reason": "arrived cracked"});
-    let request = json_of(
-        call(app, &buyer.token, Method::POST, &path, body).await,
-        StatusCode::CREATED,
-    )
-    .await;
-    assert_eq!(request["amount_minor"], 4500);
-    let path = format!(
-        "/seller/refund-requests/{}/approve",
-        request["id"].as_str().unwrap()
-    );
-    json_of(
-        call(
-            app,
-            &oak.seller,
-            Method::POST,
-            &path,
-            json!({"restock": true}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    // Then one board comes back: the commission on the board (450) comes
+    // back from the platform, the other 4050 from oak's available balance,
+    // which has nothing left.
+    return_one_board(app, &buyer, &oak.seller, &paid).await;
     posted(app, "refund:%", 1).await;
-    assert_eq!(balances(app, &oak.seller).await, (0, -4074, 0));
+    assert_eq!(balances(app, &oak.seller).await, (0, -4050, 0));
     assert_eq!(
         ledger_balance(app, "seller_available", Some("oak")).await,
-        -4074
+        -4050
     );
-    assert_eq!(ledger_balance(app, "commission", None).await, 900 - 426);
+    assert_eq!(ledger_balance(app, "commission", None).await, 900 - 450);
 
     // Below zero, nothing can be withdrawn: not the minimum, not less.
     for amount in [WITHDRAWAL_MIN_MINOR, WITHDRAWAL_MIN_MINOR - 1, 1] {
@@ -566,22 +567,22 @@ async fn a_refund_after_a_payout_leaves_the_balance_negative_until_later_earning
     let again = checkout_and_pay(app, stripe, &again.token).await;
     deliver(app, &oak.seller, &part_of(&again, "oak")).await;
     posted(app, "earning:%", 2).await;
-    assert_eq!(balances(app, &oak.seller).await, (8599, -4074, 0));
+    assert_eq!(balances(app, &oak.seller).await, (8599, -4050, 0));
     let refused = problem(
         withdraw(app, &oak.seller, WITHDRAWAL_MIN_MINOR, None).await,
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
     assert_eq!(fields(&refused), ["amount_minor"]);
-    // ... once released they net the debt: 8599 - 4074 = 4525 available.
+    // ... once released they net the debt: 8599 - 4050 = 4549 available.
     end_holds(app).await;
-    assert_eq!(balances(app, &oak.seller).await, (0, 4525, 0));
+    assert_eq!(balances(app, &oak.seller).await, (0, 4549, 0));
     assert_eq!(
         ledger_balance(app, "seller_available", Some("oak")).await,
-        4525
+        4549
     );
     let too_big = problem(
-        withdraw(app, &oak.seller, 4526, None).await,
+        withdraw(app, &oak.seller, 4550, None).await,
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
@@ -592,11 +593,11 @@ async fn a_refund_after_a_payout_leaves_the_balance_negative_until_later_earning
         "only the first one was ever made"
     );
     json_of(
-        withdraw(app, &oak.seller, 4525, None).await,
+        withdraw(app, &oak.seller, 4549, None).await,
         StatusCode::CREATED,
     )
     .await;
-    assert_eq!(balances(app, &oak.seller).await, (0, 0, 4525));
+    assert_eq!(balances(app, &oak.seller).await, (0, 0, 4549));
     assert_ledger_balances(app).await;
     market.close().await;
 }
@@ -798,5 +799,111 @@ async fn a_suspended_shops_open_withdrawal_is_not_paid() {
     )
     .await;
     assert_eq!(paid["status"], "paid");
+    market.close().await;
+}
+
+#[tokio::test]
+async fn a_withdrawal_is_not_paid_while_a_refund_since_leaves_the_seller_owing() {
+    let market = Market::open().await;
+    let (buyer, paid) = earned(&market).await;
+    let Market { app, oak, .. } = &market;
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+
+    // Oak asks for everything (8599); before an admin pays it, one board
+    // comes back out of the available balance, which had nothing left.
+    let w = json_of(
+        withdraw(app, &oak.seller, 8599, None).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let id = w["id"].as_str().unwrap();
+    return_one_board(app, &buyer, &oak.seller, &paid).await;
+    posted(app, "refund:%", 1).await;
+    assert_eq!(balances(app, &oak.seller).await, (0, -4050, 8599));
+
+    // Paying it now would send out 8599 while oak owes 4050: refused, and
+    // nothing changes.
+    let path = format!("/admin/withdrawals/{id}/approve");
+    let refused = problem(
+        call(app, &root, Method::POST, &path, json!({"reason": "sent"})).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&refused), ["status"], "{refused}");
+    assert!(refused.to_string().contains("owes 4050"), "{refused}");
+    assert_eq!(balances(app, &oak.seller).await, (0, -4050, 8599));
+    assert_eq!(ledger_balance(app, "payouts", None).await, 0);
+    let status: String = sqlx::query_scalar("SELECT status FROM withdrawals")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "requested");
+
+    // Turning it down is still allowed: the money nets the debt.
+    let rejected = decide(app, &root, id, "reject", "a refund came in since").await;
+    assert_eq!(rejected["status"], "rejected");
+    assert_eq!(balances(app, &oak.seller).await, (0, 8599 - 4050, 0));
+    assert_ledger_balances(app).await;
+    market.close().await;
+}
+
+#[tokio::test]
+async fn what_an_approved_refund_will_take_cannot_be_withdrawn_before_it_is_posted() {
+    // Everything but the payments worker of the pipeline; one of its own
+    // runs until the earning is released, then stops, so the refund
+    // approved afterwards waits (`requested`) as if Stripe were slow.
+    let app = common::spawn_app(&souk_testkit::amqp_url()).await;
+    let stripe = stripe_for(&app).await;
+    let workers = Workers {
+        payments: false,
+        ..Workers::ALL
+    };
+    let pipeline = Pipeline::with(&app, &souk_testkit::amqp_url(), Some(&stripe), workers);
+    let payments = payments_through(&app, &pipeline, &stripe.url);
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
+    let market = Market {
+        app,
+        stripe,
+        pipeline,
+        oak,
+        tea,
+    };
+    let (buyer, paid) = earned(&market).await;
+    payments.stop().await;
+    let Market { app, oak, .. } = &market;
+    return_one_board(app, &buyer, &oak.seller, &paid).await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refunds WHERE status = 'requested'"
+        )
+        .await,
+        1
+    );
+    // Not posted yet: the ledger still shows 8599 available ...
+    assert_eq!(balances(app, &oak.seller).await, (0, 8599, 0));
+
+    // ... but 4050 of it goes back with that refund: 4549 may be withdrawn.
+    let too_much = problem(
+        withdraw(app, &oak.seller, 4550, None).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&too_much), ["amount_minor"]);
+    assert!(too_much.to_string().contains("(4549)"), "{too_much}");
+    let w = json_of(
+        withdraw(app, &oak.seller, 4549, None).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(balances(app, &oak.seller).await, (0, 4050, 4549));
+    // And it can be paid: what is left covers the refund on its way.
+    let root = admin(app).await;
+    let root = token_for(app, &root).await;
+    let paid_out = decide(app, &root, w["id"].as_str().unwrap(), "approve", "sent").await;
+    assert_eq!(paid_out["status"], "paid");
+    assert_ledger_balances(app).await;
     market.close().await;
 }

@@ -304,9 +304,15 @@ pub async fn open(
             ),
         )));
     }
+    // Units asked for or refunded: open requests, and approved ones unless
+    // Stripe refused their refund (no money went back: the customer may ask
+    // again for those units).
     let (asked, taken): (i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(quantity), 0)::bigint, coalesce(sum(amount_minor), 0)::bigint
-           FROM refund_requests WHERE order_line_id = $1 AND status IN ('open', 'approved')",
+        "SELECT coalesce(sum(rr.quantity), 0)::bigint, coalesce(sum(rr.amount_minor), 0)::bigint
+           FROM refund_requests rr LEFT JOIN refunds r ON r.id = rr.refund_id
+          WHERE rr.order_line_id = $1
+            AND (rr.status = 'open'
+                 OR (rr.status = 'approved' AND r.status IS DISTINCT FROM 'failed'))",
     )
     .bind(body.line_id)
     .fetch_one(&mut *tx)
@@ -629,8 +635,10 @@ async fn decide(
         .execute(&mut *tx)
         .await?;
     // `units_left`: the line's units not yet refunded by another approved
-    // request. A customer may ask again after a seller's rejection, so an
-    // admin overturning that rejection must not refund the same units twice.
+    // request (one whose refund Stripe refused gave nothing back, so its
+    // units are left). A customer may ask again after a seller's rejection,
+    // so an admin overturning that rejection must not refund the same units
+    // twice.
     let (status, decided_role, amount, quantity, variant, title, units, units_left): (
         String,
         Option<String>,
@@ -643,7 +651,9 @@ async fn decide(
     ) = sqlx::query_as(
         "SELECT rr.status, rr.decided_role, rr.amount_minor, rr.quantity, l.variant_id, l.title, l.quantity,
                 l.quantity - (SELECT coalesce(sum(o.quantity), 0) FROM refund_requests o
-                               WHERE o.order_line_id = rr.order_line_id AND o.status = 'approved' AND o.id <> rr.id)
+                                 LEFT JOIN refunds r ON r.id = o.refund_id
+                               WHERE o.order_line_id = rr.order_line_id AND o.status = 'approved' AND o.id <> rr.id
+                                 AND r.status IS DISTINCT FROM 'failed')
            FROM refund_requests rr JOIN order_lines l ON l.id = rr.order_line_id
           WHERE rr.id = $1 FOR NO KEY UPDATE OF rr",
     )

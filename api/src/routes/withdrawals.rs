@@ -377,12 +377,20 @@ pub async fn request(
             "set your payout details first",
         )])
     })?;
+    // Refunds already decided on released earnings will come out of the
+    // available balance: what they will take is not the seller's to withdraw.
+    let owed = ledger::waiting_refunds_owed(&mut tx, shop, &state.market.currency).await?;
     let balance = ledger::seller_balance(&mut tx, shop, &state.market.currency).await?;
-    if body.amount_minor > balance.available_minor {
-        return Err(field(format!(
-            "more than your available balance ({})",
-            balance.available_minor.max(0)
-        )));
+    let withdrawable = balance.available_minor - owed;
+    if body.amount_minor > withdrawable {
+        return Err(field(if owed > 0 {
+            format!(
+                "more than your available balance less the refunds on their way ({})",
+                withdrawable.max(0)
+            )
+        } else {
+            format!("more than your available balance ({})", withdrawable.max(0))
+        }));
     }
     let open: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM withdrawals WHERE shop_id = $1 AND status = 'requested')",
@@ -659,14 +667,32 @@ async fn decide(
     corr: &str,
 ) -> Result<Json<Withdrawal>, ApiError> {
     let mut tx = state.pool.begin().await?;
+    // The shop's available account first, as a request takes it: paying
+    // reads that balance, and a request or another decision of this shop
+    // must not change it in between.
+    let shop: Option<Uuid> = sqlx::query_scalar("SELECT shop_id FROM withdrawals WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let shop = shop.ok_or(ApiError::NotFound)?;
+    let available = ledger::account_id(
+        &mut tx,
+        Account::SellerAvailable(shop),
+        &state.market.currency,
+    )
+    .await?;
+    sqlx::query("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(available)
+        .execute(&mut *tx)
+        .await?;
     let (status, step, template) = if paid {
         ("paid", WithdrawalStep::Paid, "withdrawal_paid")
     } else {
         ("rejected", WithdrawalStep::Returned, "withdrawal_rejected")
     };
-    let decided: Option<WithdrawalWithShop> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let decided: Option<Withdrawal> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE withdrawals SET status = $2, decided_by = $3, decision_reason = $4, decided_at = now()
-          WHERE id = $1 AND status = 'requested' RETURNING {COLUMNS}, shop_id"
+          WHERE id = $1 AND status = 'requested' RETURNING {COLUMNS}"
     )))
     .bind(id)
     .bind(status)
@@ -674,24 +700,11 @@ async fn decide(
     .bind(reason)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(WithdrawalWithShop {
-        withdrawal,
-        shop_id: shop,
-    }) = decided
-    else {
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM withdrawals WHERE id = $1)")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
-        return Err(if exists {
-            ApiError::Conflict(FieldError::new(
-                "status",
-                "this withdrawal was already decided",
-            ))
-        } else {
-            ApiError::NotFound
-        });
+    let Some(withdrawal) = decided else {
+        return Err(ApiError::Conflict(FieldError::new(
+            "status",
+            "this withdrawal was already decided",
+        )));
     };
     // A shop suspended since it asked (fraud, say) is not paid out: its
     // request may only be turned down, or paid once it is reinstated.
@@ -706,6 +719,22 @@ async fn decide(
             return Err(ApiError::Conflict(FieldError::new(
                 "status",
                 "the shop is suspended: turn the withdrawal down, or reinstate the shop first",
+            )));
+        }
+        // A refund since the request (or one on its way) that left the
+        // seller owing: paying now would send out money the seller no
+        // longer has. It waits until later earnings make up for it, or is
+        // turned down.
+        let owed = ledger::waiting_refunds_owed(&mut tx, shop, &state.market.currency).await?;
+        let balance = ledger::seller_balance(&mut tx, shop, &state.market.currency).await?;
+        let short = owed - balance.available_minor;
+        if short > 0 {
+            return Err(ApiError::Conflict(FieldError::new(
+                "status",
+                format!(
+                    "the shop owes {short} (minor units) to refunds made since it asked: \
+                     turn the withdrawal down, or wait until its earnings make up for them"
+                ),
             )));
         }
     }
@@ -725,13 +754,6 @@ async fn decide(
     Ok(Json(withdrawal))
 }
 
-#[derive(sqlx::FromRow)]
-struct WithdrawalWithShop {
-    #[sqlx(flatten)]
-    withdrawal: Withdrawal,
-    shop_id: Uuid,
-}
-
 /// Mark a withdrawal paid (after sending the money): it leaves the ledger
 /// as paid out; the seller is told.
 #[utoipa::path(
@@ -740,7 +762,7 @@ struct WithdrawalWithShop {
     responses(
         (status = 200, description = "paid", body = Withdrawal),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "already decided, or the shop is suspended", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already decided, the shop is suspended, or it owes refunds (its available balance is below zero)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn approve(

@@ -12,7 +12,7 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::orders::pricing::allocate;
+use crate::orders::pricing::commission;
 
 pub mod postings;
 
@@ -183,24 +183,91 @@ pub async fn seller_balance(
     Ok(balance)
 }
 
-/// Splits an amount taken back from a seller order between the seller's
-/// share and the commission, in proportion to what each got from it
-/// (largest remainder, so the two add up exactly).
-pub fn seller_and_commission(amount: i64, payout: i64, commission: i64) -> (i64, i64) {
-    match allocate(amount, &[payout, commission])[..] {
-        [seller, platform] => (seller, platform),
-        _ => unreachable!("two weights, two shares"),
-    }
+/// What the seller's available balance will lose to refunds already
+/// decided but not yet posted (waiting for Stripe, or for settlement), on
+/// seller orders whose earning was released: their seller's share, as
+/// [`refund_shares`] will post it (exact whichever posts first, as the
+/// shares are cumulative). Read it before the balance: a refund posted in
+/// between is then counted twice (a withdrawal refused that could have
+/// gone), never missed. It reads the shop's seller orders, by the shop's
+/// index, as the balance reads the shop's entries.
+pub async fn waiting_refunds_owed(
+    conn: &mut PgConnection,
+    shop: Uuid,
+    currency: &str,
+) -> Result<i64, sqlx::Error> {
+    let parts: Vec<(i64, i32, i64, i64, i64)> = sqlx::query_as(
+        "SELECT so.items_minor - so.discount_minor, so.commission_bps, so.commission_minor,
+                coalesce(sum(r.amount_minor) FILTER (WHERE t.id IS NOT NULL), 0)::bigint,
+                coalesce(sum(r.amount_minor) FILTER (WHERE t.id IS NULL), 0)::bigint
+           FROM seller_orders so
+           JOIN orders o ON o.id = so.order_id
+           JOIN seller_earnings e ON e.seller_order_id = so.id AND e.released_at IS NOT NULL
+           JOIN refunds r ON r.order_id = so.order_id AND r.seller_order_id = so.id
+           JOIN payments p ON p.id = r.payment_id AND NOT p.duplicate
+           LEFT JOIN ledger_transactions t ON t.reference = 'refund:' || r.id::text
+          WHERE so.shop_id = $1 AND o.currency = $2
+            AND (t.id IS NOT NULL OR r.status <> 'failed')
+          GROUP BY so.id
+         HAVING count(*) FILTER (WHERE t.id IS NULL) > 0",
+    )
+    .bind(shop)
+    .bind(currency)
+    .fetch_all(conn)
+    .await?;
+    Ok(parts
+        .into_iter()
+        .map(
+            |(net_minor, commission_bps, commission_minor, posted, waiting)| {
+                let terms = PartTerms {
+                    net_minor,
+                    commission_bps,
+                    commission_minor,
+                };
+                refund_shares(posted, waiting, terms).0
+            },
+        )
+        .sum())
+}
+
+/// What a seller order's money was made of, as far as sharing a refund of
+/// it goes: commission is charged on the items less the discount, never on
+/// shipping (docs/orders.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartTerms {
+    /// Items less discount: what the commission was charged on.
+    pub net_minor: i64,
+    pub commission_bps: i32,
+    /// The commission the seller order was charged (its stored figure).
+    pub commission_minor: i64,
+}
+
+/// The seller's and the platform's shares of `refunded`, the total taken
+/// back from a seller order so far. A refund comes out of the items first
+/// (shipping last, all of it the seller's): the platform gives back what it
+/// would not have charged on the items left, `C − commission(net − B)`, so
+/// what it keeps is always the commission on what the customer kept. The
+/// shares add up to `refunded`, and the whole total to (payout, commission).
+pub fn seller_and_commission(refunded: i64, terms: PartTerms) -> (i64, i64) {
+    let kept = (terms.net_minor - refunded).max(0);
+    // Clamped so that a stored commission off the formula (it should never
+    // be) can neither give back more than was charged nor take any from a
+    // refund of nothing.
+    let platform = (terms.commission_minor - commission(kept, terms.commission_bps))
+        .clamp(0, terms.commission_minor)
+        .min(refunded.max(0));
+    (refunded - platform, platform)
 }
 
 /// The seller's and the platform's shares of a refund of `amount` after
-/// `before` was refunded from the same seller order: shared as the refunds
-/// so far plus this one would be, less what the earlier ones took. So the
-/// shares of all the refunds add up to the split of their total, however
-/// many there were (no rounding piles up on one side).
-pub fn refund_shares(before: i64, amount: i64, payout: i64, commission: i64) -> (i64, i64) {
-    let (seller_after, platform_after) = seller_and_commission(before + amount, payout, commission);
-    let (seller_before, platform_before) = seller_and_commission(before, payout, commission);
+/// `before` was refunded from the same seller order: the shares of the
+/// total so far plus this one, less what the earlier ones took. So however
+/// many refunds there are, their shares add up to those of their total, and
+/// neither share is ever negative (the commission on what is left only
+/// falls, by at most the refund, as the rate is at most 100 %).
+pub fn refund_shares(before: i64, amount: i64, terms: PartTerms) -> (i64, i64) {
+    let (seller_after, platform_after) = seller_and_commission(before + amount, terms);
+    let (seller_before, platform_before) = seller_and_commission(before, terms);
     (
         seller_after - seller_before,
         platform_after - platform_before,
@@ -211,16 +278,24 @@ pub fn refund_shares(before: i64, amount: i64, payout: i64, commission: i64) -> 
 mod tests {
     use super::*;
 
+    /// 10 % commission on 4500 of items, 499 shipping: payout 4549,
+    /// commission 450.
+    const BOARD: PartTerms = PartTerms {
+        net_minor: 4500,
+        commission_bps: 1000,
+        commission_minor: 450,
+    };
+
     #[test]
     fn many_small_refunds_share_like_one_refund_of_their_total() {
-        // Split one at a time, every 1-unit refund would go to the seller.
-        assert_eq!(seller_and_commission(1, 4549, 450), (1, 0));
         let (mut seller, mut platform) = (0, 0);
         for before in 0..4999 {
-            let (s, p) = refund_shares(before, 1, 4549, 450);
+            let (s, p) = refund_shares(before, 1, BOARD);
             assert_eq!(s + p, 1);
+            assert!(s >= 0 && p >= 0, "never negative: {s} {p} at {before}");
             seller += s;
             platform += p;
+            assert_eq!((seller, platform), seller_and_commission(before + 1, BOARD));
         }
         assert_eq!(
             (seller, platform),
@@ -230,11 +305,50 @@ mod tests {
     }
 
     #[test]
-    fn a_refund_is_shared_like_the_earning_was() {
-        // 10 % commission on 4500 of items, 499 shipping: payout 4549, commission 450.
-        assert_eq!(seller_and_commission(4999, 4549, 450), (4549, 450));
-        assert_eq!(seller_and_commission(1000, 4549, 450), (910, 90));
-        let (s, c) = seller_and_commission(333, 4549, 450);
-        assert_eq!(s + c, 333);
+    fn a_refund_gives_back_the_commission_on_the_items_it_takes_back() {
+        assert_eq!(seller_and_commission(0, BOARD), (0, 0));
+        assert_eq!(seller_and_commission(4999, BOARD), (4549, 450));
+        // 3500 of items kept: commission 350 on them, 100 given back.
+        assert_eq!(seller_and_commission(1000, BOARD), (900, 100));
+        // 4167 kept: commission 416, so 34 back.
+        assert_eq!(seller_and_commission(333, BOARD), (299, 34));
+        // The items in full, then shipping: all of shipping is the seller's.
+        assert_eq!(seller_and_commission(4500, BOARD), (4050, 450));
+        assert_eq!(refund_shares(4500, 499, BOARD), (499, 0));
+
+        // Two boards of 4500 at 10 %, shipping 499: commission 900, payout
+        // 8599. One board back: 450 of commission on the 4500 left.
+        let two = PartTerms {
+            net_minor: 9000,
+            commission_bps: 1000,
+            commission_minor: 900,
+        };
+        assert_eq!(refund_shares(0, 4500, two), (4050, 450));
+        assert_eq!(refund_shares(4500, 4500, two), (4050, 450));
+        assert_eq!(refund_shares(9000, 499, two), (499, 0));
+    }
+
+    #[test]
+    fn a_shipping_only_refund_takes_no_commission() {
+        // Refunds come out of items first, so shipping alone is only ever
+        // refunded once the items are; and a part with no items to charge
+        // (all discounted) gives no commission back at all.
+        let free_items = PartTerms {
+            net_minor: 0,
+            commission_bps: 1000,
+            commission_minor: 0,
+        };
+        assert_eq!(refund_shares(0, 499, free_items), (499, 0));
+    }
+
+    #[test]
+    fn a_commission_off_the_formula_never_gives_back_more_than_it_took() {
+        let odd = PartTerms {
+            net_minor: 1000,
+            commission_bps: 1000,
+            commission_minor: 50,
+        };
+        assert_eq!(seller_and_commission(0, odd), (0, 0));
+        assert_eq!(seller_and_commission(1000, odd), (950, 50));
     }
 }

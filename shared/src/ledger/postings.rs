@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{Account, PostError, Posting, post, refund_shares, seller_and_commission};
+use super::{Account, PartTerms, PostError, Posting, post, refund_shares, seller_and_commission};
 
 /// A captured payment (including one later refunded as a duplicate): the
 /// customer's money comes into clearing.
@@ -43,14 +43,27 @@ struct Part {
     shop_id: Uuid,
     status: String,
     payout_minor: i64,
+    items_minor: i64,
+    discount_minor: i64,
+    commission_bps: i32,
     commission_minor: i64,
     currency: String,
 }
 
+impl Part {
+    fn terms(&self) -> PartTerms {
+        PartTerms {
+            net_minor: self.items_minor - self.discount_minor,
+            commission_bps: self.commission_bps,
+            commission_minor: self.commission_minor,
+        }
+    }
+}
+
 async fn lock_part(conn: &mut PgConnection, seller_order: Uuid) -> Result<Part, sqlx::Error> {
     sqlx::query_as(
-        "SELECT so.order_id, so.shop_id, so.status, so.payout_minor,
-                so.commission_minor, o.currency
+        "SELECT so.order_id, so.shop_id, so.status, so.payout_minor, so.items_minor,
+                so.discount_minor, so.commission_bps, so.commission_minor, o.currency
            FROM seller_orders so JOIN orders o ON o.id = so.order_id
           WHERE so.id = $1 FOR NO KEY UPDATE OF so",
     )
@@ -75,8 +88,7 @@ pub async fn earning(
     }
     // Refunds of this seller order already posted came out of clearing.
     let refunded_before = refunded(conn, seller_order).await?;
-    let (seller_back, platform_back) =
-        seller_and_commission(refunded_before, part.payout_minor, part.commission_minor);
+    let (seller_back, platform_back) = seller_and_commission(refunded_before, part.terms());
     let seller = part.payout_minor - seller_back;
     let platform = part.commission_minor - platform_back;
     let posting = Posting {
@@ -197,7 +209,8 @@ pub async fn release(conn: &mut PgConnection, seller_order: Uuid) -> Result<bool
 /// A refund that went through. Money that no seller had earned yet comes
 /// out of clearing; money a seller had earned comes back out of the
 /// seller's pending balance (or available, once released; it may go
-/// negative) and the commission, in the proportion they got it.
+/// negative) and the commission: items first, the platform giving back the
+/// commission on the items refunded, shipping last and all the seller's.
 pub async fn refund(conn: &mut PgConnection, refund: Uuid) -> Result<bool, PostError> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -247,12 +260,7 @@ pub async fn refund(conn: &mut PgConnection, refund: Uuid) -> Result<bool, PostE
         return post(conn, posting).await;
     };
     let before = refunded(conn, seller_order).await?;
-    let (seller, platform) = refund_shares(
-        before,
-        r.amount_minor,
-        part.payout_minor,
-        part.commission_minor,
-    );
+    let (seller, platform) = refund_shares(before, r.amount_minor, part.terms());
     let from = if released {
         Account::SellerAvailable(part.shop_id)
     } else {
