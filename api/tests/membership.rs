@@ -7,16 +7,22 @@ mod common;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use souk_testkit::stripe::{CARD_OK, now};
+use souk_testkit::{
+    stripe::{CARD_OK, SECRET_KEY, now},
+    wait_until,
+};
 use uuid::Uuid;
 
 use common::{
     admin,
     catalog::{call, json_of},
     fields,
-    orders::{Market, add_to_cart, checkout, customer, mails_about, pay, wait_for},
+    orders::{Market, PIPELINE_WAIT, add_to_cart, checkout, customer, mails_about, pay, wait_for},
     problem,
-    recurring::{applied, notifications, plan, poll, saved_card, stripe_event},
+    recurring::{
+        applied, customer_with_card, notifications, pending_card, plan, poll, saved_card,
+        stripe_event,
+    },
     token_for,
 };
 
@@ -106,42 +112,117 @@ fn money(order: &Value) -> (i64, i64, i64, i64) {
     )
 }
 
+/// An admin's token and the plan they made with `body`, once at Stripe.
+async fn admin_plan(app: &common::App, body: Value) -> (String, Value) {
+    let admin = token_for(app, &admin(app).await).await;
+    let plan = plan(app, &admin, body).await;
+    (admin, plan)
+}
+
+/// Souk Plus as most tests have it: monthly at 9.99, 10% off and free shipping.
+async fn souk_plus(app: &common::App) -> Value {
+    let body = json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "reason": "launch",
+                      "free_shipping": true, "percent_off": 10});
+    admin_plan(app, body).await.1
+}
+
+/// `POST /me/membership` answered 202: the membership, requested.
+async fn join(app: &common::App, token: &str, plan: &Value, card: &str) -> Value {
+    json_of(
+        subscribe(app, token, plan, card).await,
+        StatusCode::ACCEPTED,
+    )
+    .await
+}
+
+/// The Stripe id of a membership's subscription.
+async fn stripe_subscription(app: &common::App, membership: &Value) -> String {
+    sqlx::query_scalar("SELECT stripe_subscription_id FROM memberships WHERE id = $1::uuid")
+        .bind(membership["id"].as_str().unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Moves every membership's `column` to `ago` before now ("-1 hour" is an
+/// hour ahead), as time passing would.
+async fn set_ago(app: &common::App, column: &str, ago: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE memberships SET {column} = now() - interval '{ago}'"
+    )))
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+}
+
+/// The paid period ended `ago` (ends, for a negative one).
+async fn period_end_ago(app: &common::App, ago: &str) {
+    set_ago(app, "current_period_end", ago).await;
+}
+
+/// The cancel was asked `ago`, and not answered since.
+async fn cancel_asked_ago(app: &common::App, ago: &str) {
+    set_ago(app, "cancel_requested_at", ago).await;
+}
+
+/// Waits until Stripe confirmed the cancel at the period's end: the
+/// membership stays active, with its benefit, until then.
+async fn wait_ending(app: &common::App, token: &str) -> Value {
+    let ending = poll(app, token, "/me/membership", |v| {
+        v["cancel_at_period_end"] == true
+    })
+    .await;
+    assert_eq!(ending["status"], "active");
+    assert_eq!(ending["benefits_active"], true);
+    ending
+}
+
+/// `POST /admin/membership-plans` by `token`, refused with `status`; the
+/// fields the problem names.
+async fn plan_refused(
+    app: &common::App,
+    token: &str,
+    body: Value,
+    status: StatusCode,
+) -> Vec<String> {
+    let resp = call(app, token, Method::POST, "/admin/membership-plans", body).await;
+    fields(&problem(resp, status).await)
+}
+
+/// `DELETE /me/payment-methods/{card}`.
+async fn remove_card(app: &common::App, token: &str, card: &str) -> reqwest::Response {
+    let path = format!("/me/payment-methods/{card}");
+    call(app, token, Method::DELETE, &path, json!({})).await
+}
+
+/// Waits until Stripe holds `card` (its id there) for no customer: it
+/// can be charged no more.
+async fn wait_detached(m: &Market, card: &str) {
+    wait_until("the card to be detached", PIPELINE_WAIT, || async {
+        m.stripe.get(&format!("payment_methods/{card}")).await["customer"].is_null()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_only_while_active() {
     let m = Market::open().await;
     let app = &m.app;
-    let admin = token_for(app, &admin(app).await).await;
-    let plus = plan(
-        app,
-        &admin,
-        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "reason": "launch",
-               "free_shipping": true, "percent_off": 10}),
-    )
-    .await;
-    let buyer = customer(app).await;
-    let card = saved_card(&m, &buyer.token, CARD_OK).await;
+    let plus = souk_plus(app).await;
+    let (buyer, card, _) = customer_with_card(&m, CARD_OK).await;
 
     // Not a member: full price and shipping.
     let before = buy_board(&m, &buyer.token).await;
     assert_eq!(money(&before), (0, 0, 499, 4999));
 
-    let requested = json_of(
-        subscribe(app, &buyer.token, &plus["id"], &card).await,
-        StatusCode::ACCEPTED,
-    )
-    .await;
+    let requested = join(app, &buyer.token, &plus["id"], &card).await;
     assert_eq!(requested["status"], "requested");
     assert_eq!(requested["benefits_active"], false);
     let active = wait_status(&m, &buyer.token, "active").await;
     assert_eq!(active["benefits_active"], true);
     assert!(active["current_period_end"].is_string(), "{active}");
     mails_about(&buyer.email, "Souk Plus membership is active", 1).await;
-    let subscription: String =
-        sqlx::query_scalar("SELECT stripe_subscription_id FROM memberships WHERE id = $1")
-            .bind(Uuid::parse_str(active["id"].as_str().unwrap()).unwrap())
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+    let subscription = stripe_subscription(app, &active).await;
     let at_stripe = m.stripe.subscription(&subscription).await;
     assert_eq!(at_stripe["status"], "active");
     assert_eq!(at_stripe["metadata"]["membership_id"], active["id"]);
@@ -207,34 +288,18 @@ async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_on
     // Still "active" but past its paid period by more than the three days'
     // grace (the ending's webhook lost; localstripe's own events are older news
     // by now, so none rewrites the period): no benefit; inside the grace, it holds.
-    let period_end = |ago: &'static str| {
-        let pool = app.db.pool.clone();
-        async move {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE memberships SET current_period_end = now() - interval '{ago}'"
-            )))
-            .execute(&pool)
-            .await
-            .unwrap();
-        }
-    };
-    period_end("4 days").await;
+    period_end_ago(app, "4 days").await;
     assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
     assert_eq!(membership(&m, &buyer.token).await["benefits_active"], false);
-    period_end("2 days").await;
+    period_end_ago(app, "2 days").await;
     assert_eq!(cart_benefit(&m, &buyer.token).await, (300, true));
     assert_eq!(membership(&m, &buyer.token).await["benefits_active"], true);
-    period_end("-30 days").await;
+    period_end_ago(app, "-30 days").await;
 
     // Cancelled at the period's end: Stripe confirms, the benefit lasts.
     let asked = cancel_membership(app, &buyer.token).await;
     assert!(asked["cancel_requested_at"].is_string());
-    let ending = poll(app, &buyer.token, "/me/membership", |v| {
-        v["cancel_at_period_end"] == true
-    })
-    .await;
-    assert_eq!(ending["status"], "active");
-    assert_eq!(ending["benefits_active"], true);
+    wait_ending(app, &buyer.token).await;
     // The member hears that it is cancelled and until when it lasts (once,
     // though Stripe's answer and its webhook both say so).
     let told = mails_about(&buyer.email, "Souk Plus membership ends with its period", 1).await;
@@ -288,21 +353,14 @@ async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_on
 async fn a_declined_first_payment_leaves_the_membership_without_benefits() {
     let m = Market::open().await;
     let app = &m.app;
-    let admin = token_for(app, &admin(app).await).await;
-    let plus = plan(
+    let (_, plus) = admin_plan(
         app,
-        &admin,
         json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "percent_off": 5, "reason": "launch"}),
     )
     .await;
-    let buyer = customer(app).await;
     // Saved fine; declined when charged.
-    let card = saved_card(&m, &buyer.token, souk_testkit::stripe::CARD_DECLINED).await;
-    json_of(
-        subscribe(app, &buyer.token, &plus["id"], &card).await,
-        StatusCode::ACCEPTED,
-    )
-    .await;
+    let (buyer, card, _) = customer_with_card(&m, souk_testkit::stripe::CARD_DECLINED).await;
+    join(app, &buyer.token, &plus["id"], &card).await;
     let settled = poll(app, &buyer.token, "/me/membership", |v| {
         v["status"] != "requested"
     })
@@ -320,22 +378,13 @@ async fn a_declined_first_payment_leaves_the_membership_without_benefits() {
     cancel_membership(app, &buyer.token).await;
     let ended = wait_status(&m, &buyer.token, "canceled").await;
     assert_eq!(ended["cancel_at_period_end"], false);
-    let subscription: String =
-        sqlx::query_scalar("SELECT stripe_subscription_id FROM memberships WHERE id = $1")
-            .bind(Uuid::parse_str(settled["id"].as_str().unwrap()).unwrap())
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+    let subscription = stripe_subscription(app, &settled).await;
     assert_eq!(
         m.stripe.subscription(&subscription).await["status"],
         "canceled"
     );
     let good = saved_card(&m, &buyer.token, CARD_OK).await;
-    json_of(
-        subscribe(app, &buyer.token, &plus["id"], &good).await,
-        StatusCode::ACCEPTED,
-    )
-    .await;
+    join(app, &buyer.token, &plus["id"], &good).await;
     wait_status(&m, &buyer.token, "active").await;
     m.close().await;
 }
@@ -344,16 +393,8 @@ async fn a_declined_first_payment_leaves_the_membership_without_benefits() {
 async fn signed_subscription_and_invoice_webhooks_alone_move_a_membership_through_its_states() {
     let m = Market::open().await;
     let app = &m.app;
-    let admin = token_for(app, &admin(app).await).await;
-    let plus = plan(
-        app,
-        &admin,
-        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "reason": "launch",
-               "free_shipping": true, "percent_off": 10}),
-    )
-    .await;
-    let buyer = customer(app).await;
-    let card = saved_card(&m, &buyer.token, CARD_OK).await;
+    let plus = souk_plus(app).await;
+    let (buyer, card, _) = customer_with_card(&m, CARD_OK).await;
     add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
 
     // A membership whose subscription Stripe has made (its id is known)
@@ -479,16 +520,13 @@ async fn signed_subscription_and_invoice_webhooks_alone_move_a_membership_throug
 async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     let m = Market::open().await;
     let app = &m.app;
-    let admin = token_for(app, &admin(app).await).await;
-    let plus = plan(
+    let (admin, plus) = admin_plan(
         app,
-        &admin,
         json!({"name": "Souk Plus", "amount_minor": 999, "interval": "year", "free_shipping": true, "reason": "launch"}),
     )
     .await;
-    let ann = customer(app).await;
+    let (ann, anns_card, _) = customer_with_card(&m, CARD_OK).await;
     let bob = customer(app).await;
-    let anns_card = saved_card(&m, &ann.token, CARD_OK).await;
 
     // Bob cannot see, confirm or use Ann's card.
     let path = format!("/me/payment-methods/{anns_card}");
@@ -510,7 +548,7 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     )
     .await;
     problem(
-        call(app, &bob.token, Method::DELETE, &path, json!({})).await,
+        remove_card(app, &bob.token, &anns_card).await,
         StatusCode::NOT_FOUND,
     )
     .await;
@@ -533,47 +571,22 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     )
     .await;
     assert_eq!(fields(&p), ["plan_id"]);
-    let p = problem(
-        call(
-            app,
-            &admin,
-            Method::POST,
-            "/admin/membership-plans",
-            json!({"name": "Nothing", "amount_minor": 100, "interval": "month", "reason": "test"}),
-        )
-        .await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await;
-    assert_eq!(fields(&p), ["percent_off"]);
-    // An admin's action says why (the audit log keeps it).
-    let p = problem(
-        call(
-            app,
-            &admin,
-            Method::POST,
-            "/admin/membership-plans",
-            json!({"name": "Why", "amount_minor": 100, "interval": "month", "percent_off": 5, "reason": " "}),
-        )
-        .await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await;
-    assert_eq!(fields(&p), ["reason"]);
-    let p = problem(
-        call(
-            app,
-            &admin,
-            Method::POST,
-            "/admin/membership-plans",
-            json!({"name": "", "amount_minor": 0, "interval": "week", "percent_off": 5, "reason": "test"}),
-        )
-        .await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await;
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    let nothing =
+        json!({"name": "Nothing", "amount_minor": 100, "interval": "month", "reason": "test"});
     assert_eq!(
-        fields(&p),
+        plan_refused(app, &admin, nothing, unprocessable).await,
+        ["percent_off"]
+    );
+    // An admin's action says why (the audit log keeps it).
+    let why = json!({"name": "Why", "amount_minor": 100, "interval": "month", "percent_off": 5, "reason": " "});
+    assert_eq!(
+        plan_refused(app, &admin, why, unprocessable).await,
+        ["reason"]
+    );
+    let weekly = json!({"name": "", "amount_minor": 0, "interval": "week", "percent_off": 5, "reason": "test"});
+    assert_eq!(
+        plan_refused(app, &admin, weekly, unprocessable).await,
         ["interval"],
         "the body is read before it is checked"
     );
@@ -586,18 +599,8 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     )
     .await;
     assert_eq!(fields(&p), ["role"]);
-    problem(
-        call(
-            app,
-            &ann.token,
-            Method::POST,
-            "/admin/membership-plans",
-            json!({"name": "Mine", "amount_minor": 100, "interval": "month", "percent_off": 5}),
-        )
-        .await,
-        StatusCode::FORBIDDEN,
-    )
-    .await;
+    let mine = json!({"name": "Mine", "amount_minor": 100, "interval": "month", "percent_off": 5});
+    plan_refused(app, &ann.token, mine, StatusCode::FORBIDDEN).await;
 
     // One membership at a time; a retry with the same key answers the same
     // one (and asks Stripe for nothing more), the key with another request
@@ -640,7 +643,7 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     .await;
     assert_eq!(fields(&p), ["plan_id"]);
     let p = problem(
-        call(app, &ann.token, Method::DELETE, &path, json!({})).await,
+        remove_card(app, &ann.token, &anns_card).await,
         StatusCode::CONFLICT,
     )
     .await;
@@ -704,15 +707,7 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
 
     // A card nothing uses can be removed, and is gone from the list.
     assert_eq!(
-        call(
-            app,
-            &bob.token,
-            Method::DELETE,
-            &format!("/me/payment-methods/{bobs_card}"),
-            json!({})
-        )
-        .await
-        .status(),
+        remove_card(app, &bob.token, &bobs_card).await.status(),
         StatusCode::NO_CONTENT
     );
     let listed = json_of(
@@ -729,15 +724,7 @@ async fn memberships_refuse_what_is_not_the_callers_or_not_open() {
     .await;
     assert_eq!(listed, json!([]));
     // ... and detached at Stripe, which can charge it no more.
-    let at_stripe = stripe_card(app, &bobs_card).await;
-    souk_testkit::wait_until(
-        "the card to be detached",
-        common::orders::PIPELINE_WAIT,
-        || async {
-            m.stripe.get(&format!("payment_methods/{at_stripe}")).await["customer"].is_null()
-        },
-    )
-    .await;
+    wait_detached(&m, &stripe_card(app, &bobs_card).await).await;
     m.close().await;
 }
 
@@ -755,35 +742,15 @@ async fn cancel_requests(app: &common::App) -> i64 {
 async fn a_stuck_cancel_is_sent_again_and_a_cancelled_membership_has_no_grace_after_its_period() {
     let m = Market::open().await;
     let app = &m.app;
-    let admin = token_for(app, &admin(app).await).await;
-    let plus = plan(
-        app,
-        &admin,
-        json!({"name": "Souk Plus", "amount_minor": 999, "interval": "month", "reason": "launch",
-               "free_shipping": true, "percent_off": 10}),
-    )
-    .await;
-    let buyer = customer(app).await;
-    let card = saved_card(&m, &buyer.token, CARD_OK).await;
-    let joined = subscribe(app, &buyer.token, &plus["id"], &card).await;
-    assert_eq!(joined.status(), StatusCode::ACCEPTED);
+    let plus = souk_plus(app).await;
+    let (buyer, card, _) = customer_with_card(&m, CARD_OK).await;
+    join(app, &buyer.token, &plus["id"], &card).await;
     wait_status(&m, &buyer.token, "active").await;
     common::orders::settle(app).await;
 
     // A cancel whose request never reached Stripe (its message parked while
     // Stripe was down): asked moments ago, asking again waits for it ...
-    let stuck = |ago: &'static str| {
-        let pool = app.db.pool.clone();
-        async move {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE memberships SET cancel_requested_at = now() - interval '{ago}'"
-            )))
-            .execute(&pool)
-            .await
-            .unwrap();
-        }
-    };
-    stuck("1 minute").await;
+    cancel_asked_ago(app, "1 minute").await;
     let waiting = cancel_membership(app, &buyer.token).await;
     assert_eq!(waiting["cancel_at_period_end"], false);
     assert_eq!(
@@ -792,7 +759,7 @@ async fn a_stuck_cancel_is_sent_again_and_a_cancelled_membership_has_no_grace_af
         "a request in flight is not sent twice"
     );
     // ... but one unanswered for long is sent again, and Stripe confirms it.
-    stuck("10 minutes").await;
+    cancel_asked_ago(app, "10 minutes").await;
     let again = cancel_membership(app, &buyer.token).await;
     let asked: chrono::DateTime<chrono::Utc> =
         serde_json::from_value(again["cancel_requested_at"].clone()).unwrap();
@@ -801,32 +768,16 @@ async fn a_stuck_cancel_is_sent_again_and_a_cancelled_membership_has_no_grace_af
         "{again}"
     );
     assert_eq!(cancel_requests(app).await, 1);
-    let ending = poll(app, &buyer.token, "/me/membership", |v| {
-        v["cancel_at_period_end"] == true
-    })
-    .await;
-    assert_eq!(ending["status"], "active");
-    assert_eq!(ending["benefits_active"], true);
+    wait_ending(app, &buyer.token).await;
     mails_about(&buyer.email, "Souk Plus membership ends with its period", 1).await;
     common::orders::settle(app).await;
 
     // No renewal is coming, so no grace waits for one: the benefit ends
     // with the period paid for, though the deletion's webhook is not in.
-    let period_end = |ago: &'static str| {
-        let pool = app.db.pool.clone();
-        async move {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE memberships SET current_period_end = now() - interval '{ago}'"
-            )))
-            .execute(&pool)
-            .await
-            .unwrap();
-        }
-    };
     add_to_cart(app, &buyer.token, &m.oak.variant, 1).await;
-    period_end("-1 hour").await;
+    period_end_ago(app, "-1 hour").await;
     assert_eq!(cart_benefit(&m, &buyer.token).await, (450, true));
-    period_end("1 hour").await;
+    period_end_ago(app, "1 hour").await;
     assert_eq!(cart_benefit(&m, &buyer.token).await, (0, false));
     let after = membership(&m, &buyer.token).await;
     assert_eq!(
@@ -834,5 +785,108 @@ async fn a_stuck_cancel_is_sent_again_and_a_cancelled_membership_has_no_grace_af
         (Some("active"), Some(false)),
         "{after}"
     );
+    m.close().await;
+}
+
+/// What Stripe does when a SetupIntent with a customer succeeds, and
+/// localstripe does not: attaches its card to that customer.
+async fn attach_as_stripe_does(m: &Market, buyer: uuid::Uuid, card: &str) {
+    let customer: String =
+        sqlx::query_scalar("SELECT stripe_customer_id FROM stripe_customers WHERE user_id = $1")
+            .bind(buyer)
+            .fetch_one(&m.app.db.pool)
+            .await
+            .unwrap();
+    let resp = m
+        .app
+        .http
+        .post(format!("{}v1/payment_methods/{card}/attach", m.stripe.url))
+        .bearer_auth(SECRET_KEY)
+        .form(&[("customer", customer.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "attached: {}", resp.status());
+    let attached = m.stripe.get(&format!("payment_methods/{card}")).await;
+    assert_eq!(attached["customer"], customer.as_str());
+}
+
+/// The card form completed with `CARD_OK` behind `secret`, as a
+/// storefront does, and attached as Stripe does; the card's id at Stripe.
+async fn complete_card_form(m: &Market, buyer: uuid::Uuid, secret: &str) -> String {
+    let confirmed = m
+        .stripe
+        .confirm_setup(secret, CARD_OK)
+        .await
+        .expect("the card is accepted for saving");
+    assert_eq!(confirmed["status"], "succeeded");
+    let card = confirmed["payment_method"].as_str().unwrap().to_string();
+    attach_as_stripe_does(m, buyer, &card).await;
+    card
+}
+
+#[tokio::test]
+async fn a_card_removed_before_it_was_kept_is_not_left_on_the_customer_at_stripe() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let buyer = customer(app).await;
+
+    // Removed while its card form is open: its SetupIntent is cancelled,
+    // so the form can no longer save a card through it.
+    let (removed, secret) = pending_card(app, &buyer.token).await;
+    let intent = secret.split("_secret_").next().unwrap().to_string();
+    assert_eq!(
+        remove_card(app, &buyer.token, &removed).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    wait_until("the SetupIntent to be cancelled", PIPELINE_WAIT, || async {
+        m.stripe.get(&format!("setup_intents/{intent}")).await["status"] == "canceled"
+    })
+    .await;
+
+    // The form is completed anyway. localstripe, unlike Stripe, confirms a
+    // cancelled intent: this stands for a confirm that reached Stripe just
+    // before the cancel. Stripe's word that the intent succeeded comes
+    // after the removal: the card is detached, not kept.
+    let late = complete_card_form(&m, buyer.id, &secret).await;
+    let succeeded = json!({"id": intent, "object": "setup_intent", "status": "succeeded",
+                           "payment_method": late, "metadata": {"payment_method_id": removed}});
+    stripe_event(app, "setup_intent.succeeded", succeeded, now()).await;
+    wait_detached(&m, &late).await;
+
+    // Confirmed with Stripe, then removed before Souk kept it (its
+    // confirm not in yet): the removal detaches the card the intent saved.
+    let (raced, secret) = pending_card(app, &buyer.token).await;
+    let saved = complete_card_form(&m, buyer.id, &secret).await;
+    assert_eq!(
+        remove_card(app, &buyer.token, &raced).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    wait_detached(&m, &saved).await;
+
+    // Neither is shown to the customer, nor kept.
+    common::orders::settle(app).await;
+    let listed = call(
+        app,
+        &buyer.token,
+        Method::GET,
+        "/me/payment-methods",
+        json!({}),
+    )
+    .await;
+    assert_eq!(json_of(listed, StatusCode::OK).await, json!([]));
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM payment_methods
+          WHERE user_id = $1 AND (status <> 'removed' OR stripe_payment_method_id IS NOT NULL)",
+    )
+    .bind(buyer.id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, 0);
+    for card in [&late, &saved] {
+        let at_stripe = m.stripe.get(&format!("payment_methods/{card}")).await;
+        assert!(at_stripe["customer"].is_null(), "{at_stripe}");
+    }
     m.close().await;
 }

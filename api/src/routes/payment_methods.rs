@@ -211,7 +211,9 @@ pub async fn confirm(
     Ok((StatusCode::ACCEPTED, Json(method)))
 }
 
-/// Remove a card: it is detached at Stripe, which charges it no more.
+/// Remove a card: it is detached at Stripe, which charges it no more. One
+/// still being saved has its SetupIntent cancelled, so the card form cannot
+/// save it any more (a card it saved anyway is detached too).
 /// Refused while a membership or a replenishment schedule still charges
 /// it, or an order placed on it is not paid yet (a replenishment placed
 /// before its schedule moved to another card): change those first, or wait

@@ -32,6 +32,22 @@ pub async fn poll(app: &App, token: &str, path: &str, done: impl Fn(&Value) -> b
     }
 }
 
+/// Starts saving a card as a storefront does, up to the card form: asks
+/// Souk for a SetupIntent and waits for its client secret. Returns the
+/// card's id (still `pending`) and the secret.
+pub async fn pending_card(app: &App, token: &str) -> (String, String) {
+    let started = json_of(
+        call(app, token, Method::POST, "/me/payment-methods", json!({})).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    let id = started["id"].as_str().unwrap().to_string();
+    let path = format!("/me/payment-methods/{id}");
+    let ready = poll(app, token, &path, |m| m["client_secret"].is_string()).await;
+    assert_eq!(ready["status"], "pending");
+    (id, ready["client_secret"].as_str().unwrap().to_string())
+}
+
 /// Saves `card` for the customer as a storefront does: asks Souk for a
 /// SetupIntent, confirms it with Stripe, tells Souk; returns the saved
 /// card's id once it is active.

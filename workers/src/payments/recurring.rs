@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{
     Answer, Payments, failure,
-    stripe_api::{CallError, Interval, PaymentMethod, Subscription},
+    stripe_api::{CallError, Interval, PaymentMethod, SetupIntent, Subscription},
 };
 use crate::runtime::Failure;
 
@@ -144,17 +144,30 @@ impl Payments {
     }
 
     pub(super) async fn keep_card(&self, method: Uuid) -> Result<Answer, Failure> {
-        let row: Option<(String, Option<String>, Uuid)> = sqlx::query_as(
-            "SELECT status, setup_intent_id, user_id FROM payment_methods WHERE id = $1",
+        let row: Option<(String, Option<String>, Uuid, Option<String>)> = sqlx::query_as(
+            "SELECT status, setup_intent_id, user_id, stripe_payment_method_id
+               FROM payment_methods WHERE id = $1",
         )
         .bind(method)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((status, Some(setup_intent), user)) = row else {
+        let Some((status, Some(setup_intent), user, kept)) = row else {
             return Err(Failure::permanent(anyhow::anyhow!(
                 "payment method {method} was never set up"
             )));
         };
+        if status == "removed" && kept.is_none() {
+            // Removed before it was kept, yet its SetupIntent succeeded (the
+            // card form was completed anyway, or confirmed just before the
+            // cancel): Stripe attached the card to the customer, where
+            // nobody sees it; it is detached, not kept.
+            let intent = self
+                .stripe
+                .setup_intent(&setup_intent)
+                .await
+                .map_err(failure)?;
+            return self.detach_setup_card(&intent).await;
+        }
         if status != "pending" {
             return Ok(Answer::Nothing);
         }
@@ -179,23 +192,68 @@ impl Payments {
             .keep_payment_method(&customer, card)
             .await
             .map_err(failure)?;
+        // Removed while this attach was on its way: the removal's detach
+        // may have come before it, so the card is detached again, after it
+        // (under a key of its own). A removal committed after this read
+        // sends its detach after this attach.
+        let now: Option<String> =
+            sqlx::query_scalar("SELECT status FROM payment_methods WHERE id = $1")
+                .bind(method)
+                .fetch_optional(&self.pool)
+                .await?;
+        if now.as_deref() == Some("removed") {
+            self.detach(&card.id, &format!("detach-kept-{}", card.id))
+                .await?;
+            return Ok(Answer::Nothing);
+        }
         Ok(Answer::Recurring(Recurring::CardKept { method, card }))
     }
 
     pub(super) async fn detach_card(&self, method: Uuid) -> Result<Answer, Failure> {
-        let card: Option<String> = sqlx::query_scalar(
-            "SELECT stripe_payment_method_id FROM payment_methods WHERE id = $1 AND status = 'removed'",
+        let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT stripe_payment_method_id, setup_intent_id FROM payment_methods
+              WHERE id = $1 AND status = 'removed'",
         )
         .bind(method)
         .fetch_optional(&self.pool)
-        .await?
-        .flatten();
-        let Some(card) = card else {
-            return Ok(Answer::Nothing);
-        };
-        match self.stripe.detach_payment_method(&card).await {
-            // Refused: it is detached already.
-            Ok(()) | Err(CallError::Refused { .. }) => Ok(Answer::Nothing),
+        .await?;
+        match row {
+            Some((Some(card), _)) => self.detach(&card, &format!("detach-{card}")).await?,
+            // Removed before it was kept: its SetupIntent is cancelled, so the
+            // card form can no longer save a card through it.
+            Some((None, Some(setup_intent))) => {
+                let intent = match self.stripe.cancel_setup_intent(&setup_intent).await {
+                    Ok(intent) => intent,
+                    // Refused: it succeeded (the confirm came first) or was
+                    // cancelled already.
+                    Err(CallError::Refused { .. }) => self
+                        .stripe
+                        .setup_intent(&setup_intent)
+                        .await
+                        .map_err(failure)?,
+                    Err(e) => return Err(failure(e)),
+                };
+                return self.detach_setup_card(&intent).await;
+            }
+            // Never set up, or not removed.
+            _ => {}
+        }
+        Ok(Answer::Nothing)
+    }
+
+    /// Detaches the card a SetupIntent of a removed row was confirmed with,
+    /// if any: Stripe attached it to the customer when the intent succeeded.
+    async fn detach_setup_card(&self, intent: &SetupIntent) -> Result<Answer, Failure> {
+        if let Some(card) = &intent.payment_method {
+            self.detach(card, &format!("detach-{card}")).await?;
+        }
+        Ok(Answer::Nothing)
+    }
+
+    async fn detach(&self, card: &str, key: &str) -> Result<(), Failure> {
+        match self.stripe.detach_payment_method(card, key).await {
+            // Refused: it is detached already (or was never attached).
+            Ok(()) | Err(CallError::Refused { .. }) => Ok(()),
             Err(e) => Err(failure(e)),
         }
     }

@@ -25,7 +25,9 @@ use stripe_core::{
     customer::{CreateCustomer, UpdateCustomer, UpdateCustomerInvoiceSettings},
     payment_intent::{CancelPaymentIntent, CreatePaymentIntent, CreatePaymentIntentOffSession},
     refund::CreateRefund,
-    setup_intent::{CreateSetupIntent, CreateSetupIntentUsage, RetrieveSetupIntent},
+    setup_intent::{
+        CancelSetupIntent, CreateSetupIntent, CreateSetupIntentUsage, RetrieveSetupIntent,
+    },
 };
 use stripe_payment::payment_method::{
     AttachPaymentMethod, DetachPaymentMethod, RetrievePaymentMethod,
@@ -343,6 +345,14 @@ impl Stripe {
         self.read(&RetrieveSetupIntent::new(id)).await
     }
 
+    /// Cancels the SetupIntent of a card removed before it was kept, so the
+    /// card form can no longer save a card through it. One that succeeded
+    /// already is refused by Stripe: the caller detaches its card instead.
+    pub async fn cancel_setup_intent(&self, id: &str) -> Result<SetupIntent, CallError> {
+        let request = CancelSetupIntent::new(id);
+        self.send(&request, &format!("cancel-{id}")).await
+    }
+
     /// Attaches a confirmed card to the customer; returns the card's
     /// details. It does not become the invoice default: only the card a
     /// membership was taken out with is (see `make_default`).
@@ -359,11 +369,16 @@ impl Stripe {
     }
 
     /// Detaches a removed card from its customer: Stripe charges it no more.
-    pub async fn detach_payment_method(&self, payment_method: &str) -> Result<(), CallError> {
+    /// `key` names what it follows: a detach keyed like an earlier one is
+    /// answered from that one and does nothing, so one that must undo a
+    /// later attach carries a key of its own.
+    pub async fn detach_payment_method(
+        &self,
+        payment_method: &str,
+        key: &str,
+    ) -> Result<(), CallError> {
         let detach = DetachPaymentMethod::new(payment_method);
-        let _: Created = self
-            .send(&detach, &format!("detach-{payment_method}"))
-            .await?;
+        let _: Created = self.send(&detach, key).await?;
         Ok(())
     }
 
