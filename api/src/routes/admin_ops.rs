@@ -17,7 +17,7 @@ use crate::{
     error::{ApiError, FieldError, Problem},
     extract::{Path, ValidJson, ValidQuery, Validate},
     routes::{
-        admin::{audit, reason_error},
+        admin::reason_error,
         catalog::{Page, Paging},
     },
     state::AppState,
