@@ -52,6 +52,23 @@ async fn call(
     req.send().await.unwrap()
 }
 
+/// An admin's action at `path` (suspend, unsuspend), giving `reason`.
+async fn act(app: &App, admin: &str, path: &str, reason: &str) -> reqwest::Response {
+    call(
+        app,
+        Some(admin),
+        Method::POST,
+        path,
+        json!({"reason": reason}),
+    )
+    .await
+}
+
+/// How many entries the audit log has.
+async fn audited(app: &App) -> i64 {
+    count(&app.db.pool, "SELECT count(*) FROM audit_log").await
+}
+
 #[tokio::test]
 async fn every_admin_route_refuses_non_admins() {
     let app = spawn_app(&amqp_url()).await;
@@ -100,10 +117,7 @@ async fn every_admin_route_refuses_non_admins() {
         }
     }
     assert!(checked >= 2, "found the admin routes ({checked})");
-    assert_eq!(
-        count(&app.db.pool, "SELECT count(*) FROM audit_log").await,
-        0
-    );
+    assert_eq!(audited(&app).await, 0);
     assert_eq!(
         count(
             &app.db.pool,
@@ -124,40 +138,19 @@ async fn a_suspension_ends_access_at_once_is_audited_and_can_be_lifted() {
     let suspend = format!("/api/v1/admin/users/{victim}/suspend");
 
     let no_reason = problem(
-        call(
-            &app,
-            Some(&admin_token),
-            Method::POST,
-            &suspend,
-            json!({"reason": " "}),
-        )
-        .await,
+        act(&app, &admin_token, &suspend, " ").await,
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
     assert_eq!(fields(&no_reason), ["reason"]);
     let unknown = format!("/api/v1/admin/users/{}/suspend", uuid::Uuid::now_v7());
     problem(
-        call(
-            &app,
-            Some(&admin_token),
-            Method::POST,
-            &unknown,
-            json!({"reason": "x"}),
-        )
-        .await,
+        act(&app, &admin_token, &unknown, "x").await,
         StatusCode::NOT_FOUND,
     )
     .await;
 
-    let resp = call(
-        &app,
-        Some(&admin_token),
-        Method::POST,
-        &suspend,
-        json!({"reason": "chargebacks"}),
-    )
-    .await;
+    let resp = act(&app, &admin_token, &suspend, "chargebacks").await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     problem(
         app.get_with_token("/api/v1/me", victim_token).await,
@@ -184,34 +177,14 @@ async fn a_suspension_ends_access_at_once_is_audited_and_can_be_lifted() {
     );
 
     let lift = format!("/api/v1/admin/users/{victim}/unsuspend");
-    let resp = call(
-        &app,
-        Some(&admin_token),
-        Method::POST,
-        &lift,
-        json!({"reason": "resolved"}),
-    )
-    .await;
+    let resp = act(&app, &admin_token, &lift, "resolved").await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     assert_eq!(sign_in(&app, &email).await.status(), StatusCode::OK);
-    assert_eq!(
-        count(&app.db.pool, "SELECT count(*) FROM audit_log").await,
-        2
-    );
+    assert_eq!(audited(&app).await, 2);
     // Lifting it again: nothing to lift, and no entry saying there was.
-    let again = call(
-        &app,
-        Some(&admin_token),
-        Method::POST,
-        &lift,
-        json!({"reason": "resolved"}),
-    )
-    .await;
+    let again = act(&app, &admin_token, &lift, "resolved").await;
     problem(again, StatusCode::CONFLICT).await;
-    assert_eq!(
-        count(&app.db.pool, "SELECT count(*) FROM audit_log").await,
-        2
-    );
+    assert_eq!(audited(&app).await, 2);
 }
 
 #[tokio::test]
@@ -227,14 +200,7 @@ async fn an_admin_cannot_suspend_themselves() {
         .unwrap();
     let path = format!("/api/v1/admin/users/{}/suspend", me["id"].as_str().unwrap());
     let body = problem(
-        call(
-            &app,
-            Some(&admin_token),
-            Method::POST,
-            &path,
-            json!({"reason": "oops"}),
-        )
-        .await,
+        act(&app, &admin_token, &path, "oops").await,
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;

@@ -25,9 +25,10 @@ use tokio::{
 use uuid::Uuid;
 
 use common::{
+    App,
     catalog::{call, json_of},
     fields,
-    orders::{Customer, Market, PIPELINE_WAIT, listing, mails_about, stock, wait_for},
+    orders::{Customer, Listing, Market, PIPELINE_WAIT, listing, mails_about, stock, wait_for},
     problem,
     recurring::{
         customer_with_card, make_due, notifications, replenisher, runs, schedule, schedule_id,
@@ -148,6 +149,78 @@ fn weekly(address: &str, card: &str, items: &[(&str, i32)], on_failure: &str) ->
     })
 }
 
+/// A verified customer with a saved card and a default address: what a
+/// schedule needs. It reads as the customer (`buyer.token`, `buyer.email`).
+struct Buyer {
+    customer: Customer,
+    card: String,
+    address: String,
+}
+
+impl std::ops::Deref for Buyer {
+    type Target = Customer;
+
+    fn deref(&self) -> &Customer {
+        &self.customer
+    }
+}
+
+impl Buyer {
+    /// A customer who saved `card` (a test card number).
+    async fn new(m: &Market, card: &str) -> Self {
+        let (customer, card, address) = customer_with_card(m, card).await;
+        Self {
+            customer,
+            card,
+            address,
+        }
+    }
+
+    /// Their `weekly` schedule of `items`, made through the API; its id.
+    async fn weekly(&self, app: &App, items: &[(&str, i32)], on_failure: &str) -> String {
+        let body = weekly(&self.address, &self.card, items, on_failure);
+        schedule_id(app, &self.token, body).await
+    }
+}
+
+/// The schedule as its customer reads it (`GET /me/replenishments/{id}`).
+async fn read_schedule(app: &App, token: &str, schedule: &str) -> Value {
+    let path = format!("/me/replenishments/{schedule}");
+    json_of(
+        call(app, token, Method::GET, &path, json!({})).await,
+        StatusCode::OK,
+    )
+    .await
+}
+
+/// The caller's schedules (`GET /me/replenishments`).
+async fn list_schedules(app: &App, token: &str) -> Value {
+    json_of(
+        call(app, token, Method::GET, "/me/replenishments", json!({})).await,
+        StatusCode::OK,
+    )
+    .await
+}
+
+/// The listing's seller changes its variant (`/seller/variants/{id}{path}`).
+async fn change_variant(app: &App, listing: &Listing, method: Method, path: &str, body: Value) {
+    let path = format!("/seller/variants/{}{path}", listing.variant);
+    let resp = call(app, &listing.seller, method, &path, body).await;
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+}
+
+/// The seller takes `delta` more of their variant into stock.
+async fn restock(app: &App, listing: &Listing, delta: i32) {
+    let delivery = json!({"delta": delta, "reason": "delivery"});
+    change_variant(app, listing, Method::POST, "/stock-adjustments", delivery).await;
+}
+
+/// The seller's variant now costs `price_minor`.
+async fn reprice(app: &App, listing: &Listing, price_minor: i64) {
+    let price = json!({"price_minor": price_minor});
+    change_variant(app, listing, Method::PATCH, "", price).await;
+}
+
 /// Orders placed for a schedule, as (id, status), oldest first.
 async fn orders_of(m: &Market, schedule: &str) -> Vec<(Uuid, String)> {
     sqlx::query_as(
@@ -197,10 +270,9 @@ struct HeldRuns {
 async fn runs_held_by_a_sale(m: &mut Market, first: &str, second: &str) -> HeldRuns {
     let mut held = Vec::new();
     for (variant, policy) in [(&m.oak.variant, first), (&m.tea.variant, second)] {
-        let (who, card, address) = customer_with_card(m, CARD_OK).await;
-        let body = weekly(&address, &card, &[(variant.as_str(), 2)], policy);
-        let id = schedule_id(&m.app, &who.token, body).await;
-        held.push((who, id));
+        let who = Buyer::new(m, CARD_OK).await;
+        let id = who.weekly(&m.app, &[(variant.as_str(), 2)], policy).await;
+        held.push((who.customer, id));
     }
     m.pipeline
         .run_replenisher(&m.app, replenisher(Duration::from_secs(3600), 3));
@@ -261,17 +333,75 @@ async fn next_run_at(m: &Market, schedule: &str) -> DateTime<Utc> {
         .unwrap()
 }
 
+/// Moves the schedule's next run to `at` (as if no replenisher had run).
+async fn set_next_run_at(m: &Market, schedule: &str, at: DateTime<Utc>) {
+    sqlx::query("UPDATE replenishment_schedules SET next_run_at = $2 WHERE id = $1::uuid")
+        .bind(schedule)
+        .bind(at)
+        .execute(&m.app.db.pool)
+        .await
+        .unwrap();
+}
+
+/// `make_due` on `db`: a transaction lets the replenisher see it only
+/// together with the test's other changes.
+async fn make_due_on<'e>(db: impl sqlx::PgExecutor<'e>, schedule: &str) {
+    sqlx::query(
+        "UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second' WHERE id = $1::uuid",
+    )
+    .bind(schedule)
+    .execute(db)
+    .await
+    .unwrap();
+}
+
+/// Brings the time of the schedule's waiting retry to now.
+async fn retry_now<'e>(db: impl sqlx::PgExecutor<'e>, schedule: &str) {
+    sqlx::query(
+        "UPDATE replenishment_runs SET retry_at = now() - interval '1 second' WHERE schedule_id = $1::uuid",
+    )
+    .bind(schedule)
+    .execute(db)
+    .await
+    .unwrap();
+}
+
+/// Holds the customer's row (an order's key refers to it) until the
+/// transaction ends: a run placing their order waits at the order's
+/// insert, its schedule claimed.
+async fn hold_customer(m: &Market, who: &Customer) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = m.app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+        .bind(who.id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
+/// Every order placed for the schedule, once cancelled, each saying the
+/// card was declined.
+async fn declined_orders(m: &Market, token: &str, schedule: &str) -> Vec<Value> {
+    let mut cancelled = vec![];
+    for (id, _) in orders_of(m, schedule).await {
+        let order = wait_for(&m.app, token, &id.to_string(), "cancelled").await;
+        let why = order["failure_reason"].as_str().unwrap();
+        assert!(why.contains("declined"), "{order}");
+        cancelled.push(order);
+    }
+    cancelled
+}
+
 #[tokio::test]
 async fn two_replenishers_and_a_restart_make_exactly_one_order_per_due_time() {
     const SCHEDULES: usize = 10;
     let m = Market::open().await;
     let app = &m.app;
     let rice = listing(app, "rice", "Basmati rice", 500, 100).await;
-    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let buyer = Buyer::new(&m, CARD_OK).await;
     let mut ids = vec![];
     for _ in 0..SCHEDULES {
-        let rice = weekly(&address, &card, &[(&rice.variant, 1)], "skip");
-        ids.push(schedule_id(app, &buyer.token, rice).await);
+        ids.push(buyer.weekly(app, &[(&rice.variant, 1)], "skip").await);
     }
 
     // Two replenishers, both up before anything is due.
@@ -283,12 +413,7 @@ async fn two_replenishers_and_a_restart_make_exactly_one_order_per_due_time() {
     // order's key refers to it): whichever claims a schedule first is held
     // at its order's insert with that schedule locked, so the other must
     // claim another. Neither can take every schedule in one poll.
-    let mut holder = app.db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
-        .bind(buyer.id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_customer(&m, &buyer).await;
     sqlx::query("UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second'")
         .execute(&app.db.pool)
         .await
@@ -339,12 +464,7 @@ async fn two_replenishers_and_a_restart_make_exactly_one_order_per_due_time() {
     // A replenisher killed mid-run: it is held at its order's insert (the
     // test locks the customer's row, which the order's key refers to).
     let target = &ids[0];
-    let mut holder = app.db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
-        .bind(buyer.id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_customer(&m, &buyer).await;
     make_due(app, target).await;
     let due = next_run_at(&m, target).await;
     let mut victim = Replenisher::start(&m, "replenisher-victim");
@@ -376,12 +496,10 @@ async fn two_replenishers_and_a_restart_make_exactly_one_order_per_due_time() {
 async fn a_declined_off_session_payment_notifies_the_customer_and_follows_the_schedules_policy() {
     let mut m = Market::open().await;
     let app = &m.app;
-    let (retrying, retry_card, retry_address) = customer_with_card(&m, CARD_DECLINED).await;
-    let (skipping, skip_card, skip_address) = customer_with_card(&m, CARD_DECLINED).await;
-    let retry = weekly(&retry_address, &retry_card, &[(&m.oak.variant, 1)], "retry");
-    let retry = schedule_id(app, &retrying.token, retry).await;
-    let skip = weekly(&skip_address, &skip_card, &[(&m.tea.variant, 2)], "skip");
-    let skip = schedule_id(app, &skipping.token, skip).await;
+    let retrying = Buyer::new(&m, CARD_DECLINED).await;
+    let skipping = Buyer::new(&m, CARD_DECLINED).await;
+    let retry = retrying.weekly(app, &[(&m.oak.variant, 1)], "retry").await;
+    let skip = skipping.weekly(app, &[(&m.tea.variant, 2)], "skip").await;
     m.pipeline
         .run_replenisher(app, replenisher(Duration::from_millis(500), 2));
     make_due(app, &retry).await;
@@ -391,18 +509,8 @@ async fn a_declined_off_session_payment_notifies_the_customer_and_follows_the_sc
     let got = wait_run(&m, &retry, 1, "failed").await;
     assert_eq!(got[0].2, 2, "two attempts");
     assert_eq!(got[0].3.as_deref(), Some("payment_declined"));
-    let orders = orders_of(&m, &retry).await;
+    let orders = declined_orders(&m, &retrying.token, &retry).await;
     assert_eq!(orders.len(), 2, "one order per attempt: {orders:?}");
-    for (id, _) in &orders {
-        let order = wait_for(app, &retrying.token, &id.to_string(), "cancelled").await;
-        assert!(
-            order["failure_reason"]
-                .as_str()
-                .unwrap()
-                .contains("declined"),
-            "{order}"
-        );
-    }
     let delayed = mails_about(&retrying.email, "scheduled order is delayed", 1).await;
     assert!(delayed[0].text.contains("declined"), "{}", delayed[0].text);
     assert!(delayed[0].text.contains("try again"), "{}", delayed[0].text);
@@ -511,13 +619,11 @@ async fn a_declined_off_session_payment_notifies_the_customer_and_follows_the_sc
 async fn an_out_of_stock_item_or_a_price_beyond_the_limit_notifies_and_follows_the_policy() {
     let mut m = Market::open().await;
     let app = &m.app;
-    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let buyer = Buyer::new(&m, CARD_OK).await;
     // 6 boards wanted, 5 in stock; retried until the seller restocks.
-    let boards = weekly(&address, &card, &[(&m.oak.variant, 6)], "retry");
-    let boards = schedule_id(app, &buyer.token, boards).await;
+    let boards = buyer.weekly(app, &[(&m.oak.variant, 6)], "retry").await;
     // 6 teapots wanted, 5 in stock; skipped.
-    let teapots = weekly(&address, &card, &[(&m.tea.variant, 6)], "skip");
-    let teapots = schedule_id(app, &buyer.token, teapots).await;
+    let teapots = buyer.weekly(app, &[(&m.tea.variant, 6)], "skip").await;
     m.pipeline
         .run_replenisher(app, replenisher(Duration::from_millis(700), 20));
     make_due(app, &boards).await;
@@ -536,15 +642,7 @@ async fn an_out_of_stock_item_or_a_price_beyond_the_limit_notifies_and_follows_t
     assert!(skipped[0].text.contains("skipped"), "{}", skipped[0].text);
 
     // Restocked: the retry goes through and is paid with the saved card.
-    let restock = call(
-        app,
-        &m.oak.seller,
-        Method::POST,
-        &format!("/seller/variants/{}/stock-adjustments", m.oak.variant),
-        json!({"delta": 5, "reason": "delivery"}),
-    )
-    .await;
-    assert!(restock.status().is_success());
+    restock(app, &m.oak, 5).await;
     let got = wait_run(&m, &boards, 1, "placed").await;
     assert!(got[0].2 >= 2, "placed on a retry: {got:?}");
     let orders = orders_of(&m, &boards).await;
@@ -563,15 +661,7 @@ async fn an_out_of_stock_item_or_a_price_beyond_the_limit_notifies_and_follows_t
     )
     .await;
     assert_eq!(one.status(), StatusCode::OK);
-    let raise = call(
-        app,
-        &m.tea.seller,
-        Method::PATCH,
-        &format!("/seller/variants/{}", m.tea.variant),
-        json!({"price_minor": 3400}),
-    )
-    .await;
-    assert!(raise.status().is_success());
+    reprice(app, &m.tea, 3400).await;
     make_due(app, &teapots).await;
     let got = wait_run(&m, &teapots, 2, "skipped").await;
     assert_eq!(got[1].3.as_deref(), Some("price_changed"));
@@ -688,22 +778,8 @@ async fn an_item_sold_out_after_its_order_was_placed_notifies_the_customer_and_f
     assert_eq!(stock(app, &m.tea.variant).await, (0, 0));
 
     // Restocked and the retry's time come: a second order, paid.
-    let restock = call(
-        app,
-        &m.oak.seller,
-        Method::POST,
-        &format!("/seller/variants/{}/stock-adjustments", m.oak.variant),
-        json!({"delta": 5, "reason": "delivery"}),
-    )
-    .await;
-    assert!(restock.status().is_success());
-    sqlx::query(
-        "UPDATE replenishment_runs SET retry_at = now() - interval '1 second' WHERE schedule_id = $1::uuid",
-    )
-    .bind(&retry)
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
+    restock(app, &m.oak, 5).await;
+    retry_now(&app.db.pool, &retry).await;
     let got = wait_run(&m, &retry, 1, "placed").await;
     assert_eq!(
         (got.len(), got[0].2),
@@ -726,11 +802,9 @@ async fn an_item_sold_out_after_its_order_was_placed_notifies_the_customer_and_f
 async fn paused_and_skipped_runs_and_a_due_time_that_has_its_run_make_no_order() {
     let mut m = Market::open().await;
     let app = &m.app;
-    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
-    let paused = weekly(&address, &card, &[(&m.oak.variant, 1)], "retry");
-    let paused = schedule_id(app, &buyer.token, paused).await;
-    let skipped = weekly(&address, &card, &[(&m.tea.variant, 1)], "retry");
-    let skipped = schedule_id(app, &buyer.token, skipped).await;
+    let buyer = Buyer::new(&m, CARD_OK).await;
+    let paused = buyer.weekly(app, &[(&m.oak.variant, 1)], "retry").await;
+    let skipped = buyer.weekly(app, &[(&m.tea.variant, 1)], "retry").await;
     let token = buyer.token.as_str();
     let action = |id: &str, what: &str| {
         let path = format!("/me/replenishments/{id}/{what}");
@@ -754,12 +828,7 @@ async fn paused_and_skipped_runs_and_a_due_time_that_has_its_run_make_no_order()
     .execute(&app.db.pool)
     .await
     .unwrap();
-    sqlx::query("UPDATE replenishment_schedules SET next_run_at = $2 WHERE id = $1::uuid")
-        .bind(&skipped)
-        .bind(due)
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    set_next_run_at(&m, &skipped, due).await;
     make_due(app, &paused).await;
     m.pipeline
         .run_replenisher(app, replenisher(Duration::from_millis(200), 3));
@@ -834,18 +903,7 @@ async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
         .await;
         problem(resp, StatusCode::NOT_FOUND).await;
     }
-    let listed = json_of(
-        call(
-            app,
-            &bob.token,
-            Method::GET,
-            "/me/replenishments",
-            json!({}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let listed = list_schedules(app, &bob.token).await;
     assert_eq!(listed["items"], json!([]));
     assert_eq!(listed["total"], 0);
     // Nor use Ann's card or address for his own.
@@ -871,11 +929,7 @@ async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
     )
     .await;
     assert_eq!(fields(&p), ["payment_method_id"]);
-    let unchanged = json_of(
-        call(app, &ann.token, Method::GET, &path, json!({})).await,
-        StatusCode::OK,
-    )
-    .await;
+    let unchanged = read_schedule(app, &ann.token, &id).await;
     assert_eq!(unchanged["status"], "active");
     assert_eq!(unchanged["next_runs"], created["next_runs"]);
 
@@ -962,18 +1016,7 @@ async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
     )
     .await;
     assert_eq!(fields(&p), ["status"]);
-    let listed = json_of(
-        call(
-            app,
-            &ann.token,
-            Method::GET,
-            "/me/replenishments",
-            json!({}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let listed = list_schedules(app, &ann.token).await;
     assert_eq!(listed["total"], 1);
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
 
@@ -1095,9 +1138,8 @@ async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
 async fn an_order_that_expired_unpaid_is_never_followed_by_another_and_suspended_accounts_wait() {
     let mut m = Market::open().await;
     let app = &m.app;
-    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
-    let retry = weekly(&address, &card, &[(&m.oak.variant, 1)], "retry");
-    let id = schedule_id(app, &buyer.token, retry).await;
+    let buyer = Buyer::new(&m, CARD_OK).await;
+    let id = buyer.weekly(app, &[(&m.oak.variant, 1)], "retry").await;
     m.pipeline
         .run_replenisher(app, replenisher(Duration::from_millis(300), 5));
 
@@ -1158,13 +1200,8 @@ async fn an_order_that_expired_unpaid_is_never_followed_by_another_and_suspended
 async fn a_schedule_re_timed_onto_a_skipped_due_time_places_that_delivery_after_all() {
     let mut m = Market::open().await;
     let app = &m.app;
-    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
-    let id = schedule_id(
-        app,
-        &buyer.token,
-        weekly(&address, &card, &[(&m.tea.variant, 1)], "skip"),
-    )
-    .await;
+    let buyer = Buyer::new(&m, CARD_OK).await;
+    let id = buyer.weekly(app, &[(&m.tea.variant, 1)], "skip").await;
     let token = buyer.token.as_str();
     let path = format!("/me/replenishments/{id}");
     let ok = |method: Method, path: String, body: Value| async move {
@@ -1196,13 +1233,7 @@ async fn a_schedule_re_timed_onto_a_skipped_due_time_places_that_delivery_after_
     .execute(&mut *tx)
     .await
     .unwrap();
-    sqlx::query(
-        "UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second' WHERE id = $1::uuid",
-    )
-    .bind(&id)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    make_due_on(&mut *tx, &id).await;
     tx.commit().await.unwrap();
     m.pipeline
         .run_replenisher(app, replenisher(Duration::from_secs(3600), 3));
@@ -1215,7 +1246,7 @@ async fn a_schedule_re_timed_onto_a_skipped_due_time_places_that_delivery_after_
     // Only the time re-timed onto is asked for again. Daily, two days
     // skipped: re-timed onto the first, the second stays skipped and is not
     // shown as coming; re-timed to two days before them, both stay skipped.
-    let mut daily = weekly(&address, &card, &[(&m.oak.variant, 1)], "skip");
+    let mut daily = weekly(&buyer.address, &buyer.card, &[(&m.oak.variant, 1)], "skip");
     daily["interval_days"] = json!(1);
     daily["starts_at"] = json!(Utc::now() + chrono::Duration::days(3));
     let daily = schedule_id(app, token, daily).await;
@@ -1299,18 +1330,7 @@ async fn a_run_failing_after_its_schedule_was_paused_or_cancelled_is_skipped_and
     for (who, id, status) in [(&ann, &paused, "paused"), (&bob, &cancelled, "cancelled")] {
         let got = wait_run(&m, id, 1, "skipped").await;
         assert_eq!((got[0].2, got[0].3.as_deref()), (1, Some("out_of_stock")));
-        let shown = json_of(
-            call(
-                app,
-                &who.token,
-                Method::GET,
-                &format!("/me/replenishments/{id}"),
-                json!({}),
-            )
-            .await,
-            StatusCode::OK,
-        )
-        .await;
+        let shown = read_schedule(app, &who.token, id).await;
         assert!(shown["runs"][0]["retry_at"].is_null(), "{shown}");
         let told = mails_about(&who.email, "scheduled order was not placed", 1).await;
         assert!(
@@ -1348,19 +1368,10 @@ async fn a_run_failing_after_its_schedule_was_paused_or_cancelled_is_skipped_and
 async fn changing_a_schedules_items_keeps_the_reference_prices_of_those_it_had() {
     let mut m = Market::open().await;
     let app = &m.app;
-    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let buyer = Buyer::new(&m, CARD_OK).await;
     // One teapot at 30.00, within 10% of that.
-    let teapot = weekly(&address, &card, &[(&m.tea.variant, 1)], "skip");
-    let id = schedule_id(app, &buyer.token, teapot).await;
-    let raise = call(
-        app,
-        &m.tea.seller,
-        Method::PATCH,
-        &format!("/seller/variants/{}", m.tea.variant),
-        json!({"price_minor": 3400}),
-    )
-    .await;
-    assert!(raise.status().is_success());
+    let id = buyer.weekly(app, &[(&m.tea.variant, 1)], "skip").await;
+    reprice(app, &m.tea, 3400).await;
 
     // Two teapots and a new board: the teapot's reference stays 30.00, the
     // board takes its price now.
@@ -1493,14 +1504,13 @@ async fn a_card_still_to_be_charged_for_an_order_cannot_be_removed_and_a_removed
 async fn a_card_gone_at_stripe_is_a_decline_the_customer_hears_of_and_the_policy_follows() {
     let mut m = Market::open().await;
     let app = &m.app;
-    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
-    let retry = weekly(&address, &card, &[(&m.oak.variant, 1)], "retry");
-    let id = schedule_id(app, &buyer.token, retry).await;
+    let buyer = Buyer::new(&m, CARD_OK).await;
+    let id = buyer.weekly(app, &[(&m.oak.variant, 1)], "retry").await;
     // Detached at Stripe behind Souk's back: Stripe has no such card.
     sqlx::query(
         "UPDATE payment_methods SET stripe_payment_method_id = 'pm_gone' WHERE id = $1::uuid",
     )
-    .bind(&card)
+    .bind(&buyer.card)
     .execute(&app.db.pool)
     .await
     .unwrap();
@@ -1515,18 +1525,8 @@ async fn a_card_gone_at_stripe_is_a_decline_the_customer_hears_of_and_the_policy
         (got[0].2, got[0].3.as_deref()),
         (2, Some("payment_declined"))
     );
-    let orders = orders_of(&m, &id).await;
+    let orders = declined_orders(&m, &buyer.token, &id).await;
     assert_eq!(orders.len(), 2, "one order per attempt: {orders:?}");
-    for (order, _) in &orders {
-        let order = wait_for(app, &buyer.token, &order.to_string(), "cancelled").await;
-        assert!(
-            order["failure_reason"]
-                .as_str()
-                .unwrap()
-                .contains("declined"),
-            "{order}"
-        );
-    }
     let delayed = mails_about(&buyer.email, "scheduled order is delayed", 1).await;
     assert!(delayed[0].text.contains("declined"), "{}", delayed[0].text);
     let told = notifications(app, &buyer.token, "replenishment_failed", 2).await;
@@ -1552,18 +1552,13 @@ async fn a_card_gone_at_stripe_is_a_decline_the_customer_hears_of_and_the_policy
 async fn a_retry_is_promised_only_before_the_next_due_time_and_never_makes_a_second_order() {
     let mut m = Market::open().await;
     let app = &m.app;
-    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
+    let buyer = Buyer::new(&m, CARD_OK).await;
     // 6 wanted of 5 in stock, retried 25 hours later: past a daily
     // schedule's next run, before a weekly one's.
-    let mut daily = weekly(&address, &card, &[(&m.oak.variant, 6)], "retry");
+    let mut daily = weekly(&buyer.address, &buyer.card, &[(&m.oak.variant, 6)], "retry");
     daily["interval_days"] = json!(1);
     let daily = schedule_id(app, &buyer.token, daily).await;
-    let weekly_id = schedule_id(
-        app,
-        &buyer.token,
-        weekly(&address, &card, &[(&m.tea.variant, 6)], "retry"),
-    )
-    .await;
+    let weekly_id = buyer.weekly(app, &[(&m.tea.variant, 6)], "retry").await;
     m.pipeline
         .run_replenisher(app, replenisher(Duration::from_secs(25 * 3600), 3));
     make_due(app, &daily).await;
@@ -1591,30 +1586,10 @@ async fn a_retry_is_promised_only_before_the_next_due_time_and_never_makes_a_sec
     // time comes (no replenisher ran meanwhile), that run is the delivery
     // and the retry is given up: one order, not two.
     wait_run(&m, &weekly_id, 1, "retrying").await;
-    let restock = call(
-        app,
-        &m.tea.seller,
-        Method::POST,
-        &format!("/seller/variants/{}/stock-adjustments", m.tea.variant),
-        json!({"delta": 5, "reason": "delivery"}),
-    )
-    .await;
-    assert!(restock.status().is_success());
+    restock(app, &m.tea, 5).await;
     let mut tx = app.db.pool.begin().await.unwrap();
-    sqlx::query(
-        "UPDATE replenishment_runs SET retry_at = now() - interval '1 second' WHERE schedule_id = $1::uuid",
-    )
-    .bind(&weekly_id)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    sqlx::query(
-        "UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second' WHERE id = $1::uuid",
-    )
-    .bind(&weekly_id)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    retry_now(&mut *tx, &weekly_id).await;
+    make_due_on(&mut *tx, &weekly_id).await;
     tx.commit().await.unwrap();
     wait_run(&m, &weekly_id, 2, "placed").await;
     let got = wait_run(&m, &weekly_id, 1, "failed").await;
@@ -1630,37 +1605,16 @@ async fn a_retry_is_promised_only_before_the_next_due_time_and_never_makes_a_sec
 async fn an_overdue_schedule_lists_its_due_run_then_the_times_after_now() {
     let m = Market::open().await;
     let app = &m.app;
-    let (buyer, card, address) = customer_with_card(&m, CARD_OK).await;
-    let id = schedule_id(
-        app,
-        &buyer.token,
-        weekly(&address, &card, &[(&m.tea.variant, 1)], "skip"),
-    )
-    .await;
+    let buyer = Buyer::new(&m, CARD_OK).await;
+    let id = buyer.weekly(app, &[(&m.tea.variant, 1)], "skip").await;
     // No replenisher has run for eight days: the due run comes at the next
     // poll, and the replenisher then moves on to the first time after now.
     let due = DateTime::from_timestamp_micros(
         (Utc::now() - chrono::Duration::days(8)).timestamp_micros(),
     )
     .unwrap();
-    sqlx::query("UPDATE replenishment_schedules SET next_run_at = $2 WHERE id = $1::uuid")
-        .bind(&id)
-        .bind(due)
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
-    let shown = json_of(
-        call(
-            app,
-            &buyer.token,
-            Method::GET,
-            &format!("/me/replenishments/{id}"),
-            json!({}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    set_next_run_at(&m, &id, due).await;
+    let shown = read_schedule(app, &buyer.token, &id).await;
     let next: Vec<DateTime<Utc>> = serde_json::from_value(shown["next_runs"].clone()).unwrap();
     let week = chrono::Duration::weeks(1);
     assert_eq!(
