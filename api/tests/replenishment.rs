@@ -859,6 +859,83 @@ async fn paused_and_skipped_runs_and_a_due_time_that_has_its_run_make_no_order()
     m.close().await;
 }
 
+/// "Mondays at 09:00" in the customer's zone stays 09:00 there when the
+/// clocks change; a new zone re-times the schedule; a bad one is a 422.
+#[tokio::test]
+async fn a_schedule_keeps_its_wall_time_in_the_customers_zone() {
+    use souk_shared::replenishment::Tz;
+    let mut m = Market::open().await;
+    let app = &m.app;
+    m.pipeline
+        .run_replenisher(app, replenisher(Duration::from_millis(300), 1));
+    let buyer = Buyer::new(&m, CARD_OK).await;
+    let mut body = weekly(&buyer.address, &buyer.card, &[(&m.oak.variant, 1)], "skip");
+    body["interval_days"] = Value::Null;
+    body["starts_at"] = Value::Null;
+    body["cron"] = json!("0 9 * * MON");
+    body["time_zone"] = json!("Mars/Olympus");
+    let p = problem(
+        call(
+            app,
+            &buyer.token,
+            Method::POST,
+            "/me/replenishments",
+            body.clone(),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["time_zone"]);
+    body["time_zone"] = json!("Europe/Berlin");
+    let made = schedule(app, &buyer.token, body).await;
+    assert_eq!(made["time_zone"], "Europe/Berlin");
+    let walls = |schedule: &Value, zone: Tz| -> Vec<String> {
+        let next: Vec<DateTime<Utc>> =
+            serde_json::from_value(schedule["next_runs"].clone()).unwrap();
+        next.iter()
+            .map(|t| t.with_timezone(&zone).format("%a %H:%M").to_string())
+            .collect()
+    };
+    assert_eq!(walls(&made, Tz::Europe__Berlin), ["Mon 09:00"; 5]);
+    // The replenisher moves it on in the same zone.
+    let id = made["id"].as_str().unwrap().to_string();
+    let path = format!("/me/replenishments/{id}");
+    let moved = json_of(
+        call(
+            app,
+            &buyer.token,
+            Method::PATCH,
+            &path,
+            json!({"time_zone": "America/New_York"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(moved["time_zone"], "America/New_York");
+    assert_eq!(walls(&moved, Tz::America__New_York), ["Mon 09:00"; 5]);
+    let p = problem(
+        call(
+            app,
+            &buyer.token,
+            Method::PATCH,
+            &path,
+            json!({"time_zone": "nowhere"}),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["time_zone"]);
+    // Run once, the next due time is the following Monday 09:00 New York.
+    make_due(app, &id).await;
+    wait_run(&m, &id, 1, "placed").await;
+    let after = read_schedule(app, &buyer.token, &id).await;
+    assert_eq!(walls(&after, Tz::America__New_York), ["Mon 09:00"; 5]);
+    m.close().await;
+}
+
 #[tokio::test]
 async fn customers_manage_their_schedules_and_cannot_see_or_change_anothers() {
     let m = Market::open().await;

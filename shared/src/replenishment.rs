@@ -4,7 +4,8 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, LocalResult, TimeZone, Utc};
+pub use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -12,39 +13,72 @@ use uuid::Uuid;
 /// a household, not for flooding sellers with orders.
 pub const MIN_GAP: Duration = Duration::hours(1);
 
-/// When a schedule runs.
+/// When a schedule runs: a rule read in a time zone.
 #[derive(Debug, Clone)]
-pub enum Cadence {
+pub struct Cadence {
+    rule: Rule,
+    /// The customer's zone: "Mondays at 09:00" means 09:00 there, summer
+    /// and winter alike (UTC unless given).
+    zone: Tz,
+}
+
+#[derive(Debug, Clone)]
+enum Rule {
     EveryDays(i32),
     Cron(Box<cron::Schedule>),
 }
 
+/// An IANA time zone name (`Europe/Berlin`), or why it is not one.
+pub fn time_zone(name: &str) -> Result<Tz, String> {
+    Tz::from_str(name)
+        .map_err(|_| "must be an IANA time zone name, e.g. Europe/Berlin or UTC".into())
+}
+
 impl Cadence {
-    /// A schedule's cadence as stored: exactly one of the two is set.
-    pub fn from_columns(interval_days: Option<i32>, cron: Option<&str>) -> Result<Self, String> {
-        match (interval_days, cron) {
+    /// A schedule's cadence as stored: exactly one of the two is set, read
+    /// in the stored zone.
+    pub fn from_columns(
+        interval_days: Option<i32>,
+        cron: Option<&str>,
+        zone: &str,
+    ) -> Result<Self, String> {
+        let cadence = match (interval_days, cron) {
             (Some(days), None) => Self::every_days(days),
             // Checked for frequency when it was set; read back as it is.
             (None, Some(expr)) => Self::parse_cron(expr),
             _ => Err("give either interval_days or cron".into()),
-        }
+        }?;
+        Ok(cadence.in_zone(time_zone(zone)?))
+    }
+
+    /// The same rule read in `zone`.
+    pub fn in_zone(self, zone: Tz) -> Self {
+        Self { zone, ..self }
     }
 
     pub fn every_days(days: i32) -> Result<Self, String> {
         if (1..=365).contains(&days) {
-            Ok(Self::EveryDays(days))
+            Ok(Self::utc(Rule::EveryDays(days)))
         } else {
             Err("must be between 1 and 365".into())
         }
     }
 
+    fn utc(rule: Rule) -> Self {
+        Self {
+            rule,
+            zone: Tz::UTC,
+        }
+    }
+
     /// A five-field cron expression (minute, hour, day of month, month, day
-    /// of week), in UTC. Days of the week must be named (`MON-FRI`): cron
-    /// dialects number them differently (the `cron` crate counts Sunday as
-    /// 1, Unix cron as 0), and a number would silently pick the wrong day.
-    /// Nor may it restrict both the day of the month and the day of the
-    /// week: Unix cron runs when either matches, the `cron` crate only when
-    /// both do, so `0 9 1 * MON` would mean something else than written.
+    /// of week), in the schedule's zone. Days of the week must be named
+    /// (`MON-FRI`): cron dialects number them differently (the `cron` crate
+    /// counts Sunday as 1, Unix cron as 0), and a number would silently pick
+    /// the wrong day. Nor may it restrict both the day of the month and the
+    /// day of the week: Unix cron runs when either matches, the `cron` crate
+    /// only when both do, so `0 9 1 * MON` would mean something else than
+    /// written.
     pub fn cron(expr: &str) -> Result<Self, String> {
         let cadence = Self::parse_cron(expr)?;
         let fields: Vec<&str> = expr.split_whitespace().collect();
@@ -72,25 +106,48 @@ impl Cadence {
     fn parse_cron(expr: &str) -> Result<Self, String> {
         let fields: Vec<&str> = expr.split_whitespace().collect();
         if fields.len() != 5 {
-            return Err(
-                "must have five fields: minute hour day-of-month month day-of-week (UTC)".into(),
-            );
+            return Err("must have five fields: minute hour day-of-month month day-of-week".into());
         }
         if fields[4].bytes().any(|b| b.is_ascii_digit()) {
             return Err("name the days of the week (MON-FRI, SUN), not numbers".into());
         }
         let schedule = cron::Schedule::from_str(&format!("0 {}", fields.join(" ")))
             .map_err(|e| format!("is not a valid cron expression: {e}"))?;
-        Ok(Self::Cron(Box::new(schedule)))
+        Ok(Self::utc(Rule::Cron(Box::new(schedule))))
     }
 
     /// The first due time after `t`. `None` only for a cron expression that
     /// never matches again (a 31st of February).
+    ///
+    /// Read on the zone's clock: a wall time the clocks pass twice (autumn)
+    /// runs once, at the first; one they skip (spring) is, for a cron
+    /// expression, skipped that day, and for an interval taken as the first
+    /// time after the gap.
     pub fn after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        match self {
-            Self::EveryDays(days) => Some(t + Duration::days(i64::from(*days))),
-            Self::Cron(schedule) => schedule.after(&t).next(),
+        match &self.rule {
+            Rule::EveryDays(days) => Some(self.days_on(t, i64::from(*days))),
+            // A fresh iterator each time: its first answer is the earlier of
+            // an ambiguous wall time, and asking again from there moves past
+            // the wall time, so the later one is never a second run.
+            Rule::Cron(schedule) => schedule
+                .after(&t.with_timezone(&self.zone))
+                .next()
+                .map(|d| d.with_timezone(&Utc)),
         }
+    }
+
+    /// `t` moved `days` calendar days on, at the same wall time in the zone.
+    fn days_on(&self, t: DateTime<Utc>, days: i64) -> DateTime<Utc> {
+        let wall = t.with_timezone(&self.zone).naive_local() + Duration::days(days);
+        let at = |wall| match self.zone.from_local_datetime(&wall) {
+            LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => Some(t.with_timezone(&Utc)),
+            LocalResult::None => None,
+        };
+        // Skipped by the clocks (at most an hour in any zone in use): the
+        // first wall time after the gap.
+        at(wall)
+            .or_else(|| at(wall + Duration::hours(1)))
+            .unwrap_or_else(|| t + Duration::days(days))
     }
 
     /// The first run of a new (or re-timed) schedule: `starts_at` if given
@@ -101,9 +158,9 @@ impl Cadence {
         now: DateTime<Utc>,
         starts_at: Option<DateTime<Utc>>,
     ) -> Option<DateTime<Utc>> {
-        match (self, starts_at) {
-            (Self::EveryDays(_), Some(at)) => Some(at),
-            (Self::Cron(_), Some(at)) => self.after(at - Duration::seconds(1)),
+        match (&self.rule, starts_at) {
+            (Rule::EveryDays(_), Some(at)) => Some(at),
+            (Rule::Cron(_), Some(at)) => self.after(at - Duration::seconds(1)),
             (_, None) => self.after(now),
         }
     }
@@ -121,13 +178,19 @@ impl Cadence {
     pub fn next_after(&self, due: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let mut next = self.after(due)?;
         if next <= now {
-            next = match self {
-                Self::EveryDays(days) => {
-                    let step = Duration::days(i64::from(*days));
-                    let behind = (now - next).num_seconds() / step.num_seconds() + 1;
-                    next + step * i32::try_from(behind).unwrap_or(i32::MAX)
+            next = match &self.rule {
+                Rule::EveryDays(days) => {
+                    // Whole intervals at once (the zone's clock changes
+                    // move it by an hour at most), then one at a time.
+                    let days = i64::from(*days);
+                    let behind = (now - next).num_days() / days;
+                    let mut t = self.days_on(next, behind * days);
+                    while t <= now {
+                        t = self.days_on(t, days);
+                    }
+                    t
                 }
-                Self::Cron(_) => self.after(now)?,
+                Rule::Cron(_) => self.after(now)?,
             };
         }
         Some(next)
@@ -267,11 +330,11 @@ mod tests {
         let expr = format!("{} {} * * *", soon.minute(), soon.hour());
         let c = Cadence::cron(&expr).expect("a daily cron is never too frequent");
         assert!(c.after(Utc::now()).unwrap() - Utc::now() < MIN_GAP);
-        assert!(Cadence::from_columns(None, Some(&expr)).is_ok());
+        assert!(Cadence::from_columns(None, Some(&expr), "UTC").is_ok());
         // Two runs exactly an hour apart are allowed; stored ones read back
         // even when the next is under an hour away.
         assert!(Cadence::cron("0 8,9 * * SAT").is_ok());
-        assert!(Cadence::from_columns(None, Some("0 8,9 * * SAT")).is_ok());
+        assert!(Cadence::from_columns(None, Some("0 8,9 * * SAT"), "UTC").is_ok());
     }
 
     #[test]
@@ -284,6 +347,40 @@ mod tests {
         assert_eq!((next - due).num_days() % 7, 0);
         // On time: simply the next one.
         assert_eq!(weekly.next_after(due, due).unwrap(), at(2026, 11, 8, 9));
+    }
+
+    fn berlin() -> Tz {
+        time_zone("Europe/Berlin").unwrap()
+    }
+
+    #[test]
+    fn a_cron_in_a_zone_keeps_its_wall_time_across_the_clock_change() {
+        // 09:00 in Berlin: 08:00 UTC in winter, 07:00 UTC in summer.
+        let c = Cadence::cron("0 9 * * MON").unwrap().in_zone(berlin());
+        let runs = c.upcoming(c.after(at(2027, 3, 20, 0)).unwrap(), 2);
+        assert_eq!(runs, [at(2027, 3, 22, 8), at(2027, 3, 29, 7)]);
+        // A wall time the clocks pass twice (the last Sunday of October,
+        // 02:30) runs once; one they skip (the last of March) is skipped.
+        let nightly = Cadence::cron("30 2 * * *").unwrap().in_zone(berlin());
+        let autumn = nightly.upcoming(nightly.after(at(2027, 10, 30, 12)).unwrap(), 2);
+        assert_eq!(autumn[1] - autumn[0], Duration::hours(25));
+        let spring = nightly.upcoming(nightly.after(at(2027, 3, 27, 12)).unwrap(), 1);
+        assert_eq!(spring[0].with_timezone(&berlin()).day(), 29);
+    }
+
+    #[test]
+    fn an_interval_in_a_zone_keeps_its_wall_time_and_catches_up() {
+        let weekly = Cadence::every_days(7).unwrap().in_zone(berlin());
+        // Monday 9:00 Berlin in winter (08:00 UTC), then in summer (07:00 UTC).
+        let due = at(2027, 3, 22, 8);
+        assert_eq!(weekly.after(due).unwrap(), at(2027, 3, 29, 7));
+        let next = weekly.next_after(due, at(2027, 6, 1, 0)).unwrap();
+        let wall = next.with_timezone(&berlin());
+        assert_eq!((wall.weekday(), wall.hour()), (Weekday::Mon, 9));
+        assert_eq!(wall.date_naive().to_string(), "2027-06-07");
+        // Stored zones read back; a bad one is refused by name.
+        assert!(Cadence::from_columns(Some(7), None, "Europe/Berlin").is_ok());
+        assert!(time_zone("Mars/Olympus").unwrap_err().contains("IANA"));
     }
 
     #[test]

@@ -189,6 +189,7 @@ struct Schedule {
     items: sqlx::types::Json<Vec<Item>>,
     interval_days: Option<i32>,
     cron: Option<String>,
+    time_zone: String,
     on_failure: String,
     price_increase_limit_percent: i32,
     status: String,
@@ -199,7 +200,7 @@ struct Schedule {
 async fn lock_schedule(tx: &mut PgConnection, id: Uuid) -> Result<Schedule, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, customer_id, address_id, payment_method_id, currency, items, interval_days, cron,
-                on_failure, price_increase_limit_percent, status, next_run_at
+                time_zone, on_failure, price_increase_limit_percent, status, next_run_at
            FROM replenishment_schedules WHERE id = $1 FOR NO KEY UPDATE",
     )
     .bind(id)
@@ -216,9 +217,13 @@ async fn run_due(
 ) -> anyhow::Result<()> {
     let schedule = lock_schedule(tx, id).await?;
     let due = schedule.next_run_at;
-    let next = Cadence::from_columns(schedule.interval_days, schedule.cron.as_deref())
-        .ok()
-        .and_then(|c| c.next_after(due, Utc::now()));
+    let next = Cadence::from_columns(
+        schedule.interval_days,
+        schedule.cron.as_deref(),
+        &schedule.time_zone,
+    )
+    .ok()
+    .and_then(|c| c.next_after(due, Utc::now()));
     match next {
         Some(next) => {
             sqlx::query("UPDATE replenishment_schedules SET next_run_at = $2, updated_at = now() WHERE id = $1")

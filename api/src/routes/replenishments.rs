@@ -15,7 +15,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use souk_shared::{
     catalog::VISIBLE,
-    replenishment::{Cadence, Item, MIN_GAP, Reason},
+    replenishment::{self, Cadence, Item, MIN_GAP, Reason, Tz},
 };
 use sqlx::PgConnection;
 use utoipa::{IntoParams, ToSchema};
@@ -79,11 +79,16 @@ pub struct NewSchedule {
     /// Every so many days (1 to 365). Give this or `cron`.
     #[serde(default)]
     pub interval_days: Option<i32>,
-    /// Five fields, UTC, days of the week by name: `0 9 * * MON` is Mondays
-    /// at 09:00 UTC. Give this or `interval_days`.
+    /// Five fields, days of the week by name, in `time_zone`: `0 9 * * MON`
+    /// is Mondays at 09:00 there. Give this or `interval_days`.
     #[serde(default)]
     #[schema(example = "0 9 * * MON")]
     pub cron: Option<String>,
+    /// The IANA zone the cadence is read in (`Europe/Berlin`), so a run
+    /// keeps its wall time when the clocks change. Default `UTC`.
+    #[serde(default)]
+    #[schema(example = "Europe/Berlin")]
+    pub time_zone: Option<String>,
     /// The first run (for `cron`, the first matching time from then).
     /// Default: one interval from now, or the next matching time.
     #[serde(default)]
@@ -113,6 +118,10 @@ pub struct ScheduleChange {
     pub interval_days: Option<i32>,
     #[serde(default)]
     pub cron: Option<String>,
+    /// Reads the cadence in another zone; like a new cadence, it re-times
+    /// the next run (from `starts_at`, or from now).
+    #[serde(default)]
+    pub time_zone: Option<String>,
     /// Re-times the next run.
     #[serde(default)]
     pub starts_at: Option<DateTime<Utc>>,
@@ -171,6 +180,11 @@ fn cadence(interval_days: Option<i32>, cron: Option<&str>) -> Result<Option<Cade
     }
 }
 
+/// The zone given (UTC if none), or why it is not one.
+fn zone(name: Option<&str>) -> Result<Tz, FieldError> {
+    replenishment::time_zone(name.unwrap_or("UTC")).map_err(|m| FieldError::new("time_zone", m))
+}
+
 fn starts_at_error(starts_at: Option<DateTime<Utc>>) -> Option<FieldError> {
     let at = starts_at?;
     let now = Utc::now();
@@ -196,6 +210,7 @@ impl Validate for NewSchedule {
             )),
             Err(e) => errors.push(e),
         }
+        errors.extend(zone(self.time_zone.as_deref()).err());
         errors.extend(starts_at_error(self.starts_at));
         errors.extend(limit_error(Some(self.price_increase_limit_percent)));
         errors
@@ -206,11 +221,13 @@ impl Validate for ScheduleChange {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = self.items.as_deref().map(items_errors).unwrap_or_default();
         errors.extend(cadence(self.interval_days, self.cron.as_deref()).err());
+        errors.extend(self.time_zone.as_deref().and_then(|z| zone(Some(z)).err()));
         errors.extend(starts_at_error(self.starts_at));
         errors.extend(limit_error(self.price_increase_limit_percent));
         let nothing = self.items.is_none()
             && self.interval_days.is_none()
             && self.cron.is_none()
+            && self.time_zone.is_none()
             && self.starts_at.is_none()
             && self.address_id.is_none()
             && self.payment_method_id.is_none()
@@ -249,6 +266,9 @@ pub struct Schedule {
     pub items: Vec<Item>,
     pub interval_days: Option<i32>,
     pub cron: Option<String>,
+    /// The IANA zone the cadence is read in; the due times below are UTC.
+    #[schema(example = "Europe/Berlin")]
+    pub time_zone: String,
     /// Absent once the address was deleted: runs fail until one is chosen.
     pub address_id: Option<Uuid>,
     pub payment_method_id: Uuid,
@@ -271,6 +291,7 @@ struct Row {
     items: sqlx::types::Json<Vec<Item>>,
     interval_days: Option<i32>,
     cron: Option<String>,
+    time_zone: String,
     address_id: Option<Uuid>,
     payment_method_id: Uuid,
     on_failure: String,
@@ -283,13 +304,13 @@ struct Row {
 
 impl Row {
     fn cadence(&self) -> Result<Cadence, ApiError> {
-        Cadence::from_columns(self.interval_days, self.cron.as_deref())
+        Cadence::from_columns(self.interval_days, self.cron.as_deref(), &self.time_zone)
             .map_err(|e| anyhow::anyhow!("schedule {} has a bad cadence: {e}", self.id).into())
     }
 }
 
 const COLUMNS: &str =
-    "id, status, items, interval_days, cron, address_id, payment_method_id, on_failure,
+    "id, status, items, interval_days, cron, time_zone, address_id, payment_method_id, on_failure,
     price_increase_limit_percent, currency, next_run_at, created_at, updated_at";
 
 /// The caller's schedule `id`, locked with `lock`; 404 for anyone else's.
@@ -366,6 +387,7 @@ async fn view(conn: &mut PgConnection, row: Row) -> Result<Schedule, ApiError> {
         items: row.items.0,
         interval_days: row.interval_days,
         cron: row.cron,
+        time_zone: row.time_zone,
         address_id: row.address_id,
         payment_method_id: row.payment_method_id,
         on_failure: if row.on_failure == "retry" {
@@ -491,9 +513,11 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Schedule>), ApiError> {
     caller.require_verified()?;
     let key = Key::from_request(&headers, &body)?;
+    let zone = zone(body.time_zone.as_deref()).map_err(|e| ApiError::Validation(vec![e]))?;
     let cadence = cadence(body.interval_days, body.cron.as_deref())
         .map_err(|e| ApiError::Validation(vec![e]))?
-        .expect("validated");
+        .expect("validated")
+        .in_zone(zone);
     let next_run_at = first_run(&cadence, body.starts_at)?;
     let mut tx = state.pool.begin().await?;
     // Serializes this customer's schedule changes, so the cap holds.
@@ -522,9 +546,10 @@ pub async fn create(
     let id = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO replenishment_schedules (id, customer_id, address_id, payment_method_id, currency, items,
-                                             interval_days, cron, on_failure, price_increase_limit_percent,
-                                             next_run_at, idempotency_key, request_hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                                             interval_days, cron, time_zone, on_failure,
+                                             price_increase_limit_percent, next_run_at, idempotency_key,
+                                             request_hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(id)
     .bind(caller.id)
@@ -534,6 +559,7 @@ pub async fn create(
     .bind(sqlx::types::Json(&items))
     .bind(body.interval_days)
     .bind(body.cron.as_deref().map(normalized))
+    .bind(zone.name())
     .bind(body.on_failure.as_str())
     .bind(body.price_increase_limit_percent)
     .bind(next_run_at)
@@ -696,16 +722,29 @@ pub async fn update(
     if let Some(card) = body.payment_method_id {
         payment_methods::require_active(&mut tx, caller.id, card).await?;
     }
-    let new_cadence = cadence(body.interval_days, body.cron.as_deref())
-        .map_err(|e| ApiError::Validation(vec![e]))?;
+    let invalid = |e| ApiError::Validation(vec![e]);
+    let new_zone = body
+        .time_zone
+        .as_deref()
+        .map(|z| zone(Some(z)))
+        .transpose()
+        .map_err(invalid)?;
+    let time_zone = new_zone.map_or(row.time_zone.clone(), |z| z.name().to_string());
+    let new_cadence = cadence(body.interval_days, body.cron.as_deref()).map_err(invalid)?;
     let (interval_days, cron) = match &new_cadence {
         Some(_) => (body.interval_days, body.cron.as_deref().map(normalized)),
         None => (row.interval_days, row.cron.clone()),
     };
-    let next_run_at = match (&new_cadence, body.starts_at) {
-        (None, None) => row.next_run_at,
-        (Some(cadence), starts_at) => first_run(cadence, starts_at)?,
-        (None, starts_at) => first_run(&row.cadence()?, starts_at)?,
+    // A new cadence or zone starts afresh (from `starts_at`, or from now),
+    // as the schedule it makes would.
+    let retimed = new_cadence.is_some() || new_zone.is_some();
+    let next_run_at = match (retimed, body.starts_at) {
+        (false, None) => row.next_run_at,
+        (_, starts_at) => {
+            let cadence = Cadence::from_columns(interval_days, cron.as_deref(), &time_zone)
+                .map_err(|e| anyhow::anyhow!("schedule {id}: {e}"))?;
+            first_run(&cadence, starts_at)?
+        }
     };
     // Re-timing never brings a run closer than the minimum gap to the last
     // one that ran: a schedule is not a way to order every few minutes.
@@ -727,6 +766,7 @@ pub async fn update(
     sqlx::query(
         "UPDATE replenishment_schedules
             SET items = coalesce($2, items), interval_days = $3, cron = $4, next_run_at = $5,
+                time_zone = $10,
                 address_id = coalesce($6, address_id), payment_method_id = coalesce($7, payment_method_id),
                 on_failure = coalesce($8, on_failure),
                 price_increase_limit_percent = coalesce($9, price_increase_limit_percent), updated_at = now()
@@ -741,6 +781,7 @@ pub async fn update(
     .bind(body.payment_method_id)
     .bind(body.on_failure.map(FailurePolicy::as_str))
     .bind(body.price_increase_limit_percent)
+    .bind(&time_zone)
     .execute(&mut *tx)
     .await?;
     unskip_next(&mut tx, id).await?;
