@@ -9,8 +9,8 @@ use common::{
     admin,
     catalog::{call, json_of},
     orders::{
-        Market, PIPELINE_WAIT, assert_ledger_balances, checkout_and_pay, deliver, end_holds,
-        ledger_balance, part_of, posted, wait_for,
+        Market, PIPELINE_WAIT, ask_refund, assert_ledger_balances, checkout_and_pay, deliver,
+        end_holds, ledger_balance, part_of, posted, wait_for,
     },
     token_for,
 };
@@ -69,19 +69,7 @@ async fn every_ledger_transaction_balances_after_orders_deliveries_refunds_and_w
     end_holds(app).await;
 
     // A returns one board: the refund comes back out of oak's balance and the commission.
-    let line = paid["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["title"] == "Walnut board")
-        .unwrap();
-    let path = format!("/orders/{}/refund-requests", id(&paid));
-    let body = json!({"line_id": line["id"], "quantity": 1, "reason": "arrived cracked"});
-    let request = json_of(
-        call(app, &a.token, Method::POST, &path, body).await,
-        StatusCode::CREATED,
-    )
-    .await;
+    let request = ask_refund(app, &a.token, &paid, "Walnut board", 1, "arrived cracked").await;
     assert_eq!(request["amount_minor"], 4500);
     let path = format!("/seller/refund-requests/{}/approve", id(&request));
     post(app, &oak.seller, &path, json!({"restock": true})).await;
@@ -442,17 +430,13 @@ async fn a_refund_gives_back_only_the_commission_on_the_items_it_takes_back() {
     post(app, &oak.seller, &status, shipped).await;
 
     // One board comes back while shipped: out of clearing, nothing earned yet.
-    let line = paid["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["title"] == "Walnut board")
-        .unwrap();
-    let path = format!("/orders/{}/refund-requests", id(&paid));
-    let body = json!({"line_id": line["id"], "quantity": 1, "reason": "arrived cracked"});
-    let request = json_of(
-        call(app, &buyer.token, Method::POST, &path, body).await,
-        StatusCode::CREATED,
+    let request = ask_refund(
+        app,
+        &buyer.token,
+        &paid,
+        "Walnut board",
+        1,
+        "arrived cracked",
     )
     .await;
     let approve = format!("/seller/refund-requests/{}/approve", id(&request));

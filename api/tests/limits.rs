@@ -46,6 +46,14 @@ async fn sign_in(app: &App, email: &str, password: &str) -> reqwest::Response {
     .await
 }
 
+/// An app with `limits`, and one registered account's email.
+async fn registered(limits: Limits) -> (App, String) {
+    let app = spawn_app_with(&amqp_url(), &redis_url(), limits).await;
+    let email = unique_address();
+    register(&app, &email).await;
+    (app, email)
+}
+
 fn retry_after(resp: &reqwest::Response) -> u64 {
     resp.headers()["retry-after"]
         .to_str()
@@ -56,17 +64,11 @@ fn retry_after(resp: &reqwest::Response) -> u64 {
 
 #[tokio::test]
 async fn failed_sign_ins_lock_the_account_for_a_growing_time() {
-    let app = spawn_app_with(
-        &amqp_url(),
-        &redis_url(),
-        Limits {
-            failures_before_lock: 3,
-            ..loose_limits()
-        },
-    )
+    let (app, email) = registered(Limits {
+        failures_before_lock: 3,
+        ..loose_limits()
+    })
     .await;
-    let email = unique_address();
-    register(&app, &email).await;
 
     for _ in 0..3 {
         problem(
@@ -276,16 +278,21 @@ fn behind_proxy(limits: Limits) -> Limits {
     }
 }
 
+/// An app behind the test's proxy locking a client out of an account after
+/// `per_client` failed sign-ins and the account after `per_account`, and
+/// one registered account's email.
+async fn registered_behind_proxy(per_client: u32, per_account: u32) -> (App, String) {
+    registered(behind_proxy(Limits {
+        failures_before_lock: per_client,
+        failures_before_account_lock: per_account,
+        ..loose_limits()
+    }))
+    .await
+}
+
 #[tokio::test]
 async fn a_stranger_guessing_locks_out_the_stranger_and_not_the_owner() {
-    let limits = behind_proxy(Limits {
-        failures_before_lock: 3,
-        failures_before_account_lock: 20,
-        ..loose_limits()
-    });
-    let app = spawn_app_with(&amqp_url(), &redis_url(), limits).await;
-    let email = unique_address();
-    register(&app, &email).await;
+    let (app, email) = registered_behind_proxy(3, 20).await;
     let stranger = "198.51.100.66";
     for _ in 0..3 {
         let guess = sign_in_from(&app, stranger, &email, "a guess").await;
@@ -308,14 +315,7 @@ async fn a_stranger_guessing_locks_out_the_stranger_and_not_the_owner() {
 
 #[tokio::test]
 async fn guesses_spread_over_many_clients_lock_the_account_for_everyone() {
-    let limits = behind_proxy(Limits {
-        failures_before_lock: 3,
-        failures_before_account_lock: 5,
-        ..loose_limits()
-    });
-    let app = spawn_app_with(&amqp_url(), &redis_url(), limits).await;
-    let email = unique_address();
-    register(&app, &email).await;
+    let (app, email) = registered_behind_proxy(3, 5).await;
     // Two guesses from each client: none reaches its own lock.
     for i in 0..5 {
         let client = format!("198.51.100.{}", 10 + i / 2);
@@ -537,17 +537,11 @@ async fn change_password(app: &App, token: &str, current: &str) -> reqwest::Resp
 
 #[tokio::test]
 async fn wrong_current_passwords_lock_password_changes_for_a_growing_time() {
-    let app = spawn_app_with(
-        &amqp_url(),
-        &redis_url(),
-        Limits {
-            failures_before_lock: 2,
-            ..loose_limits()
-        },
-    )
+    let (app, email) = registered(Limits {
+        failures_before_lock: 2,
+        ..loose_limits()
+    })
     .await;
-    let email = unique_address();
-    register(&app, &email).await;
     let session: Value = sign_in(&app, &email, PASSWORD).await.json().await.unwrap();
     let token = session["access_token"].as_str().unwrap();
 

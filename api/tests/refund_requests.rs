@@ -5,13 +5,12 @@
 mod common;
 
 use common::{
-    App, Pipeline, Workers, admin,
+    App, admin,
     catalog::{call, json_of},
     fields,
     orders::{
         Market, PIPELINE_WAIT, assert_ledger_balances, checkout_and_pay, deliver, ledger_balance,
-        listing, mails_about, part_of, posted, seller_email, sent, sent_of, settled_mails, stock,
-        stripe_for, wait_for,
+        mails_about, part_of, posted, seller_email, sent, sent_of, settled_mails, stock, wait_for,
     },
     problem,
     stripe_proxy::{StripeProxy, payments_through},
@@ -710,26 +709,11 @@ async fn refund_postings(app: &App) -> i64 {
 #[tokio::test]
 async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
     const REFUSED: &str = "Charge ch_souk has already been disputed.";
-    let app = common::spawn_app(&souk_testkit::amqp_url()).await;
-    let stripe = stripe_for(&app).await;
     // Everything but the payments worker, which talks to Stripe through the proxy.
-    let workers = Workers {
-        payments: false,
-        ..Workers::ALL
-    };
-    let pipeline = Pipeline::with(&app, &souk_testkit::amqp_url(), Some(&stripe), workers);
-    let proxy = StripeProxy::start(&stripe.url).await;
+    let market = Market::without_payments().await;
+    let proxy = StripeProxy::start(&market.stripe.url).await;
     proxy.refuse(Method::POST, "/v1/refunds", REFUSED);
-    let payments = payments_through(&app, &pipeline, &proxy.url);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
-    let market = Market {
-        app,
-        stripe,
-        pipeline,
-        oak,
-        tea,
-    };
+    let payments = payments_through(&market.app, &market.pipeline, &proxy.url);
     let Market {
         app, stripe, oak, ..
     } = &market;

@@ -5,12 +5,12 @@
 mod common;
 
 use common::{
-    App, Pipeline, WITHDRAWAL_MIN_MINOR, Workers, admin,
+    App, WITHDRAWAL_MIN_MINOR, admin,
     catalog::{call, json_of},
     fields,
     orders::{
-        Customer, Market, assert_ledger_balances, checkout_and_pay, deliver, end_holds,
-        ledger_balance, listing, mails_about, part_of, posted, seller_email, stripe_for,
+        Customer, Market, ask_refund, assert_ledger_balances, checkout_and_pay, deliver, end_holds,
+        ledger_balance, mails_about, part_of, posted, seller_email,
     },
     problem,
     stripe_proxy::payments_through,
@@ -73,17 +73,13 @@ async fn earned(market: &Market) -> (Customer, Value) {
 /// The buyer asks for one board (4500) of `paid` back and the seller
 /// approves it: the refund goes to Stripe.
 async fn return_one_board(app: &App, buyer: &Customer, seller: &str, paid: &Value) {
-    let line = paid["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["title"] == "Walnut board")
-        .unwrap();
-    let path = format!("/orders/{}/refund-requests", paid["id"].as_str().unwrap());
-    let body = json!({"line_id": line["id"], "quantity": 1, "reason": "arrived cracked"});
-    let request = json_of(
-        call(app, &buyer.token, Method::POST, &path, body).await,
-        StatusCode::CREATED,
+    let request = ask_refund(
+        app,
+        &buyer.token,
+        &paid,
+        "Walnut board",
+        1,
+        "arrived cracked",
     )
     .await;
     assert_eq!(request["amount_minor"], 4500);
@@ -853,23 +849,8 @@ async fn what_an_approved_refund_will_take_cannot_be_withdrawn_before_it_is_post
     // Everything but the payments worker of the pipeline; one of its own
     // runs until the earning is released, then stops, so the refund
     // approved afterwards waits (`requested`) as if Stripe were slow.
-    let app = common::spawn_app(&souk_testkit::amqp_url()).await;
-    let stripe = stripe_for(&app).await;
-    let workers = Workers {
-        payments: false,
-        ..Workers::ALL
-    };
-    let pipeline = Pipeline::with(&app, &souk_testkit::amqp_url(), Some(&stripe), workers);
-    let payments = payments_through(&app, &pipeline, &stripe.url);
-    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
-    let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
-    let market = Market {
-        app,
-        stripe,
-        pipeline,
-        oak,
-        tea,
-    };
+    let market = Market::without_payments().await;
+    let payments = payments_through(&market.app, &market.pipeline, &market.stripe.url);
     let (buyer, paid) = earned(&market).await;
     payments.stop().await;
     let Market { app, oak, .. } = &market;

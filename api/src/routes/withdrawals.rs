@@ -307,6 +307,18 @@ async fn shop_may_withdraw(conn: &mut PgConnection, shop: Uuid) -> Result<(), Ap
     Ok(())
 }
 
+/// Locks the shop's available account for the rest of `tx`: requests and
+/// decisions of one shop queue here, so the balance each reads is the one
+/// it acts on.
+async fn lock_available(tx: &mut PgConnection, shop: Uuid, currency: &str) -> Result<(), ApiError> {
+    let available = ledger::account_id(&mut *tx, Account::SellerAvailable(shop), currency).await?;
+    sqlx::query("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(available)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
 /// Ask for a payout of (part of) the available balance. One open request
 /// at a time; at least the platform's minimum. `Idempotency-Key` makes a
 /// retry return the first request.
@@ -335,16 +347,7 @@ pub async fn request(
     let mut tx = state.pool.begin().await?;
     // Every request of this shop queues here: the balance read below is
     // the one the hold is taken from.
-    let available = ledger::account_id(
-        &mut tx,
-        Account::SellerAvailable(shop),
-        &state.market.currency,
-    )
-    .await?;
-    sqlx::query("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(available)
-        .execute(&mut *tx)
-        .await?;
+    lock_available(&mut tx, shop, &state.market.currency).await?;
     if let Some(key) = &key
         && let Some(id) = idempotency::earlier(&mut tx, Keyed::Withdrawals, shop, key).await?
     {
@@ -675,16 +678,7 @@ async fn decide(
         .fetch_optional(&mut *tx)
         .await?;
     let shop = shop.ok_or(ApiError::NotFound)?;
-    let available = ledger::account_id(
-        &mut tx,
-        Account::SellerAvailable(shop),
-        &state.market.currency,
-    )
-    .await?;
-    sqlx::query("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(available)
-        .execute(&mut *tx)
-        .await?;
+    lock_available(&mut tx, shop, &state.market.currency).await?;
     let (status, step, template) = if paid {
         ("paid", WithdrawalStep::Paid, "withdrawal_paid")
     } else {

@@ -256,9 +256,25 @@ pub struct Market {
 
 impl Market {
     pub async fn open() -> Self {
+        Self::with(super::Workers::ALL).await
+    }
+
+    /// Every worker but the payments worker: the test runs its own, behind
+    /// a proxy or stopped at a moment of its choosing
+    /// (`stripe_proxy::payments_through`).
+    pub async fn without_payments() -> Self {
+        Self::with(super::Workers {
+            payments: false,
+            ..super::Workers::ALL
+        })
+        .await
+    }
+
+    async fn with(workers: super::Workers) -> Self {
         let app = super::spawn_app(&souk_testkit::amqp_url()).await;
         let stripe = stripe_for(&app).await;
-        let pipeline = super::Pipeline::checkout(&app, &stripe);
+        let pipeline =
+            super::Pipeline::with(&app, &souk_testkit::amqp_url(), Some(&stripe), workers);
         let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
         let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
         Self {
@@ -282,6 +298,31 @@ impl Market {
     pub async fn close(self) {
         self.pipeline.stop().await;
     }
+}
+
+/// The customer of `paid` asks for `quantity` of its line titled `title`
+/// back, with `reason`; the request as answered (201).
+pub async fn ask_refund(
+    app: &App,
+    token: &str,
+    paid: &Value,
+    title: &str,
+    quantity: i32,
+    reason: &str,
+) -> Value {
+    let line = paid["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["title"] == title)
+        .unwrap_or_else(|| panic!("no line {title} in {paid}"));
+    let path = format!("/orders/{}/refund-requests", paid["id"].as_str().unwrap());
+    let body = json!({"line_id": line["id"], "quantity": quantity, "reason": reason});
+    json_of(
+        call(app, token, Method::POST, &path, body).await,
+        StatusCode::CREATED,
+    )
+    .await
 }
 
 /// The seller order of `slug` within `order` (as read by its customer).
