@@ -375,17 +375,6 @@ async fn reset(app: &App, token: &str, password: &str) -> reqwest::Response {
     .await
 }
 
-/// Waits into the next whole second: access tokens carry their issue time
-/// in whole seconds, so only a token from an earlier second than an
-/// account's "every session ends" is told apart from the ones after it.
-async fn next_second() {
-    let into = chrono::Utc::now().timestamp_subsec_millis() as u64;
-    tokio::time::sleep(std::time::Duration::from_millis(
-        1010u64.saturating_sub(into),
-    ))
-    .await;
-}
-
 async fn me_status(app: &App, session: &Value) -> StatusCode {
     app.get_with_token("/api/v1/me", session["access_token"].as_str().unwrap())
         .await
@@ -537,7 +526,6 @@ async fn an_access_token_from_before_a_password_reset_is_refused_after_it() {
     let before = session(&app, &email).await;
     assert_eq!(me_status(&app, &before).await, StatusCode::OK);
 
-    next_second().await;
     forgot(&app, &email).await;
     let token = mailed_token(&email, RESET_MAIL).await;
     assert_eq!(
@@ -622,7 +610,6 @@ async fn a_password_change_or_signing_out_everywhere_ends_access_tokens_too() {
     let here = session(&app, &email).await;
     let elsewhere = session(&app, &email).await;
 
-    next_second().await;
     let resp = app
         .http
         .post(format!("{}/api/v1/me/password", app.base))
@@ -641,7 +628,6 @@ async fn a_password_change_or_signing_out_everywhere_ends_access_tokens_too() {
         "the session the change answered with goes on"
     );
 
-    next_second().await;
     let resp = app
         .http
         .post(format!("{}/api/v1/auth/sign-out-everywhere", app.base))

@@ -58,6 +58,10 @@ pub struct Claims {
     pub aud: String,
     pub iat: i64,
     pub exp: i64,
+    /// The account's session epoch when the token was issued: every
+    /// session of the account ends when the epoch moves on.
+    #[serde(default)]
+    pub sv: i32,
 }
 
 /// Signs and checks access tokens.
@@ -91,7 +95,9 @@ impl Jwt {
         self.ttl_secs
     }
 
-    pub fn issue(&self, user: Uuid, role: Role) -> String {
+    /// An access token for `user` in session epoch `epoch` (read from the
+    /// account, locked, in the transaction that opens the session).
+    pub fn issue(&self, user: Uuid, role: Role, epoch: i32) -> String {
         let now = Utc::now().timestamp();
         let claims = Claims {
             sub: user,
@@ -100,6 +106,7 @@ impl Jwt {
             aud: self.audience.clone(),
             iat: now,
             exp: now + self.ttl_secs,
+            sv: epoch,
         };
         jsonwebtoken::encode(&Header::new(ALGORITHM), &claims, &self.encoding)
             .expect("HS256 signing does not fail")
@@ -170,15 +177,14 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or(ApiError::Unauthorized)?;
         // Read on every request, so a suspension, a role change or the end
         // of every session (a password change or reset, signing out
-        // everywhere) takes effect at once rather than when the token
-        // expires. `iat` and `sessions_valid_after` are both whole seconds.
+        // everywhere: the session epoch moved on) takes effect at once
+        // rather than when the token expires.
         let account: Option<(String, bool, bool, bool)> = sqlx::query_as(
-            "SELECT role, suspended_at IS NULL, email_verified_at IS NOT NULL,
-                    coalesce(sessions_valid_after <= to_timestamp($2::float8), true)
+            "SELECT role, suspended_at IS NULL, email_verified_at IS NOT NULL, session_epoch = $2
                FROM users WHERE id = $1",
         )
         .bind(claims.sub)
-        .bind(claims.iat)
+        .bind(claims.sv)
         .fetch_optional(&state.pool)
         .await?;
         match account {
@@ -193,28 +199,25 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// Ends every session of `user` in `tx`: each refresh-token family is
-/// revoked, and access tokens issued before this second stop working.
-/// Access tokens issued from now on (such as the new session a password
-/// change answers with) keep working.
+/// Ends every session of `user` in `tx`: the session epoch moves on (every
+/// access token issued before stops working) and each refresh-token family
+/// is revoked. A session opened later in `tx` (the new one a password
+/// change answers with) is of the new epoch and keeps working.
+///
+/// The account row first, then its refresh tokens, as a session is opened
+/// (see `open_session`, which share-locks the row before it writes a
+/// token): a sign-in or refresh running meanwhile either committed its
+/// token before this lock was granted, and the revocation (a later
+/// statement) sees it, or waits and then reads the new epoch.
 pub async fn end_all_sessions(tx: &mut sqlx::PgConnection, user: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET session_epoch = session_epoch + 1 WHERE id = $1")
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
     )
     .bind(user)
-    .execute(&mut *tx)
-    .await?;
-    // The time comes from this process's clock, the one `Jwt::issue` stamps
-    // `iat` with, so the new token this request may go on to issue is never
-    // "older" than the cut-off even if the database's clock runs ahead.
-    // Truncated to the second as `iat` is; never moved back.
-    sqlx::query(
-        "UPDATE users SET sessions_valid_after =
-                greatest(sessions_valid_after, to_timestamp($2::float8))
-          WHERE id = $1",
-    )
-    .bind(user)
-    .bind(Utc::now().timestamp())
     .execute(&mut *tx)
     .await?;
     Ok(())

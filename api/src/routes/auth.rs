@@ -331,6 +331,13 @@ pub(crate) async fn open_session(
     role: Role,
     family: Option<Uuid>,
 ) -> Result<Session, ApiError> {
+    // The account's epoch, share-locked: a change ending every session
+    // (which updates this row first) cannot slip between the read and the
+    // new token's insert.
+    let epoch: i32 = sqlx::query_scalar("SELECT session_epoch FROM users WHERE id = $1 FOR SHARE")
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await?;
     let refresh = secret::generate();
     sqlx::query(
         "INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at)
@@ -344,11 +351,33 @@ pub(crate) async fn open_session(
     .execute(&mut *tx)
     .await?;
     Ok(Session {
-        access_token: Some(state.jwt.issue(user, role)),
+        access_token: Some(state.jwt.issue(user, role, epoch)),
         token_type: "Bearer".into(),
         expires_in: state.jwt.ttl_secs(),
         refresh_token: Some(refresh),
     })
+}
+
+/// Whether `user`'s password (and standing) is still what was checked before
+/// the transaction (hashing is slow, so it runs outside): `verified`, the
+/// hash then read. The account row is locked with `lock` for the rest of
+/// `tx`, so a reset, a change, a suspension or an SSO takeover committed
+/// meanwhile wins over the check, and one coming later waits for `tx`.
+async fn password_unchanged(
+    tx: &mut PgConnection,
+    user: Uuid,
+    verified: Option<&str>,
+    lock: &'static str,
+) -> Result<bool, ApiError> {
+    let same: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT password_hash IS NOT DISTINCT FROM $2 AND suspended_at IS NULL
+           FROM users WHERE id = $1 {lock}"
+    )))
+    .bind(user)
+    .bind(verified)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(same == Some(true))
 }
 
 /// What a password sign-in to `email` from `client` is counted against:
@@ -405,7 +434,7 @@ pub async fn sign_in(
     .await?;
     let stored = found.as_ref().and_then(|(_, hash, _, _)| hash.clone());
     // Always hash, so an unknown email takes as long as a wrong password.
-    let matches = password::verify(body.password, stored).await?;
+    let matches = password::verify(body.password, stored.clone()).await?;
     let (id, role) = match found {
         Some((id, _, role, true)) if matches => (id, role),
         _ => return Err(ApiError::Unauthorized),
@@ -413,6 +442,9 @@ pub async fn sign_in(
     state.limiter.clear(&guards).await;
     let role = Role::parse(&role).ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
     let mut tx = state.pool.begin().await?;
+    if !password_unchanged(&mut tx, id, stored.as_deref(), "FOR SHARE").await? {
+        return Err(ApiError::Unauthorized);
+    }
     let session = open_session(&mut tx, &state, id, role, None).await?;
     tx.commit().await?;
     Ok(session.respond(&state, body.use_cookies))
@@ -514,6 +546,16 @@ pub async fn refresh(
 ) -> Result<(HeaderMap, Json<Session>), ApiError> {
     let (token, cookie_form) = presented(body.refresh_token, &method, &headers)?;
     let mut tx = state.pool.begin().await?;
+    // The account row first (share-locked), then the token, in the order a
+    // change ending every session takes them: the other order could
+    // deadlock with it, or rotate a token it had just revoked.
+    sqlx::query(
+        "SELECT 1 FROM users WHERE id = (SELECT user_id FROM refresh_tokens WHERE token_hash = $1)
+            FOR SHARE",
+    )
+    .bind(secret::digest(&token))
+    .execute(&mut *tx)
+    .await?;
     // Locked so two refreshes with the same token cannot both rotate it.
     let found: Option<PresentedToken> = sqlx::query_as(
         "SELECT t.id, t.family_id, t.user_id, t.rotated_at IS NOT NULL AS rotated,
@@ -708,7 +750,7 @@ pub async fn change_password(
             .bind(caller.id)
             .fetch_one(&state.pool)
             .await?;
-    if !password::verify(body.current_password, stored).await? {
+    if !password::verify(body.current_password, stored.clone()).await? {
         return Err(ApiError::Validation(vec![FieldError::new(
             "current_password",
             "is not your password",
@@ -717,6 +759,14 @@ pub async fn change_password(
     state.limiter.clear(&guards).await;
     let hash = password::hash(body.new_password).await?;
     let mut tx = state.pool.begin().await?;
+    // The password checked is still the account's: a reset or an SSO
+    // takeover committed while this one hashed must not be overwritten.
+    if !password_unchanged(&mut tx, caller.id, stored.as_deref(), "FOR NO KEY UPDATE").await? {
+        return Err(ApiError::Conflict(FieldError::new(
+            "current_password",
+            "your password changed meanwhile; sign in again",
+        )));
+    }
     set_password(&mut tx, caller.id, hash).await?;
     let session = open_session(&mut tx, &state, caller.id, caller.role, None).await?;
     tx.commit().await?;

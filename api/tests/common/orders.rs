@@ -50,7 +50,7 @@ pub async fn customer(app: &App) -> Customer {
     .execute(&app.db.pool)
     .await
     .unwrap();
-    let token = Jwt::new(&auth_config()).issue(id, Role::Customer);
+    let token = Jwt::new(&auth_config()).issue(id, Role::Customer, 0);
     Customer { id, email, token }
 }
 
