@@ -126,13 +126,15 @@ impl Cadence {
     pub fn after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match &self.rule {
             Rule::EveryDays(days) => Some(self.days_on(t, i64::from(*days))),
-            // A fresh iterator each time: its first answer is the earlier of
-            // an ambiguous wall time, and asking again from there moves past
-            // the wall time, so the later one is never a second run.
+            // The crate searches by wall time and answers an ambiguous one
+            // with its earlier instant first, which may lie before `t` (asked
+            // during the repeated hour's second pass): the first instant
+            // after `t` is taken. Asked again from a due time, the search
+            // starts past its wall time, so the repeated hour is one run.
             Rule::Cron(schedule) => schedule
                 .after(&t.with_timezone(&self.zone))
-                .next()
-                .map(|d| d.with_timezone(&Utc)),
+                .map(|d| d.with_timezone(&Utc))
+                .find(|d| *d > t),
         }
     }
 
@@ -364,6 +366,12 @@ mod tests {
         let nightly = Cadence::cron("30 2 * * *").unwrap().in_zone(berlin());
         let autumn = nightly.upcoming(nightly.after(at(2027, 10, 30, 12)).unwrap(), 2);
         assert_eq!(autumn[1] - autumn[0], Duration::hours(25));
+        // Asked during the repeated hour's second pass (02:15 CET, 01:15
+        // UTC), the next time is 02:30 CET that night, never one behind.
+        let asked = Utc.with_ymd_and_hms(2027, 10, 31, 1, 15, 0).unwrap();
+        let next = nightly.after(asked).unwrap();
+        assert_eq!(next, Utc.with_ymd_and_hms(2027, 10, 31, 1, 30, 0).unwrap());
+        assert_eq!(nightly.after(next).unwrap() - next, Duration::hours(24));
         let spring = nightly.upcoming(nightly.after(at(2027, 3, 27, 12)).unwrap(), 1);
         assert_eq!(spring[0].with_timezone(&berlin()).day(), 29);
     }
