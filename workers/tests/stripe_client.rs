@@ -154,6 +154,7 @@ async fn a_refusal_is_told_apart_from_an_outage() {
         Err(CallError::Refused {
             status: 400,
             message,
+            card: false,
         }) => assert_eq!(message, "amount too small"),
         other => panic!("expected a refusal, got {other:?}"),
     }

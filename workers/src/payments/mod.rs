@@ -156,14 +156,18 @@ impl Payments {
                 {
                     Ok(intent) => Ok(Answer::Intent { order, intent }),
                     // Declined (402), or a card Stripe no longer has for
-                    // the customer (400/404 "No such PaymentMethod", say
-                    // detached at Stripe): nothing was charged and no retry
-                    // of this request can help, so it is a decline the
-                    // customer hears of, not a message parked for Souk.
+                    // the customer (404, or a 400 about the payment method:
+                    // "No such PaymentMethod", say detached at Stripe):
+                    // nothing was charged and no retry of this request can
+                    // help, so it is a decline the customer hears of. A 400
+                    // about the request itself is Souk's to fix: parked.
                     Err(CallError::Refused {
-                        status: 400 | 402 | 404,
+                        status,
                         message,
-                    }) => Ok(Answer::Declined { order, message }),
+                        card,
+                    }) if matches!(status, 402 | 404) || (status == 400 && card) => {
+                        Ok(Answer::Declined { order, message })
+                    }
                     Err(e) => Err(failure(e)),
                 }
             }
@@ -181,6 +185,7 @@ impl Payments {
                     Err(CallError::Refused {
                         status: 400 | 402,
                         message,
+                        ..
                     }) => Ok(Answer::Unpayable { order, message }),
                     Err(e) => Err(failure(e)),
                 }

@@ -77,7 +77,14 @@ pub enum CallError {
     /// Stripe refused the request (4xx other than conflict and rate limit):
     /// trying again with the same request cannot help.
     #[error("Stripe refused the request ({status}): {message}")]
-    Refused { status: u16, message: String },
+    Refused {
+        status: u16,
+        message: String,
+        /// About the card or payment method (a `card_error`, or a
+        /// parameter `payment_method…` at fault), not the request as Souk
+        /// made it.
+        card: bool,
+    },
     /// The network, a timeout, a 5xx, a rate limit: worth trying again.
     #[error("Stripe could not be reached or failed: {0}")]
     Unavailable(String),
@@ -92,6 +99,11 @@ impl From<StripeError> for CallError {
                 Self::Refused {
                     status,
                     message: error.message.clone().unwrap_or_else(|| "no message".into()),
+                    card: matches!(error.type_, ::stripe::ApiErrorsType::CardError)
+                        || error
+                            .param
+                            .as_deref()
+                            .is_some_and(|p| p.starts_with("payment_method")),
                 }
             }
             other => Self::Unavailable(other.to_string()),
