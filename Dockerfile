@@ -14,8 +14,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
        target/release/souk-admin /out/
 
 FROM debian:bookworm-slim
+# The uploads directory exists, owned by souk: an empty named volume mounted
+# there (docker-compose.yml) takes this ownership; made by Docker at mount
+# time it would be root's, and every upload would fail.
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 souk
+ && useradd --system --uid 10001 souk \
+ && mkdir -p /data/uploads && chown souk:souk /data/uploads
 COPY --from=build /out/ /usr/local/bin/
 USER souk
 ENV LOG_FORMAT=json RUST_LOG=info

@@ -627,6 +627,10 @@ async fn a_placed_order_keeps_the_lines_it_was_placed_with() {
         "UPDATE order_lines SET unit_price_minor = 1",
         "DELETE FROM order_lines",
         "UPDATE order_events SET note = 'rewritten'",
+        "DELETE FROM order_events",
+        // CASCADE, so that no foreign key refuses them first.
+        "TRUNCATE order_lines CASCADE",
+        "TRUNCATE order_events CASCADE",
     ] {
         let refused = sqlx::query(sql).execute(&app.db.pool).await.unwrap_err();
         assert!(

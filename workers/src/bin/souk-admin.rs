@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! souk-admin migrate
-//! souk-admin demo-data                       (once; accounts share DEMO_PASSWORD)
+//! souk-admin demo-data                       (once; the accounts share demo::PASSWORD)
 //! souk-admin create-admin <email> <name>     (password from SOUK_ADMIN_PASSWORD, else stdin)
 //! souk-admin parked list <group> [--limit N]
 //! souk-admin parked replay <group> (<message-id> | --all) --as <admin-email> --reason <why>
