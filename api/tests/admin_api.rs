@@ -521,6 +521,52 @@ async fn an_admin_cancels_an_order_with_a_reason() {
     market.close().await;
 }
 
+/// An admin demoted while an action of theirs is under way (past the
+/// extractor's check, not yet committed): the action is refused when it is
+/// kept in the audit log, and nothing of it stays.
+#[tokio::test]
+async fn an_admin_demoted_mid_action_cannot_finish_it() {
+    let app = spawn_app(&amqp_url()).await;
+    let (root, _, ids) = common::catalog::shelf(&app).await;
+    let board = ids["Walnut cutting board"].as_str().unwrap().to_string();
+    let mut demotion = app.db.pool.begin().await.unwrap();
+    sqlx::query("UPDATE users SET role = 'customer' WHERE role = 'admin'")
+        .execute(&mut *demotion)
+        .await
+        .unwrap();
+    let path = format!("/admin/products/{board}/hide");
+    let hide = call(
+        &app,
+        &root,
+        Method::POST,
+        &path,
+        json!({"reason": "counterfeit brand"}),
+    );
+    let demote = async {
+        // The hide has read the (still) admin account and waits on its row.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        demotion.commit().await.unwrap();
+    };
+    let (resp, ()) = tokio::join!(hide, demote);
+    problem(resp, StatusCode::FORBIDDEN).await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM products WHERE hidden_at IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'product.hide'"
+        )
+        .await,
+        0
+    );
+}
+
 /// Two admins demoting each other at the same moment: the accounts' rows
 /// queue, and the second finds it is no longer an admin. Run several
 /// times, each way round: there is always exactly one admin left.

@@ -58,14 +58,26 @@ pub(crate) async fn lock_actor_and_target(
         .iter()
         .any(|(id, role, suspended)| *id == admin.0.id && role == "admin" && !suspended);
     if !still_admin {
-        return Err(ApiError::ForbiddenBecause(FieldError::new(
-            "role",
-            "your account is no longer an active admin",
-        )));
+        return Err(no_longer_admin());
     }
     Ok(())
 }
 
+fn no_longer_admin() -> ApiError {
+    ApiError::ForbiddenBecause(FieldError::new(
+        "role",
+        "your account is no longer an active admin",
+    ))
+}
+
+/// Keeps an admin action in the audit log, in the action's transaction.
+///
+/// The `Admin` extractor checked the caller before the handler ran; an
+/// admin demoted or suspended since must not see the action through. So the
+/// actor's row is share-locked and checked again here, with the action's
+/// changes still uncommitted: refused, they roll back with the transaction;
+/// allowed, a demotion waits for the commit (the action was begun while an
+/// admin, and is kept as such).
 pub(crate) async fn audit(
     tx: &mut PgConnection,
     admin: &Admin,
@@ -73,6 +85,15 @@ pub(crate) async fn audit(
     target: (&str, Uuid),
     reason: &str,
 ) -> Result<(), ApiError> {
+    let active: Option<bool> = sqlx::query_scalar(
+        "SELECT role = 'admin' AND suspended_at IS NULL FROM users WHERE id = $1 FOR SHARE",
+    )
+    .bind(admin.0.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if active != Some(true) {
+        return Err(no_longer_admin());
+    }
     Ok(souk_shared::audit::record(tx, admin.0.id, action, target, reason).await?)
 }
 
