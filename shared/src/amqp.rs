@@ -8,7 +8,6 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
-use crate::envelope::Envelope;
 
 /// Persistent delivery mode: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
@@ -102,18 +101,6 @@ pub async fn send_to_queue(
         ))));
     }
     Ok(())
-}
-
-/// [`send_to_queue`] for an envelope, with its standard properties.
-pub async fn send_envelope(
-    channel: &Channel,
-    queue: &str,
-    envelope: &Envelope,
-    headers: FieldTable,
-) -> Result<(), lapin::Error> {
-    let id = envelope.id.to_string();
-    let props = properties(&id, &envelope.kind, &envelope.correlation_id, headers);
-    send_to_queue(channel, queue, &envelope.to_bytes(), props).await
 }
 
 /// A header table with one string entry.

@@ -785,3 +785,68 @@ async fn a_message_no_queue_is_bound_for_is_kept_in_the_unrouted_queue() {
     }
     h.finish(vec![relay]).await;
 }
+
+#[tokio::test]
+async fn a_failure_that_cannot_be_republished_reconnects_instead_of_looping_on_the_handler() {
+    let h = Harness::new().await;
+    // Every prepare (the outside call) fails transiently.
+    let handler = Leased {
+        prepare_fails: true,
+        ..Leased::new(Duration::from_secs(30))
+    };
+    let (consumer, readiness) =
+        h.spawn_handler(handler.clone(), h.consumer_settings(&amqp_url(), 2));
+    wait_until("the consumer to connect", WAIT, || async {
+        readiness.broker()
+    })
+    .await;
+    let needle = format!("{}.recorder@", h.prefix);
+    let first_session = common::connection_pids(&needle).await;
+    assert_eq!(first_session.len(), 1, "{first_session:?}");
+
+    // The first retry queue goes away: the confirmed send to it comes back
+    // unroutable, so the first failure cannot be moved on.
+    let first_retry = h.names.retry_queue("recorder", common::DELAYS[0]);
+    let channel = h.amqp.create_channel().await.unwrap();
+    channel
+        .queue_delete(first_retry.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let msg = Envelope::new(&Recorded::key("stranded"), "c");
+    h.publish(&msg).await;
+
+    // The consumer reconnects, redeclaring the retry queue, and the message
+    // walks its retries as usual to the parking queue, with its error.
+    let parked_queue = h.names.parking_queue("recorder");
+    wait_until("the message to be parked", WAIT, || async {
+        h.ready(&parked_queue).await == 1
+    })
+    .await;
+    // Each attempt called out once, plus the first again after the
+    // reconnect; not once per immediate redelivery.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        handler.prepares(),
+        common::DELAYS.len() as u32 + 2,
+        "no hot loop on the outside call"
+    );
+    let listed = parked::list(&h.amqp, &h.names, "recorder", 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    let p = &listed[0];
+    assert_eq!(p.message_id.as_deref(), Some(msg.id.to_string().as_str()));
+    assert_eq!(p.attempts, Some(common::DELAYS.len() as u32 + 1), "{p:?}");
+    assert!(
+        p.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("planned prepare failure"),
+        "parked with its error: {p:?}"
+    );
+    let now = common::connection_pids(&needle).await;
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, first_session, "the consumer reconnected");
+    assert_eq!(h.ready(&h.names.queue("recorder")).await, 0);
+    h.finish(vec![consumer]).await;
+}

@@ -4,13 +4,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use lapin::{
-    Channel,
+    BasicProperties, Channel,
     message::Delivery,
     options::{BasicAckOptions, BasicNackOptions},
     types::FieldTable,
 };
 use souk_shared::{amqp, envelope::Envelope, outbox, topology::Names};
 use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use super::{Failure, Handler};
@@ -387,12 +388,23 @@ pub(super) struct Context<H> {
     /// Confirm-mode channel for retries and parking.
     pub publisher: Channel,
     pub outbox: outbox::Waker,
+    /// Cancelled by [`republish`] once a failed message could not be handed
+    /// to its retry or parking queue. The session watches it and ends, so the
+    /// supervisor reconnects with fresh channels and a redeclared topology.
+    pub stranded: CancellationToken,
 }
 
 /// Handles one delivery end to end. Never panics on broker errors: a failed
 /// ack leaves the message unacked and the broker redelivers it, which the
 /// processed-messages record makes harmless.
 pub(super) async fn process<H: Handler>(ctx: &Context<H>, delivery: Delivery) {
+    if ctx.stranded.is_cancelled() {
+        // This session can no longer move a failure on, and is ending:
+        // handling the message here could only repeat its outside call for
+        // nothing. It is handled again after the reconnect.
+        settle(&delivery, false).await;
+        return;
+    }
     let started = Instant::now();
     let group = H::GROUP;
     let envelope = match Envelope::from_bytes(&delivery.data) {
@@ -404,7 +416,10 @@ pub(super) async fn process<H: Handler>(ctx: &Context<H>, delivery: Delivery) {
             let headers = amqp::string_header(FieldTable::default(), amqp::ERROR_HEADER, &error);
             let props = delivery.properties.clone().with_headers(headers);
             let parked = ctx.names.parking_queue(group);
-            let sent = amqp::send_to_queue(&ctx.publisher, &parked, &delivery.data, props).await;
+            let sent = republish(ctx, &parked, &delivery.data, props).await;
+            if let Err(e) = &sent {
+                warn!(group, error = %e, "could not park an undecodable message; requeueing it");
+            }
             settle(&delivery, sent.is_ok()).await;
             metrics::counter!("souk_messages_total", "group" => group, "outcome" => "parked")
                 .increment(1);
@@ -449,7 +464,7 @@ pub(super) async fn process<H: Handler>(ctx: &Context<H>, delivery: Delivery) {
 
 /// Republishes a failed message to its next hop, then acks the original.
 /// If the republish is not confirmed the original is requeued instead, so
-/// the message is never dropped.
+/// the message is never dropped, and the session ends (see [`republish`]).
 async fn route_failure<H: Handler>(
     ctx: &Context<H>,
     delivery: &Delivery,
@@ -477,7 +492,7 @@ async fn route_failure<H: Handler>(
         }
     };
     let headers = amqp::string_header(headers, amqp::ORIGIN_HEADER, &ctx.names.queue(H::GROUP));
-    let sent = amqp::send_envelope(&ctx.publisher, queue, &envelope, headers).await;
+    let sent = republish_envelope(ctx, queue, &envelope, headers).await;
     if let Err(e) = &sent {
         warn!(error = %e, "could not republish failed message; requeueing it");
     }
@@ -515,12 +530,55 @@ async fn defer<H: Handler>(
         "another consumer is handling this message",
     );
     let headers = amqp::string_header(headers, amqp::ORIGIN_HEADER, &ctx.names.queue(H::GROUP));
-    let sent = amqp::send_envelope(&ctx.publisher, &queue, &envelope, headers).await;
+    let sent = republish_envelope(ctx, &queue, &envelope, headers).await;
     if let Err(e) = &sent {
         warn!(error = %e, "could not republish a held message; requeueing it");
     }
     settle(delivery, sent.is_ok()).await;
     "held"
+}
+
+/// Hands a message to a retry or parking queue on the session's publisher
+/// channel, confirmed. When that channel is closed or the send is refused
+/// (or comes back unroutable) while the consumer channel lives on, the
+/// caller requeues the original, the broker redelivers it at once, and it
+/// would fail the same way again: a tight loop repeating the handler's
+/// outside call (another mail sent) until the broker's delivery limit parks
+/// the message without its error. So the first such failure marks the
+/// session stranded: it takes nothing more and ends, and the supervisor
+/// reconnects, with new channels and the topology (retry and parking queues
+/// included) declared again.
+async fn republish<H>(
+    ctx: &Context<H>,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), lapin::Error> {
+    let sent = if ctx.publisher.status().connected() {
+        amqp::send_to_queue(&ctx.publisher, queue, body, props).await
+    } else {
+        Err(lapin::Error::from(std::io::Error::other(
+            "the publisher channel is closed",
+        )))
+    };
+    if sent.is_err() {
+        // Before the caller's nack: the session loop must see it before the
+        // redelivered copy.
+        ctx.stranded.cancel();
+    }
+    sent
+}
+
+/// [`republish`] for an envelope, with its standard properties.
+async fn republish_envelope<H>(
+    ctx: &Context<H>,
+    queue: &str,
+    envelope: &Envelope,
+    headers: FieldTable,
+) -> Result<(), lapin::Error> {
+    let id = envelope.id.to_string();
+    let props = amqp::properties(&id, &envelope.kind, &envelope.correlation_id, headers);
+    republish(ctx, queue, &envelope.to_bytes(), props).await
 }
 
 /// Acks the delivery, or nacks it back onto its queue.

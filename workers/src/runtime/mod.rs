@@ -2,7 +2,8 @@
 //!
 //! - [`supervisor`] keeps a broker connection alive: connect, declare the
 //!   topology, consume; on any connection error reconnect with backoff (lapin
-//!   does not reconnect by itself).
+//!   does not reconnect by itself), and likewise once a failed message could
+//!   not be republished (the session's publisher is of no more use).
 //! - [`delivery`] processes one message: skip if already processed, run the
 //!   handler, record (consumer, message id) in the handler's transaction,
 //!   ack only after commit; on failure republish to the next retry queue, or

@@ -1,6 +1,9 @@
 //! Keeps one consumer alive across broker restarts and dropped connections.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
@@ -54,6 +57,22 @@ impl Backoff {
     }
 }
 
+/// A stranded session that had run at least this long was no tight loop:
+/// the backoff starts over after it.
+const STEADY: Duration = Duration::from_secs(60);
+
+/// How a session that got as far as consuming ended.
+enum Ended {
+    /// Shutdown was asked for; the messages in flight were drained.
+    Shutdown,
+    /// The connection or the consumer channel went away.
+    Lost(lapin::Error),
+    /// A failed message could not be republished to its retry or parking
+    /// queue (see [`delivery::Context::stranded`]); the session drained what
+    /// it had in hand and closed its connection.
+    Stranded,
+}
+
 /// Runs `handler` until `shutdown` is cancelled, reconnecting as needed.
 ///
 /// On shutdown it stops taking messages, lets the ones in flight finish and
@@ -80,18 +99,42 @@ pub async fn run<H: Handler>(
     };
     let mut backoff = Backoff(Backoff::FIRST);
     while !shutdown.is_cancelled() {
-        let result = session(&lasting, &settings, &readiness, &mut backoff, &shutdown).await;
+        let started = Instant::now();
+        let result = session(&lasting, &settings, &readiness, &shutdown).await;
         readiness.set_broker(false);
-        match result {
-            Ok(()) => break,
+        let wait = match result {
+            Ok(Ended::Shutdown) => break,
+            Ok(Ended::Lost(e)) => {
+                // It had connected: the next attempt comes soon again.
+                backoff.reset();
+                let wait = backoff.next();
+                warn!(group = H::GROUP, error = %e, ?wait, "consumer lost its broker; reconnecting");
+                wait
+            }
+            Ok(Ended::Stranded) => {
+                // Not reset at once: a broker that keeps refusing the
+                // republish would otherwise have each failing message
+                // handled (its outside call made) again every 250 ms.
+                if started.elapsed() >= STEADY {
+                    backoff.reset();
+                }
+                let wait = backoff.next();
+                warn!(
+                    group = H::GROUP,
+                    ?wait,
+                    "consumer could not republish a failed message; reconnecting"
+                );
+                wait
+            }
             Err(e) => {
                 let wait = backoff.next();
                 warn!(group = H::GROUP, error = %e, ?wait, "consumer lost its broker; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(wait) => {}
-                }
+                wait
             }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     housekeeping.abort();
@@ -107,14 +150,13 @@ struct Lasting<H> {
     slots: Arc<Semaphore>,
 }
 
-/// One connection's lifetime. `Ok` means a clean shutdown; `Err` a lost broker.
+/// One connection's lifetime. `Err` means it never got to consuming.
 async fn session<H: Handler>(
     lasting: &Lasting<H>,
     settings: &ConsumerSettings,
     readiness: &Readiness,
-    backoff: &mut Backoff,
     shutdown: &CancellationToken,
-) -> Result<(), lapin::Error> {
+) -> Result<Ended, lapin::Error> {
     let conn = amqp::connect(&settings.amqp_url, &settings.connection_name).await?;
     let publisher = amqp::confirm_channel(&conn).await?;
     let group = Group {
@@ -139,7 +181,6 @@ async fn session<H: Handler>(
         .await?;
     info!(group = H::GROUP, %queue, "consuming");
     readiness.set_broker(true);
-    backoff.reset();
 
     let depth = spawn_depth_gauge(publisher.clone(), queue.clone());
     let Lasting {
@@ -155,6 +196,7 @@ async fn session<H: Handler>(
         retry_delays_ms: settings.retry_delays_ms.clone(),
         publisher,
         outbox: outbox.clone(),
+        stranded: CancellationToken::new(),
     });
 
     // Handlers with an outside call take messages one at a time (each under
@@ -164,17 +206,26 @@ async fn session<H: Handler>(
     } else {
         settings.batch.max(1)
     };
-    let result = loop {
+    let ended = loop {
+        // Biased: once stranded, a failed message's redelivered copy may be
+        // waiting in the consumer already; it must not be taken.
         let first = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
+            biased;
+            _ = shutdown.cancelled() => break Ended::Shutdown,
+            _ = ctx.stranded.cancelled() => break Ended::Stranded,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => delivery,
-                Some(Err(e)) => break Err(e),
-                None => break Err(lapin::Error::from(std::io::Error::other("consumer was cancelled by the broker"))),
+                Some(Err(e)) => break Ended::Lost(e),
+                None => break Ended::Lost(lapin::Error::from(std::io::Error::other("consumer was cancelled by the broker"))),
             }
         };
         // While every slot is busy, more messages arrive and the next batch grows.
         let permit = slots.clone().acquire_owned().await.expect("never closed");
+        if ctx.stranded.is_cancelled() {
+            // Stranded while waiting for the slot: `first` is left unacked
+            // and returns to the queue when the connection closes.
+            break Ended::Stranded;
+        }
         let mut batch = vec![first];
         let mut lost = None;
         while batch.len() < max_batch {
@@ -193,14 +244,18 @@ async fn session<H: Handler>(
             drop(permit);
         });
         if let Some(e) = lost {
-            break Err(e);
+            break Ended::Lost(e);
         }
     };
     depth.abort();
-    if result.is_ok() {
-        drain(&channel, &conn, slots, settings).await;
+    match ended {
+        // A stranded session's consumer channel still works: its messages
+        // in flight finish and are acked (or requeued) as on shutdown, and
+        // the connection is closed so nothing stays held by it.
+        Ended::Shutdown | Ended::Stranded => drain(&channel, &conn, slots, settings).await,
+        Ended::Lost(_) => {}
     }
-    result
+    Ok(ended)
 }
 
 /// Graceful stop: cancel the consumer so nothing new arrives, wait for the

@@ -508,3 +508,18 @@ impl Handler for Overlap {
         Ok(())
     }
 }
+
+/// The broker's ids (Erlang pids) of the connections whose client-provided
+/// name contains `needle`: a consumer that reconnected shows a new one.
+pub async fn connection_pids(needle: &str) -> Vec<String> {
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
