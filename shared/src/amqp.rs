@@ -8,7 +8,6 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
-
 /// Persistent delivery mode: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 /// Header carrying the last handler error on retried and parked messages.
