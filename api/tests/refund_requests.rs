@@ -985,3 +985,170 @@ async fn a_unit_restocked_by_a_refund_request_is_not_restocked_again_on_cancel()
     );
     market.close().await;
 }
+
+/// An admin refunds part of a seller order; before Stripe answers, its
+/// seller cancels the part, and the cancel asks only for the rest (the
+/// first counted as on its way). Then Stripe refuses the first: what it
+/// was is still owed for a cancelled part, so it is asked for again, once,
+/// with a key of its own, and the customer ends with all of it back and
+/// the part `refunded`, nothing flagged.
+///
+/// The order of events is pinned, not raced: the payments worker is
+/// stopped while the first refund is asked for, and its Stripe refusal is
+/// held from being written (a row for its message, uncommitted, in the
+/// consumer's processed-messages table) until the cancel is in.
+#[tokio::test]
+async fn a_refund_refused_after_a_cancel_counted_it_is_asked_for_again() {
+    const REFUSED: &str = "Charge ch_souk has already been disputed.";
+    let market = Market::without_payments().await;
+    let proxy = StripeProxy::start(&market.stripe.url).await;
+    let payments = payments_through(&market.app, &market.pipeline, &proxy.url);
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = token_for(app, &admin(app).await).await;
+    let buyer = market.shopper(&[(oak, 1)]).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let order = id(&paid);
+    let part = part_of(&paid, "oak");
+    let total: i64 = sqlx::query_scalar("SELECT total_minor FROM seller_orders WHERE id = $1")
+        .bind(Uuid::parse_str(&part).unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    payments.stop().await;
+
+    // The admin's 500: asked for, waiting for the payments worker.
+    let refund = format!("/admin/seller-orders/{part}/refund");
+    let goodwill = json!({"amount_minor": 500, "reason": "late, goodwill"});
+    json_of(
+        call(app, &root, Method::POST, &refund, goodwill).await,
+        StatusCode::OK,
+    )
+    .await;
+    let first: Uuid = sqlx::query_scalar("SELECT id FROM refunds")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let message: Uuid = sqlx::query_scalar(
+        "SELECT id FROM outbox WHERE routing_key = 'payment.refund_requested'
+            AND envelope #>> '{payload,refund_id}' = $1",
+    )
+    .bind(first.to_string())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let mut pin = app.db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO processed_messages (consumer, message_id, attempt) VALUES ('payments', $1, 0)",
+    )
+    .bind(message)
+    .execute(&mut *pin)
+    .await
+    .unwrap();
+    proxy.refuse(Method::POST, "/v1/refunds", REFUSED);
+    let payments = payments_through(app, &market.pipeline, &proxy.url);
+    wait_until(
+        "Stripe to refuse the first refund",
+        PIPELINE_WAIT,
+        || async { !proxy.seen_to(Method::POST, "/v1/refunds").is_empty() },
+    )
+    .await;
+    proxy.pass_through();
+
+    // The seller cancels: the rest is asked for, and goes through.
+    let cancel = format!("/seller/orders/{part}/cancel");
+    json_of(
+        call(
+            app,
+            &oak.seller,
+            Method::POST,
+            &cancel,
+            json!({"reason": "cannot make it after all"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    wait_until("the rest refunded", PIPELINE_WAIT, || async {
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refunds WHERE status = 'succeeded'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let status: String = sqlx::query_scalar("SELECT status FROM refunds WHERE id = $1")
+        .bind(first)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "requested", "the cancel came before the refusal");
+
+    // Now the refusal is written.
+    pin.rollback().await.unwrap();
+    wait_until("the part refunded", PIPELINE_WAIT, || async {
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM seller_orders WHERE status = 'refunded'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let refunds: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        // (The replacement's row was written in a transaction older than the
+        // cancel's: `created_at` does not order them.)
+        "SELECT amount_minor, status, idempotency_key FROM refunds
+          ORDER BY idempotency_key IS NOT NULL, status",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    let again = format!("replaces:{first}");
+    assert_eq!(
+        refunds,
+        vec![
+            (500, "failed".to_string(), None),
+            (total - 500, "succeeded".to_string(), None),
+            (500, "succeeded".to_string(), Some(again)),
+        ],
+        "the refused 500 asked for again, once"
+    );
+    // At Stripe: all of it back, in two refunds; three asks, each its own key.
+    let intent: String = sqlx::query_scalar("SELECT payment_intent_id FROM orders")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let at_stripe: i64 = stripe
+        .refunds_of(&intent)
+        .await
+        .iter()
+        .map(|r| r["amount"].as_i64().unwrap())
+        .sum();
+    assert_eq!(at_stripe, total);
+    let asks = proxy.seen_to(Method::POST, "/v1/refunds");
+    let mut keys: Vec<_> = asks.iter().map(|s| s.idempotency_key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!((asks.len(), keys.len()), (3, 3), "{asks:?}");
+    let refunded = wait_for(app, &buyer.token, &order, "refunded").await;
+    assert_eq!(refunded["refunded_minor"], total);
+
+    // Nothing left for an admin: the payment is not flagged; the customer
+    // hears of each refund that went through, never of a delay.
+    let flag: Option<String> = sqlx::query_scalar("SELECT flagged_reason FROM payments")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(flag, None);
+    let mails = settled_mails(app).await;
+    assert_eq!(sent(&mails, &buyer.email, "refund_issued"), 2, "{mails:?}");
+    assert_eq!(sent_of(&mails, "refund_failed"), 0, "{mails:?}");
+    posted(app, "refund:%", 2).await;
+    assert_ledger_balances(app).await;
+
+    payments.stop().await;
+    market.close().await;
+}

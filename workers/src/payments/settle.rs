@@ -379,6 +379,19 @@ pub async fn refund_answered(
                 .bind(&failure)
                 .execute(&mut *tx)
                 .await?;
+            // A cancel counted this refund as on its way and asked only for
+            // the rest: the money is still owed, so it is asked for again
+            // (once). The customer and seller hear of it when it goes
+            // through, as of any refund; admins only for the record.
+            if let Some(replacement) = refunds::replace_failed(tx, refund, corr).await? {
+                tracing::warn!(%refund, %replacement, failure, "Stripe refused a refund of a cancelled part; asked again");
+                let data = json!({
+                    "order_id": order.id, "refund_id": refund, "replaced_by": replacement,
+                    "reason": format!("refund {refund} refused by Stripe: {failure}"),
+                });
+                notify::admins(tx, "refund_replaced", &data).await?;
+                return Ok(());
+            }
             let flag = format!("refund {refund} refused by Stripe: {failure}");
             sqlx::query("UPDATE payments SET flagged_reason = $2 WHERE id = $1")
                 .bind(r.payment_id)
