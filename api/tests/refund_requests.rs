@@ -50,6 +50,23 @@ async fn seller_approves(app: &App, seller: &str, request: &Value, restock: bool
     .await
 }
 
+/// The seller turns `request` down with `reason`.
+async fn seller_rejects(app: &App, seller: &str, request: &Value, reason: &str) -> Value {
+    let reject = format!("/seller/refund-requests/{}/reject", id(request));
+    json_of(
+        call(
+            app,
+            seller,
+            Method::POST,
+            &reject,
+            json!({ "reason": reason }),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await
+}
+
 /// A tiny valid PNG.
 fn png() -> Vec<u8> {
     let mut bytes = Vec::new();
@@ -281,13 +298,7 @@ async fn an_admin_can_overturn_a_sellers_rejection_with_a_reason() {
         StatusCode::CREATED,
     )
     .await;
-    let reject = format!("/seller/refund-requests/{}/reject", id(&request));
-    let rejected = json!({"reason": "it left the workshop whole"});
-    json_of(
-        call(app, &oak.seller, Method::POST, &reject, rejected).await,
-        StatusCode::OK,
-    )
-    .await;
+    seller_rejects(app, &oak.seller, &request, "it left the workshop whole").await;
     // The seller cannot change its mind by approving now.
     let approve = format!("/seller/refund-requests/{}/approve", id(&request));
     let again = call(
@@ -392,19 +403,7 @@ async fn a_line_is_refunded_once_however_its_requests_are_decided() {
         assert_eq!(listed["total"], total, "{listed}");
     }
 
-    let reject = format!("/seller/refund-requests/{}/reject", id(&first));
-    json_of(
-        call(
-            app,
-            &oak.seller,
-            Method::POST,
-            &reject,
-            json!({"reason": "left whole"}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    seller_rejects(app, &oak.seller, &first, "left whole").await;
     let second = json_of(
         call(app, &buyer.token, Method::POST, &path, ask).await,
         StatusCode::CREATED,
@@ -868,19 +867,7 @@ async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
     );
     // The seller turns it down; an admin overturns that, now that Stripe
     // takes refunds again: the failed one took no unit of the line back.
-    let reject = format!("/seller/refund-requests/{}/reject", id(&again));
-    json_of(
-        call(
-            app,
-            &oak.seller,
-            Method::POST,
-            &reject,
-            json!({"reason": "left whole"}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    seller_rejects(app, &oak.seller, &again, "left whole").await;
     proxy.pass_through();
     let root_token = token_for(app, &root).await;
     let step_in = format!("/admin/refund-requests/{}/approve", id(&again));
