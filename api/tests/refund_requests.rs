@@ -9,8 +9,9 @@ use common::{
     catalog::{call, json_of},
     fields,
     orders::{
-        Market, PIPELINE_WAIT, assert_ledger_balances, checkout_and_pay, deliver, ledger_balance,
-        mails_about, part_of, posted, seller_email, sent, sent_of, settled_mails, stock, wait_for,
+        Market, PIPELINE_WAIT, assert_ledger_balances, checkout_and_pay, counted, deliver,
+        ledger_balance, mails_about, part_of, posted, refunds_at_stripe, seller_email, sent,
+        sent_of, settled_mails, stock, wait_for,
     },
     problem,
     stripe_proxy::{StripeProxy, payments_through},
@@ -220,10 +221,7 @@ async fn an_approved_refund_reaches_stripe_and_the_ledger_once() {
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
-    wait_until("the refund at Stripe", PIPELINE_WAIT, || async {
-        stripe.refunds_of(&intent).await.len() == 1
-    })
-    .await;
+    refunds_at_stripe(stripe, &intent, 1, "the refund at Stripe").await;
     assert_eq!(stripe.refunds_of(&intent).await[0]["amount"], 4500);
     posted(app, "refund:%", 1).await;
     assert_eq!(refund_postings(app).await, 1);
@@ -350,10 +348,7 @@ async fn an_admin_can_overturn_a_sellers_rejection_with_a_reason() {
             .await
             .unwrap(),
     };
-    wait_until("the refund at Stripe", PIPELINE_WAIT, || async {
-        stripe.refunds_of(&intent).await.len() == 1
-    })
-    .await;
+    refunds_at_stripe(stripe, &intent, 1, "the refund at Stripe").await;
     assert_eq!(stripe.refunds_of(&intent).await[0]["amount"], 4500);
     mails_about(&seller_email(app, "oak").await, "Refund request", 2).await;
     mails_about(&buyer.email, "Refund request approved", 1).await;
@@ -444,10 +439,7 @@ async fn a_line_is_refunded_once_however_its_requests_are_decided() {
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
-    wait_until("the refund at Stripe", PIPELINE_WAIT, || async {
-        stripe.refunds_of(&intent).await.len() == 1
-    })
-    .await;
+    refunds_at_stripe(stripe, &intent, 1, "the refund at Stripe").await;
     posted(app, "refund:%", 1).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(stripe.refunds_of(&intent).await.len(), 1);
@@ -545,14 +537,12 @@ async fn a_seller_cancel_after_a_partial_refund_gives_back_only_the_rest() {
         StatusCode::OK,
     )
     .await;
-    wait_until("both refunds through", PIPELINE_WAIT, || async {
-        count(
-            &app.db.pool,
-            "SELECT count(*) FROM refunds WHERE status = 'succeeded'",
-        )
-        .await
-            == 2
-    })
+    counted(
+        app,
+        "both refunds through",
+        "SELECT count(*) FROM refunds WHERE status = 'succeeded'",
+        2,
+    )
     .await;
     let total = paid["total_minor"].as_i64().unwrap();
     let amounts: Vec<i64> =
@@ -668,10 +658,7 @@ async fn a_refund_above_what_was_paid_is_refused() {
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
-    wait_until("the goodwill refund at Stripe", PIPELINE_WAIT, || async {
-        stripe.refunds_of(&intent).await.len() == 1
-    })
-    .await;
+    refunds_at_stripe(stripe, &intent, 1, "the goodwill refund at Stripe").await;
     assert_eq!(stripe.refunds_of(&intent).await[0]["amount"], 999);
 
     // Another customer cannot ask on this order.
@@ -742,14 +729,12 @@ async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
     let approved = seller_approves(app, &oak.seller, &request, false).await;
     assert_eq!(approved["status"], "approved");
 
-    wait_until("the refund to fail", PIPELINE_WAIT, || async {
-        count(
-            &app.db.pool,
-            "SELECT count(*) FROM refunds WHERE status <> 'requested'",
-        )
-        .await
-            == 1
-    })
+    counted(
+        app,
+        "the refund to fail",
+        "SELECT count(*) FROM refunds WHERE status <> 'requested'",
+        1,
+    )
     .await;
     let mails = settled_mails(app).await;
 
@@ -956,14 +941,12 @@ async fn a_unit_restocked_by_a_refund_request_is_not_restocked_again_on_cancel()
         StatusCode::OK,
     )
     .await;
-    wait_until("the part's stock returned", PIPELINE_WAIT, || async {
-        count(
-            &app.db.pool,
-            "SELECT count(*) FROM seller_orders WHERE stock_returned_at IS NOT NULL",
-        )
-        .await
-            == 1
-    })
+    counted(
+        app,
+        "the part's stock returned",
+        "SELECT count(*) FROM seller_orders WHERE stock_returned_at IS NOT NULL",
+        1,
+    )
     .await;
     assert_eq!(
         stock(app, &oak.variant).await,
@@ -1057,14 +1040,12 @@ async fn a_refund_refused_after_a_cancel_counted_it_is_asked_for_again() {
         StatusCode::OK,
     )
     .await;
-    wait_until("the rest refunded", PIPELINE_WAIT, || async {
-        count(
-            &app.db.pool,
-            "SELECT count(*) FROM refunds WHERE status = 'succeeded'",
-        )
-        .await
-            == 1
-    })
+    counted(
+        app,
+        "the rest refunded",
+        "SELECT count(*) FROM refunds WHERE status = 'succeeded'",
+        1,
+    )
     .await;
     let status: String = sqlx::query_scalar("SELECT status FROM refunds WHERE id = $1")
         .bind(first)
@@ -1075,14 +1056,12 @@ async fn a_refund_refused_after_a_cancel_counted_it_is_asked_for_again() {
 
     // Now the refusal is written.
     pin.rollback().await.unwrap();
-    wait_until("the part refunded", PIPELINE_WAIT, || async {
-        count(
-            &app.db.pool,
-            "SELECT count(*) FROM seller_orders WHERE status = 'refunded'",
-        )
-        .await
-            == 1
-    })
+    counted(
+        app,
+        "the part refunded",
+        "SELECT count(*) FROM seller_orders WHERE status = 'refunded'",
+        1,
+    )
     .await;
     let refunds: Vec<(i64, String, Option<String>)> = sqlx::query_as(
         // (The replacement's row was written in a transaction older than the

@@ -325,6 +325,22 @@ pub async fn ask_refund(
     .await
 }
 
+/// Waits (the pipeline's time) until `sql`, a count, reads `n`.
+pub async fn counted(app: &App, what: &str, sql: &'static str, n: i64) {
+    souk_testkit::wait_until(what, PIPELINE_WAIT, || async {
+        souk_testkit::count(&app.db.pool, sql).await == n
+    })
+    .await;
+}
+
+/// Waits (the pipeline's time) until `intent` has `n` refunds at Stripe.
+pub async fn refunds_at_stripe(stripe: &LocalStripe, intent: &str, n: usize, what: &str) {
+    souk_testkit::wait_until(what, PIPELINE_WAIT, || async {
+        stripe.refunds_of(intent).await.len() == n
+    })
+    .await;
+}
+
 /// The seller order of `slug` within `order` (as read by its customer).
 pub fn part_of(order: &Value, slug: &str) -> String {
     order["seller_orders"]
