@@ -728,6 +728,7 @@ impl Validate for PasswordChange {
     responses(
         (status = 200, description = "changed; a new session", body = Session),
         (status = 401, description = "not signed in", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the password changed (a reset, a sign-in with SSO) while this one was checked", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "wrong current password or weak new one", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "too many wrong current passwords; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
