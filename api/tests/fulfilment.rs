@@ -5,7 +5,7 @@
 mod common;
 
 use common::{
-    App, admin,
+    App,
     catalog::{call, json_of},
     fields,
     orders::{
@@ -13,7 +13,7 @@ use common::{
         customer, end_holds, mails_about, mails_logged, of_order, order, pay, posted, seller_email,
         settle, stock, wait_for,
     },
-    problem, signed_in, token_for,
+    problem, signed_in,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -513,8 +513,7 @@ async fn admins_see_every_order_and_correct_a_status_with_a_reason() {
     let Market {
         app, stripe, oak, ..
     } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let root = market.admin_token().await;
     let buyer = customer(app).await;
     add_to_cart(app, &buyer.token, &oak.variant, 1).await;
     let paid = checkout_and_pay(app, stripe, &buyer.token).await;
@@ -748,8 +747,7 @@ async fn a_shops_terms_set_its_shipping_and_commission() {
     let Market {
         app, stripe, oak, ..
     } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let root = market.admin_token().await;
     let shop = json!({"shipping_flat_minor": 0});
     let updated = json_of(
         call(app, &oak.seller, Method::PATCH, "/shops/oak", shop).await,
@@ -972,8 +970,7 @@ async fn the_customer_is_mailed_when_the_seller_starts_and_when_an_admin_correct
     let Market {
         app, stripe, oak, ..
     } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let root = market.admin_token().await;
     let buyer = customer(app).await;
     add_to_cart(app, &buyer.token, &oak.variant, 1).await;
     let paid = checkout_and_pay(app, stripe, &buyer.token).await;

@@ -6,13 +6,11 @@
 mod common;
 
 use common::{
-    admin,
     catalog::{call, json_of},
     orders::{
         Market, PIPELINE_WAIT, ask_refund, assert_ledger_balances, checkout_and_pay, deliver,
         end_holds, ledger_balance, part_of, posted, wait_for,
     },
-    token_for,
 };
 use std::time::Duration;
 
@@ -45,8 +43,7 @@ async fn every_ledger_transaction_balances_after_orders_deliveries_refunds_and_w
         tea,
         ..
     } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let root = market.admin_token().await;
 
     // A: two boards and a teapot, both delivered; the holds end.
     let a = market.shopper(&[(oak, 2), (tea, 1)]).await;
@@ -261,11 +258,8 @@ async fn earnings_stay_pending_for_the_whole_hold_then_become_available() {
     // Short enough to wait out, long enough for many 200 ms sweeps inside it.
     const HOLD: Duration = Duration::from_secs(5);
     let market = Market::open_with_hold(HOLD).await;
-    let Market {
-        app, stripe, oak, ..
-    } = &market;
-    let buyer = market.shopper(&[(oak, 1)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let Market { app, oak, .. } = &market;
+    let (_, paid) = market.paid(&[(oak, 1)]).await;
     deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
     posted(app, "earning:%", 1).await;
 
@@ -339,11 +333,8 @@ async fn earnings_stay_pending_for_the_whole_hold_then_become_available() {
 async fn settlement_credits_each_delivery_once_under_redelivery_and_two_processes() {
     let mut market = Market::open().await;
     market.pipeline.run_settlement(&market.app);
-    let Market {
-        app, stripe, oak, ..
-    } = &market;
-    let buyer = market.shopper(&[(oak, 1)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let Market { app, oak, .. } = &market;
+    let (_, paid) = market.paid(&[(oak, 1)]).await;
     let part = part_of(&paid, "oak");
     deliver(app, &oak.seller, &part).await;
     posted(app, "earning:%", 1).await;
@@ -416,14 +407,10 @@ async fn settlement_credits_each_delivery_once_under_redelivery_and_two_processe
 #[tokio::test]
 async fn a_refund_gives_back_only_the_commission_on_the_items_it_takes_back() {
     let market = Market::open().await;
-    let Market {
-        app, stripe, oak, ..
-    } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let Market { app, oak, .. } = &market;
+    let root = market.admin_token().await;
     // Two boards (9000 of items, 10 %: commission 900) and 499 shipping.
-    let buyer = market.shopper(&[(oak, 2)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let (buyer, paid) = market.paid(&[(oak, 2)]).await;
     let part = part_of(&paid, "oak");
     let status = format!("/seller/orders/{part}/status");
     let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM1"});

@@ -211,8 +211,7 @@ async fn a_second_successful_payment_is_refunded_and_flagged() {
     let Market {
         app, stripe, oak, ..
     } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let root = market.admin_token().await;
     let buyer = customer(app).await;
     add_to_cart(app, &buyer.token, &oak.variant, 1).await;
     let order_id = id(&checkout(app, &buyer.token).await);

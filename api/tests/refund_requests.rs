@@ -90,8 +90,7 @@ async fn an_approved_refund_reaches_stripe_and_the_ledger_once() {
     let Market {
         app, stripe, oak, ..
     } = &market;
-    let buyer = market.shopper(&[(oak, 2)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let (buyer, paid) = market.paid(&[(oak, 2)]).await;
     let order = id(&paid);
     let board = line(&paid, "Walnut board");
 
@@ -283,9 +282,8 @@ async fn an_admin_can_overturn_a_sellers_rejection_with_a_reason() {
     let Market {
         app, stripe, oak, ..
     } = &market;
-    let root = token_for(app, &admin(app).await).await;
-    let buyer = market.shopper(&[(oak, 1)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let root = market.admin_token().await;
+    let (buyer, paid) = market.paid(&[(oak, 1)]).await;
     let oak_part = part_of(&paid, "oak");
     deliver(app, &oak.seller, &oak_part).await;
     let board = line(&paid, "Walnut board");
@@ -368,9 +366,8 @@ async fn a_line_is_refunded_once_however_its_requests_are_decided() {
         tea,
         ..
     } = &market;
-    let root = token_for(app, &admin(app).await).await;
-    let buyer = market.shopper(&[(oak, 1)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let root = market.admin_token().await;
+    let (buyer, paid) = market.paid(&[(oak, 1)]).await;
     deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
     let board = line(&paid, "Walnut board");
     let path = format!("/orders/{}/refund-requests", id(&paid));
@@ -500,13 +497,9 @@ async fn one_unit_at_a_time_a_line_gives_back_exactly_what_was_paid() {
 #[tokio::test]
 async fn a_seller_cancel_after_a_partial_refund_gives_back_only_the_rest() {
     let market = Market::open().await;
-    let Market {
-        app, stripe, oak, ..
-    } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
-    let buyer = market.shopper(&[(oak, 1)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let Market { app, oak, .. } = &market;
+    let root = market.admin_token().await;
+    let (buyer, paid) = market.paid(&[(oak, 1)]).await;
     let oak_part = part_of(&paid, "oak");
     let path = format!("/admin/seller-orders/{oak_part}/refund");
     let goodwill = json!({"amount_minor": 999, "reason": "late, goodwill"});
@@ -566,10 +559,8 @@ async fn a_refund_above_what_was_paid_is_refused() {
         tea,
         ..
     } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
-    let buyer = market.shopper(&[(oak, 1), (tea, 1)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let root = market.admin_token().await;
+    let (buyer, paid) = market.paid(&[(oak, 1), (tea, 1)]).await;
     let oak_part = part_of(&paid, "oak");
     deliver(app, &oak.seller, &oak_part).await;
 
@@ -713,8 +704,7 @@ async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
-    let buyer = market.shopper(&[(oak, 1)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let (buyer, paid) = market.paid(&[(oak, 1)]).await;
     let order = id(&paid);
     deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
     posted(app, "earning:%", 1).await;
@@ -883,12 +873,9 @@ async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
 #[tokio::test]
 async fn a_unit_restocked_by_a_refund_request_is_not_restocked_again_on_cancel() {
     let market = Market::open().await;
-    let Market {
-        app, stripe, oak, ..
-    } = &market;
-    let root = token_for(app, &admin(app).await).await;
-    let buyer = market.shopper(&[(oak, 2)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let Market { app, oak, .. } = &market;
+    let root = market.admin_token().await;
+    let (buyer, paid) = market.paid(&[(oak, 2)]).await;
     let part = part_of(&paid, "oak");
     let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM1"});
     json_of(
@@ -976,9 +963,8 @@ async fn a_refund_refused_after_a_cancel_counted_it_is_asked_for_again() {
     let Market {
         app, stripe, oak, ..
     } = &market;
-    let root = token_for(app, &admin(app).await).await;
-    let buyer = market.shopper(&[(oak, 1)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let root = market.admin_token().await;
+    let (buyer, paid) = market.paid(&[(oak, 1)]).await;
     let order = id(&paid);
     let part = part_of(&paid, "oak");
     let total: i64 = sqlx::query_scalar("SELECT total_minor FROM seller_orders WHERE id = $1")

@@ -31,7 +31,8 @@ use common::{
     orders::{Customer, Listing, Market, PIPELINE_WAIT, listing, mails_about, stock, wait_for},
     problem,
     recurring::{
-        customer_with_card, make_due, notifications, replenisher, runs, schedule, schedule_id,
+        customer_with_card, make_due, make_due_on, notifications, replenisher, runs, schedule,
+        schedule_id,
     },
 };
 
@@ -341,18 +342,6 @@ async fn set_next_run_at(m: &Market, schedule: &str, at: DateTime<Utc>) {
         .execute(&m.app.db.pool)
         .await
         .unwrap();
-}
-
-/// `make_due` on `db`: a transaction lets the replenisher see it only
-/// together with the test's other changes.
-async fn make_due_on<'e>(db: impl sqlx::PgExecutor<'e>, schedule: &str) {
-    sqlx::query(
-        "UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second' WHERE id = $1::uuid",
-    )
-    .bind(schedule)
-    .execute(db)
-    .await
-    .unwrap();
 }
 
 /// Brings the time of the schedule's waiting retry to now.

@@ -46,11 +46,8 @@ async fn balance(app: &App, seller: &str) -> Value {
 /// shipping less 900 commission is available (8599). Returns the buyer and
 /// the paid order.
 async fn earned(market: &Market) -> (Customer, Value) {
-    let Market {
-        app, stripe, oak, ..
-    } = market;
-    let buyer = market.shopper(&[(oak, 2)]).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let Market { app, oak, .. } = market;
+    let (buyer, paid) = market.paid(&[(oak, 2)]).await;
     deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
     posted(app, "earning:%", 1).await;
     end_holds(app).await;
@@ -516,8 +513,7 @@ async fn a_refund_after_a_payout_leaves_the_balance_negative_until_later_earning
     let Market {
         app, stripe, oak, ..
     } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let root = market.admin_token().await;
 
     // Oak takes out everything it has (8599), and it is paid.
     let w = json_of(
@@ -641,8 +637,7 @@ async fn an_open_withdrawal_is_paid_to_the_account_it_was_requested_to() {
     let market = Market::open().await;
     earned(&market).await;
     let Market { app, oak, .. } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let root = market.admin_token().await;
     let oak_email = seller_email(app, "oak").await;
 
     // Oak asks for 5000 to Layla Oak's account ending 3000 ...
@@ -753,7 +748,7 @@ async fn a_suspended_shops_open_withdrawal_is_not_paid() {
     let market = Market::open().await;
     earned(&market).await;
     let Market { app, oak, .. } = &market;
-    let root = token_for(app, &admin(app).await).await;
+    let root = market.admin_token().await;
     let w = json_of(
         withdraw(app, &oak.seller, 5000, None).await,
         StatusCode::CREATED,
@@ -803,8 +798,7 @@ async fn a_withdrawal_is_not_paid_while_a_refund_since_leaves_the_seller_owing()
     let market = Market::open().await;
     let (buyer, paid) = earned(&market).await;
     let Market { app, oak, .. } = &market;
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let root = market.admin_token().await;
 
     // Oak asks for everything (8599); before an admin pays it, one board
     // comes back out of the available balance, which had nothing left.
@@ -881,8 +875,7 @@ async fn what_an_approved_refund_will_take_cannot_be_withdrawn_before_it_is_post
     .await;
     assert_eq!(balances(app, &oak.seller).await, (0, 4050, 4549));
     // And it can be paid: what is left covers the refund on its way.
-    let root = admin(app).await;
-    let root = token_for(app, &root).await;
+    let root = market.admin_token().await;
     let paid_out = decide(app, &root, w["id"].as_str().unwrap(), "approve", "sent").await;
     assert_eq!(paid_out["status"], "paid");
     assert_ledger_balances(app).await;

@@ -295,6 +295,19 @@ impl Market {
         buyer
     }
 
+    /// A new admin's access token.
+    pub async fn admin_token(&self) -> String {
+        super::token_for(&self.app, &super::admin(&self.app).await).await
+    }
+
+    /// A customer who bought these (variant, quantity) and paid: the order
+    /// as it reads once paid.
+    pub async fn paid(&self, items: &[(&Listing, i32)]) -> (Customer, Value) {
+        let buyer = self.shopper(items).await;
+        let paid = checkout_and_pay(&self.app, &self.stripe, &buyer.token).await;
+        (buyer, paid)
+    }
+
     pub async fn close(self) {
         self.pipeline.stop().await;
     }

@@ -210,11 +210,19 @@ pub async fn runs(
 
 /// Makes the schedule due now (as time passing would).
 pub async fn make_due(app: &App, schedule: &str) {
-    sqlx::query("UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second' WHERE id = $1::uuid")
-        .bind(schedule)
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    make_due_on(&app.db.pool, schedule).await;
+}
+
+/// [`make_due`] on `db`: in a transaction, the replenisher sees it only
+/// together with the test's other changes.
+pub async fn make_due_on<'e>(db: impl sqlx::PgExecutor<'e>, schedule: &str) {
+    sqlx::query(
+        "UPDATE replenishment_schedules SET next_run_at = now() - interval '1 second' WHERE id = $1::uuid",
+    )
+    .bind(schedule)
+    .execute(db)
+    .await
+    .unwrap();
 }
 
 /// The caller's in-app notifications of `kind` (`GET /me/notifications`),
