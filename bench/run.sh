@@ -44,7 +44,8 @@ SECRET=whsec_souk_bench_signing_secret
 OUT=${OUT:-bench/results/$(date -u +%F).jsonl}
 LOGS=${SOUK_RUN_DIR:-/tmp/souk-bench}
 mkdir -p "$LOGS" "$(dirname "$OUT")"
-[ "$PHASES" = 1234 ] && rm -f "$OUT"
+# The whole set starts the day's file afresh; `serve` writes nothing to it.
+[ "$PHASES" = 1234 ] && [ "${1:-}" != serve ] && rm -f "$OUT"
 phase() { [[ $PHASES == *$1* ]]; }
 
 log "building (release)"
@@ -61,6 +62,10 @@ export PAYOUT_DETAILS_KEY=c291ay1iZW5jaC1wYXlvdXQta2V5LTMyLWJ5dGVzISE=
 export LIMIT_SIGN_IN_PER_IP_MINUTE=1000000
 "$BIN/souk-admin" migrate
 
+# WORKER_THREADS=n: each worker's tokio runtime gets n threads (tokio's
+# TOKIO_WORKER_THREADS; the default is one per core).
+WORKER_ENV=()
+[ -n "${WORKER_THREADS:-}" ] && WORKER_ENV=(TOKIO_WORKER_THREADS="$WORKER_THREADS")
 declare -A pids
 start() { # name binary args...
   local name=$1; shift
@@ -89,7 +94,7 @@ workers() { # processes of each
   for ((i = 1; i <= $1; i++)); do
     for n in relay:outbox-relay splitter:order-splitter reserver:stock-reserver payments:payments; do
       port=$((port + 1))
-      start "${n%%:*}$i" env OPS_ADDR="127.0.0.1:$port" "$BIN/${n#*:}"
+      start "${n%%:*}$i" env "${WORKER_ENV[@]}" OPS_ADDR="127.0.0.1:$port" "$BIN/${n#*:}"
     done
   done
   sleep 1
