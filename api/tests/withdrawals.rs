@@ -5,12 +5,12 @@
 mod common;
 
 use common::{
-    App, WITHDRAWAL_MIN_MINOR, admin,
+    App, WAIT, WITHDRAWAL_MIN_MINOR, admin,
     catalog::{call, json_of},
     fields,
     orders::{
-        Customer, Market, ask_refund, assert_ledger_balances, checkout_and_pay, deliver, end_holds,
-        ledger_balance, mails_about, part_of, posted, seller_email,
+        Customer, Market, ask_refund, assert_ledger_balances, checkout_and_pay, counted, deliver,
+        end_holds, ledger_balance, mails_about, part_of, posted, seller_email,
     },
     problem,
     stripe_proxy::payments_through,
@@ -18,7 +18,10 @@ use common::{
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use souk_shared::ledger::{self, postings};
 use souk_testkit::{count, mail::Mail};
+use std::time::Duration;
+use uuid::Uuid;
 
 const IBAN: &str = "DE89 3704 0044 0532 0130 00";
 
@@ -878,6 +881,129 @@ async fn what_an_approved_refund_will_take_cannot_be_withdrawn_before_it_is_post
     let root = market.admin_token().await;
     let paid_out = decide(app, &root, w["id"].as_str().unwrap(), "approve", "sent").await;
     assert_eq!(paid_out["status"], "paid");
+    assert_ledger_balances(app).await;
+    market.close().await;
+}
+
+#[tokio::test]
+async fn a_release_waits_for_a_withdrawal_being_decided_so_owed_and_balance_agree() {
+    // Everything but the payments worker; one of its own runs until the
+    // second order is paid, then stops, so that order's refund waits.
+    let market = Market::without_payments().await;
+    let payments = payments_through(&market.app, &market.pipeline, &market.stripe.url);
+    let (buyer, paid) = earned(&market).await;
+    let Market { app, oak, .. } = &market;
+    let root = market.admin_token().await;
+
+    // Oak asks for all 8599; then a board of that order comes back out of
+    // the available balance: -4050.
+    let w = json_of(
+        withdraw(app, &oak.seller, 8599, None).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let id = w["id"].as_str().unwrap();
+    return_one_board(app, &buyer, &oak.seller, &paid).await;
+    posted(app, "refund:%", 1).await;
+    // A second order of one board, delivered: 4549 pending, still held.
+    let (second_buyer, second) = market.paid(&[(oak, 1)]).await;
+    let part = part_of(&second, "oak");
+    deliver(app, &oak.seller, &part).await;
+    posted(app, "earning:%", 2).await;
+    payments.stop().await;
+    // Its board comes back too; the refund waits for Stripe. Once the
+    // earning is released, 4050 of it will come out of the available balance.
+    return_one_board(app, &second_buyer, &oak.seller, &second).await;
+    counted(
+        app,
+        "the refund waiting",
+        "SELECT count(*) FROM refunds WHERE status = 'requested'",
+        1,
+    )
+    .await;
+    assert_eq!(balances(app, &oak.seller).await, (4549, -4050, 8599));
+
+    // An admin's approval, up to its first read: the account locked as the
+    // approval locks it, and nothing owed yet (the earning is not released).
+    let (shop, currency): (Uuid, String) =
+        sqlx::query_as("SELECT shop_id, currency FROM withdrawals WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    let mut approval = app.db.pool.begin().await.unwrap();
+    ledger::lock_available(&mut approval, shop, &currency)
+        .await
+        .unwrap();
+    let owed = ledger::waiting_refunds_owed(&mut approval, shop, &currency)
+        .await
+        .unwrap();
+    assert_eq!(owed, 0);
+
+    // The sweep's release of the second order, meanwhile, waits for it.
+    let mut sweep = app.db.pool.begin().await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *sweep)
+        .await
+        .unwrap();
+    let seller_order = Uuid::parse_str(&part).unwrap();
+    let release = tokio::spawn(async move {
+        let done = postings::release(&mut sweep, seller_order).await.unwrap();
+        sweep.commit().await.unwrap();
+        done
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // Had it gone through, the read below would find its 4549 (499
+        // available) beside nothing owed: oak paid out while it owes 4050.
+        assert!(
+            !release.is_finished(),
+            "the release went through while a withdrawal was being decided"
+        );
+        let waiting: Option<bool> = sqlx::query_scalar(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+        )
+        .bind(pid)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        if waiting == Some(true) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the release neither waited nor finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let balance = ledger::seller_balance(&mut approval, shop, &currency)
+        .await
+        .unwrap();
+    assert_eq!(
+        balance.available_minor, -4050,
+        "the balance of the same moment as what is owed"
+    );
+    approval.rollback().await.unwrap();
+    assert!(release.await.unwrap(), "released once the lock is let go");
+
+    // Now both count the release: 499 available, 4050 of it owed to the
+    // waiting refund. The approval is refused: oak owes 3551.
+    assert_eq!(balances(app, &oak.seller).await, (0, 499, 8599));
+    let mut conn = app.db.pool.acquire().await.unwrap();
+    assert_eq!(
+        ledger::waiting_refunds_owed(&mut conn, shop, &currency)
+            .await
+            .unwrap(),
+        4050
+    );
+    let path = format!("/admin/withdrawals/{id}/approve");
+    let refused = problem(
+        call(app, &root, Method::POST, &path, json!({"reason": "sent"})).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert!(refused.to_string().contains("owes 3551"), "{refused}");
+    assert_eq!(ledger_balance(app, "payouts", None).await, 0);
     assert_ledger_balances(app).await;
     market.close().await;
 }

@@ -11,7 +11,7 @@ use souk_shared::{
     config::{ConfigError, Env},
     contracts::{PaymentCaptured, RefundSucceeded, SellerOrderDelivered},
     envelope::Envelope,
-    ledger::{PostError, postings},
+    ledger::{self, PostError, postings},
     topology,
 };
 use sqlx::{PgConnection, PgPool};
@@ -114,8 +114,8 @@ pub async fn sweep_releases(pool: PgPool, poll: Duration, shutdown: Cancellation
 /// waits for its next delivery.
 pub async fn release_batch(pool: &PgPool, limit: i64) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let due: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT e.seller_order_id FROM seller_earnings e
+    let due: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+        "SELECT e.seller_order_id, e.shop_id, e.currency FROM seller_earnings e
            JOIN seller_orders so ON so.id = e.seller_order_id
           WHERE e.released_at IS NULL AND e.available_at <= now() AND so.status = 'delivered'
           ORDER BY e.available_at LIMIT $1
@@ -124,8 +124,21 @@ pub async fn release_batch(pool: &PgPool, limit: i64) -> anyhow::Result<usize> {
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
+    // Each release locks its shop's available account (so that a
+    // withdrawal checking the balance sees it whole or not at all); the
+    // batch spans shops, so it takes them all now, in one order, lest two
+    // sweeps each hold one the other waits for.
+    let mut accounts: Vec<(Uuid, &str)> = due
+        .iter()
+        .map(|(_, shop, currency)| (*shop, currency.as_str()))
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    for (shop, currency) in accounts {
+        ledger::lock_available(&mut tx, shop, currency).await?;
+    }
     let mut released = 0;
-    for seller_order in &due {
+    for (seller_order, _, _) in &due {
         let mut one = sqlx::Connection::begin(&mut *tx).await?;
         match postings::release(&mut one, *seller_order).await {
             Ok(_) => {

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use souk_shared::{
-    ledger::{self, Account, postings, postings::WithdrawalStep},
+    ledger::{self, postings, postings::WithdrawalStep},
     notify,
 };
 use sqlx::PgConnection;
@@ -309,13 +309,11 @@ async fn shop_may_withdraw(conn: &mut PgConnection, shop: Uuid) -> Result<(), Ap
 
 /// Locks the shop's available account for the rest of `tx`: requests and
 /// decisions of one shop queue here, so the balance each reads is the one
-/// it acts on.
+/// it acts on. Releases of the shop's earnings queue here too, so what is
+/// owed to refunds and the balance, read in two statements, agree
+/// ([`ledger::lock_available`]).
 async fn lock_available(tx: &mut PgConnection, shop: Uuid, currency: &str) -> Result<(), ApiError> {
-    let available = ledger::account_id(&mut *tx, Account::SellerAvailable(shop), currency).await?;
-    sqlx::query("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(available)
-        .execute(&mut *tx)
-        .await?;
+    ledger::lock_available(tx, shop, currency).await?;
     Ok(())
 }
 
@@ -382,6 +380,8 @@ pub async fn request(
     })?;
     // Refunds already decided on released earnings will come out of the
     // available balance: what they will take is not the seller's to withdraw.
+    // Two reads, one view: no release can commit between them, as it waits
+    // for the lock taken above.
     let owed = ledger::waiting_refunds_owed(&mut tx, shop, &state.market.currency).await?;
     let balance = ledger::seller_balance(&mut tx, shop, &state.market.currency).await?;
     let withdrawable = balance.available_minor - owed;
@@ -718,7 +718,9 @@ async fn decide(
         // A refund since the request (or one on its way) that left the
         // seller owing: paying now would send out money the seller no
         // longer has. It waits until later earnings make up for it, or is
-        // turned down.
+        // turned down. Both read under the lock taken first: a release
+        // (more balance, and its waiting refunds owed) lands before both
+        // or after both, never between.
         let owed = ledger::waiting_refunds_owed(&mut tx, shop, &state.market.currency).await?;
         let balance = ledger::seller_balance(&mut tx, shop, &state.market.currency).await?;
         let short = owed - balance.available_minor;

@@ -80,6 +80,41 @@ pub async fn account_id(
     .await
 }
 
+/// Locks the seller's available account (made on first use) for the rest
+/// of the caller's transaction, `FOR NO KEY UPDATE` (an entry's foreign key
+/// check takes only `KEY SHARE`, so posting to the account never waits on
+/// it, and waiting here never blocks a posting that does not take it).
+///
+/// A withdrawal's request and its payment take it first, then read what
+/// [`waiting_refunds_owed`] and then the balance, in two statements: each
+/// its own snapshot. So everything that could make those two reads
+/// disagree takes it too, and lands before both or after both: the
+/// withdrawal steps (posted by the request and the decision, under it),
+/// and a release, which at once adds to the balance and brings its seller
+/// order's waiting refunds into what is owed (read between the two, the
+/// payout would count the money but not the refunds it goes back to). A refund posted out of the balance needs no lock: it
+/// is counted once (owed if it is read before, in the balance if after) or
+/// twice (on the safe side), never missed; see [`waiting_refunds_owed`].
+///
+/// Lock order: a withdrawal takes this first (before its own row and the
+/// shop's); a release takes it after the seller order's and the earning's
+/// rows, and a transaction taking several shops' takes them in order of
+/// (shop, currency), as the release sweep does. Nothing that holds it
+/// then waits for a seller order's or an earning's row held by another
+/// (the sweep locked its own before).
+pub async fn lock_available(
+    conn: &mut PgConnection,
+    shop: Uuid,
+    currency: &str,
+) -> Result<(), sqlx::Error> {
+    let available = account_id(&mut *conn, Account::SellerAvailable(shop), currency).await?;
+    sqlx::query("SELECT 1 FROM ledger_accounts WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(available)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// One business event's movement of money.
 #[derive(Debug, Clone)]
 pub struct Posting {
@@ -187,10 +222,13 @@ pub async fn seller_balance(
 /// decided but not yet posted (waiting for Stripe, or for settlement), on
 /// seller orders whose earning was released: their seller's share, as
 /// [`refund_shares`] will post it (exact whichever posts first, as the
-/// shares are cumulative). Read it before the balance: a refund posted in
-/// between is then counted twice (a withdrawal refused that could have
-/// gone), never missed. It reads the shop's seller orders, by the shop's
-/// index, as the balance reads the shop's entries.
+/// shares are cumulative). Read it before the balance, both under
+/// [`lock_available`]: a release (which brings a seller order into this
+/// sum as it adds to the balance) then cannot commit between the two
+/// reads, and a refund posted in between (refunds do not take the lock) is
+/// counted twice (a withdrawal refused that could have gone), never missed.
+/// It reads the shop's seller orders, by the shop's index, as the balance
+/// reads the shop's entries.
 pub async fn waiting_refunds_owed(
     conn: &mut PgConnection,
     shop: Uuid,

@@ -6,6 +6,10 @@
 //! is posted, so the two never interleave: a refund posted before the
 //! earning comes out of the clearing account and the earning nets it; one
 //! posted after comes back out of the seller's balance and the commission.
+//!
+//! A release also locks the seller's available account, after those rows,
+//! as withdrawals lock it to check the balance ([`super::lock_available`]
+//! says why and in which order).
 
 use std::time::Duration;
 
@@ -172,6 +176,15 @@ pub async fn release(conn: &mut PgConnection, seller_order: Uuid) -> Result<bool
     if released {
         return Ok(false);
     }
+    // From here this seller order's waiting refunds count as owed out of
+    // the available balance, and (below) its money is added to it: a
+    // withdrawal checking the two, under this lock, must see both or
+    // neither. Without it nothing here would wait on the withdrawal (the
+    // entries' foreign key takes only KEY SHARE), and a release committed
+    // between its read of what is owed and its read of the balance would
+    // let it pay out money the seller owes to those refunds. Taken after
+    // the earning's row (and the seller order's, which the sweep holds).
+    super::lock_available(conn, shop, &currency).await?;
     sqlx::query("UPDATE seller_earnings SET released_at = now() WHERE seller_order_id = $1")
         .bind(seller_order)
         .execute(&mut *conn)
@@ -261,6 +274,11 @@ pub async fn refund(conn: &mut PgConnection, refund: Uuid) -> Result<bool, PostE
     };
     let before = refunded(conn, seller_order).await?;
     let (seller, platform) = refund_shares(before, r.amount_minor, part.terms());
+    // Out of the available balance without its lock: a withdrawal checking
+    // it meanwhile counts this refund once or twice, never not at all (see
+    // `waiting_refunds_owed`), and settlement posts several shops' refunds
+    // in one transaction, in message order, where taking their locks could
+    // leave two batches waiting on each other.
     let from = if released {
         Account::SellerAvailable(part.shop_id)
     } else {
