@@ -9,9 +9,9 @@ use common::{
     catalog::{call, json_of},
     fields,
     orders::{
-        Market, PIPELINE_WAIT, assert_ledger_balances, checkout_and_pay, counted, deliver,
-        ledger_balance, mails_about, part_of, posted, refunds_at_stripe, seller_email, sent,
-        sent_of, settled_mails, stock, wait_for,
+        Market, PIPELINE_WAIT, ask_refund, assert_ledger_balances, checkout_and_pay, counted,
+        deliver, ledger_balance, mails_about, part_of, posted, refunds_at_stripe, seller_email,
+        sent, sent_of, settled_mails, stock, wait_for,
     },
     problem,
     stripe_proxy::{StripeProxy, payments_through},
@@ -940,6 +940,76 @@ async fn a_unit_restocked_by_a_refund_request_is_not_restocked_again_on_cancel()
         (5, 0),
         "each unit back once"
     );
+    market.close().await;
+}
+
+/// Two boards returned, their request approved with a restock: on the
+/// shelf at once. Stripe then refuses the refund, so the customer asks
+/// again for the same two boards and that is approved with a restock too:
+/// the boards are already back, so the stock rises once (two boards, not
+/// four that could be sold), and the second approval says it restocked none.
+#[tokio::test]
+async fn units_restocked_before_their_refund_failed_are_not_restocked_again() {
+    const REFUSED: &str = "Charge ch_souk has already been disputed.";
+    let market = Market::without_payments().await;
+    let proxy = StripeProxy::start(&market.stripe.url).await;
+    proxy.refuse(Method::POST, "/v1/refunds", REFUSED);
+    let payments = payments_through(&market.app, &market.pipeline, &proxy.url);
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let (buyer, paid) = market.paid(&[(oak, 2)]).await;
+    deliver(app, &oak.seller, &part_of(&paid, "oak")).await;
+    let (sold, _) = stock(app, &oak.variant).await;
+
+    let first = ask_refund(app, &buyer.token, &paid, "Walnut board", 2, "both cracked").await;
+    let restocked = seller_approves(app, &oak.seller, &first, true).await;
+    assert_eq!(stock(app, &oak.variant).await, (sold + 2, 0));
+    counted(
+        app,
+        "the refund to fail",
+        "SELECT count(*) FROM refunds WHERE status = 'failed'",
+        1,
+    )
+    .await;
+
+    // No money went back: the two boards may be asked for again.
+    let again = ask_refund(app, &buyer.token, &paid, "Walnut board", 2, "still cracked").await;
+    proxy.pass_through();
+    let approved = seller_approves(app, &oak.seller, &again, true).await;
+    assert_eq!(
+        stock(app, &oak.variant).await,
+        (sold + 2, 0),
+        "the two boards went back in stock once"
+    );
+    // Each approval tells what it put back.
+    assert_eq!(restocked["restocked_units"], 2, "{restocked}");
+    assert_eq!(
+        (
+            approved["restock"].as_bool(),
+            approved["restocked_units"].as_i64()
+        ),
+        (Some(true), Some(0)),
+        "{approved}"
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM stock_adjustments WHERE reason LIKE 'returned: refund request %'"
+        )
+        .await,
+        1
+    );
+    let intent: String = sqlx::query_scalar("SELECT payment_intent_id FROM orders")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    refunds_at_stripe(stripe, &intent, 1, "the second refund at Stripe").await;
+    posted(app, "refund:%", 1).await;
+    assert_eq!(stock(app, &oak.variant).await, (sold + 2, 0));
+    assert_ledger_balances(app).await;
+
+    payments.stop().await;
     market.close().await;
 }
 

@@ -261,14 +261,13 @@ async fn restock_seller_order(
     let Some((order, shop)) = part else {
         return Ok(());
     };
-    // Less the units already back on the shelf through an approved refund
-    // request that restocked them: each sold unit returns once.
+    // Less the units already back on the shelf through approved refund
+    // requests (what each restocked): each sold unit returns once.
     let sold: Vec<Units> = sqlx::query_as(
         "SELECT variant_id, quantity FROM (
              SELECT l.variant_id,
-                    (l.quantity - coalesce((SELECT sum(r.quantity) FROM refund_requests r
-                                             WHERE r.order_line_id = l.id AND r.status = 'approved'
-                                               AND r.restock), 0))::int AS quantity
+                    (l.quantity - coalesce((SELECT sum(r.restocked_units) FROM refund_requests r
+                                             WHERE r.order_line_id = l.id), 0))::int AS quantity
                FROM order_lines l WHERE l.order_id = $1 AND l.shop_id = $2) left_to_return
           WHERE quantity > 0",
     )

@@ -71,8 +71,12 @@ pub struct RefundRequest {
     pub reason: String,
     /// `open`, `approved` or `rejected`.
     pub status: String,
-    /// Whether approved units went back in stock.
+    /// Whether the decider chose to put the approved units back in stock.
     pub restock: Option<bool>,
+    /// Units this approval put back in stock: `quantity` with `restock`,
+    /// fewer (down to 0) when earlier approvals of the line, whose refunds
+    /// Stripe refused, already restocked them; 0 otherwise.
+    pub restocked_units: i32,
     /// `seller` or `admin`.
     pub decided_by: Option<String>,
     pub decision_reason: Option<String>,
@@ -99,6 +103,7 @@ struct Row {
     reason: String,
     status: String,
     restock: Option<bool>,
+    restocked_units: i32,
     decided_role: Option<String>,
     decision_reason: Option<String>,
     refund_status: Option<String>,
@@ -129,6 +134,7 @@ impl From<Row> for RefundRequest {
             reason: r.reason,
             status: r.status,
             restock: r.restock,
+            restocked_units: r.restocked_units,
             decided_by: r.decided_role,
             decision_reason: r.decision_reason,
             refund_status: r.refund_status,
@@ -141,7 +147,7 @@ impl From<Row> for RefundRequest {
 
 const SELECT: &str = "SELECT rr.id, rr.order_id, rr.seller_order_id, s.slug AS shop, rr.order_line_id AS line_id,
             l.title, l.variant_title, l.sku, rr.quantity, rr.amount_minor, o.currency, rr.reason, rr.status,
-            rr.restock, rr.decided_role, rr.decision_reason, rf.status AS refund_status,
+            rr.restock, rr.restocked_units, rr.decided_role, rr.decision_reason, rf.status AS refund_status,
             array(SELECT i.file FROM refund_request_images i WHERE i.refund_request_id = rr.id
                    ORDER BY i.position) AS images,
             rr.created_at, rr.decided_at
@@ -677,6 +683,7 @@ async fn decide(
         Decider::Admin(admin) => (admin.0.id, "admin"),
     };
     let mut refund_id = None;
+    let mut restocked = 0;
     let note = match (approval, reason) {
         (Some(a), _) => a
             .note
@@ -716,10 +723,31 @@ async fn decide(
                     ))
                 })?,
         );
+        // A restock puts back at most the line's units no earlier approval
+        // restocked, whatever became of its refund. An approval restocks at
+        // once, but Stripe may refuse its refund afterwards; its units then
+        // count as not refunded (`units_left`), so the customer may ask for
+        // them again, yet they are already on the shelf. Restocking them
+        // again would show units that do not exist, to be sold twice.
+        // (Other approvals of the line are decided under the order's lock,
+        // held here, so none can restock in between.)
         if approval.restock {
+            let restocked_before: i64 = sqlx::query_scalar(
+                "SELECT coalesce(sum(restocked_units), 0)::bigint FROM refund_requests
+                  WHERE order_line_id = (SELECT order_line_id FROM refund_requests WHERE id = $1)
+                    AND status = 'approved' AND id <> $1",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            restocked = i64::from(quantity)
+                .min(i64::from(units) - restocked_before)
+                .max(0) as i32;
+        }
+        if restocked > 0 {
             let returned = [Units {
                 variant_id: variant,
-                quantity,
+                quantity: restocked,
             }];
             inventory::restock(
                 &mut tx,
@@ -737,7 +765,7 @@ async fn decide(
     };
     sqlx::query(
         "UPDATE refund_requests SET status = $2, restock = $3, decided_by = $4, decided_role = $5,
-                decision_reason = $6, refund_id = $7, decided_at = now()
+                decision_reason = $6, refund_id = $7, restocked_units = $8, decided_at = now()
           WHERE id = $1",
     )
     .bind(id)
@@ -747,11 +775,13 @@ async fn decide(
     .bind(role)
     .bind(&note)
     .bind(refund_id)
+    .bind(restocked)
     .execute(&mut *tx)
     .await?;
     let extra = json!({
         "decision": decision, "decided_by": role, "note": note,
-        "request": {"id": id, "title": title, "quantity": quantity, "amount_minor": amount},
+        "request": {"id": id, "title": title, "quantity": quantity, "amount_minor": amount,
+                    "restocked_units": restocked},
     });
     notices::to_customer(
         &mut tx,
@@ -805,7 +835,8 @@ async fn answer(
 }
 
 /// Approve a request on the shop's order: those units are refunded through
-/// Stripe and, with `restock`, put back in stock.
+/// Stripe and, with `restock`, put back in stock (those of the line not
+/// already back through an earlier approval: `restocked_units`).
 #[utoipa::path(
     post, path = "/seller/refund-requests/{id}/approve", tag = "seller", security(("bearer" = [])),
     params(("id" = Uuid, Path)), request_body = Approval,
