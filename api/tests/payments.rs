@@ -205,6 +205,110 @@ async fn a_payment_after_expiry_is_kept_if_the_stock_is_there_and_refunded_if_no
     pipeline.stop().await;
 }
 
+/// Puts `variant` and the coupon `code` in the buyer's cart and checks it
+/// out; returns the order's id.
+async fn checkout_with_coupon(
+    app: &App,
+    buyer: &common::orders::Customer,
+    variant: &str,
+    code: &str,
+) -> String {
+    add_to_cart(app, &buyer.token, variant, 1).await;
+    let body = json!({"code": code});
+    let resp = call(app, &buyer.token, Method::PUT, "/cart/coupon", body).await;
+    let cart = json_of(resp, StatusCode::OK).await;
+    assert!(
+        cart["coupon"]["discount_minor"].as_i64().unwrap() > 0,
+        "{cart}"
+    );
+    id(&checkout(app, &buyer.token).await)
+}
+
+#[tokio::test]
+async fn a_payment_after_expiry_is_refunded_if_its_coupon_was_used_up_meanwhile() {
+    let app = spawn_app(&amqp_url()).await;
+    let stripe = LocalStripe::start().await; // webhooks held back
+    let pipeline = Pipeline::checkout(&app, &stripe);
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    // One use in all; one use per customer.
+    for body in [
+        json!({"code": "ONCE", "percent_off": 20, "max_uses": 1}),
+        json!({"code": "EACH", "amount_off_minor": 500, "max_uses_per_customer": 1}),
+    ] {
+        let resp = call(&app, &oak.seller, Method::POST, "/seller/coupons", body).await;
+        json_of(resp, StatusCode::CREATED).await;
+    }
+    let (late, rival, again) = (
+        customer(&app).await,
+        customer(&app).await,
+        customer(&app).await,
+    );
+    let late_order = checkout_with_coupon(&app, &late, &oak.variant, "ONCE").await;
+    let first_order = checkout_with_coupon(&app, &again, &oak.variant, "EACH").await;
+
+    // Both are paid at Stripe, but the news arrives after their
+    // reservations ran out, which freed their coupons' uses.
+    let late_intent = pay(&app, &stripe, &late.token, &late_order, CARD_OK).await;
+    let first_intent = pay(&app, &stripe, &again.token, &first_order, CARD_OK).await;
+    run_out(&app, &late_order).await;
+    run_out(&app, &first_order).await;
+    wait_for(&app, &late.token, &late_order, "expired").await;
+    wait_for(&app, &again.token, &first_order, "expired").await;
+
+    // Meanwhile the uses are taken and paid for: ONCE's only use by someone
+    // else, EACH's by the same customer's second order.
+    let rival_order = checkout_with_coupon(&app, &rival, &oak.variant, "ONCE").await;
+    let second_order = checkout_with_coupon(&app, &again, &oak.variant, "EACH").await;
+    for (buyer, order_id) in [(&rival, &rival_order), (&again, &second_order)] {
+        let intent = pay(&app, &stripe, &buyer.token, order_id, CARD_OK).await;
+        deliver(&app, &charged_event(&stripe, &intent).await).await;
+        wait_for(&app, &buyer.token, order_id, "paid").await;
+    }
+
+    // The late payments come in. The boards are still there, but the
+    // discounts they were priced with are not: refunded in full, saying why.
+    deliver(&app, &charged_event(&stripe, &late_intent).await).await;
+    deliver(&app, &charged_event(&stripe, &first_intent).await).await;
+    for (buyer, order_id, intent) in [
+        (&late, &late_order, &late_intent),
+        (&again, &first_order, &first_intent),
+    ] {
+        let refunded = wait_for(&app, &buyer.token, order_id, "refunded").await;
+        assert_eq!(refunded["paid_at"], Value::Null, "never paid");
+        let total = refunded["total_minor"].as_i64().unwrap();
+        assert_eq!(refunded["refunded_minor"], total);
+        let reason = refunded["failure_reason"].as_str().unwrap();
+        assert!(reason.contains("coupon"), "{reason}");
+        let refunds = stripe.refunds_of(intent).await;
+        assert_eq!(refunds.len(), 1);
+        assert_eq!(refunds[0]["amount"], total);
+    }
+    mails_about(&late.email, "Refund of", 1).await;
+    assert_eq!(
+        stock(&app, &oak.variant).await,
+        (3, 0),
+        "two boards sold, the late orders' reservations not kept"
+    );
+    let uses: Vec<(String, i32)> = sqlx::query_as("SELECT code, uses FROM coupons ORDER BY code")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(uses, [("EACH".to_string(), 1), ("ONCE".to_string(), 1)]);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM coupon_redemptions").await,
+        2
+    );
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM orders WHERE status = 'paid' AND coupon_id IS NOT NULL"
+        )
+        .await,
+        2
+    );
+    pipeline.stop().await;
+}
+
 #[tokio::test]
 async fn a_second_successful_payment_is_refunded_and_flagged() {
     let market = Market::open().await;

@@ -126,20 +126,70 @@ pub async fn customer_uses(
 /// Orders not yet paid (nor dead) that carry the coupon: in all, and of
 /// `user`. Checkout counts them as uses, so concurrent checkouts cannot all
 /// take the last use; an order that dies frees its use by leaving these
-/// statuses, and a paid one is counted by [`redeem`] instead.
+/// statuses (one paid after it expired takes it back only if it is still
+/// free: [`use_left_for`]), and a paid one is counted by [`redeem`] instead.
 pub async fn in_flight(
     conn: &mut PgConnection,
     coupon: Uuid,
     user: Uuid,
 ) -> Result<(i64, i64), sqlx::Error> {
+    in_flight_besides(conn, coupon, user, None).await
+}
+
+/// As [`in_flight`], leaving out `besides` (an order judged on its own).
+async fn in_flight_besides(
+    conn: &mut PgConnection,
+    coupon: Uuid,
+    user: Uuid,
+    besides: Option<Uuid>,
+) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE customer_id = $2) FROM orders
-          WHERE coupon_id = $1 AND status IN ('pending', 'reserved', 'awaiting_payment', 'payment_failed')",
+          WHERE coupon_id = $1 AND id IS DISTINCT FROM $3
+            AND status IN ('pending', 'reserved', 'awaiting_payment', 'payment_failed')",
     )
     .bind(coupon)
     .bind(user)
+    .bind(besides)
     .fetch_one(conn)
     .await
+}
+
+/// Whether the coupon still has a use for `order` of `user`, an order that
+/// had stopped counting against its limits (its reservation ran out, so it
+/// left the statuses [`in_flight`] counts) and is about to be paid after
+/// all. Its use was freed when it expired and may have been taken since by
+/// another order: checked as checkout checks, against the uses paid for plus
+/// the other orders in flight (not this one), total and per customer. Only
+/// the limits: the order was priced while the coupon was valid, so a coupon
+/// disabled or ended since does not undo it, as it does not undo an order
+/// paid in time.
+///
+/// Locks the coupon's row (`FOR NO KEY UPDATE`, as checkout does) until the
+/// transaction ends, so no checkout can count the use as free while this
+/// order takes it; the caller must then redeem it in the same transaction.
+pub async fn use_left_for(
+    tx: &mut PgConnection,
+    coupon: Uuid,
+    user: Uuid,
+    order: Uuid,
+) -> Result<Result<(), Refusal>, sqlx::Error> {
+    let (max_uses, max_per_customer, uses): (Option<i32>, Option<i32>, i32) = sqlx::query_as(
+        "SELECT max_uses, max_uses_per_customer, uses FROM coupons WHERE id = $1 FOR NO KEY UPDATE",
+    )
+    .bind(coupon)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (held, held_by_user) = in_flight_besides(tx, coupon, user, Some(order)).await?;
+    if max_uses.is_some_and(|m| i64::from(uses) + held >= i64::from(m)) {
+        return Ok(Err(Refusal::UsedUp));
+    }
+    if let Some(m) = max_per_customer
+        && customer_uses(tx, coupon, user).await? + held_by_user >= i64::from(m)
+    {
+        return Ok(Err(Refusal::UsedUpByYou));
+    }
+    Ok(Ok(()))
 }
 
 /// Counts one use of the coupon for a paid order, once however often it is

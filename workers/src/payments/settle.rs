@@ -15,7 +15,7 @@ use souk_shared::{
     },
     outbox,
 };
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use crate::runtime::Failure;
@@ -168,10 +168,60 @@ pub async fn payment_succeeded(
         }
         Expired => {
             // Paid after the reservation ran out: keep the sale if every
-            // item is still there, otherwise give the money back.
+            // item is still there and its coupon (if any) still has a use
+            // for it, otherwise give the money back.
+            //
+            // The coupon is checked again because an expired order no
+            // longer counts against its limits (`coupons::in_flight`): its
+            // use may have gone to another order meanwhile, and paying this
+            // one anyway would make two discounted orders of a single use
+            // (`redeem` would refuse to count it, but the discount would
+            // stand). Its row stays locked until the sale is recorded, as at
+            // checkout, so no checkout takes the use in between.
+            //
+            // Locks: the order (the caller's), then its stock, then the
+            // coupon, the order `paid` takes them in (it sells the stock,
+            // then redeems the coupon): the coupon taken before the stock
+            // would close a circle with a payment in time holding the stock
+            // and waiting to redeem the same coupon. So the stock is reserved
+            // first, in a savepoint, and a used-up coupon rolls it back (its
+            // low-stock alerts too) before the refund.
             let wanted = inventory::of_order(tx, order.id).await?;
-            match inventory::reserve(tx, &wanted, corr).await? {
-                Ok(()) => {
+            let mut revival = tx.begin().await?;
+            let refused = match inventory::reserve(&mut revival, &wanted, corr).await? {
+                Err(_) => Some(
+                    "the payment arrived after the reservation ran out and the items had sold \
+                     out meanwhile; it has been refunded",
+                ),
+                Ok(()) => match order.coupon_id {
+                    None => None,
+                    Some(coupon) => {
+                        let left = coupons::use_left_for(
+                            &mut revival,
+                            coupon,
+                            order.customer_id,
+                            order.id,
+                        )
+                        .await?;
+                        match left {
+                            Ok(()) => None,
+                            Err(coupons::Refusal::UsedUpByYou) => Some(
+                                "the payment arrived after the reservation ran out, and meanwhile \
+                                 you had used the order's coupon as often as it allows on another \
+                                 order; it has been refunded",
+                            ),
+                            Err(_) => Some(
+                                "the payment arrived after the reservation ran out, and the \
+                                 order's coupon had been used up by other orders meanwhile; it \
+                                 has been refunded",
+                            ),
+                        }
+                    }
+                },
+            };
+            match refused {
+                None => {
+                    revival.commit().await?;
                     sqlx::query(
                         "UPDATE orders SET stock = 'reserved', failure_reason = NULL WHERE id = $1",
                     )
@@ -180,9 +230,8 @@ pub async fn payment_succeeded(
                     .await?;
                     paid(tx, order, Some((intent, amount)), corr).await
                 }
-                Err(_) => {
-                    let reason = "the payment arrived after the reservation ran out and the items \
-                                  had sold out meanwhile; it has been refunded";
+                Some(reason) => {
+                    revival.rollback().await?;
                     unbuyable(tx, order, intent, amount, reason, corr).await
                 }
             }
@@ -243,8 +292,18 @@ pub async fn paid(
     if let Some(coupon) = order.coupon_id
         && !coupons::redeem(tx, coupon, order.customer_id, order.id).await?
     {
-        // Priced while the coupon was valid; the order keeps its discount.
-        tracing::info!(order = %order.id, %coupon, "coupon's limit was reached by orders paid meanwhile");
+        // Not meant to happen: checkout counts the orders in flight against
+        // the limit, and a payment after expiry checks it again (above).
+        // Reaching it means a use was counted some other way (a limit
+        // changed by hand, say). The order keeps its discount (priced while
+        // the coupon was valid, and paid for), but the coupon gave more than
+        // it had: admins are told.
+        tracing::warn!(order = %order.id, %coupon, "a paid order's coupon was already used up");
+        let data = json!({
+            "order_id": order.id, "coupon_id": coupon,
+            "reason": "the order was paid with a coupon whose uses had all been counted",
+        });
+        notify::admins(tx, "coupon_over_limit", &data).await?;
     }
     notices::to_customer(tx, order.id, "order_receipt", None, json!({}), corr).await?;
     Ok(())
