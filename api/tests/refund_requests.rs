@@ -14,7 +14,7 @@ use common::{
         sent, sent_of, settled_mails, stock, wait_for,
     },
     problem,
-    stripe_proxy::{StripeProxy, payments_through},
+    stripe_proxy::{PaymentsTask, StripeProxy, payments_through},
     token_for,
 };
 use reqwest::{Method, StatusCode, multipart};
@@ -678,6 +678,20 @@ async fn refund_postings(app: &App) -> i64 {
     .await
 }
 
+/// What Stripe answers the refunds [`refusing_refunds`] asks for.
+const REFUSED: &str = "Charge ch_souk has already been disputed.";
+
+/// Everything but the payments worker, which runs on its own and talks to
+/// Stripe through a proxy that refuses every refund with [`REFUSED`] (a
+/// 400, as for a charge already disputed) until told to pass them through.
+async fn refusing_refunds() -> (Market, StripeProxy, PaymentsTask) {
+    let market = Market::without_payments().await;
+    let proxy = StripeProxy::start(&market.stripe.url).await;
+    proxy.refuse(Method::POST, "/v1/refunds", REFUSED);
+    let payments = payments_through(&market.app, &market.pipeline, &proxy.url);
+    (market, proxy, payments)
+}
+
 /// Stripe refusing a refund (a 400, as for a charge already disputed): the
 /// refund fails with Stripe's reason and nothing else pretends it went
 /// through. The payment is flagged for admins; the customer hears it is
@@ -685,12 +699,7 @@ async fn refund_postings(app: &App) -> i64 {
 /// told in-app; no refund is posted to the ledger.
 #[tokio::test]
 async fn a_refund_stripe_refuses_fails_visibly_and_posts_nothing() {
-    const REFUSED: &str = "Charge ch_souk has already been disputed.";
-    // Everything but the payments worker, which talks to Stripe through the proxy.
-    let market = Market::without_payments().await;
-    let proxy = StripeProxy::start(&market.stripe.url).await;
-    proxy.refuse(Method::POST, "/v1/refunds", REFUSED);
-    let payments = payments_through(&market.app, &market.pipeline, &proxy.url);
+    let (market, proxy, payments) = refusing_refunds().await;
     let Market {
         app, stripe, oak, ..
     } = &market;
@@ -950,11 +959,7 @@ async fn a_unit_restocked_by_a_refund_request_is_not_restocked_again_on_cancel()
 /// four that could be sold), and the second approval says it restocked none.
 #[tokio::test]
 async fn units_restocked_before_their_refund_failed_are_not_restocked_again() {
-    const REFUSED: &str = "Charge ch_souk has already been disputed.";
-    let market = Market::without_payments().await;
-    let proxy = StripeProxy::start(&market.stripe.url).await;
-    proxy.refuse(Method::POST, "/v1/refunds", REFUSED);
-    let payments = payments_through(&market.app, &market.pipeline, &proxy.url);
+    let (market, proxy, payments) = refusing_refunds().await;
     let Market {
         app, stripe, oak, ..
     } = &market;
@@ -1026,7 +1031,6 @@ async fn units_restocked_before_their_refund_failed_are_not_restocked_again() {
 /// consumer's processed-messages table) until the cancel is in.
 #[tokio::test]
 async fn a_refund_refused_after_a_cancel_counted_it_is_asked_for_again() {
-    const REFUSED: &str = "Charge ch_souk has already been disputed.";
     let market = Market::without_payments().await;
     let proxy = StripeProxy::start(&market.stripe.url).await;
     let payments = payments_through(&market.app, &market.pipeline, &proxy.url);

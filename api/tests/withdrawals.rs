@@ -70,6 +70,16 @@ async fn earned(market: &Market) -> (Customer, Value) {
     (buyer, paid)
 }
 
+/// The seller asks to withdraw all it has (8599, the order `earned` made);
+/// before an admin decides, one board of `paid` comes back out of the
+/// available balance, which had nothing left (-4050). The request's id.
+async fn asked_all_then_owing(app: &App, buyer: &Customer, seller: &str, paid: &Value) -> String {
+    let w = json_of(withdraw(app, seller, 8599, None).await, StatusCode::CREATED).await;
+    return_one_board(app, buyer, seller, paid).await;
+    posted(app, "refund:%", 1).await;
+    w["id"].as_str().unwrap().to_string()
+}
+
 /// The buyer asks for one board (4500) of `paid` back and the seller
 /// approves it: the refund goes to Stripe.
 async fn return_one_board(app: &App, buyer: &Customer, seller: &str, paid: &Value) {
@@ -805,14 +815,7 @@ async fn a_withdrawal_is_not_paid_while_a_refund_since_leaves_the_seller_owing()
 
     // Oak asks for everything (8599); before an admin pays it, one board
     // comes back out of the available balance, which had nothing left.
-    let w = json_of(
-        withdraw(app, &oak.seller, 8599, None).await,
-        StatusCode::CREATED,
-    )
-    .await;
-    let id = w["id"].as_str().unwrap();
-    return_one_board(app, &buyer, &oak.seller, &paid).await;
-    posted(app, "refund:%", 1).await;
+    let id = &asked_all_then_owing(app, &buyer, &oak.seller, &paid).await;
     assert_eq!(balances(app, &oak.seller).await, (0, -4050, 8599));
 
     // Paying it now would send out 8599 while oak owes 4050: refused, and
@@ -897,14 +900,7 @@ async fn a_release_waits_for_a_withdrawal_being_decided_so_owed_and_balance_agre
 
     // Oak asks for all 8599; then a board of that order comes back out of
     // the available balance: -4050.
-    let w = json_of(
-        withdraw(app, &oak.seller, 8599, None).await,
-        StatusCode::CREATED,
-    )
-    .await;
-    let id = w["id"].as_str().unwrap();
-    return_one_board(app, &buyer, &oak.seller, &paid).await;
-    posted(app, "refund:%", 1).await;
+    let id = &asked_all_then_owing(app, &buyer, &oak.seller, &paid).await;
     // A second order of one board, delivered: 4549 pending, still held.
     let (second_buyer, second) = market.paid(&[(oak, 1)]).await;
     let part = part_of(&second, "oak");
