@@ -294,6 +294,19 @@ async fn a_subscriptions_webhooks_move_the_membership_and_the_benefit_applies_on
     period_end_ago(app, "2 days").await;
     assert_eq!(cart_benefit(&m, &buyer.token).await, (300, true));
     assert_eq!(membership(&m, &buyer.token).await["benefits_active"], true);
+    // A renewal's subscription event arriving after its invoice's: older
+    // news of the status, but its new period end still counts, or a member
+    // who paid would lose the benefit.
+    period_end_ago(app, "4 days").await;
+    let renewed = json!({"id": subscription, "object": "subscription", "status": "active",
+                         "current_period_end": now() + 30 * 86_400,
+                         "metadata": {"membership_id": active["id"]}});
+    stripe_event(app, "customer.subscription.updated", renewed, t).await;
+    wait_until("the renewed period to count", PIPELINE_WAIT, || async {
+        membership(&m, &buyer.token).await["benefits_active"] == true
+    })
+    .await;
+    assert_eq!(membership(&m, &buyer.token).await["status"], "active");
     period_end_ago(app, "-30 days").await;
 
     // Cancelled at the period's end: Stripe confirms, the benefit lasts.

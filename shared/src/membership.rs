@@ -115,6 +115,21 @@ pub async fn apply(
     if let (Some(at), Some(last)) = (news.at, last)
         && at < last
     {
+        // Older news of the status, but a later period end is never old:
+        // a renewal's subscription event arriving after its invoice's
+        // (which carries no period end) still extends the paid period, or
+        // the member would lose the benefits of a period paid for.
+        if let Some(end) = news.current_period_end {
+            sqlx::query(
+                "UPDATE memberships SET current_period_end = greatest(current_period_end, $2),
+                        updated_at = now()
+                  WHERE id = $1 AND current_period_end IS DISTINCT FROM greatest(current_period_end, $2)",
+            )
+            .bind(membership)
+            .bind(end)
+            .execute(&mut *conn)
+            .await?;
+        }
         return Ok(None);
     }
     let current = MembershipStatus::parse(&status).expect("statuses are checked by the database");

@@ -471,8 +471,12 @@ async fn require_address(
     customer: Uuid,
     id: Uuid,
 ) -> Result<(), ApiError> {
+    // Share-locked until the schedule that names it is written: a delete
+    // of the address meanwhile waits, then clears it from the schedule as
+    // from any that names it, rather than turning that write into a
+    // foreign-key error (a 500).
     let found: Option<i32> =
-        sqlx::query_scalar("SELECT 1 FROM addresses WHERE id = $1 AND user_id = $2")
+        sqlx::query_scalar("SELECT 1 FROM addresses WHERE id = $1 AND user_id = $2 FOR KEY SHARE")
             .bind(id)
             .bind(customer)
             .fetch_optional(conn)
@@ -784,7 +788,12 @@ pub async fn update(
     .bind(&time_zone)
     .execute(&mut *tx)
     .await?;
-    unskip_next(&mut tx, id).await?;
+    // Only a change that moved the next run can land it on a skip: one of
+    // items, address, card or policy leaves every skip as it was (the next
+    // run may already sit on a later skip the view leaves out).
+    if retimed || body.starts_at.is_some() {
+        unskip_next(&mut tx, id).await?;
+    }
     let changed = show(&mut tx, caller.id, id).await?;
     tx.commit().await?;
     Ok(changed)
@@ -895,7 +904,8 @@ async fn act(
     .bind(next_run_at)
     .execute(&mut *tx)
     .await?;
-    if matches!(action, Action::Resume) {
+    // Resuming an active schedule changes nothing, its skips included.
+    if matches!(action, Action::Resume) && row.status == "paused" {
         unskip_next(&mut tx, id).await?;
     }
     let changed = show(&mut tx, customer, id).await?;
