@@ -643,16 +643,14 @@ async fn a_holder_whose_lease_was_taken_over_leaves_the_new_holders_claim_alone(
 #[tokio::test]
 async fn after_a_reconnect_the_lost_sessions_messages_still_count_against_the_concurrency() {
     let h = Harness::new().await;
-    let overlap = Overlap::default();
+    // The first handling is held until the new session is surely consuming
+    // and holds the broker's second copy: a reconnect slower than any fixed
+    // handling time cannot make this pass without proving anything.
+    let overlap = Overlap::gated();
     let mut settings = h.consumer_settings(&amqp_url(), 1);
     settings.batch = 1;
     let (consumer, readiness) = h.spawn_handler(overlap.clone(), settings);
-    let slow = Recorded {
-        key: "slow".into(),
-        sleep_ms: 2000,
-        ..Default::default()
-    };
-    h.publish(&Envelope::new(&slow, "c")).await;
+    h.publish(&Envelope::new(&Recorded::key("slow"), "c")).await;
     wait_until("the consumer to be busy", WAIT, || async {
         overlap.now() == 1
     })
@@ -662,16 +660,24 @@ async fn after_a_reconnect_the_lost_sessions_messages_still_count_against_the_co
     // the broker hands its copy to the next session.
     let closed = broker::close_connections_named(&format!("{}.recorder@", h.prefix)).await;
     assert_eq!(closed, 1);
-    wait_until("the first handling to finish", WAIT, || async {
-        h.effects_for("slow").await == 1
+    let queue = h.names.queue("recorder");
+    wait_until("a new session to take the broker's copy", WAIT, || async {
+        readiness.broker() && h.ready(&queue).await == 0
     })
     .await;
-    assert!(readiness.broker(), "the consumer reconnected meanwhile");
+    // Time for the new session to start the copy, were it given a slot.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         overlap.most(),
         1,
         "the new session waited for the old one's slot (concurrency 1)"
     );
+    overlap.open();
+    wait_until("the first handling to finish", WAIT, || async {
+        h.effects_for("slow").await == 1
+    })
+    .await;
+    assert_eq!(overlap.most(), 1);
     h.finish(vec![consumer]).await;
 }
 

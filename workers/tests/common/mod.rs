@@ -466,14 +466,29 @@ impl Handler for Leased {
 
 /// The recorder's group, counting how many messages it has in hand at once:
 /// each `prepare` sleeps the message's `sleep_ms` (outside any transaction,
-/// before the duplicate check, so a redelivered copy counts too).
+/// before the duplicate check, so a redelivered copy counts too) and, when
+/// [`Overlap::gated`], then waits for [`Overlap::open`], so a test can act
+/// while a message is surely in hand however slow the machine is.
 #[derive(Clone, Default)]
 pub struct Overlap {
     now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    gate: Option<CancellationToken>,
 }
 
 impl Overlap {
+    pub fn gated() -> Self {
+        Self {
+            gate: Some(CancellationToken::new()),
+            ..Self::default()
+        }
+    }
+    /// Lets every handling held at the gate, and every later one, go on.
+    pub fn open(&self) {
+        if let Some(gate) = &self.gate {
+            gate.cancel();
+        }
+    }
     pub fn now(&self) -> usize {
         self.now.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -494,6 +509,9 @@ impl Handler for Overlap {
         let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(r.sleep_ms)).await;
+        if let Some(gate) = &self.gate {
+            gate.cancelled().await;
+        }
         self.now.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
