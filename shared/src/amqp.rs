@@ -80,15 +80,30 @@ pub async fn publish(
         .await
 }
 
+/// How long [`send_to_queue`] waits for the broker's confirm. A broker that
+/// took the message but never answers (a blocked connection under a memory
+/// or disk alarm does exactly that) would otherwise hold the caller, and the
+/// message it is moving, forever; after this the caller treats the copy as
+/// not handed over and reconnects.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Publishes bytes straight to a queue (through the default exchange) and
-/// waits for the broker's confirm. Used for retries, parking and replay.
+/// waits for the broker's confirm, at most [`CONFIRM_TIMEOUT`]. Used for
+/// retries, parking and replay.
 pub async fn send_to_queue(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     props: BasicProperties,
 ) -> Result<(), lapin::Error> {
-    let confirm = publish(channel, "", queue, body, props).await?.await?;
+    let sent = async { publish(channel, "", queue, body, props).await?.await };
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, sent)
+        .await
+        .map_err(|_| {
+            lapin::Error::from(std::io::Error::other(format!(
+                "broker did not confirm the message for {queue} within {CONFIRM_TIMEOUT:?}"
+            )))
+        })??;
     if confirm.is_nack() {
         return Err(lapin::Error::from(std::io::Error::other(format!(
             "broker refused the message for {queue}"

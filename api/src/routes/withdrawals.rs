@@ -307,16 +307,6 @@ async fn shop_may_withdraw(conn: &mut PgConnection, shop: Uuid) -> Result<(), Ap
     Ok(())
 }
 
-/// Locks the shop's available account for the rest of `tx`: requests and
-/// decisions of one shop queue here, so the balance each reads is the one
-/// it acts on. Releases of the shop's earnings queue here too, so what is
-/// owed to refunds and the balance, read in two statements, agree
-/// ([`ledger::lock_available`]).
-async fn lock_available(tx: &mut PgConnection, shop: Uuid, currency: &str) -> Result<(), ApiError> {
-    ledger::lock_available(tx, shop, currency).await?;
-    Ok(())
-}
-
 /// Ask for a payout of (part of) the available balance. One open request
 /// at a time; at least the platform's minimum. `Idempotency-Key` makes a
 /// retry return the first request.
@@ -343,9 +333,10 @@ pub async fn request(
     let field =
         |message: String| ApiError::Validation(vec![FieldError::new("amount_minor", message)]);
     let mut tx = state.pool.begin().await?;
-    // Every request of this shop queues here: the balance read below is
-    // the one the hold is taken from.
-    lock_available(&mut tx, shop, &state.market.currency).await?;
+    // Every request and decision of this shop, and every release of its
+    // earnings, queues here: the balance read below is the one the hold is
+    // taken from, and what it owes to refunds agrees with it.
+    ledger::lock_available(&mut tx, shop, &state.market.currency).await?;
     if let Some(key) = &key
         && let Some(id) = idempotency::earlier(&mut tx, Keyed::Withdrawals, shop, key).await?
     {
@@ -678,7 +669,7 @@ async fn decide(
         .fetch_optional(&mut *tx)
         .await?;
     let shop = shop.ok_or(ApiError::NotFound)?;
-    lock_available(&mut tx, shop, &state.market.currency).await?;
+    ledger::lock_available(&mut tx, shop, &state.market.currency).await?;
     let (status, step, template) = if paid {
         ("paid", WithdrawalStep::Paid, "withdrawal_paid")
     } else {
