@@ -219,14 +219,19 @@ async fn a_refresh_token_works_once_and_its_reuse_revokes_the_family() {
         .await;
     assert_eq!(me.status(), StatusCode::OK);
 
-    // The first token again: someone has a copy. Both it and its successor die.
+    let resp = refresh(&app, &second["refresh_token"]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let third: Value = resp.json().await.unwrap();
+
+    // The first token again, after its successor was used: someone has a
+    // copy. The whole family dies, down to the latest token.
     problem(
         refresh(&app, &first["refresh_token"]).await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
     problem(
-        refresh(&app, &second["refresh_token"]).await,
+        refresh(&app, &third["refresh_token"]).await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
@@ -639,4 +644,298 @@ async fn a_password_change_or_signing_out_everywhere_ends_access_tokens_too() {
     assert_eq!(me_status(&app, &fresh).await, StatusCode::UNAUTHORIZED);
     let again = session_with(&app, &email, "a brand new password").await;
     assert_eq!(me_status(&app, &again).await, StatusCode::OK);
+}
+
+/// The id of the account at `email`.
+async fn id_of(app: &App, email: &str) -> String {
+    sqlx::query_scalar("SELECT id::text FROM users WHERE email = $1")
+        .bind(email)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// A live password-reset link of `user`, stored as `forgot-password` stores
+/// one (without the round trip through the mailer).
+async fn reset_link(app: &App, user: &str) -> String {
+    use souk_api::auth::secret;
+    let token = secret::generate();
+    sqlx::query(
+        "INSERT INTO user_tokens (token_hash, user_id, purpose, expires_at)
+         VALUES ($1, $2::uuid, 'reset_password', now() + interval '1 hour')",
+    )
+    .bind(secret::digest(&token))
+    .bind(user)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    token
+}
+
+/// How many statements of `app`'s database wait for a lock.
+async fn lock_waiters(app: &App) -> i64 {
+    count(
+        &app.db.pool,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .await
+}
+
+/// An admin's `action` (`suspend`, `unsuspend`) on `user`.
+async fn admin_act(
+    app: &App,
+    admin: &str,
+    user: &str,
+    action: &str,
+    reason: &str,
+) -> reqwest::Response {
+    app.http
+        .post(format!("{}/api/v1/admin/users/{user}/{action}", app.base))
+        .bearer_auth(admin)
+        .json(&json!({ "reason": reason }))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_suspension_ends_access_for_good_voids_reset_links_and_is_not_repeated() {
+    let app = spawn_app(&amqp_url()).await;
+    let admin = common::token_for(&app, &common::admin(&app).await).await;
+    let email = registered(&app).await;
+    let user = id_of(&app, &email).await;
+    let before = session(&app, &email).await;
+    let link = reset_link(&app, &user).await;
+
+    let resp = admin_act(&app, &admin, &user, "suspend", "chargebacks").await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    // Suspending it again changes nothing: the reason stays the first one,
+    // and the audit log keeps one entry.
+    let again = problem(
+        admin_act(&app, &admin, &user, "suspend", "something else").await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(fields(&again), ["id"]);
+    let reason: String =
+        sqlx::query_scalar("SELECT suspended_reason FROM users WHERE id = $1::uuid")
+            .bind(&user)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(reason, "chargebacks");
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'user.suspend'"
+        )
+        .await,
+        1
+    );
+
+    let resp = admin_act(&app, &admin, &user, "unsuspend", "resolved").await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    // What was issued before the suspension does not come back with the
+    // account: not the access token, not the refresh token, not the link.
+    assert_eq!(me_status(&app, &before).await, StatusCode::UNAUTHORIZED);
+    problem(
+        refresh(&app, &before["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    let dead = problem(
+        reset(&app, &link, "the attackers password").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&dead), ["token"]);
+    // The owner signs in again, with the password they had.
+    let after = session(&app, &email).await;
+    assert_eq!(me_status(&app, &after).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_reset_link_does_not_set_a_password_on_a_suspended_account() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let user = id_of(&app, &email).await;
+    sqlx::query("UPDATE users SET suspended_at = now(), suspended_reason = 'fraud'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    // A link stored after the suspension (a forgot-password request that
+    // checked the account just before it was suspended).
+    let link = reset_link(&app, &user).await;
+    let refused = problem(
+        reset(&app, &link, "the attackers password").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&refused), ["token"]);
+
+    sqlx::query("UPDATE users SET suspended_at = NULL, suspended_reason = NULL")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    // Nor once the suspension is lifted: the link was used up.
+    problem(
+        reset(&app, &link, "the attackers password").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    problem(
+        sign_in(&app, &email, "the attackers password").await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(
+        sign_in(&app, &email, PASSWORD).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn two_reset_links_used_at_once_set_one_password_and_never_deadlock() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let user = id_of(&app, &email).await;
+    for round in 0..3 {
+        let (one, two) = (reset_link(&app, &user).await, reset_link(&app, &user).await);
+        let (first, second) = (
+            format!("first password {round}"),
+            format!("second password {round}"),
+        );
+        // The account's row held, as a sign-in or a suspension may hold it,
+        // until both resets queue behind it: then they run at once.
+        let mut holder = app.db.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM users WHERE id = $1::uuid FOR NO KEY UPDATE")
+            .bind(&user)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let both = async { tokio::join!(reset(&app, &one, &first), reset(&app, &two, &second)) };
+        let release = async {
+            wait_until("both resets to wait for the account", WAIT, || async {
+                lock_waiters(&app).await == 2
+            })
+            .await;
+            holder.rollback().await.unwrap();
+        };
+        let ((a, b), ()) = tokio::join!(both, release);
+        let mut statuses = [a.status(), b.status()];
+        statuses.sort();
+        // The first voids the other link, which is then refused; never a 500.
+        assert_eq!(
+            statuses,
+            [StatusCode::NO_CONTENT, StatusCode::UNPROCESSABLE_ENTITY],
+            "round {round}"
+        );
+        let set = if a.status() == StatusCode::NO_CONTENT {
+            &first
+        } else {
+            &second
+        };
+        assert_eq!(sign_in(&app, &email, set).await.status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn a_refresh_token_presented_twice_at_once_keeps_the_session() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let first = session(&app, &email).await;
+
+    // Two tabs refresh with the same token at once: neither is a thief.
+    let (a, b) = tokio::join!(
+        refresh(&app, &first["refresh_token"]),
+        refresh(&app, &first["refresh_token"])
+    );
+    assert_eq!((a.status(), b.status()), (StatusCode::OK, StatusCode::OK));
+    let (a, b): (Value, Value) = (a.json().await.unwrap(), b.json().await.unwrap());
+    assert_eq!(me_status(&app, &a).await, StatusCode::OK);
+    assert_eq!(me_status(&app, &b).await, StatusCode::OK);
+    // One token of the family lives on: the one issued last.
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refresh_tokens WHERE rotated_at IS NULL AND revoked_at IS NULL"
+        )
+        .await,
+        1
+    );
+    let (ra, rb) = (
+        refresh(&app, &a["refresh_token"]).await.status(),
+        refresh(&app, &b["refresh_token"]).await.status(),
+    );
+    let mut statuses = [ra, rb];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::UNAUTHORIZED]);
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refresh_tokens WHERE rotated_at IS NULL AND revoked_at IS NULL"
+        )
+        .await,
+        1,
+        "the replaced token's refusal did not end the session"
+    );
+
+    // Once what it was rotated to has been used, the first token again is
+    // theft, grace or not: the family ends.
+    problem(
+        refresh(&app, &first["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refresh_tokens WHERE revoked_at IS NULL AND rotated_at IS NULL"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_presented_after_the_grace_ends_the_family() {
+    let app = spawn_app(&amqp_url()).await;
+    let email = registered(&app).await;
+    let first = session(&app, &email).await;
+    let resp = refresh(&app, &first["refresh_token"]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let second: Value = resp.json().await.unwrap();
+
+    // Within the grace, with `second` unused: a new token in its place.
+    let resp = refresh(&app, &first["refresh_token"]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let third: Value = resp.json().await.unwrap();
+    problem(
+        refresh(&app, &second["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+
+    // Eleven seconds later, `third` still unused: theft, the family ends.
+    sqlx::query(
+        "UPDATE refresh_tokens SET rotated_at = rotated_at - interval '11 seconds'
+          WHERE token_hash = $1",
+    )
+    .bind(souk_api::auth::secret::digest(
+        first["refresh_token"].as_str().unwrap(),
+    ))
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    problem(
+        refresh(&app, &first["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    problem(
+        refresh(&app, &third["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
 }

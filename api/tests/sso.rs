@@ -451,3 +451,254 @@ async fn a_wrong_client_secret_is_the_operators_problem_not_the_users() {
     problem(finish(&app, &back).await, StatusCode::BAD_GATEWAY).await;
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 0);
 }
+
+/// How many statements of `app`'s database wait for a lock.
+async fn lock_waiters(app: &App) -> i64 {
+    count(
+        &app.db.pool,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .await
+}
+
+/// Runs `callbacks` while `holder` holds a lock they all queue behind, and
+/// ends `holder` with `release` once all of them wait: then they race.
+async fn race<F, R>(
+    app: &App,
+    waiting: i64,
+    holder: sqlx::Transaction<'static, sqlx::Postgres>,
+    release: R,
+    callbacks: F,
+) -> F::Output
+where
+    F: std::future::Future,
+    R: AsyncFnOnce(sqlx::Transaction<'static, sqlx::Postgres>),
+{
+    let released = async {
+        wait_until("the callbacks to wait for the lock", WAIT, || async {
+            lock_waiters(app).await == waiting
+        })
+        .await;
+        release(holder).await;
+    };
+    tokio::join!(callbacks, released).0
+}
+
+async fn session_of(resp: reqwest::Response) -> Value {
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.unwrap()
+}
+
+async fn me_id(app: &App, session: &Value) -> Value {
+    let me: Value = app
+        .get_with_token("/api/v1/me", session["access_token"].as_str().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    me["id"].clone()
+}
+
+#[tokio::test]
+async fn two_callbacks_at_once_for_a_new_identity_make_one_account() {
+    let (app, provider) = setup().await;
+    let email = unique_address();
+    provider.sign_in_as(User::verified("sub-twice", &email, "Ann"));
+    let one = through_provider(&app, &provider).await;
+    let two = through_provider(&app, &provider).await;
+
+    // Someone is creating an account with the address (uncommitted): both
+    // callbacks find none, and both queue to create it.
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO users (id, email, name, role) VALUES ($1, $2, 'x', 'customer')")
+        .bind(uuid::Uuid::now_v7())
+        .bind(&email)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (a, b) = race(
+        &app,
+        2,
+        holder,
+        async |tx: sqlx::Transaction<'static, sqlx::Postgres>| tx.rollback().await.unwrap(),
+        async { tokio::join!(finish(&app, &one), finish(&app, &two)) },
+    )
+    .await;
+    let (a, b) = (session_of(a).await, session_of(b).await);
+    assert_eq!(me_id(&app, &a).await, me_id(&app, &b).await);
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 1);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM user_identities").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn two_callbacks_at_once_link_an_existing_account_once() {
+    let (app, provider) = setup().await;
+    let email = unique_address();
+    let registered = register(&app, &email, "Omar").await;
+    provider.sign_in_as(User::verified("sub-twice", &email, "Omar"));
+    let one = through_provider(&app, &provider).await;
+    let two = through_provider(&app, &provider).await;
+
+    // The account's row held until both callbacks queue behind it.
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM users FOR NO KEY UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (a, b) = race(
+        &app,
+        2,
+        holder,
+        async |tx: sqlx::Transaction<'static, sqlx::Postgres>| tx.rollback().await.unwrap(),
+        async { tokio::join!(finish(&app, &one), finish(&app, &two)) },
+    )
+    .await;
+    let (a, b) = (session_of(a).await, session_of(b).await);
+    assert_eq!(me_id(&app, &a).await, registered["id"]);
+    assert_eq!(me_id(&app, &b).await, registered["id"]);
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM user_identities").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_callback_racing_a_suspension_leaves_no_session_behind() {
+    let (app, provider) = setup().await;
+    provider.sign_in_as(User::verified("sub-1", &unique_address(), "Ann"));
+    sso_me(&app, &provider).await;
+    let back = through_provider(&app, &provider).await;
+
+    // The suspension takes the account's row (as the admin's does) while
+    // the callback is under way, and commits while the callback waits.
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM users FOR NO KEY UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let suspend = async |mut tx: sqlx::Transaction<'static, sqlx::Postgres>| {
+        sqlx::query(
+            "UPDATE users SET suspended_at = now(), suspended_reason = 'fraud',
+                    session_epoch = session_epoch + 1",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query("UPDATE refresh_tokens SET revoked_at = now() WHERE revoked_at IS NULL")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    };
+    let resp = race(&app, 1, holder, suspend, finish(&app, &back)).await;
+    problem(resp, StatusCode::UNAUTHORIZED).await;
+
+    // Nothing minted meanwhile comes back with the account.
+    sqlx::query("UPDATE users SET suspended_at = NULL, suspended_reason = NULL")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            &app.db.pool,
+            "SELECT count(*) FROM refresh_tokens WHERE revoked_at IS NULL"
+        )
+        .await,
+        0
+    );
+}
+
+/// A provider that names itself with a trailing `/`, as Auth0 does
+/// (`https://tenant.auth0.com/`), in its discovery document and its tokens.
+/// It signs in whoever the test says, with the provider key of the testkit;
+/// the code it takes is the sign-in's nonce (a fake needs no more).
+async fn slash_provider(user: User) -> String {
+    use axum::{Form, Json, Router, extract::State, routing::get, routing::post};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
+    use std::collections::HashMap;
+
+    const KEY: &str = include_str!("../../testkit/keys/oidc-provider.pem");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}/auth0/", listener.local_addr().unwrap());
+    fn key() -> EncodingKey {
+        EncodingKey::from_rsa_pem(KEY.as_bytes()).unwrap()
+    }
+    async fn discovery(State((issuer, _)): State<(String, User)>) -> Json<Value> {
+        Json(json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}authorize"),
+            "token_endpoint": format!("{issuer}oauth/token"),
+            "jwks_uri": format!("{issuer}.well-known/jwks.json"),
+            "id_token_signing_alg_values_supported": ["RS256"],
+        }))
+    }
+    async fn jwks() -> Json<Value> {
+        let mut jwk = Jwk::from_encoding_key(&key(), Algorithm::RS256).unwrap();
+        jwk.common.key_id = Some("k1".into());
+        Json(json!({ "keys": [jwk] }))
+    }
+    async fn token(
+        State((issuer, user)): State<(String, User)>,
+        Form(form): Form<HashMap<String, String>>,
+    ) -> Json<Value> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = json!({
+            "iss": issuer, "sub": user.sub, "aud": CLIENT, "iat": now, "exp": now + 300,
+            "nonce": form["code"], "email": user.email, "email_verified": true,
+        });
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("k1".into());
+        let id_token = jsonwebtoken::encode(&header, &claims, &key()).unwrap();
+        Json(json!({ "access_token": "x", "token_type": "Bearer", "id_token": id_token }))
+    }
+    let app = Router::new()
+        .route("/auth0/.well-known/openid-configuration", get(discovery))
+        .route("/auth0/.well-known/jwks.json", get(jwks))
+        .route("/auth0/oauth/token", post(token))
+        .with_state((issuer.clone(), user));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    issuer
+}
+
+#[tokio::test]
+async fn an_issuer_ending_in_a_slash_signs_in_configured_with_or_without_it() {
+    let email = unique_address();
+    let issuer = slash_provider(User::verified("auth0|42", &email, "Ann")).await;
+    for configured in [issuer.clone(), issuer.trim_end_matches('/').to_string()] {
+        let app = spawn_app_with_sso(&amqp_url(), config(&configured)).await;
+        let resp = app.post("/api/v1/auth/oidc/start", &json!({})).await;
+        assert_eq!(resp.status(), StatusCode::OK, "configured {configured}");
+        let start: Value = resp.json().await.unwrap();
+        let url = reqwest::Url::parse(start["authorization_url"].as_str().unwrap()).unwrap();
+        assert!(
+            url.as_str().starts_with(&format!("{issuer}authorize")),
+            "{url}"
+        );
+        let nonce = url.query_pairs().find(|(k, _)| k == "nonce").unwrap().1;
+        let resp = app
+            .post(
+                "/api/v1/auth/oidc/callback",
+                &json!({"code": nonce, "state": start["state"]}),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK, "configured {configured}");
+        let session: Value = resp.json().await.unwrap();
+        let me: Value = app
+            .get_with_token("/api/v1/me", session["access_token"].as_str().unwrap())
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(me["email"], email.as_str());
+        // The identity is kept under the issuer exactly as the provider names it.
+        let kept: String = sqlx::query_scalar("SELECT issuer FROM user_identities")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(kept, issuer);
+    }
+}

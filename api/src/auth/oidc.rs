@@ -40,7 +40,10 @@ const LEEWAY_SECS: u64 = 60;
 
 #[derive(Debug, Clone)]
 pub struct OidcConfig {
-    /// Exactly as the provider writes `iss` in its tokens.
+    /// The provider's issuer, as configured: with or without the trailing
+    /// `/` some providers write (Auth0's `https://tenant.auth0.com/`). The
+    /// discovery document says which exactly, and tokens are checked
+    /// against that.
     pub issuer: String,
     pub client_id: String,
     /// Confidential clients (e.g. an Entra ID web app) send it to the token
@@ -65,7 +68,8 @@ impl OidcConfig {
             return Ok(None);
         };
         Ok(Some(Self {
-            issuer: issuer.trim_end_matches('/').to_string(),
+            // Kept as written: a trailing `/` may be part of the issuer.
+            issuer: issuer.trim().to_string(),
             client_id: env.required("OIDC_CLIENT_ID")?,
             client_secret: env.optional("OIDC_CLIENT_SECRET")?,
             redirect_url: env.required("OIDC_REDIRECT_URL")?,
@@ -251,7 +255,10 @@ impl OidcClient {
         let jwk = self.key(header.kid.as_deref()).await?;
         let key = DecodingKey::from_jwk(&jwk).map_err(|e| bad(format!("jwk: {e}")))?;
         let mut validation = Validation::new(header.alg);
-        validation.set_issuer(&[&self.config.issuer]);
+        // The issuer exactly as the provider names itself (`iss` is
+        // compared byte for byte), not as configured: the two may differ
+        // by a trailing `/`.
+        validation.set_issuer(&[&metadata.issuer]);
         validation.set_audience(&[&self.config.client_id]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = LEEWAY_SECS;
@@ -320,10 +327,9 @@ impl OidcClient {
         if let Some(provider) = guard.as_ref() {
             return Ok(provider.metadata.clone());
         }
-        let url = format!("{}/.well-known/openid-configuration", self.config.issuer);
-        let metadata: Metadata = self.fetch(&url).await?;
+        let metadata: Metadata = self.fetch(&discovery_url(&self.config.issuer)).await?;
         // A document naming another issuer is not this provider's.
-        if metadata.issuer.trim_end_matches('/') != self.config.issuer {
+        if !same_issuer(&metadata.issuer, &self.config.issuer) {
             return Err(OidcError::Unavailable(format!(
                 "discovery names issuer {} instead of {}",
                 metadata.issuer, self.config.issuer
@@ -352,10 +358,54 @@ impl OidcClient {
     }
 }
 
+/// Where the discovery document of `issuer` is: the trailing `/` of an
+/// issuer is not doubled.
+fn discovery_url(issuer: &str) -> String {
+    format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    )
+}
+
+/// Whether the discovery document's issuer is the configured one: the same
+/// but for a trailing `/`, which operators write or leave out either way.
+fn same_issuer(discovered: &str, configured: &str) -> bool {
+    discovered.trim_end_matches('/') == configured.trim_end_matches('/')
+}
+
 fn random() -> String {
     super::secret::generate()
 }
 
 fn alg_name(alg: Algorithm) -> String {
     format!("{alg:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trailing_slash_is_not_doubled_in_discovery_and_either_form_matches() {
+        assert_eq!(
+            discovery_url("https://tenant.auth0.com/"),
+            "https://tenant.auth0.com/.well-known/openid-configuration"
+        );
+        assert_eq!(
+            discovery_url("https://login.microsoftonline.com/t/v2.0"),
+            "https://login.microsoftonline.com/t/v2.0/.well-known/openid-configuration"
+        );
+        assert!(same_issuer(
+            "https://tenant.auth0.com/",
+            "https://tenant.auth0.com"
+        ));
+        assert!(same_issuer(
+            "https://tenant.auth0.com",
+            "https://tenant.auth0.com/"
+        ));
+        assert!(!same_issuer(
+            "https://evil.auth0.com/",
+            "https://tenant.auth0.com/"
+        ));
+    }
 }

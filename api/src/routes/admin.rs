@@ -8,7 +8,10 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
-    auth::Admin,
+    auth::{
+        Admin, end_all_sessions,
+        links::{self, Purpose},
+    },
     error::{ApiError, FieldError, Problem},
     extract::{Path, ValidJson, Validate},
     state::AppState,
@@ -97,8 +100,9 @@ pub(crate) async fn audit(
     Ok(souk_shared::audit::record(tx, admin.0.id, action, target, reason).await?)
 }
 
-/// Suspend an account: its access tokens stop working at once and all its
-/// sessions end.
+/// Suspend an account: its access tokens stop working at once and for good
+/// (they stay dead after the suspension is lifted), all its sessions end and
+/// its password-reset links are void.
 #[utoipa::path(
     post, path = "/admin/users/{id}/suspend", tag = "admin", security(("bearer" = [])),
     params(("id" = Uuid, Path)), request_body = Reason,
@@ -106,6 +110,7 @@ pub(crate) async fn audit(
         (status = 204, description = "suspended"),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such account", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the account is already suspended", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "no reason given, or an admin's own account", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -124,29 +129,44 @@ pub async fn suspend(
     let reason = body.reason.trim();
     let mut tx = state.pool.begin().await?;
     lock_actor_and_target(&mut tx, &admin, id).await?;
-    let found = sqlx::query(
-        "UPDATE users SET suspended_at = coalesce(suspended_at, now()), suspended_reason = $2, updated_at = now()
+    let found: Option<bool> =
+        sqlx::query_scalar("SELECT suspended_at IS NOT NULL FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match found {
+        None => return Err(ApiError::NotFound),
+        // As for lifting one that is not there: the first suspension's time
+        // and reason stay, and no second audit entry claims a change.
+        Some(true) => {
+            return Err(ApiError::Conflict(FieldError::new(
+                "id",
+                "the account is already suspended",
+            )));
+        }
+        Some(false) => {}
+    }
+    sqlx::query(
+        "UPDATE users SET suspended_at = now(), suspended_reason = $2, updated_at = now()
           WHERE id = $1",
     )
     .bind(id)
     .bind(reason)
     .execute(&mut *tx)
     .await?;
-    if found.rows_affected() == 0 {
-        return Err(ApiError::NotFound);
-    }
-    sqlx::query(
-        "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
+    // Refusing suspended accounts on every request is not enough: lifting
+    // the suspension would revive every access token issued before it. The
+    // epoch moves on, so they stay dead, and the refresh tokens go with it.
+    end_all_sessions(&mut tx, id).await?;
+    // A reset link mailed before must not outlive the suspension either.
+    links::revoke_all(&mut tx, Purpose::ResetPassword, id).await?;
     audit(&mut tx, &admin, "user.suspend", ("user", id), reason).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Lift a suspension.
+/// Lift a suspension. The sessions it ended stay ended: the account signs
+/// in again.
 #[utoipa::path(
     post, path = "/admin/users/{id}/unsuspend", tag = "admin", security(("bearer" = [])),
     params(("id" = Uuid, Path)), request_body = Reason,

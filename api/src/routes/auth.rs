@@ -331,13 +331,22 @@ pub(crate) async fn open_session(
     role: Role,
     family: Option<Uuid>,
 ) -> Result<Session, ApiError> {
-    // The account's epoch, share-locked: a change ending every session
-    // (which updates this row first) cannot slip between the read and the
-    // new token's insert.
-    let epoch: i32 = sqlx::query_scalar("SELECT session_epoch FROM users WHERE id = $1 FOR SHARE")
-        .bind(user)
-        .fetch_one(&mut *tx)
-        .await?;
+    // The account's epoch and standing, share-locked: a change ending every
+    // session (which updates this row first) cannot slip between the read
+    // and the new token's insert. A suspension is one such change, so the
+    // standing is checked here, for every way of signing in: a check made
+    // earlier without this lock (an SSO callback's) could have been passed
+    // just before the suspension committed, and the token written now would
+    // escape the revocation.
+    let (epoch, active): (i32, bool) = sqlx::query_as(
+        "SELECT session_epoch, suspended_at IS NULL FROM users WHERE id = $1 FOR SHARE",
+    )
+    .bind(user)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !active {
+        return Err(ApiError::Unauthorized);
+    }
     let refresh = secret::generate();
     sqlx::query(
         "INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at)
@@ -530,7 +539,10 @@ fn presented(
 }
 
 /// Exchange a refresh token for a new pair. A refresh token that was already
-/// exchanged revokes its whole family: someone else has a copy.
+/// exchanged revokes its whole family: someone else has a copy. Except
+/// within 10 seconds of its exchange, while the token it was exchanged for
+/// is unused (two tabs refreshing at once): then it gets a new pair too, and
+/// the unused token stops working.
 #[utoipa::path(
     post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
     responses(
@@ -582,6 +594,17 @@ pub async fn refresh(
         return Err(ApiError::Unauthorized);
     };
     if rotated && !revoked {
+        // Two tabs of one browser refreshing at once present the same
+        // token: within the grace, while what it was rotated to is unused,
+        // that is no theft. The second gets a new token of the family in
+        // place of the unused one, which stops working: one live token
+        // per family, as ever.
+        if !expired && active && replace_unused_successor(&mut tx, id).await? {
+            let role = Role::parse(&role).ok_or_else(|| anyhow::anyhow!("unknown role {role}"))?;
+            let session = open_session(&mut tx, &state, user, role, Some(family)).await?;
+            tx.commit().await?;
+            return Ok(session.respond(&state, cookie_form));
+        }
         tracing::warn!(%user, %family, "refresh token reused; revoking its family");
         revoke_family(&mut tx, family).await?;
         tx.commit().await?;
@@ -611,6 +634,53 @@ struct PresentedToken {
     expired: bool,
     role: String,
     active: bool,
+}
+
+/// How long after its rotation a refresh token may be presented again
+/// without counting as stolen (see [`replace_unused_successor`]). Counted
+/// from the rotation, never extended: a stolen token replayed later is
+/// still caught.
+const REUSE_GRACE_SECS: f64 = 10.0;
+
+/// For a rotated token presented again (its row locked by the caller):
+/// whether it was rotated less than [`REUSE_GRACE_SECS`] ago and nothing it
+/// was rotated to has been used since. If so, those tokens (its successor,
+/// and any issued in the successor's place by this same grace) are revoked
+/// and the caller issues the family's next token instead.
+///
+/// What it was rotated to are the family's tokens created after it: each is
+/// issued by a transaction begun once the token before it was handed out,
+/// so after that one was written (`created_at` is a transaction's start).
+/// Its predecessors are older; so is a sibling issued by this grace in a
+/// transaction begun before the rotation, which is why the rotation's own
+/// time is no bound.
+async fn replace_unused_successor(tx: &mut PgConnection, token: Uuid) -> Result<bool, ApiError> {
+    // Locked (after the presented token, as a refresh of the successor
+    // locks it), so the successor cannot be used while it is replaced.
+    let successors: Vec<(Uuid, bool)> = sqlx::query_as(
+        "SELECT s.id, s.rotated_at IS NOT NULL
+           FROM refresh_tokens t
+           JOIN refresh_tokens s
+             ON s.family_id = t.family_id AND s.created_at > t.created_at
+          WHERE t.id = $1 AND t.rotated_at > now() - make_interval(secs => $2)
+          ORDER BY s.id
+          FOR NO KEY UPDATE OF s",
+    )
+    .bind(token)
+    .bind(REUSE_GRACE_SECS)
+    .fetch_all(&mut *tx)
+    .await?;
+    if successors.is_empty() || successors.iter().any(|(_, used)| *used) {
+        return Ok(false);
+    }
+    let ids: Vec<Uuid> = successors.into_iter().map(|(id, _)| id).collect();
+    sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE id = ANY($1) AND revoked_at IS NULL",
+    )
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await?;
+    Ok(true)
 }
 
 async fn revoke_family(tx: &mut PgConnection, family: Uuid) -> Result<(), ApiError> {
@@ -878,11 +948,31 @@ pub async fn reset_password(
     links::check(&state.pool, Purpose::ResetPassword, &body.token).await?;
     let hash = password::hash(body.new_password).await?;
     let mut tx = state.pool.begin().await?;
+    // The account row first, then the links, in the order everything else
+    // that touches both takes them (a suspension, a password change, an SSO
+    // takeover, another reset): two links of one account used at once would
+    // otherwise each hold its own link and wait for the other's. The second
+    // then finds its link voided by the first.
+    let account: Option<(String, bool)> = sqlx::query_as(
+        "SELECT email, suspended_at IS NULL FROM users
+          WHERE id = (SELECT user_id FROM user_tokens WHERE token_hash = $1)
+          FOR NO KEY UPDATE",
+    )
+    .bind(secret::digest(&body.token))
+    .fetch_optional(&mut *tx)
+    .await?;
     let user = links::consume(&mut tx, Purpose::ResetPassword, &body.token).await?;
-    let email: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
-        .bind(user)
-        .fetch_one(&mut *tx)
-        .await?;
+    // A suspended account gets no new password, whatever link it holds; the
+    // answer is a dead link's, as asking for a link answers as for nobody.
+    // The link is used up all the same (the suspension voided the others),
+    // so it does not come back to life with the account.
+    let Some((email, true)) = account else {
+        tx.commit().await?;
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "token",
+            "is unknown, used or expired",
+        )]));
+    };
     set_password(&mut tx, user, hash).await?;
     tx.commit().await?;
     // Whoever reset it holds the mailbox: the owner, who must not stay

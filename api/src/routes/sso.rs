@@ -179,8 +179,11 @@ pub async fn callback(
         .map_err(provider_failed)?;
     let mut tx = state.pool.begin().await?;
     let user = account_for(&mut tx, &identity).await?;
+    // Share-locked, so a suspension committing meanwhile either came first
+    // (and is seen here) or waits for this sign-in and then ends its session;
+    // `open_session` checks the standing again under the same lock.
     let found: (String, bool) =
-        sqlx::query_as("SELECT role, suspended_at IS NULL FROM users WHERE id = $1")
+        sqlx::query_as("SELECT role, suspended_at IS NULL FROM users WHERE id = $1 FOR SHARE")
             .bind(user)
             .fetch_one(&mut *tx)
             .await?;
@@ -194,7 +197,28 @@ pub async fn callback(
 }
 
 /// The account an identity signs in to, linking or creating it as needed.
+///
+/// Two callbacks for one identity not linked yet (a double submit, two
+/// tabs) may both find no link: the second then waits for the first's link
+/// or account to commit, and signs in to the same account.
 async fn account_for(tx: &mut PgConnection, identity: &Identity) -> Result<Uuid, ApiError> {
+    // Looked for again when a concurrent callback (or registration) wrote
+    // the account or the link between the look and the insert: the account
+    // it created, then its link, are found on the next rounds.
+    for _ in 0..3 {
+        if let Some(user) = link_or_account(tx, identity).await? {
+            return Ok(user);
+        }
+    }
+    Err(anyhow::anyhow!("the account for {} kept changing", identity.subject).into())
+}
+
+/// The linked (or linked now) account, or `None` when the account about to
+/// be created for the identity's email appeared meanwhile: look again.
+async fn link_or_account(
+    tx: &mut PgConnection,
+    identity: &Identity,
+) -> Result<Option<Uuid>, ApiError> {
     let linked: Option<Uuid> = sqlx::query_scalar(
         "UPDATE user_identities SET last_sign_in_at = now(), email = coalesce($3, email)
           WHERE issuer = $1 AND subject = $2
@@ -206,7 +230,7 @@ async fn account_for(tx: &mut PgConnection, identity: &Identity) -> Result<Uuid,
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(user) = linked {
-        return Ok(user);
+        return Ok(Some(user));
     }
     // Linking by email is only safe when the provider vouches for it;
     // otherwise anyone could claim an existing account's address there.
@@ -260,20 +284,31 @@ async fn account_for(tx: &mut PgConnection, identity: &Identity) -> Result<Uuid,
                 .map(str::trim)
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| email.split('@').next().unwrap_or(email));
-            sqlx::query(
+            // A concurrent callback for this identity (or a registration)
+            // may have taken the address since the look above: this waits
+            // for it to commit, and then the account is looked up again.
+            let created = sqlx::query(
                 "INSERT INTO users (id, email, password_hash, name, role, email_verified_at)
-                 VALUES ($1, $2, NULL, $3, 'customer', now())",
+                 VALUES ($1, $2, NULL, $3, 'customer', now())
+                 ON CONFLICT DO NOTHING",
             )
             .bind(user)
             .bind(email)
             .bind(name.chars().take(100).collect::<String>())
             .execute(&mut *tx)
             .await?;
+            if created.rows_affected() == 0 {
+                return Ok(None);
+            }
             user
         }
     };
-    sqlx::query(
-        "INSERT INTO user_identities (issuer, subject, user_id, email) VALUES ($1, $2, $3, $4)",
+    // A concurrent callback for this identity may have linked it since the
+    // look above (it held the account's row until it committed): its link
+    // stands, and the next look finds it.
+    let linked = sqlx::query(
+        "INSERT INTO user_identities (issuer, subject, user_id, email) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (issuer, subject) DO NOTHING",
     )
     .bind(&identity.issuer)
     .bind(&identity.subject)
@@ -281,5 +316,5 @@ async fn account_for(tx: &mut PgConnection, identity: &Identity) -> Result<Uuid,
     .bind(email)
     .execute(&mut *tx)
     .await?;
-    Ok(user)
+    Ok((linked.rows_affected() == 1).then_some(user))
 }
