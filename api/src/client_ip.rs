@@ -80,22 +80,47 @@ impl TrustedProxies {
 
     /// The client behind `peer`: walking `X-Forwarded-For` from the right
     /// (the hop nearest us), the first address that is not a trusted proxy.
+    ///
+    /// Only the hops our proxies appended are believed; whatever lies left
+    /// of the first untrusted one the client may have written. So when no
+    /// untrusted hop is found (every hop a proxy of ours), or the first one
+    /// is not an address at all, the answer is the peer: never a hop the
+    /// client could have chosen.
     pub fn client(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
         if !self.trusts(peer) {
             return peer;
         }
-        let hops: Vec<IpAddr> = forwarded_for
+        let hops = forwarded_for
             .unwrap_or_default()
             .split(',')
-            .filter_map(|hop| hop.trim().parse().ok())
-            .collect();
-        hops.iter()
-            .rev()
-            .find(|ip| !self.trusts(**ip))
-            .or(hops.first())
-            .copied()
-            .unwrap_or(peer)
+            .map(str::trim)
+            .filter(|hop| !hop.is_empty());
+        for hop in hops.rev() {
+            match parse_hop(hop) {
+                Some(ip) if self.trusts(ip) => continue,
+                Some(ip) => return ip,
+                // Not a proxy of ours wrote it (`unknown`, garbage): nothing
+                // left of it can be believed.
+                None => break,
+            }
+        }
+        peer
     }
+}
+
+/// One `X-Forwarded-For` hop: an address, with or without a port (some
+/// proxies, Azure Application Gateway among them, write `ip:port`, and
+/// `[v6]:port` for IPv6), or a bracketed IPv6 address.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            hop.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+                .map(IpAddr::V6)
+        })
 }
 
 /// The client's address, as the per-IP limits count it.
@@ -166,7 +191,55 @@ mod tests {
         );
         assert_eq!(p.client(ip("10.1.2.3"), None), ip("10.1.2.3"));
         assert_eq!(p.client(ip("10.1.2.3"), Some("garbage")), ip("10.1.2.3"));
-        assert_eq!(p.client(ip("10.1.2.3"), Some("10.9.9.9")), ip("10.9.9.9"));
+    }
+
+    #[test]
+    fn with_no_untrusted_hop_the_peer_is_the_client_never_a_written_hop() {
+        let p = proxies(&["10.0.0.0/8"]);
+        // Every hop a proxy of ours: the leftmost one may be the client's
+        // own writing, so it is not believed.
+        assert_eq!(p.client(ip("10.1.2.3"), Some("10.9.9.9")), ip("10.1.2.3"));
+        assert_eq!(
+            p.client(ip("10.1.2.3"), Some("10.6.6.6, 10.0.0.7")),
+            ip("10.1.2.3")
+        );
+        // An unparseable hop ends the trusted chain: what lies left of it
+        // is the client's writing.
+        assert_eq!(
+            p.client(ip("10.1.2.3"), Some("6.6.6.6, unknown, 10.0.0.7")),
+            ip("10.1.2.3")
+        );
+        // Empty entries (a trailing comma) are no hop at all.
+        assert_eq!(
+            p.client(ip("10.1.2.3"), Some("198.51.100.7, ,10.0.0.7,")),
+            ip("198.51.100.7")
+        );
+    }
+
+    #[test]
+    fn hops_with_ports_and_brackets_are_read() {
+        let p = proxies(&["10.0.0.0/8", "2001:db8::/32"]);
+        assert_eq!(
+            p.client(ip("10.1.2.3"), Some("6.6.6.6, 198.51.100.7:50123")),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            p.client(ip("10.1.2.3"), Some("[2001:db9::5]:443, 10.0.0.7:8080")),
+            ip("2001:db9::5")
+        );
+        assert_eq!(
+            p.client(ip("10.1.2.3"), Some("[2001:db9::6]")),
+            ip("2001:db9::6")
+        );
+        assert_eq!(
+            p.client(ip("10.1.2.3"), Some("2001:db9::7, [2001:db8::1]:80")),
+            ip("2001:db9::7")
+        );
+        // A trusted proxy written with its port is still recognised as ours.
+        assert_eq!(
+            p.client(ip("10.1.2.3"), Some("6.6.6.6, 10.0.0.7:8080")),
+            ip("6.6.6.6")
+        );
     }
 
     #[test]

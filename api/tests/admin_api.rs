@@ -619,3 +619,174 @@ async fn two_admins_removing_each_other_at_once_leave_one_admin() {
         assert_eq!(active, 1, "round {round}");
     }
 }
+
+/// An admin action that would change nothing (the role the account has,
+/// hiding a hidden product, showing a visible one) answers 409 saying why,
+/// and writes nothing: no change, no audit entry claiming one.
+#[tokio::test]
+async fn admin_actions_that_change_nothing_are_refused_and_not_audited() {
+    let app = spawn_app(&amqp_url()).await;
+    let (root, _, ids) = common::catalog::shelf(&app).await;
+    let buyer = customer(&app).await;
+    let role_path = format!("/admin/users/{}/role", buyer.id);
+    let set_role = |role: &'static str| {
+        let body = json!({"role": role, "reason": "support team"});
+        call(&app, &root, Method::PUT, &role_path, body)
+    };
+    let conflict = |resp| async move {
+        let p = problem(resp, StatusCode::CONFLICT).await;
+        (fields(&p), p.to_string())
+    };
+    let (field, said) = conflict(set_role("customer").await).await;
+    assert_eq!(field, ["role"]);
+    assert!(said.contains("already customer"), "{said}");
+    json_of(set_role("admin").await, StatusCode::OK).await;
+    assert_eq!(conflict(set_role("admin").await).await.0, ["role"]);
+
+    let board = ids["Walnut cutting board"].as_str().unwrap().to_string();
+    let moderate = |what: &'static str, reason: &'static str| {
+        let path = format!("/admin/products/{board}/{what}");
+        let (app, root) = (&app, &root);
+        async move { call(app, root, Method::POST, &path, json!({"reason": reason})).await }
+    };
+    let (field, said) = conflict(moderate("unhide", "appeal upheld").await).await;
+    assert_eq!(field, ["id"]);
+    assert!(said.contains("not hidden"), "{said}");
+    assert_eq!(
+        moderate("hide", "counterfeit brand").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let (field, said) = conflict(moderate("hide", "something else").await).await;
+    assert_eq!(field, ["id"]);
+    assert!(said.contains("already hidden"), "{said}");
+    // The reason its seller was shown stands.
+    let reason: String = sqlx::query_scalar("SELECT hidden_reason FROM products WHERE id = $1")
+        .bind(uuid::Uuid::parse_str(&board).unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(reason, "counterfeit brand");
+    assert_eq!(
+        moderate("unhide", "appeal upheld").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(conflict(moderate("unhide", "again").await).await.0, ["id"]);
+    // A product that does not exist is still a 404, not a conflict.
+    let nowhere = format!("/admin/products/{}/unhide", uuid::Uuid::nil());
+    problem(
+        call(&app, &root, Method::POST, &nowhere, json!({"reason": "x"})).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE target_type IN ('user', 'product') ORDER BY id",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        actions,
+        ["user.role.admin", "product.hide", "product.unhide"]
+    );
+}
+
+/// A message parked in the mailer's parking queue, put there directly (no
+/// worker runs: nothing consumes what a replay sends back).
+async fn park_a_mail(
+    app: &common::App,
+) -> (lapin::Connection, souk_shared::topology::Names, String) {
+    use souk_shared::{amqp, topology};
+    let names = topology::Names::new(&app.prefix);
+    let conn = amqp::connect(&amqp_url(), "admin-api-test").await.unwrap();
+    let channel = amqp::confirm_channel(&conn).await.unwrap();
+    topology::declare_queues(&channel, &names, "mailer", &[])
+        .await
+        .unwrap();
+    let mail = EmailRequested {
+        to: "nobody@example.com".into(),
+        template: "no_such_template".into(),
+        data: json!({}),
+    };
+    let envelope = Envelope::new(&mail, "admin-test");
+    let id = envelope.id.to_string();
+    let props = amqp::properties(
+        &id,
+        "notify.email",
+        "admin-test",
+        lapin::types::FieldTable::default(),
+    );
+    amqp::send_to_queue(
+        &channel,
+        &names.parking_queue("mailer"),
+        &envelope.to_bytes(),
+        props,
+    )
+    .await
+    .unwrap();
+    channel.close(200, "parked".into()).await.unwrap();
+    (conn, names, id)
+}
+
+/// Replay goes through the same re-check as every admin action: an admin
+/// demoted after the extractor let them in is refused (403), nothing is
+/// replayed and nothing audited.
+#[tokio::test]
+async fn an_admin_demoted_mid_replay_replays_nothing() {
+    use souk_shared::parked;
+    let app = spawn_app(&amqp_url()).await;
+    let root = token_for(&app, &admin(&app).await).await;
+    let (conn, names, id) = park_a_mail(&app).await;
+    let mut demotion = app.db.pool.begin().await.unwrap();
+    sqlx::query("UPDATE users SET role = 'customer' WHERE role = 'admin'")
+        .execute(&mut *demotion)
+        .await
+        .unwrap();
+    let replay = call(
+        &app,
+        &root,
+        Method::POST,
+        "/admin/parked/mailer/replay",
+        json!({"reason": "template deployed"}),
+    );
+    let demote = async {
+        // The replay has read the (still) admin account and waits on its row.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        demotion.commit().await.unwrap();
+    };
+    let (resp, ()) = tokio::join!(replay, demote);
+    assert_eq!(
+        fields(&problem(resp, StatusCode::FORBIDDEN).await),
+        ["role"]
+    );
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM audit_log").await,
+        0
+    );
+    let still = parked::list(&conn, &names, "mailer", 10).await.unwrap();
+    assert_eq!(still.len(), 1, "{still:?}");
+    assert_eq!(still[0].message_id.as_deref(), Some(id.as_str()));
+}
+
+/// The answer says how many went back and how many are still parked.
+#[tokio::test]
+async fn a_replay_says_how_many_remain_parked() {
+    let app = spawn_app(&amqp_url()).await;
+    let root = token_for(&app, &admin(&app).await).await;
+    let (_conn, _names, _id) = park_a_mail(&app).await;
+    let replay = |body: Value| {
+        call(
+            &app,
+            &root,
+            Method::POST,
+            "/admin/parked/mailer/replay",
+            body,
+        )
+    };
+    let other = json!({"message_id": uuid::Uuid::nil(), "reason": "another one"});
+    let answer = json_of(replay(other).await, StatusCode::OK).await;
+    assert_eq!(answer, json!({"replayed": 0, "remaining": 1}));
+    let all = json!({"reason": "template deployed"});
+    let answer = json_of(replay(all).await, StatusCode::OK).await;
+    assert_eq!(answer, json!({"replayed": 1, "remaining": 0}));
+}

@@ -94,18 +94,36 @@ pub async fn list(
 /// Sends parked messages of `group` back to its main queue (unrouted ones
 /// to the events exchange): the one with `message_id`, or all of them when
 /// `None`. Returns how many were replayed; an unrouted message that still
-/// has no queue to go to stays where it is.
+/// has no queue to go to stays where it is. Messages a concurrent [`list`]
+/// holds at that moment are invisible to the broker's `basic.get`: they are
+/// not replayed (they go back to the parking queue when the listing ends),
+/// so "all" means all that were waiting.
 pub async fn replay(
     conn: &Connection,
     names: &Names,
     group: &str,
     message_id: Option<&str>,
 ) -> Result<usize, lapin::Error> {
+    Ok(replay_counted(conn, names, group, message_id).await?.0)
+}
+
+/// As [`replay`], and also how many of the messages waiting when it began
+/// are still parked: those not asked for, unrouted ones with still nowhere
+/// to go, and any a concurrent listing held (left for a later replay).
+/// Counted from the replay's own work, not by asking the queue after it: a
+/// quorum queue may not yet show the messages it is putting back.
+pub async fn replay_counted(
+    conn: &Connection,
+    names: &Names,
+    group: &str,
+    message_id: Option<&str>,
+) -> Result<(usize, u32), lapin::Error> {
     let channel = amqp::confirm_channel(conn).await?;
     let queue = shelf(names, group);
     let main = names.queue(group);
     // Look at each message at most once, even those we put back.
-    let mut remaining = depth(&channel, &queue).await?;
+    let waiting = depth(&channel, &queue).await?;
+    let mut remaining = waiting;
     let mut replayed = 0;
     while remaining > 0 {
         remaining -= 1;
@@ -152,15 +170,49 @@ pub async fn replay(
         replayed += 1;
     }
     channel.close(200, "replayed".into()).await?;
-    Ok(replayed)
+    Ok((replayed, waiting.saturating_sub(replayed as u32)))
+}
+
+/// The audit action of a replay of `group`'s parked messages, and its target
+/// (the message, or the nil id for all of them).
+pub fn replay_entry(
+    group: &str,
+    message_id: Option<uuid::Uuid>,
+) -> (String, (&'static str, uuid::Uuid)) {
+    (
+        format!("parked.replay.{group}"),
+        ("message", message_id.unwrap_or(uuid::Uuid::nil())),
+    )
+}
+
+/// Keeps what a replay did, after it: `parked.replay.<group>.done` with the
+/// count, or `.failed` with the error. The request itself was kept before
+/// (see [`audited_replay`]); this entry is written whatever became of the
+/// actor meanwhile, since the replay has happened (or failed) either way.
+pub async fn record_replay_outcome<E: std::fmt::Display>(
+    conn: &mut sqlx::PgConnection,
+    admin: uuid::Uuid,
+    group: &str,
+    message_id: Option<uuid::Uuid>,
+    outcome: Result<usize, E>,
+) -> Result<(), sqlx::Error> {
+    let (action, target) = replay_entry(group, message_id);
+    let (suffix, said) = match outcome {
+        Ok(n) => ("done", format!("{n} message(s) replayed")),
+        Err(e) => ("failed", format!("not replayed: {e}")),
+    };
+    crate::audit::record(conn, admin, &format!("{action}.{suffix}"), target, &said).await
 }
 
 /// A replay as the admin action it is: kept in the audit log before it is
 /// done (`parked.replay.<group>`, so none happens without its entry), and
-/// what it did kept after it (`parked.replay.<group>.done` with the count,
-/// or `.failed` with the error), so the log tells an operator whether the
-/// messages went back, not only that someone asked. `replay` connects and
-/// replays; its own error is handed back unchanged.
+/// what it did kept after it ([`record_replay_outcome`]), so the log tells
+/// an operator whether the messages went back, not only that someone asked.
+/// `replay` connects and replays; its own error is handed back unchanged.
+///
+/// The caller has checked that `admin` is one. (The admin API records the
+/// request itself, re-checking its caller in the same transaction, and then
+/// calls [`record_replay_outcome`].)
 pub async fn audited_replay<E: std::fmt::Display>(
     pool: &sqlx::PgPool,
     admin: uuid::Uuid,
@@ -169,22 +221,14 @@ pub async fn audited_replay<E: std::fmt::Display>(
     reason: &str,
     replay: impl std::future::Future<Output = Result<usize, E>>,
 ) -> Result<Result<usize, E>, sqlx::Error> {
-    let action = format!("parked.replay.{group}");
-    let target = ("message", message_id.unwrap_or(uuid::Uuid::nil()));
+    let (action, target) = replay_entry(group, message_id);
     let mut conn = pool.acquire().await?;
     crate::audit::record(&mut conn, admin, &action, target, reason).await?;
     let outcome = replay.await;
-    let (suffix, said) = match &outcome {
-        Ok(n) => ("done", format!("{n} message(s) replayed")),
-        Err(e) => ("failed", format!("not replayed: {e}")),
+    let n = match &outcome {
+        Ok(n) => Ok(*n),
+        Err(e) => Err(e.to_string()),
     };
-    crate::audit::record(
-        &mut conn,
-        admin,
-        &format!("{action}.{suffix}"),
-        target,
-        &said,
-    )
-    .await?;
+    record_replay_outcome(&mut conn, admin, group, message_id, n).await?;
     Ok(outcome)
 }

@@ -37,12 +37,16 @@ impl Purpose {
     }
 }
 
+/// A link's lifetime as the mail says it: "1 hour", "24 hours", "90 minutes".
 fn human(d: Duration) -> String {
-    if d.num_minutes() % 60 == 0 {
-        format!("{} hours", d.num_hours())
+    let minutes = d.num_minutes();
+    let (n, unit) = if minutes != 0 && minutes % 60 == 0 {
+        (d.num_hours(), "hour")
     } else {
-        format!("{} minutes", d.num_minutes())
-    }
+        (minutes, "minute")
+    };
+    let s = if n == 1 { "" } else { "s" };
+    format!("{n} {unit}{s}")
 }
 
 /// Stores a new token and enqueues the mail with its link, in the caller's
@@ -154,4 +158,19 @@ pub async fn revoke_all(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_read_in_the_right_number() {
+        assert_eq!(human(Duration::minutes(60)), "1 hour");
+        assert_eq!(human(Duration::hours(24)), "24 hours");
+        assert_eq!(human(Duration::minutes(1)), "1 minute");
+        assert_eq!(human(Duration::minutes(30)), "30 minutes");
+        assert_eq!(human(Duration::minutes(90)), "90 minutes");
+        assert_eq!(human(Duration::zero()), "0 minutes");
+    }
 }

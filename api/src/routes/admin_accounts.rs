@@ -143,6 +143,7 @@ impl Validate for RoleChange {
         (status = 200, description = "the account", body = Account),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such account", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the account has that role already", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "a seller's account, or the admin's own", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -160,24 +161,33 @@ pub async fn set_role(
     }
     let mut tx = state.pool.begin().await?;
     lock_actor_and_target(&mut tx, &admin, id).await?;
-    let current: Option<(String, bool)> = sqlx::query_as(
-        "SELECT u.role, EXISTS (SELECT 1 FROM shops s WHERE s.owner_id = u.id) FROM users u WHERE u.id = $1 FOR NO KEY UPDATE",
+    let has_shop: Option<bool> = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM shops s WHERE s.owner_id = u.id) FROM users u WHERE u.id = $1 FOR NO KEY UPDATE",
     )
     .bind(id)
     .fetch_optional(&mut *tx)
     .await?;
-    let (_, has_shop) = current.ok_or(ApiError::NotFound)?;
-    if has_shop {
+    if has_shop.ok_or(ApiError::NotFound)? {
         return Err(ApiError::Validation(vec![FieldError::new(
             "role",
             "this account runs a shop; suspend the shop instead",
         )]));
     }
-    sqlx::query("UPDATE users SET role = $2, updated_at = now() WHERE id = $1")
-        .bind(id)
-        .bind(body.role.as_str())
-        .execute(&mut *tx)
-        .await?;
+    // Only a change is made (and audited): the role it already has is a
+    // conflict, with nothing written.
+    let changed =
+        sqlx::query("UPDATE users SET role = $2, updated_at = now() WHERE id = $1 AND role <> $2")
+            .bind(id)
+            .bind(body.role.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    if changed == 0 {
+        return Err(ApiError::Conflict(FieldError::new(
+            "role",
+            format!("the account's role is already {}", body.role.as_str()),
+        )));
+    }
     let action = format!("user.role.{}", body.role.as_str());
     audit(&mut tx, &admin, &action, ("user", id), body.reason.trim()).await?;
     let account: Account = sqlx::query_as(

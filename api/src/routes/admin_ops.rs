@@ -17,7 +17,7 @@ use crate::{
     error::{ApiError, FieldError, Problem},
     extract::{Path, ValidJson, ValidQuery, Validate},
     routes::{
-        admin::reason_error,
+        admin::{audit, reason_error},
         catalog::{Page, Paging},
     },
     state::AppState,
@@ -257,17 +257,27 @@ impl Validate for Replay {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Replayed {
+    /// How many went back.
     pub replayed: usize,
+    /// How many of those waiting when the replay began are still parked:
+    /// those not asked for, unrouted ones that still have nowhere to go, and
+    /// any a concurrent listing held (replay again to send them). Messages
+    /// parked since are not counted.
+    pub remaining: u32,
 }
 
 /// Send parked messages back to their group's queue, attempts reset
 /// (`unrouted` ones to the events exchange by their type; one that still
-/// has no queue stays).
+/// has no queue stays). A message being listed at that moment (held
+/// briefly by `GET /admin/parked/{group}`) is not replayed: it stays
+/// parked, so "all" may leave some behind (counted in `remaining`), and one
+/// asked for by id answers `replayed: 0`. List again and replay what is
+/// still there.
 #[utoipa::path(
     post, path = "/admin/parked/{group}/replay", tag = "admin", security(("bearer" = [])),
     params(("group" = String, Path)), request_body = Replay,
     responses(
-        (status = 200, description = "how many went back", body = Replayed),
+        (status = 200, description = "how many went back, and how many are still parked", body = Replayed),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such consumer group", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "no reason, or a message id that is not one", body = Problem, content_type = "application/problem+json"),
@@ -281,10 +291,19 @@ pub async fn parked_replay(
     ValidJson(body): ValidJson<Replay>,
 ) -> Result<Json<Replayed>, ApiError> {
     let group = group(&name)?;
+    // The request is kept before anything is replayed, as every admin
+    // action is: with the actor checked again in the same transaction, so
+    // an admin demoted or suspended since the extractor's check is refused
+    // and nothing is replayed. Committed before the replay, so no replay
+    // happens without its entry.
+    let (action, target) = parked::replay_entry(group, body.message_id);
+    let mut tx = state.pool.begin().await?;
+    audit(&mut tx, &admin, &action, target, body.reason.trim()).await?;
+    tx.commit().await?;
     // Messages are named by their id (the nil id for "all of them").
     let replay = async {
         let conn = state.broker.connect().await?;
-        let replayed = parked::replay(
+        let counted = parked::replay_counted(
             &conn,
             state.broker.names(),
             group,
@@ -292,20 +311,24 @@ pub async fn parked_replay(
         )
         .await?;
         let _ = conn.close(200, "replayed".into()).await;
-        Ok::<_, lapin::Error>(replayed)
+        Ok::<_, lapin::Error>(counted)
     };
-    let replayed = parked::audited_replay(
-        &state.pool,
+    let outcome = replay.await;
+    let mut conn = state.pool.acquire().await?;
+    parked::record_replay_outcome(
+        &mut conn,
         admin.0.id,
         group,
         body.message_id,
-        body.reason.trim(),
-        replay,
+        outcome.as_ref().map(|(n, _)| *n),
     )
-    .await?
-    .map_err(broker_down)?;
-    tracing::info!(group, replayed, admin = %admin.0.id, "parked messages replayed");
-    Ok(Json(Replayed { replayed }))
+    .await?;
+    let (replayed, remaining) = outcome.map_err(broker_down)?;
+    tracing::info!(group, replayed, remaining, admin = %admin.0.id, "parked messages replayed");
+    Ok(Json(Replayed {
+        replayed,
+        remaining,
+    }))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]

@@ -125,6 +125,7 @@ pub async fn list(
         (status = 204, description = "hidden"),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such product", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already hidden", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn hide(
@@ -144,6 +145,7 @@ pub async fn hide(
         (status = 204, description = "visible again (if active)"),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such product", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not hidden", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn unhide(
@@ -155,7 +157,10 @@ pub async fn unhide(
     set_hidden(&state, &admin, id, false, body.reason.trim()).await
 }
 
-/// Hides (or shows again) a product, audited with the reason.
+/// Hides (or shows again) a product, audited with the reason. Only a change
+/// is made: hiding a hidden product (which would overwrite the reason its
+/// seller was shown) or showing a visible one is a conflict, with nothing
+/// written and nothing audited.
 async fn set_hidden(
     state: &AppState,
     admin: &Admin,
@@ -164,20 +169,34 @@ async fn set_hidden(
     reason: &str,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.pool.begin().await?;
-    let found = sqlx::query(
-        "UPDATE products SET
-                hidden_at = CASE WHEN $2 THEN coalesce(hidden_at, now()) END,
-                hidden_reason = CASE WHEN $2 THEN $3 END,
-                updated_at = now()
-          WHERE id = $1",
-    )
-    .bind(id)
-    .bind(hidden)
-    .bind(reason)
-    .execute(&mut *tx)
-    .await?;
-    if found.rows_affected() == 0 {
-        return Err(ApiError::NotFound);
+    let sql = if hidden {
+        "UPDATE products SET hidden_at = now(), hidden_reason = $2, updated_at = now()
+          WHERE id = $1 AND hidden_at IS NULL"
+    } else {
+        "UPDATE products SET hidden_at = NULL, hidden_reason = NULL, updated_at = now()
+          WHERE id = $1 AND hidden_at IS NOT NULL AND $2::text IS NOT NULL"
+    };
+    let changed = sqlx::query(sql)
+        .bind(id)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if changed == 0 {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM products WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !exists {
+            return Err(ApiError::NotFound);
+        }
+        let why = if hidden {
+            "the product is already hidden"
+        } else {
+            "the product is not hidden"
+        };
+        return Err(ApiError::Conflict(FieldError::new("id", why)));
     }
     let action = if hidden {
         "product.hide"
