@@ -1696,3 +1696,358 @@ async fn an_overdue_schedule_lists_its_due_run_then_the_times_after_now() {
     );
     m.close().await;
 }
+
+/// `POST /me/replenishments` with `body` as `token`, sending `key` as its
+/// `Idempotency-Key`.
+async fn create_keyed(app: &App, token: &str, key: &str, body: &Value) -> reqwest::Response {
+    app.http
+        .post(format!("{}/api/v1/me/replenishments", app.base))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The digest the API keeps of a create `body` sent with `key`: the one
+/// its handler computes, through its own request type.
+fn request_digest(key: &str, body: &Value) -> Vec<u8> {
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert(souk_api::idempotency::HEADER, key.parse().unwrap());
+    let request: souk_api::routes::replenishments::NewSchedule =
+        serde_json::from_value(body.clone()).unwrap();
+    souk_api::idempotency::Key::from_request(&headers, &request)
+        .ok()
+        .flatten()
+        .expect("a valid key")
+        .hash
+}
+
+#[tokio::test]
+async fn a_create_retried_after_its_starts_at_passed_answers_the_schedule_it_made() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let buyer = Buyer::new(&m, CARD_OK).await;
+    let token = buyer.token.as_str();
+    const KEY: &str = "weekly-late";
+    // The request a client sent a day ago, when its first run was a few
+    // minutes ahead, and retries now: its starts_at is a day past, far
+    // beyond the grace for clocks. The schedule that request made is
+    // written as the API writes it (made now, the stored digest then that
+    // of the request sent a day ago): the digest is all the lookup reads.
+    let mut late = weekly(&buyer.address, &buyer.card, &[(&m.tea.variant, 1)], "skip");
+    late["starts_at"] = json!(Utc::now() - chrono::Duration::days(1));
+    let mut ahead = late.clone();
+    ahead["starts_at"] = json!(Utc::now() + chrono::Duration::days(1));
+    let first = json_of(
+        create_keyed(app, token, KEY, &ahead).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let id = first["id"].as_str().unwrap();
+    let moved = sqlx::query(
+        "UPDATE replenishment_schedules SET request_hash = $2 WHERE id = $1::uuid AND idempotency_key = $3",
+    )
+    .bind(id)
+    .bind(request_digest(KEY, &late))
+    .bind(KEY)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(moved.rows_affected(), 1);
+
+    // The retry answers what the first request made, as it answered then.
+    let again = json_of(
+        create_keyed(app, token, KEY, &late).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(again, first);
+
+    // The key with another request is still refused, naming the header;
+    // the late request without its key (or with another) is a new one, and
+    // its starts_at is refused.
+    let mut other = late.clone();
+    other["on_failure"] = json!("retry");
+    let p = problem(
+        create_keyed(app, token, KEY, &other).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["Idempotency-Key"]);
+    let p = problem(
+        create_keyed(app, token, "weekly-new", &late).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["starts_at"]);
+    let p = problem(
+        call(app, token, Method::POST, "/me/replenishments", late.clone()).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&p), ["starts_at"]);
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM replenishment_schedules")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+    m.close().await;
+}
+
+/// The due times of the schedule's runs the customer skipped, oldest first.
+async fn skips(app: &App, schedule: &str) -> Vec<DateTime<Utc>> {
+    runs(app, schedule)
+        .await
+        .into_iter()
+        .filter(|(_, status, _, reason)| {
+            status == "skipped" && reason.as_deref() == Some("skipped_by_customer")
+        })
+        .map(|(due, ..)| due)
+        .collect()
+}
+
+fn time_of(v: &Value) -> DateTime<Utc> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+#[tokio::test]
+async fn a_change_that_leaves_the_next_run_keeps_its_skip_and_a_re_timing_or_resume_drops_it() {
+    use chrono::{DurationRound, Timelike};
+
+    let m = Market::open().await;
+    let app = &m.app;
+    let buyer = Buyer::new(&m, CARD_OK).await;
+    let token = buyer.token.as_str();
+    let week = chrono::Duration::weeks(1);
+    // Weekly, first due in a day, on the minute (so a cron can name it).
+    let due = (Utc::now() + chrono::Duration::days(1))
+        .duration_trunc(chrono::Duration::minutes(1))
+        .unwrap();
+    let mut body = weekly(&buyer.address, &buyer.card, &[(&m.tea.variant, 1)], "skip");
+    body["starts_at"] = json!(due);
+    let id = schedule_id(app, token, body).await;
+    let path = format!("/me/replenishments/{id}");
+    let ok = |method: Method, path: String, body: Value| async move {
+        json_of(call(app, token, method, &path, body).await, StatusCode::OK).await
+    };
+    let change = |body: Value| ok(Method::PATCH, path.clone(), body);
+    let post = |what: &str| ok(Method::POST, format!("{path}/{what}"), json!({}));
+    // The customer skips `due`, and the schedule's next run then sits on
+    // that skip: as the replenisher leaves it when, having placed the runs
+    // of a schedule re-timed to before its skips, it moves on to a skipped
+    // due time. The schedule shows the time after it as its next run.
+    let skip_and_sit_on_it = || async {
+        post("skip-next").await;
+        set_next_run_at(&m, &id, due).await;
+        let shown = read_schedule(app, token, &id).await;
+        assert_eq!(time_of(&shown["next_runs"][0]), due + week, "{shown}");
+        assert_eq!(skips(app, &id).await, [due]);
+    };
+
+    // A change of the items, the price limit or the policy, or resuming the
+    // schedule that is not paused, leaves the next run where it was: the
+    // skip stands, and the delivery after it is still the next one shown.
+    skip_and_sit_on_it().await;
+    let (market, sid) = (&m, id.as_str());
+    let still_skipped = |kept: Value| async move {
+        assert_eq!(skips(app, sid).await, [due], "{kept}");
+        assert_eq!(time_of(&kept["next_runs"][0]), due + week, "{kept}");
+        assert_eq!(next_run_at(market, sid).await, due);
+    };
+    for body in [
+        json!({"items": [{"variant_id": m.tea.variant, "quantity": 2}]}),
+        json!({"price_increase_limit_percent": 25}),
+        json!({"on_failure": "retry"}),
+    ] {
+        still_skipped(change(body).await).await;
+    }
+    still_skipped(post("resume").await).await;
+
+    // Re-timing it onto the skipped time (starts_at; a new cadence; a new
+    // zone), or resuming it paused, asks for that delivery after all.
+    let wall = format!(
+        "{} {} * * {}",
+        due.minute(),
+        due.hour(),
+        due.format("%a").to_string().to_uppercase()
+    );
+    let dropped = change(json!({"starts_at": due})).await;
+    assert_eq!(time_of(&dropped["next_runs"][0]), due, "{dropped}");
+    assert!(skips(app, &id).await.is_empty());
+    skip_and_sit_on_it().await;
+    let dropped = change(json!({"cron": wall})).await;
+    assert_eq!(dropped["cron"], json!(wall));
+    assert_eq!(time_of(&dropped["next_runs"][0]), due, "{dropped}");
+    assert!(skips(app, &id).await.is_empty());
+    skip_and_sit_on_it().await;
+    let dropped = change(json!({"time_zone": "UTC"})).await;
+    assert_eq!(time_of(&dropped["next_runs"][0]), due, "{dropped}");
+    assert!(skips(app, &id).await.is_empty());
+    skip_and_sit_on_it().await;
+    let paused = post("pause").await;
+    assert_eq!(paused["status"], "paused");
+    assert_eq!(skips(app, &id).await, [due]);
+    let resumed = post("resume").await;
+    assert_eq!(resumed["status"], "active");
+    assert_eq!(time_of(&resumed["next_runs"][0]), due, "{resumed}");
+    assert!(skips(app, &id).await.is_empty());
+    m.close().await;
+}
+
+/// A new address in the customer's book (not the default); its id.
+async fn new_address(app: &App, token: &str, city: &str) -> String {
+    let address = json!({"full_name": "Ann Example", "line1": "1 Main St", "city": city,
+                         "postal_code": "10115", "country": "DE"});
+    let made = json_of(
+        call(app, token, Method::POST, "/me/addresses", address).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    made["id"].as_str().unwrap().to_string()
+}
+
+/// The status and body of an answer.
+async fn answer(resp: reqwest::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Schedules naming an address that no longer exists (none, by the
+/// foreign key: a write that would make one fails instead).
+async fn dangling(app: &App) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM replenishment_schedules s
+          WHERE s.address_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM addresses a WHERE a.id = s.address_id)",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn deleting_an_address_while_a_schedule_is_written_with_it_never_fails_the_write() {
+    let m = Market::open().await;
+    let app = &m.app;
+    let buyer = Buyer::new(&m, CARD_OK).await;
+    let token = buyer.token.as_str();
+    let kept = buyer.weekly(app, &[(&m.tea.variant, 1)], "skip").await;
+    let kept_path = format!("/me/replenishments/{kept}");
+
+    // Step by step: a change of the schedule to a new address has checked
+    // the address (and waits on its card, whose row the test holds) when
+    // the address is deleted. The delete waits for the change; the change
+    // is written; the delete then clears the address from the schedule, as
+    // from any schedule naming it.
+    let address = new_address(app, token, "Leipzig").await;
+    let mut card = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM payment_methods WHERE id = $1::uuid FOR UPDATE")
+        .bind(&buyer.card)
+        .execute(&mut *card)
+        .await
+        .unwrap();
+    let change = tokio::spawn({
+        let (http, url) = (app.http.clone(), format!("{}/api/v1{kept_path}", app.base));
+        let body = json!({"address_id": address, "payment_method_id": buyer.card});
+        let token = token.to_string();
+        async move {
+            answer(
+                http.patch(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    });
+    souk_testkit::wait_until("the change to wait for the card", PIPELINE_WAIT, || async {
+        !waiting_in(&m, "SELECT status FROM payment_methods")
+            .await
+            .is_empty()
+    })
+    .await;
+    let delete = tokio::spawn({
+        let url = format!("{}/api/v1/me/addresses/{address}", app.base);
+        let (http, token) = (app.http.clone(), token.to_string());
+        async move {
+            http.delete(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    souk_testkit::wait_until("the delete to wait or end", PIPELINE_WAIT, || async {
+        delete.is_finished() || !waiting_in(&m, "DELETE FROM addresses").await.is_empty()
+    })
+    .await;
+    card.commit().await.unwrap();
+    let (status, changed) = change.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert_eq!(changed["address_id"], json!(address));
+    assert_eq!(delete.await.unwrap(), StatusCode::NO_CONTENT);
+    let shown = read_schedule(app, token, &kept).await;
+    assert!(shown["address_id"].is_null(), "{shown}");
+    assert_eq!(dangling(app).await, 0);
+
+    // Raced, many times over: a new schedule with the address and a change
+    // of another to it, while the address is deleted. No 5xx; each write
+    // either came first (and the delete then cleared the address from it)
+    // or came after and names the address as the field it refuses.
+    let before = read_schedule(app, token, &kept).await;
+    let mut kept_address = before["address_id"].clone();
+    let (mut created, mut changed) = (0, 0);
+    for i in 0..25 {
+        let address = new_address(app, token, &format!("Town {i}")).await;
+        let new = weekly(&address, &buyer.card, &[(&m.oak.variant, 1)], "skip");
+        let gone = format!("/me/addresses/{address}");
+        let (create, change, delete) = tokio::join!(
+            async { answer(call(app, token, Method::POST, "/me/replenishments", new).await).await },
+            async {
+                let body = json!({"address_id": address});
+                answer(call(app, token, Method::PATCH, &kept_path, body).await).await
+            },
+            call(app, token, Method::DELETE, &gone, json!({})),
+        );
+        assert_eq!(delete.status(), StatusCode::NO_CONTENT, "round {i}");
+        let refused_for_the_address = |(status, body): &(StatusCode, Value)| {
+            *status == StatusCode::UNPROCESSABLE_ENTITY && fields(body) == ["address_id"]
+        };
+        match &create {
+            (StatusCode::CREATED, made) => {
+                created += 1;
+                let id = made["id"].as_str().unwrap();
+                let shown = read_schedule(app, token, id).await;
+                assert!(shown["address_id"].is_null(), "round {i}: {shown}");
+                let cancel = format!("/me/replenishments/{id}/cancel");
+                ok_status(call(app, token, Method::POST, &cancel, json!({})).await).await;
+            }
+            refused if refused_for_the_address(refused) => {}
+            other => panic!("round {i}: the create answered {other:?}"),
+        }
+        let shown = read_schedule(app, token, &kept).await;
+        match &change {
+            (StatusCode::OK, _) => {
+                changed += 1;
+                assert!(shown["address_id"].is_null(), "round {i}: {shown}");
+            }
+            refused if refused_for_the_address(refused) => {
+                assert_eq!(shown["address_id"], kept_address, "round {i}: {shown}");
+            }
+            other => panic!("round {i}: the change answered {other:?}"),
+        }
+        kept_address = shown["address_id"].clone();
+        assert_eq!(dangling(app).await, 0, "round {i}");
+    }
+    eprintln!("of 25 rounds, {created} created and {changed} changed before the delete");
+    m.close().await;
+}
+
+async fn ok_status(resp: reqwest::Response) {
+    let (status, body) = answer(resp).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

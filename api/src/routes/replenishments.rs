@@ -211,7 +211,9 @@ impl Validate for NewSchedule {
             Err(e) => errors.push(e),
         }
         errors.extend(zone(self.time_zone.as_deref()).err());
-        errors.extend(starts_at_error(self.starts_at));
+        // Not `starts_at`: it depends on the clock, and a retried create
+        // answers what its first request made whenever it comes (the
+        // handler checks it once the key was looked up).
         errors.extend(limit_error(Some(self.price_increase_limit_percent)));
         errors
     }
@@ -522,7 +524,6 @@ pub async fn create(
         .map_err(|e| ApiError::Validation(vec![e]))?
         .expect("validated")
         .in_zone(zone);
-    let next_run_at = first_run(&cadence, body.starts_at)?;
     let mut tx = state.pool.begin().await?;
     // Serializes this customer's schedule changes, so the cap holds.
     crate::auth::serialize_account(&mut tx, caller.id).await?;
@@ -532,6 +533,13 @@ pub async fn create(
         let earlier = show(&mut tx, caller.id, id).await?;
         return Ok((StatusCode::CREATED, earlier));
     }
+    // Only after the key: a retry comes whenever the client gets to it, and
+    // the `starts_at` that was ahead for the first request may be past by
+    // then; it still answers the schedule that request made.
+    if let Some(e) = starts_at_error(body.starts_at) {
+        return Err(ApiError::Validation(vec![e]));
+    }
+    let next_run_at = first_run(&cadence, body.starts_at)?;
     let kept: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM replenishment_schedules WHERE customer_id = $1 AND status <> 'cancelled'",
     )
