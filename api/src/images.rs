@@ -3,7 +3,7 @@
 //! read with a size cap, decoded within limits, resized and re-encoded as
 //! PNG: nothing the user sent is ever served back as-is.
 
-use std::io::Cursor;
+use std::{io::Cursor, sync::Arc};
 
 use axum::{
     extract::{Multipart, multipart::MultipartError},
@@ -11,7 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use image::{ImageFormat, ImageReader, Limits, imageops::FilterType};
-use object_store::{ObjectStoreExt, PutPayload, path::Path as StorePath};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path as StorePath};
 use uuid::Uuid;
 
 use crate::{
@@ -145,6 +145,51 @@ pub async fn serve(state: &AppState, key: &StorePath) -> Result<Response, ApiErr
     Ok(response)
 }
 
+/// A file just stored whose row is not in yet: discarded unless [`keep`]
+/// is called once the row is committed. Dropped armed (the request gone
+/// mid-way, a panic) it discards in the background, since `Drop` cannot
+/// wait; the error paths [`discard`](Stored::discard) it before answering.
+///
+/// [`keep`]: Stored::keep
+struct Stored {
+    storage: Arc<dyn ObjectStore>,
+    key: Option<StorePath>,
+}
+
+impl Stored {
+    fn new(state: &AppState, key: StorePath) -> Self {
+        Self {
+            storage: state.storage.clone(),
+            key: Some(key),
+        }
+    }
+
+    /// The row is in: the file stays.
+    fn keep(mut self) {
+        self.key = None;
+    }
+
+    /// Best effort, as [`discard`]: an orphan costs space, not correctness.
+    async fn discard(mut self) {
+        if let Some(key) = self.key.take() {
+            let _ = self.storage.delete(&key).await;
+        }
+    }
+}
+
+impl Drop for Stored {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let storage = self.storage.clone();
+            runtime.spawn(async move {
+                let _ = storage.delete(&key).await;
+            });
+        }
+    }
+}
+
 /// An ordered set of images belonging to one row (a product's photos, a
 /// review's): the table holding them, where their files live, their limits.
 pub struct Gallery {
@@ -187,7 +232,26 @@ impl Gallery {
         let bytes = read_field(multipart, self.field, max_bytes).await?;
         let png = normalise(bytes, self.field, self.size).await?;
         let file = new_file();
-        store(state, &self.key(owner, &file), png).await?;
+        let key = self.key(owner, &file);
+        store(state, &key, png).await?;
+        // Stored before its row exists (the row lock is not held across the
+        // upload), so whatever stops the row going in (the limit, a database
+        // error, the request dropped) takes the file away again.
+        let stored = Stored::new(state, key);
+        match self.record(state, owner, &file).await {
+            Ok(()) => {
+                stored.keep();
+                Ok(())
+            }
+            Err(e) => {
+                stored.discard().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The row of a stored image, last of the owner's; refused past the limit.
+    async fn record(&self, state: &AppState, owner: Uuid, file: &str) -> Result<(), ApiError> {
         let mut tx = state.pool.begin().await?;
         // The owner row is locked, so concurrent uploads count and number right.
         let (n, next): (i64, i32) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -202,8 +266,6 @@ impl Gallery {
         .fetch_one(&mut *tx)
         .await?;
         if n >= self.max_images {
-            drop(tx);
-            discard(state, &self.key(owner, &file)).await;
             return Err(ApiError::Conflict(FieldError::new(
                 self.field,
                 format!("at most {} images", self.max_images),
@@ -215,7 +277,7 @@ impl Gallery {
         )))
         .bind(Uuid::now_v7())
         .bind(owner)
-        .bind(&file)
+        .bind(file)
         .bind(next)
         .execute(&mut *tx)
         .await?;

@@ -1243,3 +1243,192 @@ async fn the_list_shows_products_from_their_first_variant_and_counts_past_its_la
         }
     }
 }
+
+/// (status, Cache-Control) of a GET of `url`, as `token` if given.
+async fn photo_answer(app: &App, url: &str, token: Option<&str>) -> (StatusCode, Option<String>) {
+    let mut req = app.http.get(url);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.unwrap();
+    let cache = resp
+        .headers()
+        .get("cache-control")
+        .map(|v| v.to_str().unwrap().to_string());
+    (resp.status(), cache)
+}
+
+/// Photos follow the storefront: a product off it (a draft, withdrawn,
+/// hidden by moderation, its shop or its seller suspended) has its photos
+/// 404 to the public, as its page does; its seller and admins still see
+/// them, never from a shared cache.
+#[tokio::test]
+async fn photos_of_a_product_off_the_storefront_are_served_only_to_its_seller_and_admins() {
+    let app = spawn_app(&amqp_url()).await;
+    let root = common::token_for(&app, &common::admin(&app).await).await;
+    let a = verified_seller(&app, "shop-a").await;
+    let b = verified_seller(&app, "shop-b").await;
+    let buyer = signed_in(&app, None).await;
+    let created = product(&app, &a, simple("Vase", "VASE", 5000, 1)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let uploaded = json_of(
+        upload_photo(
+            &app,
+            &a,
+            &id,
+            photo(image::ImageFormat::Png, 20, 20),
+            "v.png",
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let url = format!(
+        "{}{}",
+        app.base,
+        uploaded["images"][0]["url"].as_str().unwrap()
+    );
+    let public = Some("public, max-age=3600".to_string());
+    let private = Some("private, max-age=3600".to_string());
+    let off = |what: &'static str| {
+        let (app, url, root, a, b, buyer, private) = (&app, &url, &root, &a, &b, &buyer, &private);
+        async move {
+            for (who, token) in [
+                ("anyone", None),
+                ("a customer", Some(buyer.as_str())),
+                ("another seller", Some(b.as_str())),
+            ] {
+                assert_eq!(
+                    photo_answer(app, url, token).await.0,
+                    StatusCode::NOT_FOUND,
+                    "{what}: {who}"
+                );
+            }
+            for (who, token) in [("its seller", a), ("an admin", root)] {
+                let (status, cache) = photo_answer(app, url, Some(token)).await;
+                assert_eq!(status, StatusCode::OK, "{what}: {who}");
+                assert_eq!(&cache, private, "{what}: {who}");
+            }
+        }
+    };
+    let on = || async {
+        assert_eq!(
+            photo_answer(&app, &url, None).await,
+            (StatusCode::OK, public.clone())
+        )
+    };
+
+    off("a draft").await;
+    publish(&app, &a, &id).await;
+    on().await;
+
+    let path = format!("/seller/products/{id}");
+    let archived = json!({"status": "archived"});
+    json_of(
+        call(&app, &a, Method::PATCH, &path, archived).await,
+        StatusCode::OK,
+    )
+    .await;
+    off("withdrawn").await;
+    publish(&app, &a, &id).await;
+    on().await;
+
+    let reason = json!({"reason": "checking the listing"});
+    for (off_path, on_path, what, ok) in [
+        (
+            format!("/admin/products/{id}/hide"),
+            format!("/admin/products/{id}/unhide"),
+            "hidden",
+            StatusCode::NO_CONTENT,
+        ),
+        (
+            "/admin/shops/shop-a/suspend".to_string(),
+            "/admin/shops/shop-a/unsuspend".to_string(),
+            "its shop suspended",
+            StatusCode::OK,
+        ),
+    ] {
+        let resp = call(&app, &root, Method::POST, &off_path, reason.clone()).await;
+        assert_eq!(resp.status(), ok, "{what}");
+        off(what).await;
+        let resp = call(&app, &root, Method::POST, &on_path, reason.clone()).await;
+        assert_eq!(resp.status(), ok, "{what}");
+        on().await;
+    }
+
+    // Its seller suspended (who then cannot sign in either).
+    sqlx::query(
+        "UPDATE users SET suspended_at = now(), suspended_reason = 'fraud'
+          WHERE id = (SELECT owner_id FROM shops WHERE slug = 'shop-a')",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        photo_answer(&app, &url, None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        photo_answer(&app, &url, Some(&root)).await.0,
+        StatusCode::OK
+    );
+}
+
+/// The files stored for `product`'s photos.
+fn stored_photos(app: &App, product: &str) -> usize {
+    let dir = std::env::temp_dir()
+        .join(format!("souk-uploads-{}", app.db.name))
+        .join("products")
+        .join(product);
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.count(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A photo is stored before its row goes in; when the row does not (past
+/// the limit, or any failure after the file was written: here the
+/// database refuses it), the file goes too, leaving no orphan.
+#[tokio::test]
+async fn a_photo_upload_that_fails_after_storing_leaves_no_file() {
+    let app = spawn_app(&amqp_url()).await;
+    let a = verified_seller(&app, "shop-a").await;
+    let created = product(&app, &a, simple("Vase", "VASE", 5000, 1)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let png = || photo(image::ImageFormat::Png, 8, 8);
+
+    for sql in [
+        "CREATE FUNCTION refuse_image() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'refused for the test'; END $$",
+        "CREATE TRIGGER refuse_image BEFORE INSERT ON product_images
+             FOR EACH ROW EXECUTE FUNCTION refuse_image()",
+    ] {
+        sqlx::query(sql).execute(&app.db.pool).await.unwrap();
+    }
+    let failed = upload_photo(&app, &a, &id, png(), "v.png").await;
+    assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        stored_photos(&app, &id),
+        0,
+        "the failed upload's file is gone"
+    );
+    sqlx::query("DROP TRIGGER refuse_image ON product_images")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+
+    for _ in 0..10 {
+        json_of(
+            upload_photo(&app, &a, &id, png(), "v.png").await,
+            StatusCode::CREATED,
+        )
+        .await;
+    }
+    let over = upload_photo(&app, &a, &id, png(), "v.png").await;
+    assert_eq!(
+        fields(&problem(over, StatusCode::CONFLICT).await),
+        ["image"]
+    );
+    assert_eq!(stored_photos(&app, &id), 10);
+}

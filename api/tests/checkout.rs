@@ -1239,3 +1239,300 @@ async fn batches_of_reservations_sharing_stock_queue_instead_of_deadlocking() {
         );
     }
 }
+
+/// Whether some session is waiting for a lock the session `holder` holds.
+async fn blocked_by(app: &common::App, holder: i32) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))",
+    )
+    .bind(holder)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until some statement starting with `sql` waits for a row lock.
+async fn waiting_on_lock(app: &common::App, sql: &str) {
+    let like = format!("{sql}%");
+    wait_until(
+        &format!("{sql} waits for a lock"),
+        PIPELINE_WAIT,
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                             WHERE wait_event_type = 'Lock' AND ltrim(query) LIKE $1)",
+            )
+            .bind(&like)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+}
+
+/// Checkout locks the cart's coupon and prices the order with it; a switch
+/// to another coupon from a second tab while it runs must never put that
+/// other coupon on the order, whose lock (the one that keeps concurrent
+/// checkouts within its limits) checkout does not hold. Made to happen
+/// every time: the first coupon's row is held, so checkout stops waiting
+/// for it after reading the cart's coupon, and the switch is sent then.
+#[tokio::test]
+async fn a_coupon_switched_during_checkout_never_reaches_the_order_unlocked() {
+    let app = spawn_app(&amqp_url()).await;
+    let root = common::token_for(&app, &common::admin(&app).await).await;
+    let mut coupons = vec![];
+    for (code, off) in [("FIRST", 100), ("SECOND", 200)] {
+        let body = json!({"code": code, "amount_off_minor": off, "reason": "launch"});
+        let coupon = json_of(
+            call(&app, &root, Method::POST, "/admin/coupons", body).await,
+            StatusCode::CREATED,
+        )
+        .await;
+        coupons.push(Uuid::parse_str(coupon["id"].as_str().unwrap()).unwrap());
+    }
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let buyer = customer(&app).await;
+    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
+    let first = json!({"code": "FIRST"});
+    json_of(
+        call(&app, &buyer.token, Method::PUT, "/cart/coupon", first).await,
+        StatusCode::OK,
+    )
+    .await;
+
+    // Another checkout with FIRST, as far as this one is concerned.
+    let mut holder = app.db.pool.begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM coupons WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(coupons[0])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let placing = checkout_request(&app, &buyer.token, None, json!({}));
+    let other_tab = async {
+        wait_until("checkout waits for FIRST", PIPELINE_WAIT, || {
+            blocked_by(&app, holder_pid)
+        })
+        .await;
+        let second = json!({"code": "SECOND"});
+        let switch = call(&app, &buyer.token, Method::PUT, "/cart/coupon", second);
+        tokio::pin!(switch);
+        // The switch either lands now, or waits for the checkout holding
+        // the cart's coupon; then FIRST is let go.
+        let early = tokio::select! {
+            answer = &mut switch => Some(answer),
+            () = waiting_on_lock(&app, "INSERT INTO cart_coupons") => None,
+        };
+        holder.rollback().await.unwrap();
+        match early {
+            Some(answer) => answer,
+            None => switch.await,
+        }
+    };
+    let (placed, switched) = tokio::join!(placing, other_tab);
+    let placed = json_of(placed, StatusCode::ACCEPTED).await;
+    assert_eq!(placed["coupon_code"], "FIRST", "{placed}");
+    assert_eq!(placed["discount_minor"], 100, "{placed}");
+    // The switch waited for the order, and stays on the cart for the next.
+    json_of(switched, StatusCode::OK).await;
+    let left: Vec<Uuid> =
+        sqlx::query_scalar("SELECT coupon_id FROM cart_coupons WHERE user_id = $1")
+            .bind(buyer.id)
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, [coupons[1]]);
+}
+
+/// The seller orders of `order` once split: (shop, shipping, commission
+/// rate, commission).
+async fn split_terms(app: &common::App, order: &str) -> Vec<(String, i64, i32, i64)> {
+    let order = Uuid::parse_str(order).unwrap();
+    wait_until("the order is split", PIPELINE_WAIT, || async {
+        sqlx::query_scalar::<_, bool>("SELECT split_at IS NOT NULL FROM orders WHERE id = $1")
+            .bind(order)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    sqlx::query_as(
+        "SELECT s.slug, so.shipping_minor, so.commission_bps, so.commission_minor
+           FROM seller_orders so JOIN shops s ON s.id = so.shop_id
+          WHERE so.order_id = $1 ORDER BY s.slug",
+    )
+    .bind(order)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+/// A placed order keeps its terms: the shipping and commission rates in
+/// force at checkout, whatever the seller or an admin sets before the
+/// order is split.
+#[tokio::test]
+async fn shipping_and_commission_are_the_rates_in_force_at_checkout() {
+    let app = spawn_app(&amqp_url()).await;
+    let root = common::token_for(&app, &common::admin(&app).await).await;
+    let oak = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let tea = listing(&app, "tea", "Teapot", 3000, 5).await;
+    let set_terms = |listing: &common::orders::Listing, shipping: i64, bps: i32| {
+        let (app, root) = (&app, &root);
+        let (seller, slug) = (listing.seller.clone(), listing.shop.clone());
+        async move {
+            let body = json!({"shipping_flat_minor": shipping});
+            let path = format!("/shops/{slug}");
+            json_of(
+                call(app, &seller, Method::PATCH, &path, body).await,
+                StatusCode::OK,
+            )
+            .await;
+            let body = json!({"commission_bps": bps, "reason": "new terms"});
+            let path = format!("/admin/shops/{slug}/commission");
+            let resp = call(app, root, Method::PUT, &path, body).await;
+            assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        }
+    };
+    // Oak has rates of its own at checkout; tea the platform's.
+    set_terms(&oak, 700, 1500).await;
+    let buyer = customer(&app).await;
+    add_to_cart(&app, &buyer.token, &oak.variant, 2).await;
+    add_to_cart(&app, &buyer.token, &tea.variant, 1).await;
+    // No splitter yet: the order waits, placed but unsplit, while both
+    // shops change their terms.
+    let placed = checkout(&app, &buyer.token).await;
+    set_terms(&oak, 900, 2500).await;
+    set_terms(&tea, 100, 0).await;
+
+    let pipeline = Pipeline::with(
+        &app,
+        &amqp_url(),
+        None,
+        common::Workers {
+            splitter: true,
+            ..common::Workers::MAIL_ONLY
+        },
+    );
+    let parts = split_terms(&app, &id(&placed)).await;
+    assert_eq!(
+        parts,
+        [
+            ("oak".to_string(), 700, 1500, 9000 * 1500 / 10_000),
+            (
+                "tea".to_string(),
+                SHIPPING_FLAT_MINOR,
+                COMMISSION_BPS,
+                3000 * i64::from(COMMISSION_BPS) / 10_000
+            ),
+        ]
+    );
+    let split = order(&app, &buyer.token, &id(&placed)).await;
+    assert_eq!(split["shipping_minor"], 700 + SHIPPING_FLAT_MINOR);
+    assert_eq!(
+        split["total_minor"],
+        9000 + 700 + 3000 + SHIPPING_FLAT_MINOR
+    );
+
+    // The new terms are the next order's.
+    add_to_cart(&app, &buyer.token, &oak.variant, 1).await;
+    let next = checkout(&app, &buyer.token).await;
+    assert_eq!(
+        split_terms(&app, &id(&next)).await,
+        [("oak".to_string(), 900, 2500, 4500 * 2500 / 10_000)]
+    );
+    pipeline.stop().await;
+}
+
+/// Checkout reads the catalog unlocked and the split may wait: what left
+/// the storefront in between (hidden by moderation, withdrawn by its
+/// seller, its shop suspended) is never reserved. The order fails as a
+/// short one does, the customer told which item and why; the stock is
+/// untouched. An order for what is still on sale is reserved as ever.
+#[tokio::test]
+async fn an_order_for_what_left_the_storefront_before_its_reservation_fails_and_says_why() {
+    let app = spawn_app(&amqp_url()).await;
+    let root = common::token_for(&app, &common::admin(&app).await).await;
+    let hidden = listing(&app, "oak", "Walnut board", 4500, 5).await;
+    let withdrawn = listing(&app, "elm", "Elm bowl", 2000, 5).await;
+    let closed = listing(&app, "tea", "Teapot", 3000, 5).await;
+    let kept = listing(&app, "fig", "Fig jam", 800, 5).await;
+    let mut orders = vec![];
+    for listing in [&hidden, &withdrawn, &closed, &kept] {
+        let buyer = customer(&app).await;
+        add_to_cart(&app, &buyer.token, &listing.variant, 1).await;
+        let placed = checkout(&app, &buyer.token).await;
+        orders.push((buyer, id(&placed)));
+    }
+    let product = |listing: &common::orders::Listing| {
+        let variant = Uuid::parse_str(&listing.variant).unwrap();
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Uuid>("SELECT product_id FROM variants WHERE id = $1")
+                .bind(variant)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let reason = json!({"reason": "counterfeit goods"});
+    let path = format!("/admin/products/{}/hide", product(&hidden).await);
+    let resp = call(&app, &root, Method::POST, &path, reason.clone()).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let path = format!("/seller/products/{}", product(&withdrawn).await);
+    let archived = json!({"status": "archived"});
+    json_of(
+        call(&app, &withdrawn.seller, Method::PATCH, &path, archived).await,
+        StatusCode::OK,
+    )
+    .await;
+    json_of(
+        call(
+            &app,
+            &root,
+            Method::POST,
+            "/admin/shops/tea/suspend",
+            reason,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+
+    let pipeline = Pipeline::with(
+        &app,
+        &amqp_url(),
+        None,
+        common::Workers {
+            splitter: true,
+            reserver: true,
+            ..common::Workers::MAIL_ONLY
+        },
+    );
+    for ((buyer, order_id), (listing, title)) in orders.iter().zip([
+        (&hidden, "Walnut board"),
+        (&withdrawn, "Elm bowl"),
+        (&closed, "Teapot"),
+    ]) {
+        let failed = wait_for(&app, &buyer.token, order_id, "out_of_stock").await;
+        let why = failed["failure_reason"].as_str().unwrap();
+        assert!(
+            why.starts_with(&format!("{title} (")) && why.ends_with("is no longer for sale"),
+            "{failed}"
+        );
+        assert_eq!(stock(&app, &listing.variant).await, (5, 0), "{title}");
+        let mail = mails_about(&buyer.email, "could not complete", 1).await;
+        assert!(
+            mail[0].text.contains("no longer for sale"),
+            "{}",
+            mail[0].text
+        );
+    }
+    let (buyer, order_id) = &orders[3];
+    wait_for(&app, &buyer.token, order_id, "reserved").await;
+    assert_eq!(stock(&app, &kept.variant).await, (5, 1));
+    pipeline.stop().await;
+}

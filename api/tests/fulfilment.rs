@@ -1072,3 +1072,239 @@ async fn the_customer_is_mailed_when_the_seller_starts_and_when_an_admin_correct
     );
     market.close().await;
 }
+
+#[tokio::test]
+async fn a_parcel_is_only_taken_with_the_shipped_step() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = market.admin_token().await;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let (order_id, oak_part) = (id(&paid), part(&paid, "oak"));
+    let seller_order = format!("/seller/orders/{oak_part}");
+
+    // Processing with a parcel would keep it where no timeline entry shows
+    // it: each one sent is refused by name, and nothing is moved or kept.
+    for (body, named) in [
+        (
+            json!({"status": "processing", "carrier": "Amana"}),
+            vec!["carrier"],
+        ),
+        (
+            json!({"status": "processing", "tracking_number": "AM5"}),
+            vec!["tracking_number"],
+        ),
+        (
+            json!({"status": "processing", "carrier": "Amana", "tracking_number": "AM5"}),
+            vec!["carrier", "tracking_number"],
+        ),
+    ] {
+        let refused = set_status(app, &oak.seller, &oak_part, body).await;
+        assert_eq!(
+            fields(&problem(refused, StatusCode::UNPROCESSABLE_ENTITY).await),
+            named
+        );
+    }
+    let untouched = json_of(
+        call(app, &oak.seller, Method::GET, &seller_order, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(untouched["status"], "paid");
+    assert_eq!(
+        (&untouched["carrier"], &untouched["tracking_number"]),
+        (&Value::Null, &Value::Null),
+        "{untouched}"
+    );
+    // Blank is the same as absent: nothing sent, nothing refused.
+    let blank = json!({"status": "processing", "carrier": " ", "tracking_number": ""});
+    let processing = json_of(
+        set_status(app, &oak.seller, &oak_part, blank).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(processing["status"], "processing");
+    assert_eq!(processing["carrier"], Value::Null, "{processing}");
+
+    // Shipped takes it, and its timeline entry records it.
+    let shipped = json!({"status": "shipped", "carrier": " Amana ", "tracking_number": "AM5"});
+    let shipped = json_of(
+        set_status(app, &oak.seller, &oak_part, shipped).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(shipped["carrier"], "Amana", "trimmed");
+    // Delivered cannot swap the parcel the customer followed.
+    let swapped = json!({"status": "delivered", "tracking_number": "AM6"});
+    let swapped = set_status(app, &oak.seller, &oak_part, swapped).await;
+    assert_eq!(
+        fields(&problem(swapped, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["tracking_number"]
+    );
+    // Nor can an admin's correction to another step bring one.
+    let correction = json!({"status": "processing", "reason": "not packed yet", "carrier": "DHL"});
+    let correction = call(
+        app,
+        &root,
+        Method::POST,
+        &format!("/admin/seller-orders/{oak_part}/status"),
+        correction,
+    )
+    .await;
+    assert_eq!(
+        fields(&problem(correction, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["carrier"]
+    );
+    let now = json_of(
+        call(app, &oak.seller, Method::GET, &seller_order, json!({})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (
+            now["status"].as_str(),
+            now["carrier"].as_str(),
+            now["tracking_number"].as_str()
+        ),
+        (Some("shipped"), Some("Amana"), Some("AM5")),
+        "{now}"
+    );
+    // Every parcel the seller order holds is one its timeline shows.
+    let timeline = json_of(
+        call(
+            app,
+            &buyer.token,
+            Method::GET,
+            &format!("/orders/{order_id}/tracking"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let parcels: Vec<(&str, &Value, &Value)> = timeline
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject"] == "seller_order")
+        .map(|e| {
+            (
+                e["to_status"].as_str().unwrap(),
+                &e["carrier"],
+                &e["tracking_number"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        parcels,
+        [
+            ("paid", &Value::Null, &Value::Null),
+            ("processing", &Value::Null, &Value::Null),
+            ("shipped", &json!("Amana"), &json!("AM5")),
+        ]
+    );
+    market.close().await;
+}
+
+#[tokio::test]
+async fn an_admin_shipping_with_a_blank_parcel_keeps_the_one_on_record() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = market.admin_token().await;
+    let buyer = customer(app).await;
+    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
+    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
+    let (order_id, oak_part) = (id(&paid), part(&paid, "oak"));
+    let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM1"});
+    json_of(
+        set_status(app, &oak.seller, &oak_part, shipped).await,
+        StatusCode::OK,
+    )
+    .await;
+    json_of(
+        set_status(app, &oak.seller, &oak_part, json!({"status": "delivered"})).await,
+        StatusCode::OK,
+    )
+    .await;
+
+    // Not delivered after all: back to shipped, the admin's form sending
+    // its empty parcel fields. Blank is absent, so the seller's parcel stands.
+    let path = format!("/admin/seller-orders/{oak_part}/status");
+    let body = json!({
+        "status": "shipped", "reason": "the parcel is still with the carrier",
+        "carrier": "  ", "tracking_number": "",
+    });
+    let corrected = json_of(
+        call(app, &root, Method::POST, &path, body).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(corrected["status"], "shipped");
+    assert_eq!(
+        (
+            corrected["carrier"].as_str(),
+            corrected["tracking_number"].as_str()
+        ),
+        (Some("Amana"), Some("AM1")),
+        "{corrected}"
+    );
+    let events = json_of(
+        call(
+            app,
+            &root,
+            Method::GET,
+            &format!("/admin/orders/{order_id}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await["events"]
+        .clone();
+    let correction = events.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (
+            correction["to_status"].as_str(),
+            correction["carrier"].as_str(),
+            correction["tracking_number"].as_str()
+        ),
+        (Some("shipped"), Some("Amana"), Some("AM1")),
+        "{correction}"
+    );
+
+    // A part with no parcel on record: a blank one is still none, and the
+    // problem names what is missing once the rest is given.
+    let other = customer(app).await;
+    add_to_cart(app, &other.token, &oak.variant, 1).await;
+    let other_part = part(&checkout_and_pay(app, stripe, &other.token).await, "oak");
+    let other_path = format!("/admin/seller-orders/{other_part}/status");
+    let blank = json!({
+        "status": "shipped", "reason": "the seller forgot to mark it",
+        "carrier": " ", "tracking_number": "AM2",
+    });
+    let blank = call(app, &root, Method::POST, &other_path, blank).await;
+    assert_eq!(
+        fields(&problem(blank, StatusCode::UNPROCESSABLE_ENTITY).await),
+        ["carrier"]
+    );
+    let still = json_of(
+        call(
+            app,
+            &root,
+            Method::GET,
+            &format!("/admin/seller-orders/{other_part}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(still["status"], "paid");
+    assert_eq!(still["tracking_number"], Value::Null, "{still}");
+    market.close().await;
+}

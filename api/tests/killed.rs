@@ -237,7 +237,7 @@ async fn a_payments_worker_killed_after_stripe_made_the_intent_charges_once() {
         .filter(|pi| pi["status"] == "succeeded")
         .map(|pi| pi["id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(succeeded, [stored.clone()], "{intents:?}");
+    assert_eq!(succeeded, std::slice::from_ref(&stored), "{intents:?}");
     let secret: String = sqlx::query_scalar("SELECT client_secret FROM orders")
         .fetch_one(&app.db.pool)
         .await

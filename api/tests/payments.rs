@@ -961,3 +961,224 @@ async fn a_refund_failure_before_its_answer_is_recorded_is_applied_once_it_is() 
     assert_eq!(notices_of(app, &root, "refund_failed").await, 1);
     market.close().await;
 }
+
+/// The seller order `part` of `order`, as its customer reads it.
+fn seller_order_in(order: &Value, part: &str) -> Value {
+    order["seller_orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == part)
+        .unwrap_or_else(|| panic!("no seller order {part} in {order}"))
+        .clone()
+}
+
+/// An admin refunds all of seller order `part` (200), and Stripe's answer
+/// and its ledger posting are in.
+async fn refund_in_full(app: &App, root: &str, part: &str, amount: i64, postings: i64) {
+    let path = format!("/admin/seller-orders/{part}/refund");
+    let body = json!({"amount_minor": amount, "reason": "a goodwill refund"});
+    json_of(
+        call(app, root, Method::POST, &path, body).await,
+        StatusCode::OK,
+    )
+    .await;
+    common::orders::posted(app, "refund:%", postings).await;
+    settle(app).await;
+}
+
+/// An admin gives back all of an order's only seller order while its
+/// parcel is on the way. The money is all back, but the part is still
+/// being fulfilled: the order stays `paid` (it used to become `refunded`,
+/// an end, with the part still shipping); the delivery earns its seller
+/// and the platform nothing, the refund taken back once.
+#[tokio::test]
+async fn a_part_refunded_in_full_while_shipping_keeps_the_order_paid_and_earns_nothing() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = market.admin_token().await;
+    let (buyer, paid) = market.paid(&[(oak, 1)]).await;
+    let order_id = id(&paid);
+    let part = common::orders::part_of(&paid, "oak");
+    let total = paid["total_minor"].as_i64().unwrap();
+    let status = format!("/seller/orders/{part}/status");
+    let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM1"});
+    json_of(
+        call(app, &oak.seller, Method::POST, &status, shipped).await,
+        StatusCode::OK,
+    )
+    .await;
+
+    refund_in_full(app, &root, &part, total, 1).await;
+    let now = order(app, &buyer.token, &order_id).await;
+    assert_eq!(now["refunded_minor"], total, "{now}");
+    assert_eq!(now["status"], "paid", "a part is still shipping: {now}");
+    assert_eq!(seller_order_in(&now, &part)["status"], "shipped", "{now}");
+
+    // Delivered: an earning of nothing, since all of it came back.
+    let delivered = json!({"status": "delivered"});
+    json_of(
+        call(app, &oak.seller, Method::POST, &status, delivered).await,
+        StatusCode::OK,
+    )
+    .await;
+    common::orders::posted(app, "earning:%", 1).await;
+    common::orders::end_holds(app).await;
+    settle(app).await;
+    let balance = |kind: &'static str, shop: Option<&'static str>| {
+        common::orders::ledger_balance(app, kind, shop)
+    };
+    assert_eq!(balance("seller_pending", Some("oak")).await, 0);
+    assert_eq!(balance("seller_available", Some("oak")).await, 0);
+    assert_eq!(balance("commission", None).await, 0);
+    assert_eq!(balance("payments_clearing", None).await, 0);
+    assert_eq!(balance("refunds", None).await, total, "taken back once");
+    common::orders::assert_ledger_balances(app).await;
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refunds").await, 1);
+    let intent: String = order_column(app, "payment_intent_id", &order_id).await;
+    assert_eq!(stripe.refunds_of(&intent).await.len(), 1);
+    let now = order(app, &buyer.token, &order_id).await;
+    assert_eq!(now["status"], "paid", "{now}");
+    assert_eq!(seller_order_in(&now, &part)["status"], "delivered", "{now}");
+    market.close().await;
+}
+
+/// A paid order refunded in full by an admin, then cancelled by its
+/// customer before anything shipped: nothing is left to give back, so no
+/// refund is asked for and none will land to finish the order; the cancel
+/// moves the part and the order to `refunded` itself (they used to stay
+/// `cancelled` for good).
+#[tokio::test]
+async fn a_paid_order_refunded_in_full_then_cancelled_by_its_customer_is_refunded_at_once() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = market.admin_token().await;
+    let (buyer, paid) = market.paid(&[(oak, 1)]).await;
+    let order_id = id(&paid);
+    let part = common::orders::part_of(&paid, "oak");
+    let total = paid["total_minor"].as_i64().unwrap();
+    refund_in_full(app, &root, &part, total, 1).await;
+    let now = order(app, &buyer.token, &order_id).await;
+    assert_eq!(now["status"], "paid", "its part is still to ship: {now}");
+
+    let cancelled = json_of(
+        cancel_order(app, &buyer.token, &order_id).await,
+        StatusCode::OK,
+    )
+    .await;
+    // At once, in the cancel's own answer: no refund is on its way.
+    assert_eq!(cancelled["status"], "refunded", "{cancelled}");
+    assert_eq!(
+        seller_order_in(&cancelled, &part)["status"],
+        "refunded",
+        "{cancelled}"
+    );
+    assert_eq!(cancelled["refunded_minor"], total);
+    settle(app).await;
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM refunds").await,
+        1,
+        "nothing asked for twice"
+    );
+    let intent: String = order_column(app, "payment_intent_id", &order_id).await;
+    assert_eq!(stripe.refunds_of(&intent).await.len(), 1);
+    assert_eq!(
+        common::orders::ledger_balance(app, "refunds", None).await,
+        total
+    );
+    common::orders::assert_ledger_balances(app).await;
+    wait_until("the stock restored", PIPELINE_WAIT, || async {
+        stock(app, &oak.variant).await == (5, 0)
+    })
+    .await;
+    let events: Vec<(Option<Uuid>, String, String)> = sqlx::query_as(
+        "SELECT seller_order_id, from_status, to_status FROM order_events
+          WHERE order_id = $1 AND to_status = 'refunded' ORDER BY id",
+    )
+    .bind(Uuid::parse_str(&order_id).unwrap())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    let part = Uuid::parse_str(&part).unwrap();
+    assert_eq!(
+        events,
+        vec![
+            (Some(part), "cancelled".into(), "refunded".into()),
+            (None, "cancelled".into(), "refunded".into()),
+        ],
+        "each moved once"
+    );
+    market.close().await;
+}
+
+/// The same through the sellers: each part refunded in full by an admin,
+/// then cancelled by its seller. The first is refunded at its cancel while
+/// the other part keeps the order `paid`; the second's cancel finishes the
+/// order, all of it back. No refund is asked for twice.
+#[tokio::test]
+async fn a_part_refunded_in_full_then_cancelled_by_its_seller_is_refunded_at_once() {
+    let market = Market::open().await;
+    let Market {
+        app,
+        stripe,
+        oak,
+        tea,
+        ..
+    } = &market;
+    let root = market.admin_token().await;
+    let (buyer, paid) = market.paid(&[(oak, 1), (tea, 1)]).await;
+    let order_id = id(&paid);
+    let seller_cancel = |seller: &str, part: &str| {
+        let path = format!("/seller/orders/{part}/cancel");
+        let (seller, body) = (seller.to_string(), json!({"reason": "cannot make it"}));
+        async move {
+            json_of(
+                call(app, &seller, Method::POST, &path, body).await,
+                StatusCode::OK,
+            )
+            .await
+        }
+    };
+    let (oak_part, tea_part) = (
+        common::orders::part_of(&paid, "oak"),
+        common::orders::part_of(&paid, "tea"),
+    );
+    let total_of = |part: &str| {
+        seller_order_in(&paid, part)["total_minor"]
+            .as_i64()
+            .unwrap()
+    };
+
+    refund_in_full(app, &root, &oak_part, total_of(&oak_part), 1).await;
+    let cancelled = seller_cancel(&oak.seller, &oak_part).await;
+    assert_eq!(cancelled["status"], "refunded", "at once: {cancelled}");
+    let now = order(app, &buyer.token, &order_id).await;
+    assert_eq!(now["status"], "paid", "tea's part stands: {now}");
+
+    refund_in_full(app, &root, &tea_part, total_of(&tea_part), 2).await;
+    let now = order(app, &buyer.token, &order_id).await;
+    assert_eq!(now["status"], "paid", "tea's part is still to ship: {now}");
+    assert_eq!(now["refunded_minor"], paid["total_minor"]);
+    let cancelled = seller_cancel(&tea.seller, &tea_part).await;
+    assert_eq!(cancelled["status"], "refunded", "at once: {cancelled}");
+    let now = order(app, &buyer.token, &order_id).await;
+    assert_eq!(now["status"], "refunded", "all of it back: {now}");
+    settle(app).await;
+    assert_eq!(
+        count(&app.db.pool, "SELECT count(*) FROM refunds").await,
+        2,
+        "nothing asked for twice"
+    );
+    let intent: String = order_column(app, "payment_intent_id", &order_id).await;
+    assert_eq!(stripe.refunds_of(&intent).await.len(), 2);
+    assert_eq!(
+        common::orders::ledger_balance(app, "refunds", None).await,
+        paid["total_minor"].as_i64().unwrap()
+    );
+    common::orders::assert_ledger_balances(app).await;
+    market.close().await;
+}

@@ -242,3 +242,70 @@ async fn the_catalog_filters_and_sorts_by_rating() {
     let all: Value = storefront(&app, "/products?sort=rating").await;
     assert_eq!(titles(&all).last(), Some(&"Wool blanket"), "unrated last");
 }
+
+/// Only what the storefront shows takes reviews: a product hidden by
+/// moderation, withdrawn by its seller or in a suspended shop is a 404,
+/// even to a customer whose delivery of it would otherwise let them.
+#[tokio::test]
+async fn a_product_off_the_storefront_takes_no_reviews() {
+    let app = spawn_app(&amqp_url()).await;
+    let (root, a, ids) = shelf(&app).await;
+    let board = ids["Walnut cutting board"].as_str().unwrap();
+    let blanket = ids["Wool blanket"].as_str().unwrap();
+    let spoons = ids["Olive wood spoon set"].as_str().unwrap();
+    let ann = signed_in(&app, None).await;
+    let ann_id = me(&app, &ann).await;
+    for product in [board, blanket, spoons] {
+        purchase(&app, ann_id, product, "delivered").await;
+    }
+    let reason = json!({"reason": "under review"});
+    let resp = call(
+        &app,
+        &root,
+        Method::POST,
+        &format!("/admin/products/{board}/hide"),
+        reason.clone(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    json_of(
+        call(
+            &app,
+            &a,
+            Method::PATCH,
+            &format!("/seller/products/{blanket}"),
+            json!({"status": "archived"}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    json_of(
+        call(
+            &app,
+            &root,
+            Method::POST,
+            "/admin/shops/shop-b/suspend",
+            reason.clone(),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    for product in [board, blanket, spoons] {
+        problem(review(&app, &ann, product, 1).await, StatusCode::NOT_FOUND).await;
+    }
+    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM reviews").await, 0);
+
+    // Back on the storefront, the delivery counts again.
+    let resp = call(
+        &app,
+        &root,
+        Method::POST,
+        &format!("/admin/products/{board}/unhide"),
+        reason,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    json_of(review(&app, &ann, board, 4).await, StatusCode::CREATED).await;
+}

@@ -86,7 +86,7 @@ async fn return_one_board(app: &App, buyer: &Customer, seller: &str, paid: &Valu
     let request = ask_refund(
         app,
         &buyer.token,
-        &paid,
+        paid,
         "Walnut board",
         1,
         "arrived cracked",

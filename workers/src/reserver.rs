@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use souk_shared::{
+    catalog::VISIBLE,
     config::{ConfigError, Env},
     contracts::{OrderCancelled, OrderExpired, OrderSplit, SellerOrderCancelled, StockReserved},
     envelope::Envelope,
@@ -117,7 +118,7 @@ impl Handler for StockReserver {
 }
 
 /// Reserves every line of a split order, or fails it as out of stock and
-/// tells the customer which item is short.
+/// tells the customer which item is short or no longer for sale.
 async fn reserve(
     tx: &mut PgConnection,
     order: Uuid,
@@ -134,6 +135,38 @@ async fn reserve(
     };
     if status != OrderStatus::Pending.as_str() || stock != "none" {
         // Reserved before (a redelivery), or cancelled meanwhile.
+        return Ok(());
+    }
+    // Still for sale? Checkout read the catalog without locking it, and the
+    // split may have queued a while, so a product hidden, withdrawn or in a
+    // shop suspended since the cart was read would otherwise be reserved and
+    // charged. The order fails as a short one does, the customer told
+    // which item.
+    //
+    // The lines' stock and product rows are locked first, in the order a
+    // batch takes them (`lock_batch`; again here for a message applied on
+    // its own, a no-op in a batch), so no hide or withdrawal commits
+    // between this read and the reservation. A shop's or its owner's
+    // suspension is read unlocked: locking shops after products here could
+    // close a circle with a review counting its rating, which updates its
+    // shop and its product in one statement. A suspension committing in
+    // that window lands after the reservation, as one after the order is
+    // paid does, and the order stands.
+    inventory::lock_for_orders(tx, &[order]).await?;
+    let gone: Option<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT l.title, l.variant_title FROM order_lines l
+           JOIN products p ON p.id = l.product_id
+           JOIN shops s ON s.id = p.shop_id
+           JOIN users u ON u.id = s.owner_id
+          WHERE l.order_id = $1 AND NOT ({VISIBLE})
+          ORDER BY l.id LIMIT 1"
+    )))
+    .bind(order)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((title, variant_title)) = gone {
+        let reason = format!("{title} ({variant_title}) is no longer for sale");
+        fail(tx, order, OrderStatus::OutOfStock, &reason, corr).await?;
         return Ok(());
     }
     let wanted = inventory::of_order(tx, order).await?;

@@ -1,6 +1,7 @@
 //! The order-splitter: one seller order per shop in a placed order, with
 //! that seller's items, share of the coupon, shipping and commission
-//! (`souk_shared::orders::pricing`), and the order's totals.
+//! (`souk_shared::orders::pricing`), and the order's totals. Shipping and
+//! commission come from the rates fixed when the order was placed.
 
 use souk_shared::{
     config::{ConfigError, Env},
@@ -14,7 +15,8 @@ use uuid::Uuid;
 
 use crate::runtime::{Failure, Handler};
 
-/// The platform's defaults, for shops without their own terms.
+/// The platform's defaults, for shops without their own terms (applied at
+/// the split: the API placing orders does not know them).
 #[derive(Debug, Clone)]
 pub struct SplitterConfig {
     /// Flat shipping per seller order, minor units.
@@ -87,12 +89,20 @@ impl Handler for OrderSplitter {
             // Split already, or cancelled before it got here.
             return Ok(());
         }
+        // Each shop's rates as they were when the order was placed
+        // (`order_shop_terms`, written by `place`), never the shop's rates
+        // now: a placed order's terms do not change. Only an order placed
+        // without them (by an API older than that table, during a rolling
+        // deploy) falls back to the shop's rates now.
         let shops: Vec<(Uuid, i64, Option<i64>, Option<i32>)> = sqlx::query_as(
             "SELECT l.shop_id, sum(l.unit_price_minor * l.quantity)::bigint,
-                    s.shipping_flat_minor, s.commission_bps
+                    CASE WHEN t.order_id IS NULL THEN s.shipping_flat_minor ELSE t.shipping_flat_minor END,
+                    CASE WHEN t.order_id IS NULL THEN s.commission_bps ELSE t.commission_bps END
                FROM order_lines l JOIN shops s ON s.id = l.shop_id
+               LEFT JOIN order_shop_terms t ON t.order_id = l.order_id AND t.shop_id = l.shop_id
               WHERE l.order_id = $1
-              GROUP BY l.shop_id, s.shipping_flat_minor, s.commission_bps",
+              GROUP BY l.shop_id, t.order_id, t.shipping_flat_minor, t.commission_bps,
+                       s.shipping_flat_minor, s.commission_bps",
         )
         .bind(order_id)
         .fetch_all(&mut *tx)

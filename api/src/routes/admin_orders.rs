@@ -27,7 +27,7 @@ use crate::{
         admin::{Reason, audit, reason_error},
         catalog::{Page, Paging},
         orders::{self, OrderQuery},
-        seller_orders::{self, FulfilmentUpdate, fulfil},
+        seller_orders::{self, FulfilmentUpdate, fulfil, parcel_value},
     },
     state::AppState,
 };
@@ -207,8 +207,14 @@ pub struct StatusCorrection {
     pub status: SellerOrderStatus,
     /// Why; kept in the order's history and the audit log.
     pub reason: String,
+    /// Only with `shipped` (refused, 422 naming `carrier`, with any other
+    /// status). Trimmed; blank is the same as absent, keeping the carrier
+    /// on record; shipped needs one, given now or on record.
     #[serde(default)]
     pub carrier: Option<String>,
+    /// Only with `shipped` (refused, 422 naming `tracking_number`, with any
+    /// other status). Trimmed; blank is the same as absent, keeping the
+    /// number on record; shipped needs one, given now or on record.
     #[serde(default)]
     pub tracking_number: Option<String>,
 }
@@ -223,14 +229,11 @@ impl Validate for StatusCorrection {
             ));
         }
         errors.extend(reason_error(&self.reason));
-        seller_orders::text(&mut errors, "carrier", &self.carrier, false, 100);
-        seller_orders::text(
-            &mut errors,
-            "tracking_number",
+        errors.extend(seller_orders::parcel_errors(
+            self.status,
+            &self.carrier,
             &self.tracking_number,
-            false,
-            100,
-        );
+        ));
         errors
     }
 }
@@ -246,7 +249,7 @@ impl Validate for StatusCorrection {
         (status = 200, description = "the corrected seller order", body = SellerOrder),
         (status = 403, description = "not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such seller order", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "not a fulfilment step, no reason, or shipped without carrier and tracking number", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "not a fulfilment step, no reason, shipped without carrier and tracking number (given or on record), or either sent with another status", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "not a fulfilment step now (cancelled or refunded), or delivered and its earning released", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -269,19 +272,13 @@ pub async fn correct_status(
     .await?
     .ok_or(ApiError::NotFound)?;
     // Shipped means a parcel the customer can follow, as for sellers: the
-    // carrier and tracking number given now or kept from before.
+    // carrier and tracking number given now or kept from before (a blank
+    // one given is none, so the one on record stands).
     if body.status == SellerOrderStatus::Shipped {
-        let missing: Vec<FieldError> = [
-            ("carrier", body.carrier.as_deref().or(carrier.as_deref())),
-            (
-                "tracking_number",
-                body.tracking_number.as_deref().or(tracking.as_deref()),
-            ),
-        ]
-        .into_iter()
-        .filter(|(_, v)| v.is_none_or(|v| v.trim().is_empty()))
-        .map(|(field, _)| FieldError::new(field, "is needed to ship"))
-        .collect();
+        let missing = seller_orders::unshippable(
+            parcel_value(&body.carrier).or(parcel_value(&carrier)),
+            parcel_value(&body.tracking_number).or(parcel_value(&tracking)),
+        );
         if !missing.is_empty() {
             return Err(ApiError::Validation(missing));
         }
@@ -410,7 +407,8 @@ impl Validate for CommissionUpdate {
     }
 }
 
-/// Set a shop's commission rate for orders split from now on.
+/// Set a shop's commission rate for orders placed from now on: an order
+/// keeps the rates in force at its checkout.
 #[utoipa::path(
     put, path = "/admin/shops/{slug}/commission", tag = "admin", security(("bearer" = [])),
     params(("slug" = String, Path)), request_body = CommissionUpdate,

@@ -101,14 +101,29 @@ pub struct Cart {
     pub benefit: Option<Benefit>,
 }
 
+/// Which coupon a cart is priced with.
+#[derive(Debug, Clone, Copy)]
+pub enum CouponOf {
+    /// The one on the cart when it is read.
+    Cart,
+    /// This one (or none), whatever the cart holds by then: checkout's,
+    /// read with its row locked, so the order is priced with the coupon
+    /// checkout holds the lock of.
+    Locked(Option<Uuid>),
+}
+
 /// The caller's cart as it stands now.
 pub async fn load(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
     let mut conn = state.pool.acquire().await?;
-    load_in(&mut conn, user).await
+    load_in(&mut conn, user, CouponOf::Cart).await
 }
 
 /// The cart read on `conn` (checkout reads it in its own transaction).
-pub async fn load_in(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<Cart, ApiError> {
+pub async fn load_in(
+    conn: &mut sqlx::PgConnection,
+    user: Uuid,
+    coupon: CouponOf,
+) -> Result<Cart, ApiError> {
     #[derive(sqlx::FromRow)]
     struct Row {
         variant_id: Uuid,
@@ -196,6 +211,10 @@ pub async fn load_in(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<Cart, 
     .fetch_one(&mut *conn)
     .await?;
     let benefit = Benefit::from_row((membership_id, free_shipping, percent_off));
+    let coupon_id = match coupon {
+        CouponOf::Cart => coupon_id,
+        CouponOf::Locked(id) => id,
+    };
     let coupon = match coupon_id {
         Some(id) => {
             let stored: Coupon = sqlx::query_as(sqlx::AssertSqlSafe(format!(

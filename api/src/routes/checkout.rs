@@ -73,15 +73,26 @@ pub async fn checkout(
         .bind(caller.id)
         .execute(&mut *tx)
         .await?;
-    // Checkouts with one coupon queue here too, so each counts the orders
-    // the others placed with it against its limits.
-    sqlx::query(
-        "SELECT 1 FROM coupons WHERE id = (SELECT coupon_id FROM cart_coupons WHERE user_id = $1)
-            FOR NO KEY UPDATE",
+    // The coupon on the cart, its row locked so that a coupon put on (or
+    // taken off) from another tab waits for this checkout; the order is
+    // priced with exactly this one (`cart::load_in` is handed it rather
+    // than reading the cart's again), so it cannot carry a coupon whose
+    // lock it does not hold. A coupon applied to a cart that had none (a
+    // new row, not locked here) stays for the next order.
+    let coupon_id: Option<Uuid> = sqlx::query_scalar(
+        "SELECT coupon_id FROM cart_coupons WHERE user_id = $1 FOR NO KEY UPDATE",
     )
     .bind(caller.id)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
+    // Checkouts with one coupon queue here too, so each counts the orders
+    // the others placed with it against its limits.
+    if let Some(coupon) = coupon_id {
+        sqlx::query("SELECT 1 FROM coupons WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(coupon)
+            .execute(&mut *tx)
+            .await?;
+    }
     if let Some(key) = &key
         && let Some(id) = idempotency::earlier(&mut tx, Keyed::Orders, caller.id, key).await?
     {
@@ -89,7 +100,7 @@ pub async fn checkout(
         return answer(&state, id, caller.id).await;
     }
 
-    let cart = cart::load_in(&mut tx, caller.id).await?;
+    let cart = cart::load_in(&mut tx, caller.id, cart::CouponOf::Locked(coupon_id)).await?;
     if cart.shops.is_empty() {
         return Err(ApiError::Validation(vec![FieldError::new(
             "cart",

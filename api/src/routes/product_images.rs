@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    extract::{Multipart, State},
+    extract::{FromRequestParts, Multipart, Request, State},
     http::StatusCode,
     response::Response,
 };
@@ -12,14 +12,20 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    auth::Seller,
+    auth::{Caller, Role, Seller},
     error::{ApiError, FieldError, Problem},
     extract::{Path, ValidJson, Validate},
     images::{self, Gallery},
-    routes::products::{SellerProduct, load},
+    routes::{
+        catalog::VISIBLE,
+        products::{SellerProduct, load},
+    },
     state::AppState,
 };
 
+/// Served to anyone only while the storefront shows the product
+/// (`catalog::VISIBLE`, which needs its shop and the shop's owner too, so
+/// [`serve`] checks it: `shown` is over the product row alone).
 const PHOTOS: Gallery = Gallery {
     table: "product_images",
     owner_column: "product_id",
@@ -29,7 +35,15 @@ const PHOTOS: Gallery = Gallery {
     size: 1600,
     max_images: 10,
     private: false,
-    shown: "o.hidden_at IS NULL",
+    shown: "true",
+};
+
+/// The photos of a product the storefront does not show (a draft, one
+/// withdrawn or hidden by moderation, one of a shop or seller suspended),
+/// as its seller and admins still see them: never kept by shared caches.
+const UNLISTED_PHOTOS: Gallery = Gallery {
+    private: true,
+    ..PHOTOS
 };
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -193,18 +207,55 @@ pub async fn reorder(
     Ok(Json(load(&state.pool, &seller, product).await?))
 }
 
-/// A product photo.
+/// A product photo: to anyone while the storefront shows the product;
+/// otherwise only to its seller and admins.
 #[utoipa::path(
     get, path = "/product-images/{product}/{file}", tag = "catalog",
     params(("product" = Uuid, Path), ("file" = String, Path)),
     responses(
         (status = 200, description = "the PNG", content_type = "image/png"),
-        (status = 404, description = "no such image", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such image, or one of a product the storefront does not show", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn serve(
     State(state): State<AppState>,
     Path((product, file)): Path<(Uuid, String)>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    PHOTOS.serve(&state, product, &file).await
+    let listed: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT EXISTS (SELECT 1 FROM products p JOIN shops s ON s.id = p.shop_id
+                          JOIN users u ON u.id = s.owner_id
+                         WHERE p.id = $1 AND {VISIBLE})"
+    )))
+    .bind(product)
+    .fetch_one(&state.pool)
+    .await?;
+    if listed {
+        return PHOTOS.serve(&state, product, &file).await;
+    }
+    // Not on the storefront: a 404 to everyone else, as its page is. Only
+    // here is the caller read (the storefront's own images need no
+    // account), and an anonymous or unknown one is a 404, not a 401.
+    let (mut parts, _) = request.into_parts();
+    let caller = Caller::from_request_parts(&mut parts, &state)
+        .await
+        .map_err(|_| ApiError::NotFound)?;
+    let may_see = match caller.role {
+        Role::Admin => true,
+        Role::Seller => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM products p JOIN shops s ON s.id = p.shop_id
+                             WHERE p.id = $1 AND s.owner_id = $2)",
+            )
+            .bind(product)
+            .bind(caller.id)
+            .fetch_one(&state.pool)
+            .await?
+        }
+        Role::Customer => false,
+    };
+    if !may_see {
+        return Err(ApiError::NotFound);
+    }
+    UNLISTED_PHOTOS.serve(&state, product, &file).await
 }

@@ -157,7 +157,7 @@ impl Validate for NewReview {
     responses(
         (status = 201, description = "published", body = Review),
         (status = 403, description = "no delivered purchase of this product", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such product", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such product on the storefront", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "already reviewed", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "a field is invalid", body = Problem, content_type = "application/problem+json"),
     )
@@ -168,6 +168,10 @@ pub async fn create(
     Path(product): Path<Uuid>,
     ValidJson(body): ValidJson<NewReview>,
 ) -> Result<(StatusCode, Json<Review>), ApiError> {
+    // Only what the storefront shows takes reviews (a 404 otherwise, as its
+    // reviews and its page are): none for a product withdrawn, hidden by
+    // moderation or in a shop suspended, whoever bought it.
+    catalog::ensure_visible(&state, product).await?;
     let mut tx = state.pool.begin().await?;
     let shop: Option<Uuid> = sqlx::query_scalar("SELECT shop_id FROM products WHERE id = $1")
         .bind(product)

@@ -115,10 +115,13 @@ pub async fn get(
 pub struct FulfilmentUpdate {
     /// `processing`, `shipped` or `delivered`.
     pub status: SellerOrderStatus,
-    /// Needed to ship.
+    /// Needed to ship, and only then: with any other status a carrier is
+    /// refused (422 naming `carrier`). Trimmed; blank is the same as absent.
     #[serde(default)]
     pub carrier: Option<String>,
-    /// Needed to ship.
+    /// Needed to ship, and only then: with any other status a tracking
+    /// number is refused (422 naming `tracking_number`). Trimmed; blank is
+    /// the same as absent.
     #[serde(default)]
     pub tracking_number: Option<String>,
     /// Shown to the customer with the step.
@@ -126,21 +129,54 @@ pub struct FulfilmentUpdate {
     pub note: Option<String>,
 }
 
-pub(crate) fn text(
-    errors: &mut Vec<FieldError>,
-    field: &str,
-    value: &Option<String>,
-    required: bool,
-    max: usize,
-) {
-    match value.as_deref().map(str::trim) {
-        None | Some("") if required => errors.push(FieldError::new(field, "is needed to ship")),
-        Some(v) if v.chars().count() > max => errors.push(FieldError::new(
+/// A free-text field's length, counted once trimmed.
+pub(crate) fn text(errors: &mut Vec<FieldError>, field: &str, value: &Option<String>, max: usize) {
+    if let Some(v) = value.as_deref().map(str::trim)
+        && v.chars().count() > max
+    {
+        errors.push(FieldError::new(
             field,
             format!("must be at most {max} characters"),
-        )),
-        _ => {}
+        ));
     }
+}
+
+/// A carrier or tracking number as sent, read the same way by the seller's
+/// and the admin's status routes: trimmed, and a blank one is none, so it
+/// never counts as given and never erases the one on record.
+pub(crate) fn parcel_value(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// The carrier and tracking number sent with a status change. They belong
+/// to the shipped step, the one whose timeline entry and mail show them:
+/// with any other status they would be kept on the seller order with no
+/// event saying so, so each one given is refused by name, as the API
+/// refuses any field it does not expect.
+pub(crate) fn parcel_errors(
+    status: SellerOrderStatus,
+    carrier: &Option<String>,
+    tracking_number: &Option<String>,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    for (field, value) in [("carrier", carrier), ("tracking_number", tracking_number)] {
+        if status != SellerOrderStatus::Shipped && parcel_value(value).is_some() {
+            errors.push(FieldError::new(field, "is only sent with status shipped"));
+        } else {
+            text(&mut errors, field, value, 100);
+        }
+    }
+    errors
+}
+
+/// Shipped means a parcel the customer can follow: each of carrier and
+/// tracking number (as the parcel will stand) that is missing, by name.
+pub(crate) fn unshippable(carrier: Option<&str>, tracking_number: Option<&str>) -> Vec<FieldError> {
+    [("carrier", carrier), ("tracking_number", tracking_number)]
+        .into_iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(field, _)| FieldError::new(field, "is needed to ship"))
+        .collect()
 }
 
 impl Validate for FulfilmentUpdate {
@@ -153,16 +189,19 @@ impl Validate for FulfilmentUpdate {
                 "must be processing, shipped or delivered (cancel with POST …/cancel)",
             ));
         }
-        let shipping = self.status == Shipped;
-        text(&mut errors, "carrier", &self.carrier, shipping, 100);
-        text(
-            &mut errors,
-            "tracking_number",
+        errors.extend(parcel_errors(
+            self.status,
+            &self.carrier,
             &self.tracking_number,
-            shipping,
-            100,
-        );
-        text(&mut errors, "note", &self.note, false, 500);
+        ));
+        // A seller ships with the parcel in hand: both are given now.
+        if self.status == Shipped {
+            errors.extend(unshippable(
+                parcel_value(&self.carrier),
+                parcel_value(&self.tracking_number),
+            ));
+        }
+        text(&mut errors, "note", &self.note, 500);
         errors
     }
 }
@@ -179,7 +218,10 @@ pub async fn fulfil(
 ) -> Result<(), ApiError> {
     // The parcel as it now stands: what is given, else what was on record
     // (a correction back to shipped keeps the carrier and number it had),
-    // so the timeline and the mail show what the customer can follow.
+    // so the timeline and the mail show what the customer can follow. Only
+    // the shipped step stores a parcel: it is the step whose event records
+    // it (the routes refuse one with any other status).
+    let shipped_now = body.status == SellerOrderStatus::Shipped;
     let (order, shop, carrier, tracking): (Uuid, String, Option<String>, Option<String>) =
         sqlx::query_as(
             "UPDATE seller_orders so
@@ -188,15 +230,8 @@ pub async fn fulfil(
              RETURNING so.order_id, s.name, so.carrier, so.tracking_number",
         )
         .bind(seller_order)
-        // A blank value is no value: it keeps what is on record rather
-        // than erasing the parcel's carrier or number.
-        .bind(body.carrier.as_deref().map(str::trim).filter(|s| !s.is_empty()))
-        .bind(
-            body.tracking_number
-                .as_deref()
-                .map(str::trim)
-                .filter(|s| !s.is_empty()),
-        )
+        .bind(parcel_value(&body.carrier).filter(|_| shipped_now))
+        .bind(parcel_value(&body.tracking_number).filter(|_| shipped_now))
         .fetch_one(&mut *tx)
         .await?;
     let shipping = matches!(
@@ -237,7 +272,8 @@ pub async fn fulfil(
 }
 
 /// Mark a seller order processing, shipped (with carrier and tracking
-/// number) or delivered. The customer gets a mail and a timeline entry.
+/// number, sent with this step only) or delivered. The customer gets a mail
+/// and a timeline entry.
 #[utoipa::path(
     post, path = "/seller/orders/{id}/status", tag = "seller", security(("bearer" = [])),
     params(("id" = Uuid, Path)), request_body = FulfilmentUpdate,
@@ -245,7 +281,7 @@ pub async fn fulfil(
         (status = 200, description = "the seller order", body = SellerOrder),
         (status = 404, description = "no such seller order of your shop", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "not a step from its current status (field `status`)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "a bad status, or shipping without carrier and tracking number", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a bad status, shipping without carrier and tracking number, or either sent with another status", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn update_status(
@@ -361,6 +397,10 @@ pub async fn cancel(
             .await?
             .ok_or_else(|| anyhow::anyhow!("refund of seller order {id} exceeds its payment"))?;
     }
+    // Refunded in full before this cancel (an admin's refund, say): no
+    // refund is left to land and move it, so it is refunded now, and the
+    // order too once all of it is back and no part is left to fulfil.
+    refunds::settle(&mut tx, order, Some(id), actor, Change::note(reason)).await?;
     outbox::enqueue(
         &mut tx,
         &Envelope::new(

@@ -118,6 +118,10 @@ pub async fn cancel_order(
             }
             refunded += left;
         }
+        // Refunded in full before this cancel (an admin's refund, say):
+        // no refund is left to land and move it, so it is refunded now.
+        // One still on its way moves it when it lands instead.
+        refunds::settle_part(tx, part, actor, Change::note(reason)).await?;
         let extra = json!({ "reason": reason });
         notices::to_seller(
             tx,
@@ -129,6 +133,9 @@ pub async fn cancel_order(
         )
         .await?;
     }
+    // Likewise the order, once all its money was back before the cancel
+    // and every part is over now.
+    refunds::settle_order(tx, id, actor, Change::note(reason)).await?;
     outbox::enqueue(tx, &Envelope::new(&OrderCancelled { order_id: id }, corr)).await?;
     let extra = json!({ "reason": reason, "refund_minor": refunded });
     notices::to_customer(tx, id, "order_cancelled", None, extra, corr).await?;

@@ -1,7 +1,8 @@
 //! Placing an order: the one way an order comes to exist, whether a
 //! customer checks out or a replenishment schedule runs. In the caller's
 //! transaction: the order with its money and address, immutable line
-//! snapshots, the first event of its history and `order.placed`.
+//! snapshots, each shop's shipping and commission terms as they are now,
+//! the first event of its history and `order.placed`.
 
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -76,9 +77,14 @@ pub async fn place(tx: &mut PgConnection, order: NewOrder) -> Result<Uuid, sqlx:
         .map_or(0, |b| b.discount(subtotal - coupon_discount));
     let (key, hash) = order.idempotency.clone().unzip();
     let lines = &order.lines;
-    // The order, its lines and the first event of its history (placed, by
-    // its customer; every later move is `status`'s) in one statement: one
-    // round trip, the foreign keys checked at its end.
+    // The order, its lines, each shop's terms and the first event of its
+    // history (placed, by its customer; every later move is `status`'s) in
+    // one statement: one round trip, the foreign keys checked at its end.
+    //
+    // The terms are the shops' shipping and commission rates as they are
+    // now: the order is priced on them when it is split, so a rate changed
+    // after it was placed is not the order's (NULL: the shop has no rate of
+    // its own and the platform's default applies).
     sqlx::query(
         "WITH placed AS (
              INSERT INTO orders (id, customer_id, status, currency, subtotal_minor, discount_minor, coupon_id,
@@ -93,7 +99,10 @@ pub async fn place(tx: &mut PgConnection, order: NewOrder) -> Result<Uuid, sqlx:
                     u.quantity
                FROM unnest($17::uuid[], $18::uuid[], $19::uuid[], $20::uuid[], $21::text[], $22::text[],
                            $23::text[], $24::bigint[], $25::int[])
-                    AS u(id, shop_id, product_id, variant_id, title, variant_title, sku, price, quantity))
+                    AS u(id, shop_id, product_id, variant_id, title, variant_title, sku, price, quantity)),
+         terms AS (
+             INSERT INTO order_shop_terms (order_id, shop_id, shipping_flat_minor, commission_bps)
+             SELECT $1, s.id, s.shipping_flat_minor, s.commission_bps FROM shops s WHERE s.id = ANY($18))
          INSERT INTO order_events (id, order_id, subject, to_status, actor_id, actor_role)
          VALUES ($26, $1, 'order', 'pending', $2, 'customer')",
     )

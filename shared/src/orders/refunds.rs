@@ -5,7 +5,12 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{contracts::RefundRequested, envelope::Envelope, outbox};
+use crate::{
+    contracts::RefundRequested,
+    envelope::Envelope,
+    orders::{Actor, Change, MoveError, OrderStatus, SellerOrderStatus, status},
+    outbox,
+};
 
 /// What a refund is of.
 #[derive(Debug, Clone, Copy)]
@@ -153,4 +158,90 @@ pub async fn order_payment(
         .bind(order)
         .fetch_optional(conn)
         .await
+}
+
+/// A cancelled seller order whose money is all back (`refunded_minor ==
+/// total_minor > 0`, every refund of it through) becomes refunded. Called
+/// when a refund of it lands, and when it is cancelled: a part refunded in
+/// full before its cancel has no refund left to land, so without the call
+/// at cancel time it would stay `cancelled` for good. `true` if it moved.
+/// The caller must hold the order's row lock.
+pub async fn settle_part(
+    conn: &mut PgConnection,
+    seller_order: Uuid,
+    actor: Actor,
+    change: Change<'_>,
+) -> Result<bool, MoveError> {
+    let row: Option<(String, i64, i64)> = sqlx::query_as(
+        "SELECT status, refunded_minor, total_minor FROM seller_orders WHERE id = $1
+            FOR NO KEY UPDATE",
+    )
+    .bind(seller_order)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (current, refunded, total) = row.ok_or(MoveError::NotFound)?;
+    if current != SellerOrderStatus::Cancelled.as_str() || total <= 0 || refunded != total {
+        return Ok(false);
+    }
+    status::move_seller_order(
+        conn,
+        seller_order,
+        SellerOrderStatus::Refunded,
+        actor,
+        change,
+    )
+    .await?;
+    Ok(true)
+}
+
+/// The order becomes refunded once all its money is back (`refunded_minor
+/// == total_minor > 0`) and every seller order is over, cancelled or
+/// refunded. A part still paid, processing, shipped or delivered (an
+/// admin refunded it in full while the parcel is on its way, say) keeps
+/// the order `paid`: `refunded` is where an order ends, and that part still
+/// moves through its steps (earning its seller nothing: its earning nets
+/// the refunds, docs/ledger.md). Called when a refund lands and when an
+/// order or a part is cancelled; `true` if it moved. The caller must hold
+/// the order's row lock.
+pub async fn settle_order(
+    conn: &mut PgConnection,
+    order: Uuid,
+    actor: Actor,
+    change: Change<'_>,
+) -> Result<bool, MoveError> {
+    let row: Option<(String, i64, Option<i64>, bool)> = sqlx::query_as(
+        "SELECT o.status, o.refunded_minor, o.total_minor,
+                EXISTS (SELECT 1 FROM seller_orders so
+                         WHERE so.order_id = o.id AND so.status NOT IN ('cancelled', 'refunded'))
+           FROM orders o WHERE o.id = $1 FOR NO KEY UPDATE",
+    )
+    .bind(order)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (current, refunded, total, live_part) = row.ok_or(MoveError::NotFound)?;
+    let current = OrderStatus::parse(&current).ok_or(MoveError::NotFound)?;
+    if live_part
+        || !total.is_some_and(|total| total > 0 && refunded == total)
+        || !current.may_become(OrderStatus::Refunded)
+    {
+        return Ok(false);
+    }
+    status::move_order(conn, order, OrderStatus::Refunded, actor, change).await?;
+    Ok(true)
+}
+
+/// [`settle_part`] for `seller_order` (if any), then [`settle_order`]: what
+/// a landed refund, or a seller's cancel of its part, may finish.
+pub async fn settle(
+    conn: &mut PgConnection,
+    order: Uuid,
+    seller_order: Option<Uuid>,
+    actor: Actor,
+    change: Change<'_>,
+) -> Result<(), MoveError> {
+    if let Some(part) = seller_order {
+        settle_part(conn, part, actor, change.clone()).await?;
+    }
+    settle_order(conn, order, actor, change).await?;
+    Ok(())
 }

@@ -497,39 +497,31 @@ pub async fn refund_answered(
     let succeeded = RefundSucceeded { refund_id: refund };
     outbox::enqueue(tx, &Envelope::new(&succeeded, corr)).await?;
     if !r.duplicate {
-        let (refunded, total): (i64, Option<i64>) = sqlx::query_as(
+        sqlx::query(
             "UPDATE orders SET refunded_minor = refunded_minor + $2, updated_at = now()
-              WHERE id = $1 RETURNING refunded_minor, total_minor",
+              WHERE id = $1",
         )
         .bind(order.id)
         .bind(r.amount_minor)
-        .fetch_one(&mut *tx)
+        .execute(&mut *tx)
         .await?;
         if let Some(part) = r.seller_order_id {
-            let (part_refunded, part_total, part_status): (i64, i64, String) = sqlx::query_as(
+            sqlx::query(
                 "UPDATE seller_orders SET refunded_minor = refunded_minor + $2, updated_at = now()
-                  WHERE id = $1 RETURNING refunded_minor, total_minor, status",
+                  WHERE id = $1",
             )
             .bind(part)
             .bind(r.amount_minor)
-            .fetch_one(&mut *tx)
+            .execute(&mut *tx)
             .await?;
-            if part_refunded == part_total && part_status == SellerOrderStatus::Cancelled.as_str() {
-                let change = Change::note(&r.reason);
-                status::move_seller_order(
-                    tx,
-                    part,
-                    SellerOrderStatus::Refunded,
-                    Actor::System,
-                    change,
-                )
-                .await?;
-            }
         }
-        if Some(refunded) == total && order.status().may_become(OrderStatus::Refunded) {
-            let change = Change::note(&r.reason);
-            status::move_order(tx, order.id, OrderStatus::Refunded, Actor::System, change).await?;
-        }
+        // A cancelled part with all its money back is refunded; the order
+        // only once all of its money is back and no part is still to be
+        // fulfilled: a part refunded in full while shipping keeps the
+        // order `paid` (its earning nets the refund, so its seller is not
+        // paid for it), and that part's cancel finishes the order instead.
+        let change = Change::note(&r.reason);
+        refunds::settle(tx, order.id, r.seller_order_id, Actor::System, change).await?;
     }
     let extra = json!({ "amount_minor": r.amount_minor, "reason": r.reason });
     if let Some(part) = r.seller_order_id.filter(|_| !r.duplicate) {
