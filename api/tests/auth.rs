@@ -225,16 +225,7 @@ async fn a_refresh_token_works_once_and_its_reuse_revokes_the_family() {
 
     // The first token again, after its successor was used: someone has a
     // copy. The whole family dies, down to the latest token.
-    problem(
-        refresh(&app, &first["refresh_token"]).await,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await;
-    problem(
-        refresh(&app, &third["refresh_token"]).await,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await;
+    replay_ends_the_family(&app, &first, &third).await;
 
     // Another sign-in is its own family, unaffected; signing out ends it.
     let other = session(&app, &email).await;
@@ -928,14 +919,17 @@ async fn a_rotated_refresh_token_presented_after_the_grace_ends_the_family() {
     .execute(&app.db.pool)
     .await
     .unwrap();
-    problem(
-        refresh(&app, &first["refresh_token"]).await,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await;
-    problem(
-        refresh(&app, &third["refresh_token"]).await,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await;
+    replay_ends_the_family(&app, &first, &third).await;
+}
+
+/// `stale`'s refresh token, presented again, is refused as stolen, and the
+/// family's `latest` token dies with it.
+async fn replay_ends_the_family(app: &App, stale: &Value, latest: &Value) {
+    for token in [stale, latest] {
+        problem(
+            refresh(app, &token["refresh_token"]).await,
+            StatusCode::UNAUTHORIZED,
+        )
+        .await;
+    }
 }

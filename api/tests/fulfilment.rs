@@ -9,9 +9,9 @@ use common::{
     catalog::{call, json_of},
     fields,
     orders::{
-        Market, PIPELINE_WAIT, add_to_cart, assert_ledger_balances, checkout, checkout_and_pay,
-        customer, end_holds, mails_about, mails_logged, of_order, order, pay, posted, seller_email,
-        settle, stock, wait_for,
+        Customer, Market, PIPELINE_WAIT, add_to_cart, assert_ledger_balances, checkout,
+        checkout_and_pay, customer, end_holds, mails_about, mails_logged, of_order, order, pay,
+        posted, seller_email, settle, stock, wait_for,
     },
     problem, signed_in,
 };
@@ -507,13 +507,29 @@ async fn a_seller_cannot_see_or_change_another_shops_seller_orders() {
     market.close().await;
 }
 
-#[tokio::test]
-async fn admins_see_every_order_and_correct_a_status_with_a_reason() {
-    let market = Market::open().await;
+/// The order's latest event, as admins read it.
+async fn last_event(app: &App, admin: &str, order_id: &str) -> Value {
+    let order = json_of(
+        call(
+            app,
+            admin,
+            Method::GET,
+            &format!("/admin/orders/{order_id}"),
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    order["events"].as_array().unwrap().last().unwrap().clone()
+}
+
+/// A customer's order of one oak item, paid, then shipped (Amana, AM1) and
+/// delivered by its seller: the buyer, the order's id and the oak part's.
+async fn delivered_oak(market: &Market) -> (Customer, String, String) {
     let Market {
         app, stripe, oak, ..
-    } = &market;
-    let root = market.admin_token().await;
+    } = market;
     let buyer = customer(app).await;
     add_to_cart(app, &buyer.token, &oak.variant, 1).await;
     let paid = checkout_and_pay(app, stripe, &buyer.token).await;
@@ -529,6 +545,17 @@ async fn admins_see_every_order_and_correct_a_status_with_a_reason() {
         StatusCode::OK,
     )
     .await;
+    (buyer, order_id, oak_part)
+}
+
+#[tokio::test]
+async fn admins_see_every_order_and_correct_a_status_with_a_reason() {
+    let market = Market::open().await;
+    let Market {
+        app, stripe, oak, ..
+    } = &market;
+    let root = market.admin_token().await;
+    let (buyer, order_id, oak_part) = delivered_oak(&market).await;
 
     let list = json_of(
         call(app, &root, Method::GET, "/admin/orders?shop=oak", json!({})).await,
@@ -583,20 +610,7 @@ async fn admins_see_every_order_and_correct_a_status_with_a_reason() {
     .await
     .unwrap();
     assert!(reason.contains("lost the parcel"));
-    let events = json_of(
-        call(
-            app,
-            &root,
-            Method::GET,
-            &format!("/admin/orders/{order_id}"),
-            json!({}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await["events"]
-        .clone();
-    let correction = events.as_array().unwrap().last().unwrap().clone();
+    let correction = last_event(app, &root, &order_id).await;
     assert_eq!(
         (
             correction["actor_role"].as_str(),
@@ -1216,21 +1230,7 @@ async fn an_admin_shipping_with_a_blank_parcel_keeps_the_one_on_record() {
         app, stripe, oak, ..
     } = &market;
     let root = market.admin_token().await;
-    let buyer = customer(app).await;
-    add_to_cart(app, &buyer.token, &oak.variant, 1).await;
-    let paid = checkout_and_pay(app, stripe, &buyer.token).await;
-    let (order_id, oak_part) = (id(&paid), part(&paid, "oak"));
-    let shipped = json!({"status": "shipped", "carrier": "Amana", "tracking_number": "AM1"});
-    json_of(
-        set_status(app, &oak.seller, &oak_part, shipped).await,
-        StatusCode::OK,
-    )
-    .await;
-    json_of(
-        set_status(app, &oak.seller, &oak_part, json!({"status": "delivered"})).await,
-        StatusCode::OK,
-    )
-    .await;
+    let (_, order_id, oak_part) = delivered_oak(&market).await;
 
     // Not delivered after all: back to shipped, the admin's form sending
     // its empty parcel fields. Blank is absent, so the seller's parcel stands.
@@ -1253,20 +1253,7 @@ async fn an_admin_shipping_with_a_blank_parcel_keeps_the_one_on_record() {
         (Some("Amana"), Some("AM1")),
         "{corrected}"
     );
-    let events = json_of(
-        call(
-            app,
-            &root,
-            Method::GET,
-            &format!("/admin/orders/{order_id}"),
-            json!({}),
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await["events"]
-        .clone();
-    let correction = events.as_array().unwrap().last().unwrap().clone();
+    let correction = last_event(app, &root, &order_id).await;
     assert_eq!(
         (
             correction["to_status"].as_str(),

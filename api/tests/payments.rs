@@ -1034,11 +1034,7 @@ async fn a_part_refunded_in_full_while_shipping_keeps_the_order_paid_and_earns_n
     assert_eq!(balance("seller_available", Some("oak")).await, 0);
     assert_eq!(balance("commission", None).await, 0);
     assert_eq!(balance("payments_clearing", None).await, 0);
-    assert_eq!(balance("refunds", None).await, total, "taken back once");
-    common::orders::assert_ledger_balances(app).await;
-    assert_eq!(count(&app.db.pool, "SELECT count(*) FROM refunds").await, 1);
-    let intent: String = order_column(app, "payment_intent_id", &order_id).await;
-    assert_eq!(stripe.refunds_of(&intent).await.len(), 1);
+    refunded_once(app, stripe, &order_id, 1, total).await;
     let now = order(app, &buyer.token, &order_id).await;
     assert_eq!(now["status"], "paid", "{now}");
     assert_eq!(seller_order_in(&now, &part)["status"], "delivered", "{now}");
@@ -1079,18 +1075,7 @@ async fn a_paid_order_refunded_in_full_then_cancelled_by_its_customer_is_refunde
     );
     assert_eq!(cancelled["refunded_minor"], total);
     settle(app).await;
-    assert_eq!(
-        count(&app.db.pool, "SELECT count(*) FROM refunds").await,
-        1,
-        "nothing asked for twice"
-    );
-    let intent: String = order_column(app, "payment_intent_id", &order_id).await;
-    assert_eq!(stripe.refunds_of(&intent).await.len(), 1);
-    assert_eq!(
-        common::orders::ledger_balance(app, "refunds", None).await,
-        total
-    );
-    common::orders::assert_ledger_balances(app).await;
+    refunded_once(app, stripe, &order_id, 1, total).await;
     wait_until("the stock restored", PIPELINE_WAIT, || async {
         stock(app, &oak.variant).await == (5, 0)
     })
@@ -1168,17 +1153,26 @@ async fn a_part_refunded_in_full_then_cancelled_by_its_seller_is_refunded_at_onc
     let now = order(app, &buyer.token, &order_id).await;
     assert_eq!(now["status"], "refunded", "all of it back: {now}");
     settle(app).await;
+    let total = paid["total_minor"].as_i64().unwrap();
+    refunded_once(app, stripe, &order_id, 2, total).await;
+    market.close().await;
+}
+
+/// The order's money went back in `refunds` refunds, each asked for once
+/// (as many rows as localstripe has), `total` in all on the ledger, which
+/// balances.
+async fn refunded_once(app: &App, stripe: &LocalStripe, order_id: &str, refunds: i64, total: i64) {
     assert_eq!(
         count(&app.db.pool, "SELECT count(*) FROM refunds").await,
-        2,
+        refunds,
         "nothing asked for twice"
     );
-    let intent: String = order_column(app, "payment_intent_id", &order_id).await;
-    assert_eq!(stripe.refunds_of(&intent).await.len(), 2);
+    let intent: String = order_column(app, "payment_intent_id", order_id).await;
+    assert_eq!(stripe.refunds_of(&intent).await.len() as i64, refunds);
     assert_eq!(
         common::orders::ledger_balance(app, "refunds", None).await,
-        paid["total_minor"].as_i64().unwrap()
+        total,
+        "taken back once"
     );
     common::orders::assert_ledger_balances(app).await;
-    market.close().await;
 }

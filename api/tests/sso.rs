@@ -485,6 +485,25 @@ where
     tokio::join!(callbacks, released).0
 }
 
+/// Both callbacks run once they queue behind `holder`, which then rolls
+/// back; each must have signed in.
+async fn both_behind(
+    app: &App,
+    holder: sqlx::Transaction<'static, sqlx::Postgres>,
+    one: &Redirect,
+    two: &Redirect,
+) -> (Value, Value) {
+    let (a, b) = race(
+        app,
+        2,
+        holder,
+        async |tx: sqlx::Transaction<'static, sqlx::Postgres>| tx.rollback().await.unwrap(),
+        async { tokio::join!(finish(app, one), finish(app, two)) },
+    )
+    .await;
+    (session_of(a).await, session_of(b).await)
+}
+
 async fn session_of(resp: reqwest::Response) -> Value {
     assert_eq!(resp.status(), StatusCode::OK);
     resp.json().await.unwrap()
@@ -517,15 +536,7 @@ async fn two_callbacks_at_once_for_a_new_identity_make_one_account() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let (a, b) = race(
-        &app,
-        2,
-        holder,
-        async |tx: sqlx::Transaction<'static, sqlx::Postgres>| tx.rollback().await.unwrap(),
-        async { tokio::join!(finish(&app, &one), finish(&app, &two)) },
-    )
-    .await;
-    let (a, b) = (session_of(a).await, session_of(b).await);
+    let (a, b) = both_behind(&app, holder, &one, &two).await;
     assert_eq!(me_id(&app, &a).await, me_id(&app, &b).await);
     assert_eq!(count(&app.db.pool, "SELECT count(*) FROM users").await, 1);
     assert_eq!(
@@ -549,15 +560,7 @@ async fn two_callbacks_at_once_link_an_existing_account_once() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let (a, b) = race(
-        &app,
-        2,
-        holder,
-        async |tx: sqlx::Transaction<'static, sqlx::Postgres>| tx.rollback().await.unwrap(),
-        async { tokio::join!(finish(&app, &one), finish(&app, &two)) },
-    )
-    .await;
-    let (a, b) = (session_of(a).await, session_of(b).await);
+    let (a, b) = both_behind(&app, holder, &one, &two).await;
     assert_eq!(me_id(&app, &a).await, registered["id"]);
     assert_eq!(me_id(&app, &b).await, registered["id"]);
     assert_eq!(

@@ -129,23 +129,9 @@ pub async fn suspend(
     let reason = body.reason.trim();
     let mut tx = state.pool.begin().await?;
     lock_actor_and_target(&mut tx, &admin, id).await?;
-    let found: Option<bool> =
-        sqlx::query_scalar("SELECT suspended_at IS NOT NULL FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    match found {
-        None => return Err(ApiError::NotFound),
-        // As for lifting one that is not there: the first suspension's time
-        // and reason stay, and no second audit entry claims a change.
-        Some(true) => {
-            return Err(ApiError::Conflict(FieldError::new(
-                "id",
-                "the account is already suspended",
-            )));
-        }
-        Some(false) => {}
-    }
+    // The first suspension's time and reason stay, and no second audit
+    // entry claims a change.
+    require_suspended(&mut tx, id, false).await?;
     sqlx::query(
         "UPDATE users SET suspended_at = now(), suspended_reason = $2, updated_at = now()
           WHERE id = $1",
@@ -186,22 +172,7 @@ pub async fn unsuspend(
     let mut tx = state.pool.begin().await?;
     // As for a suspension: an admin demoted or suspended meanwhile cannot.
     lock_actor_and_target(&mut tx, &admin, id).await?;
-    let found: Option<bool> =
-        sqlx::query_scalar("SELECT suspended_at IS NOT NULL FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    match found {
-        None => return Err(ApiError::NotFound),
-        // Nothing to lift: no change, and no audit entry saying there was.
-        Some(false) => {
-            return Err(ApiError::Conflict(FieldError::new(
-                "id",
-                "the account is not suspended",
-            )));
-        }
-        Some(true) => {}
-    }
+    require_suspended(&mut tx, id, true).await?;
     sqlx::query(
         "UPDATE users SET suspended_at = NULL, suspended_reason = NULL, updated_at = now() WHERE id = $1",
     )
@@ -218,4 +189,31 @@ pub async fn unsuspend(
     .await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// 404 for no such account; 409 unless it is `suspended` as the caller
+/// expects (read under the caller's lock on it): suspending or lifting
+/// twice changes nothing, and writes no audit entry saying it did.
+async fn require_suspended(
+    tx: &mut PgConnection,
+    id: Uuid,
+    suspended: bool,
+) -> Result<(), ApiError> {
+    let found: Option<bool> =
+        sqlx::query_scalar("SELECT suspended_at IS NOT NULL FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match found {
+        None => Err(ApiError::NotFound),
+        Some(is) if is == suspended => Ok(()),
+        Some(_) if suspended => Err(ApiError::Conflict(FieldError::new(
+            "id",
+            "the account is not suspended",
+        ))),
+        Some(_) => Err(ApiError::Conflict(FieldError::new(
+            "id",
+            "the account is already suspended",
+        ))),
+    }
 }
