@@ -542,7 +542,8 @@ fn presented(
 /// exchanged revokes its whole family: someone else has a copy. Except
 /// within 10 seconds of its exchange, while the token it was exchanged for
 /// is unused (two tabs refreshing at once): then it gets a new pair too, and
-/// the unused token stops working.
+/// the unused token is superseded: presented later, it too revokes the
+/// family.
 #[utoipa::path(
     post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
     responses(
@@ -571,7 +572,8 @@ pub async fn refresh(
     // Locked so two refreshes with the same token cannot both rotate it.
     let found: Option<PresentedToken> = sqlx::query_as(
         "SELECT t.id, t.family_id, t.user_id, t.rotated_at IS NOT NULL AS rotated,
-                t.revoked_at IS NOT NULL AS revoked, t.expires_at <= now() AS expired,
+                t.revoked_at IS NOT NULL AS revoked, t.superseded_at IS NOT NULL AS superseded,
+                t.expires_at <= now() AS expired,
                 u.role, u.suspended_at IS NULL AS active
            FROM refresh_tokens t JOIN users u ON u.id = t.user_id
           WHERE t.token_hash = $1
@@ -586,6 +588,7 @@ pub async fn refresh(
         user_id: user,
         rotated,
         revoked,
+        superseded,
         expired,
         role,
         active,
@@ -606,6 +609,15 @@ pub async fn refresh(
             return Ok(session.respond(&state, cookie_form));
         }
         tracing::warn!(%user, %family, "refresh token reused; revoking its family");
+        revoke_family(&mut tx, family).await?;
+        tx.commit().await?;
+        return Err(ApiError::Unauthorized);
+    }
+    if superseded {
+        // The grace handed the family on to whoever presented its
+        // predecessor second; the one it took this token from presents it
+        // now. One of the two holds a copy: the family ends for both.
+        tracing::warn!(%user, %family, "superseded refresh token presented; revoking its family");
         revoke_family(&mut tx, family).await?;
         tx.commit().await?;
         return Err(ApiError::Unauthorized);
@@ -631,6 +643,7 @@ struct PresentedToken {
     user_id: Uuid,
     rotated: bool,
     revoked: bool,
+    superseded: bool,
     expired: bool,
     role: String,
     active: bool,
@@ -646,7 +659,10 @@ const REUSE_GRACE_SECS: f64 = 10.0;
 /// whether it was rotated less than [`REUSE_GRACE_SECS`] ago and nothing it
 /// was rotated to has been used since. If so, those tokens (its successor,
 /// and any issued in the successor's place by this same grace) are revoked
-/// and the caller issues the family's next token instead.
+/// as superseded, and the caller issues the family's next token instead. A
+/// superseded token presented later ends the family: the grace spares two
+/// tabs sharing one cookie jar, where the loser's token is overwritten and
+/// never sent again, not a copy racing its owner.
 ///
 /// What it was rotated to are the family's tokens created after it: each is
 /// issued by a transaction begun once the token before it was handed out,
@@ -675,7 +691,8 @@ async fn replace_unused_successor(tx: &mut PgConnection, token: Uuid) -> Result<
     }
     let ids: Vec<Uuid> = successors.into_iter().map(|(id, _)| id).collect();
     sqlx::query(
-        "UPDATE refresh_tokens SET revoked_at = now() WHERE id = ANY($1) AND revoked_at IS NULL",
+        "UPDATE refresh_tokens SET revoked_at = now(), superseded_at = now()
+          WHERE id = ANY($1) AND revoked_at IS NULL",
     )
     .bind(&ids)
     .execute(&mut *tx)
