@@ -143,16 +143,14 @@ async fn reserve(
     // charged. The order fails as a short one does, the customer told
     // which item.
     //
-    // The lines' stock and product rows are locked first, in the order a
-    // batch takes them (`lock_batch`; again here for a message applied on
-    // its own, a no-op in a batch), so no hide or withdrawal commits
-    // between this read and the reservation. A shop's or its owner's
+    // The lines' stock and product rows are locked already, in the order
+    // every apply transaction takes them (`lock_batch`), so no hide or
+    // withdrawal commits between this read and the reservation. A shop's or its owner's
     // suspension is read unlocked: locking shops after products here could
     // close a circle with a review counting its rating, which updates its
     // shop and its product in one statement. A suspension committing in
     // that window lands after the reservation, as one after the order is
     // paid does, and the order stands.
-    inventory::lock_for_orders(tx, &[order]).await?;
     let gone: Option<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT l.title, l.variant_title FROM order_lines l
            JOIN products p ON p.id = l.product_id

@@ -79,20 +79,18 @@ pub async fn checkout(
     // than reading the cart's again), so it cannot carry a coupon whose
     // lock it does not hold. A coupon applied to a cart that had none (a
     // new row, not locked here) stays for the next order.
+    //
+    // Checkouts with one coupon queue on the coupon's row too, so each
+    // counts the orders the others placed with it against its limits. One
+    // statement: the cart's row is locked inside the CTE, before the join
+    // can yield the coupon's row to lock.
     let coupon_id: Option<Uuid> = sqlx::query_scalar(
-        "SELECT coupon_id FROM cart_coupons WHERE user_id = $1 FOR NO KEY UPDATE",
+        "WITH cc AS (SELECT coupon_id FROM cart_coupons WHERE user_id = $1 FOR NO KEY UPDATE)
+         SELECT c.id FROM cc JOIN coupons c ON c.id = cc.coupon_id FOR NO KEY UPDATE OF c",
     )
     .bind(caller.id)
     .fetch_optional(&mut *tx)
     .await?;
-    // Checkouts with one coupon queue here too, so each counts the orders
-    // the others placed with it against its limits.
-    if let Some(coupon) = coupon_id {
-        sqlx::query("SELECT 1 FROM coupons WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(coupon)
-            .execute(&mut *tx)
-            .await?;
-    }
     if let Some(key) = &key
         && let Some(id) = idempotency::earlier(&mut tx, Keyed::Orders, caller.id, key).await?
     {

@@ -247,6 +247,9 @@ async fn apply_tx<H: Handler>(
         Err(e) => return Err((e.into(), Some(prepared))),
     }
     let effect = async move {
+        // A message alone takes its batch locks too: `apply` may count on
+        // them whichever way the message came.
+        handler.lock_batch(&mut tx, &[envelope]).await?;
         handler.apply(&mut tx, envelope, prepared).await?;
         if let Some(until) = claim {
             release(&mut tx, H::GROUP, envelope, until).await?;

@@ -116,12 +116,13 @@ pub trait Handler: Send + Sync + 'static {
         None
     }
 
-    /// First in the transaction of a batch (several messages applied
-    /// together), with all of them: a handler whose effects lock rows that
-    /// other messages share (stock) takes those locks here, all at once and
-    /// in one order. Each message alone locks its rows in order already;
-    /// across a batch only this keeps two batches from waiting on each
-    /// other in a circle.
+    /// First in every apply transaction, with all its messages (a batch
+    /// applied together, or one message alone): a handler whose effects
+    /// lock rows that other messages share (stock) takes those locks here,
+    /// all at once and in one order. Across a batch only this keeps two
+    /// batches from waiting on each other in a circle; and `apply` may
+    /// count on the locks being held (the stock-reserver's visibility check
+    /// does).
     fn lock_batch(
         &self,
         tx: &mut PgConnection,
