@@ -150,16 +150,29 @@ pub async fn serve(state: &AppState, key: &StorePath) -> Result<Response, ApiErr
 /// mid-way, a panic) it discards in the background, since `Drop` cannot
 /// wait; the error paths [`discard`](Stored::discard) it before answering.
 ///
+/// Either way only once the table shows no row naming the file: a commit
+/// whose answer never came back (the request dropped while it was in
+/// flight, the connection lost just after it) may have put the row in,
+/// and a row whose file is gone would 404 for good. When that cannot be
+/// read the file stays: an orphan costs space, a broken row correctness.
+///
 /// [`keep`]: Stored::keep
 struct Stored {
     storage: Arc<dyn ObjectStore>,
+    pool: sqlx::PgPool,
+    /// The gallery's table and the file's name in it.
+    table: &'static str,
+    file: String,
     key: Option<StorePath>,
 }
 
 impl Stored {
-    fn new(state: &AppState, key: StorePath) -> Self {
+    fn new(state: &AppState, table: &'static str, file: &str, key: StorePath) -> Self {
         Self {
             storage: state.storage.clone(),
+            pool: state.pool.clone(),
+            table,
+            file: file.to_string(),
             key: Some(key),
         }
     }
@@ -169,10 +182,26 @@ impl Stored {
         self.key = None;
     }
 
-    /// Best effort, as [`discard`]: an orphan costs space, not correctness.
     async fn discard(mut self) {
         if let Some(key) = self.key.take() {
-            let _ = self.storage.delete(&key).await;
+            self.orphan(key).await;
+        }
+    }
+
+    /// Deletes the file if no row names it (best effort, as [`discard`]).
+    fn orphan(&self, key: StorePath) -> impl Future<Output = ()> + Send + 'static {
+        let (storage, pool) = (self.storage.clone(), self.pool.clone());
+        let (table, file) = (self.table, self.file.clone());
+        async move {
+            let named: Result<bool, sqlx::Error> = sqlx::query_scalar(sqlx::AssertSqlSafe(
+                format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE file = $1)"),
+            ))
+            .bind(&file)
+            .fetch_one(&pool)
+            .await;
+            if let Ok(false) = named {
+                let _ = storage.delete(&key).await;
+            }
         }
     }
 }
@@ -182,10 +211,7 @@ impl Drop for Stored {
         if let Some(key) = self.key.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            let storage = self.storage.clone();
-            runtime.spawn(async move {
-                let _ = storage.delete(&key).await;
-            });
+            runtime.spawn(self.orphan(key));
         }
     }
 }
@@ -212,7 +238,7 @@ pub struct Gallery {
     /// When an image may be served at all, as SQL over the image row `i`
     /// and its owner `o`: a removed review's photos or a product hidden by
     /// moderation stop being served, though their files stay stored.
-    pub shown: &'static str,
+    pub shown: &'static [&'static str],
 }
 
 impl Gallery {
@@ -237,7 +263,7 @@ impl Gallery {
         // Stored before its row exists (the row lock is not held across the
         // upload), so whatever stops the row going in (the limit, a database
         // error, the request dropped) takes the file away again.
-        let stored = Stored::new(state, key);
+        let stored = Stored::new(state, self.table, &file, key);
         match self.record(state, owner, &file).await {
             Ok(()) => {
                 stored.keep();
@@ -301,7 +327,7 @@ impl Gallery {
             table = self.table,
             owner_table = self.owner_table,
             owner = self.owner_column,
-            shown = self.shown,
+            shown = self.shown.join(" AND "),
         )))
         .bind(owner)
         .bind(file)

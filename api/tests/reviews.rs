@@ -185,6 +185,16 @@ async fn the_seller_replies_once_and_an_admin_can_remove_a_review() {
             .unwrap()
             .status()
     };
+    // While its product is off the storefront, so are its reviews' photos.
+    let moderate = async |action: &str| {
+        let path = format!("/admin/products/{board}/{action}");
+        let reason = json!({"reason": "checking the listing"});
+        call(&app, &root, Method::POST, &path, reason).await
+    };
+    assert_eq!(moderate("hide").await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(photo_status().await, StatusCode::NOT_FOUND);
+    assert_eq!(moderate("unhide").await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(photo_status().await, StatusCode::OK);
 
     let reason = json!({"reason": "abusive language"});
     let remove = format!("/admin/reviews/{id}/remove");

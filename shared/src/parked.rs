@@ -108,8 +108,9 @@ pub async fn replay(
 }
 
 /// As [`replay`], and also how many of the messages waiting when it began
-/// are still parked: those not asked for, unrouted ones with still nowhere
-/// to go, and any a concurrent listing held (left for a later replay).
+/// are still parked: those not asked for, and unrouted ones with still
+/// nowhere to go. Any a concurrent listing held are in neither count: the
+/// queue's depth leaves out messages delivered and not yet acked.
 /// Counted from the replay's own work, not by asking the queue after it: a
 /// quorum queue may not yet show the messages it is putting back.
 pub async fn replay_counted(

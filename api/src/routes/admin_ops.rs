@@ -260,9 +260,10 @@ pub struct Replayed {
     /// How many went back.
     pub replayed: usize,
     /// How many of those waiting when the replay began are still parked:
-    /// those not asked for, unrouted ones that still have nowhere to go, and
-    /// any a concurrent listing held (replay again to send them). Messages
-    /// parked since are not counted.
+    /// those not asked for, and unrouted ones that still have nowhere to go.
+    /// Not counted: messages parked since, and any a concurrent listing held
+    /// at that moment (the broker counts only the ones on the shelf), so
+    /// list again before taking 0 for an empty queue.
     pub remaining: u32,
 }
 
@@ -270,7 +271,7 @@ pub struct Replayed {
 /// (`unrouted` ones to the events exchange by their type; one that still
 /// has no queue stays). A message being listed at that moment (held
 /// briefly by `GET /admin/parked/{group}`) is not replayed: it stays
-/// parked, so "all" may leave some behind (counted in `remaining`), and one
+/// parked, so "all" may leave some behind (not counted in `remaining`), and one
 /// asked for by id answers `replayed: 0`. List again and replay what is
 /// still there.
 #[utoipa::path(

@@ -16,16 +16,13 @@ use crate::{
     error::{ApiError, FieldError, Problem},
     extract::{Path, ValidJson, Validate},
     images::{self, Gallery},
-    routes::{
-        catalog::VISIBLE,
-        products::{SellerProduct, load},
-    },
+    routes::products::{SellerProduct, load},
     state::AppState,
 };
 
 /// Served to anyone only while the storefront shows the product
-/// (`catalog::VISIBLE`, which needs its shop and the shop's owner too, so
-/// [`serve`] checks it: `shown` is over the product row alone).
+/// (`catalog::VISIBLE`, its shop and the shop's owner looked up in the
+/// image's own query: one statement per photo served).
 const PHOTOS: Gallery = Gallery {
     table: "product_images",
     owner_column: "product_id",
@@ -35,7 +32,7 @@ const PHOTOS: Gallery = Gallery {
     size: 1600,
     max_images: 10,
     private: false,
-    shown: "true",
+    shown: &[souk_shared::catalog::VISIBLE_O],
 };
 
 /// The photos of a product the storefront does not show (a draft, one
@@ -43,6 +40,7 @@ const PHOTOS: Gallery = Gallery {
 /// as its seller and admins still see them: never kept by shared caches.
 const UNLISTED_PHOTOS: Gallery = Gallery {
     private: true,
+    shown: &["true"],
     ..PHOTOS
 };
 
@@ -222,20 +220,14 @@ pub async fn serve(
     Path((product, file)): Path<(Uuid, String)>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let listed: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT EXISTS (SELECT 1 FROM products p JOIN shops s ON s.id = p.shop_id
-                          JOIN users u ON u.id = s.owner_id
-                         WHERE p.id = $1 AND {VISIBLE})"
-    )))
-    .bind(product)
-    .fetch_one(&state.pool)
-    .await?;
-    if listed {
-        return PHOTOS.serve(&state, product, &file).await;
+    match PHOTOS.serve(&state, product, &file).await {
+        Err(ApiError::NotFound) => {}
+        served => return served,
     }
-    // Not on the storefront: a 404 to everyone else, as its page is. Only
-    // here is the caller read (the storefront's own images need no
-    // account), and an anonymous or unknown one is a 404, not a 401.
+    // No such photo, or not on the storefront: a 404 to everyone else, as
+    // its page is. Only here is the caller read (the storefront's own
+    // images need no account), and an anonymous or unknown one is a 404,
+    // not a 401.
     let (mut parts, _) = request.into_parts();
     let caller = Caller::from_request_parts(&mut parts, &state)
         .await

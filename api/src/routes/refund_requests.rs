@@ -50,7 +50,7 @@ const PHOTOS: Gallery = Gallery {
     size: 1600,
     max_images: 5,
     private: true,
-    shown: "true",
+    shown: &["true"],
 };
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -37,7 +37,12 @@ const PHOTOS: Gallery = Gallery {
     size: 1200,
     max_images: 4,
     private: false,
-    shown: "o.removed_at IS NULL",
+    // Not once removed, nor while its product is off the storefront (as
+    // the product's reviews are then).
+    shown: &[
+        "o.removed_at IS NULL",
+        souk_shared::catalog::VISIBLE_PRODUCT_OF_O,
+    ],
 };
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
