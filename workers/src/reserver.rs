@@ -63,6 +63,9 @@ impl Handler for StockReserver {
         Ok(())
     }
 
+    /// `reserve` reads visibility under the locks `lock_batch` takes.
+    const LOCKS_ALONE: bool = true;
+
     async fn lock_batch(&self, tx: &mut PgConnection, msgs: &[&Envelope]) -> Result<(), Failure> {
         let mut orders = vec![];
         let mut parts = vec![];
@@ -144,7 +147,8 @@ async fn reserve(
     // which item.
     //
     // The lines' stock and product rows are locked already, in the order
-    // every apply transaction takes them (`lock_batch`), so no hide or
+    // every apply transaction of this handler takes them (`lock_batch`,
+    // `LOCKS_ALONE`), so no hide or
     // withdrawal commits between this read and the reservation. A shop's or its owner's
     // suspension is read unlocked: locking shops after products here could
     // close a circle with a review counting its rating, which updates its

@@ -247,9 +247,11 @@ async fn apply_tx<H: Handler>(
         Err(e) => return Err((e.into(), Some(prepared))),
     }
     let effect = async move {
-        // A message alone takes its batch locks too: `apply` may count on
-        // them whichever way the message came.
-        handler.lock_batch(&mut tx, &[envelope]).await?;
+        // A message alone takes its batch locks too where `apply` counts on
+        // them whichever way the message came (`Handler::LOCKS_ALONE`).
+        if H::LOCKS_ALONE {
+            handler.lock_batch(&mut tx, &[envelope]).await?;
+        }
         handler.apply(&mut tx, envelope, prepared).await?;
         if let Some(until) = claim {
             release(&mut tx, H::GROUP, envelope, until).await?;

@@ -116,13 +116,18 @@ pub trait Handler: Send + Sync + 'static {
         None
     }
 
-    /// First in every apply transaction, with all its messages (a batch
-    /// applied together, or one message alone): a handler whose effects
-    /// lock rows that other messages share (stock) takes those locks here,
-    /// all at once and in one order. Across a batch only this keeps two
-    /// batches from waiting on each other in a circle; and `apply` may
-    /// count on the locks being held (the stock-reserver's visibility check
-    /// does).
+    /// First in the transaction of a batch (several messages applied
+    /// together), with all of them: a handler whose effects lock rows that
+    /// other messages share (stock) takes those locks here, all at once and
+    /// in one order. Each message alone locks its rows in order already
+    /// (unless [`Self::LOCKS_ALONE`]); across a batch only this keeps two
+    /// batches from waiting on each other in a circle.
+    /// Whether a message applied alone takes [`Self::lock_batch`] too,
+    /// for an `apply` that counts on those locks being held however the
+    /// message came (the stock-reserver's visibility check does). Off by
+    /// default: for the others it would be statements spent twice.
+    const LOCKS_ALONE: bool = false;
+
     fn lock_batch(
         &self,
         tx: &mut PgConnection,
