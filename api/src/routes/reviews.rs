@@ -176,12 +176,17 @@ pub async fn create(
     // Only what the storefront shows takes reviews (a 404 otherwise, as its
     // reviews and its page are): none for a product withdrawn, hidden by
     // moderation or in a shop suspended, whoever bought it.
-    catalog::ensure_visible(&state, product).await?;
+    // One statement, in the review's own transaction.
     let mut tx = state.pool.begin().await?;
-    let shop: Option<Uuid> = sqlx::query_scalar("SELECT shop_id FROM products WHERE id = $1")
-        .bind(product)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let shop: Option<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT p.shop_id FROM products p JOIN shops s ON s.id = p.shop_id
+           JOIN users u ON u.id = s.owner_id
+          WHERE p.id = $1 AND {}",
+        souk_shared::catalog::VISIBLE
+    )))
+    .bind(product)
+    .fetch_optional(&mut *tx)
+    .await?;
     let shop = shop.ok_or(ApiError::NotFound)?;
     let received: bool = sqlx::query_scalar(
         "SELECT EXISTS (
